@@ -1,0 +1,82 @@
+"""The error hierarchy.
+
+Every problem with a GGUF file's contents raises a :class:`GGUFError` (a ``ValueError``) whose
+message names the file, the tensor when there is one, and what was expected versus what was found.
+A missing file is a plain ``FileNotFoundError``, as everywhere else in Python.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = [
+    "GGUFError",
+    "InvalidHeaderError",
+    "TensorLayoutError",
+    "UnsupportedTypeError",
+    "ShapeMetadataError",
+    "QuantizationError",
+]
+
+
+def _safe(text: object, limit: int = 200) -> str:
+    """Render untrusted text (tensor names, keys) printable and bounded.
+
+    Names come from files written by strangers: control characters or megabyte-long names must not
+    reach a terminal or a log verbatim.
+    """
+    s = str(text)
+    out = s.encode("unicode_escape", errors="backslashreplace").decode("ascii")
+    if len(out) > limit:
+        out = out[:limit] + f"...({len(s)} chars)"
+    return out
+
+
+class GGUFError(ValueError):
+    """A GGUF file (or data meant for one) is malformed or unsupported.
+
+    Attributes:
+        path: the file concerned, or ``None`` for in-memory data.
+        tensor: the tensor concerned, or ``None``.
+        reason: the message without the file/tensor prefix.
+    """
+
+    def __init__(self, reason: str, *, path: str | os.PathLike[str] | None = None,
+                 tensor: str | None = None) -> None:
+        self.path = os.fspath(path) if path is not None else None
+        self.tensor = tensor
+        self.reason = reason
+        where = []
+        if self.path is not None:
+            where.append(_safe(self.path, 400))
+        if tensor is not None:
+            where.append(f"tensor {_safe(tensor)!s}")
+        prefix = ": ".join(where)
+        super().__init__(f"{prefix}: {reason}" if prefix else reason)
+
+    def __reduce__(self):  # keep keyword-only args picklable (multiprocessing, pytest-xdist)
+        return (_rebuild, (type(self), self.reason, self.path, self.tensor))
+
+
+def _rebuild(cls: type[GGUFError], reason: str, path: str | None, tensor: str | None) -> GGUFError:
+    return cls(reason, path=path, tensor=tensor)
+
+
+class InvalidHeaderError(GGUFError):
+    """Not a GGUF file, an unsupported version, a truncated or inconsistent header or metadata."""
+
+
+class TensorLayoutError(GGUFError):
+    """A tensor's data does not fit the file: outside it, misaligned, overlapping, wrong size."""
+
+
+class UnsupportedTypeError(GGUFError):
+    """A ggml type id this library does not know, or an operation the type does not support."""
+
+
+class ShapeMetadataError(GGUFError):
+    """Shape metadata (a >4-D restoration key) is of the wrong type or disagrees with the data."""
+
+
+class QuantizationError(GGUFError):
+    """Input to the quantizer or writer cannot be encoded as asked (bad row length, dtype, ...)."""
