@@ -11,7 +11,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from ..errors import QuantizationError
-from . import legacy, plain  # noqa: F401  (registration side effect)
+from . import iquants, kquants, legacy, mxfp, plain, ternary  # noqa: F401  (registers codecs)
 from .base import Field, Layout, QuantType, get_quant_type, registered_types, to_qtype
 
 __all__ = [
