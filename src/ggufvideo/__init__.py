@@ -10,12 +10,19 @@ from .errors import (
     TensorLayoutError,
     UnsupportedTypeError,
 )
+from .loader import load_state_dict
 from .quants import dequantize
+from .reader import GGUFFile, TensorInfo
+from .tensor import GGMLTensor
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GGMLTensor",
     "GGUFError",
+    "GGUFFile",
+    "TensorInfo",
+    "load_state_dict",
     "InvalidHeaderError",
     "QuantizationError",
     "ShapeMetadataError",

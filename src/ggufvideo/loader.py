@@ -1,0 +1,103 @@
+"""``load_state_dict``: a GGUF file as a ``{name: tensor}`` dict, decoded or kept quantized."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .quants import dequantize, get_quant_type
+from .reader import GGUFFile, TensorInfo
+from .shapes import logical_shape
+from .tensor import GGMLTensor
+
+__all__ = ["load_state_dict", "resolve_dtype", "DTypeLike"]
+
+DTypeLike = torch.dtype | str | None
+
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: DTypeLike, device: torch.device | str | None = None) -> torch.dtype | None:
+    """Turn a precision choice into a torch dtype.
+
+    Accepts a floating ``torch.dtype``, ``None`` (keep), or a name: ``"auto"`` (bfloat16 where
+    ``device`` supports it, else float16), ``"float32"``/``"fp32"``, ``"float16"``/``"fp16"``/
+    ``"half"``, ``"bfloat16"``/``"bf16"``.
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        return dtype
+    if not isinstance(dtype, str):
+        raise TypeError(f"dtype must be a torch.dtype, a name or None, got {type(dtype).__name__}")
+    name = dtype.strip().lower().removeprefix("torch.")
+    if name == "auto":
+        dev = torch.device(device if device is not None else "cpu")
+        if dev.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16
+    try:
+        return _DTYPE_NAMES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: expected 'auto', 'float32', 'float16' or "
+                         "'bfloat16' (or a torch.dtype)") from None
+
+
+def _plain_tensor(file: GGUFFile, info: TensorInfo, shape: torch.Size) -> torch.Tensor:
+    """A zero-copy view of an unquantized tensor's values."""
+    qt = get_quant_type(info.qtype)
+    assert qt.torch_dtype is not None
+    return file.tensor_data(info).view(qt.torch_dtype).reshape(shape)
+
+
+def _load_one(file: GGUFFile, info: TensorInfo, *, lazy: bool, dtype: torch.dtype | None,
+              device: torch.device) -> torch.Tensor:
+    shape = logical_shape(file, info)
+    qt = get_quant_type(info.qtype)
+    if qt.torch_dtype is not None:
+        t = _plain_tensor(file, info, shape)
+        want = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+        if lazy and want == t.dtype and device.type == "cpu":
+            return t  # zero-copy view of the mapping
+        out = t.to(device=device, dtype=want)
+        # Eager tensors own their memory: they must not pin (or alias) the file's mapping.
+        return out.clone() if out.data_ptr() == t.data_ptr() else out
+    raw = file.tensor_data(info)
+    if lazy:
+        return GGMLTensor(raw, info.qtype, shape, dtype or torch.float32).to(device)
+    return dequantize(raw.to(device), info.qtype, dtype=dtype or torch.float32).reshape(shape)
+
+
+def load_state_dict(path: str | os.PathLike[str], *, lazy: bool = False, dtype: DTypeLike = None,
+                    device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Load every tensor of a GGUF file.
+
+    Args:
+        path: the .gguf file. It is mapped read-only-to-disk and never modified.
+        lazy: ``False`` decodes every tensor to a plain tensor. ``True`` returns quantized tensors
+            as :class:`GGMLTensor` (raw blocks, decoded on use) and unquantized ones as plain
+            tensors; on CPU both are zero-copy views of the memory-mapped file, so a 10 GB file
+            costs no 10 GB of RAM.
+        dtype: ``None`` keeps F32/F16/BF16/F64 tensors in their stored dtype and decodes quantized
+            ones to float32 (lazy: their compute dtype is float32). A dtype or name (``"auto"``,
+            ``"float32"``, ``"float16"``, ``"bfloat16"``) converts every floating tensor (lazy: sets
+            the compute dtype of quantized ones). Integer tensors are never converted.
+        device: where the tensors go (lazy: raw blocks are moved, not decoded).
+
+    Tensors stored with more than 4 dims by any of the three conventions in use (native n-dim,
+    ``<name>.raw_shape``, ``comfy.gguf.orig_shape.<name>``) come back in their original shape.
+
+    Raises:
+        FileNotFoundError: no such file.
+        GGUFError: the file is malformed (the message names the file, the tensor and the problem).
+    """
+    dev = torch.device(device)
+    want = resolve_dtype(dtype, dev)
+    file = GGUFFile(path)
+    return {name: _load_one(file, info, lazy=lazy, dtype=want, device=dev)
+            for name, info in file.tensors.items()}
