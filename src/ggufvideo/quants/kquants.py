@@ -88,7 +88,12 @@ class IQ4_XS(QuantType, qtype=T.IQ4_XS, block_size=256,
                            ("qs", U8, 128))):
     """8 sub-blocks of 32: ``y = d*(ls-32)*KVALUES[q]`` with 6-bit ``ls``."""
 
-    quantize_blocks = _quantizer("quantize_iq4_xs")
+    @classmethod
+    def quantize_blocks(cls, x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
+        """Encode with ggml's IQ4_XS scale search (see :mod:`._quantize_iq4`)."""
+        from ._quantize_iq4 import quantize_iq4_xs
+
+        return quantize_iq4_xs(x, imatrix)
 
     @classmethod
     def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
