@@ -3,7 +3,7 @@
 ggml stores each E2M1 code's value doubled (``kvalues_mxfp4``, small integers, taken from gguf-py)
 and compensates with half the E8M0 scale, ``2**(e - 128)``. Every element is one float32
 product ``kvalue * scale``: exact where it is representable, and it overflows to ±inf exactly as
-ggml does for the largest exponents (e ≥ 254 with |kvalue| large enough).
+ggml does for the largest exponents (e ≥ 253 with |kvalue| large enough).
 """
 
 from __future__ import annotations
