@@ -1,0 +1,95 @@
+"""Build GGUF files byte by byte, so tests can write exactly the broken header they need."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from gguf import GGMLQuantizationType, GGUFValueType
+
+_FMT = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}
+
+
+def gstr(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack("<Q", len(b)) + b
+
+
+def value(vtype: GGUFValueType, v: Any, item: GGUFValueType | None = None) -> bytes:
+    """Encode a metadata value (without its type tag)."""
+    if vtype == GGUFValueType.STRING:
+        return gstr(v)
+    if vtype == GGUFValueType.ARRAY:
+        assert item is not None
+        out = struct.pack("<IQ", item, len(v))
+        for x in v:
+            if item == GGUFValueType.ARRAY:
+                sub_item, sub = x
+                out += value(GGUFValueType.ARRAY, sub, sub_item)
+            else:
+                out += value(item, x)
+        return out
+    return struct.pack(_FMT[vtype], v)
+
+
+@dataclass
+class Tensor:
+    name: str
+    qtype: int
+    shape: tuple[int, ...]  # torch order
+    data: bytes
+    offset: int | None = None  # relative; None = next aligned
+
+
+@dataclass
+class GGUFBuilder:
+    version: int = 3
+    alignment: int = 32
+    kv: list[tuple[str, GGUFValueType, Any, GGUFValueType | None]] = field(default_factory=list)
+    tensors: list[Tensor] = field(default_factory=list)
+    magic: bytes = b"GGUF"
+
+    def add(self, key: str, vtype: GGUFValueType, v: Any, item: GGUFValueType | None = None
+            ) -> GGUFBuilder:
+        self.kv.append((key, vtype, v, item))
+        return self
+
+    def tensor(self, name: str, qtype: GGMLQuantizationType | int, shape: tuple[int, ...],
+               data: bytes, offset: int | None = None) -> GGUFBuilder:
+        self.tensors.append(Tensor(name, int(qtype), shape, data, offset))
+        return self
+
+    def build(self) -> bytes:
+        out = bytearray(self.magic + struct.pack("<IQQ", self.version, len(self.tensors), len(self.kv)))
+        for key, vtype, v, item in self.kv:
+            out += gstr(key) + struct.pack("<I", vtype) + value(vtype, v, item)
+        offsets = []
+        pos = 0
+        for t in self.tensors:
+            off = t.offset if t.offset is not None else pos
+            offsets.append(off)
+            end = off + len(t.data)
+            pos = end + (-end) % self.alignment
+        for t, off in zip(self.tensors, offsets):
+            dims = tuple(reversed(t.shape))
+            out += gstr(t.name) + struct.pack(f"<I{len(dims)}Q", len(dims), *dims)
+            out += struct.pack("<IQ", t.qtype, off)
+        out += b"\0" * ((-len(out)) % self.alignment)
+        base = len(out)
+        for t, off in zip(self.tensors, offsets):
+            need = base + off + len(t.data)
+            if len(out) < need:
+                out += b"\0" * (need - len(out))
+            out[base + off:base + off + len(t.data)] = t.data
+        return bytes(out)
+
+    def write(self, path: Any) -> Any:
+        with open(path, "wb") as f:
+            f.write(self.build())
+        return path
