@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType as T
 
+from ._bits import const, f16_scale, iq4_values, nibbles
 from .base import F16, I8, U8, Layout, QuantType
 
 __all__ = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"]
@@ -27,6 +28,24 @@ def _quantizer(name: str):
     return classmethod(quantize_blocks)
 
 
+def _fifth_bits(qh: torch.Tensor, if_clear: int, if_set: int) -> torch.Tensor:
+    """Q5_0/Q5_1's 32 fifth bits ``(n, 4)`` bytes -> ``(n, 32)`` uint8 of ``if_clear``/``if_set``.
+
+    Bit ``j`` of the little-endian u32 is element ``j``'s. One 256-entry table lookup per *byte*
+    (each entry is 8 output bytes packed in an int64) replaces a broadcast shift-and-mask over
+    every element, which torch runs on its slow non-vectorized path.
+    """
+
+    def make() -> torch.Tensor:
+        byte = torch.arange(256, dtype=torch.int64).unsqueeze(1)
+        bits = (byte >> torch.arange(8, dtype=torch.int64)) & 1
+        vals = torch.where(bits == 1, if_set, if_clear).to(torch.uint8)  # (256, 8)
+        return vals.contiguous().view(torch.int64).reshape(256)
+
+    table = const(f"q5_bits_{if_clear}_{if_set}", qh.device, make)
+    return table.index_select(0, qh.reshape(-1).long()).view(torch.uint8).view(qh.shape[0], 32)
+
+
 class Q4_0(QuantType, qtype=T.Q4_0, block_size=32, layout=Layout(("d", F16, 1), ("qs", U8, 16))):
     """``y = (q - 8) * d``; byte j holds element j (low nibble) and j+16 (high nibble)."""
 
@@ -34,7 +53,10 @@ class Q4_0(QuantType, qtype=T.Q4_0, block_size=32, layout=Layout(("d", F16, 1), 
 
     @classmethod
     def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        d = f16_scale(cls.layout, blocks, "d")
+        q = nibbles(cls.layout.field(blocks, "qs")).view(torch.int8).sub_(8)  # (n, 2, 16)
+        # ggml: float(q - 8) * d. The int8 -> float32 widening is exact, so one product remains.
+        return q.view(-1, 32).to(torch.float32).mul_(d)
 
 
 class Q4_1(QuantType, qtype=T.Q4_1, block_size=32,
@@ -45,7 +67,11 @@ class Q4_1(QuantType, qtype=T.Q4_1, block_size=32,
 
     @classmethod
     def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        d = f16_scale(cls.layout, blocks, "d")
+        m = f16_scale(cls.layout, blocks, "m")
+        q = nibbles(cls.layout.field(blocks, "qs")).view(-1, 32)
+        # ggml: q*d + m, two roundings (a product, then a sum), never fused.
+        return q.to(torch.float32).mul_(d).add_(m)
 
 
 class Q5_0(QuantType, qtype=T.Q5_0, block_size=32,
@@ -56,7 +82,11 @@ class Q5_0(QuantType, qtype=T.Q5_0, block_size=32,
 
     @classmethod
     def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        d = f16_scale(cls.layout, blocks, "d")
+        lo = nibbles(cls.layout.field(blocks, "qs")).view(-1, 32)
+        # q - 16 = low4 + (16*bit - 16): the table yields the bracket as int8 (0 or -16).
+        q = lo.view(torch.int8) + _fifth_bits(cls.layout.field(blocks, "qh"), 0xF0, 0).view(torch.int8)
+        return q.to(torch.float32).mul_(d)
 
 
 class Q5_1(QuantType, qtype=T.Q5_1, block_size=32,
@@ -67,7 +97,11 @@ class Q5_1(QuantType, qtype=T.Q5_1, block_size=32,
 
     @classmethod
     def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        d = f16_scale(cls.layout, blocks, "d")
+        m = f16_scale(cls.layout, blocks, "m")
+        lo = nibbles(cls.layout.field(blocks, "qs")).view(-1, 32)
+        q = lo.bitwise_or_(_fifth_bits(cls.layout.field(blocks, "qh"), 0, 16))
+        return q.to(torch.float32).mul_(d).add_(m)
 
 
 class Q8_0(QuantType, qtype=T.Q8_0, block_size=32, layout=Layout(("d", F16, 1), ("qs", I8, 32))):
@@ -77,9 +111,8 @@ class Q8_0(QuantType, qtype=T.Q8_0, block_size=32, layout=Layout(("d", F16, 1), 
 
     @classmethod
     def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
-        d = cls.layout.field(blocks, "d").to(torch.float32)
-        qs = cls.layout.field(blocks, "qs")
-        return qs.to(torch.float32) * d
+        d = f16_scale(cls.layout, blocks, "d")
+        return cls.layout.field(blocks, "qs").to(torch.float32).mul_(d)
 
 
 class IQ4_NL(QuantType, qtype=T.IQ4_NL, block_size=32,
@@ -90,4 +123,6 @@ class IQ4_NL(QuantType, qtype=T.IQ4_NL, block_size=32,
 
     @classmethod
     def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        d = f16_scale(cls.layout, blocks, "d")
+        # ggml: d * kvalues[q]; float products commute, so table value times d is the same bits.
+        return iq4_values(nibbles(cls.layout.field(blocks, "qs"))).view(-1, 32).mul_(d)
