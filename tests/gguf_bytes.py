@@ -16,6 +16,14 @@ _FMT = {
 }
 
 
+class Marks:
+    """Positions recorded while building: structural boundaries and numeric header fields."""
+
+    def __init__(self) -> None:
+        self.boundaries: list[int] = []
+        self.fields: list[tuple[int, int, str]] = []  # (offset, width, kind)
+
+
 def gstr(s: str | bytes) -> bytes:
     b = s.encode() if isinstance(s, str) else s
     return struct.pack("<Q", len(b)) + b
@@ -65,10 +73,24 @@ class GGUFBuilder:
         self.tensors.append(Tensor(name, int(qtype), shape, data, offset))
         return self
 
-    def build(self) -> bytes:
+    def build(self, marks: Marks | None = None) -> bytes:
+        m = marks if marks is not None else Marks()
         out = bytearray(self.magic + struct.pack("<IQQ", self.version, len(self.tensors), len(self.kv)))
+        m.boundaries += [4, 8, 16, 24]
+        m.fields += [(4, 4, "version"), (8, 8, "n_tensors"), (16, 8, "n_kv")]
         for key, vtype, v, item in self.kv:
-            out += gstr(key) + struct.pack("<I", vtype) + value(vtype, v, item)
+            m.fields.append((len(out), 8, "key_len"))
+            out += gstr(key)
+            m.boundaries.append(len(out))
+            m.fields.append((len(out), 4, "value_type"))
+            out += struct.pack("<I", vtype)
+            m.boundaries.append(len(out))
+            if vtype == GGUFValueType.ARRAY:
+                m.fields += [(len(out), 4, "item_type"), (len(out) + 4, 8, "array_len")]
+            elif vtype == GGUFValueType.STRING:
+                m.fields.append((len(out), 8, "str_len"))
+            out += value(vtype, v, item)
+            m.boundaries.append(len(out))
         offsets = []
         pos = 0
         for t in self.tensors:
@@ -78,15 +100,25 @@ class GGUFBuilder:
             pos = end + (-end) % self.alignment
         for t, off in zip(self.tensors, offsets):
             dims = tuple(reversed(t.shape))
-            out += gstr(t.name) + struct.pack(f"<I{len(dims)}Q", len(dims), *dims)
+            m.fields.append((len(out), 8, "name_len"))
+            out += gstr(t.name)
+            m.boundaries.append(len(out))
+            m.fields.append((len(out), 4, "n_dims"))
+            m.fields += [(len(out) + 4 + 8 * i, 8, "dim") for i in range(len(dims))]
+            out += struct.pack(f"<I{len(dims)}Q", len(dims), *dims)
+            m.boundaries.append(len(out))
+            m.fields += [(len(out), 4, "tensor_type"), (len(out) + 4, 8, "tensor_offset")]
             out += struct.pack("<IQ", t.qtype, off)
+            m.boundaries.append(len(out))
         out += b"\0" * ((-len(out)) % self.alignment)
         base = len(out)
+        m.boundaries.append(base)
         for t, off in zip(self.tensors, offsets):
             need = base + off + len(t.data)
             if len(out) < need:
                 out += b"\0" * (need - len(out))
             out[base + off:base + off + len(t.data)] = t.data
+            m.boundaries += [base + off, base + off + len(t.data)]
         return bytes(out)
 
     def write(self, path: Any) -> Any:

@@ -52,6 +52,8 @@ def _plain_tensor(file: GGUFFile, info: TensorInfo, shape: torch.Size) -> torch.
     """A zero-copy view of an unquantized tensor's values."""
     qt = get_quant_type(info.qtype)
     assert qt.torch_dtype is not None
+    if info.nbytes == 0:
+        return torch.empty(shape, dtype=qt.torch_dtype)
     return file.tensor_data(info).view(qt.torch_dtype).reshape(shape)
 
 

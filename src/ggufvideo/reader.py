@@ -40,6 +40,8 @@ SUPPORTED_VERSIONS = (2, 3)
 #: ggml caps tensors at 4 dims; native n-dim files (ComfyUI-GGUF's 5-D convs) exceed that. We read
 #: up to this many dims; beyond it a header is treated as corrupt rather than sized by its value.
 MAX_DIMS = 16
+#: Bound on the product of a tensor's dims (int64 sizes and strides must not overflow).
+MAX_ELEMENTS = 2**62
 #: Nested metadata arrays deeper than this are refused (real files nest at most once); bounding the
 #: depth keeps a crafted file from exhausting the interpreter's recursion limit.
 MAX_ARRAY_NESTING = 16
@@ -283,6 +285,12 @@ class GGUFFile:
             cur.need(8 * n_dims, f"dims of tensor {name!r}")
             dims = struct.unpack_from(f"<{n_dims}Q", self._mm, cur.pos)
             cur.pos += 8 * n_dims
+            # torch sizes and strides are int64: refuse dims whose product could overflow them
+            # (zero-sized dims included) before anything is shaped by these numbers.
+            nonzero = math.prod(d for d in dims if d)
+            if nonzero > MAX_ELEMENTS:
+                raise InvalidHeaderError(f"dims {list(reversed(dims))} are too large",
+                                         path=self.path, tensor=name)
             raw_type = cur.u32(f"type of tensor {name!r}")
             offset = cur.u64(f"offset of tensor {name!r}")
             infos.append((name, tuple(reversed(dims)), raw_type, offset))
