@@ -1,0 +1,747 @@
+"""Writing GGUF files: a streaming writer and :func:`save_state_dict`.
+
+Why not gguf-py's ``GGUFWriter``: it keeps every tensor in memory until the end (or needs its
+calls in a fixed order), and its ``raw_shape`` means bytes for quantized data. Here the whole header
+is computed first -- the policy decides each tensor's type from its name, shape and dtype alone, so
+sizes and offsets are known before any data is read -- then tensors are produced and written one at
+a time. Peak memory is about one source tensor plus a bounded chunk of temporaries.
+
+Files are written to a temporary file next to the destination and renamed into place at the end:
+a failure (or Ctrl-C) never leaves a partial destination.
+
+What is written (GGUF v3, little-endian, 32-byte alignment)::
+
+    "GGUF" | u32 3 | u64 n_tensors | u64 n_kv | kv pairs | tensor infos | pad | data (each aligned)
+
+Tensors with at most 4 dims whose rows fit their type's blocks are stored as they are. Others
+(Conv3d weights, or quantized tensors restored from a flattened file) are stored flattened to
+``(n / w, w)`` (``w`` = 256 where it divides, else the block size) with their PyTorch shape in both
+``comfy.gguf.orig_shape.<name>`` (INT32 array: what ComfyUI-GGUF's loader requires) and
+``<name>.raw_shape`` (the FlashVSR convention); ggml's C loader, gguf-py, ComfyUI-GGUF and our
+loader all read the result. Flattening never moves an element: blocks follow the row-major order of
+the original tensor either way.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType, LlamaFileType
+
+from .errors import GGUFError, QuantizationError
+from .policy import QuantPolicy, TensorDecision, source_qtype
+from .quants import get_quant_type
+from .shapes import COMFY_ORIG_SHAPE_PREFIX, RAW_SHAPE_SUFFIX
+from .tensor import GGMLTensor
+
+__all__ = [
+    "save_state_dict",
+    "write_gguf",
+    "write_model",
+    "TensorEntry",
+    "SourceTensor",
+    "TypedValue",
+    "RawValue",
+    "WriteSummary",
+    "stored_layout",
+    "detect_architecture",
+    "GENERIC_ARCHITECTURE",
+    "GGUF_VERSION",
+    "MAX_GGML_NAME",
+]
+
+GGUF_VERSION = 3
+ALIGNMENT = 32
+#: ggml's C loader rejects tensor names of this many bytes or more (GGML_MAX_NAME).
+MAX_GGML_NAME = 64
+#: ``general.architecture`` for models no known family matches.
+GENERIC_ARCHITECTURE = "generic"
+# Elements quantized per step: bounds float32 temporaries to tens of MB whatever the tensor size.
+_CHUNK_ELEMENTS = 1 << 22
+
+# -- metadata values ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TypedValue:
+    """A metadata value with an explicit GGUF type (``item_type`` for arrays)."""
+
+    type: GGUFValueType
+    value: Any
+    item_type: GGUFValueType | None = None
+
+
+@dataclass(frozen=True)
+class RawValue:
+    """A metadata value as its encoded bytes (copied verbatim from another GGUF file)."""
+
+    type: GGUFValueType
+    payload: bytes
+
+
+_SCALAR_FMT: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}
+_NUMPY_TO_GGUF: dict[str, GGUFValueType] = {
+    "uint8": GGUFValueType.UINT8, "int8": GGUFValueType.INT8, "uint16": GGUFValueType.UINT16,
+    "int16": GGUFValueType.INT16, "uint32": GGUFValueType.UINT32, "int32": GGUFValueType.INT32,
+    "float32": GGUFValueType.FLOAT32, "bool": GGUFValueType.BOOL, "uint64": GGUFValueType.UINT64,
+    "int64": GGUFValueType.INT64, "float64": GGUFValueType.FLOAT64,
+}
+
+
+def _string(s: str) -> bytes:
+    raw = s.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _int_type(values: Iterable[int]) -> GGUFValueType:
+    vals = list(values)
+    if all(-(1 << 31) <= v < (1 << 31) for v in vals):
+        return GGUFValueType.INT32
+    if all(-(1 << 63) <= v < (1 << 63) for v in vals):
+        return GGUFValueType.INT64
+    if all(0 <= v < (1 << 64) for v in vals):
+        return GGUFValueType.UINT64
+    raise OverflowError("integer metadata value does not fit 64 bits")
+
+
+def _infer(value: Any) -> tuple[GGUFValueType, Any, GGUFValueType | None]:
+    """(type, value, item type) for a Python/numpy value, after gguf-py's conventions."""
+    if isinstance(value, (bool, np.bool_)):
+        return GGUFValueType.BOOL, bool(value), None
+    if isinstance(value, np.generic):
+        return _NUMPY_TO_GGUF[value.dtype.name], value.item(), None
+    if isinstance(value, int):
+        return _int_type([value]), value, None
+    if isinstance(value, float):
+        return GGUFValueType.FLOAT32, value, None
+    if isinstance(value, str):
+        return GGUFValueType.STRING, value, None
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1 or value.dtype.name not in _NUMPY_TO_GGUF:
+            raise TypeError(f"metadata arrays must be 1-D numeric, got {value.dtype} {value.shape}")
+        return GGUFValueType.ARRAY, value, _NUMPY_TO_GGUF[value.dtype.name]
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+        if all(isinstance(v, str) for v in items) and items:
+            return GGUFValueType.ARRAY, items, GGUFValueType.STRING
+        if items and all(isinstance(v, (bool, np.bool_)) for v in items):
+            return GGUFValueType.ARRAY, items, GGUFValueType.BOOL
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in items):
+            return GGUFValueType.ARRAY, [int(v) for v in items], _int_type(int(v) for v in items)
+        if all(isinstance(v, (int, float, np.floating)) and not isinstance(v, bool) for v in items):
+            return GGUFValueType.ARRAY, [float(v) for v in items], GGUFValueType.FLOAT32
+        if all(isinstance(v, (list, tuple, np.ndarray)) for v in items):
+            return GGUFValueType.ARRAY, items, GGUFValueType.ARRAY
+        raise TypeError("metadata lists must hold values of one kind (str, bool, int, float, list)")
+    raise TypeError(f"cannot store a {type(value).__name__} as GGUF metadata")
+
+
+def _encode_scalar(vtype: GGUFValueType, value: Any) -> bytes:
+    if vtype == GGUFValueType.STRING:
+        if not isinstance(value, str):
+            raise TypeError(f"STRING metadata needs a str, got {type(value).__name__}")
+        return _string(value)
+    return struct.pack(_SCALAR_FMT[vtype], value)
+
+
+def _encode(vtype: GGUFValueType, value: Any, item_type: GGUFValueType | None) -> bytes:
+    """The bytes of a value (after its u32 type tag)."""
+    if vtype != GGUFValueType.ARRAY:
+        return _encode_scalar(vtype, value)
+    if item_type is None:
+        raise TypeError("an ARRAY value needs an item type")
+    items = list(value)
+    head = struct.pack("<IQ", int(item_type), len(items))
+    if item_type == GGUFValueType.ARRAY:
+        parts = []
+        for v in items:
+            t, v2, it = _infer(v)
+            parts.append(_encode(t, v2, it))
+        return head + b"".join(parts)
+    if item_type == GGUFValueType.STRING:
+        return head + b"".join(_encode_scalar(item_type, v) for v in items)
+    fmt = _SCALAR_FMT[item_type]
+    arr = np.asarray(items, dtype=np.dtype(fmt))
+    return head + arr.tobytes()
+
+
+def encode_metadata(key: str, value: Any) -> bytes:
+    """One key/value pair as GGUF bytes (key string, u32 type, value)."""
+    if not isinstance(key, str) or not key:
+        raise GGUFError(f"metadata keys must be non-empty strings, got {key!r}")
+    if isinstance(value, RawValue):
+        return _string(key) + struct.pack("<I", int(value.type)) + value.payload
+    if isinstance(value, TypedValue):
+        vtype, v, item = value.type, value.value, value.item_type
+    else:
+        try:
+            vtype, v, item = _infer(value)
+        except (TypeError, OverflowError) as exc:
+            raise GGUFError(f"metadata {key!r}: {exc}") from None
+    try:
+        body = _encode(vtype, v, item)
+    except (TypeError, OverflowError, struct.error) as exc:
+        raise GGUFError(f"metadata {key!r}: cannot encode {v!r} as {vtype.name}: {exc}") from None
+    return _string(key) + struct.pack("<I", int(vtype)) + body
+
+
+# -- tensors ---------------------------------------------------------------------------------
+
+
+def stored_layout(shape: tuple[int, ...] | torch.Size, qtype: GGMLQuantizationType
+                  ) -> tuple[tuple[int, ...], bool]:
+    """The shape a tensor is stored with, and whether its real shape must go in the metadata.
+
+    Up to 4 dims with whole-block rows: stored as is. Otherwise (more dims, or rows that are not
+    whole blocks -- possible only for data already quantized elsewhere) flattened to ``(n/w, w)``.
+    A 0-d tensor is stored as ``(1,)``.
+    """
+    shape = tuple(int(d) for d in shape)
+    if not shape:
+        return (1,), False
+    bs = get_quant_type(qtype).block_size
+    if len(shape) <= 4 and shape[-1] % bs == 0:
+        return shape, False
+    n = math.prod(shape)
+    if n % bs:
+        raise QuantizationError(
+            f"{qtype.name}: {n} elements (shape {list(shape)}) are not a whole number of "
+            f"{bs}-element blocks")
+    if n % 256 == 0 and 256 % bs == 0:
+        w = 256
+    elif bs > 1:
+        w = bs
+    else:
+        w = shape[-1] if shape[-1] else 1
+    return (n // w, w), True
+
+
+def _shape_metadata(name: str, shape: tuple[int, ...]) -> dict[str, TypedValue]:
+    # ComfyUI-GGUF insists on ARRAY of INT32 for its key; dims of real tensors fit easily.
+    dims = np.asarray(shape, dtype=np.int64)
+    if dims.size and dims.max() >= (1 << 31):
+        raise QuantizationError(f"dimension of {list(shape)} too large for INT32 shape metadata",
+                                tensor=name)
+    value = TypedValue(GGUFValueType.ARRAY, dims.astype(np.int32), GGUFValueType.INT32)
+    return {COMFY_ORIG_SHAPE_PREFIX + name: value, name + RAW_SHAPE_SUFFIX: value}
+
+
+@dataclass
+class TensorEntry:
+    """One tensor to write: its stored form and a producer of its bytes.
+
+    Attributes:
+        name: tensor name (kept verbatim).
+        qtype: ggml type it is stored as.
+        shape: stored shape, PyTorch order (rows last).
+        produce: called once, when the tensor's turn comes; yields uint8 CPU tensors (or bytes)
+            whose concatenation is exactly the tensor's data.
+    """
+
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]
+    produce: Callable[[], Iterable[torch.Tensor | bytes]]
+
+    @property
+    def nbytes(self) -> int:
+        return get_quant_type(self.qtype).nbytes(self.shape)
+
+
+def _pad(n: int, alignment: int) -> int:
+    return (-n) % alignment
+
+
+def _tensor_info(entry: TensorEntry, offset: int) -> bytes:
+    dims = tuple(reversed(entry.shape))  # ggml order: innermost first
+    return (_string(entry.name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
+            + struct.pack("<IQ", int(entry.qtype), offset))
+
+
+def _chunk_bytes(chunk: torch.Tensor | bytes) -> memoryview:
+    if isinstance(chunk, (bytes, bytearray, memoryview)):
+        return memoryview(chunk)
+    t = chunk.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.dtype != torch.uint8:
+        t = t.view(torch.uint8)
+    return memoryview(t.numpy())
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def write_gguf(path: str | os.PathLike[str], entries: Iterable[TensorEntry],
+               metadata: Mapping[str, Any] | None = None, *, overwrite: bool = False,
+               protect: Iterable[str | os.PathLike[str]] = ()) -> int:
+    """Write a GGUF v3 file, streaming tensor data one entry at a time.
+
+    Args:
+        path: destination. Written to a temporary file in the same folder, renamed at the end.
+        entries: the tensors in file order; each entry's ``produce`` runs once, in order.
+        metadata: key -> value (Python/numpy values are typed like gguf-py does; use
+            :class:`TypedValue` or :class:`RawValue` to control the type).
+        overwrite: replace an existing ``path``; otherwise :class:`FileExistsError`.
+        protect: files that must never be replaced (the conversion's sources).
+
+    Returns:
+        The size of the written file in bytes.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+        GGUFError: duplicate names, bad metadata, or a producer yielding the wrong byte count.
+    """
+    path = os.fspath(path)
+    entries = list(entries)
+    for src in protect:
+        if _same_file(path, os.fspath(src)):
+            raise GGUFError(f"refusing to write over the source file {os.fspath(src)!r}", path=path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists (pass overwrite=True / --force to replace it)")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory")
+
+    names: set[str] = set()
+    for e in entries:
+        if e.name in names:
+            raise GGUFError("duplicate tensor name", path=path, tensor=e.name)
+        names.add(e.name)
+    kv = b"".join(encode_metadata(k, v) for k, v in (metadata or {}).items())
+    n_kv = len(metadata or {})
+
+    infos, offset = [], 0
+    for e in entries:
+        infos.append(_tensor_info(e, offset))
+        offset += e.nbytes + _pad(e.nbytes, ALIGNMENT)
+    header = (b"GGUF" + struct.pack("<IQQ", GGUF_VERSION, len(entries), n_kv) + kv
+              + b"".join(infos))
+    header += b"\0" * _pad(len(header), ALIGNMENT)
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".partial",
+                               dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(header)
+            for e in entries:
+                written = 0
+                for chunk in e.produce():
+                    mv = _chunk_bytes(chunk)
+                    fh.write(mv)
+                    written += mv.nbytes
+                if written != e.nbytes:
+                    raise GGUFError(f"{e.qtype.name} {list(e.shape)} needs {e.nbytes} bytes, "
+                                    f"its producer gave {written}", path=path, tensor=e.name)
+                fh.write(b"\0" * _pad(e.nbytes, ALIGNMENT))
+            fh.flush()
+            os.fsync(fh.fileno())
+            size = fh.tell()
+        _publish(tmp, path, overwrite)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return size
+
+
+def _publish(tmp: str, path: str, overwrite: bool) -> None:
+    """Move the finished temporary file into place (never clobbering unless asked)."""
+    os.chmod(tmp, 0o644 & ~_umask())
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # atomic "create if absent": a file that appeared meanwhile survives
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists (pass overwrite=True / --force to replace it)") from None
+    except OSError:  # filesystems without hard links
+        if os.path.exists(path):
+            raise FileExistsError(f"{path} exists (pass overwrite=True / --force to replace it)") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# -- architectures ---------------------------------------------------------------------------
+
+# (architecture, alternative sets of keys that must all be present). Names follow ComfyUI-GGUF's
+# loader, which refuses architectures it does not list ("hyvid" is HunyuanVideo). Original and
+# diffusers key layouts both count.
+_ARCH_RULES: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
+    ("wan", (("head.modulation", "blocks.0.self_attn.norm_q.weight"),
+             ("condition_embedder.time_proj.weight", "blocks.0.attn1.norm_q.weight",
+              "blocks.0.attn2.to_k.weight"))),
+    ("hyvid", (("double_blocks.0.img_attn_proj.weight",
+                "txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight"),
+               ("context_embedder.token_refiner.refiner_blocks.0.attn.to_q.weight",
+                "transformer_blocks.0.attn.add_q_proj.weight"))),
+    ("ltxv", (("adaln_single.emb.timestep_embedder.linear_2.weight",
+               "caption_projection.linear_2.weight", "transformer_blocks.0.scale_shift_table"),)),
+    ("flux", (("double_blocks.0.img_attn.proj.weight",),
+              ("transformer_blocks.0.attn.norm_added_k.weight",
+               "single_transformer_blocks.0.proj_out.weight"))),
+)
+# Wrappers that checkpoints put around a single model's keys.
+_CONTAINER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "net.")
+
+
+def detect_architecture(names: Iterable[str]) -> str:
+    """``general.architecture`` for a set of tensor names: a known family or ``"generic"``.
+
+    A model is recognised by keys only its family has, directly or under one container prefix
+    (``model.diffusion_model.``...). Anything else -- a twin-backbone model, a VAE, a new family --
+    is ``"generic"``: keys are written verbatim either way.
+    """
+    keys = set(names)
+    candidates = [keys]
+    for prefix in _CONTAINER_PREFIXES:
+        inner = {k[len(prefix):] for k in keys if k.startswith(prefix)}
+        if inner:
+            candidates.append(inner)
+    for arch, alternatives in _ARCH_RULES:
+        for ks in candidates:
+            if any(all(k in ks for k in alt) for alt in alternatives):
+                return arch
+    return GENERIC_ARCHITECTURE
+
+
+# -- the model pipeline ----------------------------------------------------------------------
+
+
+@dataclass
+class SourceTensor:
+    """A tensor of a model being written, known by its header before its data is read.
+
+    Attributes:
+        name: tensor name.
+        shape: logical shape.
+        dtype: source dtype (for already-quantized tensors: their compute dtype).
+        load: returns the tensor (plain or :class:`GGMLTensor`); called once, when written.
+        qtype: the ggml type of an already-quantized source, else ``None``.
+        nbytes: bytes the source holds.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+    qtype: GGMLQuantizationType | None = None
+    nbytes: int = 0
+
+
+@dataclass
+class WriteSummary:
+    """What a conversion wrote.
+
+    Attributes:
+        path: the file written.
+        architecture: ``general.architecture``.
+        bytes_in: bytes of the source tensors.
+        bytes_out: size of the file.
+        decisions: tensor name -> the policy's decision (``qtype`` is what was written).
+        seconds: wall time.
+        notes: anything worth telling (skipped entries, fallbacks to full-model loads).
+    """
+
+    path: str
+    architecture: str
+    bytes_in: int
+    bytes_out: int
+    decisions: dict[str, TensorDecision] = field(default_factory=dict)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """Number of tensors written per ggml type name."""
+        out: dict[str, int] = {}
+        for d in self.decisions.values():
+            out[d.qtype.name] = out.get(d.qtype.name, 0) + 1
+        return out
+
+    def fallbacks(self) -> dict[str, TensorDecision]:
+        """Tensors whose requested type did not fit their rows."""
+        return {n: d for n, d in self.decisions.items() if d.fallback}
+
+    def __str__(self) -> str:
+        lines = [f"wrote {self.path} ({self.architecture}, {len(self.decisions)} tensors) in "
+                 f"{self.seconds:.1f} s",
+                 f"  size: {_human(self.bytes_in)} -> {_human(self.bytes_out)}"
+                 + (f" ({self.bytes_out / self.bytes_in:.1%})" if self.bytes_in else "")]
+        lines.append("  tensors per type: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(self.counts().items(), key=lambda kv: -kv[1])))
+        fb = self.fallbacks()
+        if fb:
+            lines.append(f"  {len(fb)} tensor(s) fell back because their rows do not fit the "
+                         "block size:")
+            for n, d in list(fb.items())[:20]:
+                lines.append(f"    {n}: {d.fallback}")
+            if len(fb) > 20:
+                lines.append(f"    ... and {len(fb) - 20} more")
+        long_names = [n for n in self.decisions if len(n.encode()) >= MAX_GGML_NAME]
+        if long_names:
+            lines.append(f"  note: {len(long_names)} tensor name(s) have {MAX_GGML_NAME}+ bytes; "
+                         f"ggml's C loader (not ours, gguf-py's or ComfyUI-GGUF's) rejects them, "
+                         f"e.g. {long_names[0]!r}")
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _quantize_rows(x: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """float32 rows ``(r, n)`` -> their ggml bytes ``(r, row_bytes)``."""
+    try:
+        from .quants import quantize
+    except ImportError:  # the row API is landing; until then use the block codecs directly
+        qt = get_quant_type(qtype)
+        blocks = qt.quantize_blocks(x.reshape(-1, qt.block_size), None)
+        return blocks.reshape(x.shape[0], -1)
+    return quantize(x, qtype)
+
+
+def _encode_tensor(t: torch.Tensor, name: str, qtype: GGMLQuantizationType,
+                   stored: tuple[int, ...], device: torch.device | None) -> Iterator[torch.Tensor]:
+    """Yield the bytes of plain tensor ``t`` stored as ``qtype`` with stored shape ``stored``."""
+    qt = get_quant_type(qtype)
+    rows = t.reshape(-1, stored[-1]) if t.numel() else t.reshape(0)
+    if t.numel() == 0:
+        return
+    step = max(1, _CHUNK_ELEMENTS // rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start:start + step]
+        if qt.torch_dtype is not None:
+            # Plain types: the values themselves, rounded once from the source (what ggml's
+            # fp32 -> fp16/bf16 converters do); the same dtype is copied bit for bit.
+            yield chunk.to(qt.torch_dtype).contiguous().view(torch.uint8)
+            continue
+        x = chunk.to(device=device or chunk.device, dtype=torch.float32)
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise QuantizationError(
+                f"{bad} non-finite value(s) (NaN/inf): quantizing to {qtype.name} would corrupt "
+                "their blocks; keep the tensor at high precision (an override to 'keep')",
+                tensor=name)
+        yield _quantize_rows(x, qtype).cpu()
+
+
+def _plan(src: SourceTensor, policy: QuantPolicy, requantize: bool
+          ) -> tuple[TensorDecision, bool]:
+    """(decision, copy_raw): copy_raw = write the quantized source's bytes unchanged."""
+    if src.qtype is not None:
+        d = policy.decide(src.name, src.shape, torch.float32)
+        if not requantize or d.keep or d.qtype == src.qtype:
+            reason = "already quantized, written as is" if not requantize else (
+                d.reason if d.qtype == src.qtype else f"{d.reason}; already quantized, kept as is")
+            return TensorDecision(src.qtype, src.qtype, reason, keep=d.keep), True
+        return d, False
+    return policy.decide(src.name, src.shape, src.dtype), False
+
+
+def _produce(src: SourceTensor, decision: TensorDecision, copy_raw: bool,
+             stored: tuple[int, ...], device: torch.device | None, on_done: Callable[[int], None]
+             ) -> Callable[[], Iterator[torch.Tensor]]:
+    def gen() -> Iterator[torch.Tensor]:
+        t = src.load()
+        if tuple(t.shape) != tuple(src.shape):
+            raise GGUFError(f"source shape changed: header said {list(src.shape)}, data is "
+                            f"{list(t.shape)}", tensor=src.name)
+        if copy_raw:
+            assert isinstance(t, GGMLTensor)
+            yield t.raw.reshape(-1)
+        else:
+            if isinstance(t, GGMLTensor):
+                t = t.dequantize(torch.float32)
+            yield from _encode_tensor(t, src.name, decision.qtype, stored, device)
+        del t
+        on_done(src.nbytes)
+
+    return gen
+
+
+def write_model(sources: Iterable[SourceTensor], path: str | os.PathLike[str], *,
+                policy: QuantPolicy, metadata: Mapping[str, Any] | None = None,
+                architecture: str | None = None, requantize: bool = True,
+                overwrite: bool = False, progress: bool = False,
+                protect: Iterable[str | os.PathLike[str]] = (),
+                device: torch.device | str | None = None) -> WriteSummary:
+    """Type every source tensor by ``policy`` and stream them into a GGUF file.
+
+    The shared engine of :func:`save_state_dict` and :func:`ggufvideo.convert`.
+
+    Args:
+        sources: the tensors, in file order (headers only; data loaded one at a time).
+        path: destination (temporary file + rename).
+        policy: the quantization policy.
+        metadata: extra metadata; written after the keys this function sets, which it may
+            override (except shape keys and ``general.alignment``).
+        architecture: ``general.architecture``; detected from the names when ``None``.
+        requantize: quantized sources whose decided type differs are decoded and requantized
+            (``False``: every quantized source is written as it is).
+        overwrite: replace an existing destination.
+        progress: show a tqdm bar (tensors and bytes).
+        protect: files never to be replaced (sources).
+        device: where quantization runs (``None``: CPU).
+    """
+    t0 = time.perf_counter()
+    path = os.fspath(path)
+    sources = list(sources)
+    dev = torch.device(device) if device is not None else None
+    arch = architecture or detect_architecture(s.name for s in sources)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(s.nbytes for s in sources), unit="B", unit_scale=True,
+                   unit_divisor=1024, desc="converting", dynamic_ncols=True)
+    done = [0]
+
+    def on_done(nbytes: int) -> None:
+        done[0] += 1
+        if bar is not None:
+            bar.update(nbytes)
+            bar.set_postfix_str(f"{done[0]}/{len(sources)} tensors", refresh=False)
+
+    decisions: dict[str, TensorDecision] = {}
+    entries: list[TensorEntry] = []
+    shape_meta: dict[str, Any] = {}
+    for s in sources:
+        decision, copy_raw = _plan(s, policy, requantize)
+        stored, needs_meta = stored_layout(s.shape, decision.qtype)
+        if needs_meta:
+            shape_meta.update(_shape_metadata(s.name, tuple(s.shape)))
+        decisions[s.name] = decision
+        entries.append(TensorEntry(s.name, decision.qtype, stored,
+                                   _produce(s, decision, copy_raw, stored, dev, on_done)))
+
+    meta: dict[str, Any] = {"general.architecture": arch}
+    from . import __version__
+
+    meta["general.quantized_by"] = f"ggufvideo {__version__}"
+    meta["general.quantization_version"] = TypedValue(GGUFValueType.UINT32, GGML_QUANT_VERSION)
+    ftype = _file_type(policy, decisions)
+    if ftype is not None:
+        meta["general.file_type"] = TypedValue(GGUFValueType.UINT32, int(ftype))
+    for k, v in (metadata or {}).items():
+        if k in shape_meta or k == "general.alignment":
+            raise GGUFError(f"metadata key {k!r} is written by the writer itself", path=path)
+        meta[k] = v
+    meta.update(shape_meta)
+    try:
+        size = write_gguf(path, entries, meta, overwrite=overwrite, protect=protect)
+    finally:
+        if bar is not None:
+            bar.close()
+    bytes_in = sum(s.nbytes for s in sources)
+    return WriteSummary(path, arch, bytes_in, size, decisions, time.perf_counter() - t0)
+
+
+def _file_type(policy: QuantPolicy, decisions: Mapping[str, TensorDecision]) -> LlamaFileType | None:
+    """``general.file_type``: the preset/type asked for, else the type holding most tensors."""
+    name = policy.name
+    if not name:
+        counts: dict[str, int] = {}
+        for d in decisions.values():
+            counts[d.qtype.name] = counts.get(d.qtype.name, 0) + 1
+        if not counts:
+            return None
+        name = max(counts, key=lambda k: counts[k])
+    if name == "F32":
+        return LlamaFileType.ALL_F32
+    for candidate in (f"MOSTLY_{name}", f"MOSTLY_{name}_S"):
+        if candidate in LlamaFileType.__members__:
+            return LlamaFileType[candidate]
+    return None
+
+
+# -- state dicts -----------------------------------------------------------------------------
+
+
+def _state_dict_sources(state_dict: Mapping[str, torch.Tensor]) -> list[SourceTensor]:
+    out = []
+    for name, t in state_dict.items():
+        if not isinstance(name, str):
+            raise GGUFError(f"state dict keys must be strings, got {name!r}")
+        if not isinstance(t, torch.Tensor):
+            raise GGUFError(f"expected a tensor, found {type(t).__name__}", tensor=name)
+        if t.is_meta:
+            raise GGUFError("tensor is on the meta device (no data to write)", tensor=name)
+        if isinstance(t, GGMLTensor):
+            out.append(SourceTensor(name, tuple(t.shape), t.dtype, (lambda t=t: t), t.qtype,
+                                    t.raw.nbytes))
+        else:
+            source_qtype(t.dtype)  # raises for dtypes GGUF cannot hold
+            out.append(SourceTensor(name, tuple(t.shape), t.dtype, (lambda t=t: t), None,
+                                    t.numel() * t.element_size()))
+    return out
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *,
+                    qtype: str | GGMLQuantizationType | None = None,
+                    policy: QuantPolicy | None = None, metadata: Mapping[str, Any] | None = None,
+                    overwrite: bool = True, progress: bool = False,
+                    device: torch.device | str | None = None) -> WriteSummary:
+    """Write a state dict as a GGUF v3 file.
+
+    Args:
+        state_dict: name -> tensor. :class:`GGMLTensor` values are written as they are (their raw
+            blocks, byte for byte); plain tensors are typed by the policy.
+        path: destination (written to a temporary file and renamed: never left partial).
+        qtype: a ggml type or preset (``"Q4_K"``, ``"Q4_K_M"``, ``"Q8_0"``, ``"BF16"``...);
+            ``None`` keeps every plain tensor at its own precision (a lossless save).
+        policy: a full :class:`QuantPolicy` (overrides, keep patterns); excludes ``qtype``.
+        metadata: extra metadata (``general.architecture`` is detected when absent).
+        overwrite: replace an existing file (default, like ``torch.save``).
+        progress: show a progress bar.
+        device: where quantization runs (``None``: where each tensor is).
+
+    Returns:
+        A :class:`WriteSummary` (sizes, per-tensor decisions, fallbacks).
+
+    Raises:
+        GGUFError: a value that is not a tensor, a dtype GGUF cannot store, non-finite values in a
+            tensor to be quantized, or bad metadata.
+    """
+    if policy is not None and qtype is not None:
+        raise ValueError("pass either qtype or policy, not both")
+    pol = policy if policy is not None else QuantPolicy.from_type(qtype)
+    meta = dict(metadata or {})
+    arch = meta.pop("general.architecture", None)
+    return write_model(_state_dict_sources(state_dict), path, policy=pol, metadata=meta,
+                       architecture=arch, requantize=False, overwrite=overwrite,
+                       progress=progress, device=device)
