@@ -1,0 +1,334 @@
+"""``convert``: a checkpoint (safetensors, sharded safetensors, .pt/.pth or GGUF) to a GGUF file.
+
+Sources are opened by their headers only: every tensor's name, shape and dtype is known before any
+data is read, the policy types every tensor, the GGUF header is written, then tensors are loaded,
+quantized and written one at a time (memory ~ one source tensor, never the model). Output goes to a
+temporary file renamed at the end; the source is opened read-only and never written.
+
+Keys are kept verbatim, so any architecture converts (a twin-backbone model like Ovi included);
+known families are recognised only to record ``general.architecture``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from gguf import GGMLQuantizationType, GGUFValueType
+
+from .errors import GGUFError
+from .policy import QuantPolicy, source_qtype
+from .quants import get_quant_type
+from .reader import GGUFFile
+from .shapes import COMFY_ORIG_SHAPE_PREFIX, RAW_SHAPE_SUFFIX, logical_shape
+from .tensor import GGMLTensor
+from .writer import RawValue, SourceTensor, WriteSummary, write_model
+
+__all__ = ["convert", "open_source", "Source", "SOURCE_METADATA_PREFIX"]
+
+#: Text metadata of a safetensors/.pt source is recorded under this prefix.
+SOURCE_METADATA_PREFIX = "source."
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
+}
+# Metadata of a GGUF source that the writer regenerates for the new file.
+_REGENERATED = {"general.architecture", "general.file_type", "general.quantization_version",
+                "general.alignment", "general.quantized_by"}
+
+
+@dataclass
+class Source:
+    """An opened checkpoint: its tensors (headers, lazy data), metadata and architecture.
+
+    Attributes:
+        path: the source path.
+        kind: ``"safetensors"``, ``"sharded"``, ``"torch"`` or ``"gguf"``.
+        tensors: the tensors, in file order.
+        metadata: metadata to carry into the GGUF file.
+        architecture: the source's own ``general.architecture`` (GGUF sources), else ``None``.
+        files: every file read (protected from being overwritten).
+        notes: things the summary should mention (skipped entries, full loads).
+    """
+
+    path: str
+    kind: str
+    tensors: list[SourceTensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    architecture: str | None = None
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    _keep_open: list[Any] = field(default_factory=list, repr=False)
+
+
+def _check_dtype(name: str, dtype: torch.dtype | None, raw: str, path: str) -> torch.dtype:
+    if dtype is None or dtype in (torch.uint8, torch.bool):
+        raise GGUFError(f"dtype {raw} has no GGUF type (expected float or int8/16/32/64)", path=path,
+                        tensor=name)
+    source_qtype(dtype)
+    return dtype
+
+
+def _safetensors_tensors(files: Iterable[str], only: Mapping[str, str] | None, src: Source
+                         ) -> None:
+    from safetensors import safe_open
+
+    seen: dict[str, str] = {}
+    for f in files:
+        handle = safe_open(f, framework="pt", device="cpu")
+        src._keep_open.append(handle)
+        src.files.append(f)
+        meta = handle.metadata() or {}
+        for k, v in meta.items():
+            if k == "format":
+                continue
+            src.metadata[SOURCE_METADATA_PREFIX + k] = str(v)
+        names = [k for k in handle.keys() if only is None or only.get(k) == os.path.basename(f)]
+        for name in names:
+            if name in seen:
+                raise GGUFError(f"tensor also in {seen[name]!r}", path=f, tensor=name)
+            seen[name] = f
+            sl = handle.get_slice(name)
+            raw = sl.get_dtype()
+            dtype = _check_dtype(name, _SAFETENSORS_DTYPES.get(raw), raw, f)
+            shape = tuple(int(d) for d in sl.get_shape())
+            n = 1
+            for d in shape:
+                n *= d
+            src.tensors.append(SourceTensor(
+                name, shape, dtype, (lambda h=handle, k=name: h.get_tensor(k)), None,
+                n * dtype.itemsize))
+    if only is not None:
+        missing = sorted(set(only) - set(seen))
+        if missing:
+            raise GGUFError(f"{len(missing)} tensor(s) of the index are missing from their shard, "
+                            f"e.g. {missing[0]!r} (expected in {only[missing[0]]!r})", path=src.path)
+
+
+def _open_sharded(folder: str, src: Source) -> None:
+    indexes = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors.index.json"))
+    if len(indexes) > 1:
+        raise GGUFError(f"more than one *.safetensors.index.json: {indexes}", path=folder)
+    if not indexes:
+        shards = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+        if not shards:
+            raise GGUFError("folder has no *.safetensors.index.json and no .safetensors files",
+                            path=folder)
+        _safetensors_tensors([os.path.join(folder, f) for f in shards], None, src)
+        return
+    index_path = os.path.join(folder, indexes[0])
+    src.files.append(index_path)
+    try:
+        with open(index_path, encoding="utf-8") as fh:
+            index = json.load(fh)
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise GGUFError(f"not a safetensors index ({exc})", path=index_path) from None
+    for k, v in (index.get("metadata") or {}).items():
+        src.metadata[SOURCE_METADATA_PREFIX + str(k)] = str(v)
+    shards: list[str] = []
+    for shard in weight_map.values():
+        if os.path.basename(shard) != shard:
+            raise GGUFError(f"shard {shard!r} is not a file name in the index's folder",
+                            path=index_path)
+        if shard not in shards:
+            shards.append(shard)
+    for shard in shards:
+        if not os.path.isfile(os.path.join(folder, shard)):
+            raise FileNotFoundError(f"{os.path.join(folder, shard)}: shard named by {index_path} "
+                                    "is missing")
+    _safetensors_tensors([os.path.join(folder, s) for s in shards], weight_map, src)
+    # Keep the index's order (the author's), not the shards'.
+    order = {name: i for i, name in enumerate(weight_map)}
+    src.tensors.sort(key=lambda t: order[t.name])
+
+
+def _open_torch(path: str, src: Source) -> None:
+    import pickle
+
+    src.files.append(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise GGUFError(f"torch.load failed: {exc}", path=path) from None
+        # Legacy (pre-zipfile) checkpoints cannot be memory-mapped: they load whole.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        src.notes.append("legacy .pt format: loaded whole into memory (no mmap)")
+    except pickle.UnpicklingError as exc:
+        raise GGUFError("refusing to load: the checkpoint holds objects other than tensors and "
+                        f"plain containers (torch.load weights_only=True said: "
+                        f"{str(exc).splitlines()[0]})", path=path) from None
+    if not isinstance(obj, Mapping):
+        raise GGUFError(f"expected a state dict (a mapping of tensors), found {type(obj).__name__}",
+                        path=path)
+    for wrapper in ("state_dict", "model", "module", "model_state_dict"):
+        inner = obj.get(wrapper)
+        if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()) \
+                and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            src.notes.append(f"tensors taken from the checkpoint's {wrapper!r} entry")
+            obj = inner
+            break
+    skipped = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if skipped:
+        src.notes.append(f"skipped {len(skipped)} non-tensor entr{'y' if len(skipped) == 1 else 'ies'}"
+                         f": {', '.join(map(repr, skipped[:5]))}{' ...' if len(skipped) > 5 else ''}")
+    for name, t in obj.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if not isinstance(name, str):
+            raise GGUFError(f"state dict key {name!r} is not a string", path=path)
+        _check_dtype(name, t.dtype if t.dtype not in (torch.uint8, torch.bool) else None,
+                     str(t.dtype), path)
+        src.tensors.append(SourceTensor(name, tuple(t.shape), t.dtype, (lambda t=t: t), None,
+                                        t.numel() * t.element_size()))
+
+
+def _read_bytes(path: str, offset: int, n: int) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        return fh.read(n)
+
+
+def _open_gguf(path: str, src: Source) -> None:
+    src.files.append(path)
+    g = GGUFFile(path)
+    src._keep_open.append(g)
+    shape_keys = set()
+    for name in g.tensors:
+        shape_keys.add(COMFY_ORIG_SHAPE_PREFIX + name)
+        shape_keys.add(name + RAW_SHAPE_SUFFIX)
+    arch = g.fields.get("general.architecture")
+    if arch is not None and arch.type == GGUFValueType.STRING:
+        src.architecture = str(g.metadata["general.architecture"])
+    for key, f in g.fields.items():
+        if key in _REGENERATED or key in shape_keys:
+            continue
+        # Copied as encoded: every value keeps its exact type.
+        src.metadata[key] = RawValue(f.type, _read_bytes(path, f.offset, f.nbytes))
+    for name, info in g.tensors.items():
+        shape = tuple(logical_shape(g, info))
+        qt = get_quant_type(info.qtype)
+        if qt.torch_dtype is not None:
+            def load(info=info, shape=shape) -> torch.Tensor:
+                return g.tensor_data(info).view(get_quant_type(info.qtype).torch_dtype).reshape(shape)
+
+            src.tensors.append(SourceTensor(name, shape, qt.torch_dtype, load, None, info.nbytes))
+        else:
+            def loadq(info=info, shape=shape) -> torch.Tensor:
+                return GGMLTensor(g.tensor_data(info), info.qtype, shape)
+
+            src.tensors.append(SourceTensor(name, shape, torch.float32, loadq, info.qtype,
+                                            info.nbytes))
+
+
+def open_source(path: str | os.PathLike[str]) -> Source:
+    """Open a checkpoint by its headers: ``.safetensors``, a folder of shards, ``.pt``/``.pth``/
+    ``.bin``/``.ckpt`` (``torch.load(weights_only=True)`` only) or ``.gguf``.
+
+    Raises:
+        FileNotFoundError: no such file or folder, or a shard the index names is missing.
+        GGUFError: an unknown kind of file, a malformed index or header, an unsafe pickle, a dtype
+            GGUF cannot store.
+    """
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"{p}: no such file or folder")
+    lower = p.lower()
+    if os.path.isdir(p):
+        src = Source(p, "sharded", [])
+        _open_sharded(p, src)
+    elif lower.endswith(".safetensors"):
+        src = Source(p, "safetensors", [])
+        try:
+            _safetensors_tensors([p], None, src)
+        except GGUFError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise GGUFError(f"not a valid safetensors file: {exc}", path=p) from None
+    elif lower.endswith((".pt", ".pth", ".bin", ".ckpt")):
+        src = Source(p, "torch", [])
+        _open_torch(p, src)
+    elif lower.endswith(".gguf"):
+        src = Source(p, "gguf", [])
+        _open_gguf(p, src)
+    else:
+        raise GGUFError("unknown source format: expected .safetensors, a folder of safetensors "
+                        "shards, .pt/.pth/.bin/.ckpt or .gguf", path=p)
+    if not src.tensors:
+        raise GGUFError("the source holds no tensors", path=p)
+    return src
+
+
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
+            qtype: str | GGMLQuantizationType | None = "Q4_K", policy: QuantPolicy | None = None,
+            overrides: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+            keep: Iterable[str] = (), force: bool = False, progress: bool = False,
+            metadata: Mapping[str, Any] | None = None, architecture: str | None = None,
+            device: torch.device | str | None = None) -> WriteSummary:
+    """Convert a checkpoint to GGUF.
+
+    Args:
+        src: a ``.safetensors`` file, a folder with ``*.safetensors.index.json`` (or just
+            ``.safetensors`` shards), a ``.pt``/``.pth`` state dict, or a ``.gguf`` (requantized:
+            tensors already of the decided type are copied unchanged).
+        dst: the GGUF file to write.
+        qtype: a ggml type (``"Q4_K"``, ``"Q8_0"``, ``"BF16"``...), a preset (``"Q4_K_M"``,
+            ``"Q5_K_M"``...) or ``None`` (keep every tensor's precision).
+        policy: a full :class:`QuantPolicy` instead of ``qtype``/``overrides``/``keep``.
+        overrides: regex -> type (or ``"keep"``), first match wins.
+        keep: extra regexes of tensors kept at high precision.
+        force: replace an existing ``dst``.
+        progress: show a tqdm progress bar (tensors and bytes).
+        metadata: extra metadata for the file.
+        architecture: ``general.architecture`` (default: the source's, else detected).
+        device: where quantization runs (``"cuda"`` for speed; default CPU).
+
+    Returns:
+        A :class:`~ggufvideo.writer.WriteSummary`; ``str()`` of it is the human summary.
+
+    Raises:
+        FileNotFoundError: ``src`` does not exist.
+        FileExistsError: ``dst`` exists and ``force`` is false.
+        GGUFError: ``dst`` is the source, an unreadable source, or a tensor that cannot be
+            written as asked (each message names the file and the tensor).
+    """
+    if policy is None:
+        policy = QuantPolicy.from_type(qtype, overrides=overrides, keep=keep)
+    elif overrides or keep:
+        raise ValueError("pass overrides/keep through the policy when giving one")
+    dst = os.fspath(dst)
+    srcp = os.fspath(src)
+    if not os.path.exists(srcp):
+        raise FileNotFoundError(f"{srcp}: no such file or folder")
+    if os.path.exists(dst) and not force:
+        raise FileExistsError(f"{dst} exists (use --force / force=True to replace it)")
+    source = open_source(srcp)
+    meta: dict[str, Any] = {}
+    if source.kind != "gguf":
+        base = os.path.basename(os.path.normpath(srcp))
+        meta["general.name"] = base.rsplit(".", 1)[0] if not os.path.isdir(srcp) else base
+    meta.update(source.metadata)
+    meta.update(metadata or {})
+    try:
+        summary = write_model(source.tensors, dst, policy=policy, metadata=meta,
+                              architecture=architecture or source.architecture, requantize=True,
+                              overwrite=force, progress=progress, protect=source.files,
+                              device=device)
+    finally:
+        for h in source._keep_open:
+            close = getattr(h, "close", None)
+            if close is not None:
+                close()
+        source._keep_open.clear()
+    summary.notes.extend(source.notes)
+    return summary
