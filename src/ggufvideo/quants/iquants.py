@@ -9,9 +9,10 @@ Their lattice grids and the IQ2/IQ3 sign table are data, not code: they are take
 gguf-py (a runtime dependency), which carries ggml's tables, rather than duplicated here. Each table
 is built once per device on first use.
 
-Dequantization follows ggml's ``dequantize_row_*`` operation for operation in float32: the
-sub-block scale is rounded exactly where ggml rounds it, and each element is ``scale * grid``
-(then times the ±1 sign, or ``scale * (grid + delta)`` for IQ1), so the result is bit-identical.
+Dequantization follows ggml's ``dequantize_row_*`` in float32: the sub-block scale is rounded
+exactly where ggml rounds it, and each element is one rounded product, ``scale * grid`` with the
+±1 sign applied exactly (see :func:`_signed_scaled`), or ``scale * (grid + delta)`` for IQ1, so
+the result is bit-identical.
 """
 
 from __future__ import annotations
@@ -31,41 +32,55 @@ IQ1_DELTA = 0.125
 
 
 # -- lookup tables (from gguf-py, cached per device) -------------------------------------------
+#
+# Tables are kept packed: one integer per grid point (int64 for 8 coordinates, int32 for 4) whose
+# little-endian bytes are the coordinates as int8, and likewise one int64 per sign pattern whose
+# bytes are ±1. A lookup is then a gather of one word per 8 (or 4) elements and a free
+# reinterpretation as int8, rather than a gather of float rows, which is several times slower on
+# a GPU. (Bytes in memory are little-endian on every device torch runs on.)
 
 @functools.lru_cache(maxsize=None)
 def _grid(qtype: T, device: torch.device) -> torch.Tensor:
-    """The lattice codebook of ``qtype`` as float32 ``(n_points, point_len)`` on ``device``.
+    """The lattice codebook of ``qtype`` packed one point per word, on ``device``.
 
     gguf-py stores each codebook packed (2 or 3 bits per coordinate, hex-encoded) and expands it
-    with ``init_grid()`` into float32 coordinates, which are small integers and so exact.
+    with ``init_grid()`` into float32 coordinates, which are small integers (|c| <= 62), so they
+    fit int8 exactly. Returns int64 ``(n_points,)`` for 8-coordinate grids, int32 for 4.
     """
     quant = getattr(gguf.quants, qtype.name)
     quant.init_grid()
-    grid = torch.from_numpy(quant.grid.reshape(quant.grid_shape).copy())
-    return grid.to(device=device, dtype=torch.float32)
+    coords = torch.from_numpy(quant.grid.reshape(quant.grid_shape).copy())
+    word = {8: torch.int64, 4: torch.int32}[coords.shape[1]]
+    packed = coords.to(torch.int8).contiguous().view(word).reshape(-1)
+    return packed.to(device)
 
 
 @functools.lru_cache(maxsize=None)
-def _sign_table(with_parity: bool, device: torch.device) -> torch.Tensor:
-    """±1.0 per bit of every sign byte, float32 ``(n, 8)`` on ``device``; bit j → element j.
+def _signs(with_parity: bool, device: torch.device) -> torch.Tensor:
+    """Sign patterns as int64 words whose byte j is ±1 (int8): bit j of the sign byte → element j.
 
-    ``with_parity``: rows are indexed by a 7-bit code and expanded through ggml's
-    ``ksigns_iq2xs`` table (taken from gguf-py), whose 8th bit makes the count of negative signs
-    even. Otherwise rows are indexed by a plain sign byte (IQ2_S, IQ3_S).
+    ``with_parity``: indexed by a 7-bit code and expanded through ggml's ``ksigns_iq2xs`` table
+    (taken from gguf-py), whose 8th bit makes the count of minus signs even (128 words).
+    Otherwise indexed by a plain sign byte (IQ2_S, IQ3_S; 256 words).
     """
     if with_parity:
         codes = torch.frombuffer(bytearray(gguf.quants.IQ2_XXS.ksigns), dtype=torch.uint8)
     else:
         codes = torch.arange(256, dtype=torch.uint8)
     bits = (codes.to(torch.int32).unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1
-    signs = 1.0 - 2.0 * bits.to(torch.float32)
-    return signs.to(device)
+    pm1 = (1 - 2 * bits).to(torch.int8).contiguous()
+    return pm1.view(torch.int64).reshape(-1).to(device)
 
 
 @functools.lru_cache(maxsize=None)
 def _shifts(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """A small int64 constant (bit shifts) on ``device``, made once rather than per call."""
     return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` reinterpreted as int8: ``(..., k)`` indices → ``(..., k * word_bytes)``."""
+    return table[index].view(torch.int8)
 
 
 # -- byte helpers ------------------------------------------------------------------------------
@@ -100,9 +115,14 @@ def _nibbles(raw: torch.Tensor) -> torch.Tensor:
     return torch.stack((r & 0xF, r >> 4), dim=-1).reshape(raw.shape[0], -1)
 
 
-def _sign_scaled(db: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """``db * grid * sign`` in ggml's order (the sign factor last, so it only flips the sign)."""
-    return db * grid * signs
+def _signed_scaled(db: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """ggml's ``db * grid[j] * sign[j]`` for int8 ``grid`` and ``signs`` (±1), float32 ``db``.
+
+    Computed as ``db * (grid * sign)``: the sign product is exact in int8, and round-to-nearest
+    is symmetric, so ``db * (-g)`` is bit for bit ``-(db * g)``, signed zeros included; the result
+    is identical to ggml's and needs one float pass instead of two.
+    """
+    return db * (grid * signs)
 
 
 # -- codecs ------------------------------------------------------------------------------------
@@ -121,14 +141,13 @@ class IQ2_XXS(QuantType, qtype=T.IQ2_XXS, block_size=256,
         n, dev = blocks.shape[0], blocks.device
         d = _scale(cls, blocks)
         sub = _bytes(cls, blocks, "qs").reshape(n, 8, 8)
-        idx = sub[..., :4].to(torch.int64)                                  # (n, 8, 4)
+        idx = sub[..., :4].to(torch.int32)                                  # (n, 8, 4)
         aux = _le(sub[..., 4:], 4).reshape(n, 8)                            # (n, 8)
-        ls = (aux >> 28).to(torch.float32)
-        db = d * (0.5 + ls) * 0.25                                          # (n, 8)
-        codes = (aux.unsqueeze(-1) >> _shifts((0, 7, 14, 21), dev)) & 127
-        grid = _grid(cls.qtype, dev)[idx]                                   # (n, 8, 4, 8)
-        signs = _sign_table(True, dev)[codes]                               # (n, 8, 4, 8)
-        return _sign_scaled(db[..., None, None], grid, signs).reshape(n, 256)
+        db = d * (0.5 + (aux >> 28).to(torch.float32)) * 0.25               # (n, 8)
+        codes = (aux.unsqueeze(-1) >> _shifts((0, 7, 14, 21), dev)) & 127  # (n, 8, 4)
+        grid = _lookup(_grid(cls.qtype, dev), idx)                          # (n, 8, 32)
+        signs = _lookup(_signs(True, dev), codes)
+        return _signed_scaled(db[..., None], grid, signs).reshape(n, 256)
 
 
 class IQ2_XS(QuantType, qtype=T.IQ2_XS, block_size=256,
@@ -146,9 +165,9 @@ class IQ2_XS(QuantType, qtype=T.IQ2_XS, block_size=256,
         q = _le(_bytes(cls, blocks, "qs"), 2)                               # (n, 32)
         ls = _nibbles(_bytes(cls, blocks, "scales")).to(torch.float32)      # (n, 16)
         db = d * (0.5 + ls) * 0.25                                          # one per 16 elements
-        grid = _grid(cls.qtype, dev)[q & 511].reshape(n, 16, 16)
-        signs = _sign_table(True, dev)[q >> 9].reshape(n, 16, 16)
-        return _sign_scaled(db[..., None], grid, signs).reshape(n, 256)
+        grid = _lookup(_grid(cls.qtype, dev), q & 511).reshape(n, 16, 16)
+        signs = _lookup(_signs(True, dev), q >> 9).reshape(n, 16, 16)
+        return _signed_scaled(db[..., None], grid, signs).reshape(n, 256)
 
 
 class IQ2_S(QuantType, qtype=T.IQ2_S, block_size=256,
@@ -166,13 +185,12 @@ class IQ2_S(QuantType, qtype=T.IQ2_S, block_size=256,
         qs = _bytes(cls, blocks, "qs")
         low = qs[:, :32].to(torch.int64).reshape(n, 8, 4)
         qh = _bytes(cls, blocks, "qh").to(torch.int64).unsqueeze(-1)        # (n, 8, 1)
-        high = (qh >> _shifts((0, 2, 4, 6), dev)) & 3           # (n, 8, 4)
-        idx = low | (high << 8)
+        idx = low | (((qh >> _shifts((0, 2, 4, 6), dev)) & 3) << 8)         # (n, 8, 4)
         ls = _nibbles(_bytes(cls, blocks, "scales")).to(torch.float32)      # (n, 16)
         db = d * (0.5 + ls) * 0.25
-        grid = _grid(cls.qtype, dev)[idx].reshape(n, 16, 16)
-        signs = _sign_table(False, dev)[qs[:, 32:].to(torch.int64)].reshape(n, 16, 16)
-        return _sign_scaled(db[..., None], grid, signs).reshape(n, 256)
+        grid = _lookup(_grid(cls.qtype, dev), idx).reshape(n, 16, 16)
+        signs = _lookup(_signs(False, dev), qs[:, 32:].to(torch.int32)).reshape(n, 16, 16)
+        return _signed_scaled(db[..., None], grid, signs).reshape(n, 256)
 
 
 class IQ3_XXS(QuantType, qtype=T.IQ3_XXS, block_size=256,
@@ -189,13 +207,13 @@ class IQ3_XXS(QuantType, qtype=T.IQ3_XXS, block_size=256,
         n, dev = blocks.shape[0], blocks.device
         d = _scale(cls, blocks)
         qs = _bytes(cls, blocks, "qs")
-        idx = qs[:, :64].to(torch.int64).reshape(n, 8, 8)
+        idx = qs[:, :64].to(torch.int32).reshape(n, 8, 8)
         aux = _le(qs[:, 64:], 4)                                            # (n, 8)
         db = d * (0.5 + (aux >> 28).to(torch.float32)) * 0.5
-        codes = (aux.unsqueeze(-1) >> _shifts((0, 7, 14, 21), dev)) & 127
-        grid = _grid(cls.qtype, dev)[idx].reshape(n, 8, 4, 8)
-        signs = _sign_table(True, dev)[codes]                               # (n, 8, 4, 8)
-        return _sign_scaled(db[..., None, None], grid, signs).reshape(n, 256)
+        codes = (aux.unsqueeze(-1) >> _shifts((0, 7, 14, 21), dev)) & 127  # (n, 8, 4)
+        grid = _lookup(_grid(cls.qtype, dev), idx)                          # (n, 8, 32)
+        signs = _lookup(_signs(True, dev), codes)                           # (n, 8, 32)
+        return _signed_scaled(db[..., None], grid, signs).reshape(n, 256)
 
 
 class IQ3_S(QuantType, qtype=T.IQ3_S, block_size=256,
@@ -214,12 +232,13 @@ class IQ3_S(QuantType, qtype=T.IQ3_S, block_size=256,
         d = _scale(cls, blocks)
         low = _bytes(cls, blocks, "qs").to(torch.int64).reshape(n, 8, 8)
         qh = _bytes(cls, blocks, "qh").to(torch.int64).unsqueeze(-1)        # (n, 8, 1)
-        idx = low | (((qh >> _shifts(tuple(range(8)), dev)) & 1) << 8)        # (n, 8, 8)
+        idx = low | (((qh >> _shifts(tuple(range(8)), dev)) & 1) << 8)      # (n, 8, 8)
         ls = _nibbles(_bytes(cls, blocks, "scales"))                        # (n, 8) int
         db = d * (1 + 2 * ls).to(torch.float32)                             # (n, 8)
-        grid = _grid(cls.qtype, dev)[idx].reshape(n, 8, 4, 8)
-        signs = _sign_table(False, dev)[_bytes(cls, blocks, "signs").to(torch.int64)]
-        return _sign_scaled(db[..., None, None], grid, signs.reshape(n, 8, 4, 8)).reshape(n, 256)
+        grid = _lookup(_grid(cls.qtype, dev), idx)                          # (n, 8, 32)
+        sign_bytes = _bytes(cls, blocks, "signs").to(torch.int32)
+        signs = _lookup(_signs(False, dev), sign_bytes).reshape(n, 8, 32)
+        return _signed_scaled(db[..., None], grid, signs).reshape(n, 256)
 
 
 class IQ1_S(QuantType, qtype=T.IQ1_S, block_size=256,
@@ -237,12 +256,12 @@ class IQ1_S(QuantType, qtype=T.IQ1_S, block_size=256,
         d = _scale(cls, blocks)
         qh = _le(_bytes(cls, blocks, "qh"), 2)                              # (n, 8)
         low = _bytes(cls, blocks, "qs").to(torch.int64).reshape(n, 8, 4)
-        high = (qh.unsqueeze(-1) >> _shifts((0, 3, 6, 9), dev)) & 7
-        idx = low | (high << 8)
+        idx = low | (((qh.unsqueeze(-1) >> _shifts((0, 3, 6, 9), dev)) & 7) << 8)
         dl = d * (2 * ((qh >> 12) & 7) + 1).to(torch.float32)               # (n, 8)
         delta = torch.where((qh & 0x8000) != 0, -IQ1_DELTA, IQ1_DELTA).to(torch.float32)
-        grid = _grid(cls.qtype, dev)[idx]                                   # (n, 8, 4, 8)
-        return (dl[..., None, None] * (grid + delta[..., None, None])).reshape(n, 256)
+        grid = _lookup(_grid(cls.qtype, dev), idx)                          # (n, 8, 32) int8
+        # int8 + float32 promotes exactly: float(grid) + delta, as ggml.
+        return (dl[..., None] * (grid + delta[..., None])).reshape(n, 256)
 
 
 class IQ1_M(QuantType, qtype=T.IQ1_M, block_size=256,
@@ -252,7 +271,7 @@ class IQ1_M(QuantType, qtype=T.IQ1_M, block_size=256,
     ``scales`` is four little-endian u16: their bits 0-11 are sixteen 3-bit scales (one per 16
     elements, ``dl = d * (2*ls + 1)``), their top nibbles, in order, the f16 ``d``. Each nibble
     of ``qh`` belongs to one 8-element group: bits 0-2 are bits 8-10 of its grid index (low byte
-    in ``qs``), bit 3 the sign of its ``delta``.
+    in ``qs``), bit 3 the sign of its ``delta``. The grid is IQ1_S's.
     """
 
     @classmethod
@@ -264,11 +283,11 @@ class IQ1_M(QuantType, qtype=T.IQ1_M, block_size=256,
         d_bytes = torch.stack((top[:, 0] | (top[:, 1] << 4), top[:, 2] | (top[:, 3] << 4)), dim=-1)
         d = d_bytes.contiguous().view(torch.float16).to(torch.float32)       # (n, 1)
         sc = _le(sc_raw, 2).unsqueeze(-1)                                   # (n, 4, 1)
-        ls = (sc >> _shifts((0, 3, 6, 9), dev)) & 7             # (n, 4, 4)
+        ls = (sc >> _shifts((0, 3, 6, 9), dev)) & 7                         # (n, 4, 4)
         dl = d * (2 * ls.reshape(n, 16) + 1).to(torch.float32)              # one per 16 elements
-        nib = _nibbles(_bytes(cls, blocks, "qh")).to(torch.int64)           # (n, 32): one per group
-        idx = _bytes(cls, blocks, "qs").to(torch.int64) | ((nib & 7) << 8)
+        nib = _nibbles(_bytes(cls, blocks, "qh"))                           # (n, 32): one per group
+        idx = _bytes(cls, blocks, "qs").to(torch.int32) | ((nib & 7) << 8)
         delta = torch.where((nib & 8) != 0, -IQ1_DELTA, IQ1_DELTA).to(torch.float32)
-        grid = _grid(T.IQ1_S, dev)[idx]                                     # (n, 32, 8)
-        y = dl.repeat_interleave(2, dim=1)[..., None] * (grid + delta[..., None])
+        grid = _lookup(_grid(T.IQ1_S, dev), idx).reshape(n, 16, 2, 8)
+        y = dl[..., None, None] * (grid + delta.reshape(n, 16, 2, 1))
         return y.reshape(n, 256)

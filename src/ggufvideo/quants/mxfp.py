@@ -20,9 +20,13 @@ __all__ = ["MXFP4", "e8m0_to_fp32_half"]
 
 
 @functools.lru_cache(maxsize=None)
-def _kvalues(device: torch.device) -> torch.Tensor:
-    """The 16 doubled E2M1 values, float32 on ``device`` (from gguf-py's copy of ggml's table)."""
-    return torch.tensor(gguf.quants.MXFP4.kvalues, dtype=torch.float32, device=device)
+def _byte_values(device: torch.device) -> torch.Tensor:
+    """Both doubled E2M1 values of every ``qs`` byte, int16 ``(256,)``: byte 0 (int8) is
+    ``kvalues[b & 15]``, byte 1 ``kvalues[b >> 4]`` (``kvalues_mxfp4`` from gguf-py)."""
+    kvalues = torch.tensor(gguf.quants.MXFP4.kvalues, dtype=torch.int8)
+    b = torch.arange(256)
+    pairs = torch.stack((kvalues[b & 15], kvalues[b >> 4]), dim=-1).contiguous()
+    return pairs.view(torch.int16).reshape(-1).to(device)
 
 
 def e8m0_to_fp32_half(e: torch.Tensor) -> torch.Tensor:
@@ -46,7 +50,8 @@ class MXFP4(QuantType, qtype=T.MXFP4, block_size=32, layout=Layout(("e", U8, 1),
     @classmethod
     def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
-        d = e8m0_to_fp32_half(cls.layout.field(blocks, "e"))               # (n, 1)
-        qs = cls.layout.field(blocks, "qs").to(torch.int64)
-        codes = torch.cat((qs & 0xF, qs >> 4), dim=1)                       # (n, 32)
-        return _kvalues(blocks.device)[codes] * d
+        d = e8m0_to_fp32_half(cls.layout.field(blocks, "e")).unsqueeze(-1)  # (n, 1, 1)
+        qs = cls.layout.field(blocks, "qs").to(torch.int32)
+        pairs = _byte_values(blocks.device)[qs].unsqueeze(-1).view(torch.int8)           # (n, 16, 2)
+        # int8 * float32 promotes exactly: float(kvalue) * d, as ggml.
+        return (pairs.transpose(1, 2) * d).reshape(n, 32)

@@ -2,6 +2,8 @@
 
 Dequantization is ggml's: every element is ``float(t) * d`` with ``t`` in {-1, 0, 1} and ``d``
 the f16 block scale widened to float32 — a single, exactly rounded product, so bit-identical.
+The trits of every possible byte are tabulated once per device (int8, packed into words), so a
+block decodes with one gather and one multiply.
 """
 
 from __future__ import annotations
@@ -17,14 +19,30 @@ __all__ = ["TQ1_0", "TQ2_0"]
 
 
 @functools.lru_cache(maxsize=None)
-def _int_const(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """A small int32 column ``(len(values), 1)`` on ``device``, made once rather than per call."""
-    return torch.tensor(values, dtype=torch.int32, device=device).unsqueeze(-1)
+def _tq1_trits(device: torch.device) -> torch.Tensor:
+    """Every byte's five trits, int64 ``(256,)`` whose bytes 0-4 are trits 0-4 as int8 in {-1,0,1}.
+
+    ggml reads trit n of byte ``b`` as ``((b * 3**n mod 256) * 3) >> 8``, minus 1; the table holds
+    exactly that for all 256 bytes (bytes > 242 included), so decoding is one word gather.
+    """
+    b = torch.arange(256, dtype=torch.int32).unsqueeze(-1)
+    q = (b * torch.tensor([1, 3, 9, 27, 81, 0, 0, 0], dtype=torch.int32)) & 0xFF
+    trits = (((q * 3) >> 8) - 1).to(torch.int8)
+    trits[:, 5:] = 0  # padding to a whole int64
+    return trits.contiguous().view(torch.int64).reshape(-1).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _tq2_codes(device: torch.device) -> torch.Tensor:
+    """Every byte's four 2-bit codes minus 1, int32 ``(256,)`` whose byte l is ``((b >> 2l) & 3) - 1``."""
+    b = torch.arange(256, dtype=torch.int32).unsqueeze(-1)
+    codes = (((b >> torch.tensor([0, 2, 4, 6], dtype=torch.int32)) & 3) - 1).to(torch.int8)
+    return codes.contiguous().view(torch.int32).reshape(-1).to(device)
 
 
 def _scale(cls: type[QuantType], blocks: torch.Tensor) -> torch.Tensor:
-    """The f16 block scale ``d`` as float32 ``(n_blocks, 1)``."""
-    return cls.layout.field(blocks, "d").to(torch.float32)
+    """The f16 block scale ``d`` as float32 ``(n_blocks, 1, 1)``."""
+    return cls.layout.field(blocks, "d").to(torch.float32).unsqueeze(-1)
 
 
 class TQ1_0(QuantType, qtype=T.TQ1_0, block_size=256,
@@ -39,16 +57,15 @@ class TQ1_0(QuantType, qtype=T.TQ1_0, block_size=256,
 
     @classmethod
     def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
-        n, dev = blocks.shape[0], blocks.device
+        n = blocks.shape[0]
+        table = _tq1_trits(blocks.device)
+        d = _scale(cls, blocks)
         qs = cls.layout.field(blocks, "qs").to(torch.int32)
         qh = cls.layout.field(blocks, "qh").to(torch.int32)
-        pow5 = _int_const((1, 3, 9, 27, 81), dev)
-        pow4 = _int_const((1, 3, 9, 27), dev)
-        # (n, 1, m) * (k, 1) -> (n, k, m): run k holds trit k of each byte, bytes in order.
-        parts = (qs[:, None, :32] * pow5, qs[:, None, 32:] * pow5, qh[:, None, :] * pow4)
-        q = torch.cat([p.reshape(n, -1) for p in parts], dim=1) & 0xFF
-        trits = ((q * 3) >> 8) - 1
-        return trits.to(torch.float32) * _scale(cls, blocks)
+        # (n, m) bytes -> (n, m, 8) trits -> (n, k, m): run k holds trit k of each byte, in order.
+        runs = [table[part].unsqueeze(-1).view(torch.int8)[..., :k].transpose(1, 2) * d
+                for part, k in ((qs[:, :32], 5), (qs[:, 32:], 5), (qh, 4))]
+        return torch.cat([r.reshape(n, -1) for r in runs], dim=1)
 
 
 class TQ2_0(QuantType, qtype=T.TQ2_0, block_size=256, layout=Layout(("qs", U8, 64), ("d", F16, 1))):
@@ -60,7 +77,8 @@ class TQ2_0(QuantType, qtype=T.TQ2_0, block_size=256, layout=Layout(("qs", U8, 6
 
     @classmethod
     def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
-        n, dev = blocks.shape[0], blocks.device
-        qs = cls.layout.field(blocks, "qs").to(torch.int32).reshape(n, 2, 1, 32)
-        q = (qs >> (2 * _int_const((0, 1, 2, 3), dev))) & 3                # (n, 2, 4, 32)
-        return (q - 1).reshape(n, 256).to(torch.float32) * _scale(cls, blocks)
+        n = blocks.shape[0]
+        qs = cls.layout.field(blocks, "qs").to(torch.int32).reshape(n, 2, 32)
+        codes = _tq2_codes(blocks.device)[qs].unsqueeze(-1).view(torch.int8)              # (n, 2, 32, 4)
+        y = codes.transpose(2, 3) * _scale(cls, blocks).unsqueeze(-1)        # (n, 2, 4, 32)
+        return y.reshape(n, 256)
