@@ -1,0 +1,643 @@
+"""K-quant encoders (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) byte-identical to ggml's ``ggml_quantize_chunk``.
+
+Without an importance matrix ggml runs its ``quantize_row_*_ref`` searches; with one, the
+``quantize_row_*_impl`` searches weighted by it. Both are reproduced here as array code over all
+blocks at once. What makes the bytes identical rather than merely close:
+
+* every product, quotient and sum is one IEEE float32 rounding in ggml's operand order (the oracle
+  is built without FMA contraction, and torch never fuses a separate mul and add);
+* sums of 8/16/32/256 terms run left to right, as C ``for`` loops do: tensors here are
+  *position-major* ``(P, rows, ...)`` so a sequential sum walks contiguous slices, each step
+  vectorized over every group;
+* ``nearest_int`` is ggml's magic-number trick bit for bit (including what it does with
+  out-of-range values, infinities and NaN), and integer results are truncated to ``uint8`` /
+  ``int8`` where ggml stores them in such a variable;
+* the many candidate scales a search tries are evaluated together (an extra tensor dim), then
+  chosen by replaying ggml's running "strictly better than the best so far" comparison in order;
+* scales are rounded to float16 (round-to-nearest-even) and read back where ggml re-reads them.
+
+The layouts come from :mod:`.kquants` (declared once there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import QuantizationError
+
+__all__ = ["quantize_q2_k", "quantize_q3_k", "quantize_q4_k", "quantize_q5_k", "quantize_q6_k"]
+
+QK_K = 256
+_F32 = torch.float32
+_MAGIC = 12582912.0  # 1.5 * 2**23: x + MAGIC holds round-half-even(x) in its low mantissa bits
+_NINT_SAFE = 4194303.0  # |x| up to this: the trick is exact (ggml asserts it, release builds don't)
+# Blocks per chunk: bounds the (positions x candidates x groups) temporaries of the searches to a
+# few MB, near the CPU caches, whatever the tensor size.
+_CHUNK_BLOCKS = 128
+
+
+def _f32(value: float) -> float:
+    """``value`` rounded to float32, as the C literal ``valuef`` is."""
+    return torch.tensor(value, dtype=_F32).item()
+
+
+_GROUP_MAX_EPS = _f32(1e-15)
+
+
+# ---------------------------------------------------------------------------------------------
+# Float32 idioms of ggml's scalar C
+# ---------------------------------------------------------------------------------------------
+def _div(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+    """``a / b`` with one float32 rounding.
+
+    Scalars become 0-d tensors on the other operand's device: ``c / t`` in Python is
+    ``t.reciprocal() * c`` and CUDA's division by a CPU scalar multiplies by its reciprocal; both
+    round twice.
+    """
+    ref = a if isinstance(a, torch.Tensor) else b
+    assert isinstance(ref, torch.Tensor)
+    if not isinstance(a, torch.Tensor):
+        a = torch.full((), a, dtype=_F32, device=ref.device)
+    if not isinstance(b, torch.Tensor):
+        b = torch.full((), b, dtype=_F32, device=ref.device)
+    return torch.div(a, b)
+
+
+def _sqrt(v: torch.Tensor) -> torch.Tensor:
+    """``sqrtf``, correctly rounded.
+
+    torch's float32 CPU sqrt is not (it is off by one ulp for ~20% of inputs); the float64 square
+    root rounded to float32 is, since double carries more than twice float's precision.
+    """
+    return v.double().sqrt_().to(_F32)
+
+
+def _nint(v: torch.Tensor) -> torch.Tensor:
+    """ggml's ``nearest_int`` as int32, bit for bit, for every float32 input.
+
+    In range it is round-half-even. Out of range the C code returns garbage that we reproduce by
+    doing the same bit manipulation. NaN: x86 produces the "default NaN" 0xFFC00000, whose
+    mantissa decodes to 0; other hardware (CUDA) makes a different NaN, so NaN is mapped to 0
+    explicitly.
+    """
+    bits = (v + _MAGIC).view(torch.int32)
+    out = (bits & 0x007FFFFF) - 0x00400000
+    return torch.where(torch.isnan(v), 0, out)
+
+
+def _round_clamp(v: torch.Tensor, lo: int, hi: int, exact: bool) -> torch.Tensor:
+    """``MAX(lo, MIN(hi, nearest_int(v)))`` as float32.
+
+    With ``exact=False`` the caller guarantees ``|v| <= 4194303`` and no NaN: then the clamp can be
+    done on ``v + MAGIC`` in float (three cheap ops instead of integer bit work), because that sum
+    is exactly ``MAGIC + round(v)``.
+    """
+    if exact:
+        return _nint(v).clamp_(lo, hi).to(_F32)
+    t = v + _MAGIC
+    return t.clamp_(_MAGIC + lo, _MAGIC + hi).sub_(_MAGIC)
+
+
+def _seq_sum(terms: torch.Tensor, first_as_start: bool = False) -> torch.Tensor:
+    """Sum over dim 0 term by term in float32, as ``float s = 0; for (...) s += t;`` does.
+
+    ``first_as_start`` starts from the first term itself (``float s = t[0]; for (i = 1; ...)``),
+    which differs only for a lone ``-0.0``.
+    """
+    s = terms[0].clone() if first_as_start else terms[0] + 0.0
+    for i in range(1, terms.shape[0]):
+        s += terms[i]
+    return s
+
+
+def _first_abs_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``if (fabsf(v) > amax) { amax = fabsf(v); max = v; }`` over dim 0 from ``amax = max = 0``.
+
+    Returns ``(amax, max)``: the largest magnitude (NaN never wins a ``>``) and the first element
+    attaining it, with its sign.
+    """
+    ax = x.abs()
+    ax = torch.where(torch.isnan(ax), 0.0, ax)
+    amax = ax.amax(0)
+    idx = (ax == amax).to(torch.uint8).argmax(0)
+    mx = x.gather(0, idx.unsqueeze(0)).squeeze(0)
+    return amax, torch.where(amax > 0, mx, 0.0)
+
+
+def _running_max_pos(s: torch.Tensor) -> torch.Tensor:
+    """``m = 0; if (s > m) m = s;`` over dim 1: the largest positive value, NaN never chosen."""
+    return torch.where(s > 0, s, 0.0).amax(1)
+
+
+def _to_fp16(v: torch.Tensor) -> torch.Tensor:
+    """``GGML_FP32_TO_FP16``: round to nearest even (overflow to infinity)."""
+    return v.to(torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block <-> position-major views
+# ---------------------------------------------------------------------------------------------
+def _pos_major(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``(nb, 256)`` -> ``(group, nb * 256/group)``: column ``b*S + s`` is sub-block ``s`` of
+    block ``b``, row ``i`` its element ``i``."""
+    nb = x.shape[0]
+    return x.view(nb, QK_K // group, group).permute(2, 0, 1).reshape(group, -1)
+
+
+def _block_major(t: torch.Tensor, nb: int) -> torch.Tensor:
+    """Inverse of :func:`_pos_major`: ``(group, nb*S)`` -> ``(nb, 256)``."""
+    group = t.shape[0]
+    return t.view(group, nb, QK_K // group).permute(1, 2, 0).reshape(nb, QK_K)
+
+
+# ---------------------------------------------------------------------------------------------
+# ggml's searches, vectorized over groups (columns)
+# ---------------------------------------------------------------------------------------------
+def _qkx_trials(x: torch.Tensor, w3: torch.Tensor, mn: torch.Tensor, rng: torch.Tensor,
+                nums: torch.Tensor, sum_w: torch.Tensor, sum_x: torch.Tensor, nmax: int,
+                use_mad: bool) -> tuple[torch.Tensor, ...]:
+    """Evaluate trial inverse scales ``nums[c]/(max - min)`` for every column of ``x`` ``(P, A)``.
+
+    Returns per trial and column ``(L (P, C, A), scale (C, A), min (C, A), error (C, A),
+    solvable (C, A))`` exactly as one pass of ggml's trial loop computes them.
+    """
+    iscale = _div(nums.unsqueeze(1), rng.unsqueeze(0))  # (C, A)
+    xm = x - mn
+    exact = not bool((iscale.amax(0) * rng <= _NINT_SAFE).all())  # NaN/inf/huge -> exact
+    lv = _round_clamp(xm.unsqueeze(1) * iscale.unsqueeze(0), 0, nmax, exact)  # (P, C, A)
+    wl = w3 * lv
+    sum_l = _seq_sum(wl)
+    sum_xl = _seq_sum(wl * x.unsqueeze(1))
+    sum_l2 = _seq_sum(wl.mul_(lv))
+    del wl
+    d = sum_w * sum_l2 - sum_l * sum_l
+    ts = _div(sum_w * sum_xl - sum_x * sum_l, d)
+    tm = _div(sum_l2 * sum_x - sum_l * sum_xl, d)
+    pos = tm > 0
+    tm = torch.where(pos, 0.0, tm)
+    ts = torch.where(pos, _div(sum_xl, sum_l2), ts)
+    diff = (lv * ts.unsqueeze(0)).add_(tm.unsqueeze(0)).sub_(x.unsqueeze(1))
+    diff = diff.abs_() if use_mad else diff.mul_(diff)
+    err = _seq_sum(diff.mul_(w3))
+    return lv, ts, tm, err, d > 0
+
+
+def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
+              nstep: int, use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's ``make_qkx2_quants`` / ``make_qkx3_quants`` (with weights: the same arithmetic).
+
+    Fits ``x ~ scale*L - the_min`` with ``L`` in ``[0, nmax]`` for each column of the
+    position-major ``x``/``w`` ``(P, R)``: a first guess from the range, then ``nstep+1`` trial
+    inverse scales ``(rmin + rdelta*is + nmax)/(max - min)``, each followed by a weighted
+    least-squares solve for scale and min; a trial whose weighted error (absolute or squared) is
+    strictly below the best so far is taken, *and its min replaces the min that later trials
+    use*. So the trials are not independent: they are evaluated in rounds, all remaining trials of
+    every still-open column at once under its current min; the first improving trial is taken and
+    the column's later trials are re-evaluated in the next round (a handful of rounds in practice).
+    Returns ``(scale (R,), the_min (R,), L (P, R) float32)``.
+    """
+    dev = x.device
+    mx = x.amax(0)
+    mn = x.amin(0)
+    mn = torch.where(mn > 0, 0.0, mn)
+    flat = mx == mn  # ggml returns early: L = 0, scale 0, the_min = -min
+    rng = torch.where(flat, 1.0, mx - mn)  # any harmless value for flat columns
+    sum_w = _seq_sum(w, first_as_start=True)
+    sum_x = _seq_sum(w * x, first_as_start=True)
+
+    # The first guess, with the raw min.
+    iscale0 = _div(float(nmax), rng)
+    exact = not bool((iscale0 * rng <= _NINT_SAFE).all())
+    L = _round_clamp((x - mn) * iscale0, 0, nmax, exact)
+    scale = _div(1.0, iscale0)
+    diff = (L * scale).add_(mn).sub_(x)
+    diff = diff.abs_() if use_mad else diff.mul_(diff)
+    best = _seq_sum(diff.mul_(w))
+    del diff
+
+    steps = torch.arange(nstep + 1, dtype=_F32, device=dev)
+    nums = (steps * _f32(rdelta) + _f32(rmin)) + float(nmax)  # (rmin + rdelta*is) + nmax
+    n_trials = nstep + 1
+    nxt = torch.zeros_like(mx, dtype=torch.int64)  # first trial not yet evaluated
+    cols = (~flat).nonzero().squeeze(1)
+    while cols.numel():
+        start = int(nxt[cols].min())
+        xa, wa, mna = x[:, cols], w[:, cols], mn[cols]
+        lv, ts, tm, err, ok = _qkx_trials(xa, wa.unsqueeze(1), mna, mx[cols] - mna,
+                                          nums[start:], sum_w[cols], sum_x[cols], nmax, use_mad)
+        trial = torch.arange(start, n_trials, device=dev).unsqueeze(1)
+        better = ok & (trial >= nxt[cols]) & (err < best[cols])
+        found = better.any(0)
+        first = better.to(torch.uint8).argmax(0)  # the first improving trial
+        g = first.unsqueeze(0)
+        best[cols] = torch.where(found, err.gather(0, g).squeeze(0), best[cols])
+        scale[cols] = torch.where(found, ts.gather(0, g).squeeze(0), scale[cols])
+        mn[cols] = torch.where(found, tm.gather(0, g).squeeze(0), mna)
+        picked = lv.gather(1, g.view(1, 1, -1).expand(lv.shape[0], 1, -1)).squeeze(1)
+        L[:, cols] = torch.where(found, picked, L[:, cols])
+        nxt[cols] = first + start + 1
+        keep = found & (nxt[cols] < n_trials)
+        cols = cols[keep]
+
+    scale = torch.where(flat, 0.0, scale)
+    L = torch.where(flat, 0.0, L)
+    return scale, -mn, L
+
+
+def _make_qx(x: torch.Tensor, w: torch.Tensor | None, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's ``make_qx_quants`` with ``rmse_type = 1`` (weights ``w``, or ``x*x`` when None).
+
+    Symmetric fit ``x ~ scale*(L - nmax)``, ``L`` in ``[0, 2*nmax-1]``, over columns of the
+    position-major ``(P, R)`` ``x``: the first guess ``-nmax/max`` (max = first element of largest
+    magnitude) and 18 trial inverse scales; a trial replaces the current one when its weighted
+    ``sumlx^2/suml2`` is strictly larger. Returns ``(scale (R,), L (P, R) float32)``.
+    """
+    dev = x.device
+    amax, mx = _first_abs_max(x)
+    zero = ~(amax >= _GROUP_MAX_EPS)  # amax < eps (amax is never NaN here)
+    if w is None:
+        w = x * x
+    # ggml's trial order: the first guess, then is = -9..-1, 1..9; -(nmax + 0.1f*is) in float32.
+    nums = [float(nmax)] + [_f32(float(nmax) + _f32(_f32(0.1) * i)) for i in range(-9, 10) if i]
+    nums32 = torch.tensor(nums, dtype=_F32)
+    iscale = _div(-nums32.to(dev).unsqueeze(1), mx.unsqueeze(0))  # (C, R)
+    iscale = torch.where(zero, 0.0, iscale)
+    exact = not bool((iscale.abs().amax(0) * amax <= _NINT_SAFE).all())
+
+    v = x.unsqueeze(1) * iscale.unsqueeze(0)
+    lv = _round_clamp(v, -nmax, nmax - 1, exact)
+    del v
+    wx = (w * x).unsqueeze(1)
+    sumlx = _seq_sum(wx * lv)
+    suml2 = _seq_sum((w.unsqueeze(1) * lv).mul_(lv))
+
+    scale = torch.where(suml2[0] != 0, _div(sumlx[0], suml2[0]), 0.0)
+    best = scale * sumlx[0]
+    sel = torch.zeros_like(mx, dtype=torch.int64)
+    for c in range(1, lv.shape[1]):
+        take = (suml2[c] > 0) & (sumlx[c] * sumlx[c] > best * suml2[c])
+        sc = _div(sumlx[c], suml2[c])
+        scale = torch.where(take, sc, scale)
+        best = torch.where(take, sc * sumlx[c], best)
+        sel = torch.where(take, c, sel)
+    L = lv.gather(1, sel.view(1, 1, -1).expand(lv.shape[0], 1, -1)).squeeze(1) + nmax
+    return torch.where(zero, 0.0, scale), torch.where(zero, 0.0, L)
+
+
+def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's ``make_q3_quants`` with ``do_rmse``: a first guess ``-nmax/max`` then up to five
+    passes of coordinate descent, element by element in order, each change accepted only if it
+    strictly improves ``sumlx^2/suml2`` (weights ``x*x``). Columns of ``(P, R)``; returns
+    ``(scale (R,), L (P, R) float32 in [0, 2*nmax-1])``.
+
+    ggml stops after a pass that changes nothing; such a pass leaves the state as it was, so every
+    later pass would change nothing too, and running all five gives the same result.
+    """
+    amax, mx = _first_abs_max(x)
+    zero = ~(amax >= _GROUP_MAX_EPS)
+    iscale = torch.where(zero, 0.0, _div(float(-nmax), mx))
+    L = _round_clamp(x * iscale, -nmax, nmax - 1, exact=True)
+    w = x * x
+    wx = w * x
+    sumlx = _seq_sum(wx * L)
+    suml2 = _seq_sum((w * L).mul_(L))
+    for _ in range(5):
+        for i in range(x.shape[0]):
+            li = L[i]
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - (w[i] * li) * li
+            new = _round_clamp(_div(x[i] * sl2, slx), -nmax, nmax - 1, exact=True)
+            slx_n = slx + wx[i] * new
+            sl2_n = sl2 + (w[i] * new) * new
+            take = ((slx > 0) & (new != li) & (sl2_n > 0)
+                    & ((slx_n * slx_n) * suml2 > (sumlx * sumlx) * sl2_n))
+            L[i] = torch.where(take, new, li)
+            sumlx = torch.where(take, slx_n, sumlx)
+            suml2 = torch.where(take, sl2_n, suml2)
+    scale = torch.where(suml2 > 0, _div(sumlx, suml2), 0.0)
+    return torch.where(zero, 0.0, scale), torch.where(zero, 0.0, L + nmax)
+
+
+def _make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's ``make_qp_quants``: quantize the (non-negative) sub-block scales ``x`` of each column
+    of ``(n, B)`` to ``L`` in ``[0, nmax]`` with weights ``w``: 9 trial inverse scales by weighted
+    squared error, then coordinate descent as in ``make_q3_quants``.
+
+    ggml keeps ``L`` in a ``uint8_t`` but the sums in ``int``: a negative code (only possible
+    for a negative input scale) wraps in ``L`` and not in the sums; reproduced.
+    Returns ``(scale (B,), L (n, B) float32 holding the uint8 values)``.
+    """
+    n = x.shape[0]
+    mx = torch.zeros_like(x[0])
+    for i in range(n):  # MAX(max, x): NaN handling depends on the order
+        mx = torch.where(mx > x[i], mx, x[i])
+    zero = mx < _GROUP_MAX_EPS
+    iscale = _div(float(nmax), mx)
+    L = (_nint(iscale * x) & 0xFF).to(_F32)
+    scale = _div(1.0, iscale)
+    d = x - scale * L
+    best = _seq_sum((w * d).mul_(d))
+    for i in [-4, -3, -2, -1, 1, 2, 3, 4]:
+        iscale_i = _div(_f32(_f32(_f32(0.1) * i) + float(nmax)), mx)
+        scale_i = _div(1.0, iscale_i)
+        li = _nint(iscale_i * x).clamp_(max=nmax).to(_F32)
+        d = x - scale_i * li
+        mse = _seq_sum((w * d).mul_(d))
+        take = mse < best
+        best = torch.where(take, mse, best)
+        iscale = torch.where(take, iscale_i, iscale)
+    li = _nint(iscale * x).clamp_(max=nmax)
+    L = (li & 0xFF).to(_F32)
+    li = li.to(_F32)
+    wx = w * x
+    sumlx = _seq_sum(wx * li)
+    suml2 = _seq_sum((w * li).mul_(li))
+    for _ in range(5):
+        for i in range(n):
+            Li = L[i]
+            slx = sumlx - wx[i] * Li
+            sl2 = suml2 - (w[i] * Li) * Li
+            new = _nint(_div(x[i] * sl2, slx)).clamp_(max=nmax).to(_F32)
+            slx_n = slx + wx[i] * new
+            sl2_n = sl2 + (w[i] * new) * new
+            take = ((slx > 0) & (sl2 > 0) & (new != Li)
+                    & ((slx_n * slx_n) * suml2 > (sumlx * sumlx) * sl2_n))
+            L[i] = torch.where(take, (new.to(torch.int32) & 0xFF).to(_F32), Li)
+            sumlx = torch.where(take, slx_n, sumlx)
+            suml2 = torch.where(take, sl2_n, suml2)
+    scale = torch.where(suml2 > 0, _div(sumlx, suml2), 0.0)
+    return torch.where(zero, 0.0, scale), torch.where(zero, 0.0, L)
+
+
+# ---------------------------------------------------------------------------------------------
+# Final re-quantization and bit packing
+# ---------------------------------------------------------------------------------------------
+def _requant_affine(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dm: torch.Tensor,
+                    nmax: int) -> torch.Tensor:
+    """``L = clamp(nearest_int((x + dm)/d), 0, nmax)`` per sub-block ``(nb, S)`` scales, except
+    where ``d == 0``: ggml skips those sub-blocks and keeps the search's ``L``."""
+    nb, S = d.shape
+    g = QK_K // S
+    xv = x.view(nb, S, g)
+    new = _round_clamp(_div(xv + dm.unsqueeze(2), d.unsqueeze(2)), 0, nmax, exact=True)
+    return torch.where((d == 0).unsqueeze(2), L.reshape(nb, S, g), new).reshape(nb, QK_K)
+
+
+def _requant_symmetric(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, nmax: int) -> torch.Tensor:
+    """``L = clamp(nearest_int(x/d), -nmax, nmax-1) + nmax`` per sub-block, keeping the search's
+    ``L`` where ``d == 0``."""
+    nb, S = d.shape
+    g = QK_K // S
+    new = _round_clamp(_div(x.view(nb, S, g), d.unsqueeze(2)), -nmax, nmax - 1, exact=True) + nmax
+    return torch.where((d == 0).unsqueeze(2), L.reshape(nb, S, g), new).reshape(nb, QK_K)
+
+
+def _pack_crumbs(L: torch.Tensor) -> torch.Tensor:
+    """2-bit codes ``(nb, 256)`` -> ``qs (nb, 64)``: byte ``32h + l`` holds codes ``128h + 32k + l``
+    at bits ``2k`` (Q2_K and Q3_K)."""
+    q = L.to(torch.int32).view(-1, 2, 4, 32)
+    out = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
+    return out.to(torch.uint8).reshape(-1, 64)
+
+
+def _pack_nibbles64(L: torch.Tensor) -> torch.Tensor:
+    """4-bit codes ``(nb, 256)`` -> ``(nb, 128)``: byte ``32c + l`` holds code ``64c + l`` (low) and
+    ``64c + 32 + l`` (high) (Q4_K, and Q5_K's low nibbles)."""
+    q = (L.to(torch.int32) & 0xF).view(-1, 4, 2, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).to(torch.uint8).reshape(-1, 128)
+
+
+def _pack_scale_min_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """Eight 6-bit scales and mins ``(nb, 8)`` (int32, may exceed 63 in one ggml path) into the 12
+    ``scales`` bytes of Q4_K/Q5_K, with ggml's ``uint8_t`` truncations."""
+    lo = (ls[:, :4] | (((ls[:, 4:] >> 4) << 6) & 0xFF)) & 0xFF
+    mid = (lm[:, :4] | (((lm[:, 4:] >> 4) << 6) & 0xFF)) & 0xFF
+    hi = ((ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)) & 0xFF
+    return torch.cat([lo, mid, hi], dim=1).to(torch.uint8)
+
+
+def _unpack_scale_min_k4(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's ``get_scale_min_k4`` for all 8 sub-blocks: ``(nb, 12)`` bytes -> ``(sc, m)`` float32."""
+    b = b.to(torch.int32)
+    sc = torch.cat([b[:, 0:4] & 63, (b[:, 8:12] & 0xF) | ((b[:, 0:4] >> 6) << 4)], dim=1)
+    m = torch.cat([b[:, 4:8] & 63, (b[:, 8:12] >> 4) | ((b[:, 4:8] >> 6) << 4)], dim=1)
+    return sc.to(_F32), m.to(_F32)
+
+
+def _pack_q3_scales(l6: torch.Tensor) -> torch.Tensor:
+    """Sixteen 6-bit codes ``(nb, 16)`` in ``[0, 63]`` -> Q3_K's 12 ``scales`` bytes: low nibbles of
+    codes j and j+8 share byte j; the top two bits of code j go to byte ``8 + j%4`` at bit
+    ``2*(j//4)``."""
+    q = l6.to(torch.int32)
+    low = (q[:, :8] & 0xF) | ((q[:, 8:] & 0xF) << 4)
+    top = (q >> 4).view(-1, 4, 4)  # [j//4][j%4]
+    high = top[:, 0] | (top[:, 1] << 2) | (top[:, 2] << 4) | (top[:, 3] << 6)
+    return torch.cat([low, high], dim=1).to(torch.uint8)
+
+
+def _sub_scales(v: torch.Tensor, nb: int) -> torch.Tensor:
+    """A per-sub-block vector ``(nb*S,)`` from the position-major searches as ``(nb, S)``."""
+    return v.view(nb, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The five types
+# ---------------------------------------------------------------------------------------------
+def _check(x: torch.Tensor, imatrix: torch.Tensor | None, name: str) -> None:
+    if x.dim() != 2 or x.shape[1] != QK_K or x.dtype != _F32:
+        raise QuantizationError(f"{name}: expected float32 blocks of shape (n, {QK_K}), "
+                                f"got {tuple(x.shape)} {x.dtype}")
+    if imatrix is not None and (imatrix.shape != x.shape or imatrix.dtype != _F32):
+        raise QuantizationError(f"{name}: expected an imatrix of shape {tuple(x.shape)} float32, "
+                                f"got {tuple(imatrix.shape)} {imatrix.dtype}")
+
+
+def _chunked(fn, x: torch.Tensor, imatrix: torch.Tensor | None, name: str) -> torch.Tensor:
+    """Run ``fn(x_chunk, imatrix_chunk)`` over chunks of blocks and stack the byte rows."""
+    _check(x, imatrix, name)
+    x = x.contiguous()
+    if imatrix is not None:
+        imatrix = imatrix.to(x.device).contiguous()
+    outs = []
+    for s in range(0, x.shape[0], _CHUNK_BLOCKS):
+        xs = x[s:s + _CHUNK_BLOCKS]
+        outs.append(fn(xs, None if imatrix is None else imatrix[s:s + _CHUNK_BLOCKS]))
+    if not outs:
+        from .base import get_quant_type
+
+        return torch.empty((0, get_quant_type(name).type_size()), dtype=torch.uint8,
+                           device=x.device)
+    return torch.cat(outs)
+
+
+def _block_sum_x2(x: torch.Tensor) -> torch.Tensor:
+    """``sumx2 = sum of x[j]*x[j]`` over the 256 elements of each block, left to right."""
+    return _seq_sum((x * x).t())
+
+
+def _q2_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    from .kquants import Q2_K
+
+    nb = x.shape[0]
+    X = _pos_major(x, 16)
+    if qw is None:
+        scale, the_min, L = _make_qkx(X, X.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+        scales, mins = _sub_scales(scale, nb), _sub_scales(the_min, nb)
+        max_scale, max_min = _running_max_pos(scales), _running_max_pos(mins)
+        ls = _nint(_div(15.0, max_scale).unsqueeze(1) * scales) & 0xFF
+        ls = torch.where((max_scale > 0).unsqueeze(1), ls, 0)
+        lm = _nint(_div(15.0, max_min).unsqueeze(1) * mins)
+        byte = torch.where((max_min > 0).unsqueeze(1), (ls | (lm << 4)) & 0xFF, ls)
+        d16 = _to_fp16(torch.where(max_scale > 0, _div(max_scale, 15.0), 0.0))
+        dmin16 = _to_fp16(torch.where(max_min > 0, _div(max_min, 15.0), 0.0))
+    else:
+        sigma2 = _div(_block_sum_x2(x), float(QK_K))
+        Q = _pos_major(qw, 16)
+        weight = Q * _sqrt(sigma2.repeat_interleave(16).unsqueeze(0) + X * X)
+        sw = _sub_scales(_seq_sum(weight), nb)
+        scale, the_min, L = _make_qkx(X, weight, 3, -0.9, 0.05, 36, use_mad=False)
+        dm, Ls = _make_qp(_sub_scales(scale, nb).t(), sw.t(), 15)
+        mm, Lm = _make_qp(_sub_scales(the_min, nb).t(), sw.t(), 15)
+        d16, dmin16 = _to_fp16(dm), _to_fp16(mm)
+        byte = (Ls.t().to(torch.int32) | (Lm.t().to(torch.int32) << 4)) & 0xFF
+    d = d16.to(_F32).unsqueeze(1) * (byte & 0xF).to(_F32)
+    dm_ = dmin16.to(_F32).unsqueeze(1) * (byte >> 4).to(_F32)
+    Lb = _requant_affine(x, _block_major(L, nb), d, dm_, 3)
+    return Q2_K.layout.pack(scales=byte.to(torch.uint8), qs=_pack_crumbs(Lb),
+                            d=d16.unsqueeze(1), dmin=dmin16.unsqueeze(1))
+
+
+def _q3_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    from .kquants import Q3_K
+
+    nb = x.shape[0]
+    X = _pos_major(x, 16)
+    if qw is None:
+        scale, L = _make_q3(X, 4)
+        scales = _sub_scales(scale, nb)
+        amax, max_scale = _first_abs_max(scales.t())
+        has = max_scale != 0
+        iscale = _div(-32.0, max_scale)
+        l8 = _nint(iscale.unsqueeze(1) * scales)
+        l8 = ((l8 & 0xFF) ^ 0x80) - 0x80  # stored in an int8_t
+        l6 = torch.where(has.unsqueeze(1), l8.clamp(-32, 31) + 32, 0)
+        d16 = _to_fp16(torch.where(has, _div(1.0, iscale), 0.0))
+        packed = torch.where(has.unsqueeze(1), _pack_q3_scales(l6), 0)
+    else:
+        sigma2 = _div(2.0 * _block_sum_x2(x), float(QK_K))
+        Q = _pos_major(qw, 16)
+        weight = Q * _sqrt(sigma2.repeat_interleave(16).unsqueeze(0) + X * X)
+        sw = _sub_scales(_seq_sum(weight), nb)
+        scale, L = _make_qx(X, weight, 4)
+        d_block, Ls = _make_qx(_sub_scales(scale, nb).t().contiguous(), sw.t().contiguous(), 32)
+        l6 = Ls.t().to(torch.int32)
+        packed = _pack_q3_scales(l6)
+        d16 = _to_fp16(d_block)
+    d = d16.to(_F32).unsqueeze(1) * (l6 - 32).to(_F32)
+    Lb = _requant_symmetric(x, _block_major(L, nb), d, 4).to(torch.int32)
+    high = Lb > 3
+    hm = high.view(nb, 8, 32).to(torch.int32)
+    hmask = hm[:, 0]
+    for k in range(1, 8):
+        hmask = hmask | (hm[:, k] << k)
+    return Q3_K.layout.pack(hmask=hmask.to(torch.uint8), qs=_pack_crumbs(Lb - 4 * high),
+                            scales=packed.to(torch.uint8), d=d16.unsqueeze(1))
+
+
+def _q45_k(x: torch.Tensor, qw: torch.Tensor | None, nmax: int) -> torch.Tensor:
+    """Q4_K (``nmax`` 15) and Q5_K (31): identical searches, different code width."""
+    from .kquants import Q4_K, Q5_K
+
+    nb = x.shape[0]
+    X = _pos_major(x, 32)
+    if qw is None:
+        av_x = _sqrt(_div(_seq_sum(X * X), 32.0))
+        weights = av_x.unsqueeze(0) + X.abs()
+        rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
+        scale, the_min, L = _make_qkx(X, weights, nmax, rmin, 0.1, nstep, use_mad=False)
+        scales, mins = _sub_scales(scale, nb), _sub_scales(the_min, nb)
+        max_scale, max_min = _running_max_pos(scales), _running_max_pos(mins)
+        inv_scale = torch.where(max_scale > 0, _div(63.0, max_scale), 0.0)
+        inv_min = torch.where(max_min > 0, _div(63.0, max_min), 0.0)
+        ls = (_nint(inv_scale.unsqueeze(1) * scales) & 0xFF).clamp_(max=63)
+        lm = (_nint(inv_min.unsqueeze(1) * mins) & 0xFF).clamp_(max=63)
+        d16 = _to_fp16(_div(max_scale, 63.0))
+        dmin16 = _to_fp16(_div(max_min, 63.0))
+    else:
+        sigma2 = _div(2.0 * _block_sum_x2(x), float(QK_K))
+        Q = _pos_major(qw, 32)
+        weights = Q * _sqrt(sigma2.repeat_interleave(8).unsqueeze(0) + X * X)
+        sw = _sub_scales(_seq_sum(weights), nb).t()
+        scale, the_min, L = _make_qkx(X, weights, nmax, -0.9, 0.05, 36, use_mad=False)
+        d_block, Ls = _make_qp(_sub_scales(scale, nb).t(), sw, 63)
+        m_block, Lm = _make_qp(_sub_scales(the_min, nb).t(), sw, 63)
+        ls, lm = Ls.t().to(torch.int32), Lm.t().to(torch.int32)
+        if nmax == 31:  # only Q5_K's impl clamps the codes to 6 bits before packing
+            ls, lm = ls.clamp(max=63), lm.clamp(max=63)
+        d16, dmin16 = _to_fp16(d_block), _to_fp16(m_block)
+    packed = _pack_scale_min_k4(ls, lm)
+    sc, m = _unpack_scale_min_k4(packed)
+    d = d16.to(_F32).unsqueeze(1) * sc
+    dm = dmin16.to(_F32).unsqueeze(1) * m
+    Lb = _requant_affine(x, _block_major(L, nb), d, dm, nmax)
+    qs = _pack_nibbles64(Lb)
+    if nmax == 15:
+        return Q4_K.layout.pack(d=d16.unsqueeze(1), dmin=dmin16.unsqueeze(1), scales=packed, qs=qs)
+    hb = (Lb.to(torch.int32) >> 4).view(nb, 8, 32)
+    qh = hb[:, 0]
+    for k in range(1, 8):
+        qh = qh | (hb[:, k] << k)
+    return Q5_K.layout.pack(d=d16.unsqueeze(1), dmin=dmin16.unsqueeze(1), scales=packed,
+                            qh=qh.to(torch.uint8), qs=qs)
+
+
+def _q6_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    from .kquants import Q6_K
+
+    nb = x.shape[0]
+    X = _pos_major(x, 16)
+    scale, L = _make_qx(X, None if qw is None else _pos_major(qw, 16), 32)
+    scales = _sub_scales(scale, nb)
+    amax, max_scale = _first_abs_max(scales.t())
+    empty = amax < _GROUP_MAX_EPS
+    iscale = _div(-128.0, max_scale)
+    d16 = _to_fp16(torch.where(empty, 0.0, _div(1.0, iscale)))
+    sc8 = _nint(iscale.unsqueeze(1) * scales).clamp_(max=127)
+    sc8 = ((sc8 & 0xFF) ^ 0x80) - 0x80  # stored in an int8_t
+    sc8 = torch.where(empty.unsqueeze(1), 0, sc8)
+    d = d16.to(_F32).unsqueeze(1) * sc8.to(_F32)
+    Lb = _requant_symmetric(x, _block_major(L, nb), d, 32).to(torch.int32)
+    Lb = torch.where(empty.unsqueeze(1), 0, Lb)  # ggml zeroes the whole block
+    q = Lb.view(nb, 2, 4, 32)
+    ql = torch.cat([(q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4),
+                    (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4)], dim=2)  # (nb, 2, 64)
+    h = q >> 4
+    qh = h[:, :, 0] | (h[:, :, 1] << 2) | (h[:, :, 2] << 4) | (h[:, :, 3] << 6)  # (nb, 2, 32)
+    return Q6_K.layout.pack(ql=ql.to(torch.uint8).reshape(nb, 128),
+                            qh=qh.to(torch.uint8).reshape(nb, 64),
+                            scales=sc8.to(torch.int8), d=d16.unsqueeze(1))
+
+
+def quantize_q2_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
+    """Q2_K blocks ``(n, 84)`` uint8 from float32 ``(n, 256)``; ``imatrix`` ``(n, 256)`` or None."""
+    return _chunked(_q2_k, x, imatrix, "Q2_K")
+
+
+def quantize_q3_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
+    """Q3_K blocks ``(n, 110)`` uint8 from float32 ``(n, 256)``; ``imatrix`` ``(n, 256)`` or None."""
+    return _chunked(_q3_k, x, imatrix, "Q3_K")
+
+
+def quantize_q4_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
+    """Q4_K blocks ``(n, 144)`` uint8 from float32 ``(n, 256)``; ``imatrix`` ``(n, 256)`` or None."""
+    return _chunked(lambda a, b: _q45_k(a, b, 15), x, imatrix, "Q4_K")
+
+
+def quantize_q5_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
+    """Q5_K blocks ``(n, 176)`` uint8 from float32 ``(n, 256)``; ``imatrix`` ``(n, 256)`` or None."""
+    return _chunked(lambda a, b: _q45_k(a, b, 31), x, imatrix, "Q5_K")
+
+
+def quantize_q6_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
+    """Q6_K blocks ``(n, 210)`` uint8 from float32 ``(n, 256)``; ``imatrix`` ``(n, 256)`` or None."""
+    return _chunked(_q6_k, x, imatrix, "Q6_K")
