@@ -1,0 +1,146 @@
+"""Float32 building blocks that reproduce ggml's scalar quantizer arithmetic exactly, in torch.
+
+ggml's quantizers are scalar C built without FMA contraction, so every product, quotient and sum is
+one IEEE float32 rounding, sums run left to right from ``0.0f``, ties go to the first element, and
+a few conversions rely on what x86 does with out-of-range values. Each helper here reproduces one
+such idiom, vectorized over blocks, so the encoders can be written as array code and still produce
+ggml's bytes on CPU and CUDA alike.
+
+Conventions: tensors are float32; a "position-major" tensor has the element position inside a
+group as its first dim (``(32, n_blocks, ...)``) so that sequential sums walk contiguous slices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = [
+    "GROUP_MAX_EPS",
+    "c_float_to_int32",
+    "div",
+    "f32",
+    "first_abs_max",
+    "first_extreme",
+    "high_bit_bytes",
+    "nearest_int",
+    "pack_nibbles",
+    "recip_or_zero",
+    "seq_sum",
+    "sqrt",
+]
+
+
+def f32(value: float) -> float:
+    """``value`` rounded to float32, as a C ``float`` literal or expression would be."""
+    return float(np.float32(value))
+
+
+#: ggml treats a group whose largest magnitude is below this as all zeros (``GROUP_MAX_EPS``).
+GROUP_MAX_EPS = f32(1e-15)
+
+# 1.5 * 2**23: adding it to a float32 of magnitude < 2**22 leaves round-half-even(x) in the low
+# mantissa bits. ggml's nearest_int relies on this trick; reproducing the bit manipulation (rather
+# than calling torch.round) also reproduces its result for out-of-range and non-finite inputs.
+_MAGIC = 12582912.0
+
+
+def div(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+    """``a / b`` in float32 with one rounding.
+
+    Python scalars are turned into 0-d tensors on the other operand's device first: PyTorch's CUDA
+    division by a CPU scalar multiplies by the scalar's reciprocal, which rounds twice.
+    """
+    ref = a if isinstance(a, torch.Tensor) else b
+    assert isinstance(ref, torch.Tensor)
+    if not isinstance(a, torch.Tensor):
+        a = torch.full((), a, dtype=torch.float32, device=ref.device)
+    if not isinstance(b, torch.Tensor):
+        b = torch.full((), b, dtype=torch.float32, device=ref.device)
+    return torch.div(a, b)
+
+
+def recip_or_zero(d: torch.Tensor) -> torch.Tensor:
+    """``d ? 1/d : 0`` (a NaN ``d`` is "true" in C and gives NaN)."""
+    return torch.where(d != 0, div(1.0, d), 0.0)
+
+
+def sqrt(v: torch.Tensor) -> torch.Tensor:
+    """``sqrtf``, correctly rounded.
+
+    PyTorch's vectorized float32 sqrt on CPU is not always correctly rounded (off by one ulp on a
+    fraction of inputs); a float64 square root rounded once to float32 always is, because float64
+    carries more than twice float32's precision.
+    """
+    return torch.sqrt(v.to(torch.float64)).to(torch.float32)
+
+
+def nearest_int(v: torch.Tensor) -> torch.Tensor:
+    """ggml's ``nearest_int``: round half to even through the float32 magic-number trick (int32)."""
+    bits = (v + _MAGIC).view(torch.int32)
+    return (bits & 0x007FFFFF) - 0x00400000
+
+
+def c_float_to_int32(v: torch.Tensor) -> torch.Tensor:
+    """C's float-to-int conversion as x86 performs it: truncate toward zero; NaN, infinities and
+    values outside the int32 range become ``INT32_MIN`` (what ``cvttss2si`` returns)."""
+    ok = v.abs() < 2147483648.0  # False for NaN
+    return torch.where(ok, torch.where(ok, v, 0.0).to(torch.int32), -2147483648)
+
+
+def seq_sum(terms: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum ``terms`` along dim 0 one term at a time in float32, as a C ``for`` loop does.
+
+    Starts from ``start`` or from ``+0.0`` (``float s = 0; s += t;`` turns a lone ``-0.0`` into
+    ``+0.0``, which can decide the sign of a scale). A tree-ordered ``torch.sum`` rounds differently.
+    """
+    s = torch.zeros_like(terms[0]) if start is None else start.clone()
+    for t in terms:
+        s += t
+    return s
+
+
+def first_abs_max(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's ``if (amax < fabsf(v)) { amax = fabsf(v); max = v; }`` scan from ``amax = max = 0``.
+
+    Returns ``(amax, max)``: the largest magnitude and the first element attaining it, with sign;
+    ``max`` is ``+0.0`` when every element is zero.
+    """
+    ax = x.abs()
+    amax = ax.amax(dim=dim, keepdim=True)
+    idx = (ax == amax).to(torch.uint8).argmax(dim=dim, keepdim=True)  # first hit
+    mx = torch.gather(x, dim, idx)
+    mx = torch.where(amax > 0, mx, 0.0)
+    return amax.squeeze(dim), mx.squeeze(dim)
+
+
+def first_extreme(x: torch.Tensor, dim: int, largest: bool) -> torch.Tensor:
+    """The first element equal to the minimum (or maximum) along ``dim``.
+
+    A strict-comparison scan keeps the first of equal values, which matters for the sign of a zero
+    extreme (``-0.0 < 0.0`` is false), and the sign of ``min`` is stored in Q4_1/Q5_1 blocks.
+    """
+    ext = x.amax(dim=dim, keepdim=True) if largest else x.amin(dim=dim, keepdim=True)
+    idx = (x == ext).to(torch.uint8).argmax(dim=dim, keepdim=True)
+    return torch.gather(x, dim, idx).squeeze(dim)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """``(n, 32k)`` integer codes -> ``(n, 16k)`` bytes; byte j of each 32-group holds code j in
+    its low nibble and code j+16 in its high nibble (only the low 8 bits are kept, like C's
+    ``uint8_t`` store)."""
+    n = q.shape[0]
+    g = q.to(torch.int32).reshape(n, -1, 2, 16)
+    return ((g[:, :, 0] | (g[:, :, 1] << 4)) & 0xFF).to(torch.uint8).reshape(n, -1)
+
+
+_BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+def high_bit_bytes(q: torch.Tensor) -> torch.Tensor:
+    """``(n, 32)`` 5-bit codes -> the little-endian u32 ``qh`` (bit j = bit 4 of code j) as 4 bytes."""
+    w = _BIT_WEIGHTS.get(q.device)
+    if w is None:
+        w = _BIT_WEIGHTS[q.device] = (1 << torch.arange(8, dtype=torch.int32, device=q.device))
+    bits = (q.to(torch.int32) >> 4) & 1
+    return (bits.reshape(q.shape[0], 4, 8) * w).sum(dim=2).to(torch.uint8)

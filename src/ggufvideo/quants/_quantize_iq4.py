@@ -1,0 +1,204 @@
+"""IQ4_NL and IQ4_XS encoders, byte-identical to ggml's ``ggml_quantize_chunk``.
+
+Both types store 4-bit indices into ggml's non-linear codebook ``kvalues_iq4nl`` and share one
+scale search per 32-element group (ggml's ``quantize_row_iq4_nl_impl`` with ``ntry = 7``): a first
+scale from the group's largest magnitude, then 15 more candidate scales, each scored by the
+weighted least-squares fit of the nearest codebook values; the best fit (first wins ties) is kept.
+IQ4_NL stores that scale as fp16. IQ4_XS quantizes the 8 group scales of a 256-element super-block
+to 6 bits against one fp16 super-scale and re-picks every index for the quantized scale.
+
+Importance of element ``j``: ``imatrix[j] * sqrt(sigma2 + x[j]**2)`` with ``sigma2`` twice the mean
+square of the (super-)block, or ``x[j]**2`` without an importance matrix.
+
+Nearest codebook value: ggml binary-searches the table and breaks the final choice with the
+float32 comparison ``x - lo < hi - x``. That comparison is monotone in ``x`` on each interval, so
+it is equivalent to comparing ``x`` with one exact float32 threshold per interval; the thresholds
+are found once from the table and a single ``bucketize`` then reproduces ggml's index for every
+float, including its choice on exact ties and for NaN (index 15).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf.quants import IQ4_NL as _GGUF_IQ4_NL
+
+from ._quantize_common import (
+    GROUP_MAX_EPS,
+    div,
+    first_abs_max,
+    nearest_int,
+    pack_nibbles,
+    recip_or_zero,
+    seq_sum,
+    sqrt,
+)
+from .base import get_quant_type
+
+__all__ = ["KVALUES", "best_index", "encode_iq4_nl", "quantize_iq4_xs", "subblock_scales"]
+
+#: ggml's ``kvalues_iq4nl`` codebook (ascending), taken from gguf-py.
+KVALUES: tuple[int, ...] = tuple(int(v) for v in _GGUF_IQ4_NL.kvalues)
+
+# Candidate inverse scales after the first: (itry + kvalues[0]) / max for itry = -7..7.
+_TRY_NUMERATORS = [float(t + KVALUES[0]) for t in range(-7, 8)]
+
+# Groups per internal step of the scale search: 16 candidates x 32 elements per group, so
+# ~2 MB per float32 temporary.
+_SEARCH_GROUPS = 4096
+
+
+def _upper_wins(v: np.float32, lo: np.float32, hi: np.float32) -> bool:
+    """ggml's tie-break inside ``[lo, hi)``: the upper value unless ``v - lo < hi - v`` (float32)."""
+    return not (np.float32(v - lo) < np.float32(hi - v))
+
+
+def _thresholds(values: tuple[int, ...]) -> np.ndarray:
+    """For each pair of neighbours, the smallest float32 for which ggml picks the upper one."""
+    out = []
+    for a, b in zip(values[:-1], values[1:]):
+        lo, hi = np.float32(a), np.float32(b)
+        t = np.float32((a + b) / 2)
+        while not _upper_wins(t, lo, hi):
+            t = np.nextafter(t, np.float32(np.inf))
+        while _upper_wins(np.nextafter(t, np.float32(-np.inf)), lo, hi):
+            t = np.nextafter(t, np.float32(-np.inf))
+        assert lo < t <= hi
+        out.append(t)
+    return np.array(out, dtype=np.float32)
+
+
+_THRESHOLDS = _thresholds(KVALUES)
+_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codebook values, decision thresholds)`` as float32 tensors on ``device``."""
+    t = _TABLES.get(device)
+    if t is None:
+        t = _TABLES[device] = (torch.tensor(KVALUES, dtype=torch.float32, device=device),
+                               torch.from_numpy(_THRESHOLDS.copy()).to(device))
+    return t
+
+
+def best_index(v: torch.Tensor) -> torch.Tensor:
+    """ggml's ``best_index_int8(16, kvalues_iq4nl, v)`` for every element of ``v`` (int64)."""
+    _, thr = _tables(v.device)
+    idx = torch.bucketize(v, thr, right=True)
+    return torch.where(torch.isnan(v), 15, idx)  # every comparison fails: the search ends high
+
+
+def subblock_scales(xt: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """The fitted scale of each 32-element group, as ggml's search finds it.
+
+    Args:
+        xt: position-major values ``(32, m)`` float32.
+        wt: their importance weights, same shape.
+
+    Returns:
+        ``(m,)`` float32; ``+0.0`` for groups whose largest magnitude is below ``GROUP_MAX_EPS``.
+    """
+    parts = [_search(xt[:, s:s + _SEARCH_GROUPS], wt[:, s:s + _SEARCH_GROUPS])
+             for s in range(0, max(xt.shape[1], 1), _SEARCH_GROUPS)]
+    return torch.cat(parts)
+
+
+def _search(xt: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    kv, _ = _tables(xt.device)
+    amax, mx = first_abs_max(xt, dim=0)
+    zero = amax < GROUP_MAX_EPS
+    mx = torch.where(zero, 1.0, mx)  # zero groups keep scale 0; avoid dividing by 0
+    d0 = div(-mx, float(KVALUES[0]))
+    tries = torch.tensor(_TRY_NUMERATORS, dtype=torch.float32, device=xt.device)
+    inv = torch.cat([div(1.0, d0)[:, None], div(tries[None, :], mx[:, None])], dim=1)  # (m, 16)
+
+    x3 = xt[:, :, None]
+    q = kv[best_index(inv[None] * x3)]                                  # (32, m, 16)
+    wq = wt[:, :, None] * q
+    sumqx = seq_sum(wq * x3)                                            # (m, 16)
+    sumq2 = seq_sum(wq * q)
+
+    d = torch.where(sumq2[:, 0] > 0, div(sumqx[:, 0], sumq2[:, 0]), 0.0)
+    best = d * sumqx[:, 0]
+    for k in range(1, inv.shape[1]):
+        qx, q2 = sumqx[:, k], sumq2[:, k]
+        better = (q2 > 0) & (qx * qx > best * q2)
+        d = torch.where(better, div(qx, q2), d)
+        best = torch.where(better, d * qx, best)
+    return torch.where(zero, 0.0, d)
+
+
+def _weights(xt: torch.Tensor, imatrix_t: torch.Tensor | None) -> torch.Tensor:
+    """Position-major importance of each element of a (super-)block of ``xt.shape[0]`` values."""
+    sq = xt * xt
+    if imatrix_t is None:
+        return sq
+    sigma2 = seq_sum(sq) * (2.0 / xt.shape[0])  # a power of two: exact, like ggml's 2.f/size
+    return imatrix_t * sqrt(sigma2 + sq)
+
+
+def encode_iq4_nl(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
+    """IQ4_NL blocks from ``(n, 32)`` float32 ``x`` and optional same-shape importance."""
+    xt = x.t().contiguous()
+    wt = _weights(xt, None if imatrix is None else imatrix.t().contiguous())
+    d = subblock_scales(xt, wt)
+    codes = best_index(x * recip_or_zero(d)[:, None])
+    return get_quant_type(T.IQ4_NL).layout.pack(d=d[:, None], qs=pack_nibbles(codes))
+
+
+# Super-blocks per step of quantize_iq4_xs (8 groups each).
+_XS_BLOCKS = _SEARCH_GROUPS // 8
+
+
+def quantize_iq4_xs(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
+    """IQ4_XS blocks as ggml writes them.
+
+    Args:
+        x: ``(n_blocks, 256)`` float values.
+        imatrix: ``None`` or per-element importance, broadcastable to ``x``.
+
+    Returns:
+        ``(n_blocks, 136)`` uint8.
+    """
+    x = x.to(torch.float32).contiguous()
+    if x.dim() != 2 or x.shape[1] != 256:
+        raise ValueError(f"expected blocks of shape (n_blocks, 256), got {tuple(x.shape)}")
+    if imatrix is not None:
+        imatrix = imatrix.to(device=x.device, dtype=torch.float32).expand_as(x)
+    parts = []
+    for s in range(0, max(x.shape[0], 1), _XS_BLOCKS):
+        im = None if imatrix is None else imatrix[s:s + _XS_BLOCKS]
+        parts.append(_encode_xs(x[s:s + _XS_BLOCKS], im))
+    return torch.cat(parts)
+
+
+def _encode_xs(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
+    n = x.shape[0]
+    xt = x.t().contiguous()                                             # (256, n)
+    wt = _weights(xt, None if imatrix is None else imatrix.t().contiguous())
+    # Groups ordered block-major (block b, group g -> column 8b+g), positions first.
+    groups_x = x.reshape(n * 8, 32).t()
+    groups_w = wt.t().reshape(n * 8, 32).t()
+    scales = subblock_scales(groups_x, groups_w).reshape(n, 8)
+
+    # The group scale of largest magnitude, first one on ties (strict > from 0, like ggml).
+    amax = torch.zeros(n, dtype=torch.float32, device=x.device)
+    smax = torch.zeros(n, dtype=torch.float32, device=x.device)
+    for g in range(8):
+        a = scales[:, g].abs()
+        up = a > amax
+        amax = torch.where(up, a, amax)
+        smax = torch.where(up, scales[:, g], smax)
+
+    d = div(-smax, 32.0)
+    ls = nearest_int(recip_or_zero(d)[:, None] * scales).clamp_(-32, 31)  # (n, 8)
+    dl = d[:, None] * ls.to(torch.float32)
+    codes = best_index(x.reshape(n, 8, 32) * recip_or_zero(dl)[:, :, None]).reshape(n, 256)
+
+    ls = ls + 32
+    scales_l = ((ls[:, 0::2] & 0xF) | ((ls[:, 1::2] & 0xF) << 4)).to(torch.uint8)
+    shifts = 2 * torch.arange(8, dtype=torch.int32, device=x.device)
+    scales_h = ((ls >> 4) << shifts).sum(dim=1, keepdim=True)
+    return get_quant_type(T.IQ4_XS).layout.pack(d=d[:, None], scales_h=scales_h,
+                                                scales_l=scales_l, qs=pack_nibbles(codes))

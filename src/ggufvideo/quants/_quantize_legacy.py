@@ -1,0 +1,352 @@
+"""Encoders for the 32-element block types, byte-identical to ggml's ``ggml_quantize_chunk``.
+
+Without an importance matrix ggml uses its simple "reference" encoders: one scale from the block's
+extreme value(s), then a truncating conversion of every element. With one, Q4_0/Q5_0 search 19
+candidate scales for the best weighted least-squares fit (``make_qx_quants``) and Q4_1/Q5_1 search
+37 candidate (scale, min) pairs (``make_qkx3_quants``); the importance of element ``j`` is
+``imatrix[j] * sqrt(sigma2 + x[j]**2)`` where ``sigma2`` is the mean square of the whole row.
+Q8_0 ignores the importance matrix. IQ4_NL lives with IQ4_XS in :mod:`._quantize_iq4`.
+
+Every candidate is evaluated for all blocks at once; the sums and the choice between candidates
+follow ggml's order exactly (see :mod:`._quantize_common` for the float32 idioms).
+
+Row boundaries: the weighted encoders need ``sigma2`` over a whole row. :func:`quantize` (the public
+row API) passes ``blocks_per_row``; called on bare blocks, each block is taken as a row of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from ._quantize_common import (
+    GROUP_MAX_EPS,
+    c_float_to_int32,
+    div,
+    first_abs_max,
+    first_extreme,
+    high_bit_bytes,
+    nearest_int,
+    pack_nibbles,
+    recip_or_zero,
+    seq_sum,
+    sqrt,
+)
+from .base import get_quant_type
+
+__all__ = [
+    "ROW_QUANTIZERS",
+    "quantize_iq4_nl",
+    "quantize_q4_0",
+    "quantize_q4_1",
+    "quantize_q5_0",
+    "quantize_q5_1",
+    "quantize_q8_0",
+]
+
+# Blocks per internal step of the candidate searches: each holds ~40 float32 values per element
+# (19 or 37 candidates), so this keeps the temporaries near 20 MB.
+_SEARCH_BLOCKS = 4096
+
+
+def _signed_low_byte(i: torch.Tensor) -> torch.Tensor:
+    """The low byte of an int32 read as ``int8_t`` (C's narrowing conversion)."""
+    return ((i & 0xFF) ^ 0x80) - 0x80
+
+
+def _to_int8(v: torch.Tensor) -> torch.Tensor:
+    """C's ``(int8_t)f`` for a float32 ``f``, as the x86 reference build computes it."""
+    return _signed_low_byte(c_float_to_int32(v))
+
+
+def _pack(qtype: T, **fields: torch.Tensor) -> torch.Tensor:
+    """Assemble blocks through the type's declared layout (fp16 fields round to nearest even)."""
+    return get_quant_type(qtype).layout.pack(**fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference encoders (no importance matrix)
+# ---------------------------------------------------------------------------------------------
+
+def _ref_symmetric(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0/Q5_0 reference: ``d = max / -nmax``, ``q = min(2nmax-1, (int8)(x/d + nmax + 0.5))``."""
+    _, mx = first_abs_max(x, dim=1)
+    d = div(mx, float(-nmax))
+    inv = recip_or_zero(d)
+    q = _to_int8(x * inv[:, None] + (nmax + 0.5))
+    q = torch.clamp_max(q, 2 * nmax - 1) & 0xFF  # MIN(), then the uint8_t store
+    return d, q
+
+
+def _ref_affine(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1/Q5_1 reference: ``d = (max - min) / levels``, ``q = (int)((x - min)/d + 0.5)``."""
+    mn = first_extreme(x, dim=1, largest=False)
+    mx = first_extreme(x, dim=1, largest=True)
+    d = div(mx - mn, float(levels))
+    inv = recip_or_zero(d)
+    q = c_float_to_int32((x - mn[:, None]) * inv[:, None] + 0.5)
+    return d, mn, q
+
+
+# ---------------------------------------------------------------------------------------------
+# Weighted searches (importance matrix given)
+# ---------------------------------------------------------------------------------------------
+
+def _row_sigma2(x: torch.Tensor, blocks_per_row: int) -> torch.Tensor:
+    """Per block, the mean square of its row: ``sum(x*x)/n_per_row`` summed left to right.
+
+    numpy's ``add.accumulate`` is a strictly sequential float32 loop (unlike ``sum``/``cumsum``,
+    which use pairwise or wider accumulation), and rows can be tens of thousands of elements long.
+    """
+    n_rows = x.shape[0] // blocks_per_row
+    n_per_row = blocks_per_row * x.shape[1]
+    sq = (x * x).reshape(n_rows, n_per_row).cpu().numpy()
+    total = np.add.accumulate(sq, axis=1, dtype=np.float32)[:, -1]
+    sigma2 = total / np.float32(n_per_row)
+    out = torch.from_numpy(np.ascontiguousarray(sigma2)).to(x.device)
+    return out.repeat_interleave(blocks_per_row)
+
+
+def _importance(x: torch.Tensor, imatrix: torch.Tensor, blocks_per_row: int) -> torch.Tensor:
+    """``qw[j] * sqrtf(sigma2 + x[j]*x[j])``, ggml's weight for the legacy types."""
+    sigma2 = _row_sigma2(x, blocks_per_row)
+    return imatrix * sqrt(sigma2[:, None] + x * x)
+
+
+# Candidate numerators of ``make_qx_quants``: the first pass uses nmax, then nmax + 0.1*is for
+# is = -9..9 (is = 0 skipped), each a float32 expression in C.
+def _qx_numerators(nmax: int) -> list[float]:
+    tenth = np.float32(0.1)
+    steps = [i for i in range(-9, 10) if i != 0]
+    return [float(nmax)] + [float(np.float32(nmax) + tenth * np.float32(i)) for i in steps]
+
+
+def _qx_search(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's ``make_qx_quants(32, nmax, x, L, rmse_type=1, w)`` for every block.
+
+    Returns the scale ``(n,)`` and the codes ``L + nmax`` ``(n, 32)`` in ``[0, 2*nmax)``.
+    """
+    n = x.shape[0]
+    amax, mx = first_abs_max(x, dim=1)
+    zero = amax < GROUP_MAX_EPS
+    mx = torch.where(zero, 1.0, mx)  # those blocks are all-zero codes; avoid 0/0 noise
+    nums = torch.tensor(_qx_numerators(nmax), dtype=torch.float32, device=x.device)
+    iscale = div(-nums[None, :], mx[:, None])                           # (n, 19)
+
+    xt, wt = x.t()[:, :, None], w.t()[:, :, None]                       # (32, n, 1)
+    lv = nearest_int(iscale[None] * xt).clamp_(-nmax, nmax - 1)         # (32, n, 19)
+    lf = lv.to(torch.float32)
+    sumlx = seq_sum((wt * xt) * lf)                                     # (n, 19)
+    suml2 = seq_sum((wt * lf) * lf)
+
+    scale = torch.where(suml2[:, 0] != 0, div(sumlx[:, 0], suml2[:, 0]), 0.0)
+    best = scale * sumlx[:, 0]
+    pick = torch.zeros(n, dtype=torch.int64, device=x.device)
+    for k in range(1, nums.numel()):
+        lx, l2 = sumlx[:, k], suml2[:, k]
+        better = (l2 > 0) & (lx * lx > best * l2)
+        scale = torch.where(better, div(lx, l2), scale)
+        best = torch.where(better, scale * lx, best)
+        pick = torch.where(better, k, pick)
+
+    codes = torch.gather(lv, 2, pick[None, :, None].expand(32, n, 1)).squeeze(2).t() + nmax
+    scale = torch.where(zero, 0.0, scale)
+    codes = torch.where(zero[:, None], 0, codes)
+    return scale, codes
+
+
+# Candidate numerators of ``make_qkx3_quants(..., rmin=-0.9, rdelta=0.05, nstep=36)``:
+# ``rmin + rdelta*is + nmax`` in float32, is = 0..36.
+def _qkx3_numerators(nmax: int) -> list[float]:
+    rmin, rdelta = np.float32(-0.9), np.float32(0.05)
+    return [float((rmin + rdelta * np.float32(i)) + np.float32(nmax)) for i in range(37)]
+
+
+def _qkx3_candidates(xt: torch.Tensor, wt: torch.Tensor, sum_w: torch.Tensor, sum_x: torch.Tensor,
+                     mx: torch.Tensor, mn: torch.Tensor, nums: torch.Tensor, nmax: int
+                     ) -> tuple[torch.Tensor, ...]:
+    """Evaluate the candidate scales ``nums / (max - min)`` of ``make_qkx3_quants`` for blocks
+    whose current min is ``mn``: returns ``(det, scale, min, mad, codes)``, each ``(n, k)`` except
+    ``codes`` ``(32, n, k)``."""
+    iscales = div(nums[None, :], (mx - mn)[:, None])                    # (n, k)
+    xm = (xt - mn)[:, :, None]                                          # (32, n, 1)
+    lv = nearest_int(iscales[None] * xm).clamp_(0, nmax).to(torch.float32)
+    wl = wt[:, :, None] * lv                                            # (32, n, k)
+    sum_l = seq_sum(wl)
+    sum_l2 = seq_sum(wl * lv)
+    sum_xl = seq_sum(wl * xt[:, :, None])
+    sw, sx = sum_w[:, None], sum_x[:, None]
+    det = sw * sum_l2 - sum_l * sum_l
+    this_scale = div(sw * sum_xl - sx * sum_l, det)
+    this_min = div(sum_l2 * sx - sum_l * sum_xl, det)
+    positive = this_min > 0
+    this_scale = torch.where(positive, div(sum_xl, sum_l2), this_scale)
+    this_min = torch.where(positive, 0.0, this_min)
+    diff = (this_scale[None] * lv + this_min[None]) - xt[:, :, None]
+    mad = seq_sum(wt[:, :, None] * (diff * diff))
+    return det, this_scale, this_min, mad, lv
+
+
+def _qkx3_search(x: torch.Tensor, w: torch.Tensor,
+                 nmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's ``make_qkx3_quants(32, nmax, x, w, ..., -0.9f, 0.05f, 36, false)`` for every block.
+
+    Returns ``(scale, min, codes)``: the block decodes as ``scale * code + min`` (``min <= 0``).
+
+    ggml walks its 37 candidates in order, and accepting one also replaces the ``min`` that every
+    later candidate is computed from. So the search runs in rounds: all remaining candidates are
+    evaluated with each block's current ``min``; a block keeps the results up to its first accepted
+    candidate, then continues from the next one with the new ``min`` in the following round.
+    Blocks with no further acceptance are finished; typically a few rounds over shrinking sets.
+    """
+    n = x.shape[0]
+    mn = first_extreme(x, dim=1, largest=False)
+    mx = first_extreme(x, dim=1, largest=True)
+    mn = torch.where(mn > 0, 0.0, mn)
+    flat = mx <= mn  # constant block: ggml returns scale 0, codes 0 and this min
+
+    xt, wt = x.t(), w.t()                                               # (32, n)
+    sum_w = seq_sum(wt[1:], start=wt[0])
+    sum_x = seq_sum(wt[1:] * xt[1:], start=wt[0] * xt[0])
+
+    iscale = div(float(nmax), mx - mn)
+    scale = div(1.0, iscale)
+    codes = nearest_int(iscale * (xt - mn)).clamp_(0, nmax).to(torch.float32)  # (32, n)
+    diff = (scale * codes + mn) - xt
+    best_mad = seq_sum(wt * (diff * diff))
+
+    nums = torch.tensor(_qkx3_numerators(nmax), dtype=torch.float32, device=x.device)
+    n_cand = nums.numel()
+    pos = torch.zeros(n, dtype=torch.int64, device=x.device)  # next candidate to try
+    active = (~flat).nonzero().squeeze(1)
+    while active.numel():
+        first = int(pos[active].min())
+        a_pos = pos[active]
+        det, t_scale, t_min, mad, lv = _qkx3_candidates(
+            xt[:, active], wt[:, active], sum_w[active], sum_x[active], mx[active], mn[active],
+            nums[first:], nmax)
+        k = torch.arange(first, n_cand, device=x.device)
+        ok = (det > 0) & (mad < best_mad[active, None]) & (k[None, :] >= a_pos[:, None])
+        hit = ok.any(dim=1)
+        j = ok.to(torch.uint8).argmax(dim=1, keepdim=True)              # first acceptance
+        rows = active[hit]
+        jh = j[hit]
+        scale[rows] = t_scale[hit].gather(1, jh).squeeze(1)
+        mn[rows] = t_min[hit].gather(1, jh).squeeze(1)
+        best_mad[rows] = mad[hit].gather(1, jh).squeeze(1)
+        codes[:, rows] = torch.gather(lv[:, hit], 2, jh[None].expand(32, -1, 1)).squeeze(2)
+        pos[rows] = jh.squeeze(1) + first + 1
+        active = rows[pos[rows] < n_cand]
+
+    scale = torch.where(flat, 0.0, scale)
+    codes = torch.where(flat[None, :], 0.0, codes)
+    return scale, mn, codes.t().to(torch.int32)
+
+
+def _weighted(x: torch.Tensor, imatrix: torch.Tensor, blocks_per_row: int,
+              search: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+              ) -> tuple[torch.Tensor, ...]:
+    """Run ``search(x, weights)`` over bounded slices of blocks and concatenate the results."""
+    w = _importance(x, imatrix, blocks_per_row)
+    parts = [search(x[s:s + _SEARCH_BLOCKS], w[s:s + _SEARCH_BLOCKS])
+             for s in range(0, max(x.shape[0], 1), _SEARCH_BLOCKS)]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def _prepare(x: torch.Tensor, imatrix: torch.Tensor | None,
+             blocks_per_row: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x = x.to(torch.float32).contiguous()
+    if x.dim() != 2 or x.shape[1] != 32:
+        raise ValueError(f"expected blocks of shape (n_blocks, 32), got {tuple(x.shape)}")
+    if x.shape[0] % blocks_per_row:
+        raise ValueError(f"{x.shape[0]} blocks is not a whole number of {blocks_per_row}-block rows")
+    if imatrix is not None:
+        imatrix = imatrix.to(device=x.device, dtype=torch.float32).expand_as(x).contiguous()
+    return x, imatrix
+
+
+# ---------------------------------------------------------------------------------------------
+# Public encoders: (n_blocks, 32) float32 -> (n_blocks, type_size) uint8
+# ---------------------------------------------------------------------------------------------
+
+def quantize_q4_0(x: torch.Tensor, imatrix: torch.Tensor | None, *,
+                  blocks_per_row: int = 1) -> torch.Tensor:
+    """Q4_0 blocks as ggml writes them (``imatrix``: per-element importance, or ``None``)."""
+    x, imatrix = _prepare(x, imatrix, blocks_per_row)
+    if imatrix is None:
+        d, q = _ref_symmetric(x, 8)
+    else:
+        d, q = _weighted(x, imatrix, blocks_per_row, lambda xb, wb: _qx_search(xb, wb, 8))
+    return _pack(T.Q4_0, d=d[:, None], qs=pack_nibbles(q))
+
+
+def quantize_q5_0(x: torch.Tensor, imatrix: torch.Tensor | None, *,
+                  blocks_per_row: int = 1) -> torch.Tensor:
+    """Q5_0 blocks as ggml writes them."""
+    x, imatrix = _prepare(x, imatrix, blocks_per_row)
+    if imatrix is None:
+        d, q = _ref_symmetric(x, 16)
+    else:
+        d, q = _weighted(x, imatrix, blocks_per_row, lambda xb, wb: _qx_search(xb, wb, 16))
+    return _pack(T.Q5_0, d=d[:, None], qh=high_bit_bytes(q), qs=pack_nibbles(q & 0x0F))
+
+
+def quantize_q4_1(x: torch.Tensor, imatrix: torch.Tensor | None, *,
+                  blocks_per_row: int = 1) -> torch.Tensor:
+    """Q4_1 blocks as ggml writes them."""
+    x, imatrix = _prepare(x, imatrix, blocks_per_row)
+    if imatrix is None:
+        d, m, q = _ref_affine(x, 15)
+        q = torch.clamp_max(_signed_low_byte(q), 15) & 0xFF  # MIN(15, (int8_t)...) -> uint8_t
+    else:
+        d, m, q = _weighted(x, imatrix, blocks_per_row, lambda xb, wb: _qkx3_search(xb, wb, 15))
+    return _pack(T.Q4_1, d=d[:, None], m=m[:, None], qs=pack_nibbles(q))
+
+
+def quantize_q5_1(x: torch.Tensor, imatrix: torch.Tensor | None, *,
+                  blocks_per_row: int = 1) -> torch.Tensor:
+    """Q5_1 blocks as ggml writes them."""
+    x, imatrix = _prepare(x, imatrix, blocks_per_row)
+    if imatrix is None:
+        d, m, q = _ref_affine(x, 31)
+        q = q & 0xFF  # (uint8_t) conversion, no clamp in ggml
+    else:
+        d, m, q = _weighted(x, imatrix, blocks_per_row, lambda xb, wb: _qkx3_search(xb, wb, 31))
+    return _pack(T.Q5_1, d=d[:, None], m=m[:, None], qh=high_bit_bytes(q),
+                 qs=pack_nibbles(q & 0x0F))
+
+
+def quantize_q8_0(x: torch.Tensor, imatrix: torch.Tensor | None, *,
+                  blocks_per_row: int = 1) -> torch.Tensor:
+    """Q8_0 blocks as ggml writes them; ggml ignores the importance matrix for Q8_0."""
+    x, _ = _prepare(x, None, blocks_per_row)
+    amax = x.abs().amax(dim=1)
+    d = div(amax, 127.0)
+    v = x * recip_or_zero(d)[:, None]
+    # roundf: half away from zero. v - trunc(v) is exact, so the comparison is exact too.
+    t = torch.trunc(v)
+    r = torch.where((v - t).abs() >= 0.5, t + torch.sign(v), t)
+    q = _to_int8(r)
+    return _pack(T.Q8_0, d=d[:, None], qs=q)
+
+
+def quantize_iq4_nl(x: torch.Tensor, imatrix: torch.Tensor | None, *,
+                    blocks_per_row: int = 1) -> torch.Tensor:
+    """IQ4_NL blocks as ggml writes them (the search is shared with IQ4_XS)."""
+    from ._quantize_iq4 import encode_iq4_nl
+
+    x, imatrix = _prepare(x, imatrix, blocks_per_row)
+    return encode_iq4_nl(x, imatrix)
+
+
+#: Encoders whose weighted path depends on the whole row; :func:`ggufvideo.quants.quantize` calls
+#: these with ``blocks_per_row`` instead of the registry's row-agnostic ``quantize_blocks``.
+ROW_QUANTIZERS: dict[T, Callable[..., torch.Tensor]] = {
+    T.Q4_0: quantize_q4_0,
+    T.Q4_1: quantize_q4_1,
+    T.Q5_0: quantize_q5_0,
+    T.Q5_1: quantize_q5_1,
+}
