@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType
 
-from ..errors import QuantizationError
+from ..errors import QuantizationError, UnsupportedTypeError
 from . import iquants, kquants, legacy, mxfp, plain, ternary  # noqa: F401  (registers codecs)
 from .base import Field, Layout, QuantType, get_quant_type, registered_types, to_qtype
 
@@ -20,6 +20,7 @@ __all__ = [
     "QuantType",
     "dequantize",
     "get_quant_type",
+    "quantize",
     "registered_types",
     "to_qtype",
 ]
@@ -59,3 +60,105 @@ def dequantize(data: torch.Tensor, qtype: GGMLQuantizationType | str | int, *,
         chunk = qt.dequantize_blocks(blocks[start:start + step])
         out[start:start + step] = chunk  # float32 -> dtype: the one rounding
     return out.reshape(out_shape)
+
+
+# Elements encoded per step of quantize(): the candidate searches expand each element ~40-fold
+# internally (in bounded slices), so this mainly bounds the float32 copy of a low-precision input.
+_QUANTIZE_CHUNK_ELEMENTS = 1 << 20
+
+
+def quantize(x: torch.Tensor, qtype: GGMLQuantizationType | str | int, *,
+             imatrix: torch.Tensor | None = None) -> torch.Tensor:
+    """Encode rows of values as ggml blocks: the bytes a GGUF file stores for them.
+
+    The result is byte-identical to ggml's ``ggml_quantize_chunk`` (what llama.cpp's quantizer
+    calls) on the same float32 rows, with or without an importance matrix.
+
+    Args:
+        x: floating-point tensor ``(..., n)``, any dtype (converted to float32 exactly) and
+            device; every value must be finite. ``n`` must be a multiple of the type's block size.
+        qtype: the target type, as ``GGMLQuantizationType`` or its name: F32, F16, BF16, Q4_0,
+            Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS.
+        imatrix: optional importance of each of the ``n`` positions of a row (non-negative,
+            finite), e.g. from llama.cpp's ``imatrix`` tool; the same weights apply to every row.
+            Q8_0 and the float types ignore it, as ggml does.
+
+    Returns:
+        uint8 tensor ``(..., row_bytes)`` on ``x``'s device.
+
+    Raises:
+        UnsupportedTypeError: ``qtype`` is unknown or cannot be quantized to.
+        QuantizationError: bad input (non-float, non-finite, wrong row length, bad ``imatrix``).
+    """
+    from ._quantize_legacy import ROW_QUANTIZERS
+
+    qt = get_quant_type(qtype)
+    name = qt.qtype.name
+    if not qt.can_quantize:
+        raise UnsupportedTypeError(f"quantizing to {name} is not supported")
+    if not isinstance(x, torch.Tensor):
+        raise QuantizationError(f"quantize({name}): expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise QuantizationError(f"quantize({name}): expected a floating-point tensor, got {x.dtype}")
+    if x.dim() == 0:
+        raise QuantizationError(f"quantize({name}): expected shape (..., n), got a 0-d tensor")
+    n = x.shape[-1]
+    row_bytes = qt.row_bytes(n)  # raises for a row length that is not whole blocks
+    weights = _checked_imatrix(imatrix, n, name, x.device)
+
+    rows = x.reshape(-1, n)
+    out = torch.empty((rows.shape[0], row_bytes), dtype=torch.uint8, device=x.device)
+    bs = qt.block_size
+    nb = n // bs
+    row_encoder = ROW_QUANTIZERS.get(qt.qtype) if weights is not None else None
+    step = max(1, _QUANTIZE_CHUNK_ELEMENTS // max(n, 1))
+    for start in range(0, rows.shape[0] if n else 0, step):
+        chunk = rows[start:start + step].to(torch.float32)
+        _check_finite(chunk, name, start)
+        blocks = chunk.reshape(-1, bs)
+        w = None
+        if weights is not None:
+            w = weights.reshape(1, nb, bs).expand(chunk.shape[0], nb, bs).reshape(-1, bs)
+        if row_encoder is not None:
+            # ggml's weighted legacy encoders scale the importance by the row's mean square.
+            enc = row_encoder(blocks, w, blocks_per_row=nb)
+        else:
+            enc = qt.quantize_blocks(blocks, w)
+        out[start:start + step] = enc.reshape(chunk.shape[0], row_bytes)
+    return out.reshape(*x.shape[:-1], row_bytes)
+
+
+def _checked_imatrix(imatrix: torch.Tensor | None, n: int, name: str,
+                     device: torch.device) -> torch.Tensor | None:
+    """The importance matrix as float32 on ``device``, or a QuantizationError saying what is wrong."""
+    if imatrix is None:
+        return None
+    if not isinstance(imatrix, torch.Tensor):
+        imatrix = torch.as_tensor(imatrix)
+    if imatrix.dim() != 1 or imatrix.shape[0] != n:
+        raise QuantizationError(f"quantize({name}): imatrix must be a 1-D tensor of {n} weights "
+                                f"(one per position of a row), got shape {tuple(imatrix.shape)}")
+    if not (imatrix.is_floating_point() or imatrix.dtype in (torch.int32, torch.int64)):
+        raise QuantizationError(f"quantize({name}): imatrix must hold real numbers, "
+                                f"got {imatrix.dtype}")
+    w = imatrix.to(device=device, dtype=torch.float32)
+    bad = ~torch.isfinite(w)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise QuantizationError(f"quantize({name}): imatrix must be finite in float32, "
+                                f"found {imatrix[i].item()} at position {i}")
+    neg = w < 0
+    if bool(neg.any()):
+        i = int(neg.nonzero()[0, 0])
+        raise QuantizationError(f"quantize({name}): imatrix weights must be >= 0, "
+                                f"found {w[i].item()} at position {i}")
+    return w
+
+
+def _check_finite(chunk: torch.Tensor, name: str, row0: int) -> None:
+    """ggml's searches assume finite input (NaN/inf make it assert or emit garbage)."""
+    bad = ~torch.isfinite(chunk)
+    if bool(bad.any()):
+        r, c = (int(v) for v in bad.nonzero()[0])
+        raise QuantizationError(f"quantize({name}): input must be finite in float32, found "
+                                f"{chunk[r, c].item()} at row {row0 + r}, column {c}")
