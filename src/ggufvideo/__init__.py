@@ -11,7 +11,7 @@ from .errors import (
     UnsupportedTypeError,
 )
 from .loader import load_state_dict
-from .quants import dequantize
+from .quants import dequantize, quantize
 from .reader import GGUFFile, TensorInfo
 from .tensor import GGMLTensor
 
@@ -29,4 +29,5 @@ __all__ = [
     "TensorLayoutError",
     "UnsupportedTypeError",
     "dequantize",
+    "quantize",
 ]
