@@ -97,7 +97,7 @@ def _le(raw: torch.Tensor, width: int) -> torch.Tensor:
     Built from bytes rather than viewed as uint16/uint32 so it works on any device and never sees
     a signed reinterpretation of the top bit.
     """
-    b = raw.reshape(*raw.shape[:-1], -1, width).to(torch.int64)
+    b = raw.reshape(*raw.shape[:-1], raw.shape[-1] // width, width).to(torch.int64)
     word = b[..., 0]
     for i in range(1, width):
         word = word | (b[..., i] << (8 * i))
@@ -112,7 +112,20 @@ def _scale(cls: type[QuantType], blocks: torch.Tensor) -> torch.Tensor:
 def _nibbles(raw: torch.Tensor) -> torch.Tensor:
     """uint8 ``(n, k)`` → int32 ``(n, 2k)``: low nibble of byte i at 2i, high nibble at 2i+1."""
     r = raw.to(torch.int32)
-    return torch.stack((r & 0xF, r >> 4), dim=-1).reshape(raw.shape[0], -1)
+    return torch.stack((r & 0xF, r >> 4), dim=-1).reshape(raw.shape[0], 2 * raw.shape[1])
+
+
+def times_scale(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``float32(values) * scale`` for small-integer ``values`` (exactly representable), broadcast.
+
+    One rounding per element, as ggml's ``q * d``. On CUDA the int-to-float cast fuses into the
+    multiply kernel; on CPU a mixed-dtype multiply materialises the cast anyway, so the product is
+    taken in place on the cast copy, which saves a pass over the float32 result. Shared by the
+    IQ, ternary and MXFP4 decoders.
+    """
+    if values.device.type == "cpu":
+        return values.to(torch.float32).mul_(scale)
+    return values * scale
 
 
 def _signed_scaled(db: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
@@ -122,7 +135,7 @@ def _signed_scaled(db: torch.Tensor, grid: torch.Tensor, signs: torch.Tensor) ->
     is symmetric, so ``db * (-g)`` is bit for bit ``-(db * g)``, signed zeros included; the result
     is identical to ggml's and needs one float pass instead of two.
     """
-    return db * (grid * signs)
+    return times_scale(grid * signs, db)
 
 
 # -- codecs ------------------------------------------------------------------------------------
@@ -260,8 +273,8 @@ class IQ1_S(QuantType, qtype=T.IQ1_S, block_size=256,
         dl = d * (2 * ((qh >> 12) & 7) + 1).to(torch.float32)               # (n, 8)
         delta = torch.where((qh & 0x8000) != 0, -IQ1_DELTA, IQ1_DELTA).to(torch.float32)
         grid = _lookup(_grid(cls.qtype, dev), idx)                          # (n, 8, 32) int8
-        # int8 + float32 promotes exactly: float(grid) + delta, as ggml.
-        return (dl[..., None] * (grid + delta[..., None])).reshape(n, 256)
+        # int8 + float32 promotes exactly: float(grid) + delta, as ggml; then one rounded product.
+        return (grid + delta[..., None]).mul_(dl[..., None]).reshape(n, 256)
 
 
 class IQ1_M(QuantType, qtype=T.IQ1_M, block_size=256,
@@ -289,5 +302,4 @@ class IQ1_M(QuantType, qtype=T.IQ1_M, block_size=256,
         idx = _bytes(cls, blocks, "qs").to(torch.int32) | ((nib & 7) << 8)
         delta = torch.where((nib & 8) != 0, -IQ1_DELTA, IQ1_DELTA).to(torch.float32)
         grid = _lookup(_grid(T.IQ1_S, dev), idx).reshape(n, 16, 2, 8)
-        y = dl[..., None, None] * (grid + delta.reshape(n, 16, 2, 1))
-        return y.reshape(n, 256)
+        return (grid + delta.reshape(n, 16, 2, 1)).mul_(dl[..., None, None]).reshape(n, 256)

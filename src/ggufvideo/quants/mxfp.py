@@ -15,6 +15,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from .base import U8, Layout, QuantType
+from .iquants import times_scale
 
 __all__ = ["MXFP4", "e8m0_to_fp32_half"]
 
@@ -50,8 +51,8 @@ class MXFP4(QuantType, qtype=T.MXFP4, block_size=32, layout=Layout(("e", U8, 1),
     @classmethod
     def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
-        d = e8m0_to_fp32_half(cls.layout.field(blocks, "e")).unsqueeze(-1)  # (n, 1, 1)
+        d = e8m0_to_fp32_half(cls.layout.field(blocks, "e"))               # (n, 1)
         qs = cls.layout.field(blocks, "qs").to(torch.int32)
-        pairs = _byte_values(blocks.device)[qs].unsqueeze(-1).view(torch.int8)           # (n, 16, 2)
-        # int8 * float32 promotes exactly: float(kvalue) * d, as ggml.
-        return (pairs.transpose(1, 2) * d).reshape(n, 32)
+        pairs = _byte_values(blocks.device)[qs].unsqueeze(-1).view(torch.int8)  # (n, 16, 2)
+        values = pairs.transpose(1, 2).reshape(n, 32)  # reordered while still int8
+        return times_scale(values, d)  # float(kvalue) * d, as ggml

@@ -14,6 +14,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from .base import F16, U8, Layout, QuantType
+from .iquants import times_scale
 
 __all__ = ["TQ1_0", "TQ2_0"]
 
@@ -41,8 +42,8 @@ def _tq2_codes(device: torch.device) -> torch.Tensor:
 
 
 def _scale(cls: type[QuantType], blocks: torch.Tensor) -> torch.Tensor:
-    """The f16 block scale ``d`` as float32 ``(n_blocks, 1, 1)``."""
-    return cls.layout.field(blocks, "d").to(torch.float32).unsqueeze(-1)
+    """The f16 block scale ``d`` as float32 ``(n_blocks, 1)``."""
+    return cls.layout.field(blocks, "d").to(torch.float32)
 
 
 class TQ1_0(QuantType, qtype=T.TQ1_0, block_size=256,
@@ -57,15 +58,15 @@ class TQ1_0(QuantType, qtype=T.TQ1_0, block_size=256,
 
     @classmethod
     def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
-        n = blocks.shape[0]
         table = _tq1_trits(blocks.device)
         d = _scale(cls, blocks)
         qs = cls.layout.field(blocks, "qs").to(torch.int32)
         qh = cls.layout.field(blocks, "qh").to(torch.int32)
         # (n, m) bytes -> (n, m, 8) trits -> (n, k, m): run k holds trit k of each byte, in order.
-        runs = [table[part].unsqueeze(-1).view(torch.int8)[..., :k].transpose(1, 2) * d
+        # Reordered while still int8 (a quarter of the bytes of the float32 result).
+        runs = [table[part].unsqueeze(-1).view(torch.int8)[..., :k].transpose(1, 2).flatten(1)
                 for part, k in ((qs[:, :32], 5), (qs[:, 32:], 5), (qh, 4))]
-        return torch.cat([r.reshape(n, -1) for r in runs], dim=1)
+        return times_scale(torch.cat(runs, dim=1), d)
 
 
 class TQ2_0(QuantType, qtype=T.TQ2_0, block_size=256, layout=Layout(("qs", U8, 64), ("d", F16, 1))):
@@ -79,6 +80,6 @@ class TQ2_0(QuantType, qtype=T.TQ2_0, block_size=256, layout=Layout(("qs", U8, 6
     def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
         qs = cls.layout.field(blocks, "qs").to(torch.int32).reshape(n, 2, 32)
-        codes = _tq2_codes(blocks.device)[qs].unsqueeze(-1).view(torch.int8)              # (n, 2, 32, 4)
-        y = codes.transpose(2, 3) * _scale(cls, blocks).unsqueeze(-1)        # (n, 2, 4, 32)
-        return y.reshape(n, 256)
+        codes = _tq2_codes(blocks.device)[qs].unsqueeze(-1).view(torch.int8)  # (n, 2, 32, 4)
+        trits = codes.transpose(2, 3).reshape(n, 256)  # reordered while still int8
+        return times_scale(trits, _scale(cls, blocks))
