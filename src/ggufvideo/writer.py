@@ -56,6 +56,7 @@ __all__ = [
     "detect_architecture",
     "GENERIC_ARCHITECTURE",
     "GGUF_VERSION",
+    "format_bytes",
     "MAX_GGML_NAME",
 ]
 
@@ -493,7 +494,7 @@ class WriteSummary:
     def __str__(self) -> str:
         lines = [f"wrote {self.path} ({self.architecture}, {len(self.decisions)} tensors) in "
                  f"{self.seconds:.1f} s",
-                 f"  size: {_human(self.bytes_in)} -> {_human(self.bytes_out)}"
+                 f"  size: {format_bytes(self.bytes_in)} -> {format_bytes(self.bytes_out)}"
                  + (f" ({self.bytes_out / self.bytes_in:.1%})" if self.bytes_in else "")]
         lines.append("  tensors per type: " + ", ".join(
             f"{k} {v}" for k, v in sorted(self.counts().items(), key=lambda kv: -kv[1])))
@@ -514,7 +515,8 @@ class WriteSummary:
         return "\n".join(lines)
 
 
-def _human(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"

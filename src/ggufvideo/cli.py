@@ -1,0 +1,150 @@
+"""The ``ggufvideo`` command: ``convert``, ``inspect``, ``validate``, ``demo``.
+
+Exit status: 0 on success (``validate``: only when the file is clean), 1 when the operation failed
+or the file has problems, 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .errors import GGUFError
+
+__all__ = ["main", "build_parser"]
+
+
+def _override(text: str) -> tuple[str, str]:
+    regex, sep, qtype = text.rpartition("=")
+    if not sep or not regex or not qtype:
+        raise argparse.ArgumentTypeError(f"expected REGEX=TYPE (e.g. 'ffn\\.2\\.weight$=Q6_K'), "
+                                         f"got {text!r}")
+    return regex, qtype
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    p = argparse.ArgumentParser(prog="ggufvideo",
+                                description="Convert, inspect and validate GGUF video models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="convert a checkpoint to GGUF",
+                       description="Convert a .safetensors file, a folder of safetensors shards, a "
+                       ".pt/.pth state dict or a .gguf (requantize) to GGUF.")
+    c.add_argument("src", metavar="SRC")
+    c.add_argument("dst", metavar="DST")
+    c.add_argument("--type", "-t", dest="qtype", default="Q4_K",
+                   help="ggml type (Q4_K, Q8_0, BF16, ...) or preset (Q4_K_M, Q5_K_M, ...); "
+                   "'keep' keeps every tensor's precision (default: Q4_K)")
+    c.add_argument("--override", "-o", action="append", type=_override, default=[],
+                   metavar="REGEX=TYPE",
+                   help="type for tensors whose name matches REGEX (TYPE may be 'keep'); "
+                   "repeatable, first match wins")
+    c.add_argument("--keep", action="append", default=[], metavar="REGEX",
+                   help="also keep tensors matching REGEX at high precision; repeatable")
+    c.add_argument("--keep-type", default=None, metavar="TYPE",
+                   help="high-precision type (default: each tensor's source precision)")
+    c.add_argument("--min-elements", type=int, default=1024, metavar="N",
+                   help="tensors with at most N elements stay high precision (default: 1024)")
+    c.add_argument("--device", default=None, help="where to quantize (cpu, cuda; default cpu)")
+    c.add_argument("--force", "-f", action="store_true", help="replace DST if it exists")
+    c.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    c.add_argument("--verbose", "-v", action="store_true", help="list every tensor's decision")
+
+    i = sub.add_parser("inspect", help="list a GGUF file's metadata and tensors")
+    i.add_argument("file", metavar="FILE")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--no-tensors", action="store_true", help="omit the per-tensor list")
+
+    v = sub.add_parser("validate", help="check a GGUF file completely (exit 0 only when clean)")
+    v.add_argument("file", metavar="FILE")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+
+    d = sub.add_parser("demo", help="convert, load and run a small video model (no download)")
+    d.add_argument("--types", default=None,
+                   help="comma-separated types/presets (default: Q8_0,Q5_K_M,Q4_K_M)")
+    d.add_argument("--builtin", action="store_true",
+                   help="use the built-in model even if diffusers is installed")
+    d.add_argument("--keep-files", default=None, metavar="DIR",
+                   help="write the files to DIR and keep them")
+    return p
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+    from .policy import QuantPolicy
+
+    qtype = None if args.qtype.strip().lower() == "keep" else args.qtype
+    policy = QuantPolicy.from_type(qtype, overrides=args.override, keep=args.keep,
+                                   min_elements=args.min_elements, keep_type=args.keep_type)
+    summary = convert(args.src, args.dst, policy=policy, force=args.force,
+                      progress=not args.quiet, device=args.device)
+    if args.verbose:
+        for name, d in summary.decisions.items():
+            extra = f" [{d.fallback}]" if d.fallback else ""
+            print(f"  {name}: {d.qtype.name} ({d.reason}){extra}")
+    print(summary)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspection import format_inspection, inspect_file
+
+    info = inspect_file(args.file)
+    if args.no_tensors:
+        info = {**info, "tensors": []} if args.json else info
+    if args.json:
+        json.dump(info, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(format_inspection(info, tensors=not args.no_tensors))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .inspection import validate_file
+
+    report = validate_file(args.file)
+    if args.json:
+        json.dump(report.as_dict(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        for w in report.warnings:
+            print(f"warning: {w}")
+        for e in report.errors:
+            print(f"error: {e}")
+        status = "OK" if report.ok else f"FAILED ({len(report.errors)} problem(s))"
+        print(f"{report.path}: {status}: {report.tensors_checked} tensors, "
+              f"{report.bytes_checked:,} bytes of data checked")
+    return 0 if report.ok else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DEFAULT_TYPES, run_demo
+
+    types = tuple(t.strip() for t in args.types.split(",") if t.strip()) if args.types \
+        else DEFAULT_TYPES
+    run_demo(types, builtin=args.builtin, workdir=args.keep_files)
+    return 0
+
+
+_COMMANDS = {"convert": _convert, "inspect": _inspect, "validate": _validate, "demo": _demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (GGUFError, FileNotFoundError, FileExistsError, IsADirectoryError, ValueError) as exc:
+        print(f"ggufvideo {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ggufvideo {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""``inspect`` and ``validate``: what a GGUF file holds, and whether all of it is sound.
+
+Both work from the validating reader (:class:`~ggufvideo.reader.GGUFFile`), so a malformed header
+is reported, not crashed on. ``validate`` then reads every byte of tensor data: it decodes every
+tensor with the library's codecs and checks every floating field of every block (the scales ``d``,
+``dmin``... of quantized types; the values themselves for F32/F16/BF16) for NaN and infinity.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import GGUFError
+from .quants import get_quant_type
+from .reader import GGUFFile, TensorInfo
+from .shapes import logical_shape
+from .writer import MAX_GGML_NAME, format_bytes
+
+__all__ = ["inspect_file", "validate_file", "format_inspection", "ValidationReport", "summarize_value"]
+
+# Bytes of tensor data validated per step (bounds memory whatever the tensor size).
+_CHUNK_BYTES = 1 << 24
+# Arrays longer than this are summarised in reports.
+_ARRAY_PREVIEW = 8
+
+
+def summarize_value(value: Any, limit: int = _ARRAY_PREVIEW) -> Any:
+    """A JSON-friendly value, with arrays longer than ``limit`` cut to a preview and a count."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        items = [summarize_value(v, limit) for v in list(value)[:limit]]
+        if len(value) > limit:
+            return {"length": len(value), "first": items}
+        return items
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str) and len(value) > 200:
+        return value[:200] + f"...({len(value)} chars)"
+    return value
+
+
+def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Describe a GGUF file: header, metadata (long arrays summarised), tensors, totals per type.
+
+    Returns:
+        A JSON-serialisable dict with keys ``path``, ``version``, ``alignment``, ``file_size``,
+        ``metadata``, ``tensors`` (list of name/type/shape/stored_shape/bytes), ``totals`` (type ->
+        count/bytes/elements) and ``n_tensors``.
+
+    Raises:
+        FileNotFoundError, GGUFError: as :class:`~ggufvideo.reader.GGUFFile`.
+    """
+    with GGUFFile(path) as g:
+        meta = {k: summarize_value(g.metadata[k]) for k in g.fields}
+        tensors, totals = [], {}
+        for name, info in g.tensors.items():
+            shape = list(logical_shape(g, info))
+            tensors.append({"name": name, "type": info.qtype.name, "shape": shape,
+                            "stored_shape": list(info.shape), "bytes": info.nbytes})
+            t = totals.setdefault(info.qtype.name, {"count": 0, "bytes": 0, "elements": 0})
+            t["count"] += 1
+            t["bytes"] += info.nbytes
+            t["elements"] += info.n_elements
+        return {"path": g.path, "version": g.version, "alignment": g.alignment,
+                "file_size": g.size, "data_offset": g.data_offset, "n_tensors": len(tensors),
+                "metadata": meta, "tensors": tensors, "totals": totals}
+
+
+@dataclass
+class ValidationReport:
+    """The outcome of :func:`validate_file`.
+
+    Attributes:
+        path: the file.
+        errors: problems that make the file unsound (each names the tensor when there is one).
+        warnings: things other readers may refuse (long names, more than 4 dims) but that are valid.
+        tensors_checked: tensors fully decoded.
+        bytes_checked: bytes of tensor data read.
+    """
+
+    path: str
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    tensors_checked: int = 0
+    bytes_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when there is no error (warnings allowed)."""
+        return not self.errors
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "ok": self.ok, "errors": self.errors, "warnings": self.warnings,
+                "tensors_checked": self.tensors_checked, "bytes_checked": self.bytes_checked}
+
+
+def _check_tensor(g: GGUFFile, info: TensorInfo, report: ValidationReport) -> None:
+    qt = get_quant_type(info.qtype)
+    ts = qt.type_size()
+    raw = g.tensor_data(info).reshape(-1)
+    float_fields = [f for f in qt.layout.fields
+                    if f.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)]
+    what = "value" if qt.torch_dtype is not None else "scale"
+    bad: dict[str, tuple[int, int]] = {}  # field -> (count, first block)
+    step = max(1, _CHUNK_BYTES // ts) * ts
+    for start in range(0, raw.numel(), step):
+        blocks = raw[start:start + step].reshape(-1, ts)
+        first_block = start // ts
+        for f in float_fields:
+            vals = qt.layout.field(blocks, f.name)
+            nonfinite = ~torch.isfinite(vals)
+            if bool(nonfinite.any()):
+                rows = nonfinite.any(dim=1).nonzero()
+                count, first = bad.get(f.name, (0, first_block + int(rows[0])))
+                bad[f.name] = (count + int(nonfinite.sum()), first)
+        if qt.torch_dtype is None or not qt.torch_dtype.is_floating_point:
+            qt.dequantize_blocks(blocks)  # raises on undecodable data
+        report.bytes_checked += blocks.numel()
+    for fname, (count, first) in bad.items():
+        where = f"field {fname!r}, " if qt.torch_dtype is None else ""
+        report.errors.append(f"tensor {info.name!r} ({info.qtype.name}): {count} non-finite "
+                             f"{what}(s) ({where}first in block {first})")
+
+
+def validate_file(path: str | os.PathLike[str]) -> ValidationReport:
+    """Check a GGUF file completely: header, offsets, shape metadata, every tensor's data.
+
+    Never raises for a bad file (a missing one still raises ``FileNotFoundError``): every problem
+    goes into the report.
+    """
+    p = os.fspath(path)
+    report = ValidationReport(p)
+    try:
+        g = GGUFFile(p)
+    except GGUFError as exc:
+        report.errors.append(f"header: {exc.reason}" + (f" (tensor {exc.tensor!r})" if exc.tensor
+                                                        else ""))
+        return report
+    with g:
+        end = g.data_offset
+        for name, info in g.tensors.items():
+            end = max(end, info.offset + info.nbytes)
+            if len(name.encode("utf-8")) >= MAX_GGML_NAME:
+                report.warnings.append(f"tensor {name!r}: name of {len(name.encode())} bytes; "
+                                       f"ggml's C loader accepts at most {MAX_GGML_NAME - 1}")
+            if len(info.shape) > 4:
+                report.warnings.append(f"tensor {name!r}: stored with {len(info.shape)} dims; "
+                                       "ggml's C loader accepts at most 4")
+            try:
+                logical_shape(g, info)
+            except GGUFError as exc:
+                report.errors.append(f"tensor {name!r}: {exc.reason}")
+            try:
+                _check_tensor(g, info, report)
+                report.tensors_checked += 1
+            except Exception as exc:  # a codec failing on this data is exactly what we report
+                report.errors.append(f"tensor {name!r} ({info.qtype.name}): not decodable: {exc}")
+        if g.size > end + g.alignment:
+            report.warnings.append(f"{g.size - end} bytes after the last tensor's data")
+    return report
+
+
+def format_inspection(info: Mapping[str, Any], *, tensors: bool = True) -> str:
+    """The human-readable form of :func:`inspect_file`'s result."""
+    lines = [f"{info['path']}: GGUF v{info['version']}, {info['n_tensors']} tensors, "
+             f"{format_bytes(info['file_size'])}, alignment {info['alignment']}", "", "metadata:"]
+    for k, v in info["metadata"].items():
+        if isinstance(v, dict) and "length" in v:
+            v = f"[{v['length']} items: {', '.join(map(repr, v['first']))}, ...]"
+        lines.append(f"  {k} = {v!r}" if isinstance(v, str) else f"  {k} = {v}")
+    if tensors:
+        lines += ["", "tensors:"]
+        width = max((len(t["name"]) for t in info["tensors"]), default=4)
+        for t in info["tensors"]:
+            shape = "x".join(map(str, t["shape"])) or "scalar"
+            lines.append(f"  {t['name']:<{width}}  {t['type']:<7} {shape:<22} {format_bytes(t['bytes'])}")
+    lines += ["", "totals per type:"]
+    for name, t in sorted(info["totals"].items(), key=lambda kv: -kv[1]["bytes"]):
+        lines.append(f"  {name:<7} {t['count']:>6} tensors  {format_bytes(t['bytes']):>11}  "
+                     f"{t['elements']:,} elements")
+    return "\n".join(lines)
