@@ -34,8 +34,8 @@ def e8m0_to_fp32_half(e: torch.Tensor) -> torch.Tensor:
     """Half of an E8M0 scale, ``2**(e - 128)``, as float32, for uint8 ``e``; any device.
 
     Built from its bit pattern as ggml does: e = 0 and 1 give the subnormals 2**-128 and 2**-127,
-    e ≥ 2 the normal with biased exponent e - 1. Every e, 255 included, is finite (ggml gives E8M0's
-    NaN code no special meaning here).
+    e ≥ 2 the normal with biased exponent e - 1. Every e, 255 included, is finite (ggml gives
+    E8M0's NaN code no special meaning here).
     """
     e = e.to(torch.int32)
     bits = torch.where(e < 2, 0x00200000 << e, (e - 1) << 23)

@@ -35,7 +35,8 @@ def _tq1_trits(device: torch.device) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _tq2_codes(device: torch.device) -> torch.Tensor:
-    """Every byte's four 2-bit codes minus 1, int32 ``(256,)`` whose byte l is ``((b >> 2l) & 3) - 1``."""
+    """Every byte's four 2-bit codes minus 1: int32 ``(256,)`` whose byte l (int8) is
+    ``((b >> 2l) & 3) - 1``."""
     b = torch.arange(256, dtype=torch.int32).unsqueeze(-1)
     codes = (((b >> torch.tensor([0, 2, 4, 6], dtype=torch.int32)) & 3) - 1).to(torch.int8)
     return codes.contiguous().view(torch.int32).reshape(-1).to(device)
