@@ -12,6 +12,7 @@ known families are recognised only to record ``general.architecture``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -76,40 +77,99 @@ def _check_dtype(name: str, dtype: torch.dtype | None, raw: str, path: str) -> t
     return dtype
 
 
+# A safetensors header larger than this is refused (real ones are well under a few MB).
+_MAX_SAFETENSORS_HEADER = 100 << 20
+
+
+def _safetensors_header(path: str) -> tuple[int, dict[str, Any]]:
+    """(data start, header) of a safetensors file, checked against the file.
+
+    Read here rather than through ``safetensors.safe_open``: that maps the whole file, so every
+    tensor read stays resident in the process until the end, and a conversion would appear to hold
+    the whole model. Reading each tensor with ``readinto`` keeps memory at one tensor.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise GGUFError(f"not a safetensors file: {size} bytes, too short for a header",
+                            path=path)
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise GGUFError(f"not a safetensors file: header length {n} does not fit the "
+                            f"{size}-byte file", path=path)
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise GGUFError(f"not a safetensors file: header is not JSON ({exc})", path=path) \
+                from None
+    if not isinstance(header, dict):
+        raise GGUFError("not a safetensors file: header is not a JSON object", path=path)
+    return 8 + n, header
+
+
 def _safetensors_tensors(files: Iterable[str], only: Mapping[str, str] | None, src: Source
                          ) -> None:
-    from safetensors import safe_open
-
     seen: dict[str, str] = {}
     for f in files:
-        handle = safe_open(f, framework="pt", device="cpu")
-        src._keep_open.append(handle)
+        start, header = _safetensors_header(f)
         src.files.append(f)
-        meta = handle.metadata() or {}
+        data_len = os.path.getsize(f) - start
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise GGUFError("__metadata__ is not a JSON object", path=f)
         for k, v in meta.items():
-            if k == "format":
+            if k != "format":
+                src.metadata[SOURCE_METADATA_PREFIX + str(k)] = str(v)
+        spans = []
+        for name, entry in header.items():
+            if only is not None and only.get(name) != os.path.basename(f):
                 continue
-            src.metadata[SOURCE_METADATA_PREFIX + k] = str(v)
-        names = [k for k in handle.keys() if only is None or only.get(k) == os.path.basename(f)]
-        for name in names:
             if name in seen:
                 raise GGUFError(f"tensor also in {seen[name]!r}", path=f, tensor=name)
             seen[name] = f
-            sl = handle.get_slice(name)
-            raw = sl.get_dtype()
-            dtype = _check_dtype(name, _SAFETENSORS_DTYPES.get(raw), raw, f)
-            shape = tuple(int(d) for d in sl.get_shape())
-            n = 1
-            for d in shape:
-                n *= d
+            try:
+                raw, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+                shape = tuple(int(d) for d in shape)
+                begin, end = int(begin), int(end)
+            except (KeyError, TypeError, ValueError):
+                raise GGUFError("malformed header entry (expected dtype, shape, data_offsets)",
+                                path=f, tensor=name) from None
+            dtype = _check_dtype(name, _SAFETENSORS_DTYPES.get(raw), str(raw), f)
+            nbytes = math.prod(shape) * dtype.itemsize
+            if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_len \
+                    or end - begin != nbytes:
+                raise GGUFError(f"data_offsets [{begin}, {end}) do not hold {raw} {list(shape)} "
+                                f"({nbytes} bytes) inside the {data_len}-byte data section",
+                                path=f, tensor=name)
+            spans.append((begin, end, name))
             src.tensors.append(SourceTensor(
-                name, shape, dtype, (lambda h=handle, k=name: h.get_tensor(k)), None,
-                n * dtype.itemsize))
+                name, shape, dtype,
+                (lambda f=f, o=start + begin, shape=shape, dtype=dtype: _read_tensor(f, o, shape,
+                                                                                    dtype)),
+                None, nbytes))
+        spans.sort()
+        for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise GGUFError(f"data overlaps tensor {n0!r}", path=f, tensor=n1)
     if only is not None:
         missing = sorted(set(only) - set(seen))
         if missing:
             raise GGUFError(f"{len(missing)} tensor(s) of the index are missing from their shard, "
                             f"e.g. {missing[0]!r} (expected in {only[missing[0]]!r})", path=src.path)
+
+
+def _read_tensor(path: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype
+                 ) -> torch.Tensor:
+    """One tensor read from ``path`` at ``offset`` into fresh memory (little-endian data)."""
+    out = torch.empty(shape, dtype=dtype)
+    if out.numel():
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            if fh.readinto(view) != len(view):
+                raise GGUFError(f"file ended inside the tensor's data (offset {offset})", path=path)
+    return out
 
 
 def _open_sharded(folder: str, src: Source) -> None:
@@ -249,12 +309,7 @@ def open_source(path: str | os.PathLike[str]) -> Source:
         _open_sharded(p, src)
     elif lower.endswith(".safetensors"):
         src = Source(p, "safetensors", [])
-        try:
-            _safetensors_tensors([p], None, src)
-        except GGUFError:
-            raise
-        except Exception as exc:  # safetensors raises its own error types for bad headers
-            raise GGUFError(f"not a valid safetensors file: {exc}", path=p) from None
+        _safetensors_tensors([p], None, src)
     elif lower.endswith((".pt", ".pth", ".bin", ".ckpt")):
         src = Source(p, "torch", [])
         _open_torch(p, src)

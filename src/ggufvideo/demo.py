@@ -176,6 +176,20 @@ def _time_forward(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: in
     return out, statistics.median(times)
 
 
+def _save_source(model: nn.Module, folder: str) -> str:
+    """The full-precision checkpoint the demo converts (safetensors if installed, else .pt)."""
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        path = os.path.join(folder, "model-F32.pt")
+        torch.save(sd, path)
+        return path
+    path = os.path.join(folder, "model-F32.safetensors")
+    save_file(sd, path)
+    return path
+
+
 @dataclass
 class DemoRow:
     """One line of the demo's table."""
@@ -191,8 +205,6 @@ def run_demo(types: Sequence[str] = DEFAULT_TYPES, *, builtin: bool = False,
              workdir: str | None = None, repeats: int = 3, log: Callable[[str], None] = print
              ) -> list[DemoRow]:
     """Run the demo and print its table; returns the rows (first row: full precision)."""
-    from safetensors.torch import save_file
-
     from .convert import convert
     from .inspection import format_inspection, inspect_file
 
@@ -208,8 +220,7 @@ def run_demo(types: Sequence[str] = DEFAULT_TYPES, *, builtin: bool = False,
     assert folder is not None
     os.makedirs(folder, exist_ok=True)
     try:
-        src = os.path.join(folder, "model-F32.safetensors")
-        save_file({k: v.contiguous() for k, v in ref_model.state_dict().items()}, src)
+        src = _save_source(ref_model, folder)
         rows[0].file_size = os.path.getsize(src)
         del ref_model
         for i, qtype in enumerate(types):

@@ -526,12 +526,8 @@ def format_bytes(n: float) -> str:
 
 def _quantize_rows(x: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
     """float32 rows ``(r, n)`` -> their ggml bytes ``(r, row_bytes)``."""
-    try:
-        from .quants import quantize
-    except ImportError:  # the row API is landing; until then use the block codecs directly
-        qt = get_quant_type(qtype)
-        blocks = qt.quantize_blocks(x.reshape(-1, qt.block_size), None)
-        return blocks.reshape(x.shape[0], -1)
+    from .quants import quantize
+
     return quantize(x, qtype)
 
 
