@@ -11,6 +11,8 @@ from .errors import (
     UnsupportedTypeError,
 )
 from .loader import load_state_dict
+from .model import ModelLoadError, empty_weights, load_model
+from .ops import set_compute_dtype, swap_quant_layers
 from .quants import dequantize, quantize
 from .reader import GGUFFile, TensorInfo
 from .tensor import GGMLTensor
@@ -23,6 +25,11 @@ __all__ = [
     "GGUFFile",
     "TensorInfo",
     "load_state_dict",
+    "load_model",
+    "empty_weights",
+    "ModelLoadError",
+    "swap_quant_layers",
+    "set_compute_dtype",
     "InvalidHeaderError",
     "QuantizationError",
     "ShapeMetadataError",
