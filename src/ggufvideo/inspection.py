@@ -153,6 +153,9 @@ def validate_file(path: str | os.PathLike[str]) -> ValidationReport:
             if len(name.encode("utf-8")) >= MAX_GGML_NAME:
                 report.warnings.append(f"tensor {name!r}: name of {len(name.encode())} bytes; "
                                        f"ggml's C loader accepts at most {MAX_GGML_NAME - 1}")
+            if 0 in info.shape[:-1]:
+                report.warnings.append(f"tensor {name!r}: empty with a zero outer dim "
+                                       f"{list(info.shape)}; ggml's C loader crashes on it")
             if len(info.shape) > 4:
                 report.warnings.append(f"tensor {name!r}: stored with {len(info.shape)} dims; "
                                        "ggml's C loader accepts at most 4")

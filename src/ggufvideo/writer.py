@@ -209,11 +209,15 @@ def stored_layout(shape: tuple[int, ...] | torch.Size, qtype: GGMLQuantizationTy
 
     Up to 4 dims with whole-block rows: stored as is. Otherwise (more dims, or rows that are not
     whole blocks -- possible only for data already quantized elsewhere) flattened to ``(n/w, w)``.
-    A 0-d tensor is stored as ``(1,)``.
+    A 0-d tensor is stored as ``(1,)``, an empty one as ``(0,)``.
     """
     shape = tuple(int(d) for d in shape)
     if not shape:
         return (1,), False
+    if 0 in shape:
+        # ggml's C loader divides by every dim but the innermost while checking sizes (and dies
+        # of SIGFPE on a zero): an empty tensor is stored 1-D, its shape in the metadata.
+        return (0,), len(shape) != 1
     bs = get_quant_type(qtype).block_size
     if len(shape) <= 4 and shape[-1] % bs == 0:
         return shape, False
