@@ -1,0 +1,261 @@
+"""GPU fast path: Triton dequantization and fused quantized matmul, registered as torch custom ops.
+
+Optional: needs the ``triton`` extra and a CUDA device. Importing this package imports torch
+only; triton is imported the first time a kernel runs. The torch decoders in
+:mod:`ggufvideo.quants` stay the reference: the kernels' float32 output is bit-identical to them
+and their float16/bfloat16 output is the same exact value rounded once.
+
+Public functions:
+
+* :func:`is_available` -- whether the fast path would run on a device (CUDA, triton importable,
+  not switched off).
+* :func:`dequantize` -- ``torch.ops.ggufvideo.dequantize``: raw blocks -> a new dense tensor.
+* :func:`linear` -- ``torch.ops.ggufvideo.quant_linear``: ``F.linear`` with a quantized weight.
+  With at most :data:`FUSED_MAX_M` rows of activations (and a fused type) one kernel reads the
+  quantized weight once and never materializes it; otherwise the weight is decoded into a
+  workspace reused across calls and the vendor GEMM (``F.linear``) runs on it.
+
+The switch: ``GGUFVIDEO_NO_TRITON=1`` in the environment, or :func:`set_enabled` ``(False)``,
+makes :func:`is_available` false, so the quant-aware layers (:mod:`ggufvideo.ops`) take the torch
+path. Both ops are ``torch.library`` custom ops with fake (meta) implementations, so
+``torch.compile(fullgraph=True)`` traces them as single nodes and CUDA graphs can capture them
+(no host synchronisation, no allocation outside torch's caching allocator).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+
+from ..errors import QuantizationError
+from ..quants import get_quant_type, to_qtype
+
+__all__ = [
+    "DEQUANT_TYPES",
+    "FUSED_TYPES",
+    "FUSED_MAX_M",
+    "is_available",
+    "set_enabled",
+    "dequantize",
+    "linear",
+    "release_workspace",
+]
+
+#: Types with a Triton dequantization kernel.
+DEQUANT_TYPES: frozenset[str] = frozenset(
+    ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL",
+     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"))
+#: Types with a fused small-M dequant+matmul kernel.
+FUSED_TYPES: frozenset[str] = frozenset(("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))
+#: Largest number of activation rows that takes the fused kernel.
+FUSED_MAX_M = 64
+
+_enabled: bool | None = None  # None: follow the environment variable
+
+
+def set_enabled(flag: bool | None) -> None:
+    """Force the fast path on (``True``) or off (``False``); ``None`` follows ``GGUFVIDEO_NO_TRITON``."""
+    global _enabled
+    _enabled = flag
+
+
+def _switched_on() -> bool:
+    if _enabled is not None:
+        return _enabled
+    return os.environ.get("GGUFVIDEO_NO_TRITON", "").strip().lower() in ("", "0", "false", "no")
+
+
+_HAS_TRITON: bool | None = None
+
+
+def _has_triton() -> bool:
+    global _HAS_TRITON
+    if _HAS_TRITON is None:
+        _HAS_TRITON = importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
+
+
+def is_available(device: torch.device | str | None = None, qtype: object = None) -> bool:
+    """Whether the Triton path runs for tensors on ``device`` (and of ``qtype``, if given).
+
+    True for CUDA devices when triton is importable and the switch is on. Also true on the CPU
+    under ``TRITON_INTERPRET=1`` when ``device`` is ``"cpu"`` explicitly -- that is how the tests
+    exercise the kernels' logic without a GPU.
+    """
+    if not (_switched_on() and _has_triton()):
+        return False
+    if qtype is not None:
+        try:
+            if to_qtype(qtype).name not in DEQUANT_TYPES:  # type: ignore[arg-type]
+                return False
+        except (QuantizationError, TypeError, ValueError):
+            return False
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cpu":
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return torch.cuda.is_available() and (dev is None or dev.type == "cuda")
+
+
+# -- workspace for the large-M path ---------------------------------------------------------------
+_WORKSPACE: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
+
+
+def _stream_id(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+
+
+def _workspace(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """A flat buffer of at least ``numel`` elements, reused by every call on this device+stream.
+
+    Kernels on one stream run in order, so one buffer per (device, dtype, stream) is safe to share.
+    It grows to the largest weight seen. While a CUDA graph is being captured it is never grown
+    (that would allocate from the graph's private pool and keep a captured address alive outside
+    it): a temporary buffer serves that call instead.
+    """
+    key = (device, dtype, _stream_id(device))
+    buf = _WORKSPACE.get(key)
+    if buf is not None and buf.numel() >= numel:
+        return buf[:numel]
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    fresh = torch.empty(numel, dtype=dtype, device=device)
+    if not capturing:
+        _WORKSPACE.pop(key, None)  # let the old buffer go before the caller fills the new one
+        _WORKSPACE[key] = fresh
+    return fresh
+
+
+def release_workspace() -> None:
+    """Drop the decode buffers of the large-M path (they are rebuilt on the next call)."""
+    _WORKSPACE.clear()
+
+
+# -- the custom ops ------------------------------------------------------------------------------
+def _name(qtype: int) -> str:
+    return GGMLQuantizationType(qtype).name
+
+
+def _decode_into(raw: torch.Tensor, qtype: int, out: torch.Tensor) -> torch.Tensor:
+    """Decode contiguous ``raw`` into the flat ``out``: Triton where it runs, else the torch path."""
+    name = _name(qtype)
+    if name in DEQUANT_TYPES and is_available(raw.device):
+        from ._dequant import dequantize_into
+
+        return dequantize_into(raw, name, out)
+    from ..quants import dequantize as torch_dequantize
+
+    qt = get_quant_type(qtype)
+    out.copy_(torch_dequantize(raw.reshape(-1, qt.type_size()), qtype, dtype=out.dtype).reshape(-1))
+    return out
+
+
+@torch.library.custom_op("ggufvideo::dequantize", mutates_args=())
+def _dequantize_op(raw: torch.Tensor, qtype: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(numel, dtype=dtype, device=raw.device)
+    return _decode_into(raw.contiguous(), qtype, out)
+
+
+@_dequantize_op.register_fake
+def _(raw: torch.Tensor, qtype: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    return raw.new_empty(numel, dtype=dtype)
+
+
+def _linear_impl(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    name = _name(qtype)
+    k = x.shape[-1]
+    x2d = x.reshape(-1, k)
+    m = x2d.shape[0]
+    raw2d = raw.reshape(out_features, -1)
+    if (m <= FUSED_MAX_M and name in FUSED_TYPES and k % 256 == 0 and m > 0
+            and x.dtype in (torch.float16, torch.bfloat16) and is_available(x.device)):
+        from ._matmul import fused_linear
+
+        if x2d.stride(-1) != 1:
+            x2d = x2d.contiguous()
+        y = fused_linear(x2d, raw2d.contiguous(), name, out_features)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], out_features)
+    w = _workspace(x.device, x.dtype, out_features * k)
+    _decode_into(raw2d.contiguous(), qtype, w)
+    return F.linear(x, w.view(out_features, k), None if bias is None else bias.to(x.dtype))
+
+
+@torch.library.custom_op("ggufvideo::quant_linear", mutates_args=())
+def _quant_linear_op(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    return _linear_impl(x, raw, qtype, out_features, bias)
+
+
+@_quant_linear_op.register_fake
+def _(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int,
+      bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _linear_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, raw, qtype, out_features, bias = inputs
+    ctx.save_for_backward(raw)
+    ctx.qtype, ctx.n, ctx.k, ctx.x_dtype = qtype, out_features, x.shape[-1], x.dtype
+    ctx.bias_shape = None if bias is None else bias.shape
+
+
+def _linear_backward(ctx, grad):  # noqa: ANN001, ANN202
+    # Gradients flow to the activations (and a dense bias), never to the quantized weight:
+    # fine-tuning a quantized base model (LoRA) needs exactly this.
+    (raw,) = ctx.saved_tensors
+    w = _dequantize_op(raw, ctx.qtype, ctx.n * ctx.k, grad.dtype).view(ctx.n, ctx.k)
+    grad_x = (grad @ w).to(ctx.x_dtype)
+    grad_b = None
+    if ctx.bias_shape is not None:
+        grad_b = grad.reshape(-1, ctx.n).sum(0).reshape(ctx.bias_shape)
+    return grad_x, None, None, None, grad_b
+
+
+_quant_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# -- public wrappers -----------------------------------------------------------------------------
+def _check(raw: torch.Tensor, qtype: object, numel: int, where: str) -> GGMLQuantizationType:
+    q = to_qtype(qtype)  # type: ignore[arg-type]
+    qt = get_quant_type(q)
+    if raw.dtype != torch.uint8:
+        raise QuantizationError(f"{where}({q.name}): raw blocks must be uint8, got {raw.dtype}")
+    if numel % qt.block_size or raw.numel() != numel // qt.block_size * qt.type_size():
+        raise QuantizationError(
+            f"{where}({q.name}): {numel} elements need {numel // qt.block_size * qt.type_size()} "
+            f"bytes of {qt.block_size}-element blocks, got {raw.numel()} bytes")
+    return q
+
+
+def dequantize(raw: torch.Tensor, qtype: object, shape: tuple[int, ...] | torch.Size,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Decode ``raw`` (uint8 blocks, any shape) into a new tensor of ``shape`` and ``dtype``.
+
+    Runs the Triton kernel where :func:`is_available` says so, the torch path otherwise; the
+    result is the same bits either way.
+    """
+    shape = torch.Size(shape)
+    q = _check(raw, qtype, shape.numel(), "kernels.dequantize")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise QuantizationError(f"kernels.dequantize({q.name}): dtype must be float32, float16 or "
+                                f"bfloat16, got {dtype}")
+    return torch.ops.ggufvideo.dequantize(raw, int(q), shape.numel(), dtype).view(shape)
+
+
+def linear(x: torch.Tensor, raw: torch.Tensor, qtype: object, out_features: int,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for ``W`` the ``(out_features, x.shape[-1])`` weight in ``raw``.
+
+    Computed in ``x.dtype``. The weight is decoded exactly and rounded once to ``x.dtype``; with
+    few rows the fused kernel accumulates the products in float32 in its own order, so results
+    match ``F.linear`` on the decoded weight to accumulation rounding, not bit for bit.
+    """
+    q = _check(raw, qtype, out_features * x.shape[-1], "kernels.linear")
+    if not x.dtype.is_floating_point:
+        raise QuantizationError(f"kernels.linear({q.name}): activations must be floating, got {x.dtype}")
+    return torch.ops.ggufvideo.quant_linear(x, raw, int(q), out_features, bias)
