@@ -33,6 +33,11 @@ Where a GPU fast path plugs in: every weight decode goes through :func:`dequanti
 quantized linear through :func:`quant_linear`. Fused dequant+matmul kernels replace the body of
 :func:`quant_linear`; faster decoders replace the body of :func:`dequantize_weight`. Nothing else in
 the package decodes a layer's weight.
+
+The GPU fast path is wired in: on CUDA, both hooks use the Triton kernels of
+:mod:`ggufvideo.kernels` (bit-identical decoding; a fused kernel for few activation rows) when
+triton is installed. ``GGUFVIDEO_NO_TRITON=1`` in the environment, or
+``ggufvideo.kernels.set_enabled(False)``, forces the torch path.
 """
 
 from __future__ import annotations
@@ -87,6 +92,9 @@ def dequantize_weight(weight: torch.Tensor, dtype: torch.dtype, *,
     if rows is not None:
         return _dequantize_rows_of(weight, rows, dtype)
     if isinstance(weight, GGMLTensor):
+        kernels = _gpu_kernels(weight)
+        if kernels is not None and dtype in (torch.float32, torch.float16, torch.bfloat16):
+            return kernels.dequantize(weight.raw, weight.qtype, weight.shape, dtype)
         return weight.dequantize(dtype)
     return weight if weight.dtype == dtype else weight.to(dtype)
 
@@ -100,9 +108,22 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     ``F.linear``, so its result is bit-identical to a plain ``nn.Linear`` holding the decoded
     weight in ``x.dtype``.
     """
+    kernels = _gpu_kernels(weight) if isinstance(weight, GGMLTensor) else None
+    if kernels is not None and weight.dim() == 2 and x.is_floating_point():
+        b = None if bias is None else dequantize_weight(bias, x.dtype)
+        return kernels.linear(x, weight.raw, weight.qtype, weight.shape[0], b)
     w = dequantize_weight(weight, x.dtype)
     b = None if bias is None else dequantize_weight(bias, x.dtype)
     return F.linear(x, w, b)
+
+
+def _gpu_kernels(weight: GGMLTensor) -> Any:
+    """:mod:`ggufvideo.kernels` if its Triton path runs for this CUDA weight's type, else ``None``."""
+    if weight.device.type != "cuda":
+        return None
+    from . import kernels  # torch-only import; triton loads when a kernel first runs
+
+    return kernels if kernels.is_available(weight.device, weight.qtype) else None
 
 
 def _dequantize_rows_of(weight: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
