@@ -88,14 +88,13 @@ def _nint(v: torch.Tensor) -> torch.Tensor:
 def _round_clamp(v: torch.Tensor, lo: int, hi: int, exact: bool) -> torch.Tensor:
     """``MAX(lo, MIN(hi, nearest_int(v)))`` as float32.
 
-    With ``exact=False`` the caller guarantees ``|v| <= 4194303`` and no NaN: then the clamp can be
-    done on ``v + MAGIC`` in float (three cheap ops instead of integer bit work), because that sum
-    is exactly ``MAGIC + round(v)``.
+    With ``exact=False`` the caller guarantees ``|v| <= 4194303`` and no NaN: then nearest_int is
+    plain round-half-even (``torch.round``), and clamping to integer bounds before rounding gives
+    the same result as after; two cheap float ops instead of integer bit work.
     """
     if exact:
         return _nint(v).clamp_(lo, hi).to(_F32)
-    t = v + _MAGIC
-    return t.clamp_(_MAGIC + lo, _MAGIC + hi).sub_(_MAGIC)
+    return v.clamp(lo, hi).round_()
 
 
 def _seq_sum(terms: torch.Tensor, first_as_start: bool = False) -> torch.Tensor:
@@ -153,35 +152,6 @@ def _block_major(t: torch.Tensor, nb: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # ggml's searches, vectorized over groups (columns)
 # ---------------------------------------------------------------------------------------------
-def _qkx_trials(x: torch.Tensor, w3: torch.Tensor, mn: torch.Tensor, rng: torch.Tensor,
-                nums: torch.Tensor, sum_w: torch.Tensor, sum_x: torch.Tensor, nmax: int,
-                use_mad: bool) -> tuple[torch.Tensor, ...]:
-    """Evaluate trial inverse scales ``nums[c]/(max - min)`` for every column of ``x`` ``(P, A)``.
-
-    Returns per trial and column ``(L (P, C, A), scale (C, A), min (C, A), error (C, A),
-    solvable (C, A))`` exactly as one pass of ggml's trial loop computes them.
-    """
-    iscale = _div(nums.unsqueeze(1), rng.unsqueeze(0))  # (C, A)
-    xm = x - mn
-    exact = not bool((iscale.amax(0) * rng <= _NINT_SAFE).all())  # NaN/inf/huge -> exact
-    lv = _round_clamp(xm.unsqueeze(1) * iscale.unsqueeze(0), 0, nmax, exact)  # (P, C, A)
-    wl = w3 * lv
-    sum_l = _seq_sum(wl)
-    sum_xl = _seq_sum(wl * x.unsqueeze(1))
-    sum_l2 = _seq_sum(wl.mul_(lv))
-    del wl
-    d = sum_w * sum_l2 - sum_l * sum_l
-    ts = _div(sum_w * sum_xl - sum_x * sum_l, d)
-    tm = _div(sum_l2 * sum_x - sum_l * sum_xl, d)
-    pos = tm > 0
-    tm = torch.where(pos, 0.0, tm)
-    ts = torch.where(pos, _div(sum_xl, sum_l2), ts)
-    diff = (lv * ts.unsqueeze(0)).add_(tm.unsqueeze(0)).sub_(x.unsqueeze(1))
-    diff = diff.abs_() if use_mad else diff.mul_(diff)
-    err = _seq_sum(diff.mul_(w3))
-    return lv, ts, tm, err, d > 0
-
-
 def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
               nstep: int, use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ggml's ``make_qkx2_quants`` / ``make_qkx3_quants`` (with weights: the same arithmetic).
@@ -190,58 +160,77 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     position-major ``x``/``w`` ``(P, R)``: a first guess from the range, then ``nstep+1`` trial
     inverse scales ``(rmin + rdelta*is + nmax)/(max - min)``, each followed by a weighted
     least-squares solve for scale and min; a trial whose weighted error (absolute or squared) is
-    strictly below the best so far is taken, *and its min replaces the min that later trials
-    use*. So the trials are not independent: they are evaluated in rounds, all remaining trials of
-    every still-open column at once under its current min; the first improving trial is taken and
-    the column's later trials are re-evaluated in the next round (a handful of rounds in practice).
+    strictly below the best so far is taken, *and its min is the one later trials start from*, so
+    the trials run one after another (each vectorized over all columns).
+
+    Only the winning trial's inverse scale and starting min are remembered; its codes are
+    recomputed once at the end (same arithmetic, same result), which keeps the loop to in-place
+    work on preallocated buffers.
     Returns ``(scale (R,), the_min (R,), L (P, R) float32)``.
     """
-    dev = x.device
     mx = x.amax(0)
-    mn = x.amin(0)
-    mn = torch.where(mn > 0, 0.0, mn)
-    flat = mx == mn  # ggml returns early: L = 0, scale 0, the_min = -min
-    rng = torch.where(flat, 1.0, mx - mn)  # any harmless value for flat columns
+    xmin = x.amin(0)
+    mn0 = torch.where(xmin > 0, 0.0, xmin)
+    flat = mx == mn0  # ggml returns early: L = 0, scale 0, the_min = -min
+    mn = torch.where(flat, mx - 1.0, mn0)  # any harmless range for flat columns (masked at the end)
     sum_w = _seq_sum(w, first_as_start=True)
     sum_x = _seq_sum(w * x, first_as_start=True)
+    codes_buf = torch.empty_like(x)
+    diff = torch.empty_like(x)
+    buf = torch.empty((x.shape[0], 3) + x.shape[1:], dtype=_F32, device=x.device)
+    wl, wl2, wlx = buf[:, 0], buf[:, 1], buf[:, 2]
 
-    # The first guess, with the raw min.
-    iscale0 = _div(float(nmax), rng)
-    exact = not bool((iscale0 * rng <= _NINT_SAFE).all())
-    L = _round_clamp((x - mn) * iscale0, 0, nmax, exact)
-    scale = _div(1.0, iscale0)
-    diff = (L * scale).add_(mn).sub_(x)
-    diff = diff.abs_() if use_mad else diff.mul_(diff)
-    best = _seq_sum(diff.mul_(w))
-    del diff
+    def codes(iscale: torch.Tensor, start: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``MAX(0, MIN(nmax, nearest_int(iscale*(x - start))))`` into ``out``."""
+        # |x - start| <= max(max - start, |xmin - start|): below 2**22 the float clamp is exact.
+        bound = iscale * torch.maximum(mx - start, (xmin - start).abs())
+        torch.sub(x, start, out=out).mul_(iscale)
+        if bool((bound <= _NINT_SAFE).all()):  # NaN or infinity -> the exact path
+            # Clamping to [0, nmax] before rounding commutes with rounding for integer bounds,
+            # and torch.round is round-half-even like nearest_int in range.
+            return out.clamp_(0, nmax).round_()
+        return out.copy_(_round_clamp(out, 0, nmax, exact=True))
 
-    steps = torch.arange(nstep + 1, dtype=_F32, device=dev)
-    nums = (steps * _f32(rdelta) + _f32(rmin)) + float(nmax)  # (rmin + rdelta*is) + nmax
-    n_trials = nstep + 1
-    nxt = torch.zeros_like(mx, dtype=torch.int64)  # first trial not yet evaluated
-    cols = (~flat).nonzero().squeeze(1)
-    while cols.numel():
-        start = int(nxt[cols].min())
-        xa, wa, mna = x[:, cols], w[:, cols], mn[cols]
-        lv, ts, tm, err, ok = _qkx_trials(xa, wa.unsqueeze(1), mna, mx[cols] - mna,
-                                          nums[start:], sum_w[cols], sum_x[cols], nmax, use_mad)
-        trial = torch.arange(start, n_trials, device=dev).unsqueeze(1)
-        better = ok & (trial >= nxt[cols]) & (err < best[cols])
-        found = better.any(0)
-        first = better.to(torch.uint8).argmax(0)  # the first improving trial
-        g = first.unsqueeze(0)
-        best[cols] = torch.where(found, err.gather(0, g).squeeze(0), best[cols])
-        scale[cols] = torch.where(found, ts.gather(0, g).squeeze(0), scale[cols])
-        mn[cols] = torch.where(found, tm.gather(0, g).squeeze(0), mna)
-        picked = lv.gather(1, g.view(1, 1, -1).expand(lv.shape[0], 1, -1)).squeeze(1)
-        L[:, cols] = torch.where(found, picked, L[:, cols])
-        nxt[cols] = first + start + 1
-        keep = found & (nxt[cols] < n_trials)
-        cols = cols[keep]
+    def error(L: torch.Tensor, scale: torch.Tensor, the_min: torch.Tensor) -> torch.Tensor:
+        torch.mul(L, scale, out=diff).add_(the_min).sub_(x)
+        if use_mad:
+            diff.abs_()
+        else:
+            diff.mul_(diff)
+        return _seq_sum(diff.mul_(w))
 
+    iscale = _div(float(nmax), mx - mn)
+    L = codes(iscale, mn, codes_buf)
+    scale = _div(1.0, iscale)
+    best = error(L, scale, mn)
+    best_iscale, best_start = iscale, mn
+
+    for step in range(nstep + 1):
+        num = _f32(_f32(_f32(rmin) + _f32(_f32(rdelta) * step)) + float(nmax))
+        iscale = _div(num, mx - mn)
+        Lt = codes(iscale, mn, codes_buf)
+        torch.mul(w, Lt, out=wl)
+        torch.mul(wl, Lt, out=wl2)
+        torch.mul(wl, x, out=wlx)
+        sum_l, sum_l2, sum_xl = _seq_sum(buf)
+        d = sum_w * sum_l2 - sum_l * sum_l
+        ts = _div(sum_w * sum_xl - sum_x * sum_l, d)
+        tm = _div(sum_l2 * sum_x - sum_l * sum_xl, d)
+        pos = tm > 0
+        tm = torch.where(pos, 0.0, tm)
+        ts = torch.where(pos, _div(sum_xl, sum_l2), ts)
+        err = error(Lt, ts, tm)
+        take = (d > 0) & (err < best)
+        best = torch.where(take, err, best)
+        scale = torch.where(take, ts, scale)
+        best_iscale = torch.where(take, iscale, best_iscale)
+        best_start = torch.where(take, mn, best_start)
+        mn = torch.where(take, tm, mn)
+
+    L = codes(best_iscale, best_start, codes_buf)
     scale = torch.where(flat, 0.0, scale)
     L = torch.where(flat, 0.0, L)
-    return scale, -mn, L
+    return scale, -torch.where(flat, mn0, mn), L
 
 
 def _make_qx(x: torch.Tensor, w: torch.Tensor | None, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,8 +279,9 @@ def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     strictly improves ``sumlx^2/suml2`` (weights ``x*x``). Columns of ``(P, R)``; returns
     ``(scale (R,), L (P, R) float32 in [0, 2*nmax-1])``.
 
-    ggml stops after a pass that changes nothing; such a pass leaves the state as it was, so every
-    later pass would change nothing too, and running all five gives the same result.
+    ggml stops a column after a pass that changes nothing in it; such a pass leaves its state as
+    it was, so every later pass would change nothing either: the loop stops once no column
+    changed.
     """
     amax, mx = _first_abs_max(x)
     zero = ~(amax >= _GROUP_MAX_EPS)
@@ -302,6 +292,7 @@ def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     sumlx = _seq_sum(wx * L)
     suml2 = _seq_sum((w * L).mul_(L))
     for _ in range(5):
+        changed = torch.zeros_like(sumlx, dtype=torch.bool)
         for i in range(x.shape[0]):
             li = L[i]
             slx = sumlx - wx[i] * li
@@ -314,6 +305,9 @@ def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
             L[i] = torch.where(take, new, li)
             sumlx = torch.where(take, slx_n, sumlx)
             suml2 = torch.where(take, sl2_n, suml2)
+            changed |= take
+        if not bool(changed.any()):  # a pass that changed nothing: every later pass would too
+            break
     scale = torch.where(suml2 > 0, _div(sumlx, suml2), 0.0)
     return torch.where(zero, 0.0, scale), torch.where(zero, 0.0, L + nmax)
 
@@ -353,6 +347,7 @@ def _make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor,
     sumlx = _seq_sum(wx * li)
     suml2 = _seq_sum((w * li).mul_(li))
     for _ in range(5):
+        changed = torch.zeros_like(sumlx, dtype=torch.bool)
         for i in range(n):
             Li = L[i]
             slx = sumlx - wx[i] * Li
@@ -365,6 +360,9 @@ def _make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor,
             L[i] = torch.where(take, (new.to(torch.int32) & 0xFF).to(_F32), Li)
             sumlx = torch.where(take, slx_n, sumlx)
             suml2 = torch.where(take, sl2_n, suml2)
+            changed |= take
+        if not bool(changed.any()):  # a pass that changed nothing: every later pass would too
+            break
     scale = torch.where(suml2 > 0, _div(sumlx, suml2), 0.0)
     return torch.where(zero, 0.0, scale), torch.where(zero, 0.0, L)
 
