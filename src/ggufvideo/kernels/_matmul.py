@@ -150,7 +150,7 @@ def _fused_kernel(x, w, y, KV, M, N, K, stride_xm, stride_ym, row_bytes, k_steps
                   STEP: tl.constexpr, TS: tl.constexpr, BYTES_PER_STEP: tl.constexpr,
                   F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
                   F4: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, OUT: tl.constexpr,
-                  SPLIT: tl.constexpr, SOFT: tl.constexpr):
+                  PARTIAL: tl.constexpr, SOFT: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -167,7 +167,7 @@ def _fused_kernel(x, w, y, KV, M, N, K, stride_xm, stride_ym, row_bytes, k_steps
         acc = STEP(acc, wrow + ks * BYTES_PER_STEP, xrow + ks * 256, xmask,
                    F0, F1, F2, F3, F4, TS, OUT, SOFT)
     out_mask = (rn < N)[:, None] & (rm < M)[None, :]
-    if SPLIT == 1:
+    if not PARTIAL:
         ptrs = y + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
         tl.store(ptrs, to_out(acc, OUT, SOFT), mask=out_mask)
     else:
@@ -230,7 +230,7 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
                         STEP=FUSED_TYPES[name], TS=spec.type_size,
                         BYTES_PER_STEP=BK // spec.block_size * spec.type_size,
                         F0=f0, F1=f1, F2=f2, F3=f3, F4=f4, BM=bm, BN=bn, OUT=out_dtype,
-                        SPLIT=split, SOFT=soft_bf16(), num_warps=num_warps,
+                        PARTIAL=split > 1, SOFT=soft_bf16(), num_warps=num_warps,
                         num_stages=num_stages, enable_fp_fusion=False)
     if split == 1:
         return y

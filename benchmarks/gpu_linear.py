@@ -1,0 +1,158 @@
+"""Quant-aware Linear vs bf16 ``F.linear`` on Wan-14B shapes, as time ratios (>1 = slower).
+
+Shapes (K, N) in {(5120, 5120), (5120, 13824), (13824, 5120)}, activation rows
+M in {1, 16, 64, 512, 4096, 32760}, bf16. The quant-aware Linear is ``nn.Linear`` swapped by
+:func:`ggufvideo.ops.swap_quant_layers` holding a :class:`GGMLTensor` weight of random blocks;
+on CUDA it runs the fused kernel for M <= 64 and decode-into-workspace + cuBLAS above.
+
+``--tune`` first sweeps the fused kernel's tile/split choices for Q4_K at M = 1, 16, 64.
+``--torch-path`` adds the ratio of the torch decode path (kernels switched off) at M=1 and 32760.
+Run: ``python benchmarks/gpu_linear.py [--types Q4_K Q8_0] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_dequant import bench, random_blocks  # noqa: E402
+
+from ggufvideo import GGMLTensor  # noqa: E402
+from ggufvideo.ops import swap_quant_layers  # noqa: E402
+from ggufvideo.quants import get_quant_type  # noqa: E402
+
+SHAPES = [(5120, 5120), (5120, 13824), (13824, 5120)]
+MS = [1, 16, 64, 512, 4096, 32760]
+TYPES = ["Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def quant_linear_module(name: str, k: int, n: int, device: torch.device) -> nn.Linear:
+    """A quant-aware ``nn.Linear(k, n)`` (no bias) whose weight is random ``name`` blocks."""
+    qt = get_quant_type(name)
+    with torch.device("meta"):
+        lin = nn.Linear(k, n, bias=False)
+    raw = random_blocks(name, n * k // qt.block_size, device).view(n, -1)
+    lin._parameters["weight"] = nn.Parameter(GGMLTensor(raw, name, (n, k), torch.bfloat16),
+                                             requires_grad=False)
+    return swap_quant_layers(lin)
+
+
+def tune(device: torch.device) -> list[dict]:
+    """Time the fused kernel's (BM, BN, SPLIT) choices for Q4_K; print the best per case."""
+    from ggufvideo.kernels._matmul import _pick, fused_linear
+
+    out = []
+    for k, n in SHAPES:
+        qt = get_quant_type("Q4_K")
+        raw = random_blocks("Q4_K", n * k // qt.block_size, device).view(n, -1)
+        for m in (1, 16, 64):
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            bm = _pick(m, n, k, device)[0]
+            res = {}
+            trials = [(bn, split, 4) for bn in (16, 32, 64) for split in (1, 2, 4, 8)]
+            trials += [(64, split, 8) for split in (1, 4)]
+            for bn, split, warps in trials:
+                cfg = (bm, bn, split)
+                t = bench(lambda: fused_linear(x, raw, "Q4_K", n, config=cfg, num_warps=warps))
+                res[(bn, split, warps)] = t * 1e3
+            best = min(res, key=res.get)
+            auto = _pick(m, n, k, device)
+            t_auto = bench(lambda: fused_linear(x, raw, "Q4_K", n)) * 1e3
+            row = dict(k=k, n=n, m=m, best=best, best_us=res[best], auto=auto, auto_us=t_auto,
+                       all={str(key): v for key, v in res.items()})
+            print(f"tune Q4_K K={k} N={n} M={m}: best (BN,SPLIT,warps)={best} {res[best]:.1f} us; "
+                  f"auto {auto} {t_auto:.1f} us", flush=True)
+            out.append(row)
+    return out
+
+
+def run(types: list[str], ms: list[int], torch_path: bool = False) -> list[dict]:
+    """Ratios of every (type, shape, M); also the bf16 and quant times in microseconds."""
+    from ggufvideo import kernels
+
+    dev = torch.device("cuda")
+    rows = []
+    for k, n in SHAPES:
+        x_all = torch.randn(max(ms), k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5
+        base = {m: bench(lambda: F.linear(x_all[:m], w)) for m in ms}
+        del w
+        for name in types:
+            lin = quant_linear_module(name, k, n, dev)
+            with torch.no_grad():
+                for m in ms:
+                    x = x_all[:m]
+                    t = bench(lambda: lin(x))
+                    row = dict(type=name, k=k, n=n, m=m, bf16_us=base[m] * 1e3, quant_us=t * 1e3,
+                               ratio=t / base[m])
+                    if torch_path and m in (1, max(ms)):
+                        kernels.set_enabled(False)
+                        try:
+                            row["torch_path_ratio"] = bench(lambda: lin(x), rep=50) / base[m]
+                        finally:
+                            kernels.set_enabled(None)
+                    rows.append(row)
+            del lin
+            kernels.release_workspace()
+        print(f"# done K={k} N={n}", flush=True)
+    return rows
+
+
+def table(rows: list[dict], ms: list[int]) -> str:
+    """Markdown: one line per (type, shape), one column per M."""
+    head = ("| type | (K,N) | " + " | ".join(f"M={m}" for m in ms) + " |\n"
+            "|---|---|" + "---|" * len(ms) + "\n")
+    lines = []
+    keys = []
+    for r in rows:
+        key = (r["type"], r["k"], r["n"])
+        if key not in keys:
+            keys.append(key)
+    for t, k, n in keys:
+        cells = {r["m"]: r["ratio"] for r in rows if (r["type"], r["k"], r["n"]) == (t, k, n)}
+        lines.append(f"| {t} | {k},{n} | " + " | ".join(f"{cells[m]:.2f}" for m in ms) + " |")
+    base = {}
+    for r in rows:
+        base[(r["k"], r["n"], r["m"])] = r["bf16_us"]
+    bl = ["", "bf16 F.linear, us:", "| (K,N) | " + " | ".join(f"M={m}" for m in ms) + " |",
+          "|---|" + "---|" * len(ms)]
+    for k, n in SHAPES:
+        if (k, n, ms[0]) in base:
+            bl.append(f"| {k},{n} | " + " | ".join(f"{base[(k, n, m)]:.1f}" for m in ms) + " |")
+    tp = [r for r in rows if "torch_path_ratio" in r]
+    extra = []
+    if tp:
+        extra = ["", "torch decode path (kernels off), ratio vs bf16:"]
+        extra += [f"- {r['type']} K={r['k']} N={r['n']} M={r['m']}: {r['torch_path_ratio']:.2f}"
+                  for r in tp]
+    return head + "\n".join(lines + bl + extra)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--types", nargs="*", default=TYPES)
+    ap.add_argument("--ms", nargs="*", type=int, default=MS)
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--torch-path", action="store_true")
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    result: dict = {}
+    if a.tune:
+        result["tune"] = tune(torch.device("cuda"))
+    result["rows"] = run(a.types, a.ms, a.torch_path)
+    print(table(result["rows"], a.ms))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""The Triton fast path (ggufvideo.kernels): bit-exact dequant, fused linear, ops, the switch.
+
+Where to run: with a CUDA device the kernels run natively; without one, and with triton installed,
+they run under Triton's interpreter (``TRITON_INTERPRET=1``, set below before triton is first
+imported) on tiny shapes, so their logic is tested on every CI push. Without triton the kernel
+tests skip. Tests marked ``gpu`` need CUDA and skip without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from strategies import finite_blocks
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON and not HAS_CUDA:
+    # Must precede the first import of triton-decorated code (triton.jit reads it at decoration).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+from ggufvideo import GGMLTensor, kernels  # noqa: E402
+from ggufvideo.quants import dequantize as torch_dequantize  # noqa: E402
+from ggufvideo.quants import get_quant_type  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+
+TYPES = sorted(kernels.DEQUANT_TYPES)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _blocks(qtype: str, n_blocks: int, seed: int) -> torch.Tensor:
+    return torch.from_numpy(finite_blocks(qtype, n_blocks, seed)).to(DEVICE)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("qtype", TYPES)
+def test_dequant_kernel_is_bit_identical_to_torch_path(qtype: str, dtype: torch.dtype) -> None:
+    from ggufvideo.kernels._dequant import dequantize_into
+
+    qt = get_quant_type(qtype)
+    # A block count that leaves a partial last tile (tiles hold 4096 elements).
+    n_blocks = 4096 // qt.block_size + 3
+    raw = _blocks(qtype, n_blocks, seed=n_blocks * 7 + len(qtype))
+    out = torch.full((n_blocks * qt.block_size,), float("nan"), dtype=dtype, device=DEVICE)
+    dequantize_into(raw, qtype, out)  # poisoned output: every element must be written
+    ref = torch_dequantize(raw, qtype, dtype=dtype).reshape(-1)
+    assert torch.equal(_bits(out), _bits(ref))
+
+
+@needs_triton
+@settings(max_examples=12, deadline=None)
+@given(qtype=st.sampled_from(TYPES), n_blocks=st.integers(1, 9), seed=st.integers(0, 2**32 - 1),
+       dtype=st.sampled_from(DTYPES))
+def test_dequant_wrapper_matches_torch_path_on_random_blocks(qtype: str, n_blocks: int, seed: int,
+                                                             dtype: torch.dtype) -> None:
+    qt = get_quant_type(qtype)
+    raw = _blocks(qtype, n_blocks, seed)
+    got = kernels.dequantize(raw, qtype, (n_blocks, qt.block_size), dtype)
+    assert torch.equal(_bits(got), _bits(torch_dequantize(raw, qtype, dtype=dtype)))
+
+
+def _fused_case(qtype: str, n: int, k: int, m: int, dtype: torch.dtype, seed: int):
+    qt = get_quant_type(qtype)
+    raw = _blocks(qtype, n * k // qt.block_size, seed).view(n, -1)
+    # Moderate scales: random f16 bit patterns reach 65504, whose products overflow fp16 outputs.
+    d_field = qt.layout["d"]
+    gen = torch.Generator().manual_seed(seed)
+    d = (torch.rand(raw.numel() // qt.type_size(), 1, generator=gen) * 0.01).to(torch.float16)
+    raw.view(-1, qt.type_size())[:, d_field.offset:d_field.offset + 2] = d.view(torch.uint8).to(DEVICE)
+    if "dmin" in {f.name for f in qt.layout.fields}:
+        f = qt.layout["dmin"]
+        raw.view(-1, qt.type_size())[:, f.offset:f.offset + 2] = d.view(torch.uint8).to(DEVICE)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
+    w = torch_dequantize(raw, qtype, dtype=dtype)
+    return raw, x, w
+
+
+@needs_triton
+@pytest.mark.parametrize("qtype", sorted(kernels.FUSED_TYPES))
+@pytest.mark.parametrize("config", [None, (16, 16, 2)], ids=["auto", "split2"])
+def test_fused_linear_matches_matmul_on_decoded_weight(qtype: str, config) -> None:
+    from ggufvideo.kernels._matmul import fused_linear
+
+    raw, x, w = _fused_case(qtype, n=40, k=512, m=3, dtype=torch.bfloat16, seed=11)
+    y = fused_linear(x, raw, qtype, 40, config=config)
+    ref = x.double() @ w.double().T
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 40)
+    # The weights are the exact decode rounded once; only accumulation order and the bf16
+    # output rounding (relative 2**-9) separate the result from the float64 product.
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3
+
+
+@needs_triton
+def test_fused_linear_in_float16() -> None:
+    from ggufvideo.kernels._matmul import fused_linear
+
+    raw, x, w = _fused_case("Q4_K", n=24, k=256, m=2, dtype=torch.float16, seed=5)
+    y = fused_linear(x, raw, "Q4_K", 24)
+    ref = x.double() @ w.double().T
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-3
+
+
+@needs_triton
+def test_linear_above_fused_rows_equals_f_linear_on_decoded_weight() -> None:
+    # M > FUSED_MAX_M: decode into the workspace, then F.linear -- the same numbers exactly.
+    raw, x, w = _fused_case("Q8_0", n=16, k=256, m=kernels.FUSED_MAX_M + 5, dtype=torch.float32,
+                            seed=3)
+    bias = torch.randn(16).to(DEVICE)
+    y = kernels.linear(x, raw, "Q8_0", 16, bias)
+    assert torch.equal(y, F.linear(x, w, bias))
+
+
+@needs_triton
+def test_linear_gradient_reaches_activations_only() -> None:
+    raw, x, w = _fused_case("Q4_0", n=8, k=256, m=kernels.FUSED_MAX_M + 1, dtype=torch.float32,
+                            seed=9)
+    x.requires_grad_(True)
+    kernels.linear(x, raw, "Q4_0", 8).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(x.shape[0], 8, device=DEVICE) @ w)
+
+
+def test_custom_ops_are_registered_with_fake_kernels() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        raw = torch.empty(4, 18, dtype=torch.uint8)
+        out = torch.ops.ggufvideo.dequantize(raw, int(get_quant_type("Q4_0").qtype), 128,
+                                             torch.bfloat16)
+        assert out.shape == (128,) and out.dtype == torch.bfloat16
+        x = torch.empty(5, 7, 32, dtype=torch.bfloat16)
+        y = torch.ops.ggufvideo.quant_linear(x, raw, int(get_quant_type("Q4_0").qtype), 4, None)
+        assert y.shape == (5, 7, 4)
+
+
+def test_switch_forces_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GGUFVIDEO_NO_TRITON", "1")
+    assert not kernels.is_available("cuda")
+    monkeypatch.delenv("GGUFVIDEO_NO_TRITON")
+    kernels.set_enabled(False)
+    try:
+        assert not kernels.is_available("cuda")
+    finally:
+        kernels.set_enabled(None)
+    assert not kernels.is_available("cuda", "IQ2_XS")  # no kernel for that type
+    if not HAS_CUDA:
+        assert not kernels.is_available("cuda")
+
+
+def test_wrong_sizes_raise_clear_errors() -> None:
+    from ggufvideo.errors import QuantizationError
+
+    with pytest.raises(QuantizationError, match="18 bytes"):
+        kernels.dequantize(torch.zeros(17, dtype=torch.uint8), "Q4_0", (32,))
+    with pytest.raises(QuantizationError, match="uint8"):
+        kernels.dequantize(torch.zeros(18, dtype=torch.int8), "Q4_0", (32,))
+
+
+def test_importing_ggufvideo_does_not_import_triton() -> None:
+    code = ("import sys, ggufvideo, ggufvideo.ops, ggufvideo.kernels; "
+            "assert 'triton' not in sys.modules, 'triton imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# -- GPU only ------------------------------------------------------------------------------------
+def _quant_linear(qtype: str, k: int, n: int):
+    from torch import nn
+
+    from ggufvideo.ops import swap_quant_layers
+
+    qt = get_quant_type(qtype)
+    with torch.device("meta"):
+        lin = nn.Linear(k, n, bias=True)
+    raw, _, _ = _fused_case(qtype, n, k, 1, torch.bfloat16, seed=2)
+    lin._parameters["weight"] = nn.Parameter(GGMLTensor(raw, qtype, (n, k), torch.bfloat16),
+                                             requires_grad=False)
+    lin._parameters["bias"] = nn.Parameter(torch.randn(n, device=DEVICE, dtype=torch.bfloat16))
+    assert qt.block_size
+    return swap_quant_layers(lin)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [3, 200])
+def test_quant_linear_layer_takes_fast_path_and_matches_torch_path(m: int) -> None:
+    lin = _quant_linear("Q4_K", 512, 96)
+    x = torch.randn(m, 512, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        fast = lin(x)
+        kernels.set_enabled(False)
+        try:
+            slow = lin(x)
+        finally:
+            kernels.set_enabled(None)
+    if m > kernels.FUSED_MAX_M:
+        assert torch.equal(fast, slow)
+    else:
+        assert ((fast.float() - slow.float()).norm() / slow.float().norm()).item() < 1e-2
+
+
+@gpu
+@needs_cuda
+def test_quant_linear_compiles_fullgraph_and_replays_in_cuda_graph() -> None:
+    lin = _quant_linear("Q8_0", 256, 64)
+    x = torch.randn(4, 256, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = lin(x)
+        assert torch.equal(torch.compile(lin, fullgraph=True)(x), eager)
+        static_x = x.clone()
+        lin(static_x)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_y = lin(static_x)
+        x2 = torch.randn_like(x)
+        static_x.copy_(x2)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, lin(x2))
