@@ -16,6 +16,7 @@ Used by ``tests/test_fuzz_parser.py`` (a quick pass in CI) and ``benchmarks/fuzz
 
 from __future__ import annotations
 
+import json
 import struct
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from strategies import finite_blocks
 
 import ggufvideo
 from ggufvideo import GGMLTensor, GGUFError, GGUFFile, load_state_dict
+from ggufvideo.inspection import format_inspection, inspect_file, validate_file
 from ggufvideo.quants import registered_types
 
 HUGE = [2**64 - 1, 2**63, 2**63 - 1, 2**62, 2**32 - 1, 2**31, 2**16, 0, 1]
@@ -151,15 +153,12 @@ def mutate(seed: Seed, rng: np.random.Generator) -> tuple[bytes, str]:
 
 
 def _inspect_and_validate(path: Path) -> None:
-    """Run the CLI's inspect/validate code paths when the CLI module provides them."""
-    try:
-        from ggufvideo import cli
-    except ImportError:
-        return
-    for fn_name in ("inspect_file", "validate_file"):
-        fn = getattr(cli, fn_name, None)
-        if fn is not None:
-            fn(path)
+    """The CLI's inspect and validate code paths (validate reports problems, never raises)."""
+    info = inspect_file(path)
+    format_inspection(info)
+    json.dumps(info)
+    report = validate_file(path)
+    assert isinstance(report.ok, bool)
 
 
 def check(path: Path, *, time_limit: float = 10.0) -> str:
