@@ -152,6 +152,10 @@ def _safetensors_tensors(files: Iterable[str], only: Mapping[str, str] | None, s
         for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
             if b1 < e0:
                 raise GGUFError(f"data overlaps tensor {n0!r}", path=f, tensor=n1)
+        # Write in the file's data order (reads stay sequential); safetensors sorts its header.
+        rank = {name: i for i, (_b, _e, name) in enumerate(spans)}
+        first = len(src.tensors) - len(spans)
+        src.tensors[first:] = sorted(src.tensors[first:], key=lambda t: rank[t.name])
     if only is not None:
         missing = sorted(set(only) - set(seen))
         if missing:

@@ -67,7 +67,7 @@ MAX_GGML_NAME = 64
 #: ``general.architecture`` for models no known family matches.
 GENERIC_ARCHITECTURE = "generic"
 # Elements quantized per step: bounds float32 temporaries to tens of MB whatever the tensor size.
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS = 1 << 20
 
 # -- metadata values ------------------------------------------------------------------------
 
