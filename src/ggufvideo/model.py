@@ -266,6 +266,9 @@ def assign_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
             for name, b in mod._buffers.items():
                 if b is not None and b.device.type != "meta" and b.device != dev:
                     mod._buffers[name] = b.to(dev)
+            for name, p in mod._parameters.items():
+                if p is not None and p.device.type != "meta" and p.device != dev:
+                    mod._parameters[name] = nn.Parameter(p.to(dev), requires_grad=p.requires_grad)
     _recover_meta_buffers(model)
     meta = _meta_buffers(model)
     report = IncompatibleKeys(missing, unexpected, meta)

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .quants import dequantize as _dequantize_rows
+from .quants import get_quant_type
 from .tensor import GGMLTensor
 
 __all__ = [
@@ -134,8 +135,6 @@ def _dequantize_rows_of(weight: torch.Tensor, rows: torch.Tensor, dtype: torch.d
     row_elems = weight.shape[1:].numel()
     raw = weight.raw
     # Rows can be gathered from the raw blocks only when no block straddles two rows.
-    from .quants import get_quant_type
-
     if n_rows == 0 or row_elems % get_quant_type(weight.qtype).block_size:
         return weight.dequantize(dtype)[rows]
     picked = raw.reshape(n_rows, -1)[rows.reshape(-1)]
