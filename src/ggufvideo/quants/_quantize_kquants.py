@@ -85,16 +85,28 @@ def _nint(v: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(v), 0, out)
 
 
-def _round_clamp(v: torch.Tensor, lo: int, hi: int, exact: bool) -> torch.Tensor:
+def _round_clamp(v: torch.Tensor, lo: int, hi: int, exact: bool | None = None) -> torch.Tensor:
     """``MAX(lo, MIN(hi, nearest_int(v)))`` as float32.
 
     With ``exact=False`` the caller guarantees ``|v| <= 4194303`` and no NaN: then nearest_int is
     plain round-half-even (``torch.round``), and clamping to integer bounds before rounding gives
-    the same result as after; two cheap float ops instead of integer bit work.
+    the same result as after; two cheap float ops instead of integer bit work. ``exact=None``
+    checks the range itself.
     """
+    if exact is None:
+        exact = not bool((v.abs() <= _NINT_SAFE).all())  # False for NaN
     if exact:
         return _nint(v).clamp_(lo, hi).to(_F32)
     return v.clamp(lo, hi).round_()
+
+
+def _pick(cond: torch.Tensor, a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+    """``torch.where(cond, a, b)`` for tensors of small integers (codes), by arithmetic.
+
+    Exact for integer values; several times faster than ``torch.where`` when ``cond`` broadcasts
+    over a large tensor.
+    """
+    return (a - b).mul_(cond.to(a.dtype)).add_(b)
 
 
 def _seq_sum(terms: torch.Tensor, first_as_start: bool = False) -> torch.Tensor:
@@ -113,14 +125,16 @@ def _first_abs_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``if (fabsf(v) > amax) { amax = fabsf(v); max = v; }`` over dim 0 from ``amax = max = 0``.
 
     Returns ``(amax, max)``: the largest magnitude (NaN never wins a ``>``) and the first element
-    attaining it, with its sign.
+    attaining it, with its sign. Scanned in order like ggml: exact for ties, zeros and NaN.
     """
-    ax = x.abs()
-    ax = torch.where(torch.isnan(ax), 0.0, ax)
-    amax = ax.amax(0)
-    idx = (ax == amax).to(torch.uint8).argmax(0)
-    mx = x.gather(0, idx.unsqueeze(0)).squeeze(0)
-    return amax, torch.where(amax > 0, mx, 0.0)
+    amax = torch.zeros_like(x[0])
+    mx = torch.zeros_like(x[0])
+    for v in x:
+        av = v.abs()
+        take = av > amax
+        amax = torch.where(take, av, amax)
+        mx = torch.where(take, v, mx)
+    return amax, mx
 
 
 def _running_max_pos(s: torch.Tensor) -> torch.Tensor:
@@ -140,7 +154,8 @@ def _pos_major(x: torch.Tensor, group: int) -> torch.Tensor:
     """``(nb, 256)`` -> ``(group, nb * 256/group)``: column ``b*S + s`` is sub-block ``s`` of
     block ``b``, row ``i`` its element ``i``."""
     nb = x.shape[0]
-    return x.view(nb, QK_K // group, group).permute(2, 0, 1).reshape(group, -1)
+    # contiguous: reshape alone would return a view whose position rows are strided.
+    return x.view(nb, QK_K // group, group).permute(2, 0, 1).contiguous().view(group, -1)
 
 
 def _block_major(t: torch.Tensor, nb: int) -> torch.Tensor:
@@ -229,7 +244,7 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
 
     L = codes(best_iscale, best_start, codes_buf)
     scale = torch.where(flat, 0.0, scale)
-    L = torch.where(flat, 0.0, L)
+    L = L.mul_((~flat).to(_F32))
     return scale, -torch.where(flat, mn0, mn), L
 
 
@@ -238,39 +253,51 @@ def _make_qx(x: torch.Tensor, w: torch.Tensor | None, nmax: int) -> tuple[torch.
 
     Symmetric fit ``x ~ scale*(L - nmax)``, ``L`` in ``[0, 2*nmax-1]``, over columns of the
     position-major ``(P, R)`` ``x``: the first guess ``-nmax/max`` (max = first element of largest
-    magnitude) and 18 trial inverse scales; a trial replaces the current one when its weighted
-    ``sumlx^2/suml2`` is strictly larger. Returns ``(scale (R,), L (P, R) float32)``.
+    magnitude), then 18 trial inverse scales ``-(nmax + 0.1*is)/max``, ``is = -9..9`` without 0; a
+    trial replaces the current fit when its weighted ``sumlx^2/suml2`` is strictly larger. Only the
+    winning inverse scale is remembered; its codes are recomputed at the end.
+    Returns ``(scale (R,), L (P, R) float32)``.
     """
-    dev = x.device
     amax, mx = _first_abs_max(x)
     zero = ~(amax >= _GROUP_MAX_EPS)  # amax < eps (amax is never NaN here)
+    mx = torch.where(zero, 1.0, mx)  # harmless for all-zero columns (masked at the end)
     if w is None:
         w = x * x
-    # ggml's trial order: the first guess, then is = -9..-1, 1..9; -(nmax + 0.1f*is) in float32.
-    nums = [float(nmax)] + [_f32(float(nmax) + _f32(_f32(0.1) * i)) for i in range(-9, 10) if i]
-    nums32 = torch.tensor(nums, dtype=_F32)
-    iscale = _div(-nums32.to(dev).unsqueeze(1), mx.unsqueeze(0))  # (C, R)
-    iscale = torch.where(zero, 0.0, iscale)
-    exact = not bool((iscale.abs().amax(0) * amax <= _NINT_SAFE).all())
+    wx = w * x
+    lt = torch.empty_like(x)
+    buf = torch.empty((2,) + x.shape, dtype=_F32, device=x.device)
 
-    v = x.unsqueeze(1) * iscale.unsqueeze(0)
-    lv = _round_clamp(v, -nmax, nmax - 1, exact)
-    del v
-    wx = (w * x).unsqueeze(1)
-    sumlx = _seq_sum(wx * lv)
-    suml2 = _seq_sum((w.unsqueeze(1) * lv).mul_(lv))
+    def codes(iscale: torch.Tensor) -> torch.Tensor:
+        torch.mul(x, iscale, out=lt)
+        # |iscale*x| <= |iscale|*amax: below 2**22 the float clamp + round is exact.
+        if bool((iscale.abs() * amax <= _NINT_SAFE).all()):
+            return lt.clamp_(-nmax, nmax - 1).round_()
+        return lt.copy_(_round_clamp(lt, -nmax, nmax - 1, exact=True))
 
-    scale = torch.where(suml2[0] != 0, _div(sumlx[0], suml2[0]), 0.0)
-    best = scale * sumlx[0]
-    sel = torch.zeros_like(mx, dtype=torch.int64)
-    for c in range(1, lv.shape[1]):
-        take = (suml2[c] > 0) & (sumlx[c] * sumlx[c] > best * suml2[c])
-        sc = _div(sumlx[c], suml2[c])
+    def sums(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lv = codes(iscale)
+        torch.mul(wx, lv, out=buf[0])
+        torch.mul(w, lv, out=buf[1]).mul_(lv)
+        sumlx, suml2 = _seq_sum(buf.transpose(0, 1))
+        return sumlx, suml2
+
+    iscale = _div(float(-nmax), mx)
+    sumlx, suml2 = sums(iscale)
+    scale = torch.where(suml2 != 0, _div(sumlx, suml2), 0.0)
+    best = scale * sumlx
+    best_iscale = iscale
+    for i in range(-9, 10):
+        if i == 0:
+            continue
+        iscale = _div(-_f32(float(nmax) + _f32(_f32(0.1) * i)), mx)
+        sumlx, suml2 = sums(iscale)
+        take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        sc = _div(sumlx, suml2)
         scale = torch.where(take, sc, scale)
-        best = torch.where(take, sc * sumlx[c], best)
-        sel = torch.where(take, c, sel)
-    L = lv.gather(1, sel.view(1, 1, -1).expand(lv.shape[0], 1, -1)).squeeze(1) + nmax
-    return torch.where(zero, 0.0, scale), torch.where(zero, 0.0, L)
+        best = torch.where(take, sc * sumlx, best)
+        best_iscale = torch.where(take, iscale, best_iscale)
+    L = codes(best_iscale) + nmax
+    return torch.where(zero, 0.0, scale), L.mul_((~zero).to(_F32))
 
 
 def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,7 +313,7 @@ def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     amax, mx = _first_abs_max(x)
     zero = ~(amax >= _GROUP_MAX_EPS)
     iscale = torch.where(zero, 0.0, _div(float(-nmax), mx))
-    L = _round_clamp(x * iscale, -nmax, nmax - 1, exact=True)
+    L = _round_clamp(x * iscale, -nmax, nmax - 1)
     w = x * x
     wx = w * x
     sumlx = _seq_sum(wx * L)
@@ -309,7 +336,7 @@ def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not bool(changed.any()):  # a pass that changed nothing: every later pass would too
             break
     scale = torch.where(suml2 > 0, _div(sumlx, suml2), 0.0)
-    return torch.where(zero, 0.0, scale), torch.where(zero, 0.0, L + nmax)
+    return torch.where(zero, 0.0, scale), (L + nmax).mul_((~zero).to(_F32))
 
 
 def _make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,8 +404,8 @@ def _requant_affine(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dm: torch
     nb, S = d.shape
     g = QK_K // S
     xv = x.view(nb, S, g)
-    new = _round_clamp(_div(xv + dm.unsqueeze(2), d.unsqueeze(2)), 0, nmax, exact=True)
-    return torch.where((d == 0).unsqueeze(2), L.reshape(nb, S, g), new).reshape(nb, QK_K)
+    new = _round_clamp(_div(xv + dm.unsqueeze(2), d.unsqueeze(2)), 0, nmax)
+    return _pick((d == 0).unsqueeze(2), L.reshape(nb, S, g), new).reshape(nb, QK_K)
 
 
 def _requant_symmetric(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, nmax: int) -> torch.Tensor:
@@ -386,8 +413,8 @@ def _requant_symmetric(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, nmax: 
     ``L`` where ``d == 0``."""
     nb, S = d.shape
     g = QK_K // S
-    new = _round_clamp(_div(x.view(nb, S, g), d.unsqueeze(2)), -nmax, nmax - 1, exact=True) + nmax
-    return torch.where((d == 0).unsqueeze(2), L.reshape(nb, S, g), new).reshape(nb, QK_K)
+    new = _round_clamp(_div(x.view(nb, S, g), d.unsqueeze(2)), -nmax, nmax - 1) + nmax
+    return _pick((d == 0).unsqueeze(2), L.reshape(nb, S, g), new).reshape(nb, QK_K)
 
 
 def _pack_crumbs(L: torch.Tensor) -> torch.Tensor:
@@ -605,7 +632,7 @@ def _q6_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     sc8 = torch.where(empty.unsqueeze(1), 0, sc8)
     d = d16.to(_F32).unsqueeze(1) * sc8.to(_F32)
     Lb = _requant_symmetric(x, _block_major(L, nb), d, 32).to(torch.int32)
-    Lb = torch.where(empty.unsqueeze(1), 0, Lb)  # ggml zeroes the whole block
+    Lb = Lb.mul_((~empty).unsqueeze(1).to(Lb.dtype))  # ggml zeroes the whole block
     q = Lb.view(nb, 2, 4, 32)
     ql = torch.cat([(q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4),
                     (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4)], dim=2)  # (nb, 2, 64)
