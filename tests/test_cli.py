@@ -1,0 +1,159 @@
+"""The ggufvideo command: convert, inspect, validate, demo; exit statuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ggufvideo import GGUFFile
+from ggufvideo.cli import main
+from ggufvideo.writer import save_state_dict
+
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+
+def _model(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    sd = {"blocks.0.self_attn.q.weight": torch.randn(64, 256, generator=g),
+          "blocks.0.ffn.2.weight": torch.randn(64, 256, generator=g),
+          "blocks.0.self_attn.q.bias": torch.randn(64, generator=g),
+          "patch_embedding.weight": torch.randn(64, 16, 1, 2, 2, generator=g)}
+    path = tmp_path / "m.safetensors"
+    safetensors_torch.save_file(sd, path)
+    return path
+
+
+def test_convert_command_writes_the_file_and_prints_a_summary(tmp_path, capsys):
+    src = _model(tmp_path)
+    rc = main(["convert", str(src), str(tmp_path / "m.gguf"), "--type", "Q8_0", "-q",
+               "--override", r"ffn\.2\.weight$=keep"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "wrote" in out and "Q8_0" in out
+    with GGUFFile(tmp_path / "m.gguf") as g:
+        assert g.tensors["blocks.0.self_attn.q.weight"].qtype.name == "Q8_0"
+        assert g.tensors["blocks.0.ffn.2.weight"].qtype.name == "F32"
+
+
+def test_convert_refuses_existing_destination_without_force(tmp_path, capsys):
+    src = _model(tmp_path)
+    dst = tmp_path / "m.gguf"
+    dst.write_bytes(b"old")
+    assert main(["convert", str(src), str(dst), "-t", "Q8_0", "-q"]) == 1
+    assert "--force" in capsys.readouterr().err and dst.read_bytes() == b"old"
+    assert main(["convert", str(src), str(dst), "-t", "Q8_0", "-q", "--force"]) == 0
+
+
+def test_convert_keep_type_and_verbose_listing(tmp_path, capsys):
+    src = _model(tmp_path)
+    assert main(["convert", str(src), str(tmp_path / "k.gguf"), "--type", "keep", "-q", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.0.self_attn.q.weight: F32 (source precision)" in out
+
+
+def test_bad_override_syntax_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", "a", "b", "--override", "no-equals-sign"])
+    assert exc.value.code == 2
+
+
+def test_unknown_type_is_an_error_exit(tmp_path, capsys):
+    src = _model(tmp_path)
+    assert main(["convert", str(src), str(tmp_path / "x.gguf"), "--type", "Q9_K", "-q"]) == 1
+    assert "Q9_K" in capsys.readouterr().err
+
+
+def test_inspect_lists_tensors_totals_and_summarises_long_arrays(tmp_path, capsys):
+    path = tmp_path / "m.gguf"
+    save_state_dict({"w.weight": torch.randn(64, 256), "c": torch.randn(8, 8, 2, 2, 2)}, path,
+                    qtype="Q8_0", metadata={"vocab": [f"t{i}" for i in range(1000)]})
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "w.weight" in out and "64x256" in out and "8x8x2x2x2" in out
+    assert "[1000 items" in out and "totals per type" in out
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["metadata"]["vocab"]["length"] == 1000
+    assert {t["name"]: t["shape"] for t in info["tensors"]}["c"] == [8, 8, 2, 2, 2]
+    assert info["totals"]["Q8_0"]["count"] == 1
+
+
+def test_validate_passes_a_clean_file(tmp_path, capsys):
+    path = tmp_path / "m.gguf"
+    save_state_dict({"w.weight": torch.randn(64, 256), "b": torch.randn(4)}, path, qtype="Q8_0")
+    assert main(["validate", str(path)]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def _corrupt_scale(path, tensor: str) -> None:
+    """Set the first block's f16 scale ``d`` of a Q8_0 tensor to +inf."""
+    with GGUFFile(path) as g:
+        offset = g.tensors[tensor].offset
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\x00\x7c")  # f16 +inf
+
+
+def test_validate_reports_non_finite_scales_by_tensor(tmp_path, capsys):
+    path = tmp_path / "m.gguf"
+    save_state_dict({"good.weight": torch.randn(64, 256), "bad.weight": torch.randn(64, 256)},
+                    path, qtype="Q8_0")
+    _corrupt_scale(path, "bad.weight")
+    assert main(["validate", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "bad.weight" in out and "non-finite scale" in out and "good.weight" not in out
+    assert main(["validate", str(path), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["ok"] and len(report["errors"]) == 1
+
+
+def test_validate_reports_non_finite_values_in_float_tensors(tmp_path, capsys):
+    w = torch.randn(4, 4)
+    w[1, 1] = float("nan")
+    save_state_dict({"w": w}, tmp_path / "m.gguf")
+    assert main(["validate", str(tmp_path / "m.gguf")]) == 1
+    assert "1 non-finite value" in capsys.readouterr().out
+
+
+def test_validate_reports_a_broken_header_without_crashing(tmp_path, capsys):
+    path = tmp_path / "m.gguf"
+    save_state_dict({"w.weight": torch.randn(64, 256)}, path, qtype="Q8_0")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated data section
+    assert main(["validate", str(path)]) == 1
+    assert "header" in capsys.readouterr().out
+
+
+def test_validate_warns_about_what_ggml_c_loader_refuses(tmp_path, capsys):
+    path = tmp_path / "m.gguf"
+    save_state_dict({"x" * 70: torch.zeros(4)}, path)
+    assert main(["validate", str(path)]) == 0
+    assert "warning" in capsys.readouterr().out
+
+
+def test_missing_file_is_an_error_exit(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nope.gguf")]) == 1
+    assert "nope.gguf" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_cli(tmp_path):
+    path = tmp_path / "m.gguf"
+    save_state_dict({"w": torch.zeros(4)}, path)
+    proc = subprocess.run([sys.executable, "-m", "ggufvideo", "inspect", str(path), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["n_tensors"] == 1
+
+
+def test_demo_runs_end_to_end_with_the_builtin_model(tmp_path, capsys):
+    assert main(["demo", "--builtin", "--types", "Q8_0", "--keep-files", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "rel. error" in out and "Q8_0" in out
+    row = next(line for line in out.splitlines() if line.startswith("Q8_0 "))
+    err = float(row.split()[-3])
+    assert 0 < err < 0.05
+    assert os.path.exists(tmp_path / "model-Q8_0.gguf")
