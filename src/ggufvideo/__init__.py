@@ -10,12 +10,15 @@ from .errors import (
     TensorLayoutError,
     UnsupportedTypeError,
 )
+from .convert import convert
 from .loader import load_state_dict
 from .model import ModelLoadError, empty_weights, load_model
 from .ops import set_compute_dtype, swap_quant_layers
+from .policy import QuantPolicy
 from .quants import dequantize, quantize
 from .reader import GGUFFile, TensorInfo
 from .tensor import GGMLTensor
+from .writer import save_state_dict
 
 __version__ = "0.1.0"
 
@@ -37,4 +40,7 @@ __all__ = [
     "UnsupportedTypeError",
     "dequantize",
     "quantize",
+    "save_state_dict",
+    "convert",
+    "QuantPolicy",
 ]
