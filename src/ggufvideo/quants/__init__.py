@@ -26,8 +26,33 @@ __all__ = [
 ]
 
 # Elements decoded per chunk: bounds the float32/int temporaries of a codec to a few tens of MB
-# whatever the tensor size, and keeps the working set near the CPU caches.
+# whatever the tensor size, and keeps the working set near the CPU caches. Smaller chunks pay
+# torch's per-op overhead (~5-10 us x ~10 ops) too often; larger ones spill out of the L3 cache.
 _CHUNK_ELEMENTS = 1 << 20
+
+# Outputs at least this large are allocated through numpy on CPU (see _empty).
+_NUMPY_ALLOC_BYTES = 1 << 22
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised output tensor, cheap to fill even when it is hundreds of MB.
+
+    torch's CPU allocator hands large blocks straight from ``mmap`` without huge pages (unless
+    the process started with ``THP_MEM_ALLOC_ENABLE=1``), so writing a fresh 100 MB output takes
+    ~25k page faults, about three times as long as decoding into it. numpy's allocator advises
+    the kernel to back large arrays with transparent huge pages, so on CPU we borrow it: the
+    returned tensor shares the numpy array's memory (and keeps it alive); it is an ordinary
+    tensor except that its storage cannot be resized.
+    """
+    n = 1
+    for s in shape:
+        n *= s
+    nbytes = n * dtype.itemsize
+    if device.type != "cpu" or nbytes < _NUMPY_ALLOC_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    import numpy as np
+
+    return torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def dequantize(data: torch.Tensor, qtype: GGMLQuantizationType | str | int, *,
@@ -54,11 +79,16 @@ def dequantize(data: torch.Tensor, qtype: GGMLQuantizationType | str | int, *,
     ts = qt.type_size()
     blocks = data.reshape(-1, ts)
     n_blocks = blocks.shape[0]
-    out = torch.empty((n_blocks, qt.block_size), dtype=dtype, device=data.device)
+    out = _empty((n_blocks, qt.block_size), dtype, data.device)
     step = max(1, _CHUNK_ELEMENTS // qt.block_size)
+    # Codecs that can decode straight into a float32 buffer skip the copy of every element.
+    into = getattr(qt, "dequantize_into", None) if dtype == torch.float32 else None
     for start in range(0, n_blocks, step):
-        chunk = qt.dequantize_blocks(blocks[start:start + step])
-        out[start:start + step] = chunk  # float32 -> dtype: the one rounding
+        if into is not None:
+            into(blocks[start:start + step], out[start:start + step])
+        else:
+            chunk = qt.dequantize_blocks(blocks[start:start + step])
+            out[start:start + step] = chunk  # float32 -> dtype: the one rounding
     return out.reshape(out_shape)
 
 

@@ -14,6 +14,7 @@ import torch
 from .base import Layout
 
 __all__ = [
+    "DecodesInto",
     "IQ4_KVALUES",
     "const",
     "f16_scale",
@@ -25,6 +26,33 @@ __all__ = [
 #: The IQ4_NL / IQ4_XS non-linear codebook (ggml's ``kvalues_iq4nl``), indexed by the 4-bit code.
 IQ4_KVALUES: tuple[int, ...] = (-127, -104, -83, -65, -49, -35, -22, -10,
                                 1, 13, 25, 38, 53, 69, 89, 113)
+
+class DecodesInto:
+    """Mixin for codecs written as :meth:`dequantize_into` (decode straight into a buffer).
+
+    :func:`ggufvideo.quants.dequantize` hands float32 output slices to ``dequantize_into`` so the
+    last float op writes the result in place, saving a full copy of every element;
+    ``dequantize_blocks`` (the registry's contract) allocates the buffer and calls it.
+    """
+
+    block_size: int
+
+    @classmethod
+    def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+        """Decode ``(n_blocks, type_size)`` uint8 into ``(n_blocks, block_size)`` float32.
+
+        Bit-identical to ggml's ``dequantize_row_*`` (see :meth:`dequantize_into`).
+        """
+        out = torch.empty((blocks.shape[0], cls.block_size), dtype=torch.float32,
+                          device=blocks.device)
+        cls.dequantize_into(blocks, out)
+        return out
+
+    @classmethod
+    def dequantize_into(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
+        """Decode ``blocks`` into ``out``, a contiguous float32 ``(n_blocks, block_size)``."""
+        raise NotImplementedError
+
 
 _CONSTS: dict[tuple[str, torch.device], torch.Tensor] = {}
 

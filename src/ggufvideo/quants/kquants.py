@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType as T
 
-from ._bits import f16_scale, iq4_values, nibbles, scale_min_k4
+from ._bits import DecodesInto, f16_scale, iq4_values, nibbles, scale_min_k4
 from .base import F16, I8, U8, U16, Layout, QuantType
 
 __all__ = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]
@@ -51,14 +51,14 @@ def _bit_planes(bits: torch.Tensor, at: int) -> torch.Tensor:
     return torch.stack(planes, dim=1).bitwise_and_(1 << at)
 
 
-class Q2_K(QuantType, qtype=T.Q2_K, block_size=256,
+class Q2_K(DecodesInto, QuantType, qtype=T.Q2_K, block_size=256,
            layout=Layout(("scales", U8, 16), ("qs", U8, 64), ("d", F16, 1), ("dmin", F16, 1))):
     """16 sub-blocks of 16: ``y = d*sc*q - dmin*m`` with 4-bit ``sc``/``m`` and 2-bit ``q``."""
 
     quantize_blocks = _quantizer("quantize_q2_k")
 
     @classmethod
-    def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def dequantize_into(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
         d = f16_scale(cls.layout, blocks, "d")
         dmin = f16_scale(cls.layout, blocks, "dmin")
         sc = cls.layout.field(blocks, "scales")
@@ -66,18 +66,17 @@ class Q2_K(QuantType, qtype=T.Q2_K, block_size=256,
         dl = (sc & 15).to(torch.float32).mul_(d)
         ml = (sc >> 4).to(torch.float32).mul_(dmin)
         q = _crumbs(cls.layout.field(blocks, "qs").view(-1, 2, 32)).view(-1, 16, 16)
-        y = q.to(torch.float32).mul_(dl.unsqueeze(2)).sub_(ml.unsqueeze(2))
-        return y.view(-1, 256)
+        torch.sub(q.to(torch.float32).mul_(dl.unsqueeze(2)), ml.unsqueeze(2), out=out.view(q.shape))
 
 
-class Q3_K(QuantType, qtype=T.Q3_K, block_size=256,
+class Q3_K(DecodesInto, QuantType, qtype=T.Q3_K, block_size=256,
            layout=Layout(("hmask", U8, 32), ("qs", U8, 64), ("scales", U8, 12), ("d", F16, 1))):
     """16 sub-blocks of 16: ``y = d*(sc-32)*(q - 4*(1-hbit))`` with 6-bit ``sc``, 3-bit ``q``."""
 
     quantize_blocks = _quantizer("quantize_q3_k")
 
     @classmethod
-    def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def dequantize_into(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
         d = f16_scale(cls.layout, blocks, "d")
         s = cls.layout.field(blocks, "scales")
         # 16 six-bit scales: low 4 bits are the nibbles of bytes 0-7 (low nibbles first), the
@@ -89,29 +88,27 @@ class Q3_K(QuantType, qtype=T.Q3_K, block_size=256,
         # q - (hbit ? 0 : 4) = (q | hbit << 2) - 4, built on bytes.
         q = _crumbs(cls.layout.field(blocks, "qs").view(-1, 2, 32)).view(-1, 8, 32)
         q = q.bitwise_or_(_bit_planes(cls.layout.field(blocks, "hmask"), 2)).view(torch.int8).sub_(4)
-        y = q.view(-1, 16, 16).to(torch.float32).mul_(dl.unsqueeze(2))
-        return y.view(-1, 256)
+        torch.mul(q.view(-1, 16, 16).to(torch.float32), dl.unsqueeze(2), out=out.view(-1, 16, 16))
 
 
-class Q4_K(QuantType, qtype=T.Q4_K, block_size=256,
+class Q4_K(DecodesInto, QuantType, qtype=T.Q4_K, block_size=256,
            layout=Layout(("d", F16, 1), ("dmin", F16, 1), ("scales", U8, 12), ("qs", U8, 128))):
     """8 sub-blocks of 32: ``y = d*sc*q - dmin*m``, 6-bit ``sc``/``m`` packed in 12 bytes."""
 
     quantize_blocks = _quantizer("quantize_q4_k")
 
     @classmethod
-    def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def dequantize_into(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
         d = f16_scale(cls.layout, blocks, "d")
         dmin = f16_scale(cls.layout, blocks, "dmin")
         sc, mn = scale_min_k4(cls.layout.field(blocks, "scales"))
         dl = sc.to(torch.float32).mul_(d)  # ggml: d1 = d * sc, m1 = min * m; y = d1*q - m1
         ml = mn.to(torch.float32).mul_(dmin)
         q = nibbles(cls.layout.field(blocks, "qs").view(-1, 4, 32)).view(-1, 8, 32)
-        y = q.to(torch.float32).mul_(dl.unsqueeze(2)).sub_(ml.unsqueeze(2))
-        return y.view(-1, 256)
+        torch.sub(q.to(torch.float32).mul_(dl.unsqueeze(2)), ml.unsqueeze(2), out=out.view(q.shape))
 
 
-class Q5_K(QuantType, qtype=T.Q5_K, block_size=256,
+class Q5_K(DecodesInto, QuantType, qtype=T.Q5_K, block_size=256,
            layout=Layout(("d", F16, 1), ("dmin", F16, 1), ("scales", U8, 12), ("qh", U8, 32),
                          ("qs", U8, 128))):
     """As Q4_K with a 5th bit per element in ``qh``."""
@@ -119,7 +116,7 @@ class Q5_K(QuantType, qtype=T.Q5_K, block_size=256,
     quantize_blocks = _quantizer("quantize_q5_k")
 
     @classmethod
-    def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def dequantize_into(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
         d = f16_scale(cls.layout, blocks, "d")
         dmin = f16_scale(cls.layout, blocks, "dmin")
         sc, mn = scale_min_k4(cls.layout.field(blocks, "scales"))
@@ -127,18 +124,17 @@ class Q5_K(QuantType, qtype=T.Q5_K, block_size=256,
         ml = mn.to(torch.float32).mul_(dmin)
         q = nibbles(cls.layout.field(blocks, "qs").view(-1, 4, 32)).view(-1, 8, 32)
         q = q.bitwise_or_(_bit_planes(cls.layout.field(blocks, "qh"), 4))
-        y = q.to(torch.float32).mul_(dl.unsqueeze(2)).sub_(ml.unsqueeze(2))
-        return y.view(-1, 256)
+        torch.sub(q.to(torch.float32).mul_(dl.unsqueeze(2)), ml.unsqueeze(2), out=out.view(q.shape))
 
 
-class Q6_K(QuantType, qtype=T.Q6_K, block_size=256,
+class Q6_K(DecodesInto, QuantType, qtype=T.Q6_K, block_size=256,
            layout=Layout(("ql", U8, 128), ("qh", U8, 64), ("scales", I8, 16), ("d", F16, 1))):
     """16 sub-blocks of 16: ``y = d*sc*(q-32)`` with signed 8-bit ``sc`` and 6-bit ``q``."""
 
     quantize_blocks = _quantizer("quantize_q6_k")
 
     @classmethod
-    def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def dequantize_into(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
         d = f16_scale(cls.layout, blocks, "d")
         sc = cls.layout.field(blocks, "scales")
         # Per 128-element half: quarter k takes the low (k < 2) or high nibble of ql bytes
@@ -147,11 +143,10 @@ class Q6_K(QuantType, qtype=T.Q6_K, block_size=256,
         top = _crumbs(cls.layout.field(blocks, "qh").view(-1, 2, 32))  # (n, half, k, 32)
         q = low.view(-1, 2, 4, 32).bitwise_or_(top << 4).view(torch.int8).sub_(32)
         dl = sc.to(torch.float32).mul_(d)  # ggml: (d * sc) * q
-        y = q.view(-1, 16, 16).to(torch.float32).mul_(dl.unsqueeze(2))
-        return y.view(-1, 256)
+        torch.mul(q.view(-1, 16, 16).to(torch.float32), dl.unsqueeze(2), out=out.view(-1, 16, 16))
 
 
-class IQ4_XS(QuantType, qtype=T.IQ4_XS, block_size=256,
+class IQ4_XS(DecodesInto, QuantType, qtype=T.IQ4_XS, block_size=256,
              layout=Layout(("d", F16, 1), ("scales_h", U16, 1), ("scales_l", U8, 4),
                            ("qs", U8, 128))):
     """8 sub-blocks of 32: ``y = d*(ls-32)*KVALUES[q]`` with 6-bit ``ls``."""
@@ -164,7 +159,7 @@ class IQ4_XS(QuantType, qtype=T.IQ4_XS, block_size=256,
         return quantize_iq4_xs(x, imatrix)
 
     @classmethod
-    def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def dequantize_into(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
         d = f16_scale(cls.layout, blocks, "d")
         sl = cls.layout.field(blocks, "scales_l")
         sh = cls.layout.field(blocks, "scales_h").view(torch.int16).to(torch.int32)
@@ -175,4 +170,4 @@ class IQ4_XS(QuantType, qtype=T.IQ4_XS, block_size=256,
         ls = low | (((sh >> shifts) & 3) << 4)
         dl = (ls - 32).to(torch.float32).mul_(d)  # ggml: d * (ls - 32)
         v = iq4_values(nibbles(cls.layout.field(blocks, "qs").view(-1, 8, 16))).view(-1, 8, 32)
-        return v.mul_(dl.unsqueeze(2)).view(-1, 256)
+        torch.mul(v, dl.unsqueeze(2), out=out.view(v.shape))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType as T
 
-from ._bits import const, f16_scale, iq4_values, nibbles
+from ._bits import DecodesInto, const, f16_scale, iq4_values, nibbles
 from .base import F16, I8, U8, Layout, QuantType
 
 __all__ = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"]
@@ -46,83 +46,86 @@ def _fifth_bits(qh: torch.Tensor, if_clear: int, if_set: int) -> torch.Tensor:
     return table.index_select(0, qh.reshape(-1).long()).view(torch.uint8).view(qh.shape[0], 32)
 
 
-class Q4_0(QuantType, qtype=T.Q4_0, block_size=32, layout=Layout(("d", F16, 1), ("qs", U8, 16))):
+class Q4_0(DecodesInto, QuantType, qtype=T.Q4_0, block_size=32,
+           layout=Layout(("d", F16, 1), ("qs", U8, 16))):
     """``y = (q - 8) * d``; byte j holds element j (low nibble) and j+16 (high nibble)."""
 
     quantize_blocks = _quantizer("quantize_q4_0")
 
     @classmethod
-    def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def dequantize_into(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
         d = f16_scale(cls.layout, blocks, "d")
         q = nibbles(cls.layout.field(blocks, "qs")).view(torch.int8).sub_(8)  # (n, 2, 16)
         # ggml: float(q - 8) * d. The int8 -> float32 widening is exact, so one product remains.
-        return q.view(-1, 32).to(torch.float32).mul_(d)
+        torch.mul(q.view(-1, 32).to(torch.float32), d, out=out)
 
 
-class Q4_1(QuantType, qtype=T.Q4_1, block_size=32,
+class Q4_1(DecodesInto, QuantType, qtype=T.Q4_1, block_size=32,
            layout=Layout(("d", F16, 1), ("m", F16, 1), ("qs", U8, 16))):
     """``y = q * d + m``."""
 
     quantize_blocks = _quantizer("quantize_q4_1")
 
     @classmethod
-    def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def dequantize_into(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
         d = f16_scale(cls.layout, blocks, "d")
         m = f16_scale(cls.layout, blocks, "m")
         q = nibbles(cls.layout.field(blocks, "qs")).view(-1, 32)
         # ggml: q*d + m, two roundings (a product, then a sum), never fused.
-        return q.to(torch.float32).mul_(d).add_(m)
+        torch.add(q.to(torch.float32).mul_(d), m, out=out)
 
 
-class Q5_0(QuantType, qtype=T.Q5_0, block_size=32,
+class Q5_0(DecodesInto, QuantType, qtype=T.Q5_0, block_size=32,
            layout=Layout(("d", F16, 1), ("qh", U8, 4), ("qs", U8, 16))):
     """``y = (q - 16) * d``; ``qh`` is a little-endian u32 whose bit j is element j's 5th bit."""
 
     quantize_blocks = _quantizer("quantize_q5_0")
 
     @classmethod
-    def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def dequantize_into(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
         d = f16_scale(cls.layout, blocks, "d")
         lo = nibbles(cls.layout.field(blocks, "qs")).view(-1, 32)
         # q - 16 = low4 + (16*bit - 16): the table yields the bracket as int8 (0 or -16).
-        q = lo.view(torch.int8) + _fifth_bits(cls.layout.field(blocks, "qh"), 0xF0, 0).view(torch.int8)
-        return q.to(torch.float32).mul_(d)
+        hi = _fifth_bits(cls.layout.field(blocks, "qh"), 0xF0, 0)
+        q = lo.view(torch.int8) + hi.view(torch.int8)
+        torch.mul(q.to(torch.float32), d, out=out)
 
 
-class Q5_1(QuantType, qtype=T.Q5_1, block_size=32,
+class Q5_1(DecodesInto, QuantType, qtype=T.Q5_1, block_size=32,
            layout=Layout(("d", F16, 1), ("m", F16, 1), ("qh", U8, 4), ("qs", U8, 16))):
     """``y = q * d + m`` with 5-bit ``q``."""
 
     quantize_blocks = _quantizer("quantize_q5_1")
 
     @classmethod
-    def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def dequantize_into(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
         d = f16_scale(cls.layout, blocks, "d")
         m = f16_scale(cls.layout, blocks, "m")
         lo = nibbles(cls.layout.field(blocks, "qs")).view(-1, 32)
         q = lo.bitwise_or_(_fifth_bits(cls.layout.field(blocks, "qh"), 0, 16))
-        return q.to(torch.float32).mul_(d).add_(m)
+        torch.add(q.to(torch.float32).mul_(d), m, out=out)
 
 
-class Q8_0(QuantType, qtype=T.Q8_0, block_size=32, layout=Layout(("d", F16, 1), ("qs", I8, 32))):
+class Q8_0(DecodesInto, QuantType, qtype=T.Q8_0, block_size=32,
+           layout=Layout(("d", F16, 1), ("qs", I8, 32))):
     """``y = d * q`` with ``q`` a signed byte."""
 
     quantize_blocks = _quantizer("quantize_q8_0")
 
     @classmethod
-    def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def dequantize_into(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
         d = f16_scale(cls.layout, blocks, "d")
-        return cls.layout.field(blocks, "qs").to(torch.float32).mul_(d)
+        torch.mul(cls.layout.field(blocks, "qs").to(torch.float32), d, out=out)
 
 
-class IQ4_NL(QuantType, qtype=T.IQ4_NL, block_size=32,
+class IQ4_NL(DecodesInto, QuantType, qtype=T.IQ4_NL, block_size=32,
              layout=Layout(("d", F16, 1), ("qs", U8, 16))):
     """``y = d * KVALUES[q]``, a non-linear 4-bit codebook; nibble order as Q4_0."""
 
     quantize_blocks = _quantizer("quantize_iq4_nl")
 
     @classmethod
-    def dequantize_blocks(cls, blocks: torch.Tensor) -> torch.Tensor:
+    def dequantize_into(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
         d = f16_scale(cls.layout, blocks, "d")
         # ggml: d * kvalues[q]; float products commute, so table value times d is the same bits.
-        return iq4_values(nibbles(cls.layout.field(blocks, "qs"))).view(-1, 32).mul_(d)
+        torch.mul(iq4_values(nibbles(cls.layout.field(blocks, "qs"))).view(-1, 32), d, out=out)
