@@ -7,6 +7,8 @@ package registers every codec.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from gguf import GGMLQuantizationType
 
@@ -136,7 +138,7 @@ def quantize(x: torch.Tensor, qtype: GGMLQuantizationType | str | int, *,
     row_bytes = qt.row_bytes(n)  # raises for a row length that is not whole blocks
     weights = _checked_imatrix(imatrix, n, name, x.device)
 
-    rows = x.reshape(-1, n)
+    rows = x.reshape(math.prod(x.shape[:-1]), n)
     out = torch.empty((rows.shape[0], row_bytes), dtype=torch.uint8, device=x.device)
     bs = qt.block_size
     nb = n // bs
