@@ -31,9 +31,12 @@ QK_K = 256
 _F32 = torch.float32
 _MAGIC = 12582912.0  # 1.5 * 2**23: x + MAGIC holds round-half-even(x) in its low mantissa bits
 _NINT_SAFE = 4194303.0  # |x| up to this: the trick is exact (ggml asserts it, release builds don't)
-# Blocks per chunk: bounds the (positions x candidates x groups) temporaries of the searches to a
-# few MB, near the CPU caches, whatever the tensor size.
-_CHUNK_BLOCKS = 128
+# Blocks per chunk: bounds the temporaries (a dozen float32 buffers of 256 values per block: ~50 MB
+# at 4096 blocks) whatever the tensor size, while keeping each torch op large enough that its
+# fixed cost is small next to its work. The searches are long chains of small ops, so a GPU wants
+# far larger chunks than a CPU.
+_CHUNK_BLOCKS = 4096
+_CHUNK_BLOCKS_GPU = 1 << 17
 
 
 def _f32(value: float) -> float:
@@ -82,6 +85,8 @@ def _nint(v: torch.Tensor) -> torch.Tensor:
     """
     bits = (v + _MAGIC).view(torch.int32)
     out = (bits & 0x007FFFFF) - 0x00400000
+    if v.device.type == "cpu":  # torch on x86 makes the same default NaN as the C code
+        return out
     return torch.where(torch.isnan(v), 0, out)
 
 
@@ -300,15 +305,61 @@ def _make_qx(x: torch.Tensor, w: torch.Tensor | None, nmax: int) -> tuple[torch.
     return torch.where(zero, 0.0, scale), L.mul_((~zero).to(_F32))
 
 
+def _descend(x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, L: torch.Tensor,
+             sumlx: torch.Tensor, suml2: torch.Tensor, lo: int | None, hi: int,
+             qp_rules: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coordinate descent shared by ``make_q3_quants`` and ``make_qp_quants``; updates ``L``
+    (``(n, R)``) in place and returns the final ``(sumlx, suml2)``.
+
+    Up to five passes; within a pass, element ``i`` of every column in turn: drop its term from the
+    sums, re-round ``x*sl2/slx``, and keep the new code if ``slx'^2/sl2'`` strictly improves.
+    ggml's two variants differ in details reproduced here: q3 needs ``slx > 0`` and
+    ``sl2' > 0`` and clamps to ``[lo, hi]``; qp needs ``slx > 0`` and ``sl2 > 0``, only caps at
+    ``hi``, and stores the code in a ``uint8_t`` (sums keep the unwrapped value).
+
+    ggml stops a column after a pass that changes nothing in it; such a pass leaves the column as
+    it was, so later passes would change nothing either. Each pass therefore runs only on the
+    columns the previous pass changed.
+    """
+    cols = None  # all columns
+    xs, ws, wxs, Ls, slx_all, sl2_all = x, w, wx, L, sumlx, suml2
+    for _ in range(5):
+        changed = torch.zeros_like(slx_all, dtype=torch.bool)
+        for i in range(xs.shape[0]):
+            li = Ls[i]
+            slx = slx_all - wxs[i] * li
+            sl2 = sl2_all - (ws[i] * li) * li
+            new = _nint(_div(xs[i] * sl2, slx))
+            new = (new.clamp_(lo, hi) if lo is not None else new.clamp_(max=hi)).to(_F32)
+            slx_n = slx + wxs[i] * new
+            sl2_n = sl2 + (ws[i] * new) * new
+            take = (slx > 0) & (new != li) & ((slx_n * slx_n) * sl2_all > (slx_all * slx_all) * sl2_n)
+            take &= (sl2 > 0) if qp_rules else (sl2_n > 0)
+            if qp_rules:
+                new = (new.to(torch.int32) & 0xFF).to(_F32)
+            Ls[i] = torch.where(take, new, li)
+            slx_all = torch.where(take, slx_n, slx_all)
+            sl2_all = torch.where(take, sl2_n, sl2_all)
+            changed |= take
+        if cols is None:
+            sumlx, suml2 = slx_all, sl2_all
+            cols = changed.nonzero().squeeze(1)
+        else:
+            L[:, cols], sumlx[cols], suml2[cols] = Ls, slx_all, sl2_all
+            cols = cols[changed]
+        if cols.numel() == 0:
+            break
+        xs, ws, wxs, Ls = x[:, cols], w[:, cols], wx[:, cols], L[:, cols]
+        slx_all, sl2_all = sumlx[cols], suml2[cols]
+    return sumlx, suml2
+
+
 def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's ``make_q3_quants`` with ``do_rmse``: a first guess ``-nmax/max`` then up to five
     passes of coordinate descent, element by element in order, each change accepted only if it
     strictly improves ``sumlx^2/suml2`` (weights ``x*x``). Columns of ``(P, R)``; returns
     ``(scale (R,), L (P, R) float32 in [0, 2*nmax-1])``.
 
-    ggml stops a column after a pass that changes nothing in it; such a pass leaves its state as
-    it was, so every later pass would change nothing either: the loop stops once no column
-    changed.
     """
     amax, mx = _first_abs_max(x)
     zero = ~(amax >= _GROUP_MAX_EPS)
@@ -318,23 +369,7 @@ def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     wx = w * x
     sumlx = _seq_sum(wx * L)
     suml2 = _seq_sum((w * L).mul_(L))
-    for _ in range(5):
-        changed = torch.zeros_like(sumlx, dtype=torch.bool)
-        for i in range(x.shape[0]):
-            li = L[i]
-            slx = sumlx - wx[i] * li
-            sl2 = suml2 - (w[i] * li) * li
-            new = _round_clamp(_div(x[i] * sl2, slx), -nmax, nmax - 1, exact=True)
-            slx_n = slx + wx[i] * new
-            sl2_n = sl2 + (w[i] * new) * new
-            take = ((slx > 0) & (new != li) & (sl2_n > 0)
-                    & ((slx_n * slx_n) * suml2 > (sumlx * sumlx) * sl2_n))
-            L[i] = torch.where(take, new, li)
-            sumlx = torch.where(take, slx_n, sumlx)
-            suml2 = torch.where(take, sl2_n, suml2)
-            changed |= take
-        if not bool(changed.any()):  # a pass that changed nothing: every later pass would too
-            break
+    sumlx, suml2 = _descend(x, w, wx, L, sumlx, suml2, -nmax, nmax - 1, qp_rules=False)
     scale = torch.where(suml2 > 0, _div(sumlx, suml2), 0.0)
     return torch.where(zero, 0.0, scale), (L + nmax).mul_((~zero).to(_F32))
 
@@ -373,23 +408,7 @@ def _make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor,
     wx = w * x
     sumlx = _seq_sum(wx * li)
     suml2 = _seq_sum((w * li).mul_(li))
-    for _ in range(5):
-        changed = torch.zeros_like(sumlx, dtype=torch.bool)
-        for i in range(n):
-            Li = L[i]
-            slx = sumlx - wx[i] * Li
-            sl2 = suml2 - (w[i] * Li) * Li
-            new = _nint(_div(x[i] * sl2, slx)).clamp_(max=nmax).to(_F32)
-            slx_n = slx + wx[i] * new
-            sl2_n = sl2 + (w[i] * new) * new
-            take = ((slx > 0) & (sl2 > 0) & (new != Li)
-                    & ((slx_n * slx_n) * suml2 > (sumlx * sumlx) * sl2_n))
-            L[i] = torch.where(take, (new.to(torch.int32) & 0xFF).to(_F32), Li)
-            sumlx = torch.where(take, slx_n, sumlx)
-            suml2 = torch.where(take, sl2_n, suml2)
-            changed |= take
-        if not bool(changed.any()):  # a pass that changed nothing: every later pass would too
-            break
+    sumlx, suml2 = _descend(x, w, wx, L, sumlx, suml2, None, nmax, qp_rules=True)
     scale = torch.where(suml2 > 0, _div(sumlx, suml2), 0.0)
     return torch.where(zero, 0.0, scale), torch.where(zero, 0.0, L)
 
@@ -484,9 +503,9 @@ def _chunked(fn, x: torch.Tensor, imatrix: torch.Tensor | None, name: str) -> to
     if imatrix is not None:
         imatrix = imatrix.to(x.device).contiguous()
     outs = []
-    for s in range(0, x.shape[0], _CHUNK_BLOCKS):
-        xs = x[s:s + _CHUNK_BLOCKS]
-        outs.append(fn(xs, None if imatrix is None else imatrix[s:s + _CHUNK_BLOCKS]))
+    step = _CHUNK_BLOCKS if x.device.type == "cpu" else _CHUNK_BLOCKS_GPU
+    for s in range(0, x.shape[0], step):
+        outs.append(fn(x[s:s + step], None if imatrix is None else imatrix[s:s + step]))
     if not outs:
         from .base import get_quant_type
 
