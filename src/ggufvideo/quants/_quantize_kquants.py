@@ -516,7 +516,7 @@ def _chunked(fn, x: torch.Tensor, imatrix: torch.Tensor | None, name: str) -> to
 
 def _block_sum_x2(x: torch.Tensor) -> torch.Tensor:
     """``sumx2 = sum of x[j]*x[j]`` over the 256 elements of each block, left to right."""
-    return _seq_sum((x * x).t())
+    return _seq_sum((x * x).t().contiguous())
 
 
 def _q2_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
@@ -540,8 +540,8 @@ def _q2_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         weight = Q * _sqrt(sigma2.repeat_interleave(16).unsqueeze(0) + X * X)
         sw = _sub_scales(_seq_sum(weight), nb)
         scale, the_min, L = _make_qkx(X, weight, 3, -0.9, 0.05, 36, use_mad=False)
-        dm, Ls = _make_qp(_sub_scales(scale, nb).t(), sw.t(), 15)
-        mm, Lm = _make_qp(_sub_scales(the_min, nb).t(), sw.t(), 15)
+        dm, Ls = _make_qp(_sub_scales(scale, nb).t().contiguous(), sw.t().contiguous(), 15)
+        mm, Lm = _make_qp(_sub_scales(the_min, nb).t().contiguous(), sw.t().contiguous(), 15)
         d16, dmin16 = _to_fp16(dm), _to_fp16(mm)
         byte = (Ls.t().to(torch.int32) | (Lm.t().to(torch.int32) << 4)) & 0xFF
     d = d16.to(_F32).unsqueeze(1) * (byte & 0xF).to(_F32)
@@ -611,10 +611,10 @@ def _q45_k(x: torch.Tensor, qw: torch.Tensor | None, nmax: int) -> torch.Tensor:
         sigma2 = _div(2.0 * _block_sum_x2(x), float(QK_K))
         Q = _pos_major(qw, 32)
         weights = Q * _sqrt(sigma2.repeat_interleave(8).unsqueeze(0) + X * X)
-        sw = _sub_scales(_seq_sum(weights), nb).t()
+        sw = _sub_scales(_seq_sum(weights), nb).t().contiguous()
         scale, the_min, L = _make_qkx(X, weights, nmax, -0.9, 0.05, 36, use_mad=False)
-        d_block, Ls = _make_qp(_sub_scales(scale, nb).t(), sw, 63)
-        m_block, Lm = _make_qp(_sub_scales(the_min, nb).t(), sw, 63)
+        d_block, Ls = _make_qp(_sub_scales(scale, nb).t().contiguous(), sw, 63)
+        m_block, Lm = _make_qp(_sub_scales(the_min, nb).t().contiguous(), sw, 63)
         ls, lm = Ls.t().to(torch.int32), Lm.t().to(torch.int32)
         if nmax == 31:  # only Q5_K's impl clamps the codes to 6 bits before packing
             ls, lm = ls.clamp(max=63), lm.clamp(max=63)
