@@ -157,3 +157,15 @@ def test_demo_runs_end_to_end_with_the_builtin_model(tmp_path, capsys):
     err = float(row.split()[-3])
     assert 0 < err < 0.05
     assert os.path.exists(tmp_path / "model-Q8_0.gguf")
+
+
+def test_inspect_shows_a_tensor_with_bad_shape_metadata_and_validate_fails(tmp_path, capsys):
+    from ggufvideo.writer import TypedValue
+    from gguf import GGUFValueType
+
+    path = tmp_path / "m.gguf"
+    bad = TypedValue(GGUFValueType.ARRAY, [3, 3], GGUFValueType.INT32)  # 9 != 16 elements
+    save_state_dict({"w": torch.zeros(16)}, path, metadata={"w.raw_shape": bad})
+    assert main(["inspect", str(path)]) == 0
+    assert "bad shape metadata" in capsys.readouterr().out
+    assert main(["validate", str(path)]) == 1

@@ -64,9 +64,14 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         meta = {k: summarize_value(g.metadata[k]) for k in g.fields}
         tensors, totals = [], {}
         for name, info in g.tensors.items():
-            shape = list(logical_shape(g, info))
-            tensors.append({"name": name, "type": info.qtype.name, "shape": shape,
-                            "stored_shape": list(info.shape), "bytes": info.nbytes})
+            entry: dict[str, Any] = {"name": name, "type": info.qtype.name}
+            try:
+                entry["shape"] = list(logical_shape(g, info))
+            except GGUFError as exc:  # show the tensor as stored; validate reports the problem
+                entry["shape"] = list(info.shape)
+                entry["shape_error"] = exc.reason
+            entry.update(stored_shape=list(info.shape), bytes=info.nbytes)
+            tensors.append(entry)
             t = totals.setdefault(info.qtype.name, {"count": 0, "bytes": 0, "elements": 0})
             t["count"] += 1
             t["bytes"] += info.nbytes
@@ -186,7 +191,9 @@ def format_inspection(info: Mapping[str, Any], *, tensors: bool = True) -> str:
         width = max((len(t["name"]) for t in info["tensors"]), default=4)
         for t in info["tensors"]:
             shape = "x".join(map(str, t["shape"])) or "scalar"
-            lines.append(f"  {t['name']:<{width}}  {t['type']:<7} {shape:<22} {format_bytes(t['bytes'])}")
+            note = f"  (bad shape metadata: {t['shape_error']})" if "shape_error" in t else ""
+            lines.append(f"  {t['name']:<{width}}  {t['type']:<7} {shape:<22} "
+                         f"{format_bytes(t['bytes'])}{note}")
     lines += ["", "totals per type:"]
     for name, t in sorted(info["totals"].items(), key=lambda kv: -kv[1]["bytes"]):
         lines.append(f"  {name:<7} {t['count']:>6} tensors  {format_bytes(t['bytes']):>11}  "
