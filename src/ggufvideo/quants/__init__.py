@@ -7,8 +7,6 @@ package registers every codec.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from gguf import GGMLQuantizationType
 
@@ -83,14 +81,23 @@ def dequantize(data: torch.Tensor, qtype: GGMLQuantizationType | str | int, *,
     n_blocks = blocks.shape[0]
     out = _empty((n_blocks, qt.block_size), dtype, data.device)
     step = max(1, _CHUNK_ELEMENTS // qt.block_size)
-    # Codecs that can decode straight into a float32 buffer skip the copy of every element.
-    into = getattr(qt, "dequantize_into", None) if dtype == torch.float32 else None
+    # Codecs that can decode into a given float32 buffer write float32 output in place, and
+    # other dtypes through one reused scratch chunk, instead of a fresh tensor per chunk.
+    into = getattr(qt, "dequantize_into", None)
+    scratch = None
+    if into is not None and dtype != torch.float32:
+        scratch = torch.empty((min(step, n_blocks), qt.block_size), dtype=torch.float32,
+                              device=data.device)
     for start in range(0, n_blocks, step):
-        if into is not None:
-            into(blocks[start:start + step], out[start:start + step])
+        part = blocks[start:start + step]
+        if into is None:
+            out[start:start + step] = qt.dequantize_blocks(part)  # float32 -> dtype: one rounding
+        elif scratch is None:
+            into(part, out[start:start + step])
         else:
-            chunk = qt.dequantize_blocks(blocks[start:start + step])
-            out[start:start + step] = chunk  # float32 -> dtype: the one rounding
+            buf = scratch[:part.shape[0]]
+            into(part, buf)
+            out[start:start + step] = buf  # float32 -> dtype: the one rounding
     return out.reshape(out_shape)
 
 
@@ -138,7 +145,7 @@ def quantize(x: torch.Tensor, qtype: GGMLQuantizationType | str | int, *,
     row_bytes = qt.row_bytes(n)  # raises for a row length that is not whole blocks
     weights = _checked_imatrix(imatrix, n, name, x.device)
 
-    rows = x.reshape(math.prod(x.shape[:-1]), n)
+    rows = x.reshape(-1, n)
     out = torch.empty((rows.shape[0], row_bytes), dtype=torch.uint8, device=x.device)
     bs = qt.block_size
     nb = n // bs

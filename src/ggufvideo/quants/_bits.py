@@ -96,12 +96,15 @@ def scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-def iq4_values(codes: torch.Tensor) -> torch.Tensor:
-    """float32 codebook values for 4-bit ``codes`` (uint8 in 0..15), same shape.
+def iq4_values(codes: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write the float32 codebook values of 4-bit ``codes`` (uint8 in 0..15) into ``out``.
 
-    A gather from a 16-entry float table: the codebook is not affine, and one table lookup per
-    element is cheaper in torch than any arithmetic reconstruction of it.
+    ``out`` is a contiguous float32 tensor with as many elements as ``codes``; it is returned
+    viewed as ``codes.shape``. A gather from a 16-entry float table: the codebook is not affine,
+    and one table lookup per element is cheaper in torch than any arithmetic reconstruction.
     """
     table = const("iq4_kvalues", codes.device,
                   lambda: torch.tensor(IQ4_KVALUES, dtype=torch.float32))
-    return table.index_select(0, codes.reshape(-1).long()).view(codes.shape)
+    flat = out.view(-1)
+    torch.index_select(table, 0, codes.reshape(-1).long(), out=flat)
+    return flat.view(codes.shape)

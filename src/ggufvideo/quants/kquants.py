@@ -66,7 +66,7 @@ class Q2_K(DecodesInto, QuantType, qtype=T.Q2_K, block_size=256,
         dl = (sc & 15).to(torch.float32).mul_(d)
         ml = (sc >> 4).to(torch.float32).mul_(dmin)
         q = _crumbs(cls.layout.field(blocks, "qs").view(-1, 2, 32)).view(-1, 16, 16)
-        torch.sub(q.to(torch.float32).mul_(dl.unsqueeze(2)), ml.unsqueeze(2), out=out.view(q.shape))
+        out.view(q.shape).copy_(q).mul_(dl.unsqueeze(2)).sub_(ml.unsqueeze(2))
 
 
 class Q3_K(DecodesInto, QuantType, qtype=T.Q3_K, block_size=256,
@@ -88,7 +88,7 @@ class Q3_K(DecodesInto, QuantType, qtype=T.Q3_K, block_size=256,
         # q - (hbit ? 0 : 4) = (q | hbit << 2) - 4, built on bytes.
         q = _crumbs(cls.layout.field(blocks, "qs").view(-1, 2, 32)).view(-1, 8, 32)
         q = q.bitwise_or_(_bit_planes(cls.layout.field(blocks, "hmask"), 2)).view(torch.int8).sub_(4)
-        torch.mul(q.view(-1, 16, 16).to(torch.float32), dl.unsqueeze(2), out=out.view(-1, 16, 16))
+        out.view(-1, 16, 16).copy_(q.view(-1, 16, 16)).mul_(dl.unsqueeze(2))
 
 
 class Q4_K(DecodesInto, QuantType, qtype=T.Q4_K, block_size=256,
@@ -105,7 +105,7 @@ class Q4_K(DecodesInto, QuantType, qtype=T.Q4_K, block_size=256,
         dl = sc.to(torch.float32).mul_(d)  # ggml: d1 = d * sc, m1 = min * m; y = d1*q - m1
         ml = mn.to(torch.float32).mul_(dmin)
         q = nibbles(cls.layout.field(blocks, "qs").view(-1, 4, 32)).view(-1, 8, 32)
-        torch.sub(q.to(torch.float32).mul_(dl.unsqueeze(2)), ml.unsqueeze(2), out=out.view(q.shape))
+        out.view(q.shape).copy_(q).mul_(dl.unsqueeze(2)).sub_(ml.unsqueeze(2))
 
 
 class Q5_K(DecodesInto, QuantType, qtype=T.Q5_K, block_size=256,
@@ -124,7 +124,7 @@ class Q5_K(DecodesInto, QuantType, qtype=T.Q5_K, block_size=256,
         ml = mn.to(torch.float32).mul_(dmin)
         q = nibbles(cls.layout.field(blocks, "qs").view(-1, 4, 32)).view(-1, 8, 32)
         q = q.bitwise_or_(_bit_planes(cls.layout.field(blocks, "qh"), 4))
-        torch.sub(q.to(torch.float32).mul_(dl.unsqueeze(2)), ml.unsqueeze(2), out=out.view(q.shape))
+        out.view(q.shape).copy_(q).mul_(dl.unsqueeze(2)).sub_(ml.unsqueeze(2))
 
 
 class Q6_K(DecodesInto, QuantType, qtype=T.Q6_K, block_size=256,
@@ -143,7 +143,7 @@ class Q6_K(DecodesInto, QuantType, qtype=T.Q6_K, block_size=256,
         top = _crumbs(cls.layout.field(blocks, "qh").view(-1, 2, 32))  # (n, half, k, 32)
         q = low.view(-1, 2, 4, 32).bitwise_or_(top << 4).view(torch.int8).sub_(32)
         dl = sc.to(torch.float32).mul_(d)  # ggml: (d * sc) * q
-        torch.mul(q.view(-1, 16, 16).to(torch.float32), dl.unsqueeze(2), out=out.view(-1, 16, 16))
+        out.view(-1, 16, 16).copy_(q.view(-1, 16, 16)).mul_(dl.unsqueeze(2))
 
 
 class IQ4_XS(DecodesInto, QuantType, qtype=T.IQ4_XS, block_size=256,
@@ -169,5 +169,5 @@ class IQ4_XS(DecodesInto, QuantType, qtype=T.IQ4_XS, block_size=256,
         shifts = torch.arange(0, 16, 2, dtype=torch.int32, device=blocks.device)
         ls = low | (((sh >> shifts) & 3) << 4)
         dl = (ls - 32).to(torch.float32).mul_(d)  # ggml: d * (ls - 32)
-        v = iq4_values(nibbles(cls.layout.field(blocks, "qs").view(-1, 8, 16))).view(-1, 8, 32)
-        torch.mul(v, dl.unsqueeze(2), out=out.view(v.shape))
+        v = iq4_values(nibbles(cls.layout.field(blocks, "qs").view(-1, 8, 16)), out)
+        v.view(-1, 8, 32).mul_(dl.unsqueeze(2))

@@ -57,7 +57,7 @@ class Q4_0(DecodesInto, QuantType, qtype=T.Q4_0, block_size=32,
         d = f16_scale(cls.layout, blocks, "d")
         q = nibbles(cls.layout.field(blocks, "qs")).view(torch.int8).sub_(8)  # (n, 2, 16)
         # ggml: float(q - 8) * d. The int8 -> float32 widening is exact, so one product remains.
-        torch.mul(q.view(-1, 32).to(torch.float32), d, out=out)
+        out.copy_(q.view(-1, 32)).mul_(d)
 
 
 class Q4_1(DecodesInto, QuantType, qtype=T.Q4_1, block_size=32,
@@ -72,7 +72,7 @@ class Q4_1(DecodesInto, QuantType, qtype=T.Q4_1, block_size=32,
         m = f16_scale(cls.layout, blocks, "m")
         q = nibbles(cls.layout.field(blocks, "qs")).view(-1, 32)
         # ggml: q*d + m, two roundings (a product, then a sum), never fused.
-        torch.add(q.to(torch.float32).mul_(d), m, out=out)
+        out.copy_(q).mul_(d).add_(m)
 
 
 class Q5_0(DecodesInto, QuantType, qtype=T.Q5_0, block_size=32,
@@ -88,7 +88,7 @@ class Q5_0(DecodesInto, QuantType, qtype=T.Q5_0, block_size=32,
         # q - 16 = low4 + (16*bit - 16): the table yields the bracket as int8 (0 or -16).
         hi = _fifth_bits(cls.layout.field(blocks, "qh"), 0xF0, 0)
         q = lo.view(torch.int8) + hi.view(torch.int8)
-        torch.mul(q.to(torch.float32), d, out=out)
+        out.copy_(q).mul_(d)
 
 
 class Q5_1(DecodesInto, QuantType, qtype=T.Q5_1, block_size=32,
@@ -103,7 +103,7 @@ class Q5_1(DecodesInto, QuantType, qtype=T.Q5_1, block_size=32,
         m = f16_scale(cls.layout, blocks, "m")
         lo = nibbles(cls.layout.field(blocks, "qs")).view(-1, 32)
         q = lo.bitwise_or_(_fifth_bits(cls.layout.field(blocks, "qh"), 0, 16))
-        torch.add(q.to(torch.float32).mul_(d), m, out=out)
+        out.copy_(q).mul_(d).add_(m)
 
 
 class Q8_0(DecodesInto, QuantType, qtype=T.Q8_0, block_size=32,
@@ -115,7 +115,9 @@ class Q8_0(DecodesInto, QuantType, qtype=T.Q8_0, block_size=32,
     @classmethod
     def dequantize_into(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
         d = f16_scale(cls.layout, blocks, "d")
-        torch.mul(cls.layout.field(blocks, "qs").to(torch.float32), d, out=out)
+        f = cls.layout["qs"]
+        # The int8 bytes are read in place (a strided view), not gathered into a copy first.
+        out.copy_(blocks[:, f.offset:f.offset + f.nbytes].view(torch.int8)).mul_(d)
 
 
 class IQ4_NL(DecodesInto, QuantType, qtype=T.IQ4_NL, block_size=32,
@@ -128,4 +130,4 @@ class IQ4_NL(DecodesInto, QuantType, qtype=T.IQ4_NL, block_size=32,
     def dequantize_into(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
         d = f16_scale(cls.layout, blocks, "d")
         # ggml: d * kvalues[q]; float products commute, so table value times d is the same bits.
-        torch.mul(iq4_values(nibbles(cls.layout.field(blocks, "qs"))).view(-1, 32), d, out=out)
+        iq4_values(nibbles(cls.layout.field(blocks, "qs")), out).view(-1, 32).mul_(d)
