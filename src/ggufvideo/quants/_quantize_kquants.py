@@ -148,8 +148,16 @@ def _running_max_pos(s: torch.Tensor) -> torch.Tensor:
 
 
 def _to_fp16(v: torch.Tensor) -> torch.Tensor:
-    """``GGML_FP32_TO_FP16``: round to nearest even (overflow to infinity)."""
-    return v.to(torch.float16)
+    """``GGML_FP32_TO_FP16``: round to nearest even (overflow to infinity).
+
+    A NaN scale (possible with extreme inputs and weights) is x86's default NaN 0xFFC00000 in the
+    C code, which converts to 0xFE00; torch on x86 matches, but a GPU makes a positive NaN with a
+    full payload, so off the CPU NaN is written as 0xFE00 explicitly.
+    """
+    h = v.to(torch.float16)
+    if v.device.type == "cpu":
+        return h
+    return torch.where(torch.isnan(v), -512, h.view(torch.int16)).to(torch.int16).view(torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------
