@@ -44,33 +44,59 @@ def quant_linear_module(name: str, k: int, n: int, device: torch.device) -> nn.L
     return swap_quant_layers(lin)
 
 
-def tune(device: torch.device) -> list[dict]:
-    """Time the fused kernel's (BM, BN, SPLIT) choices for Q4_K; print the best per case."""
-    from ggufvideo.kernels._matmul import _pick, fused_linear
+def bench_graph(fn) -> float:
+    """Median ms of ``fn`` captured in a CUDA graph and replayed (no Python or launch overhead)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return bench(g.replay)
 
-    out = []
-    for k, n in SHAPES:
+
+TUNE_SHAPES = [(5120, 5120), (13824, 5120)]
+
+
+def tune(device: torch.device) -> dict:
+    """Time fused-kernel launch rules for Q4_K (CUDA-graph replay: kernel time only).
+
+    Installs the best rule per tile height in ``ggufvideo.kernels._matmul.RULES`` for the rest of
+    the process and returns every timing.
+    """
+    import math
+
+    from ggufvideo.kernels import _matmul
+
+    trials = [(bn, waves, 4, 2) for bn in (16, 32, 64) for waves in (0, 4)]
+    trials += [(32, 8, 4, 2), (32, 4, 4, 3), (64, 4, 8, 2)]
+    times: dict[tuple, float] = {}
+    for k, n in TUNE_SHAPES:
         qt = get_quant_type("Q4_K")
         raw = random_blocks("Q4_K", n * k // qt.block_size, device).view(n, -1)
         for m in (1, 16, 64):
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-            bm = _pick(m, n, k, device)[0]
-            res = {}
-            trials = [(bn, split, 4) for bn in (16, 32, 64) for split in (1, 2, 4, 8)]
-            trials += [(64, split, 8) for split in (1, 4)]
-            for bn, split, warps in trials:
-                cfg = (bm, bn, split)
-                t = bench(lambda: fused_linear(x, raw, "Q4_K", n, config=cfg, num_warps=warps))
-                res[(bn, split, warps)] = t * 1e3
-            best = min(res, key=res.get)
-            auto = _pick(m, n, k, device)
-            t_auto = bench(lambda: fused_linear(x, raw, "Q4_K", n)) * 1e3
-            row = dict(k=k, n=n, m=m, best=best, best_us=res[best], auto=auto, auto_us=t_auto,
-                       all={str(key): v for key, v in res.items()})
-            print(f"tune Q4_K K={k} N={n} M={m}: best (BN,SPLIT,warps)={best} {res[best]:.1f} us; "
-                  f"auto {auto} {t_auto:.1f} us", flush=True)
-            out.append(row)
-    return out
+            for rule in trials:
+                t = bench_graph(lambda: _matmul.fused_linear(x, raw, "Q4_K", n, rule=rule))
+                times[(k, n, m, rule)] = t * 1e3
+            best = min(trials, key=lambda r: times[(k, n, m, r)])
+            print(f"tune Q4_K K={k} N={n} M={m}: best {best} {times[(k, n, m, best)]:.1f} us; "
+                  f"current {_matmul.RULES[_matmul.block_m(m)]} "
+                  f"{times[(k, n, m, _matmul.RULES[_matmul.block_m(m)])]:.1f} us", flush=True)
+    chosen = {}
+    for bm, ms in ((16, (1, 16)), (64, (64,))):
+        def score(rule: tuple) -> float:
+            rel = [times[(k, n, m, rule)] / min(times[(k, n, m, r)] for r in trials)
+                   for k, n in TUNE_SHAPES for m in ms]
+            return math.exp(sum(map(math.log, rel)) / len(rel))
+        chosen[bm] = min(trials, key=score)
+        print(f"tune: BM={bm} rule {chosen[bm]} (geomean {score(chosen[bm]):.3f}x of per-case best)",
+              flush=True)
+    _matmul.RULES.update({16: chosen[16], 32: chosen[64], 64: chosen[64]})
+    return dict(chosen=chosen, times={str(key): v for key, v in times.items()})
 
 
 def run(types: list[str], ms: list[int], torch_path: bool = False) -> list[dict]:
@@ -83,6 +109,7 @@ def run(types: list[str], ms: list[int], torch_path: bool = False) -> list[dict]
         x_all = torch.randn(max(ms), k, device=dev, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5
         base = {m: bench(lambda: F.linear(x_all[:m], w)) for m in ms}
+        base_graph = {m: bench_graph(lambda: F.linear(x_all[:m], w)) for m in ms if m <= 64}
         del w
         for name in types:
             lin = quant_linear_module(name, k, n, dev)
@@ -92,6 +119,9 @@ def run(types: list[str], ms: list[int], torch_path: bool = False) -> list[dict]
                     t = bench(lambda: lin(x))
                     row = dict(type=name, k=k, n=n, m=m, bf16_us=base[m] * 1e3, quant_us=t * 1e3,
                                ratio=t / base[m])
+                    if m <= 64:  # launch-bound sizes: also the kernels' own time
+                        row["graph_ratio"] = bench_graph(lambda: lin(x)) / base_graph[m]
+                        row["quant_graph_us"] = row["graph_ratio"] * base_graph[m] * 1e3
                     if torch_path and m in (1, max(ms)):
                         kernels.set_enabled(False)
                         try:
@@ -126,6 +156,15 @@ def table(rows: list[dict], ms: list[int]) -> str:
     for k, n in SHAPES:
         if (k, n, ms[0]) in base:
             bl.append(f"| {k},{n} | " + " | ".join(f"{base[(k, n, m)]:.1f}" for m in ms) + " |")
+    gr = [r for r in rows if "graph_ratio" in r]
+    if gr:
+        gms = sorted({r["m"] for r in gr})
+        bl += ["", "Under CUDA graphs (kernel time only; both sides captured), ratio vs bf16:",
+               "| type | (K,N) | " + " | ".join(f"M={m}" for m in gms) + " |",
+               "|---|---|" + "---|" * len(gms)]
+        for t, k, n in keys:
+            cells = {r["m"]: r["graph_ratio"] for r in gr if (r["type"], r["k"], r["n"]) == (t, k, n)}
+            bl.append(f"| {t} | {k},{n} | " + " | ".join(f"{cells[m]:.2f}" for m in gms) + " |")
     tp = [r for r in rows if "torch_path_ratio" in r]
     extra = []
     if tp:

@@ -95,12 +95,12 @@ def _fused_case(qtype: str, n: int, k: int, m: int, dtype: torch.dtype, seed: in
 
 @needs_triton
 @pytest.mark.parametrize("qtype", sorted(kernels.FUSED_TYPES))
-@pytest.mark.parametrize("config", [None, (16, 16, 2)], ids=["auto", "split2"])
-def test_fused_linear_matches_matmul_on_decoded_weight(qtype: str, config) -> None:
+@pytest.mark.parametrize("rule", [None, (16, 64, 4, 2)], ids=["auto", "split"])
+def test_fused_linear_matches_matmul_on_decoded_weight(qtype: str, rule) -> None:
     from ggufvideo.kernels._matmul import fused_linear
 
     raw, x, w = _fused_case(qtype, n=40, k=512, m=3, dtype=torch.bfloat16, seed=11)
-    y = fused_linear(x, raw, qtype, 40, config=config)
+    y = fused_linear(x, raw, qtype, 40, rule=rule)
     ref = x.double() @ w.double().T
     assert y.dtype == torch.bfloat16 and y.shape == (3, 40)
     # The weights are the exact decode rounded once; only accumulation order and the bf16

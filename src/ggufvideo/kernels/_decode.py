@@ -190,6 +190,52 @@ def _decode_iq4_xs(bp, s, l, F_D, F_SH, F_SL, F_QS, F4, KV):
     return dl * tl.load(KV + q)
 
 
+# -- storage-order decoders: each byte read once, its two nibbles giving two value tiles ---------
+# ``_parts_<type>(bp, F0..F4, KV) -> (w0, w1, idx, HI)``: float32 tiles w0/w1 of the same shape,
+# ``idx`` the in-block element index of w0's entries (built from aranges, so its last dimension is
+# contiguous), and w1 holds elements ``idx + HI``. Used where byte loads dominate (Q6_K's 210-byte
+# and IQ4_XS's 136-byte blocks defeat wide loads): half the load instructions per element.
+
+@triton.jit
+def _parts_q6_k(bp, F_QL, F_QH, F_SC, F_D, F4, KV):
+    # bp (R, 1, 1). Half h (128 elements) = 64 ql bytes (h, q4, l16): the low nibble of
+    # ql[h*64 + q4*16 + l16] is element h*128 + q4*16 + l16 (sub-block h*8 + q4), the high nibble
+    # element +64 (sub-block h*8 + 4 + q4). Their top two bits are pair (q4>>1) resp. 2 + (q4>>1)
+    # of qh[h*32 + (q4&1)*16 + l16].
+    h = tl.arange(0, 2)[None, :, None, None]
+    q4 = tl.arange(0, 4)[None, None, :, None]
+    l = tl.arange(0, 16)[None, None, None, :]
+    bp = tl.expand_dims(bp, 3)
+    d = _f16(bp + F_D)
+    s0 = h * 8 + q4
+    dl0 = d * _i8(bp + F_SC + s0).to(tl.float32)
+    dl1 = d * _i8(bp + F_SC + s0 + 4).to(tl.float32)
+    ql = _u8(bp + F_QL + h * 64 + q4 * 16 + l)
+    qh = _u8(bp + F_QH + h * 32 + (q4 & 1) * 16 + l)
+    sh = 2 * (q4 >> 1)
+    v0 = ((ql & 15) | (((qh >> sh) & 3) << 4)) - 32
+    v1 = ((ql >> 4) | (((qh >> (sh + 4)) & 3) << 4)) - 32
+    return dl0 * v0.to(tl.float32), dl1 * v1.to(tl.float32), h * 128 + q4 * 16 + l, 64
+
+
+@triton.jit
+def _parts_iq4_xs(bp, F_D, F_SH, F_SL, F_QS, F4, KV):
+    # bp (R, 1, 1). Sub-block s: byte qs[s*16 + l] holds element s*32 + l (low nibble) and
+    # s*32 + 16 + l (high nibble).
+    s = tl.arange(0, 8)[None, :, None]
+    l = tl.arange(0, 16)[None, None, :]
+    d = _f16(bp + F_D)
+    sh = _u8(bp + F_SH) | (_u8(bp + F_SH + 1) << 8)
+    ls = ((_u8(bp + F_SL + (s >> 1)) >> (4 * (s & 1))) & 15) | (((sh >> (2 * s)) & 3) << 4)
+    dl = d * (ls - 32).to(tl.float32)
+    q = _u8(bp + F_QS + s * 16 + l)
+    return dl * tl.load(KV + (q & 15)), dl * tl.load(KV + (q >> 4)), s * 32 + l, 16
+
+
+#: Types whose dequant kernel uses a storage-order decoder -> (parts decoder, tile rank).
+PARTS = {"Q6_K": (_parts_q6_k, 4), "IQ4_XS": (_parts_iq4_xs, 3)}
+
+
 @triton.jit
 def to_out(vals, OUT: tl.constexpr, SOFT_BF16: tl.constexpr):
     """Round float32 ``vals`` once, to nearest even, into ``OUT``.
@@ -236,4 +282,4 @@ def decode_tile(DECODE: tl.constexpr, bp, NS: tl.constexpr, SL: tl.constexpr,
     return tl.reshape(vals, (vals.shape[0], NS * SL))
 
 
-__all__ = ["SPECS", "decode_tile", "to_out", "triton", "tl"]
+__all__ = ["PARTS", "SPECS", "decode_tile", "to_out", "triton", "tl"]

@@ -13,7 +13,7 @@ import torch
 from ..errors import QuantizationError, UnsupportedTypeError
 from ..quants import get_quant_type
 from ..quants._bits import IQ4_KVALUES
-from ._decode import SPECS, decode_tile, tl, to_out, triton
+from ._decode import PARTS, SPECS, decode_tile, tl, to_out, triton
 
 __all__ = ["KernelSpec", "kernel_spec", "dequantize_into", "iq4_table", "TL_DTYPES"]
 
@@ -91,6 +91,31 @@ def _dequant_kernel(src, dst, KV, n_blocks,
     tl.store(dst + offs, to_out(vals, OUT, SOFT_BF16), mask=(rows < left)[:, None])
 
 
+@triton.jit
+def _dequant_parts_kernel(src, dst, KV, n_blocks,
+                          PARTS_FN: tl.constexpr, RANK: tl.constexpr, TS: tl.constexpr,
+                          BS: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr,
+                          F2: tl.constexpr, F3: tl.constexpr, F4: tl.constexpr,
+                          BB: tl.constexpr, OUT: tl.constexpr, SOFT_BF16: tl.constexpr):
+    # As _dequant_kernel, with a storage-order decoder: two value tiles per byte tile, each stored
+    # where its elements belong (runs of 16 contiguous elements: still wide stores).
+    pid = tl.program_id(0)
+    first = pid.to(tl.int64) * BB
+    src = src + first * TS
+    dst = dst + first * BS
+    left = n_blocks - first
+    rows = tl.arange(0, BB)[:, None, None]
+    bp = src + tl.minimum(rows, left - 1) * TS
+    w0, w1, idx, HI = PARTS_FN(bp, F0, F1, F2, F3, F4, KV)
+    dp = dst + rows * BS
+    mask = rows < left
+    if RANK == 4:
+        dp = tl.expand_dims(dp, 3)
+        mask = tl.expand_dims(mask, 3)
+    tl.store(dp + idx, to_out(w0, OUT, SOFT_BF16), mask=mask)
+    tl.store(dp + idx + HI, to_out(w1, OUT, SOFT_BF16), mask=mask)
+
+
 #: Elements each program decodes, and its warps; measured on an H100 (see benchmarks/gpu_dequant.py).
 TILE_ELEMENTS = 4096
 NUM_WARPS = 4
@@ -116,6 +141,15 @@ def dequantize_into(raw: torch.Tensor, name: str, out: torch.Tensor, *,
         return out
     bb = max(1, (tile_elements or TILE_ELEMENTS) // spec.block_size)
     grid = (triton.cdiv(n_blocks, bb),)
+    if name in PARTS:
+        parts_fn, rank = PARTS[name]
+        f0, f1, f2, f3, f4 = spec.offsets
+        _dequant_parts_kernel[grid](raw, out, iq4_table(raw.device), n_blocks, PARTS_FN=parts_fn,
+                                    RANK=rank, TS=spec.type_size, BS=spec.block_size, F0=f0, F1=f1,
+                                    F2=f2, F3=f3, F4=f4, BB=bb, OUT=TL_DTYPES[out.dtype],
+                                    SOFT_BF16=soft_bf16(), num_warps=num_warps or NUM_WARPS,
+                                    enable_fp_fusion=False)
+        return out
     _dequant_kernel[grid](raw, out, iq4_table(raw.device), n_blocks, BB=bb, OUT=TL_DTYPES[out.dtype],
                           SOFT_BF16=soft_bf16(),
                           num_warps=num_warps or NUM_WARPS, enable_fp_fusion=False,

@@ -15,9 +15,11 @@ Imports triton at the top: reached only through :mod:`ggufvideo.kernels`.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
-from ._decode import _f16, _i8, _scale_min_k4, _u8, tl, to_out, triton
+from ._decode import _f16, _i8, _parts_q6_k, _scale_min_k4, _u8, tl, to_out, triton
 from ._dequant import TL_DTYPES, kernel_spec, soft_bf16
 
 __all__ = ["FUSED_TYPES", "BK", "fused_linear"]
@@ -108,31 +110,13 @@ def _step_q5_k(acc, bp, xrow, xmask, F0, F1, F2, F3, F4,
 
 
 @triton.jit
-def _step_q6_k(acc, bp, xrow, xmask, F_QL, F_QH, F_SC, F_D, F4,
+def _step_q6_k(acc, bp, xrow, xmask, F0, F1, F2, F3, F4,
                TS: tl.constexpr, OUT: tl.constexpr, SOFT: tl.constexpr):
-    # Half h (128 elements) = 64 ql bytes (h, q4, l16): the low nibble of ql[h*64 + q4*16 + l16]
-    # is element h*128 + q4*16 + l16 (sub-block h*8 + q4), the high nibble element +64
-    # (sub-block h*8 + 4 + q4). Their top two bits are pair (q4>>1) resp. 2 + (q4>>1) of
-    # qh[h*32 + (q4&1)*16 + l16].
-    h = tl.arange(0, 2)[None, :, None, None]
-    q4 = tl.arange(0, 4)[None, None, :, None]
-    l = tl.arange(0, 16)[None, None, None, :]
+    w0, w1, idx, HI = _parts_q6_k(bp, F0, F1, F2, F3, F4, 0)
     BN: tl.constexpr = bp.shape[0]
-    bp = tl.reshape(bp, (BN, 1, 1, 1))
-    d = _f16(bp + F_D)
-    s0 = h * 8 + q4
-    dl0 = d * _i8(bp + F_SC + s0).to(tl.float32)
-    dl1 = d * _i8(bp + F_SC + s0 + 4).to(tl.float32)
-    ql = _u8(bp + F_QL + h * 64 + q4 * 16 + l)
-    qh = _u8(bp + F_QH + h * 32 + (q4 & 1) * 16 + l)
-    sh = 2 * (q4 >> 1)
-    v0 = ((ql & 15) | (((qh >> sh) & 3) << 4)) - 32
-    v1 = ((ql >> 4) | (((qh >> (sh + 4)) & 3) << 4)) - 32
-    w0 = tl.reshape(dl0 * v0.to(tl.float32), (BN, 128))
-    w1 = tl.reshape(dl1 * v1.to(tl.float32), (BN, 128))
-    c = tl.reshape(h * 128 + q4 * 16 + l, (1, 128))
-    acc = _dot_part(acc, w0, xrow, xmask, c, OUT, SOFT)
-    return _dot_part(acc, w1, xrow, xmask, c + 64, OUT, SOFT)
+    c = tl.reshape(idx, (1, 128))
+    acc = _dot_part(acc, tl.reshape(w0, (BN, 128)), xrow, xmask, c, OUT, SOFT)
+    return _dot_part(acc, tl.reshape(w1, (BN, 128)), xrow, xmask, c + HI, OUT, SOFT)
 
 
 #: Types with a fused kernel -> their step function (each step consumes BK=256 of K).
@@ -188,31 +172,47 @@ def _reduce_kernel(part, out, total, SPLIT: tl.constexpr, OUT: tl.constexpr, SOF
     tl.store(out + offs, to_out(acc, OUT, SOFT), mask=mask)
 
 
-def _pick(m: int, n: int, k: int, device: torch.device) -> tuple[int, int, int]:
-    """(BM, BN, SPLIT): enough programs to keep every SM streaming weights."""
-    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-    bn = 32
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+#: Launch rule per activation-tile height BM: (BN, waves, num_warps, num_stages). ``waves`` is how
+#: many programs per SM the K dimension is split to reach (0: no split). Chosen by
+#: ``benchmarks/gpu_linear.py --tune`` on an H100.
+RULES: dict[int, tuple[int, int, int, int]] = {16: (32, 4, 4, 2), 32: (32, 4, 4, 2), 64: (32, 4, 4, 2)}
+
+
+@lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def block_m(m: int) -> int:
+    """The activation tile height for ``m`` rows."""
+    return 16 if m <= 16 else (32 if m <= 32 else 64)
+
+
+def split_for(m: int, n: int, k: int, bm: int, bn: int, waves: int, device: torch.device) -> int:
+    """K split (a power of two, at most 16) giving at least ``waves`` programs per SM."""
     programs = triton.cdiv(n, bn) * triton.cdiv(m, bm)
     steps = k // BK
     split = 1
-    while programs * split < 4 * sms and split * 2 <= steps and split < 8:
+    while programs * split < waves * _sm_count(device) and split * 2 <= steps and split < 16:
         split *= 2
-    return bm, bn, split
+    return split
 
 
 def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
-                 config: tuple[int, int, int] | None = None, num_warps: int = 4,
-                 num_stages: int = 2) -> torch.Tensor:
+                 rule: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """``x2d (M, K) @ W.T`` for ``W`` the ``(n, K)`` weight of type ``name`` in ``raw`` (n, row_bytes).
 
     ``x2d`` is float16 or bfloat16 with unit stride along K; ``K`` a multiple of 256. The output
-    is ``(M, n)`` of ``x2d``'s dtype. ``config`` = (BM, BN, SPLIT) overrides the heuristic (used
-    by the benchmarks to tune it).
+    is ``(M, n)`` of ``x2d``'s dtype. ``rule`` = (BN, waves, num_warps, num_stages) overrides
+    :data:`RULES` (the benchmarks tune with it).
     """
     spec = kernel_spec(name)
     m, k = x2d.shape
-    bm, bn, split = config or _pick(m, n, k, x2d.device)
+    bm = block_m(m)
+    bn, waves, num_warps, num_stages = rule or RULES[bm]
+    split = split_for(m, n, k, bm, bn, waves, x2d.device)
     steps = k // BK
     per_split = triton.cdiv(steps, split)
     split = triton.cdiv(steps, per_split)
