@@ -17,6 +17,7 @@ import torch
 
 __all__ = [
     "GROUP_MAX_EPS",
+    "SMALL_ROUND_LIMIT",
     "c_float_to_int32",
     "div",
     "f32",
@@ -26,6 +27,7 @@ __all__ = [
     "nearest_int",
     "pack_nibbles",
     "recip_or_zero",
+    "round_small_",
     "seq_sum",
     "sqrt",
 ]
@@ -79,6 +81,20 @@ def nearest_int(v: torch.Tensor) -> torch.Tensor:
     """ggml's ``nearest_int``: round half to even through the float32 magic-number trick (int32)."""
     bits = (v + _MAGIC).view(torch.int32)
     return (bits & 0x007FFFFF) - 0x00400000
+
+
+#: Below this magnitude :func:`nearest_int` equals :func:`round_small_` (with margin).
+SMALL_ROUND_LIMIT = float(2**21)
+
+
+def round_small_(v: torch.Tensor) -> torch.Tensor:
+    """In place: ``nearest_int(v)`` as float32, valid for ``|v| < 2**22``.
+
+    Adding and subtracting the magic number rounds half to even in two float passes, with none
+    of the integer conversions; callers must know (or check) that ``v`` is in range, where the
+    bit trick and this agree exactly.
+    """
+    return v.add_(_MAGIC).sub_(_MAGIC)
 
 
 def c_float_to_int32(v: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,8 @@ from ._quantize_common import (
 )
 from .base import get_quant_type
 
-__all__ = ["KVALUES", "best_index", "encode_iq4_nl", "quantize_iq4_xs", "subblock_scales"]
+__all__ = ["KVALUES", "best_index", "best_value", "encode_iq4_nl", "quantize_iq4_xs",
+           "subblock_scales"]
 
 #: ggml's ``kvalues_iq4nl`` codebook (ascending), taken from gguf-py.
 KVALUES: tuple[int, ...] = tuple(int(v) for v in _GGUF_IQ4_NL.kvalues)
@@ -46,7 +47,7 @@ _TRY_NUMERATORS = [float(t + KVALUES[0]) for t in range(-7, 8)]
 
 # Groups per internal step of the scale search: 16 candidates x 32 elements per group, so
 # ~2 MB per float32 temporary.
-_SEARCH_GROUPS = 4096
+_SEARCH_GROUPS = 1024
 
 
 def _upper_wins(v: np.float32, lo: np.float32, hi: np.float32) -> bool:
@@ -70,23 +71,33 @@ def _thresholds(values: tuple[int, ...]) -> np.ndarray:
 
 
 _THRESHOLDS = _thresholds(KVALUES)
-_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_THRESHOLD_LIST = [float(t) for t in _THRESHOLDS]  # exact: float32 values as Python floats
+_STEPS = [float(b - a) for a, b in zip(KVALUES[:-1], KVALUES[1:])]
 
 
-def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codebook values, decision thresholds)`` as float32 tensors on ``device``."""
-    t = _TABLES.get(device)
-    if t is None:
-        t = _TABLES[device] = (torch.tensor(KVALUES, dtype=torch.float32, device=device),
-                               torch.from_numpy(_THRESHOLDS.copy()).to(device))
-    return t
+def _count_thresholds(v: torch.Tensor, steps: list[float], top: float) -> torch.Tensor:
+    """``top - sum(steps[k] for each threshold k above v)`` in float32.
+
+    Counting from the top with ``v < t`` also gives ggml's answer for NaN (every comparison
+    false: the top index). A handful of streaming compare-and-subtract passes into float32 buffers
+    is several times faster in torch than ``bucketize``, table gathers or bool masks.
+    """
+    acc = torch.full(v.shape, top, dtype=torch.float32, device=v.device)
+    below = torch.empty(v.shape, dtype=torch.float32, device=v.device)
+    for t, step in zip(_THRESHOLD_LIST, steps):
+        torch.lt(v, t, out=below)
+        acc.sub_(below, alpha=step)
+    return acc
 
 
 def best_index(v: torch.Tensor) -> torch.Tensor:
-    """ggml's ``best_index_int8(16, kvalues_iq4nl, v)`` for every element of ``v`` (int64)."""
-    _, thr = _tables(v.device)
-    idx = torch.bucketize(v, thr, right=True)
-    return torch.where(torch.isnan(v), 15, idx)  # every comparison fails: the search ends high
+    """ggml's ``best_index_int8(16, kvalues_iq4nl, v)`` for every element of ``v`` (uint8)."""
+    return _count_thresholds(v, [1.0] * len(_THRESHOLD_LIST), 15.0).to(torch.uint8)
+
+
+def best_value(v: torch.Tensor) -> torch.Tensor:
+    """``KVALUES[best_index(v)]`` as float32 (exact small integers), without a gather."""
+    return _count_thresholds(v, _STEPS, float(KVALUES[-1]))
 
 
 def subblock_scales(xt: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
@@ -105,7 +116,7 @@ def subblock_scales(xt: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
 
 
 def _search(xt: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
-    kv, _ = _tables(xt.device)
+    xt, wt = xt.contiguous(), wt.contiguous()
     amax, mx = first_abs_max(xt, dim=0)
     zero = amax < GROUP_MAX_EPS
     mx = torch.where(zero, 1.0, mx)  # zero groups keep scale 0; avoid dividing by 0
@@ -114,10 +125,10 @@ def _search(xt: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     inv = torch.cat([div(1.0, d0)[:, None], div(tries[None, :], mx[:, None])], dim=1)  # (m, 16)
 
     x3 = xt[:, :, None]
-    q = kv[best_index(inv[None] * x3)]                                  # (32, m, 16)
+    q = best_value(inv[None] * x3)                                      # (32, m, 16)
     wq = wt[:, :, None] * q
-    sumqx = seq_sum(wq * x3)                                            # (m, 16)
-    sumq2 = seq_sum(wq * q)
+    sumq2 = seq_sum(q.mul_(wq))                                         # (m, 16)
+    sumqx = seq_sum(wq.mul_(x3))
 
     d = torch.where(sumq2[:, 0] > 0, div(sumqx[:, 0], sumq2[:, 0]), 0.0)
     best = d * sumqx[:, 0]

@@ -24,6 +24,7 @@ from gguf import GGMLQuantizationType as T
 
 from ._quantize_common import (
     GROUP_MAX_EPS,
+    SMALL_ROUND_LIMIT,
     c_float_to_int32,
     div,
     first_abs_max,
@@ -32,6 +33,7 @@ from ._quantize_common import (
     nearest_int,
     pack_nibbles,
     recip_or_zero,
+    round_small_,
     seq_sum,
     sqrt,
 )
@@ -136,9 +138,9 @@ def _qx_search(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tenso
     nums = torch.tensor(_qx_numerators(nmax), dtype=torch.float32, device=x.device)
     iscale = div(-nums[None, :], mx[:, None])                           # (n, 19)
 
-    xt, wt = x.t()[:, :, None], w.t()[:, :, None]                       # (32, n, 1)
-    lv = nearest_int(iscale[None] * xt).clamp_(-nmax, nmax - 1)         # (32, n, 19)
-    lf = lv.to(torch.float32)
+    xt, wt = x.t().contiguous()[:, :, None], w.t().contiguous()[:, :, None]  # (32, n, 1)
+    # |iscale * x| <= ~nmax + 0.9 since |x| <= |max|: always in round_small_'s range.
+    lf = round_small_(iscale[None] * xt).clamp_(-nmax, nmax - 1)       # (32, n, 19)
     sumlx = seq_sum((wt * xt) * lf)                                     # (n, 19)
     suml2 = seq_sum((wt * lf) * lf)
 
@@ -152,7 +154,8 @@ def _qx_search(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tenso
         best = torch.where(better, scale * lx, best)
         pick = torch.where(better, k, pick)
 
-    codes = torch.gather(lv, 2, pick[None, :, None].expand(32, n, 1)).squeeze(2).t() + nmax
+    codes = torch.gather(lf, 2, pick[None, :, None].expand(32, n, 1)).squeeze(2).t()
+    codes = codes.to(torch.int32) + nmax
     scale = torch.where(zero, 0.0, scale)
     codes = torch.where(zero[:, None], 0, codes)
     return scale, codes
@@ -168,16 +171,28 @@ def _qkx3_numerators(nmax: int) -> list[float]:
 def _qkx3_candidates(xt: torch.Tensor, wt: torch.Tensor, sum_w: torch.Tensor, sum_x: torch.Tensor,
                      mx: torch.Tensor, mn: torch.Tensor, nums: torch.Tensor, nmax: int
                      ) -> tuple[torch.Tensor, ...]:
-    """Evaluate the candidate scales ``nums / (max - min)`` of ``make_qkx3_quants`` for blocks
-    whose current min is ``mn``: returns ``(det, scale, min, mad, codes)``, each ``(n, k)`` except
-    ``codes`` ``(32, n, k)``."""
-    iscales = div(nums[None, :], (mx - mn)[:, None])                    # (n, k)
-    xm = (xt - mn)[:, :, None]                                          # (32, n, 1)
-    lv = nearest_int(iscales[None] * xm).clamp_(0, nmax).to(torch.float32)
-    wl = wt[:, :, None] * lv                                            # (32, n, k)
+    """Evaluate candidate scales ``nums / (max - min)`` of ``make_qkx3_quants``.
+
+    ``nums`` is ``(n, k)``: per block, the numerators of the candidates to try, from its current
+    ``min`` ``mn``. Returns ``(det, scale, min, mad, codes)``, each ``(n, k)`` except ``codes``,
+    ``(32, n, k)``; every sum runs over the 32 positions in order, as in ggml.
+    """
+    iscales = div(nums, (mx - mn)[:, None])                             # (n, k)
+    x3 = xt[:, :, None]
+    w3 = wt[:, :, None]
+    xm = xt - mn                                                        # (32, n)
+    lv = iscales[None] * xm[:, :, None]
+    # nearest_int's bit trick equals the cheap float rounding unless a product can reach 2**21;
+    # with ggml's own candidates that takes a degenerate min, so check it per call.
+    bound = iscales.abs() * xm.abs().amax(dim=0)[:, None]
+    if bool((bound < SMALL_ROUND_LIMIT).all()):
+        lv = round_small_(lv).clamp_(0, nmax)
+    else:
+        lv = nearest_int(lv).clamp_(0, nmax).to(torch.float32)
+    wl = w3 * lv                                                        # (32, n, k)
     sum_l = seq_sum(wl)
-    sum_l2 = seq_sum(wl * lv)
-    sum_xl = seq_sum(wl * xt[:, :, None])
+    sum_xl = seq_sum(torch.mul(wl, x3))
+    sum_l2 = seq_sum(wl.mul_(lv))
     sw, sx = sum_w[:, None], sum_x[:, None]
     det = sw * sum_l2 - sum_l * sum_l
     this_scale = div(sw * sum_xl - sx * sum_l, det)
@@ -185,9 +200,14 @@ def _qkx3_candidates(xt: torch.Tensor, wt: torch.Tensor, sum_w: torch.Tensor, su
     positive = this_min > 0
     this_scale = torch.where(positive, div(sum_xl, sum_l2), this_scale)
     this_min = torch.where(positive, 0.0, this_min)
-    diff = (this_scale[None] * lv + this_min[None]) - xt[:, :, None]
-    mad = seq_sum(wt[:, :, None] * (diff * diff))
+    diff = wl  # reuse the buffer: ((scale * l) + min) - x, squared, times w
+    torch.mul(lv, this_scale[None], out=diff).add_(this_min[None]).sub_(x3)
+    mad = seq_sum(diff.mul_(diff).mul_(w3))
     return det, this_scale, this_min, mad, lv
+
+
+# Candidates evaluated per block and round of the make_qkx3_quants search (see below).
+_QKX3_WINDOW = 6
 
 
 def _qkx3_search(x: torch.Tensor, w: torch.Tensor,
@@ -197,18 +217,19 @@ def _qkx3_search(x: torch.Tensor, w: torch.Tensor,
     Returns ``(scale, min, codes)``: the block decodes as ``scale * code + min`` (``min <= 0``).
 
     ggml walks its 37 candidates in order, and accepting one also replaces the ``min`` that every
-    later candidate is computed from. So the search runs in rounds: all remaining candidates are
-    evaluated with each block's current ``min``; a block keeps the results up to its first accepted
-    candidate, then continues from the next one with the new ``min`` in the following round.
-    Blocks with no further acceptance are finished; typically a few rounds over shrinking sets.
+    later candidate is computed from, so candidates cannot all be scored up front. The search runs
+    in rounds instead: each unfinished block scores its next few candidates with its current
+    ``min``, keeps the first accepted one (if any) and resumes right after it in the next round
+    (the candidates it scored past that point used a stale ``min`` and are scored again).
     """
     n = x.shape[0]
+    dev = x.device
     mn = first_extreme(x, dim=1, largest=False)
     mx = first_extreme(x, dim=1, largest=True)
     mn = torch.where(mn > 0, 0.0, mn)
     flat = mx <= mn  # constant block: ggml returns scale 0, codes 0 and this min
 
-    xt, wt = x.t(), w.t()                                               # (32, n)
+    xt, wt = x.t().contiguous(), w.t().contiguous()                     # (32, n)
     sum_w = seq_sum(wt[1:], start=wt[0])
     sum_x = seq_sum(wt[1:] * xt[1:], start=wt[0] * xt[0])
 
@@ -218,28 +239,27 @@ def _qkx3_search(x: torch.Tensor, w: torch.Tensor,
     diff = (scale * codes + mn) - xt
     best_mad = seq_sum(wt * (diff * diff))
 
-    nums = torch.tensor(_qkx3_numerators(nmax), dtype=torch.float32, device=x.device)
+    nums = torch.tensor(_qkx3_numerators(nmax), dtype=torch.float32, device=dev)
     n_cand = nums.numel()
-    pos = torch.zeros(n, dtype=torch.int64, device=x.device)  # next candidate to try
+    window = torch.arange(_QKX3_WINDOW, device=dev)
+    pos = torch.zeros(n, dtype=torch.int64, device=dev)  # next candidate to score
     active = (~flat).nonzero().squeeze(1)
     while active.numel():
-        first = int(pos[active].min())
-        a_pos = pos[active]
+        k = pos[active][:, None] + window                               # (a, W)
+        valid = k < n_cand
         det, t_scale, t_min, mad, lv = _qkx3_candidates(
             xt[:, active], wt[:, active], sum_w[active], sum_x[active], mx[active], mn[active],
-            nums[first:], nmax)
-        k = torch.arange(first, n_cand, device=x.device)
-        ok = (det > 0) & (mad < best_mad[active, None]) & (k[None, :] >= a_pos[:, None])
+            nums[k.clamp(max=n_cand - 1)], nmax)
+        ok = valid & (det > 0) & (mad < best_mad[active, None])
         hit = ok.any(dim=1)
         j = ok.to(torch.uint8).argmax(dim=1, keepdim=True)              # first acceptance
-        rows = active[hit]
-        jh = j[hit]
+        rows, jh = active[hit], j[hit]
         scale[rows] = t_scale[hit].gather(1, jh).squeeze(1)
         mn[rows] = t_min[hit].gather(1, jh).squeeze(1)
         best_mad[rows] = mad[hit].gather(1, jh).squeeze(1)
         codes[:, rows] = torch.gather(lv[:, hit], 2, jh[None].expand(32, -1, 1)).squeeze(2)
-        pos[rows] = jh.squeeze(1) + first + 1
-        active = rows[pos[rows] < n_cand]
+        pos[active] = torch.where(hit, k.gather(1, j).squeeze(1) + 1, k[:, 0] + _QKX3_WINDOW)
+        active = active[pos[active] < n_cand]
 
     scale = torch.where(flat, 0.0, scale)
     codes = torch.where(flat[None, :], 0.0, codes)
