@@ -1,0 +1,195 @@
+"""Building ComfyUI objects (MODEL, VAE) from GGUF files, weights kept quantized.
+
+* Diffusion models go through ComfyUI's own loader, ``comfy.sd.load_diffusion_model_state_dict``:
+  its model detection picks the architecture and config from the tensor names and shapes (which a
+  :class:`~ggufvideo.GGMLTensor` reports in their logical form), and the model is built with
+  :func:`operations` as its ``custom_operations``: ComfyUI's layer classes with the quant-aware
+  mixins of :mod:`ggufvideo.comfy.layers` in front. Layers are built without weights and the
+  quantized ones are assigned (never decoded) when ComfyUI loads the state dict.
+* A VAE is built by ComfyUI's ``comfy.sd.VAE``, which creates its layers itself. It is given
+  placeholders for the quantized tensors (full logical shape, one element of storage), and its
+  layers that hold quantized weights are then switched to their quant-aware classes and given the
+  raw blocks.
+
+In both cases the returned ``ModelPatcher`` is switched to the adapter's
+(:mod:`ggufvideo.comfy.patcher`): LoRA on quantized layers, sizes counted in raw bytes.
+
+ComfyUI is imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..errors import GGUFError, _safe
+from ..loader import load_state_dict, resolve_dtype
+from ..tensor import GGMLTensor
+from .layers import comfy_quant_class, quantize_module_classes, raw_state_bytes
+from .patcher import make_quant_patcher
+
+__all__ = [
+    "ComfyLoadError",
+    "PRECISIONS",
+    "precision_dtype",
+    "operations",
+    "load_diffusion_model",
+    "load_vae",
+]
+
+#: The precision choices the loader nodes offer.
+PRECISIONS: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
+
+#: ComfyUI layer classes given quant-aware versions in :func:`operations`.
+_LAYER_NAMES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+                "ConvTranspose3d", "GroupNorm", "LayerNorm", "RMSNorm", "Embedding")
+
+
+class ComfyLoadError(GGUFError):
+    """A GGUF file could not be turned into a ComfyUI object (the message says which and why)."""
+
+
+def precision_dtype(precision: str) -> torch.dtype | None:
+    """The dtype for a node's precision choice; ``None`` for ``"auto"`` (ComfyUI decides).
+
+    Raises:
+        ComfyLoadError: not one of :data:`PRECISIONS`.
+    """
+    if precision == "auto":
+        return None
+    if precision not in PRECISIONS:
+        raise ComfyLoadError(f"unknown precision {_safe(precision)!r}: expected one of "
+                             f"{', '.join(PRECISIONS)}")
+    return resolve_dtype(precision)
+
+
+_OPERATIONS: type | None = None
+
+
+def operations() -> type:
+    """ComfyUI's ``disable_weight_init`` operations with every layer quant-aware (cached).
+
+    Pass it as ``model_options["custom_operations"]`` to any of ComfyUI's model loaders.
+    """
+    global _OPERATIONS
+    if _OPERATIONS is None:
+        import comfy.ops
+
+        base = comfy.ops.disable_weight_init
+        layers: dict[str, Any] = {}
+        for name in _LAYER_NAMES:
+            cls = getattr(base, name, None)
+            derived = comfy_quant_class(cls) if cls is not None else None
+            if derived is not None:
+                layers[name] = derived
+        _OPERATIONS = type("GGUFVideoOps", (base,), {"__module__": __name__, **layers})
+    return _OPERATIONS
+
+
+def _read(path: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    try:
+        # lazy: quantized tensors stay raw blocks (memory-mapped), plain ones are zero-copy views.
+        sd = load_state_dict(path, lazy=True)
+    except GGUFError as e:
+        raise ComfyLoadError(f"{os.path.basename(path)}: {e}") from e
+    if dtype is not None:
+        # The compute dtype of quantized tensors (what they report and decode to by default).
+        sd = {k: (v.to(dtype) if isinstance(v, GGMLTensor) else v) for k, v in sd.items()}
+    return sd
+
+
+def _describe(sd: Mapping[str, torch.Tensor], limit: int = 5) -> str:
+    keys = list(sd)
+    shown = ", ".join(_safe(k, 80) for k in keys[:limit])
+    return f"{len(keys)} tensors ({shown}{', ...' if len(keys) > limit else ''})"
+
+
+def load_diffusion_model(path: str, precision: str = "auto") -> Any:
+    """A ComfyUI MODEL (``ModelPatcher``) for the diffusion model in a GGUF file.
+
+    Args:
+        path: the .gguf file (ComfyUI's key names, with or without ``model.diffusion_model.``).
+        precision: one of :data:`PRECISIONS`; the model's dtype (``"auto"``: ComfyUI's choice
+            for the device).
+
+    Raises:
+        ComfyLoadError: unreadable file, or ComfyUI's model detection does not recognise it.
+    """
+    import comfy.sd
+
+    dtype = precision_dtype(precision)
+    sd = _read(path, dtype)
+    if not sd:
+        raise ComfyLoadError(f"{os.path.basename(path)}: the file holds no tensors")
+    description = _describe(sd)
+    options: dict[str, Any] = {"custom_operations": operations()}
+    if dtype is not None:
+        options["dtype"] = dtype
+    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
+    if patcher is None:
+        raise ComfyLoadError(
+            f"{os.path.basename(path)}: ComfyUI's model detection did not recognise a diffusion "
+            f"model in {description}. The file must hold a diffusion model (not a VAE or text "
+            "encoder) with the tensor names ComfyUI's own checkpoints use (for Wan: "
+            "'blocks.0.self_attn.q.weight', 'patch_embedding.weight', 'head.head.weight'...).")
+    return make_quant_patcher(patcher)
+
+
+def _placeholder(t: GGMLTensor) -> torch.Tensor:
+    # Full logical shape, one element of storage: enough for ComfyUI's config detection (which
+    # reads shapes) and for its load_state_dict copy into the layers it allocated.
+    return torch.zeros((), dtype=torch.float32).expand(t.shape)
+
+
+def load_vae(path: str, precision: str = "auto") -> Any:
+    """A ComfyUI VAE for a GGUF VAE (the Wan VAE, quantized Conv3d weights kept quantized).
+
+    Args:
+        path: the .gguf file (ComfyUI's VAE key names: ``encoder.conv1.weight``,
+            ``decoder.middle.0.residual.0.gamma``...).
+        precision: one of :data:`PRECISIONS` (``"auto"``: ComfyUI's choice for the device).
+
+    Raises:
+        ComfyLoadError: unreadable file, not recognised as a VAE, or a quantized tensor that
+            belongs to no layer that can decode it.
+    """
+    import comfy.sd
+
+    dtype = precision_dtype(precision)
+    sd = _read(path, dtype)
+    quantized = {k: v for k, v in sd.items() if isinstance(v, GGMLTensor)}
+    stand_in = {k: (_placeholder(v) if k in quantized else v) for k, v in sd.items()}
+    vae = comfy.sd.VAE(sd=stand_in, dtype=dtype)
+    model = getattr(vae, "first_stage_model", None)
+    if model is None:
+        raise ComfyLoadError(f"{os.path.basename(path)}: ComfyUI did not recognise a VAE in "
+                             f"{_describe(sd)}")
+    owners: dict[str, set[str]] = {}
+    for key in quantized:
+        module_name, _, param = key.rpartition(".")
+        owners.setdefault(module_name, set()).add(param)
+    modules = dict(model.named_modules())
+    unplaced = [k for k in quantized if k.rpartition(".")[0] not in modules
+                or comfy_quant_class(type(modules[k.rpartition(".")[0]])) is None
+                or k.rpartition(".")[2] not in ("weight", "bias")]
+    if unplaced:
+        raise ComfyLoadError(
+            f"{os.path.basename(path)}: quantized tensors that belong to no layer able to decode "
+            f"them: {', '.join(_safe(k, 80) for k in unplaced[:5])}"
+            f"{' ...' if len(unplaced) > 5 else ''} (store them unquantized)")
+    quantize_module_classes(model, set(owners))
+    for module_name, params in owners.items():
+        m = modules[module_name]
+        for p in params:
+            current = m._parameters[p]
+            # The compute dtype follows the VAE's (only what it reports; the blocks are shared).
+            value = quantized[f"{module_name}.{p}"].to(vae.vae_dtype)
+            if current is not None and value.device != current.device:
+                value = value.to(current.device)
+            m._parameters[p] = torch.nn.Parameter(value, requires_grad=False)
+    make_quant_patcher(vae.patcher)
+    vae.size = raw_state_bytes(model)
+    return vae
