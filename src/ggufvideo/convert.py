@@ -384,10 +384,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                               overwrite=force, progress=progress, protect=source.files,
                               device=device)
     finally:
-        for h in source._keep_open:
-            close = getattr(h, "close", None)
-            if close is not None:
-                close()
+        # Dropped, not closed: a GGUF source's mapping must outlive any tensor view still
+        # referenced (by a traceback, say); the garbage collector releases it after the views.
         source._keep_open.clear()
     summary.notes.extend(source.notes)
     return summary
