@@ -18,7 +18,6 @@ import torch
 __all__ = [
     "GROUP_MAX_EPS",
     "SMALL_ROUND_LIMIT",
-    "c_float_to_int32",
     "div",
     "f32",
     "first_abs_max",
@@ -97,13 +96,6 @@ def round_small_(v: torch.Tensor) -> torch.Tensor:
     return v.add_(_MAGIC).sub_(_MAGIC)
 
 
-def c_float_to_int32(v: torch.Tensor) -> torch.Tensor:
-    """C's float-to-int conversion as x86 performs it: truncate toward zero; NaN, infinities and
-    values outside the int32 range become ``INT32_MIN`` (what ``cvttss2si`` returns)."""
-    ok = v.abs() < 2147483648.0  # False for NaN
-    return torch.where(ok, torch.where(ok, v, 0.0).to(torch.int32), -2147483648)
-
-
 def seq_sum(terms: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
     """Sum ``terms`` along dim 0 one term at a time in float32, as a C ``for`` loop does.
 
@@ -119,14 +111,13 @@ def seq_sum(terms: torch.Tensor, start: torch.Tensor | None = None) -> torch.Ten
 def first_abs_max(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's ``if (amax < fabsf(v)) { amax = fabsf(v); max = v; }`` scan from ``amax = max = 0``.
 
-    Returns ``(amax, max)``: the largest magnitude and the first element attaining it, with sign;
-    ``max`` is ``+0.0`` when every element is zero.
+    Returns ``(amax, max)``: the largest magnitude and the first element attaining it, with sign
+    (``argmax`` returns the first of equal maxima); ``max`` is ``+0.0`` when every element is zero.
     """
     ax = x.abs()
-    amax = ax.amax(dim=dim, keepdim=True)
-    idx = (ax == amax).to(torch.uint8).argmax(dim=dim, keepdim=True)  # first hit
-    mx = torch.gather(x, dim, idx)
-    mx = torch.where(amax > 0, mx, 0.0)
+    idx = ax.argmax(dim=dim, keepdim=True)
+    amax = torch.gather(ax, dim, idx)
+    mx = torch.where(amax > 0, torch.gather(x, dim, idx), 0.0)
     return amax.squeeze(dim), mx.squeeze(dim)
 
 
@@ -135,9 +126,9 @@ def first_extreme(x: torch.Tensor, dim: int, largest: bool) -> torch.Tensor:
 
     A strict-comparison scan keeps the first of equal values, which matters for the sign of a zero
     extreme (``-0.0 < 0.0`` is false), and the sign of ``min`` is stored in Q4_1/Q5_1 blocks.
+    ``argmin``/``argmax`` return the first of equal extremes.
     """
-    ext = x.amax(dim=dim, keepdim=True) if largest else x.amin(dim=dim, keepdim=True)
-    idx = (x == ext).to(torch.uint8).argmax(dim=dim, keepdim=True)
+    idx = x.argmax(dim=dim, keepdim=True) if largest else x.argmin(dim=dim, keepdim=True)
     return torch.gather(x, dim, idx).squeeze(dim)
 
 

@@ -25,7 +25,6 @@ from gguf import GGMLQuantizationType as T
 from ._quantize_common import (
     GROUP_MAX_EPS,
     SMALL_ROUND_LIMIT,
-    c_float_to_int32,
     div,
     first_abs_max,
     first_extreme,
@@ -54,14 +53,16 @@ __all__ = [
 _SEARCH_BLOCKS = 4096
 
 
-def _signed_low_byte(i: torch.Tensor) -> torch.Tensor:
-    """The low byte of an int32 read as ``int8_t`` (C's narrowing conversion)."""
-    return ((i & 0xFF) ^ 0x80) - 0x80
+def _truncate_codes(v: torch.Tensor, cap: float) -> torch.Tensor:
+    """ggml's ``MIN(cap, (int)v)`` store of a reference encoder's scaled value ``v`` (int32).
 
-
-def _to_int8(v: torch.Tensor) -> torch.Tensor:
-    """C's ``(int8_t)f`` for a float32 ``f``, as the x86 reference build computes it."""
-    return _signed_low_byte(c_float_to_int32(v))
+    ``v`` is ``x/d + offset`` with ``d`` taken from the block's own extremes, so every finite ``v``
+    lies in ``[0, cap + 1.5)`` (a subnormal ``d`` keeps at least 21 significant bits until ``1/d``
+    overflows) and the C conversion never wraps. A non-finite ``v`` (``1/d`` overflowed: inf, or
+    ``0 * inf`` = NaN) is converted by x86 to ``INT_MIN``, whose low byte -- the stored code --
+    is 0.
+    """
+    return v.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).clamp_(max=cap).to(torch.int32)
 
 
 def _pack(qtype: T, **fields: torch.Tensor) -> torch.Tensor:
@@ -78,19 +79,18 @@ def _ref_symmetric(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     _, mx = first_abs_max(x, dim=1)
     d = div(mx, float(-nmax))
     inv = recip_or_zero(d)
-    q = _to_int8(x * inv[:, None] + (nmax + 0.5))
-    q = torch.clamp_max(q, 2 * nmax - 1) & 0xFF  # MIN(), then the uint8_t store
-    return d, q
+    return d, _truncate_codes(x * inv[:, None] + (nmax + 0.5), 2 * nmax - 1)
 
 
 def _ref_affine(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_1/Q5_1 reference: ``d = (max - min) / levels``, ``q = (int)((x - min)/d + 0.5)``."""
+    """Q4_1/Q5_1 reference: ``d = (max - min) / levels``, ``q = (int)((x - min)/d + 0.5)``.
+
+    (ggml clamps Q4_1's code to 15 and not Q5_1's; both stay within ``levels`` anyway.)"""
     mn = first_extreme(x, dim=1, largest=False)
     mx = first_extreme(x, dim=1, largest=True)
     d = div(mx - mn, float(levels))
     inv = recip_or_zero(d)
-    q = c_float_to_int32((x - mn[:, None]) * inv[:, None] + 0.5)
-    return d, mn, q
+    return d, mn, _truncate_codes((x - mn[:, None]) * inv[:, None] + 0.5, levels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +320,6 @@ def quantize_q4_1(x: torch.Tensor, imatrix: torch.Tensor | None, *,
     x, imatrix = _prepare(x, imatrix, blocks_per_row)
     if imatrix is None:
         d, m, q = _ref_affine(x, 15)
-        q = torch.clamp_max(_signed_low_byte(q), 15) & 0xFF  # MIN(15, (int8_t)...) -> uint8_t
     else:
         d, m, q = _weighted(x, imatrix, blocks_per_row, lambda xb, wb: _qkx3_search(xb, wb, 15))
     return _pack(T.Q4_1, d=d[:, None], m=m[:, None], qs=pack_nibbles(q))
@@ -332,7 +331,6 @@ def quantize_q5_1(x: torch.Tensor, imatrix: torch.Tensor | None, *,
     x, imatrix = _prepare(x, imatrix, blocks_per_row)
     if imatrix is None:
         d, m, q = _ref_affine(x, 31)
-        q = q & 0xFF  # (uint8_t) conversion, no clamp in ggml
     else:
         d, m, q = _weighted(x, imatrix, blocks_per_row, lambda xb, wb: _qkx3_search(xb, wb, 31))
     return _pack(T.Q5_1, d=d[:, None], m=m[:, None], qh=high_bit_bytes(q),
@@ -349,7 +347,7 @@ def quantize_q8_0(x: torch.Tensor, imatrix: torch.Tensor | None, *,
     # roundf: half away from zero. v - trunc(v) is exact, so the comparison is exact too.
     t = torch.trunc(v)
     r = torch.where((v - t).abs() >= 0.5, t + torch.sign(v), t)
-    q = _to_int8(r)
+    q = r.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # as in _truncate_codes; |r| <= 127
     return _pack(T.Q8_0, d=d[:, None], qs=q)
 
 
