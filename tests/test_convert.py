@@ -418,3 +418,14 @@ def test_peak_memory_stays_near_one_tensor_not_the_model(tmp_path):
     grew = int(proc.stdout.strip().splitlines()[-1])
     model = 16 * 4 << 20
     assert grew < model // 2, f"peak RSS grew by {grew / 2**20:.1f} MiB for a 64 MiB model"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M", "Q6_K"])
+def test_quantizing_on_cuda_writes_the_same_bytes_as_on_cpu(tmp_path, qtype):
+    g = torch.Generator().manual_seed(1)
+    sd = {"a.weight": torch.randn(256, 1024, generator=g), "c": torch.randn(64, 16, 1, 2, 2, generator=g),
+          "b.weight": torch.randn(64, 96, generator=g), "b.bias": torch.randn(64, generator=g)}
+    save_state_dict(sd, tmp_path / "cpu.gguf", qtype=qtype)
+    save_state_dict(sd, tmp_path / "cuda.gguf", qtype=qtype, device="cuda")
+    assert (tmp_path / "cpu.gguf").read_bytes() == (tmp_path / "cuda.gguf").read_bytes()
