@@ -67,7 +67,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
 
 
-def check_dequant(gen: torch.Generator) -> dict:
+def check_dequant(gen: torch.Generator, types: list[str] | None = None) -> dict:
     """Bit-exactness of every Triton dequant kernel; returns {type: failures}."""
     import gguf
 
@@ -75,7 +75,7 @@ def check_dequant(gen: torch.Generator) -> dict:
     from ggufvideo.ops import dequantize_weight
 
     fails: dict[str, int] = {}
-    for name in gpu_dequant.TYPES:
+    for name in types or gpu_dequant.TYPES:
         qt = get_quant_type(name)
         bad = 0
         for n_blocks in (1, 3, 333, 40_001):
@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
                     default=["env", "check", "dequant", "tune", "linear", "block"])
     ap.add_argument("--linear-types", nargs="*", default=gpu_linear.TYPES)
     ap.add_argument("--block-count", type=int, default=2)
+    ap.add_argument("--check-types", nargs="*", help="dequant types to check (default: all)")
+    ap.add_argument("--linear-ms", nargs="*", type=int, default=gpu_linear.MS)
     ap.add_argument("--torch-path", action="store_true", help="linear: also time the torch path")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
@@ -245,12 +247,12 @@ def main(argv: list[str] | None = None) -> None:
     stage("dequant", dequant)
     stage("tune", lambda: gpu_linear.tune(torch.device("cuda")))
     # After tuning, so the fused kernels checked are the ones the linear benchmark runs.
-    stage("check", lambda: dict(dequant=check_dequant(gen), linear=check_linear(gen),
+    stage("check", lambda: dict(dequant=check_dequant(gen, a.check_types), linear=check_linear(gen),
                                 graphs=check_compile_and_graphs(gen)))
 
     def linear() -> list:
-        rows = gpu_linear.run(a.linear_types, gpu_linear.MS, torch_path=a.torch_path)
-        say(gpu_linear.table(rows, gpu_linear.MS))
+        rows = gpu_linear.run(a.linear_types, a.linear_ms, torch_path=a.torch_path)
+        say(gpu_linear.table(rows, a.linear_ms))
         return rows
 
     stage("linear", linear)
