@@ -59,6 +59,7 @@ def fetch_weight(t: torch.Tensor | None, dtype: torch.dtype, device: torch.devic
     """
     if t is None:
         return None
+    stored = t
     if t.device != device:
         # Pinned host memory makes this an asynchronous copy; it is ordered before the decode
         # below on the same stream.
@@ -66,6 +67,10 @@ def fetch_weight(t: torch.Tensor | None, dtype: torch.dtype, device: torch.devic
     if not patches:
         return dequantize_weight(t, dtype)
     w = dequantize_weight(t, torch.float32)
+    if not isinstance(stored, GGMLTensor) and w.data_ptr() == stored.data_ptr():
+        # A plain float32 weight comes back as itself, and ComfyUI's patch functions work in
+        # place (calculate_weight adds into its argument): patch a copy, never the parameter.
+        w = w.clone()
     for fn in patches:
         w = fn(w)
     return w if w.dtype == dtype else w.to(dtype)
