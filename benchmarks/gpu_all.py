@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
                     default=["env", "check", "dequant", "tune", "linear", "block"])
     ap.add_argument("--linear-types", nargs="*", default=gpu_linear.TYPES)
     ap.add_argument("--block-count", type=int, default=2)
+    ap.add_argument("--check-what", nargs="*", default=["dequant", "linear", "graphs"])
     ap.add_argument("--check-types", nargs="*", help="dequant types to check (default: all)")
     ap.add_argument("--linear-ms", nargs="*", type=int, default=gpu_linear.MS)
     ap.add_argument("--torch-path", action="store_true", help="linear: also time the torch path")
@@ -247,8 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     stage("dequant", dequant)
     stage("tune", lambda: gpu_linear.tune(torch.device("cuda")))
     # After tuning, so the fused kernels checked are the ones the linear benchmark runs.
-    stage("check", lambda: dict(dequant=check_dequant(gen, a.check_types), linear=check_linear(gen),
-                                graphs=check_compile_and_graphs(gen)))
+    checks = {"dequant": lambda: check_dequant(gen, a.check_types),
+              "linear": lambda: check_linear(gen), "graphs": lambda: check_compile_and_graphs(gen)}
+    stage("check", lambda: {key: checks[key]() for key in a.check_what})
 
     def linear() -> list:
         rows = gpu_linear.run(a.linear_types, a.linear_ms, torch_path=a.torch_path)
