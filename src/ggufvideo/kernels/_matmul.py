@@ -30,8 +30,18 @@ BK = 256
 
 @triton.jit
 def _dot_part(acc, w, xrow, xmask, cols, OUT: tl.constexpr, SOFT: tl.constexpr):
-    """``acc (BN, BM) += w (BN, P) @ x[:, cols] (P, BM)`` with ``w`` rounded once to ``OUT``."""
-    xt = tl.load(xrow + cols, mask=xmask, other=0.0)  # (BM, P)
+    """``acc (BN, BM) += w (BN, P) @ x[:, cols].T`` with ``w`` rounded once to ``OUT``.
+
+    ``cols`` keeps its natural shape ``(1, ..., run)`` (last dimension a contiguous run of
+    columns) so that the activation loads stay wide; the tile is flattened after loading.
+    """
+    xp = xrow
+    xm = xmask
+    for _ in tl.static_range(len(cols.shape) - 2):
+        xp = tl.expand_dims(xp, len(xp.shape))
+        xm = tl.expand_dims(xm, len(xm.shape))
+    xt = tl.load(xp + cols, mask=xm, other=0.0)
+    xt = tl.reshape(xt, (xrow.shape[0], w.shape[1]))  # (BM, P)
     if SOFT and OUT == tl.bfloat16:
         # Triton's interpreter multiplies bfloat16 as raw integers: do the same products in
         # float32 there (every bfloat16 product is exact in float32).
@@ -52,7 +62,7 @@ def _step_q4_0(acc, bp, xrow, xmask, F0, F1, F2, F3, F4,
     BN: tl.constexpr = bp.shape[0]
     lo = tl.reshape(((q & 15) - 8).to(tl.float32) * d, (BN, 128))
     hi = tl.reshape(((q >> 4) - 8).to(tl.float32) * d, (BN, 128))
-    c = tl.reshape(kb * 32 + l, (1, 128))
+    c = kb * 32 + l
     acc = _dot_part(acc, lo, xrow, xmask, c, OUT, SOFT)
     return _dot_part(acc, hi, xrow, xmask, c + 16, OUT, SOFT)
 
@@ -65,8 +75,7 @@ def _step_q8_0(acc, bp, xrow, xmask, F0, F1, F2, F3, F4,
     p = bp + kb * TS
     w = _i8(p + F1 + l).to(tl.float32) * _f16(p + F0)
     BN: tl.constexpr = bp.shape[0]
-    return _dot_part(acc, tl.reshape(w, (BN, 256)), xrow, xmask,
-                     tl.reshape(kb * 32 + l, (1, 256)), OUT, SOFT)
+    return _dot_part(acc, tl.reshape(w, (BN, 256)), xrow, xmask, kb * 32 + l, OUT, SOFT)
 
 
 @triton.jit
@@ -92,7 +101,7 @@ def _step_kq45(acc, bp, xrow, xmask, F_D, F_DMIN, F_SC, F_QH, F_QS, HAS_QH: tl.c
                     (BN, 128))
     w1 = tl.reshape((d * sc1.to(tl.float32)) * q1.to(tl.float32) - dmin * mn1.to(tl.float32),
                     (BN, 128))
-    c = tl.reshape(g * 64 + l, (1, 128))
+    c = g * 64 + l
     acc = _dot_part(acc, w0, xrow, xmask, c, OUT, SOFT)
     return _dot_part(acc, w1, xrow, xmask, c + 32, OUT, SOFT)
 
@@ -114,7 +123,7 @@ def _step_q6_k(acc, bp, xrow, xmask, F0, F1, F2, F3, F4,
                TS: tl.constexpr, OUT: tl.constexpr, SOFT: tl.constexpr):
     w0, w1, idx, HI = _parts_q6_k(bp, F0, F1, F2, F3, F4, 0)
     BN: tl.constexpr = bp.shape[0]
-    c = tl.reshape(idx, (1, 128))
+    c = idx
     acc = _dot_part(acc, tl.reshape(w0, (BN, 128)), xrow, xmask, c, OUT, SOFT)
     return _dot_part(acc, tl.reshape(w1, (BN, 128)), xrow, xmask, c + HI, OUT, SOFT)
 
