@@ -116,7 +116,7 @@ def _dequant_parts_kernel(src, dst, KV, n_blocks,
     tl.store(dp + idx + HI, to_out(w1, OUT, SOFT_BF16), mask=mask)
 
 
-#: Elements each program decodes, and its warps; measured on an H100 (see benchmarks/gpu_dequant.py).
+#: Elements each program decodes, and its warps (the setting benchmarks/gpu_dequant.py measured).
 TILE_ELEMENTS = 4096
 NUM_WARPS = 4
 

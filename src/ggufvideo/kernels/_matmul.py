@@ -182,8 +182,8 @@ def _reduce_kernel(part, out, total, SPLIT: tl.constexpr, OUT: tl.constexpr, SOF
 
 
 #: Launch rule per activation-tile height BM: (BN, waves, num_warps, num_stages). ``waves`` is how
-#: many programs per SM the K dimension is split to reach (0: no split). Chosen by
-#: ``benchmarks/gpu_linear.py --tune`` on an H100.
+#: many programs per SM the K dimension is split to reach (0: no split). A first guess, not yet
+#: tuned: ``benchmarks/gpu_linear.py --tune`` times the alternatives and installs the best.
 RULES: dict[int, tuple[int, int, int, int]] = {16: (32, 4, 4, 2), 32: (32, 4, 4, 2), 64: (32, 4, 4, 2)}
 
 
