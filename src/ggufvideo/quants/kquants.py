@@ -87,7 +87,8 @@ class Q3_K(DecodesInto, QuantType, qtype=T.Q3_K, block_size=256,
         dl = sc.to(torch.float32).mul_(d)  # ggml: d_all * (scale - 32)
         # q - (hbit ? 0 : 4) = (q | hbit << 2) - 4, built on bytes.
         q = _crumbs(cls.layout.field(blocks, "qs").view(-1, 2, 32)).view(-1, 8, 32)
-        q = q.bitwise_or_(_bit_planes(cls.layout.field(blocks, "hmask"), 2)).view(torch.int8).sub_(4)
+        hbit = _bit_planes(cls.layout.field(blocks, "hmask"), 2)
+        q = q.bitwise_or_(hbit).view(torch.int8).sub_(4)
         out.view(-1, 16, 16).copy_(q.view(-1, 16, 16)).mul_(dl.unsqueeze(2))
 
 
