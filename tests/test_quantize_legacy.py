@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from quantize_inputs import IMATRIX_KINDS, ROW_KINDS, float_rows, imatrix_row
 
-from ggufvideo.quants import _quantize_legacy, get_quant_type, quantize
+from ggufvideo.quants import _quantize_common, _quantize_legacy, get_quant_type, quantize
 
 LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 
@@ -110,3 +110,20 @@ def test_special_blocks_match_ggml_reference(oracle, qtype):
 
 def test_row_quantizers_cover_the_weighted_legacy_types():
     assert set(_quantize_legacy.ROW_QUANTIZERS) == {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1}
+
+
+def test_nearest_int_of_any_nan_is_zero_like_ggml_on_x86():
+    # x86 makes every NaN of ggml's arithmetic the default NaN, whose mantissa bits give 0 in the
+    # magic-number trick; CUDA's NaNs carry other payloads, so the result must not read them.
+    bits = torch.tensor([0x7FC00000, -0x400000, 0x7FFFFFFF, 0x7F800001], dtype=torch.int32)
+    got = _quantize_common.nearest_int(bits.view(torch.float32))
+    assert got.tolist() == [0, 0, 0, 0]
+    ref = torch.tensor([0.5, 1.5, -2.5, 4194303.0, float("inf")])
+    assert _quantize_common.nearest_int(ref).tolist() == [0, 2, -2, 4194303, -0x400000]
+
+
+def test_nan_scale_is_stored_as_ggml_stores_it_on_x86():
+    # ggml converts x86's default NaN (sign set) to fp16 0xFE00, whatever NaN the device made.
+    bits = torch.tensor([0x7FFFFFFF, -0x400000, 0x3F800000], dtype=torch.int32)
+    h = _quantize_common.to_fp16(bits.view(torch.float32)).view(torch.int16)
+    assert [v & 0xFFFF for v in h.tolist()] == [0xFE00, 0xFE00, 0x3C00]

@@ -18,6 +18,7 @@ import torch
 __all__ = [
     "GROUP_MAX_EPS",
     "SMALL_ROUND_LIMIT",
+    "device_step",
     "div",
     "f32",
     "first_abs_max",
@@ -29,6 +30,7 @@ __all__ = [
     "round_small_",
     "seq_sum",
     "sqrt",
+    "to_fp16",
 ]
 
 
@@ -77,9 +79,35 @@ def sqrt(v: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_int(v: torch.Tensor) -> torch.Tensor:
-    """ggml's ``nearest_int``: round half to even through the float32 magic-number trick (int32)."""
+    """ggml's ``nearest_int``: round half to even through the float32 magic-number trick (int32).
+
+    The trick reads mantissa bits, so for NaN it depends on the NaN's payload. With finite input
+    every NaN in ggml's arithmetic is x86's default NaN (payload 0x400000), giving 0; other
+    hardware (CUDA) makes NaNs with other payloads, so NaN is mapped to 0 explicitly.
+    """
     bits = (v + _MAGIC).view(torch.int32)
-    return (bits & 0x007FFFFF) - 0x00400000
+    return torch.where(torch.isnan(v), 0, (bits & 0x007FFFFF) - 0x00400000)
+
+
+# x86's default NaN (sign set) as ggml's fp32->fp16 conversion writes it: (sign >> 16) | 0x7E00.
+_FP16_X86_NAN = -512  # 0xFE00 as int16
+
+
+def to_fp16(v: torch.Tensor) -> torch.Tensor:
+    """float32 -> float16 rounded to nearest even, with a NaN stored as ggml on x86 stores it.
+
+    A NaN scale comes from an invalid operation on finite input (0/0, inf/inf, inf-inf, 0*inf);
+    x86 produces a negative quiet NaN, which ggml converts to 0xFE00. CUDA produces a positive one
+    and torch converts it to 0x7FFF; patching the bits makes the bytes device-independent.
+    """
+    h = v.to(torch.float16).view(torch.int16)
+    return torch.where(torch.isnan(v), _FP16_X86_NAN, h).to(torch.int16).view(torch.float16)
+
+
+def device_step(base: int, device: torch.device) -> int:
+    """Items per internal step of a search: ``base`` on CPU (cache-sized), far more on a GPU,
+    where each step's cost is dominated by kernel launches rather than memory traffic."""
+    return base * 64 if device.type == "cuda" else base
 
 
 #: Below this magnitude :func:`nearest_int` equals :func:`round_small_` (with margin).

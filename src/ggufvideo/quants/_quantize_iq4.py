@@ -31,8 +31,10 @@ from ._quantize_common import (
     nearest_int,
     pack_nibbles,
     recip_or_zero,
+    device_step,
     seq_sum,
     sqrt,
+    to_fp16,
 )
 from .base import get_quant_type
 
@@ -110,8 +112,9 @@ def subblock_scales(xt: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(m,)`` float32; ``+0.0`` for groups whose largest magnitude is below ``GROUP_MAX_EPS``.
     """
-    parts = [_search(xt[:, s:s + _SEARCH_GROUPS], wt[:, s:s + _SEARCH_GROUPS])
-             for s in range(0, max(xt.shape[1], 1), _SEARCH_GROUPS)]
+    step = device_step(_SEARCH_GROUPS, xt.device)
+    parts = [_search(xt[:, s:s + step], wt[:, s:s + step])
+             for s in range(0, max(xt.shape[1], 1), step)]
     return torch.cat(parts)
 
 
@@ -155,7 +158,7 @@ def encode_iq4_nl(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor
     wt = _weights(xt, None if imatrix is None else imatrix.t().contiguous())
     d = subblock_scales(xt, wt)
     codes = best_index(x * recip_or_zero(d)[:, None])
-    return get_quant_type(T.IQ4_NL).layout.pack(d=d[:, None], qs=pack_nibbles(codes))
+    return get_quant_type(T.IQ4_NL).layout.pack(d=to_fp16(d[:, None]), qs=pack_nibbles(codes))
 
 
 # Super-blocks per step of quantize_iq4_xs (8 groups each).
@@ -178,9 +181,10 @@ def quantize_iq4_xs(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tens
     if imatrix is not None:
         imatrix = imatrix.to(device=x.device, dtype=torch.float32).expand_as(x)
     parts = []
-    for s in range(0, max(x.shape[0], 1), _XS_BLOCKS):
-        im = None if imatrix is None else imatrix[s:s + _XS_BLOCKS]
-        parts.append(_encode_xs(x[s:s + _XS_BLOCKS], im))
+    step = device_step(_XS_BLOCKS, x.device)
+    for s in range(0, max(x.shape[0], 1), step):
+        im = None if imatrix is None else imatrix[s:s + step]
+        parts.append(_encode_xs(x[s:s + step], im))
     return torch.cat(parts)
 
 
@@ -211,5 +215,5 @@ def _encode_xs(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
     scales_l = ((ls[:, 0::2] & 0xF) | ((ls[:, 1::2] & 0xF) << 4)).to(torch.uint8)
     shifts = 2 * torch.arange(8, dtype=torch.int32, device=x.device)
     scales_h = ((ls >> 4) << shifts).sum(dim=1, keepdim=True)
-    return get_quant_type(T.IQ4_XS).layout.pack(d=d[:, None], scales_h=scales_h,
+    return get_quant_type(T.IQ4_XS).layout.pack(d=to_fp16(d[:, None]), scales_h=scales_h,
                                                 scales_l=scales_l, qs=pack_nibbles(codes))

@@ -25,6 +25,7 @@ from gguf import GGMLQuantizationType as T
 from ._quantize_common import (
     GROUP_MAX_EPS,
     SMALL_ROUND_LIMIT,
+    device_step,
     div,
     first_abs_max,
     first_extreme,
@@ -35,6 +36,7 @@ from ._quantize_common import (
     round_small_,
     seq_sum,
     sqrt,
+    to_fp16,
 )
 from .base import get_quant_type
 
@@ -66,7 +68,9 @@ def _truncate_codes(v: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 def _pack(qtype: T, **fields: torch.Tensor) -> torch.Tensor:
-    """Assemble blocks through the type's declared layout (fp16 fields round to nearest even)."""
+    """Assemble blocks through the type's declared layout; float fields (``d``, ``m``) are
+    rounded to fp16 as ggml does."""
+    fields = {k: to_fp16(v) if v.is_floating_point() else v for k, v in fields.items()}
     return get_quant_type(qtype).layout.pack(**fields)
 
 
@@ -271,8 +275,8 @@ def _weighted(x: torch.Tensor, imatrix: torch.Tensor, blocks_per_row: int,
               ) -> tuple[torch.Tensor, ...]:
     """Run ``search(x, weights)`` over bounded slices of blocks and concatenate the results."""
     w = _importance(x, imatrix, blocks_per_row)
-    parts = [search(x[s:s + _SEARCH_BLOCKS], w[s:s + _SEARCH_BLOCKS])
-             for s in range(0, max(x.shape[0], 1), _SEARCH_BLOCKS)]
+    step = device_step(_SEARCH_BLOCKS, x.device)
+    parts = [search(x[s:s + step], w[s:s + step]) for s in range(0, max(x.shape[0], 1), step)]
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
@@ -348,7 +352,7 @@ def quantize_q8_0(x: torch.Tensor, imatrix: torch.Tensor | None, *,
     t = torch.trunc(v)
     r = torch.where((v - t).abs() >= 0.5, t + torch.sign(v), t)
     q = r.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # as in _truncate_codes; |r| <= 127
-    return _pack(T.Q8_0, d=d[:, None], qs=q)
+    return _pack(T.Q8_0, d=d[:, None], qs=q.to(torch.int8))
 
 
 def quantize_iq4_nl(x: torch.Tensor, imatrix: torch.Tensor | None, *,
