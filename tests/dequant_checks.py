@@ -80,10 +80,12 @@ def type_tests(name: str) -> dict[str, Callable[..., None]]:
 
     def is_independent_of_the_chunk_size(monkeypatch: pytest.MonkeyPatch) -> None:
         data = torch.from_numpy(finite_blocks(qtype, 37, seed=3)).reshape(-1)
-        whole = dequantize(data, qtype)
-        # Chunks of 2 blocks: 18 full chunks and a ragged last one.
+        whole = {dt: dequantize(data, qtype, dtype=dt) for dt in (torch.float32, torch.bfloat16)}
+        # Chunks of 2 blocks: 18 full chunks and a ragged last one (float32 is decoded into the
+        # output, other dtypes through a reused scratch chunk: both paths).
         monkeypatch.setattr(quants, "_CHUNK_ELEMENTS", 2 * qt.block_size)
-        _assert_same_bits(dequantize(data, qtype), whole, f"{name} chunked")
+        for dt, want in whole.items():
+            _assert_same_bits(dequantize(data, qtype, dtype=dt), want, f"{name} chunked {dt}")
 
     def rejects_a_partial_block() -> None:
         data = torch.zeros(3, qt.type_size() + 1, dtype=torch.uint8)
