@@ -9,6 +9,8 @@ vectorized loops; small constant tensors are cached per device instead of rebuil
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .base import Layout
@@ -27,11 +29,13 @@ __all__ = [
 IQ4_KVALUES: tuple[int, ...] = (-127, -104, -83, -65, -49, -35, -22, -10,
                                 1, 13, 25, 38, 53, 69, 89, 113)
 
+
 class DecodesInto:
     """Mixin for codecs written as :meth:`dequantize_into` (decode straight into a buffer).
 
-    :func:`ggufvideo.quants.dequantize` hands float32 output slices to ``dequantize_into`` so the
-    last float op writes the result in place, saving a full copy of every element;
+    :func:`ggufvideo.quants.dequantize` hands float32 output slices (or, for fp16/bf16 output,
+    one reused float32 scratch chunk) to ``dequantize_into``, so the float ops run in place on
+    the destination instead of producing a fresh tensor that is then copied;
     ``dequantize_blocks`` (the registry's contract) allocates the buffer and calls it.
     """
 
@@ -57,7 +61,8 @@ class DecodesInto:
 _CONSTS: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
-def const(name: str, device: torch.device, make) -> torch.Tensor:
+def const(name: str, device: torch.device,
+          make: Callable[[], torch.Tensor]) -> torch.Tensor:
     """A small constant tensor ``make()`` moved to ``device``, built once per (name, device)."""
     key = (name, device)
     t = _CONSTS.get(key)
