@@ -35,9 +35,9 @@ quantized linear through :func:`quant_linear`. Fused dequant+matmul kernels repl
 the package decodes a layer's weight.
 
 The GPU fast path is wired in: on CUDA, both hooks use the Triton kernels of
-:mod:`ggufvideo.kernels` (bit-identical decoding; a fused kernel for few activation rows) when
-triton is installed. ``GGUFVIDEO_NO_TRITON=1`` in the environment, or
-``ggufvideo.kernels.set_enabled(False)``, forces the torch path.
+:mod:`ggufvideo.kernels` (bit-identical decoding into a reused buffer, then cuBLAS; an opt-in
+fused kernel for few activation rows) when triton is installed. ``GGUFVIDEO_NO_TRITON=1`` in the
+environment, or ``ggufvideo.kernels.set_enabled(False)``, forces the torch path.
 """
 
 from __future__ import annotations
