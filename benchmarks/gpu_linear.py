@@ -3,7 +3,8 @@
 Shapes (K, N) in {(5120, 5120), (5120, 13824), (13824, 5120)}, activation rows
 M in {1, 16, 64, 512, 4096, 32760}, bf16. The quant-aware Linear is ``nn.Linear`` swapped by
 :func:`ggufvideo.ops.swap_quant_layers` holding a :class:`GGMLTensor` weight of random blocks;
-on CUDA it runs the fused kernel for M <= 64 and decode-into-workspace + cuBLAS above.
+on CUDA it decodes into a reused workspace and calls cuBLAS; for M <= 64 the fused kernel is also
+timed (forced on), eagerly and under CUDA graphs.
 
 ``--tune`` first sweeps the fused kernel's tile/split choices for Q4_K at M = 1, 16, 64.
 ``--torch-path`` adds the ratio of the torch decode path (kernels switched off) at M=1 and 32760.
@@ -122,6 +123,14 @@ def run(types: list[str], ms: list[int], torch_path: bool = False) -> list[dict]
                     if m <= 64:  # launch-bound sizes: also the kernels' own time
                         row["graph_ratio"] = bench_graph(lambda: lin(x)) / base_graph[m]
                         row["quant_graph_us"] = row["graph_ratio"] * base_graph[m] * 1e3
+                        if name in kernels.FUSED_TYPES:  # the fused kernel, whatever the default
+                            kernels.set_fused_max_m(kernels.FUSED_MAX_M)
+                            try:
+                                row["fused_ratio"] = bench(lambda: lin(x)) / base[m]
+                                row["fused_graph_ratio"] = (bench_graph(lambda: lin(x))
+                                                            / base_graph[m])
+                            finally:
+                                kernels.set_fused_max_m(None)
                     if torch_path and m in (1, max(ms)):
                         kernels.set_enabled(False)
                         try:
@@ -165,6 +174,18 @@ def table(rows: list[dict], ms: list[int]) -> str:
         for t, k, n in keys:
             cells = {r["m"]: r["graph_ratio"] for r in gr if (r["type"], r["k"], r["n"]) == (t, k, n)}
             bl.append(f"| {t} | {k},{n} | " + " | ".join(f"{cells[m]:.2f}" for m in gms) + " |")
+    fr = [r for r in rows if "fused_ratio" in r]
+    if fr:
+        fms = sorted({r["m"] for r in fr})
+        bl += ["", "Fused kernel forced on (eager / CUDA graph), ratio vs bf16:",
+               "| type | (K,N) | " + " | ".join(f"M={m}" for m in fms) + " |",
+               "|---|---|" + "---|" * len(fms)]
+        for t, k, n in keys:
+            sel = {r["m"]: r for r in fr if (r["type"], r["k"], r["n"]) == (t, k, n)}
+            if sel:
+                bl.append(f"| {t} | {k},{n} | " + " | ".join(
+                    f"{sel[m]['fused_ratio']:.2f} / {sel[m]['fused_graph_ratio']:.2f}" for m in fms)
+                    + " |")
     tp = [r for r in rows if "torch_path_ratio" in r]
     extra = []
     if tp:

@@ -120,8 +120,8 @@ def test_fused_linear_in_float16() -> None:
 
 @needs_triton
 def test_linear_above_fused_rows_equals_f_linear_on_decoded_weight() -> None:
-    # M > FUSED_MAX_M: decode into the workspace, then F.linear -- the same numbers exactly.
-    raw, x, w = _fused_case("Q8_0", n=16, k=256, m=kernels.FUSED_MAX_M + 5, dtype=torch.float32,
+    # More rows than the fused path takes: decode into the workspace, then F.linear -- the same numbers exactly.
+    raw, x, w = _fused_case("Q8_0", n=16, k=256, m=kernels.fused_max_m() + 5, dtype=torch.float32,
                             seed=3)
     bias = torch.randn(16).to(DEVICE)
     y = kernels.linear(x, raw, "Q8_0", 16, bias)
@@ -130,7 +130,7 @@ def test_linear_above_fused_rows_equals_f_linear_on_decoded_weight() -> None:
 
 @needs_triton
 def test_linear_gradient_reaches_activations_only() -> None:
-    raw, x, w = _fused_case("Q4_0", n=8, k=256, m=kernels.FUSED_MAX_M + 1, dtype=torch.float32,
+    raw, x, w = _fused_case("Q4_0", n=8, k=256, m=kernels.fused_max_m() + 1, dtype=torch.float32,
                             seed=9)
     x.requires_grad_(True)
     kernels.linear(x, raw, "Q4_0", 8).sum().backward()
@@ -196,20 +196,49 @@ def _quant_linear(qtype: str, k: int, n: int):
     return swap_quant_layers(lin)
 
 
+def test_fused_path_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GGUFVIDEO_FUSED_MAX_M", raising=False)
+    assert kernels.fused_max_m() == 0  # off by default (see the module docstring)
+    monkeypatch.setenv("GGUFVIDEO_FUSED_MAX_M", "64")
+    assert kernels.fused_max_m() == 64
+    kernels.set_fused_max_m(16)
+    try:
+        assert kernels.fused_max_m() == 16
+    finally:
+        kernels.set_fused_max_m(None)
+    with pytest.raises(ValueError):
+        kernels.set_fused_max_m(65)
+
+
+@needs_triton
+def test_linear_with_fused_path_on_matches_matmul() -> None:
+    raw, x, w = _fused_case("Q4_K", n=24, k=256, m=3, dtype=torch.bfloat16, seed=8)
+    kernels.set_fused_max_m(64)
+    try:
+        y = kernels.linear(x, raw, "Q4_K", 24)
+    finally:
+        kernels.set_fused_max_m(None)
+    ref = x.double() @ w.double().T
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3
+
+
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("fused", [0, 64])
 @pytest.mark.parametrize("m", [3, 200])
-def test_quant_linear_layer_takes_fast_path_and_matches_torch_path(m: int) -> None:
+def test_quant_linear_layer_takes_fast_path_and_matches_torch_path(m: int, fused: int) -> None:
     lin = _quant_linear("Q4_K", 512, 96)
     x = torch.randn(m, 512, device=DEVICE, dtype=torch.bfloat16)
+    kernels.set_fused_max_m(fused)
     with torch.no_grad():
-        fast = lin(x)
-        kernels.set_enabled(False)
         try:
+            fast = lin(x)
+            kernels.set_enabled(False)
             slow = lin(x)
         finally:
             kernels.set_enabled(None)
-    if m > kernels.FUSED_MAX_M:
+            kernels.set_fused_max_m(None)
+    if m > fused:
         assert torch.equal(fast, slow)
     else:
         assert ((fast.float() - slow.float()).norm() / slow.float().norm()).item() < 1e-2

@@ -11,9 +11,12 @@ Public functions:
   not switched off).
 * :func:`dequantize` -- ``torch.ops.ggufvideo.dequantize``: raw blocks -> a new dense tensor.
 * :func:`linear` -- ``torch.ops.ggufvideo.quant_linear``: ``F.linear`` with a quantized weight.
-  With at most :data:`FUSED_MAX_M` rows of activations (and a fused type) one kernel reads the
-  quantized weight once and never materializes it; otherwise the weight is decoded into a
-  workspace reused across calls and the vendor GEMM (``F.linear``) runs on it.
+  The weight is decoded into a workspace reused across calls and the vendor GEMM (``F.linear``)
+  runs on it. The fused small-M kernel (one kernel reads the quantized weight once and never
+  materializes it) takes calls with at most :func:`fused_max_m` rows of activations; it is off by
+  default because, as last measured on an H100 (``benchmarks/gpu_results_h100.md``), it was slower
+  than decode + cuBLAS at every M. ``GGUFVIDEO_FUSED_MAX_M=64`` or :func:`set_fused_max_m` turns
+  it on.
 
 The switch: ``GGUFVIDEO_NO_TRITON=1`` in the environment, or :func:`set_enabled` ``(False)``,
 makes :func:`is_available` false, so the quant-aware layers (:mod:`ggufvideo.ops`) take the torch
@@ -38,6 +41,8 @@ __all__ = [
     "DEQUANT_TYPES",
     "FUSED_TYPES",
     "FUSED_MAX_M",
+    "fused_max_m",
+    "set_fused_max_m",
     "is_available",
     "set_enabled",
     "dequantize",
@@ -51,8 +56,31 @@ DEQUANT_TYPES: frozenset[str] = frozenset(
      "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"))
 #: Types with a fused small-M dequant+matmul kernel.
 FUSED_TYPES: frozenset[str] = frozenset(("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))
-#: Largest number of activation rows that takes the fused kernel.
+#: The most activation rows the fused kernel can take (its largest activation tile).
 FUSED_MAX_M = 64
+_fused_max_m: int | None = None  # None: follow GGUFVIDEO_FUSED_MAX_M (default 0: fused path off)
+
+
+def fused_max_m() -> int:
+    """Calls with at most this many activation rows take the fused kernel (0: none do)."""
+    if _fused_max_m is not None:
+        return _fused_max_m
+    try:
+        value = int(os.environ.get("GGUFVIDEO_FUSED_MAX_M", "0"))
+    except ValueError:
+        value = 0
+    return max(0, min(value, FUSED_MAX_M))
+
+
+def set_fused_max_m(m: int | None) -> None:
+    """Route calls with at most ``m`` (<= :data:`FUSED_MAX_M`) rows to the fused kernel.
+
+    ``0`` turns the fused path off, ``None`` follows ``GGUFVIDEO_FUSED_MAX_M``.
+    """
+    global _fused_max_m
+    if m is not None and not 0 <= m <= FUSED_MAX_M:
+        raise ValueError(f"fused_max_m must be in 0..{FUSED_MAX_M}, got {m}")
+    _fused_max_m = m
 
 _enabled: bool | None = None  # None: follow the environment variable
 
@@ -170,7 +198,7 @@ def _linear_impl(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: i
     x2d = x.reshape(-1, k)
     m = x2d.shape[0]
     raw2d = raw.reshape(out_features, -1)
-    if (m <= FUSED_MAX_M and name in FUSED_TYPES and k % 256 == 0 and m > 0
+    if (m <= fused_max_m() and name in FUSED_TYPES and k % 256 == 0 and m > 0
             and x.dtype in (torch.float16, torch.bfloat16) and is_available(x.device)):
         from ._matmul import fused_linear
 
