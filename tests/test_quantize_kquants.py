@@ -136,6 +136,18 @@ def test_k_quant_matches_ggml_on_every_block_flavour(oracle, qtype):
 
 
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
+def test_k_quant_with_overflowing_weights_matches_ggml(oracle, qtype):
+    # x*x overflows, so the weighted searches produce NaN scales: ggml then stores a NaN float16
+    # scale, re-reads it, and nearest_int(NaN) gives code 0 (found by hypothesis).
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((4, 256)) * 1e21).astype(np.float32)
+    im = (rng.random((4, 256)) * 2e-8).astype(np.float32)
+    assert_same_blocks(ours(x, qtype, im), ggml_bytes(oracle, x, qtype, im),
+                       f"{qtype.name} + imatrix")
+    assert_same_blocks(ours(x, qtype, None), ggml_bytes(oracle, x, qtype, None), qtype.name)
+
+
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
 def test_k_quant_of_gaussian_weights_matches_ggml_across_chunks(oracle, qtype):
     # More blocks than one internal chunk, so chunk boundaries are exercised too.
     rng = np.random.default_rng(7)

@@ -12,14 +12,23 @@ blocks at once. What makes the bytes identical rather than merely close:
 * ``nearest_int`` is ggml's magic-number trick bit for bit (including what it does with
   out-of-range values, infinities and NaN), and integer results are truncated to ``uint8`` /
   ``int8`` where ggml stores them in such a variable;
-* the many candidate scales a search tries are evaluated together (an extra tensor dim), then
-  chosen by replaying ggml's running "strictly better than the best so far" comparison in order;
-* scales are rounded to float16 (round-to-nearest-even) and read back where ggml re-reads them.
+* the candidate scales a search tries run in ggml's order, each vectorized over all groups, with
+  its running "strictly better than the best so far" choice (a taken trial can change what later
+  trials start from, so they cannot be batched); ties keep the first, NaN never wins;
+* ``sqrtf`` is correctly rounded (torch's float32 CPU sqrt is not), divisions never become
+  multiplications by a reciprocal, and scales are rounded to float16 (round-to-nearest-even) and
+  read back where ggml re-reads them.
+
+Entry points take ``x`` float32 ``(n_blocks, 256)`` and ``imatrix`` ``None`` or float32
+``(n_blocks, 256)`` (the importance weights of each block's positions) on any device and return
+the blocks as uint8 ``(n_blocks, type_size)``.
 
 The layouts come from :mod:`.kquants` (declared once there).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 
@@ -79,14 +88,13 @@ def _nint(v: torch.Tensor) -> torch.Tensor:
     """ggml's ``nearest_int`` as int32, bit for bit, for every float32 input.
 
     In range it is round-half-even. Out of range the C code returns garbage that we reproduce by
-    doing the same bit manipulation. NaN: x86 produces the "default NaN" 0xFFC00000, whose
-    mantissa decodes to 0; other hardware (CUDA) makes a different NaN, so NaN is mapped to 0
-    explicitly.
+    doing the same bit manipulation. NaN: every NaN in ggml's computation is x86's default NaN
+    0xFFC00000 or one widened from float16 0xFE00, whose mantissa decodes to 0; torch's NaNs can
+    carry other payloads (its CPU float16 widening and CUDA both make 0x7FFFFFFF), so NaN is
+    mapped to 0 explicitly.
     """
     bits = (v + _MAGIC).view(torch.int32)
     out = (bits & 0x007FFFFF) - 0x00400000
-    if v.device.type == "cpu":  # torch on x86 makes the same default NaN as the C code
-        return out
     return torch.where(torch.isnan(v), 0, out)
 
 
@@ -496,6 +504,7 @@ def _sub_scales(v: torch.Tensor, nb: int) -> torch.Tensor:
 # The five types
 # ---------------------------------------------------------------------------------------------
 def _check(x: torch.Tensor, imatrix: torch.Tensor | None, name: str) -> None:
+    """Raise :class:`QuantizationError` unless ``x``/``imatrix`` are float32 ``(n, 256)``."""
     if x.dim() != 2 or x.shape[1] != QK_K or x.dtype != _F32:
         raise QuantizationError(f"{name}: expected float32 blocks of shape (n, {QK_K}), "
                                 f"got {tuple(x.shape)} {x.dtype}")
@@ -528,6 +537,7 @@ def _block_sum_x2(x: torch.Tensor) -> torch.Tensor:
 
 
 def _q2_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    """Q2_K: 16 groups of 16, ``x ~ d*sc*q - dmin*m`` with 4-bit ``sc``/``m`` and 2-bit ``q``."""
     from .kquants import Q2_K
 
     nb = x.shape[0]
@@ -560,6 +570,7 @@ def _q2_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
 
 
 def _q3_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    """Q3_K: 16 groups of 16, ``x ~ d*(sc-32)*(q-4)`` with 6-bit ``sc`` and 3-bit ``q``."""
     from .kquants import Q3_K
 
     nb = x.shape[0]
@@ -644,6 +655,7 @@ def _q45_k(x: torch.Tensor, qw: torch.Tensor | None, nmax: int) -> torch.Tensor:
 
 
 def _q6_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    """Q6_K: 16 groups of 16, ``x ~ d*sc*(q-32)`` with int8 ``sc`` and 6-bit ``q``."""
     from .kquants import Q6_K
 
     nb = x.shape[0]
@@ -671,25 +683,30 @@ def _q6_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
 
 
 def quantize_q2_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
-    """Q2_K blocks ``(n, 84)`` uint8 from float32 ``(n, 256)``; ``imatrix`` ``(n, 256)`` or None."""
+    """Quantize float32 ``(n, 256)`` to Q2_K blocks (uint8, ``Q2_K.layout``), as ggml does with
+    ``imatrix`` (float32 ``(n, 256)`` weights) or without (``None``)."""
     return _chunked(_q2_k, x, imatrix, "Q2_K")
 
 
 def quantize_q3_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
-    """Q3_K blocks ``(n, 110)`` uint8 from float32 ``(n, 256)``; ``imatrix`` ``(n, 256)`` or None."""
+    """Quantize float32 ``(n, 256)`` to Q3_K blocks (uint8, ``Q3_K.layout``), as ggml does with
+    ``imatrix`` (float32 ``(n, 256)`` weights) or without (``None``)."""
     return _chunked(_q3_k, x, imatrix, "Q3_K")
 
 
 def quantize_q4_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
-    """Q4_K blocks ``(n, 144)`` uint8 from float32 ``(n, 256)``; ``imatrix`` ``(n, 256)`` or None."""
-    return _chunked(lambda a, b: _q45_k(a, b, 15), x, imatrix, "Q4_K")
+    """Quantize float32 ``(n, 256)`` to Q4_K blocks (uint8, ``Q4_K.layout``), as ggml does with
+    ``imatrix`` (float32 ``(n, 256)`` weights) or without (``None``)."""
+    return _chunked(partial(_q45_k, nmax=15), x, imatrix, "Q4_K")
 
 
 def quantize_q5_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
-    """Q5_K blocks ``(n, 176)`` uint8 from float32 ``(n, 256)``; ``imatrix`` ``(n, 256)`` or None."""
-    return _chunked(lambda a, b: _q45_k(a, b, 31), x, imatrix, "Q5_K")
+    """Quantize float32 ``(n, 256)`` to Q5_K blocks (uint8, ``Q5_K.layout``), as ggml does with
+    ``imatrix`` (float32 ``(n, 256)`` weights) or without (``None``)."""
+    return _chunked(partial(_q45_k, nmax=31), x, imatrix, "Q5_K")
 
 
 def quantize_q6_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
-    """Q6_K blocks ``(n, 210)`` uint8 from float32 ``(n, 256)``; ``imatrix`` ``(n, 256)`` or None."""
+    """Quantize float32 ``(n, 256)`` to Q6_K blocks (uint8, ``Q6_K.layout``), as ggml does with
+    ``imatrix`` (float32 ``(n, 256)`` weights) or without (``None``)."""
     return _chunked(_q6_k, x, imatrix, "Q6_K")
