@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
@@ -147,7 +146,8 @@ def test_twin_backbone_model_converts_and_runs(tmp_path):
     load_model(loaded, tmp_path / "ovi.gguf", lazy=True)
     loaded.eval()
     g = torch.Generator().manual_seed(1)
-    v_in = {"hidden_states": torch.randn(1, 16, 2, 8, 8, generator=g), "timestep": torch.tensor([10]),
+    v_in = {"hidden_states": torch.randn(1, 16, 2, 8, 8, generator=g),
+            "timestep": torch.tensor([10]),
             "encoder_hidden_states": torch.randn(1, 4, 256, generator=g)}
     a_in = (torch.randn(1, 8, 64, generator=g), torch.randn(1, 4, 256, generator=g))
     with torch.inference_mode():
@@ -168,7 +168,8 @@ def _shard(sd: dict[str, torch.Tensor], folder, index: bool = True) -> None:
         save_file({k: sd[k] for k in ks}, os.path.join(folder, fname))
     if index:
         wm = {k: f for f, ks in parts.items() for k in ks}
-        with open(os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json"), "w") as fh:
+        index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
+        with open(index, "w") as fh:
             json.dump({"metadata": {"total_size": 1}, "weight_map": dict(sorted(wm.items()))}, fh)
 
 
@@ -429,7 +430,8 @@ def test_peak_memory_stays_near_one_tensor_not_the_model(tmp_path):
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M", "Q6_K"])
 def test_quantizing_on_cuda_writes_the_same_bytes_as_on_cpu(tmp_path, qtype):
     g = torch.Generator().manual_seed(1)
-    sd = {"a.weight": torch.randn(256, 1024, generator=g), "c": torch.randn(64, 16, 1, 2, 2, generator=g),
+    sd = {"a.weight": torch.randn(256, 1024, generator=g),
+          "c": torch.randn(64, 16, 1, 2, 2, generator=g),
           "b.weight": torch.randn(64, 96, generator=g), "b.bias": torch.randn(64, generator=g)}
     save_state_dict(sd, tmp_path / "cpu.gguf", qtype=qtype)
     save_state_dict(sd, tmp_path / "cuda.gguf", qtype=qtype, device="cuda")

@@ -15,7 +15,8 @@ Q4K = QuantPolicy.from_type("Q4_K")
 Q4KM = QuantPolicy.from_type("Q4_K_M")
 
 
-def q(policy: QuantPolicy, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.bfloat16) -> T:
+def q(policy: QuantPolicy, name: str, shape: tuple[int, ...],
+      dtype: torch.dtype = torch.bfloat16) -> T:
     return policy.decide(name, shape, dtype).qtype
 
 

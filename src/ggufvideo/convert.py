@@ -38,7 +38,8 @@ _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+    "F8_E5M2": getattr(torch, "float8_e5m2", None),
 }
 # Metadata of a GGUF source that the writer regenerates for the new file.
 _REGENERATED = {"general.architecture", "general.file_type", "general.quantization_version",
@@ -71,8 +72,8 @@ class Source:
 
 def _check_dtype(name: str, dtype: torch.dtype | None, raw: str, path: str) -> torch.dtype:
     if dtype is None or dtype in (torch.uint8, torch.bool):
-        raise GGUFError(f"dtype {raw} has no GGUF type (expected float or int8/16/32/64)", path=path,
-                        tensor=name)
+        raise GGUFError(f"dtype {raw} has no GGUF type (expected float or int8/16/32/64)",
+                        path=path, tensor=name)
     source_qtype(dtype)
     return dtype
 
@@ -160,7 +161,8 @@ def _safetensors_tensors(files: Iterable[str], only: Mapping[str, str] | None, s
         missing = sorted(set(only) - set(seen))
         if missing:
             raise GGUFError(f"{len(missing)} tensor(s) of the index are missing from their shard, "
-                            f"e.g. {missing[0]!r} (expected in {only[missing[0]]!r})", path=src.path)
+                            f"e.g. {missing[0]!r} (expected in {only[missing[0]]!r})",
+                            path=src.path)
 
 
 def _read_tensor(path: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype
@@ -244,8 +246,10 @@ def _open_torch(path: str, src: Source) -> None:
             break
     skipped = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if skipped:
-        src.notes.append(f"skipped {len(skipped)} non-tensor entr{'y' if len(skipped) == 1 else 'ies'}"
-                         f": {', '.join(map(repr, skipped[:5]))}{' ...' if len(skipped) > 5 else ''}")
+        entries = "entry" if len(skipped) == 1 else "entries"
+        more = " ..." if len(skipped) > 5 else ""
+        src.notes.append(f"skipped {len(skipped)} non-tensor {entries}: "
+                         f"{', '.join(map(repr, skipped[:5]))}{more}")
     for name, t in obj.items():
         if not isinstance(t, torch.Tensor):
             continue
@@ -284,7 +288,8 @@ def _open_gguf(path: str, src: Source) -> None:
         qt = get_quant_type(info.qtype)
         if qt.torch_dtype is not None:
             def load(info=info, shape=shape) -> torch.Tensor:
-                return g.tensor_data(info).view(get_quant_type(info.qtype).torch_dtype).reshape(shape)
+                dtype = get_quant_type(info.qtype).torch_dtype
+                return g.tensor_data(info).view(dtype).reshape(shape)
 
             src.tensors.append(SourceTensor(name, shape, qt.torch_dtype, load, None, info.nbytes))
         else:

@@ -59,7 +59,8 @@ class _Block(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=1e-6)
         self.cross_attn = _Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(approximate="tanh"), nn.Linear(ffn, dim))
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(approximate="tanh"),
+                                 nn.Linear(ffn, dim))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         m = (self.modulation + e).chunk(6, dim=1)
@@ -83,7 +84,8 @@ class TinyVideoDiT(nn.Module):
         self.patch_embedding = nn.Conv3d(in_channels, dim, kernel_size=patch, stride=patch)
         self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"),
                                             nn.Linear(dim, dim))
-        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(),
+                                            nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
         self.blocks = nn.ModuleList(_Block(dim, ffn, heads) for _ in range(layers))
         self.head = nn.Module()
@@ -247,9 +249,11 @@ def run_demo(types: Sequence[str] = DEFAULT_TYPES, *, builtin: bool = False,
 
 def format_table(rows: Sequence[DemoRow]) -> str:
     """The demo's table as text."""
-    head = f"{'type':<13} {'file size':>11} {'weights in RAM':>15} {'rel. error':>11} {'forward':>10}"
+    head = (f"{'type':<13} {'file size':>11} {'weights in RAM':>15} {'rel. error':>11} "
+            f"{'forward':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.type:<13} {format_bytes(r.file_size):>11} {format_bytes(r.weight_bytes):>15} "
+        lines.append(f"{r.type:<13} {format_bytes(r.file_size):>11} "
+                     f"{format_bytes(r.weight_bytes):>15} "
                      f"{r.rel_error:>11.2e} {r.forward_s * 1e3:>8.1f} ms")
     return "\n".join(lines)

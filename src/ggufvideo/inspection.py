@@ -23,7 +23,8 @@ from .reader import GGUFFile, TensorInfo
 from .shapes import logical_shape
 from .writer import MAX_GGML_NAME, format_bytes
 
-__all__ = ["inspect_file", "validate_file", "format_inspection", "ValidationReport", "summarize_value"]
+__all__ = ["inspect_file", "validate_file", "format_inspection", "ValidationReport",
+           "summarize_value"]
 
 # Bytes of tensor data validated per step (bounds memory whatever the tensor size).
 _CHUNK_BYTES = 1 << 24

@@ -62,7 +62,8 @@ DEFAULT_KEEP_PATTERNS: tuple[str, ...] = (
     # Text / time / guidance embeddings and their projections.
     r"(^|\.)(text_embedding|time_embedding|time_projection)\.",
     r"(^|\.)condition_embedder\.(text_embedder|time_embedder|time_proj)\.",
-    r"(^|\.)(time_in|txt_in|vector_in|guidance_in|time_text_embed|adaln_single|caption_projection)\.",
+    r"(^|\.)(time_in|txt_in|vector_in|guidance_in|time_text_embed)\.",
+    r"(^|\.)(adaln_single|caption_projection)\.",
     # Output heads.
     r"(^|\.)head\.head\.",
     r"(^|\.)(final_layer|norm_out|proj_out)\.",
@@ -114,7 +115,8 @@ def source_qtype(dtype: torch.dtype) -> T:
     ints = {torch.int8: T.I8, torch.int16: T.I16, torch.int32: T.I32, torch.int64: T.I64}
     if dtype in ints:
         return ints[dtype]
-    raise UnsupportedTypeError(f"no GGUF type stores {dtype} values (expected a float or int8/16/32/64)")
+    raise UnsupportedTypeError(
+        f"no GGUF type stores {dtype} values (expected a float or int8/16/32/64)")
 
 
 def fits(shape: tuple[int, ...], qtype: T) -> bool:
@@ -201,7 +203,8 @@ class QuantPolicy:
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def from_type(cls, qtype: QTypeLike | None, *,
-                  overrides: Mapping[str, QTypeLike] | Iterable[tuple[str, QTypeLike]] | None = None,
+                  overrides: Mapping[str, QTypeLike] | Iterable[tuple[str, QTypeLike]]
+                  | None = None,
                   keep: Iterable[str] = (), min_elements: int = 1024,
                   keep_type: QTypeLike | None = None) -> QuantPolicy:
         """A policy for a type name (``"Q4_K"``), a preset (``"Q4_K_M"``) or ``None`` (keep all).
@@ -225,8 +228,8 @@ class QuantPolicy:
             base = to_qtype(qtype)
             name = base.name
         pairs = overrides.items() if isinstance(overrides, Mapping) else (overrides or ())
-        ov = tuple((p, KEEP if isinstance(t, str) and t.strip().lower() == KEEP else to_qtype(t).name)
-                   for p, t in pairs)
+        ov = tuple((p, KEEP if isinstance(t, str) and t.strip().lower() == KEEP
+                    else to_qtype(t).name) for p, t in pairs)
         return cls(qtype=base, sensitive_qtype=sensitive,
                    keep_patterns=DEFAULT_KEEP_PATTERNS + tuple(keep), overrides=ov,
                    min_elements=min_elements,
@@ -287,6 +290,7 @@ class QuantPolicy:
         if q is None:
             chain.append(final)
         row = shape[-1] if shape else 1
-        why = f"rows of {row} do not fit {requested.name} blocks of {get_quant_type(requested).block_size}"
+        bs = get_quant_type(requested).block_size
+        why = f"rows of {row} do not fit {requested.name} blocks of {bs}"
         return TensorDecision(final, requested, f"{reason}; {why}",
                               " -> ".join(t.name for t in chain), keep=keep or q is None)

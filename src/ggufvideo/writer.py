@@ -275,8 +275,8 @@ def _pad(n: int, alignment: int) -> int:
 
 def _tensor_info(entry: TensorEntry, offset: int) -> bytes:
     dims = tuple(reversed(entry.shape))  # ggml order: innermost first
-    return (_string(entry.name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
-            + struct.pack("<IQ", int(entry.qtype), offset))
+    return (_string(entry.name) + struct.pack("<I", len(dims))
+            + struct.pack(f"<{len(dims)}Q", *dims) + struct.pack("<IQ", int(entry.qtype), offset))
 
 
 def _chunk_bytes(chunk: torch.Tensor | bytes) -> memoryview:
@@ -379,13 +379,14 @@ def _publish(tmp: str, path: str, overwrite: bool) -> None:
     if overwrite:
         os.replace(tmp, path)
         return
+    exists = f"{path} exists (pass overwrite=True / --force to replace it)"
     try:
         os.link(tmp, path)  # atomic "create if absent": a file that appeared meanwhile survives
     except FileExistsError:
-        raise FileExistsError(f"{path} exists (pass overwrite=True / --force to replace it)") from None
+        raise FileExistsError(exists) from None
     except OSError:  # filesystems without hard links
         if os.path.exists(path):
-            raise FileExistsError(f"{path} exists (pass overwrite=True / --force to replace it)") from None
+            raise FileExistsError(exists) from None
         os.replace(tmp, path)
         return
     os.unlink(tmp)
@@ -677,7 +678,8 @@ def write_model(sources: Iterable[SourceTensor], path: str | os.PathLike[str], *
     return WriteSummary(path, arch, bytes_in, size, decisions, time.perf_counter() - t0)
 
 
-def _file_type(policy: QuantPolicy, decisions: Mapping[str, TensorDecision]) -> LlamaFileType | None:
+def _file_type(policy: QuantPolicy, decisions: Mapping[str, TensorDecision]
+               ) -> LlamaFileType | None:
     """``general.file_type``: the preset/type asked for, else the type holding most tensors."""
     name = policy.name
     if not name:
