@@ -7,6 +7,8 @@ package registers every codec.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from gguf import GGMLQuantizationType
 
@@ -145,7 +147,7 @@ def quantize(x: torch.Tensor, qtype: GGMLQuantizationType | str | int, *,
     row_bytes = qt.row_bytes(n)  # raises for a row length that is not whole blocks
     weights = _checked_imatrix(imatrix, n, name, x.device)
 
-    rows = x.reshape(-1, n)
+    rows = x.reshape(math.prod(x.shape[:-1]), n)
     out = torch.empty((rows.shape[0], row_bytes), dtype=torch.uint8, device=x.device)
     bs = qt.block_size
     nb = n // bs
@@ -196,6 +198,11 @@ def _checked_imatrix(imatrix: torch.Tensor | None, n: int, name: str,
 
 def _check_finite(chunk: torch.Tensor, name: str, row0: int) -> None:
     """ggml's searches assume finite input (NaN/inf make it assert or emit garbage)."""
+    if chunk.numel() == 0:
+        return
+    # One min/max reduction (NaN propagates through it) is much cheaper than isfinite().all().
+    if bool(torch.isfinite(torch.stack(torch.aminmax(chunk))).all()):
+        return
     bad = ~torch.isfinite(chunk)
     if bool(bad.any()):
         r, c = (int(v) for v in bad.nonzero()[0])

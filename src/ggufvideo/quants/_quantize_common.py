@@ -12,6 +12,8 @@ group as its first dim (``(32, n_blocks, ...)``) so that sequential sums walk co
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -136,28 +138,54 @@ def seq_sum(terms: torch.Tensor, start: torch.Tensor | None = None) -> torch.Ten
     return s
 
 
-def first_abs_max(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ggml's ``if (amax < fabsf(v)) { amax = fabsf(v); max = v; }`` scan from ``amax = max = 0``.
+def _fix_rows(out: torch.Tensor, need: torch.Tensor, x: torch.Tensor, dim: int,
+              exact: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Recompute ``out`` with the slow ``exact(x_subset)`` where ``need`` is set (usually
+    nowhere: only ties decide). ``dim`` is the reduced dim of ``x`` (0 or 1)."""
+    idx = need.nonzero().squeeze(1)
+    if idx.numel():
+        sub = x.index_select(1 - dim, idx)
+        out = out.clone()
+        out[idx] = exact(sub)
+    return out
 
-    Returns ``(amax, max)``: the largest magnitude and the first element attaining it, with sign
-    (``argmax`` returns the first of equal maxima); ``max`` is ``+0.0`` when every element is zero.
+
+def first_abs_max(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's ``if (amax < fabsf(v)) { amax = fabsf(v); max = v; }`` scan from ``amax = max = 0``
+    along ``dim`` (0 or 1 of a 2-D tensor).
+
+    Returns ``(amax, max)``: the largest magnitude and the first element attaining it, with sign;
+    ``max`` is ``+0.0`` when every element is zero. The sign is known from plain max/min
+    reductions unless both ``+amax`` and ``-amax`` occur; only those groups need the (much
+    slower) first-index search.
     """
-    ax = x.abs()
-    idx = ax.argmax(dim=dim, keepdim=True)
-    amax = torch.gather(ax, dim, idx)
-    mx = torch.where(amax > 0, torch.gather(x, dim, idx), 0.0)
-    return amax.squeeze(dim), mx.squeeze(dim)
+    amax = x.abs().amax(dim=dim)
+    has_pos = x.amax(dim=dim) == amax
+    has_neg = x.amin(dim=dim) == -amax
+    mx = torch.where(has_pos, amax, -amax)
+    mx = torch.where(amax > 0, mx, 0.0)
+
+    def exact(sub: torch.Tensor) -> torch.Tensor:
+        i = sub.abs().argmax(dim=dim, keepdim=True)  # argmax returns the first of equal maxima
+        return torch.gather(sub, dim, i).squeeze(dim)
+
+    return amax, _fix_rows(mx, has_pos & has_neg & (amax > 0), x, dim, exact)
 
 
 def first_extreme(x: torch.Tensor, dim: int, largest: bool) -> torch.Tensor:
-    """The first element equal to the minimum (or maximum) along ``dim``.
+    """The first element equal to the minimum (or maximum) along ``dim`` (0 or 1 of a 2-D tensor).
 
-    A strict-comparison scan keeps the first of equal values, which matters for the sign of a zero
-    extreme (``-0.0 < 0.0`` is false), and the sign of ``min`` is stored in Q4_1/Q5_1 blocks.
-    ``argmin``/``argmax`` return the first of equal extremes.
+    A strict-comparison scan keeps the first of equal values. That matters only for the sign of
+    a zero extreme (``-0.0 < 0.0`` is false), and the sign of ``min`` is stored in Q4_1/Q5_1
+    blocks; groups whose extreme is zero take the first-index search.
     """
-    idx = x.argmax(dim=dim, keepdim=True) if largest else x.argmin(dim=dim, keepdim=True)
-    return torch.gather(x, dim, idx).squeeze(dim)
+    ext = x.amax(dim=dim) if largest else x.amin(dim=dim)
+
+    def exact(sub: torch.Tensor) -> torch.Tensor:
+        i = sub.argmax(dim=dim, keepdim=True) if largest else sub.argmin(dim=dim, keepdim=True)
+        return torch.gather(sub, dim, i).squeeze(dim)
+
+    return _fix_rows(ext, ext == 0, x, dim, exact)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
