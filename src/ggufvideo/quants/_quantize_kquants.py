@@ -45,7 +45,7 @@ _NINT_SAFE = 4194303.0  # |x| up to this: the trick is exact (ggml asserts it, r
 # fixed cost is small next to its work. The searches are long chains of small ops, so a GPU wants
 # far larger chunks than a CPU.
 _CHUNK_BLOCKS = 2048
-_CHUNK_BLOCKS_GPU = 1 << 17
+_CHUNK_BLOCKS_GPU = 1 << 16
 
 
 def _f32(value: float) -> float:
