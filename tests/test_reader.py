@@ -260,3 +260,14 @@ def test_zero_dim_and_empty_tensors(tmp_path):
     f = GGUFFile(b.write(tmp_path / "z.gguf"))
     assert f.tensors["scalar"].shape == () and f.tensors["empty"].nbytes == 0
     assert f.tensor_data("empty").numel() == 0
+
+
+def test_close_never_invalidates_tensor_views(tmp_path):
+    b = GGUFBuilder().tensor("w", T.F32, (4,), np.arange(4, dtype=np.float32).tobytes())
+    f = GGUFFile(b.write(tmp_path / "c.gguf"))
+    view = f.tensor_data("w")
+    f.close()
+    assert view.view(torch.float32).tolist() == [0.0, 1.0, 2.0, 3.0]
+    with GGUFFile(tmp_path / "c.gguf") as g:
+        kept = g.tensor_data("w")
+    assert kept.view(torch.float32).sum().item() == 6.0

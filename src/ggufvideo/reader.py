@@ -227,7 +227,8 @@ class GGUFFile:
         self.close()
 
     def close(self) -> None:
-        """Release the mapping unless tensors still view it (they keep it alive until collected)."""
+        """Release the mapping, unless tensors still view it: then it stays mapped until the last
+        of them is collected (closing never invalidates a tensor)."""
         try:
             self._mm.close()
         except BufferError:
@@ -444,5 +445,7 @@ class GGUFFile:
         row_bytes = get_quant_type(info.qtype).row_bytes(shape[-1]) if shape[-1] else 0
         if info.nbytes == 0:
             return torch.empty((*shape[:-1], row_bytes), dtype=torch.uint8)
-        flat = torch.frombuffer(self._mm, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
-        return flat.view(*shape[:-1], row_bytes)
+        # Through numpy, not torch.frombuffer: numpy holds a buffer export on the mapping for as
+        # long as the view lives, so close() cannot unmap memory a tensor still points into.
+        arr = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        return torch.from_numpy(arr).view(*shape[:-1], row_bytes)
