@@ -38,7 +38,8 @@ def make_block(kind: int, rng: np.random.Generator) -> np.ndarray:
         v = rng.integers(-8, 8, n) * 0.5
     elif kind == 5:
         v = np.zeros(n)
-        v[rng.integers(0, n, rng.integers(1, 4))] = rng.standard_normal() * 10.0 ** rng.uniform(-40, 38)
+        lone = rng.standard_normal() * 10.0 ** rng.uniform(-40, 38)
+        v[rng.integers(0, n, rng.integers(1, 4))] = lone
     elif kind == 6:  # ranges that overflow float32
         v = rng.choice([-3e38, 3e38, 0.0, 1.0], n)
     elif kind == 7:
@@ -101,7 +102,8 @@ def ours(x: np.ndarray, qtype: T, imatrix: np.ndarray | None) -> np.ndarray:
 def assert_same_blocks(got: np.ndarray, want: np.ndarray, what: str) -> None:
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
     bad = np.nonzero((got != want).any(axis=1))[0]
-    assert bad.size == 0, f"{what}: {bad.size} of {len(want)} blocks differ, first {bad[:5].tolist()}"
+    assert bad.size == 0, (f"{what}: {bad.size} of {len(want)} blocks differ, "
+                           f"first {bad[:5].tolist()}")
 
 
 _SETTINGS = settings(max_examples=12, deadline=None,

@@ -41,9 +41,9 @@ _F32 = torch.float32
 _MAGIC = 12582912.0  # 1.5 * 2**23: x + MAGIC holds round-half-even(x) in its low mantissa bits
 _NINT_SAFE = 4194303.0  # |x| up to this: the trick is exact (ggml asserts it, release builds don't)
 # Blocks per chunk: bounds the temporaries (a dozen float32 buffers of 256 values per block: ~25 MB
-# at 2048 blocks, the fastest size measured on a 2-core x86) whatever the tensor size, while keeping each torch op large enough that its
-# fixed cost is small next to its work. The searches are long chains of small ops, so a GPU wants
-# far larger chunks than a CPU.
+# at 2048 blocks, the fastest size measured on a 2-core x86) whatever the tensor size, while
+# keeping each torch op large enough that its fixed cost is small next to its work. The searches
+# are long chains of small ops, so a GPU wants far larger chunks than a CPU.
 _CHUNK_BLOCKS = 2048
 _CHUNK_BLOCKS_GPU = 1 << 16
 
@@ -165,7 +165,8 @@ def _to_fp16(v: torch.Tensor) -> torch.Tensor:
     h = v.to(torch.float16)
     if v.device.type == "cpu":
         return h
-    return torch.where(torch.isnan(v), -512, h.view(torch.int16)).to(torch.int16).view(torch.float16)
+    bits = torch.where(torch.isnan(v), -512, h.view(torch.int16))  # -512 is 0xFE00
+    return bits.to(torch.int16).view(torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +270,8 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     return scale, -torch.where(flat, mn0, mn), L
 
 
-def _make_qx(x: torch.Tensor, w: torch.Tensor | None, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _make_qx(x: torch.Tensor, w: torch.Tensor | None,
+             nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's ``make_qx_quants`` with ``rmse_type = 1`` (weights ``w``, or ``x*x`` when None).
 
     Symmetric fit ``x ~ scale*(L - nmax)``, ``L`` in ``[0, 2*nmax-1]``, over columns of the
@@ -349,7 +351,8 @@ def _descend(x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, L: torch.Tensor
             new = (new.clamp_(lo, hi) if lo is not None else new.clamp_(max=hi)).to(_F32)
             slx_n = slx + wxs[i] * new
             sl2_n = sl2 + (ws[i] * new) * new
-            take = (slx > 0) & (new != li) & ((slx_n * slx_n) * sl2_all > (slx_all * slx_all) * sl2_n)
+            better = (slx_n * slx_n) * sl2_all > (slx_all * slx_all) * sl2_n
+            take = (slx > 0) & (new != li) & better
             take &= (sl2 > 0) if qp_rules else (sl2_n > 0)
             if qp_rules:
                 new = (new.to(torch.int32) & 0xFF).to(_F32)
@@ -443,7 +446,8 @@ def _requant_affine(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dm: torch
     return _pick((d == 0).unsqueeze(2), L.reshape(nb, S, g), new).reshape(nb, QK_K)
 
 
-def _requant_symmetric(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, nmax: int) -> torch.Tensor:
+def _requant_symmetric(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor,
+                       nmax: int) -> torch.Tensor:
     """``L = clamp(nearest_int(x/d), -nmax, nmax-1) + nmax`` per sub-block, keeping the search's
     ``L`` where ``d == 0``."""
     nb, S = d.shape
@@ -477,7 +481,8 @@ def _pack_scale_min_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack_scale_min_k4(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ggml's ``get_scale_min_k4`` for all 8 sub-blocks: ``(nb, 12)`` bytes -> ``(sc, m)`` float32."""
+    """ggml's ``get_scale_min_k4`` for all 8 sub-blocks: ``(nb, 12)`` bytes -> float32
+    ``(sc, m)``."""
     b = b.to(torch.int32)
     sc = torch.cat([b[:, 0:4] & 63, (b[:, 8:12] & 0xF) | ((b[:, 0:4] >> 6) << 4)], dim=1)
     m = torch.cat([b[:, 4:8] & 63, (b[:, 8:12] >> 4) | ((b[:, 4:8] >> 6) << 4)], dim=1)
