@@ -136,12 +136,15 @@ class ComfyQuantLayer(QuantLayer):
         fns.extend(getattr(self, f"{name}_function", ()))
         return fns
 
-    def _fetch(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    def _param(self, name: str) -> torch.Tensor | None:
         t = self._parameters.get(name)
         if t is None and name in getattr(self, "_ggufvideo_shapes", {}):
             raise RuntimeError(f"{type(self).__name__}: parameter {name!r} was never loaded (the "
                                "GGUF file has no tensor for it)")
-        return fetch_weight(t, dtype, device, self._patches_for(name))
+        return t
+
+    def _fetch(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        return fetch_weight(self._param(name), dtype, device, self._patches_for(name))
 
     def _fetch_all(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None,
                                                        torch.Tensor | None]:
@@ -193,7 +196,7 @@ def _restore(base: type[nn.Module]) -> nn.Module:
 class _LinearMixin(ComfyQuantLayer):
     def forward_comfy_cast_weights(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x, dtype = self._cast_input(input)
-        w, b = self._parameters.get("weight"), self._parameters.get("bias")
+        w, b = self._param("weight"), self._param("bias")
         if (isinstance(w, GGMLTensor) and not self._patches_for("weight")
                 and not self._patches_for("bias")):
             # Unpatched: the fused dequantize+matmul hook sees the raw blocks.
@@ -249,7 +252,7 @@ class _RMSNormMixin(ComfyQuantLayer):
 class _EmbeddingMixin(ComfyQuantLayer):
     def forward_comfy_cast_weights(self, input: torch.Tensor,  # noqa: D102
                                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        w = self._parameters["weight"]
+        w = self._param("weight")
         dtype = out_dtype or self.compute_dtype or (w.dtype if w is not None else torch.float32)
         if w is not None and not self._patches_for("weight") and self.max_norm is None:  # type: ignore[attr-defined]
             # Only the looked-up rows are decoded.

@@ -1,0 +1,471 @@
+"""The ComfyUI adapter (ggufvideo.comfy), tested with ComfyUI absent.
+
+ComfyUI's layer classes and model patcher are stood in for by small classes that follow the same
+protocol (``comfy_cast_weights``/``weight_function``/``forward_comfy_cast_weights``,
+``patches``/``backup``/``patch_weight_to_device``); the few tests that need ComfyUI itself skip
+without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+import types
+from collections import namedtuple
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ggufvideo import GGMLTensor, GGUFError
+from ggufvideo.comfy import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from ggufvideo.comfy import nodes, paths
+from ggufvideo.comfy.layers import comfy_quant_class, fetch_weight, quantize_module_classes, raw_state_bytes
+from ggufvideo.comfy.loading import ComfyLoadError, precision_dtype
+from ggufvideo.comfy.patcher import Backup, DeferredPatch, make_quant_patcher, patcher_class
+
+REPO = Path(__file__).resolve().parents[1]
+REGISTRATION = REPO / "custom_nodes" / "ComfyUI-ggufvideo" / "__init__.py"
+
+
+def quantized(x: torch.Tensor, qtype: str = "Q8_0") -> GGMLTensor:
+    """``x`` quantized by gguf-py (rows along the last dim), as a GGMLTensor of x's shape."""
+    q = gguf.GGMLQuantizationType[qtype]
+    flat = x.detach().float().reshape(-1, x.shape[-1] if x.shape[-1] % 32 == 0 else 32).numpy()
+    raw = torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(flat, q)))
+    return GGMLTensor(raw, q, x.shape)
+
+
+# -- stand-ins for ComfyUI's layer protocol (comfy.ops.disable_weight_init) ------------------------
+class CastOp:
+    comfy_cast_weights = False
+    weight_function: list = []
+    bias_function: list = []
+
+
+class FakeLinear(nn.Linear, CastOp):
+    def reset_parameters(self) -> None:
+        return None
+
+    def forward(self, *args, **kwargs):
+        if self.comfy_cast_weights or self.weight_function or self.bias_function:
+            return self.forward_comfy_cast_weights(*args, **kwargs)
+        return super().forward(*args, **kwargs)
+
+
+class FakeConv3d(nn.Conv3d, CastOp):
+    def reset_parameters(self) -> None:
+        return None
+
+    def _conv_forward(self, input, weight, bias, autopad=None):
+        if autopad == "causal_zero":
+            weight = weight[:, :, -input.shape[2]:, :, :]
+        return super()._conv_forward(input, weight, bias)
+
+    def forward_comfy_cast_weights(self, input, autopad=None):
+        return self._conv_forward(input, self.weight, self.bias, autopad=autopad)
+
+    def forward(self, *args, **kwargs):
+        if self.comfy_cast_weights or self.weight_function or "autopad" in kwargs:
+            return self.forward_comfy_cast_weights(*args, **kwargs)
+        return super().forward(*args, **kwargs)
+
+
+class FakeCausalConv3d(FakeConv3d):
+    """Like the Wan VAE's: its own forward pads in time, then calls super().forward."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pad = 2 * self.padding[0]
+        self.padding = (0, self.padding[1], self.padding[2])
+
+    def forward(self, x):
+        if x.shape[2] == 1:
+            return super().forward(x, autopad="causal_zero")
+        x = F.pad(x, (0, 0, 0, 0, self._pad, 0))
+        return super().forward(x)
+
+
+class FakeRMSNorm(nn.RMSNorm, CastOp):
+    def forward(self, *args, **kwargs):
+        if self.comfy_cast_weights:
+            return self.forward_comfy_cast_weights(*args, **kwargs)
+        return super().forward(*args, **kwargs)
+
+
+class FakeEmbedding(nn.Embedding, CastOp):
+    def forward(self, *args, **kwargs):
+        if self.comfy_cast_weights:
+            return self.forward_comfy_cast_weights(*args, **kwargs)
+        return super().forward(*args, **kwargs)
+
+
+# -- import hygiene -------------------------------------------------------------------------------
+def _run(code: str) -> str:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env=env).stdout.strip()
+
+
+def test_import_ggufvideo_never_imports_the_comfy_adapter():
+    out = _run("import sys, ggufvideo; print(sorted(m for m in sys.modules if 'comfy' in m))")
+    assert out == "[]"
+
+
+def test_importing_the_adapter_imports_neither_comfyui_nor_the_loaders():
+    out = _run("import sys, ggufvideo.comfy; "
+               "print(sorted(m for m in sys.modules if 'comfy' in m or m == 'folder_paths'))")
+    assert out == "['ggufvideo.comfy', 'ggufvideo.comfy.nodes', 'ggufvideo.comfy.paths']"
+
+
+# -- node mappings and the registration folder ----------------------------------------------------
+def test_node_mappings_name_every_node_with_a_display_name():
+    assert set(NODE_CLASS_MAPPINGS) == set(NODE_DISPLAY_NAME_MAPPINGS) == {
+        "GGUFVideoModelLoader", "GGUFVideoVAELoader", "GGUFVideoInspect"}
+    for cls in NODE_CLASS_MAPPINGS.values():
+        assert callable(getattr(cls, "INPUT_TYPES"))
+        assert callable(getattr(cls(), cls.FUNCTION))
+        assert isinstance(cls.RETURN_TYPES, tuple) and cls.CATEGORY == "ggufvideo"
+    assert NODE_CLASS_MAPPINGS["GGUFVideoModelLoader"].RETURN_TYPES == ("MODEL",)
+    assert NODE_CLASS_MAPPINGS["GGUFVideoVAELoader"].RETURN_TYPES == ("VAE",)
+
+
+def test_registration_folder_reexports_the_mappings_as_comfyui_imports_it():
+    # ComfyUI imports a custom-node folder as a module named after the folder.
+    name = REGISTRATION.parent.name
+    assert name != "ggufvideo", "the folder would shadow the ggufvideo package"
+    spec = importlib.util.spec_from_file_location(name, REGISTRATION)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.NODE_CLASS_MAPPINGS is NODE_CLASS_MAPPINGS
+    assert module.NODE_DISPLAY_NAME_MAPPINGS is NODE_DISPLAY_NAME_MAPPINGS
+
+
+# -- model folders --------------------------------------------------------------------------------
+@pytest.fixture
+def model_tree(tmp_path):
+    dm, unet, vae = tmp_path / "diffusion_models", tmp_path / "unet", tmp_path / "vae"
+    for d in (dm, unet, vae, dm / "wan"):
+        d.mkdir(parents=True)
+    for f in (dm / "a.gguf", dm / "wan" / "b.GGUF", dm / "c.safetensors", unet / "a.gguf",
+              unet / "d.gguf", vae / "v.gguf", dm / ".hidden.gguf"):
+        f.write_bytes(b"")
+    (tmp_path / "alias").symlink_to(dm)
+    folders = {"diffusion_models": [str(dm), str(unet)], "unet": [str(dm), str(unet), str(tmp_path / "alias")],
+               "vae": [str(vae)]}
+
+    def lookup(name):
+        return folders[name]
+
+    return tmp_path, lookup
+
+
+def test_list_gguf_lists_each_file_once_when_folders_are_registered_twice(model_tree):
+    _, lookup = model_tree
+    assert paths.list_gguf(("diffusion_models", "unet"), lookup) == ["a.gguf", "d.gguf", "wan/b.GGUF"]
+    assert paths.list_gguf(("vae",), lookup) == ["v.gguf"]
+
+
+def test_list_gguf_skips_unknown_folder_names_and_missing_directories(model_tree, tmp_path):
+    _, lookup = model_tree
+
+    def partial(name):
+        if name == "unet":
+            raise KeyError(name)
+        return [str(tmp_path / "nowhere")] if name == "missing" else lookup(name)
+
+    assert paths.list_gguf(("unet", "missing", "vae"), partial) == ["v.gguf"]
+
+
+def test_resolve_takes_the_first_folder_and_rejects_escaping_names(model_tree):
+    root, lookup = model_tree
+    assert paths.resolve("a.gguf", ("diffusion_models", "unet"), lookup) == str(root / "diffusion_models" / "a.gguf")
+    assert paths.resolve("d.gguf", ("diffusion_models", "unet"), lookup) == str(root / "unet" / "d.gguf")
+    assert paths.resolve("wan/b.GGUF", ("diffusion_models",), lookup).endswith(os.path.join("wan", "b.GGUF"))
+    for bad in ("../vae/v.gguf", str(root / "vae" / "v.gguf"), ""):
+        with pytest.raises(paths.ModelFileError, match="invalid model file name"):
+            paths.resolve(bad, ("diffusion_models",), lookup)
+    with pytest.raises(paths.ModelFileError, match=r"'nope.gguf' not found .*diffusion_models/unet.*searched"):
+        paths.resolve("nope.gguf", ("diffusion_models", "unet"), lookup)
+    assert issubclass(paths.ModelFileError, GGUFError)
+
+
+def test_node_inputs_list_gguf_files_from_comfyui_folder_paths(model_tree, monkeypatch):
+    _, lookup = model_tree
+    monkeypatch.setitem(sys.modules, "folder_paths", types.SimpleNamespace(get_folder_paths=lookup))
+    loader = nodes.GGUFVideoModelLoader.INPUT_TYPES()["required"]
+    assert loader["model_name"][0] == ["a.gguf", "d.gguf", "wan/b.GGUF"]
+    assert loader["precision"][0] == ["auto", "float32", "float16", "bfloat16"]
+    assert nodes.GGUFVideoVAELoader.INPUT_TYPES()["required"]["vae_name"][0] == ["v.gguf"]
+    assert nodes.GGUFVideoInspect.INPUT_TYPES()["required"]["gguf_name"][0] == [
+        "diffusion_models/a.gguf", "diffusion_models/d.gguf", "diffusion_models/wan/b.GGUF", "vae/v.gguf"]
+
+
+def test_inspect_node_reports_types_and_restored_shapes(tmp_path, monkeypatch):
+    from ggufvideo.writer import save_state_dict
+
+    (tmp_path / "vae").mkdir()
+    sd = {"conv.weight": torch.randn(64, 32, 3, 3, 3), "conv.bias": torch.randn(64)}
+    save_state_dict(sd, tmp_path / "vae" / "tiny.gguf", qtype="Q8_0")
+    monkeypatch.setitem(sys.modules, "folder_paths", types.SimpleNamespace(
+        get_folder_paths=lambda name: [str(tmp_path / name)]))
+    out = nodes.GGUFVideoInspect().inspect("vae/tiny.gguf", True)
+    text = out["result"][0]
+    assert out["ui"]["text"] == [text]
+    assert "conv.weight" in text and "Q8_0" in text and "64x32x3x3x3" in text
+    with pytest.raises(paths.ModelFileError, match="expected '<folder>/<file>.gguf'"):
+        nodes.GGUFVideoInspect().inspect("tiny.gguf", True)
+
+
+def test_precision_choice_maps_to_dtypes_and_rejects_unknown_names():
+    assert precision_dtype("auto") is None
+    assert precision_dtype("float32") is torch.float32
+    assert precision_dtype("float16") is torch.float16
+    assert precision_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(ComfyLoadError, match="unknown precision 'fp8'.*auto, float32"):
+        precision_dtype("fp8")
+    assert tuple(nodes.PRECISIONS) == ("auto", "float32", "float16", "bfloat16")
+
+
+# -- the quant-aware layers -----------------------------------------------------------------------
+def test_layers_are_built_without_allocating_weights_and_keep_quantized_ones_on_load():
+    Linear = comfy_quant_class(FakeLinear)
+    layer = Linear(64, 16, bias=True, dtype=torch.float32)
+    assert layer.weight is None and layer.bias is None  # nothing allocated
+    assert isinstance(layer, FakeLinear) and isinstance(layer, nn.Linear)
+    w = quantized(torch.randn(16, 64))
+    b = torch.randn(16)
+    result = layer.load_state_dict({"weight": w, "bias": b}, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert isinstance(layer.weight, GGMLTensor) and isinstance(layer.weight, nn.Parameter)
+    assert layer.weight.raw.data_ptr() == w.raw.data_ptr()  # assigned, not copied or decoded
+    x = torch.randn(3, 64)
+    assert torch.equal(layer(x), F.linear(x, w.dequantize(), b))
+
+
+def test_loading_reports_shape_mismatches_and_missing_weights():
+    layer = comfy_quant_class(FakeLinear)(64, 16)
+    with pytest.raises(RuntimeError, match=r"size mismatch for weight: the file has shape \[16, 32\], the model expects \[16, 64\]"):
+        layer.load_state_dict({"weight": quantized(torch.randn(16, 32)), "bias": torch.zeros(16)})
+    layer = comfy_quant_class(FakeLinear)(64, 16)
+    result = layer.load_state_dict({"weight": quantized(torch.randn(16, 64))}, strict=False)
+    assert result.missing_keys == ["bias"]
+    with pytest.raises(RuntimeError, match="'bias' was never loaded"):
+        layer(torch.randn(1, 64))
+
+
+def test_forward_follows_the_input_dtype_and_compute_dtype():
+    layer = comfy_quant_class(FakeLinear)(64, 8)
+    w = quantized(torch.randn(8, 64))
+    layer.load_state_dict({"weight": w, "bias": torch.randn(8)})
+    x = torch.randn(2, 64)
+    out = layer(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, F.linear(x.to(torch.bfloat16), w.dequantize(torch.bfloat16),
+                                     layer.bias.to(torch.bfloat16)))
+    layer.compute_dtype = torch.float16
+    assert layer(x).dtype == torch.float16
+
+
+def test_weight_functions_patch_the_float32_decode_once_and_leave_parameters_untouched():
+    layer = comfy_quant_class(FakeLinear)(64, 8)
+    w = quantized(torch.randn(8, 64))
+    bias = torch.randn(8)
+    layer.load_state_dict({"weight": w, "bias": bias})
+    seen = []
+
+    def add_one(t):
+        seen.append(t.dtype)
+        t += 1.0  # ComfyUI's calculate_weight works in place
+        return t
+
+    layer.weight_function = [add_one]
+    layer.bias_function = [add_one]
+    x = torch.randn(2, 64)
+    out = layer(x.to(torch.bfloat16))
+    expected = F.linear(x.to(torch.bfloat16), (w.dequantize() + 1).to(torch.bfloat16),
+                        (bias + 1).to(torch.bfloat16))
+    assert torch.equal(out, expected)
+    assert seen == [torch.float32, torch.float32]
+    assert torch.equal(layer.bias, bias)  # the plain float32 bias was patched as a copy
+    assert layer.weight.raw.data_ptr() == w.raw.data_ptr()
+
+
+def test_fetch_weight_moves_raw_blocks_and_decodes_on_the_target_device():
+    w = quantized(torch.randn(4, 32))
+    out = fetch_weight(w, torch.float16, torch.device("cpu"))
+    assert out.dtype == torch.float16 and torch.equal(out, w.dequantize(torch.float16))
+    assert fetch_weight(None, torch.float32, torch.device("cpu")) is None
+    meta = w.to("meta")  # a move keeps the blocks: the moved tensor is still quantized
+    assert isinstance(meta, GGMLTensor) and meta.raw.device.type == "meta"
+
+
+def test_subclass_forward_still_runs_under_the_quant_layer():
+    conv = FakeCausalConv3d(4, 8, 3, padding=1)
+    w = quantized(torch.randn(8, 4, 3, 3, 3))
+    b = torch.randn(8)
+    conv.weight, conv.bias = nn.Parameter(w.dequantize()), nn.Parameter(b)
+    x = torch.randn(1, 4, 3, 6, 6)
+    reference = conv(x), conv(x[:, :, :1])
+    assert quantize_module_classes(conv) == 1
+    assert isinstance(conv, FakeCausalConv3d) and type(conv).__name__ == "GGUFVideoFakeCausalConv3d"
+    conv.weight = nn.Parameter(w, requires_grad=False)
+    assert torch.equal(conv(x), reference[0])  # temporal padding of the subclass's forward
+    assert torch.equal(conv(x[:, :, :1]), reference[1])  # the autopad fast path slices the decode
+
+
+def test_norms_and_embeddings_decode_their_weights():
+    norm = comfy_quant_class(FakeRMSNorm)(64, eps=1e-6)
+    wn = quantized(torch.randn(64) * 0.1 + 1)
+    norm.load_state_dict({"weight": wn})
+    x = torch.randn(2, 64)
+    assert torch.equal(norm(x), F.rms_norm(x, (64,), wn.dequantize(), 1e-6))
+    emb = comfy_quant_class(FakeEmbedding)(10, 32)
+    we = quantized(torch.randn(10, 32))
+    emb.load_state_dict({"weight": we})
+    idx = torch.tensor([[1, 7], [3, 3]])
+    assert torch.equal(emb(idx), we.dequantize()[idx])
+
+
+def test_layers_survive_deepcopy_and_report_raw_sizes():
+    layer = comfy_quant_class(FakeLinear)(256, 16)
+    w = quantized(torch.randn(16, 256))
+    layer.load_state_dict({"weight": w, "bias": torch.randn(16)})
+    clone = copy.deepcopy(layer)
+    assert type(clone) is type(layer) and isinstance(clone.weight, GGMLTensor)
+    x = torch.randn(1, 256)
+    assert torch.equal(clone(x), layer(x))
+    assert raw_state_bytes(layer) == w.raw.nbytes + 16 * 4
+    assert layer.weight.nbytes > w.raw.nbytes  # what ComfyUI's module_size would have counted
+
+
+def test_classes_without_a_torch_layer_get_no_quant_class():
+    assert comfy_quant_class(nn.GELU) is None
+    assert comfy_quant_class(comfy_quant_class(FakeLinear)) is comfy_quant_class(FakeLinear)
+
+
+# -- the model patcher ----------------------------------------------------------------------------
+class FakeModelPatcher:
+    """The parts of ComfyUI's ModelPatcher the adapter's patcher relies on."""
+
+    def __init__(self, model):
+        self.model = model
+        self.patches: dict = {}
+        self.backup: dict = {}
+        self.size = 0
+        self.fallbacks: list = []
+
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False, return_weight=False):
+        self.fallbacks.append(key)
+
+    def model_size(self):
+        return 123
+
+    def clone(self):
+        n = self.__class__(self.model)
+        n.patches = {k: v[:] for k, v in self.patches.items()}
+        n.backup = self.backup
+        return n
+
+
+@pytest.fixture
+def fake_comfy_lora(monkeypatch):
+    """comfy.lora.calculate_weight for patches of the form ("diff", tensor, strength)."""
+    def calculate_weight(patches, weight, key, intermediate_dtype=torch.float32):
+        for kind, delta, strength in patches:
+            assert kind == "diff"
+            weight += strength * delta.to(weight.dtype)
+        return weight
+
+    comfy = types.ModuleType("comfy")
+    lora = types.ModuleType("comfy.lora")
+    lora.calculate_weight = calculate_weight
+    comfy.lora = lora
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.lora", lora)
+
+
+def _patched_model():
+    model = nn.Module()
+    model.q = comfy_quant_class(FakeLinear)(64, 8)
+    w = quantized(torch.randn(8, 64))
+    bias = torch.randn(8)
+    model.q.load_state_dict({"weight": w, "bias": bias})
+    return model, w, bias
+
+
+def test_lora_on_a_quantized_layer_is_deferred_to_forward_without_decoding(fake_comfy_lora, monkeypatch):
+    model, w, bias = _patched_model()
+    patcher = make_quant_patcher(FakeModelPatcher(model))
+    assert type(patcher).__name__ == "GGUFVideoFakeModelPatcher"
+    assert isinstance(patcher.clone(), type(patcher))
+    assert patcher.model_size() == w.raw.nbytes + 8 * 4
+    delta = 0.01 * torch.randn(8, 64)
+    patcher.patches = {"q.weight": [("diff", delta, 1.0)], "q.bias": [("diff", torch.ones(8), 0.5)]}
+
+    decodes = []
+    real = GGMLTensor.dequantize
+    monkeypatch.setattr(GGMLTensor, "dequantize", lambda self, *a, **k: decodes.append(1) or real(self, *a, **k))
+    patcher.patch_weight_to_device("q.weight", device_to=torch.device("cpu"))
+    patcher.patch_weight_to_device("q.bias")
+    assert decodes == []  # nothing decoded while patching
+    assert patcher.fallbacks == ["q.bias"]  # plain weights go to ComfyUI's own path
+    assert model.q.weight is w or model.q.weight.raw.data_ptr() == w.raw.data_ptr()
+    backup = patcher.backup["q.weight"]
+    assert isinstance(backup, Backup) and backup.weight is model.q.weight and not backup.inplace_update
+
+    x = torch.randn(2, 64)
+    expected = F.linear(x, w.dequantize() + delta, bias)
+    assert torch.allclose(model.q(x), expected, rtol=0, atol=1e-6)
+    # ComfyUI undoes patches by restoring and dropping the backup entry: the patch goes inert.
+    patcher.backup.pop("q.weight")
+    assert not model.q.ggufvideo_patches["weight"].active()
+    assert torch.equal(model.q(x), F.linear(x, w.dequantize(), bias))
+
+
+def test_a_deferred_patch_is_not_applied_twice_alongside_comfyuis_lowvram_patch(fake_comfy_lora):
+    model, w, bias = _patched_model()
+    patcher = make_quant_patcher(FakeModelPatcher(model))
+    delta = 0.01 * torch.randn(8, 64)
+    patcher.patches = {"q.weight": [("diff", delta, 1.0)]}
+    patcher.patch_weight_to_device("q.weight")
+    x = torch.randn(2, 64)
+    once = model.q(x)
+    # partially_unload: the backup is restored and popped, then a LowVramPatch is installed.
+    patcher.backup.pop("q.weight")
+    model.q.weight_function = [DeferredPatch(patcher.patches, "q.weight", {"q.weight": "t"}, "t",
+                                             sys.modules["comfy.lora"].calculate_weight)]
+    assert torch.equal(model.q(x), once)
+
+
+def test_return_weight_gives_the_patched_decode_and_leaves_the_layer(fake_comfy_lora):
+    model, w, _ = _patched_model()
+    patcher = make_quant_patcher(FakeModelPatcher(model))
+    delta = 0.01 * torch.randn(8, 64)
+    patcher.patches = {"q.weight": [("diff", delta, 2.0)]}
+    out = patcher.patch_weight_to_device("q.weight", return_weight=True)
+    assert torch.allclose(out, w.dequantize() + 2 * delta, rtol=0, atol=1e-6)
+    assert "q.weight" not in patcher.backup and not model.q.ggufvideo_patches
+
+
+# -- with ComfyUI itself --------------------------------------------------------------------------
+def test_operations_are_comfyuis_with_quant_aware_layers():
+    comfy_ops = pytest.importorskip("comfy.ops", reason="ComfyUI not installed")
+    from ggufvideo.comfy.loading import operations
+
+    ops = operations()
+    assert issubclass(ops, comfy_ops.disable_weight_init)
+    for name in ("Linear", "Conv2d", "Conv3d", "LayerNorm", "RMSNorm", "GroupNorm"):
+        assert issubclass(getattr(ops, name), getattr(comfy_ops.disable_weight_init, name))
+    layer = ops.Linear(64, 8)
+    w = quantized(torch.randn(8, 64))
+    layer.load_state_dict({"weight": w, "bias": torch.zeros(8)})
+    x = torch.randn(1, 64)
+    assert torch.equal(layer(x), F.linear(x, w.dequantize(), torch.zeros(8)))
