@@ -583,7 +583,7 @@ def _q3_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     if qw is None:
         scale, L = _make_q3(X, 4)
         scales = _sub_scales(scale, nb)
-        amax, max_scale = _first_abs_max(scales.t())
+        _, max_scale = _first_abs_max(scales.t())
         has = max_scale != 0
         iscale = _div(-32.0, max_scale)
         l8 = _nint(iscale.unsqueeze(1) * scales)
