@@ -201,9 +201,13 @@ _BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
 
 
 def high_bit_bytes(q: torch.Tensor) -> torch.Tensor:
-    """``(n, 32)`` 5-bit codes -> the little-endian u32 ``qh`` (bit j = bit 4 of code j) as 4 bytes."""
+    """``(n, 32)`` 5-bit codes -> the little-endian u32 ``qh`` (bit j = bit 4 of code j) as 4 bytes.
+
+    Each byte is a dot product of 8 bits with powers of two: exact in float32 (sums <= 255), and a
+    matrix-vector product is the fastest way torch has to do it.
+    """
     w = _BIT_WEIGHTS.get(q.device)
     if w is None:
-        w = _BIT_WEIGHTS[q.device] = (1 << torch.arange(8, dtype=torch.int32, device=q.device))
-    bits = (q.to(torch.int32) >> 4) & 1
-    return (bits.reshape(q.shape[0], 4, 8) * w).sum(dim=2).to(torch.uint8)
+        w = _BIT_WEIGHTS[q.device] = 2.0 ** torch.arange(8, dtype=torch.float32, device=q.device)
+    bits = ((q.to(torch.int32) >> 4) & 1).to(torch.float32).reshape(-1, 8)
+    return (bits @ w).to(torch.uint8).reshape(q.shape[0], 4)

@@ -341,6 +341,9 @@ def quantize_q5_1(x: torch.Tensor, imatrix: torch.Tensor | None, *,
                  qs=pack_nibbles(q & 0x0F))
 
 
+_JUST_BELOW_HALF = torch.tensor(float(np.nextafter(np.float32(0.5), np.float32(0))))
+
+
 def quantize_q8_0(x: torch.Tensor, imatrix: torch.Tensor | None, *,
                   blocks_per_row: int = 1) -> torch.Tensor:
     """Q8_0 blocks as ggml writes them; ggml ignores the importance matrix for Q8_0."""
@@ -348,9 +351,9 @@ def quantize_q8_0(x: torch.Tensor, imatrix: torch.Tensor | None, *,
     amax = x.abs().amax(dim=1)
     d = div(amax, 127.0)
     v = x * recip_or_zero(d)[:, None]
-    # roundf: half away from zero. v - trunc(v) is exact, so the comparison is exact too.
-    t = torch.trunc(v)
-    r = torch.where((v - t).abs() >= 0.5, t + torch.sign(v), t)
+    # roundf (half away from zero): adding the float just below 0.5 with v's sign and truncating
+    # is exact for every float32 (adding 0.5 itself would round 0.49999997 up to 1).
+    r = v.add_(torch.copysign(_JUST_BELOW_HALF.to(v.device), v)).trunc_()
     q = r.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # as in _truncate_codes; |r| <= 127
     return _pack(T.Q8_0, d=d[:, None], qs=q.to(torch.int8))
 
