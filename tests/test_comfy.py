@@ -469,3 +469,41 @@ def test_operations_are_comfyuis_with_quant_aware_layers():
     layer.load_state_dict({"weight": w, "bias": torch.zeros(8)})
     x = torch.randn(1, 64)
     assert torch.equal(layer(x), F.linear(x, w.dequantize(), torch.zeros(8)))
+
+
+def test_moving_a_layer_moves_raw_blocks_without_decoding():
+    layer = comfy_quant_class(FakeLinear)(64, 8)
+    w = quantized(torch.randn(8, 64))
+    layer.load_state_dict({"weight": w, "bias": torch.randn(8)})
+    layer.to("meta")  # what ComfyUI's model.to(device) does, on a device CI has
+    assert isinstance(layer.weight, GGMLTensor) and layer.weight.raw.device.type == "meta"
+    assert layer.weight.raw.dtype == torch.uint8 and layer.weight.raw.shape == w.raw.shape
+
+
+@pytest.mark.gpu
+def test_offloaded_weights_are_fetched_to_the_gpu_as_raw_blocks(fake_comfy_lora):
+    cuda = torch.device("cuda")
+    model, w, bias = _patched_model()  # weights stay on the CPU (ComfyUI's low-VRAM offload)
+    x = torch.randn(4, 64)
+    expected = F.linear(x.to(cuda), w.dequantize().to(cuda), bias.to(cuda))
+    out = model.q(x.to(cuda))
+    assert out.device.type == "cuda" and torch.equal(out, expected)
+    assert model.q.weight.device.type == "cpu"  # the stored weight did not move
+    conv = FakeCausalConv3d(4, 8, 3, padding=1)
+    wc = quantized(torch.randn(8, 4, 3, 3, 3))
+    conv.weight, conv.bias = nn.Parameter(wc.dequantize()), nn.Parameter(torch.randn(8))
+    xc = torch.randn(1, 4, 3, 6, 6)
+    reference = conv.to(cuda)(xc.to(cuda))
+    conv.to("cpu")
+    quantize_module_classes(conv)
+    conv.weight = nn.Parameter(wc, requires_grad=False)
+    assert torch.equal(conv(xc.to(cuda)), reference)
+    # Resident on the GPU (ComfyUI's full load: module.to(device)), with a LoRA deferred to forward.
+    patcher = make_quant_patcher(FakeModelPatcher(model))
+    delta = 0.01 * torch.randn(8, 64)
+    patcher.patches = {"q.weight": [("diff", delta.to(cuda), 1.0)]}
+    patcher.patch_weight_to_device("q.weight", device_to=cuda)
+    model.to(cuda)
+    assert isinstance(model.q.weight, GGMLTensor) and model.q.weight.raw.device.type == "cuda"
+    out = model.q(x.to(cuda))
+    assert torch.allclose(out, F.linear(x, w.dequantize() + delta, bias).to(cuda), rtol=0, atol=1e-5)
