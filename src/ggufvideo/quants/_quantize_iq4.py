@@ -125,18 +125,19 @@ def _search(xt: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     mx = torch.where(zero, 1.0, mx)  # zero groups keep scale 0; avoid dividing by 0
     d0 = div(-mx, float(KVALUES[0]))
     tries = torch.tensor(_TRY_NUMERATORS, dtype=torch.float32, device=xt.device)
-    inv = torch.cat([div(1.0, d0)[:, None], div(tries[None, :], mx[:, None])], dim=1)  # (m, 16)
+    inv = torch.cat([div(1.0, d0)[None, :], div(tries[:, None], mx[None, :])], dim=0)  # (16, m)
 
-    x3 = xt[:, :, None]
-    q = best_value(inv[None] * x3)                                      # (32, m, 16)
-    wq = wt[:, :, None] * q
-    sumq2 = seq_sum(q.mul_(wq))                                         # (m, 16)
+    # Layout (position, candidate, group): groups innermost keeps every op a long vector loop.
+    x3 = xt[:, None, :]
+    q = best_value(inv[None] * x3)                                      # (32, 16, m)
+    wq = wt[:, None, :] * q
+    sumq2 = seq_sum(q.mul_(wq))                                         # (16, m)
     sumqx = seq_sum(wq.mul_(x3))
 
-    d = torch.where(sumq2[:, 0] > 0, div(sumqx[:, 0], sumq2[:, 0]), 0.0)
-    best = d * sumqx[:, 0]
-    for k in range(1, inv.shape[1]):
-        qx, q2 = sumqx[:, k], sumq2[:, k]
+    d = torch.where(sumq2[0] > 0, div(sumqx[0], sumq2[0]), 0.0)
+    best = d * sumqx[0]
+    for k in range(1, inv.shape[0]):
+        qx, q2 = sumqx[k], sumq2[k]
         better = (q2 > 0) & (qx * qx > best * q2)
         d = torch.where(better, div(qx, q2), d)
         best = torch.where(better, d * qx, best)

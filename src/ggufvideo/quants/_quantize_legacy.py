@@ -140,25 +140,26 @@ def _qx_search(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tenso
     zero = amax < GROUP_MAX_EPS
     mx = torch.where(zero, 1.0, mx)  # those blocks are all-zero codes; avoid 0/0 noise
     nums = torch.tensor(_qx_numerators(nmax), dtype=torch.float32, device=x.device)
-    iscale = div(-nums[None, :], mx[:, None])                           # (n, 19)
+    iscale = div(-nums[:, None], mx[None, :])                           # (19, n)
 
-    xt, wt = x.t().contiguous()[:, :, None], w.t().contiguous()[:, :, None]  # (32, n, 1)
+    # Layout (position, candidate, block): blocks innermost keeps every op a long vector loop.
+    xt, wt = x.t().contiguous()[:, None, :], w.t().contiguous()[:, None, :]  # (32, 1, n)
     # |iscale * x| <= ~nmax + 0.9 since |x| <= |max|: always in round_small_'s range.
-    lf = round_small_(iscale[None] * xt).clamp_(-nmax, nmax - 1)       # (32, n, 19)
-    sumlx = seq_sum((wt * xt) * lf)                                     # (n, 19)
+    lf = round_small_(iscale[None] * xt).clamp_(-nmax, nmax - 1)       # (32, 19, n)
+    sumlx = seq_sum((wt * xt) * lf)                                     # (19, n)
     suml2 = seq_sum((wt * lf) * lf)
 
-    scale = torch.where(suml2[:, 0] != 0, div(sumlx[:, 0], suml2[:, 0]), 0.0)
-    best = scale * sumlx[:, 0]
+    scale = torch.where(suml2[0] != 0, div(sumlx[0], suml2[0]), 0.0)
+    best = scale * sumlx[0]
     pick = torch.zeros(n, dtype=torch.int64, device=x.device)
     for k in range(1, nums.numel()):
-        lx, l2 = sumlx[:, k], suml2[:, k]
+        lx, l2 = sumlx[k], suml2[k]
         better = (l2 > 0) & (lx * lx > best * l2)
         scale = torch.where(better, div(lx, l2), scale)
         best = torch.where(better, scale * lx, best)
         pick = torch.where(better, k, pick)
 
-    codes = torch.gather(lf, 2, pick[None, :, None].expand(32, n, 1)).squeeze(2).t()
+    codes = torch.gather(lf, 1, pick[None, None, :].expand(32, 1, n)).squeeze(1).t()
     codes = codes.to(torch.int32) + nmax
     scale = torch.where(zero, 0.0, scale)
     codes = torch.where(zero[:, None], 0, codes)
@@ -177,27 +178,28 @@ def _qkx3_candidates(xt: torch.Tensor, wt: torch.Tensor, sum_w: torch.Tensor, su
                      ) -> tuple[torch.Tensor, ...]:
     """Evaluate candidate scales ``nums / (max - min)`` of ``make_qkx3_quants``.
 
-    ``nums`` is ``(n, k)``: per block, the numerators of the candidates to try, from its current
-    ``min`` ``mn``. Returns ``(det, scale, min, mad, codes)``, each ``(n, k)`` except ``codes``,
-    ``(32, n, k)``; every sum runs over the 32 positions in order, as in ggml.
+    ``nums`` is ``(k, n)``: per block, the numerators of the candidates to try, from its current
+    ``min`` ``mn``. Returns ``(det, scale, min, mad, codes)``, each ``(k, n)`` except ``codes``,
+    ``(32, k, n)``; every sum runs over the 32 positions in order, as in ggml. Blocks are the
+    innermost dim so that every op is a long vector loop.
     """
-    iscales = div(nums, (mx - mn)[:, None])                             # (n, k)
-    x3 = xt[:, :, None]
-    w3 = wt[:, :, None]
+    iscales = div(nums, (mx - mn)[None, :])                             # (k, n)
+    x3 = xt[:, None, :]
+    w3 = wt[:, None, :]
     xm = xt - mn                                                        # (32, n)
-    lv = iscales[None] * xm[:, :, None]
+    lv = iscales[None] * xm[:, None, :]
     # nearest_int's bit trick equals the cheap float rounding unless a product can reach 2**21;
     # with ggml's own candidates that takes a degenerate min, so check it per call.
-    bound = iscales.abs() * xm.abs().amax(dim=0)[:, None]
+    bound = iscales.abs() * xm.abs().amax(dim=0)[None, :]
     if bool((bound < SMALL_ROUND_LIMIT).all()):
         lv = round_small_(lv).clamp_(0, nmax)
     else:
         lv = nearest_int(lv).clamp_(0, nmax).to(torch.float32)
-    wl = w3 * lv                                                        # (32, n, k)
+    wl = w3 * lv                                                        # (32, k, n)
     sum_l = seq_sum(wl)
     sum_xl = seq_sum(torch.mul(wl, x3))
     sum_l2 = seq_sum(wl.mul_(lv))
-    sw, sx = sum_w[:, None], sum_x[:, None]
+    sw, sx = sum_w[None, :], sum_x[None, :]
     det = sw * sum_l2 - sum_l * sum_l
     this_scale = div(sw * sum_xl - sx * sum_l, det)
     this_min = div(sum_l2 * sx - sum_l * sum_xl, det)
@@ -249,20 +251,20 @@ def _qkx3_search(x: torch.Tensor, w: torch.Tensor,
     pos = torch.zeros(n, dtype=torch.int64, device=dev)  # next candidate to score
     active = (~flat).nonzero().squeeze(1)
     while active.numel():
-        k = pos[active][:, None] + window                               # (a, W)
+        k = window[:, None] + pos[active][None, :]                      # (W, a)
         valid = k < n_cand
         det, t_scale, t_min, mad, lv = _qkx3_candidates(
             xt[:, active], wt[:, active], sum_w[active], sum_x[active], mx[active], mn[active],
             nums[k.clamp(max=n_cand - 1)], nmax)
-        ok = valid & (det > 0) & (mad < best_mad[active, None])
-        hit = ok.any(dim=1)
-        j = ok.to(torch.uint8).argmax(dim=1, keepdim=True)              # first acceptance
-        rows, jh = active[hit], j[hit]
-        scale[rows] = t_scale[hit].gather(1, jh).squeeze(1)
-        mn[rows] = t_min[hit].gather(1, jh).squeeze(1)
-        best_mad[rows] = mad[hit].gather(1, jh).squeeze(1)
-        codes[:, rows] = torch.gather(lv[:, hit], 2, jh[None].expand(32, -1, 1)).squeeze(2)
-        pos[active] = torch.where(hit, k.gather(1, j).squeeze(1) + 1, k[:, 0] + _QKX3_WINDOW)
+        ok = valid & (det > 0) & (mad < best_mad[active][None, :])
+        hit = ok.any(dim=0)
+        j = ok.to(torch.uint8).argmax(dim=0, keepdim=True)              # first acceptance (1, a)
+        rows, jh = active[hit], j[:, hit]
+        scale[rows] = t_scale[:, hit].gather(0, jh).squeeze(0)
+        mn[rows] = t_min[:, hit].gather(0, jh).squeeze(0)
+        best_mad[rows] = mad[:, hit].gather(0, jh).squeeze(0)
+        codes[:, rows] = torch.gather(lv[:, :, hit], 1, jh[None].expand(32, 1, -1)).squeeze(1)
+        pos[active] = torch.where(hit, k.gather(0, j).squeeze(0) + 1, k[0] + _QKX3_WINDOW)
         active = active[pos[active] < n_cand]
 
     scale = torch.where(flat, 0.0, scale)
