@@ -10,7 +10,8 @@ hits them alike; the best of ``--repeat`` runs is reported as Melem/s.
 - ggml: ``ggml_quantize_chunk`` from pywhispercpp's ``libggml-base`` via ctypes (the oracle of the
   tests); it is single-threaded by construction.
 - gguf-py: its numpy ``quantize`` (Q4_0..Q8_0, BF16 only; no importance matrix).
-- ggufvideo: ``ggufvideo.quantize`` with torch's intra-op threads (``--threads``, default: torch's).
+- ggufvideo: ``ggufvideo.quantize`` with ``--threads`` torch intra-op threads (default 1, like for
+  like with ggml; 0 keeps torch's default, which on a busy machine can be much slower).
 ``ratio`` = ggufvideo / ggml (>1: ggufvideo is faster). ggufvideo's bytes are checked identical to
 ggml's before timing; a type whose quantizer is missing or fails is reported and skipped.
 """
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cols", type=int, default=4096, help="elements per row (default 4096)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per implementation; best is kept")
     ap.add_argument("--imatrix", action="store_true", help="quantize with a random importance matrix")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1; 0 = torch's default)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

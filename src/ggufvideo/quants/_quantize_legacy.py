@@ -16,7 +16,7 @@ row API) passes ``blocks_per_row``; called on bare blocks, each block is taken a
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
