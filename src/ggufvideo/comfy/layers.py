@@ -164,7 +164,7 @@ class ComfyQuantLayer(QuantLayer):
             current = self._parameters[name]
             expected = shapes.get(name) or (tuple(current.shape) if current is not None else None)
             if key not in state_dict:
-                if expected is not None and (current is None or current.device.type == "meta"):
+                if expected is not None:
                     missing_keys.append(key)
                 continue
             value = state_dict[key]
