@@ -151,3 +151,13 @@ def test_cuda_input_gives_the_cpu_bytes(qtype):
         gpu = quantize(x.cuda(), qtype, imatrix=None if w is None else w.cuda())
         assert gpu.device.type == "cuda"
         assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0, T.IQ4_NL, T.IQ4_XS, T.F16],
+                         ids=lambda t: t.name)
+def test_parameters_that_require_grad_are_quantized_without_a_graph(qtype):
+    p = torch.nn.Parameter(torch.from_numpy(float_rows(6, 2, 256, "normal")))
+    im = torch.nn.Parameter(torch.from_numpy(imatrix_row(6, 256, "uniform")))
+    q = quantize(p, qtype, imatrix=im)
+    assert not q.requires_grad
+    assert torch.equal(q, quantize(p.detach(), qtype, imatrix=im.detach()))

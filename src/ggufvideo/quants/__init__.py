@@ -147,7 +147,7 @@ def quantize(x: torch.Tensor, qtype: GGMLQuantizationType | str | int, *,
     row_bytes = qt.row_bytes(n)  # raises for a row length that is not whole blocks
     weights = _checked_imatrix(imatrix, n, name, x.device)
 
-    rows = x.reshape(math.prod(x.shape[:-1]), n)
+    rows = x.detach().reshape(math.prod(x.shape[:-1]), n)  # weights are often nn.Parameters
     out = torch.empty((rows.shape[0], row_bytes), dtype=torch.uint8, device=x.device)
     bs = qt.block_size
     nb = n // bs
@@ -182,7 +182,7 @@ def _checked_imatrix(imatrix: torch.Tensor | None, n: int, name: str,
     if not (imatrix.is_floating_point() or imatrix.dtype in (torch.int32, torch.int64)):
         raise QuantizationError(f"quantize({name}): imatrix must hold real numbers, "
                                 f"got {imatrix.dtype}")
-    w = imatrix.to(device=device, dtype=torch.float32)
+    w = imatrix.detach().to(device=device, dtype=torch.float32)
     bad = ~torch.isfinite(w)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])

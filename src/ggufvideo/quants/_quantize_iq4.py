@@ -176,11 +176,11 @@ def quantize_iq4_xs(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tens
     Returns:
         ``(n_blocks, 136)`` uint8.
     """
-    x = x.to(torch.float32).contiguous()
+    x = x.detach().to(torch.float32).contiguous()
     if x.dim() != 2 or x.shape[1] != 256:
         raise ValueError(f"expected blocks of shape (n_blocks, 256), got {tuple(x.shape)}")
     if imatrix is not None:
-        imatrix = imatrix.to(device=x.device, dtype=torch.float32).expand_as(x)
+        imatrix = imatrix.detach().to(device=x.device, dtype=torch.float32).expand_as(x)
     parts = []
     step = device_step(_XS_BLOCKS, x.device)
     for s in range(0, max(x.shape[0], 1), step):
