@@ -7,11 +7,13 @@ or the file has problems, 2 for usage errors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
-from .errors import GGUFError
+from .errors import GGUFError, _safe
 
 __all__ = ["main", "build_parser"]
 
@@ -84,7 +86,7 @@ def _convert(args: argparse.Namespace) -> int:
     if args.verbose:
         for name, d in summary.decisions.items():
             extra = f" [{d.fallback}]" if d.fallback else ""
-            print(f"  {name}: {d.qtype.name} ({d.reason}){extra}")
+            print(f"  {_safe(name)}: {d.qtype.name} ({d.reason}){extra}")
     print(summary)
     return 0
 
@@ -111,12 +113,14 @@ def _validate(args: argparse.Namespace) -> int:
         json.dump(report.as_dict(), sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
+        from .inspection import _printable
+
         for w in report.warnings:
-            print(f"warning: {w}")
+            print(f"warning: {_printable(w)}")
         for e in report.errors:
-            print(f"error: {e}")
+            print(f"error: {_printable(e)}")
         status = "OK" if report.ok else f"FAILED ({len(report.errors)} problem(s))"
-        print(f"{report.path}: {status}: {report.tensors_checked} tensors, "
+        print(f"{_safe(report.path, 400)}: {status}: {report.tensors_checked} tensors, "
               f"{report.bytes_checked:,} bytes of data checked")
     return 0 if report.ok else 1
 
@@ -137,13 +141,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        return _COMMANDS[args.command](args)
-    except (GGUFError, FileNotFoundError, FileExistsError, IsADirectoryError, ValueError) as exc:
-        print(f"ggufvideo {args.command}: error: {exc}", file=sys.stderr)
+        with _terminate_as_interrupt():
+            return _COMMANDS[args.command](args)
+    except (GGUFError, OSError, ValueError) as exc:
+        # Messages may quote names from the file: escaped and bounded before they reach a terminal.
+        print(f"ggufvideo {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"ggufvideo {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc)
+    if len(text) > _MESSAGE_LIMIT or not text.isprintable():
+        from .inspection import _printable
+
+        text = _printable(text, _MESSAGE_LIMIT)
+    return text
+
+
+_MESSAGE_LIMIT = 2000
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM (``kill``, a job scheduler, ``docker stop``) like Ctrl-C while a command runs.
+
+    Python's default for SIGTERM ends the process at once, skipping the ``finally`` blocks that
+    remove a conversion's temporary file; raising ``KeyboardInterrupt`` runs them. Only possible
+    from the main thread; elsewhere the default stays.
+    """
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except (ValueError, AttributeError):  # not the main thread / no SIGTERM on this platform
+        yield
+        return
+    try:
+        yield
+    finally:
+        # None: the previous handler was not set from Python; the default is the closest.
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":  # pragma: no cover

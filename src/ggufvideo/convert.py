@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from .errors import GGUFError
+from .errors import GGUFError, _safe
 from .policy import QuantPolicy, source_qtype
 from .quants import get_quant_type
 from .reader import GGUFFile
@@ -72,7 +72,8 @@ class Source:
 
 def _check_dtype(name: str, dtype: torch.dtype | None, raw: str, path: str) -> torch.dtype:
     if dtype is None or dtype in (torch.uint8, torch.bool):
-        raise GGUFError(f"dtype {raw} has no GGUF type (expected float or int8/16/32/64)",
+        raise GGUFError(f"dtype {_safe(raw, 40)} has no GGUF type (expected float or "
+                        "int8/16/32/64)",
                         path=path, tensor=name)
     source_qtype(dtype)
     return dtype
@@ -80,6 +81,8 @@ def _check_dtype(name: str, dtype: torch.dtype | None, raw: str, path: str) -> t
 
 # A safetensors header larger than this is refused (real ones are well under a few MB).
 _MAX_SAFETENSORS_HEADER = 100 << 20
+# More dims than this in a safetensors header entry are refused (real tensors have a handful).
+_MAX_SAFETENSORS_DIMS = 64
 
 
 def _safetensors_header(path: str) -> tuple[int, dict[str, Any]]:
@@ -133,10 +136,13 @@ def _safetensors_tensors(files: Iterable[str], only: Mapping[str, str] | None, s
                 raw, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
                 shape = tuple(int(d) for d in shape)
                 begin, end = int(begin), int(end)
+                if len(shape) > _MAX_SAFETENSORS_DIMS:  # bounds the size product's cost
+                    raise ValueError("too many dims")
             except (KeyError, TypeError, ValueError):
                 raise GGUFError("malformed header entry (expected dtype, shape, data_offsets)",
                                 path=f, tensor=name) from None
-            dtype = _check_dtype(name, _SAFETENSORS_DTYPES.get(raw), str(raw), f)
+            dtype = _check_dtype(name, _SAFETENSORS_DTYPES.get(raw) if isinstance(raw, str)
+                                 else None, str(raw), f)
             nbytes = math.prod(shape) * dtype.itemsize
             if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_len \
                     or end - begin != nbytes:
@@ -152,7 +158,7 @@ def _safetensors_tensors(files: Iterable[str], only: Mapping[str, str] | None, s
         spans.sort()
         for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
             if b1 < e0:
-                raise GGUFError(f"data overlaps tensor {n0!r}", path=f, tensor=n1)
+                raise GGUFError(f"data overlaps tensor {_safe(n0)}", path=f, tensor=n1)
         # Write in the file's data order (reads stay sequential); safetensors sorts its header.
         rank = {name: i for i, (_b, _e, name) in enumerate(spans)}
         first = len(src.tensors) - len(spans)
@@ -161,7 +167,7 @@ def _safetensors_tensors(files: Iterable[str], only: Mapping[str, str] | None, s
         missing = sorted(set(only) - set(seen))
         if missing:
             raise GGUFError(f"{len(missing)} tensor(s) of the index are missing from their shard, "
-                            f"e.g. {missing[0]!r} (expected in {only[missing[0]]!r})",
+                            f"e.g. {_safe(missing[0])} (expected in {_safe(only[missing[0]])})",
                             path=src.path)
 
 
@@ -203,37 +209,74 @@ def _open_sharded(folder: str, src: Source) -> None:
         src.metadata[SOURCE_METADATA_PREFIX + str(k)] = str(v)
     shards: list[str] = []
     for shard in weight_map.values():
-        if os.path.basename(shard) != shard:
-            raise GGUFError(f"shard {shard!r} is not a file name in the index's folder",
+        if not isinstance(shard, str) or os.path.basename(shard) != shard:
+            raise GGUFError(f"shard {_safe(shard)} is not a file name in the index's folder",
                             path=index_path)
         if shard not in shards:
             shards.append(shard)
     for shard in shards:
         if not os.path.isfile(os.path.join(folder, shard)):
-            raise FileNotFoundError(f"{os.path.join(folder, shard)}: shard named by {index_path} "
-                                    "is missing")
+            raise FileNotFoundError(f"{_safe(os.path.join(folder, shard), 400)}: shard named by "
+                                    f"{index_path} is missing")
     _safetensors_tensors([os.path.join(folder, s) for s in shards], weight_map, src)
     # Keep the index's order (the author's), not the shards'.
     order = {name: i for i, name in enumerate(weight_map)}
     src.tensors.sort(key=lambda t: order[t.name])
 
 
-def _open_torch(path: str, src: Source) -> None:
+def _torch_load(path: str) -> tuple[Any, bool]:
+    """``(object, memory-mapped)`` of a torch checkpoint, loaded with ``weights_only=True`` only.
+
+    ``weights_only=True`` is explicit, so no environment variable (``TORCH_FORCE_NO_WEIGHTS_ONLY_
+    LOAD``) can turn it off: the unpickler builds tensors and plain containers and refuses any other
+    global before anything is called. Every failure becomes a :class:`GGUFError` naming the file.
+    """
     import pickle
 
-    src.files.append(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):
-            raise GGUFError(f"torch.load failed: {exc}", path=path) from None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
         # Legacy (pre-zipfile) checkpoints cannot be memory-mapped: they load whole.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        src.notes.append("legacy .pt format: loaded whole into memory (no mmap)")
+        return torch.load(path, map_location="cpu", weights_only=True), False
     except pickle.UnpicklingError as exc:
+        detail = _unpickling_detail(str(exc))
         raise GGUFError("refusing to load: the checkpoint holds objects other than tensors and "
-                        f"plain containers (torch.load weights_only=True said: "
-                        f"{str(exc).splitlines()[0]})", path=path) from None
+                        "plain containers" + (f" ({detail})" if detail else "")
+                        + "; nothing in it was executed (torch.load runs with weights_only=True "
+                        "only)", path=path) from None
+    except OSError:
+        raise
+    except Exception as exc:  # zip/pickle structure errors of a corrupt or foreign file
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+        raise GGUFError(f"not a readable torch checkpoint: torch.load failed with "
+                        f"{type(exc).__name__}" + (f": {_safe(first, 300)}" if first else ""),
+                        path=path) from None
+
+
+def _unpickling_detail(message: str) -> str:
+    """The one line of torch's weights-only refusal that says what was refused.
+
+    The rest of torch's message suggests ``weights_only=False`` -- wrong advice for an untrusted
+    file -- and may hold ANSI escapes; only the detail is kept, escaped.
+    """
+    for marker in ("WeightsUnpickler error:", "Trying to load"):
+        i = message.rfind(marker)
+        if i < 0:
+            continue
+        rest = message[i + len(marker):] if marker.endswith(":") else message[i:]
+        line = next((ln.strip() for ln in rest.splitlines() if ln.strip()), "")
+        return _safe(line.split(" Please use")[0], 300)
+    return ""
+
+
+def _open_torch(path: str, src: Source) -> None:
+    src.files.append(path)
+    obj, mapped = _torch_load(path)
+    if not mapped:
+        src.notes.append("legacy .pt format: loaded whole into memory (no mmap)")
     if not isinstance(obj, Mapping):
         raise GGUFError(f"expected a state dict (a mapping of tensors), found {type(obj).__name__}",
                         path=path)
@@ -249,12 +292,12 @@ def _open_torch(path: str, src: Source) -> None:
         entries = "entry" if len(skipped) == 1 else "entries"
         more = " ..." if len(skipped) > 5 else ""
         src.notes.append(f"skipped {len(skipped)} non-tensor {entries}: "
-                         f"{', '.join(map(repr, skipped[:5]))}{more}")
+                         f"{', '.join(_safe(k, 100) for k in skipped[:5])}{more}")
     for name, t in obj.items():
         if not isinstance(t, torch.Tensor):
             continue
         if not isinstance(name, str):
-            raise GGUFError(f"state dict key {name!r} is not a string", path=path)
+            raise GGUFError(f"state dict key {_safe(repr(name))} is not a string", path=path)
         _check_dtype(name, t.dtype if t.dtype not in (torch.uint8, torch.bool) else None,
                      str(t.dtype), path)
         src.tensors.append(SourceTensor(name, tuple(t.shape), t.dtype, (lambda t=t: t), None,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import GGUFError
+from .errors import GGUFError, _safe
 from .quants import get_quant_type
 from .reader import GGUFFile, TensorInfo
 from .shapes import logical_shape
@@ -30,6 +30,27 @@ __all__ = ["inspect_file", "validate_file", "format_inspection", "ValidationRepo
 _CHUNK_BYTES = 1 << 24
 # Arrays longer than this are summarised in reports.
 _ARRAY_PREVIEW = 8
+# Report lines and messages longer than this are cut (they may quote names from the file).
+_MESSAGE_LIMIT = 1000
+# The tensor-name column of ``inspect`` is at most this wide; longer names overflow it.
+_NAME_COLUMN = 64
+
+
+def _printable(text: object, limit: int = _MESSAGE_LIMIT) -> str:
+    """``text`` with every non-printable character escaped, cut to about ``limit`` characters.
+
+    For messages and report lines that may quote a file's names and keys: ANSI escapes, newlines,
+    NUL and other control characters come out as ``\\x1b``, ``\\n``..., so a file cannot move
+    the cursor, recolour or fake lines in a terminal. Printable text (backslashes and escapes that
+    ``repr`` already made included) is left as it is.
+    """
+    s = str(text)
+    if len(s) > limit:
+        s = s[:limit] + f"...({len(s)} chars)"
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in s)
 
 
 def summarize_value(value: Any, limit: int = _ARRAY_PREVIEW) -> Any:
@@ -134,8 +155,8 @@ def _check_tensor(g: GGUFFile, info: TensorInfo, report: ValidationReport) -> No
         report.bytes_checked += blocks.numel()
     for fname, (count, first) in bad.items():
         where = f"field {fname!r}, " if qt.torch_dtype is None else ""
-        report.errors.append(f"tensor {info.name!r} ({info.qtype.name}): {count} non-finite "
-                             f"{what}(s) ({where}first in block {first})")
+        report.errors.append(f"tensor {_safe(info.name)} ({info.qtype.name}): {count} "
+                             f"non-finite {what}(s) ({where}first in block {first})")
 
 
 def validate_file(path: str | os.PathLike[str]) -> ValidationReport:
@@ -149,31 +170,33 @@ def validate_file(path: str | os.PathLike[str]) -> ValidationReport:
     try:
         g = GGUFFile(p)
     except GGUFError as exc:
-        report.errors.append(f"header: {exc.reason}" + (f" (tensor {exc.tensor!r})" if exc.tensor
-                                                        else ""))
+        report.errors.append(_printable(f"header: {exc.reason}" + (
+            f" (tensor {_safe(exc.tensor)})" if exc.tensor else "")))
         return report
     with g:
         end = g.data_offset
         for name, info in g.tensors.items():
+            shown = _safe(name)
             end = max(end, info.offset + info.nbytes)
             if len(name.encode("utf-8")) >= MAX_GGML_NAME:
-                report.warnings.append(f"tensor {name!r}: name of {len(name.encode())} bytes; "
+                report.warnings.append(f"tensor {shown}: name of {len(name.encode())} bytes; "
                                        f"ggml's C loader accepts at most {MAX_GGML_NAME - 1}")
             if 0 in info.shape[:-1]:
-                report.warnings.append(f"tensor {name!r}: empty with a zero outer dim "
+                report.warnings.append(f"tensor {shown}: empty with a zero outer dim "
                                        f"{list(info.shape)}; ggml's C loader crashes on it")
             if len(info.shape) > 4:
-                report.warnings.append(f"tensor {name!r}: stored with {len(info.shape)} dims; "
+                report.warnings.append(f"tensor {shown}: stored with {len(info.shape)} dims; "
                                        "ggml's C loader accepts at most 4")
             try:
                 logical_shape(g, info)
             except GGUFError as exc:
-                report.errors.append(f"tensor {name!r}: {exc.reason}")
+                report.errors.append(_printable(f"tensor {shown}: {exc.reason}"))
             try:
                 _check_tensor(g, info, report)
                 report.tensors_checked += 1
             except Exception as exc:  # a codec failing on this data is exactly what we report
-                report.errors.append(f"tensor {name!r} ({info.qtype.name}): not decodable: {exc}")
+                report.errors.append(_printable(f"tensor {shown} ({info.qtype.name}): not "
+                                               f"decodable: {exc}"))
         if g.size > end + g.alignment:
             report.warnings.append(f"{g.size - end} bytes after the last tensor's data")
     return report
@@ -181,19 +204,24 @@ def validate_file(path: str | os.PathLike[str]) -> ValidationReport:
 
 def format_inspection(info: Mapping[str, Any], *, tensors: bool = True) -> str:
     """The human-readable form of :func:`inspect_file`'s result."""
-    lines = [f"{info['path']}: GGUF v{info['version']}, {info['n_tensors']} tensors, "
+    lines = [f"{_safe(info['path'], 400)}: GGUF v{info['version']}, {info['n_tensors']} tensors, "
              f"{format_bytes(info['file_size'])}, alignment {info['alignment']}", "", "metadata:"]
     for k, v in info["metadata"].items():
         if isinstance(v, dict) and "length" in v:
             v = f"[{v['length']} items: {', '.join(map(repr, v['first']))}, ...]"
-        lines.append(f"  {k} = {v!r}" if isinstance(v, str) else f"  {k} = {v}")
+            lines.append(_printable(f"  {_safe(k)} = {v}"))
+        else:  # repr escapes a string's control characters
+            lines.append(_printable(f"  {_safe(k)} = {v!r}" if isinstance(v, str)
+                                   else f"  {_safe(k)} = {v}"))
     if tensors:
         lines += ["", "tensors:"]
-        width = max((len(t["name"]) for t in info["tensors"]), default=4)
-        for t in info["tensors"]:
+        names = [_safe(t["name"]) for t in info["tensors"]]
+        width = min(max(map(len, names), default=4), _NAME_COLUMN)
+        for name, t in zip(names, info["tensors"]):
             shape = "x".join(map(str, t["shape"])) or "scalar"
-            note = f"  (bad shape metadata: {t['shape_error']})" if "shape_error" in t else ""
-            lines.append(f"  {t['name']:<{width}}  {t['type']:<7} {shape:<22} "
+            note = (f"  (bad shape metadata: {_printable(t['shape_error'], 300)})"
+                    if "shape_error" in t else "")
+            lines.append(f"  {name:<{width}}  {t['type']:<7} {shape:<22} "
                          f"{format_bytes(t['bytes'])}{note}")
     lines += ["", "totals per type:"]
     for name, t in sorted(info["totals"].items(), key=lambda kv: -kv[1]["bytes"]):

@@ -6,8 +6,10 @@ is computed first -- the policy decides each tensor's type from its name, shape 
 sizes and offsets are known before any data is read -- then tensors are produced and written one at
 a time. Peak memory is about one source tensor plus a bounded chunk of temporaries.
 
-Files are written to a temporary file next to the destination and renamed into place at the end:
-a failure (or Ctrl-C) never leaves a partial destination.
+Files are written to a temporary file next to the destination (``<name>.<pid>.<random>.partial``)
+and renamed into place at the end: a failure (or Ctrl-C) never leaves a partial destination, an
+existing destination stays intact until its replacement is complete, and the temporary of a killed
+process is removed by the next write to the same destination.
 
 What is written (GGUF v3, little-endian, 32-byte alignment)::
 
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import stat
 import struct
 import tempfile
 import time
@@ -37,11 +41,16 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType, LlamaFileType
 
-from .errors import GGUFError, QuantizationError
+from .errors import GGUFError, QuantizationError, _safe
 from .policy import QuantPolicy, TensorDecision, source_qtype
 from .quants import get_quant_type
 from .shapes import COMFY_ORIG_SHAPE_PREFIX, RAW_SHAPE_SUFFIX
 from .tensor import GGMLTensor
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so stale temporaries are left for the user to delete
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "save_state_dict",
@@ -317,6 +326,8 @@ def write_gguf(path: str | os.PathLike[str], entries: Iterable[TensorEntry],
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is false.
         GGUFError: duplicate names, bad metadata, or a producer yielding the wrong byte count.
+        OSError: writing failed (disk full, file size limit, I/O error); the error names ``path``
+            and nothing is left there (an existing file is untouched).
     """
     path = os.fspath(path)
     entries = list(entries)
@@ -345,24 +356,31 @@ def write_gguf(path: str | os.PathLike[str], entries: Iterable[TensorEntry],
     header += b"\0" * _pad(len(header), ALIGNMENT)
 
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".partial",
-                               dir=folder)
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path) + f"{os.getpid()}.",
+                               suffix=_PARTIAL_SUFFIX, dir=folder)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(header)
+        try:
+            _lock(fd)
+            _write_all(fd, memoryview(header), path)
+            size = len(header)
             for e in entries:
                 written = 0
                 for chunk in e.produce():
                     mv = _chunk_bytes(chunk)
-                    fh.write(mv)
+                    _write_all(fd, mv, path)
                     written += mv.nbytes
                 if written != e.nbytes:
                     raise GGUFError(f"{e.qtype.name} {list(e.shape)} needs {e.nbytes} bytes, "
                                     f"its producer gave {written}", path=path, tensor=e.name)
-                fh.write(b"\0" * _pad(e.nbytes, ALIGNMENT))
-            fh.flush()
-            os.fsync(fh.fileno())
-            size = fh.tell()
+                _write_all(fd, memoryview(b"\0" * _pad(e.nbytes, ALIGNMENT)), path)
+                size += written + _pad(e.nbytes, ALIGNMENT)
+            try:
+                os.fsync(fd)  # the data is on disk before the name points at it
+            except OSError as exc:
+                raise _write_error(exc, path) from None
+        finally:
+            os.close(fd)  # also releases the lock
         _publish(tmp, path, overwrite)
     except BaseException:
         try:
@@ -370,7 +388,123 @@ def write_gguf(path: str | os.PathLike[str], entries: Iterable[TensorEntry],
         except FileNotFoundError:
             pass
         raise
+    _sync_folder(folder)
     return size
+
+
+# -- the temporary file ----------------------------------------------------------------------
+#
+# A conversion writes ``<dst name>.<pid>.<random>.partial`` next to the destination and renames it
+# at the end. An exception or Ctrl-C removes it; a killed process (SIGKILL, power loss) cannot, so
+# the next write to the same destination removes the temporaries of processes that are gone. A
+# temporary is stale when its writer's pid is not alive here *and* nobody holds the flock every
+# writer takes on its temporary (locks die with their process, and on NFS they are seen by other
+# hosts, where the pid means nothing).
+
+_PARTIAL_SUFFIX = ".partial"
+# Room left in a file name (NAME_MAX is 255 bytes) for ".<pid>.<random>.partial".
+_MAX_TEMP_BASE = 200
+
+
+def _temp_prefix(path: str) -> str:
+    """``<dst name>.``: the start of the names of ``path``'s temporaries (before the pid)."""
+    base = os.path.basename(path).encode("utf-8", "surrogateescape")[:_MAX_TEMP_BASE]
+    return base.decode("utf-8", "ignore") + "."
+
+
+def _lock(fd: int) -> None:
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # a filesystem without locks: the pid in the name still protects this file
+        pass
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: str) -> list[str]:
+    """Delete the temporaries that killed writes to ``path`` left behind; returns their paths.
+
+    POSIX only (it needs ``flock``); elsewhere nothing is removed.
+    """
+    if fcntl is None:
+        return []
+    folder = os.path.dirname(os.path.abspath(path))
+    pattern = re.compile(re.escape(_temp_prefix(path)) + r"([0-9]{1,10})\.[a-z0-9_]{8}"
+                         + re.escape(_PARTIAL_SUFFIX))
+    removed: list[str] = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m is None or _process_alive(int(m.group(1))):
+            continue
+        full = os.path.join(folder, name)
+        try:
+            fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # its writer is still running (on another host)
+                continue
+            os.unlink(full)
+            removed.append(full)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _write_all(fd: int, data: memoryview, path: str) -> None:
+    """Write every byte of ``data`` (``os.write`` may write less than asked)."""
+    if data.format != "B" or data.ndim != 1:
+        data = data.cast("B")
+    while data.nbytes:
+        try:
+            n = os.write(fd, data)
+        except OSError as exc:
+            raise _write_error(exc, path) from None
+        data = data[n:]
+
+
+def _write_error(exc: OSError, path: str) -> OSError:
+    """A write failure (disk full, file too large, I/O error) that names the destination."""
+    if exc.errno is None:
+        return exc
+    return OSError(exc.errno, f"{exc.strerror or exc} while writing; nothing was left at the "
+                   "destination", path)
+
+
+def _sync_folder(folder: str) -> None:
+    """Make the rename durable (best effort: not every platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _publish(tmp: str, path: str, overwrite: bool) -> None:
@@ -499,7 +633,8 @@ class WriteSummary:
         return {n: d for n, d in self.decisions.items() if d.fallback}
 
     def __str__(self) -> str:
-        lines = [f"wrote {self.path} ({self.architecture}, {len(self.decisions)} tensors) in "
+        lines = [f"wrote {self.path} ({_safe(self.architecture, 100)}, {len(self.decisions)} "
+                 f"tensors) in "
                  f"{self.seconds:.1f} s",
                  f"  size: {format_bytes(self.bytes_in)} -> {format_bytes(self.bytes_out)}"
                  + (f" ({self.bytes_out / self.bytes_in:.1%})" if self.bytes_in else "")]
@@ -510,14 +645,14 @@ class WriteSummary:
             lines.append(f"  {len(fb)} tensor(s) fell back because their rows do not fit the "
                          "block size:")
             for n, d in list(fb.items())[:20]:
-                lines.append(f"    {n}: {d.fallback}")
+                lines.append(f"    {_safe(n)}: {d.fallback}")
             if len(fb) > 20:
                 lines.append(f"    ... and {len(fb) - 20} more")
         long_names = [n for n in self.decisions if len(n.encode()) >= MAX_GGML_NAME]
         if long_names:
             lines.append(f"  note: {len(long_names)} tensor name(s) have {MAX_GGML_NAME}+ bytes; "
                          f"ggml's C loader (not ours, gguf-py's or ComfyUI-GGUF's) rejects them, "
-                         f"e.g. {long_names[0]!r}")
+                         f"e.g. {_safe(long_names[0])}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
