@@ -298,6 +298,16 @@ def test_weight_functions_patch_the_float32_decode_once_and_leave_parameters_unt
     assert layer.weight.raw.data_ptr() == w.raw.data_ptr()
 
 
+def test_dynamic_vram_lowvram_function_is_applied_before_weight_functions():
+    layer = comfy_quant_class(FakeLinear)(32, 4, bias=False)
+    w = quantized(torch.randn(4, 32))
+    layer.load_state_dict({"weight": w})
+    layer.weight_lowvram_function = lambda t: t * 2
+    layer.weight_function = [lambda t: t + 1]
+    x = torch.randn(1, 32)
+    assert torch.equal(layer(x), F.linear(x, w.dequantize() * 2 + 1))
+
+
 def test_fetch_weight_moves_raw_blocks_and_decodes_on_the_target_device():
     w = quantized(torch.randn(4, 32))
     out = fetch_weight(w, torch.float16, torch.device("cpu"))

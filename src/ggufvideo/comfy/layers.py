@@ -133,6 +133,12 @@ class ComfyQuantLayer(QuantLayer):
         deferred = getattr(self, "ggufvideo_patches", {}).get(name)
         if deferred is not None and deferred.active():
             fns.append(deferred)
+        # ComfyUI's dynamic-VRAM loader attaches its LoRA patch as ``<name>_lowvram_function``
+        # and applies it when the weight is not cached on the GPU; these layers never cache a
+        # decoded weight, so it always applies.
+        lowvram = getattr(self, f"{name}_lowvram_function", None)
+        if lowvram is not None:
+            fns.append(lowvram)
         fns.extend(getattr(self, f"{name}_function", ()))
         return fns
 
