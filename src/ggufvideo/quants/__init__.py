@@ -152,7 +152,9 @@ def quantize(x: torch.Tensor, qtype: GGMLQuantizationType | str | int, *,
     bs = qt.block_size
     nb = n // bs
     row_encoder = ROW_QUANTIZERS.get(qt.qtype) if weights is not None else None
-    step = max(1, _QUANTIZE_CHUNK_ELEMENTS // max(n, 1))
+    # A GPU step costs mostly kernel launches, so it takes bigger chunks than a CPU.
+    chunk_elements = _QUANTIZE_CHUNK_ELEMENTS * (8 if x.device.type == "cuda" else 1)
+    step = max(1, chunk_elements // max(n, 1))
     for start in range(0, rows.shape[0] if n else 0, step):
         chunk = rows[start:start + step].to(torch.float32)
         _check_finite(chunk, name, start)

@@ -47,9 +47,9 @@ KVALUES: tuple[int, ...] = tuple(int(v) for v in _GGUF_IQ4_NL.kvalues)
 # Candidate inverse scales after the first: (itry + kvalues[0]) / max for itry = -7..7.
 _TRY_NUMERATORS = [float(t + KVALUES[0]) for t in range(-7, 8)]
 
-# Groups per internal step of the scale search: 16 candidates x 32 elements per group, so
-# ~2 MB per float32 temporary.
-_SEARCH_GROUPS = 1024
+# Groups per internal step of the scale search (on CPU; see device_step): 16 candidates x 32
+# elements per group, so ~4 MB per float32 temporary.
+_SEARCH_GROUPS = 2048
 
 
 def _upper_wins(v: np.float32, lo: np.float32, hi: np.float32) -> bool:

@@ -50,9 +50,12 @@ __all__ = [
     "quantize_q8_0",
 ]
 
-# Blocks per internal step of the candidate searches: each holds ~40 float32 values per element
-# (19 or 37 candidates), so this keeps the temporaries near 20 MB.
-_SEARCH_BLOCKS = 4096
+# Blocks per internal step of the candidate searches (on CPU; see device_step). make_qx_quants
+# holds 19 candidates per element (~5 MB per float32 temporary at 2048 blocks); make_qkx3_quants
+# scores a few candidates per round but runs several rounds, so it gets larger steps to keep
+# the per-round overhead down.
+_SEARCH_BLOCKS = 2048
+_QKX3_SEARCH_BLOCKS = 8192
 
 
 def _truncate_codes(v: torch.Tensor, cap: float) -> torch.Tensor:
@@ -272,12 +275,12 @@ def _qkx3_search(x: torch.Tensor, w: torch.Tensor,
     return scale, mn, codes.t().to(torch.int32)
 
 
-def _weighted(x: torch.Tensor, imatrix: torch.Tensor, blocks_per_row: int,
+def _weighted(x: torch.Tensor, imatrix: torch.Tensor, blocks_per_row: int, step_blocks: int,
               search: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
               ) -> tuple[torch.Tensor, ...]:
     """Run ``search(x, weights)`` over bounded slices of blocks and concatenate the results."""
     w = _importance(x, imatrix, blocks_per_row)
-    step = device_step(_SEARCH_BLOCKS, x.device)
+    step = device_step(step_blocks, x.device)
     parts = [search(x[s:s + step], w[s:s + step]) for s in range(0, max(x.shape[0], 1), step)]
     return tuple(torch.cat(p) for p in zip(*parts))
 
@@ -305,7 +308,8 @@ def quantize_q4_0(x: torch.Tensor, imatrix: torch.Tensor | None, *,
     if imatrix is None:
         d, q = _ref_symmetric(x, 8)
     else:
-        d, q = _weighted(x, imatrix, blocks_per_row, lambda xb, wb: _qx_search(xb, wb, 8))
+        d, q = _weighted(x, imatrix, blocks_per_row, _SEARCH_BLOCKS,
+                         lambda xb, wb: _qx_search(xb, wb, 8))
     return _pack(T.Q4_0, d=d[:, None], qs=pack_nibbles(q))
 
 
@@ -316,7 +320,8 @@ def quantize_q5_0(x: torch.Tensor, imatrix: torch.Tensor | None, *,
     if imatrix is None:
         d, q = _ref_symmetric(x, 16)
     else:
-        d, q = _weighted(x, imatrix, blocks_per_row, lambda xb, wb: _qx_search(xb, wb, 16))
+        d, q = _weighted(x, imatrix, blocks_per_row, _SEARCH_BLOCKS,
+                         lambda xb, wb: _qx_search(xb, wb, 16))
     return _pack(T.Q5_0, d=d[:, None], qh=high_bit_bytes(q), qs=pack_nibbles(q & 0x0F))
 
 
@@ -327,7 +332,8 @@ def quantize_q4_1(x: torch.Tensor, imatrix: torch.Tensor | None, *,
     if imatrix is None:
         d, m, q = _ref_affine(x, 15)
     else:
-        d, m, q = _weighted(x, imatrix, blocks_per_row, lambda xb, wb: _qkx3_search(xb, wb, 15))
+        d, m, q = _weighted(x, imatrix, blocks_per_row, _QKX3_SEARCH_BLOCKS,
+                            lambda xb, wb: _qkx3_search(xb, wb, 15))
     return _pack(T.Q4_1, d=d[:, None], m=m[:, None], qs=pack_nibbles(q))
 
 
@@ -338,7 +344,8 @@ def quantize_q5_1(x: torch.Tensor, imatrix: torch.Tensor | None, *,
     if imatrix is None:
         d, m, q = _ref_affine(x, 31)
     else:
-        d, m, q = _weighted(x, imatrix, blocks_per_row, lambda xb, wb: _qkx3_search(xb, wb, 31))
+        d, m, q = _weighted(x, imatrix, blocks_per_row, _QKX3_SEARCH_BLOCKS,
+                            lambda xb, wb: _qkx3_search(xb, wb, 31))
     return _pack(T.Q5_1, d=d[:, None], m=m[:, None], qh=high_bit_bytes(q),
                  qs=pack_nibbles(q & 0x0F))
 
