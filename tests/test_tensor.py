@@ -33,6 +33,11 @@ def test_metadata_and_exact_dequantize(w):
     assert torch.equal(w.dequantize(torch.bfloat16), torch.from_numpy(ref).to(torch.bfloat16))
 
 
+def test_nbytes_is_the_raw_block_size(w):
+    assert w.nbytes == w.raw.nbytes == 8 * 68
+    assert w.to(torch.bfloat16).nbytes == w.nbytes
+
+
 def test_accepts_type_names(w):
     assert GGMLTensor(w.raw, "q8_0", (8, 64)).qtype == T.Q8_0
 

@@ -102,6 +102,14 @@ class GGMLTensor(torch.Tensor):
         return self._data
 
     @property
+    def nbytes(self) -> int:  # type: ignore[override]
+        """Bytes the weight really occupies: its raw blocks (not ``numel * element_size``).
+
+        Memory managers (ComfyUI's, accelerate's) size offloading decisions by ``.nbytes``.
+        """
+        return self._data.nbytes
+
+    @property
     def logical_shape(self) -> torch.Size:
         """The shape the weight dequantizes to (same as ``.shape``)."""
         return self.shape
