@@ -119,11 +119,10 @@ SMALL_ROUND_LIMIT = float(2**21)
 def round_small_(v: torch.Tensor) -> torch.Tensor:
     """In place: ``nearest_int(v)`` as float32, valid for ``|v| < 2**22``.
 
-    Adding and subtracting the magic number rounds half to even in two float passes, with none
-    of the integer conversions; callers must know (or check) that ``v`` is in range, where the
-    bit trick and this agree exactly.
+    There ggml's bit trick is plain round-half-to-even, which ``torch.round`` computes in one
+    pass with no integer conversions; callers must know (or check) that ``v`` is in range.
     """
-    return v.add_(_MAGIC).sub_(_MAGIC)
+    return v.round_()
 
 
 def seq_sum(terms: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
