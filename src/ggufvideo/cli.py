@@ -1,7 +1,8 @@
 """The ``ggufvideo`` command: ``convert``, ``inspect``, ``validate``, ``demo``.
 
 Exit status: 0 on success (``validate``: only when the file is clean), 1 when the operation failed
-or the file has problems, 2 for usage errors.
+or the file has problems, 2 for usage errors, 130 after Ctrl-C and 143 after SIGTERM (both leave
+no partial output).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from collections.abc import Iterator, Sequence
 from .errors import GGUFError, _safe
 
 __all__ = ["main", "build_parser"]
+
+# Error messages longer than this are cut (a message may quote a name of any length from a file).
+_MESSAGE_LIMIT = 2000
 
 
 def _override(text: str) -> tuple[str, str]:
@@ -147,9 +151,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Messages may quote names from the file: escaped and bounded before they reach a terminal.
         print(f"ggufvideo {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"ggufvideo {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
+        print(f"ggufvideo {args.command}: {what}", file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that cleanups run (exit status 128 + 15)."""
 
 
 def _message(exc: BaseException) -> str:
@@ -161,19 +170,16 @@ def _message(exc: BaseException) -> str:
     return text
 
 
-_MESSAGE_LIMIT = 2000
-
-
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM (``kill``, a job scheduler, ``docker stop``) like Ctrl-C while a command runs.
+    """Treat SIGTERM (``kill``, a job scheduler, ``docker stop``) as Ctrl-C while a command runs.
 
     Python's default for SIGTERM ends the process at once, skipping the ``finally`` blocks that
     remove a conversion's temporary file; raising ``KeyboardInterrupt`` runs them. Only possible
     from the main thread; elsewhere the default stays.
     """
     def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        raise _Terminated
 
     try:
         previous = signal.signal(signal.SIGTERM, interrupt)
