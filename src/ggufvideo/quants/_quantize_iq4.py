@@ -129,8 +129,9 @@ def _search(xt: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
 
     # Layout (position, candidate, group): groups innermost keeps every op a long vector loop.
     x3 = xt[:, None, :]
-    q = best_value(inv[None] * x3)                                      # (32, 16, m)
-    wq = wt[:, None, :] * q
+    scaled = inv[None] * x3                                             # (32, 16, m)
+    q = best_value(scaled)
+    wq = torch.mul(wt[:, None, :], q, out=scaled)  # reuse the buffer (page faults are costly)
     sumq2 = seq_sum(q.mul_(wq))                                         # (16, m)
     sumqx = seq_sum(wq.mul_(x3))
 

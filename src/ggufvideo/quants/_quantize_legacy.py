@@ -149,8 +149,9 @@ def _qx_search(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tenso
     xt, wt = x.t().contiguous()[:, None, :], w.t().contiguous()[:, None, :]  # (32, 1, n)
     # |iscale * x| <= ~nmax + 0.9 since |x| <= |max|: always in round_small_'s range.
     lf = round_small_(iscale[None] * xt).clamp_(-nmax, nmax - 1)       # (32, 19, n)
-    sumlx = seq_sum((wt * xt) * lf)                                     # (19, n)
-    suml2 = seq_sum((wt * lf) * lf)
+    tmp = torch.mul(wt * xt, lf)  # one scratch buffer: fresh large tensors cost page faults
+    sumlx = seq_sum(tmp)                                                # (19, n)
+    suml2 = seq_sum(torch.mul(wt, lf, out=tmp).mul_(lf))
 
     scale = torch.where(suml2[0] != 0, div(sumlx[0], suml2[0]), 0.0)
     best = scale * sumlx[0]
