@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=256, help="rows per tensor (default 256)")
     ap.add_argument("--cols", type=int, default=4096, help="elements per row (default 4096)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per implementation; best is kept")
-    ap.add_argument("--imatrix", action="store_true", help="quantize with a random importance matrix")
+    ap.add_argument("--imatrix", action="store_true",
+                    help="quantize with a random importance matrix")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1; 0 = torch's default)")
     args = ap.parse_args(argv)

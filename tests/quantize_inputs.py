@@ -30,7 +30,8 @@ def float_rows(seed: int, rows: int, cols: int, kind: str) -> np.ndarray:
         x = rng.integers(-4, 5, shape).astype(np.float64) * 10.0 ** rng.integers(-3, 3, (rows, 1))
         x[rng.random(shape) < 0.3] = -0.0
     elif kind == "tiny":  # around the subnormal range
-        x = rng.standard_normal(shape) * np.exp2(rng.integers(-149, -110, (rows, 1)).astype(np.float64))
+        exponents = rng.integers(-149, -110, (rows, 1)).astype(np.float64)
+        x = rng.standard_normal(shape) * np.exp2(exponents)
     elif kind == "constant":  # constant 32-element groups, some zero
         v = rng.standard_normal((rows, cols // 32, 1)) * (rng.random((rows, cols // 32, 1)) < 0.7)
         x = np.broadcast_to(v, (rows, cols // 32, 32)).reshape(shape)

@@ -103,7 +103,8 @@ def test_value_overflowing_float32_is_non_finite():
 
 
 def test_imatrix_of_the_wrong_length_raises_clear_error():
-    with pytest.raises(QuantizationError, match=r"imatrix must be a 1-D tensor of 64 weights.*\(32,\)"):
+    with pytest.raises(QuantizationError,
+                       match=r"imatrix must be a 1-D tensor of 64 weights.*\(32,\)"):
         quantize(torch.zeros(2, 64), "Q4_1", imatrix=torch.ones(32))
     with pytest.raises(QuantizationError, match="1-D"):
         quantize(torch.zeros(2, 64), "Q4_1", imatrix=torch.ones(2, 64))

@@ -138,9 +138,11 @@ def quantize(x: torch.Tensor, qtype: GGMLQuantizationType | str | int, *,
     if not qt.can_quantize:
         raise UnsupportedTypeError(f"quantizing to {name} is not supported")
     if not isinstance(x, torch.Tensor):
-        raise QuantizationError(f"quantize({name}): expected a torch.Tensor, got {type(x).__name__}")
+        raise QuantizationError(f"quantize({name}): expected a torch.Tensor, "
+                                f"got {type(x).__name__}")
     if not x.is_floating_point():
-        raise QuantizationError(f"quantize({name}): expected a floating-point tensor, got {x.dtype}")
+        raise QuantizationError(f"quantize({name}): expected a floating-point tensor, "
+                                f"got {x.dtype}")
     if x.dim() == 0:
         raise QuantizationError(f"quantize({name}): expected shape (..., n), got a 0-d tensor")
     n = x.shape[-1]
@@ -173,7 +175,7 @@ def quantize(x: torch.Tensor, qtype: GGMLQuantizationType | str | int, *,
 
 def _checked_imatrix(imatrix: torch.Tensor | None, n: int, name: str,
                      device: torch.device) -> torch.Tensor | None:
-    """The importance matrix as float32 on ``device``, or a QuantizationError saying what is wrong."""
+    """The importance matrix as float32 on ``device``; QuantizationError saying what is wrong."""
     if imatrix is None:
         return None
     if not isinstance(imatrix, torch.Tensor):

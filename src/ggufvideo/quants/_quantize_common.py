@@ -7,7 +7,8 @@ such idiom, vectorized over blocks, so the encoders can be written as array code
 ggml's bytes on CPU and CUDA alike.
 
 Conventions: tensors are float32; a "position-major" tensor has the element position inside a
-group as its first dim (``(32, n_blocks, ...)``) so that sequential sums walk contiguous slices.
+group as its first dim and the blocks as its last (``(32, ..., n_blocks)``), so sequential sums
+walk contiguous slices and every elementwise op is a long vector loop over blocks.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def f32(value: float) -> float:
 GROUP_MAX_EPS = f32(1e-15)
 
 # 1.5 * 2**23: adding it to a float32 of magnitude < 2**22 leaves round-half-even(x) in the low
-# mantissa bits. ggml's nearest_int relies on this trick; reproducing the bit manipulation (rather
-# than calling torch.round) also reproduces its result for out-of-range and non-finite inputs.
+# mantissa bits. ggml's nearest_int relies on this trick; reproducing the bit manipulation
+# reproduces its result for out-of-range inputs too (round_small_ is the fast in-range form).
 _MAGIC = 12582912.0
 
 
@@ -129,7 +130,8 @@ def seq_sum(terms: torch.Tensor, start: torch.Tensor | None = None) -> torch.Ten
     """Sum ``terms`` along dim 0 one term at a time in float32, as a C ``for`` loop does.
 
     Starts from ``start`` or from ``+0.0`` (``float s = 0; s += t;`` turns a lone ``-0.0`` into
-    ``+0.0``, which can decide the sign of a scale). A tree-ordered ``torch.sum`` rounds differently.
+    ``+0.0``, which can decide the sign of a scale). A tree-ordered ``torch.sum`` rounds
+    differently.
     """
     s = torch.zeros_like(terms[0]) if start is None else start.clone()
     for t in terms:

@@ -13,8 +13,8 @@ square of the (super-)block, or ``x[j]**2`` without an importance matrix.
 Nearest codebook value: ggml binary-searches the table and breaks the final choice with the
 float32 comparison ``x - lo < hi - x``. That comparison is monotone in ``x`` on each interval, so
 it is equivalent to comparing ``x`` with one exact float32 threshold per interval; the thresholds
-are found once from the table and a single ``bucketize`` then reproduces ggml's index for every
-float, including its choice on exact ties and for NaN (index 15).
+are found once from the table, and counting the thresholds above ``x`` reproduces ggml's index for
+every float, including its choice on exact ties and for NaN (index 15).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from gguf.quants import IQ4_NL as _GGUF_IQ4_NL
 
 from ._quantize_common import (
     GROUP_MAX_EPS,
+    device_step,
     div,
     first_abs_max,
     nearest_int,
     pack_nibbles,
     recip_or_zero,
-    device_step,
     seq_sum,
     sqrt,
     to_fp16,
@@ -53,7 +53,7 @@ _SEARCH_GROUPS = 2048
 
 
 def _upper_wins(v: np.float32, lo: np.float32, hi: np.float32) -> bool:
-    """ggml's tie-break inside ``[lo, hi)``: the upper value unless ``v - lo < hi - v`` (float32)."""
+    """ggml's tie-break inside ``[lo, hi)``: upper unless ``v - lo < hi - v`` (in float32)."""
     return not (np.float32(v - lo) < np.float32(hi - v))
 
 

@@ -292,9 +292,11 @@ def _prepare(x: torch.Tensor, imatrix: torch.Tensor | None,
     if x.dim() != 2 or x.shape[1] != 32:
         raise ValueError(f"expected blocks of shape (n_blocks, 32), got {tuple(x.shape)}")
     if x.shape[0] % blocks_per_row:
-        raise ValueError(f"{x.shape[0]} blocks is not a whole number of {blocks_per_row}-block rows")
+        raise ValueError(f"{x.shape[0]} blocks is not a whole number of "
+                         f"{blocks_per_row}-block rows")
     if imatrix is not None:
-        imatrix = imatrix.detach().to(device=x.device, dtype=torch.float32).expand_as(x).contiguous()
+        imatrix = imatrix.detach().to(device=x.device, dtype=torch.float32)
+        imatrix = imatrix.expand_as(x).contiguous()
     return x, imatrix
 
 
