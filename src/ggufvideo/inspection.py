@@ -42,11 +42,13 @@ def _printable(text: object, limit: int = _MESSAGE_LIMIT) -> str:
     For messages and report lines that may quote a file's names and keys: ANSI escapes, newlines,
     NUL and other control characters come out as ``\\x1b``, ``\\n``..., so a file cannot move
     the cursor, recolour or fake lines in a terminal. Printable text (backslashes and escapes that
-    ``repr`` already made included) is left as it is.
+    ``repr`` already made included) is left as it is. A long text loses its middle, not its end:
+    a message quoting a huge name still says what went wrong.
     """
     s = str(text)
     if len(s) > limit:
-        s = s[:limit] + f"...({len(s)} chars)"
+        tail = limit // 3
+        s = f"{s[:limit - tail]}...({len(s)} chars)...{s[len(s) - tail:]}"
     if s.isprintable():
         return s
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
