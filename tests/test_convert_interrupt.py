@@ -50,14 +50,23 @@ def _sha(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def big_source(tmp_path_factory) -> tuple[Path, str]:
-    """(path, sha256) of a 64 MB safetensors checkpoint."""
+def big_sources(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """kind -> (path, sha256) of the same 64 MB checkpoint as safetensors, .pt and F32 GGUF."""
     g = torch.Generator().manual_seed(0)
     sd = {f"blocks.{i}.ffn.weight": torch.randn(_ROWS, _COLS, generator=g)
           for i in range(_N_TENSORS)}
-    path = tmp_path_factory.mktemp("src") / "model.safetensors"
-    safetensors_torch.save_file(sd, path)
-    return path, _sha(path)
+    folder = tmp_path_factory.mktemp("src")
+    paths = {"safetensors": folder / "model.safetensors", "pt": folder / "model.pt",
+             "gguf": folder / "model.gguf"}
+    safetensors_torch.save_file(sd, paths["safetensors"])
+    torch.save(sd, paths["pt"])
+    save_state_dict(sd, paths["gguf"])  # lossless F32
+    return {kind: (path, _sha(path)) for kind, path in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def big_source(big_sources) -> tuple[Path, str]:
+    return big_sources["safetensors"]
 
 
 @pytest.fixture(scope="module")
@@ -226,9 +235,10 @@ def test_ctrl_c_or_sigterm_mid_write_leaves_no_destination_and_no_temporary(
     assert _sha(src) == digest
 
 
+@pytest.mark.parametrize("kind", ["safetensors", "pt", "gguf"])
 def test_sigkill_mid_write_leaves_only_a_named_temporary_that_the_next_run_removes(
-        tmp_path, big_source, small_source):
-    src, digest = big_source
+        tmp_path, big_sources, small_source, kind):
+    src, digest = big_sources[kind]
     dst = tmp_path / "out.gguf"
     proc = _start(src, dst)
     tmp = _wait_until_writing(proc, dst)
