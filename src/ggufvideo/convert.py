@@ -247,7 +247,7 @@ def _torch_load(path: str) -> tuple[Any, bool]:
                         "plain containers" + (f" ({detail})" if detail else "")
                         + "; nothing in it was executed (torch.load runs with weights_only=True "
                         "only)", path=path) from None
-    except OSError:
+    except (OSError, MemoryError):  # the machine's problem, not the file's
         raise
     except Exception as exc:  # zip/pickle structure errors of a corrupt or foreign file
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
