@@ -46,13 +46,13 @@ def _printable(text: object, limit: int = _MESSAGE_LIMIT) -> str:
     a message quoting a huge name still says what went wrong.
     """
     s = str(text)
-    if len(s) > limit:
+    if not s.isprintable():
+        s = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                    for c in s)
+    if len(s) > limit:  # cut after escaping: escapes make a text up to 10 times longer
         tail = limit // 3
         s = f"{s[:limit - tail]}...({len(s)} chars)...{s[len(s) - tail:]}"
-    if s.isprintable():
-        return s
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in s)
+    return s
 
 
 def summarize_value(value: Any, limit: int = _ARRAY_PREVIEW) -> Any:
