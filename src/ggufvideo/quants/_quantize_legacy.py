@@ -178,31 +178,34 @@ def _qkx3_numerators(nmax: int) -> list[float]:
 
 
 def _qkx3_candidates(xt: torch.Tensor, wt: torch.Tensor, sum_w: torch.Tensor, sum_x: torch.Tensor,
-                     mx: torch.Tensor, mn: torch.Tensor, nums: torch.Tensor, nmax: int
-                     ) -> tuple[torch.Tensor, ...]:
+                     mx: torch.Tensor, mn: torch.Tensor, nums: torch.Tensor, nmax: int,
+                     work: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Evaluate candidate scales ``nums / (max - min)`` of ``make_qkx3_quants``.
 
     ``nums`` is ``(k, n)``: per block, the numerators of the candidates to try, from its current
     ``min`` ``mn``. Returns ``(det, scale, min, mad, codes)``, each ``(k, n)`` except ``codes``,
-    ``(32, k, n)``; every sum runs over the 32 positions in order, as in ggml. Blocks are the
-    innermost dim so that every op is a long vector loop.
+    ``(32, k, n)``, a view into ``work`` (2 rows of at least ``32*k*n`` floats, reused across
+    rounds: fresh large tensors cost page faults). Every sum runs over the 32 positions in order,
+    as in ggml; blocks are the innermost dim so that every op is a long vector loop.
     """
+    k, n = nums.shape
+    lv = work[0, :32 * k * n].view(32, k, n)
+    buf = work[1, :32 * k * n].view(32, k, n)
     iscales = div(nums, (mx - mn)[None, :])                             # (k, n)
     x3 = xt[:, None, :]
     w3 = wt[:, None, :]
     xm = xt - mn                                                        # (32, n)
-    lv = iscales[None] * xm[:, None, :]
+    torch.mul(iscales[None], xm[:, None, :], out=lv)
     # nearest_int's bit trick equals the cheap float rounding unless a product can reach 2**21;
     # with ggml's own candidates that takes a degenerate min, so check it per call.
     bound = iscales.abs() * xm.abs().amax(dim=0)[None, :]
     if bool((bound < SMALL_ROUND_LIMIT).all()):
-        lv = round_small_(lv).clamp_(0, nmax)
+        round_small_(lv).clamp_(0, nmax)
     else:
-        lv = nearest_int(lv).clamp_(0, nmax).to(torch.float32)
-    wl = w3 * lv                                                        # (32, k, n)
-    sum_l = seq_sum(wl)
-    sum_xl = seq_sum(torch.mul(wl, x3))
-    sum_l2 = seq_sum(wl.mul_(lv))
+        lv.copy_(nearest_int(lv).clamp_(0, nmax))
+    sum_l = seq_sum(torch.mul(w3, lv, out=buf))                         # (k, n)
+    sum_xl = seq_sum(buf.mul_(x3))                                      # (w*l)*x
+    sum_l2 = seq_sum(torch.mul(w3, lv, out=buf).mul_(lv))               # (w*l)*l
     sw, sx = sum_w[None, :], sum_x[None, :]
     det = sw * sum_l2 - sum_l * sum_l
     this_scale = div(sw * sum_xl - sx * sum_l, det)
@@ -210,9 +213,8 @@ def _qkx3_candidates(xt: torch.Tensor, wt: torch.Tensor, sum_w: torch.Tensor, su
     positive = this_min > 0
     this_scale = torch.where(positive, div(sum_xl, sum_l2), this_scale)
     this_min = torch.where(positive, 0.0, this_min)
-    diff = wl  # reuse the buffer: ((scale * l) + min) - x, squared, times w
-    torch.mul(lv, this_scale[None], out=diff).add_(this_min[None]).sub_(x3)
-    mad = seq_sum(diff.mul_(diff).mul_(w3))
+    diff = torch.mul(lv, this_scale[None], out=buf).add_(this_min[None]).sub_(x3)
+    mad = seq_sum(diff.mul_(diff).mul_(w3))                             # w * diff**2
     return det, this_scale, this_min, mad, lv
 
 
@@ -254,22 +256,37 @@ def _qkx3_search(x: torch.Tensor, w: torch.Tensor,
     window = torch.arange(_QKX3_WINDOW, device=dev)
     pos = torch.zeros(n, dtype=torch.int64, device=dev)  # next candidate to score
     active = (~flat).nonzero().squeeze(1)
+    work = torch.empty((2, 32 * _QKX3_WINDOW * max(n, 1)), dtype=torch.float32, device=dev)
     while active.numel():
-        k = window[:, None] + pos[active][None, :]                      # (W, a)
+        def take(t: torch.Tensor) -> torch.Tensor:  # the active blocks (index_select is fast)
+            return t.index_select(t.dim() - 1, active)
+
+        k = window[:, None] + take(pos)[None, :]                        # (W, a)
         valid = k < n_cand
         det, t_scale, t_min, mad, lv = _qkx3_candidates(
-            xt[:, active], wt[:, active], sum_w[active], sum_x[active], mx[active], mn[active],
-            nums[k.clamp(max=n_cand - 1)], nmax)
-        ok = valid & (det > 0) & (mad < best_mad[active][None, :])
-        hit = ok.any(dim=0)
-        j = ok.to(torch.uint8).argmax(dim=0, keepdim=True)              # first acceptance (1, a)
-        rows, jh = active[hit], j[:, hit]
-        scale[rows] = t_scale[:, hit].gather(0, jh).squeeze(0)
-        mn[rows] = t_min[:, hit].gather(0, jh).squeeze(0)
-        best_mad[rows] = mad[:, hit].gather(0, jh).squeeze(0)
-        codes[:, rows] = torch.gather(lv[:, :, hit], 1, jh[None].expand(32, 1, -1)).squeeze(1)
-        pos[active] = torch.where(hit, k.gather(0, j).squeeze(0) + 1, k[0] + _QKX3_WINDOW)
-        active = active[pos[active] < n_cand]
+            take(xt), take(wt), take(sum_w), take(sum_x), take(mx), take(mn),
+            nums[k.clamp(max=n_cand - 1)], nmax, work)
+        ok = valid & (det > 0) & (mad < take(best_mad)[None, :])
+        # First acceptance per block: a few selects beat an argmax across the short dim 0.
+        first_ok = torch.full_like(k[0], _QKX3_WINDOW)
+        for i in range(_QKX3_WINDOW - 1, -1, -1):
+            first_ok = torch.where(ok[i], i, first_ok)
+        hit = first_ok < _QKX3_WINDOW
+        j = first_ok.clamp(max=_QKX3_WINDOW - 1)[None, :]               # (1, a)
+        hits = hit.nonzero().squeeze(1)
+        rows = active.index_select(0, hits)
+
+        def chosen(t: torch.Tensor) -> torch.Tensor:  # (W, a) -> the accepted value per hit
+            return t.gather(0, j).squeeze(0).index_select(0, hits)
+
+        scale.index_copy_(0, rows, chosen(t_scale))
+        mn.index_copy_(0, rows, chosen(t_min))
+        best_mad.index_copy_(0, rows, chosen(mad))
+        picked = torch.gather(lv, 1, j[None].expand(32, 1, -1)).squeeze(1)
+        codes.index_copy_(1, rows, picked.index_select(1, hits))
+        new_pos = torch.where(hit, k.gather(0, j).squeeze(0) + 1, k[0] + _QKX3_WINDOW)
+        pos[active] = new_pos
+        active = active[new_pos < n_cand]
 
     scale = torch.where(flat, 0.0, scale)
     codes = torch.where(flat[None, :], 0.0, codes)
