@@ -77,15 +77,19 @@ _THRESHOLD_LIST = [float(t) for t in _THRESHOLDS]  # exact: float32 values as Py
 _STEPS = [float(b - a) for a, b in zip(KVALUES[:-1], KVALUES[1:])]
 
 
-def _count_thresholds(v: torch.Tensor, steps: list[float], top: float) -> torch.Tensor:
+def _count_thresholds(v: torch.Tensor, steps: list[float], top: float,
+                      work: torch.Tensor | None = None) -> torch.Tensor:
     """``top - sum(steps[k] for each threshold k above v)`` in float32.
 
     Counting from the top with ``v < t`` also gives ggml's answer for NaN (every comparison
     false: the top index). A handful of streaming compare-and-subtract passes into float32 buffers
-    is several times faster in torch than ``bucketize``, table gathers or bool masks.
+    is several times faster in torch than ``bucketize``, table gathers or bool masks. ``work``:
+    optional ``(2, >= v.numel())`` float32 scratch; the result is then a view into its row 0.
     """
-    acc = torch.full(v.shape, top, dtype=torch.float32, device=v.device)
-    below = torch.empty(v.shape, dtype=torch.float32, device=v.device)
+    if work is None:
+        work = torch.empty((2, v.numel()), dtype=torch.float32, device=v.device)
+    acc = work[0, :v.numel()].view(v.shape).fill_(top)
+    below = work[1, :v.numel()].view(v.shape)
     for t, step in zip(_THRESHOLD_LIST, steps):
         torch.lt(v, t, out=below)
         acc.sub_(below, alpha=step)
@@ -97,9 +101,9 @@ def best_index(v: torch.Tensor) -> torch.Tensor:
     return _count_thresholds(v, [1.0] * len(_THRESHOLD_LIST), 15.0).to(torch.uint8)
 
 
-def best_value(v: torch.Tensor) -> torch.Tensor:
+def best_value(v: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
     """``KVALUES[best_index(v)]`` as float32 (exact small integers), without a gather."""
-    return _count_thresholds(v, _STEPS, float(KVALUES[-1]))
+    return _count_thresholds(v, _STEPS, float(KVALUES[-1]), work)
 
 
 def subblock_scales(xt: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
@@ -113,12 +117,15 @@ def subblock_scales(xt: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
         ``(m,)`` float32; ``+0.0`` for groups whose largest magnitude is below ``GROUP_MAX_EPS``.
     """
     step = device_step(_SEARCH_GROUPS, xt.device)
-    parts = [_search(xt[:, s:s + step], wt[:, s:s + step])
+    # Scratch reused by every step: fresh large tensors cost page faults.
+    work = torch.empty((3, 32 * 16 * min(step, max(xt.shape[1], 1))), dtype=torch.float32,
+                       device=xt.device)
+    parts = [_search(xt[:, s:s + step], wt[:, s:s + step], work)
              for s in range(0, max(xt.shape[1], 1), step)]
     return torch.cat(parts)
 
 
-def _search(xt: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+def _search(xt: torch.Tensor, wt: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
     xt, wt = xt.contiguous(), wt.contiguous()
     amax, mx = first_abs_max(xt, dim=0)
     zero = amax < GROUP_MAX_EPS
@@ -129,9 +136,10 @@ def _search(xt: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
 
     # Layout (position, candidate, group): groups innermost keeps every op a long vector loop.
     x3 = xt[:, None, :]
-    scaled = inv[None] * x3                                             # (32, 16, m)
-    q = best_value(scaled)
-    wq = torch.mul(wt[:, None, :], q, out=scaled)  # reuse the buffer (page faults are costly)
+    m = xt.shape[1]
+    scaled = torch.mul(inv[None], x3, out=work[2, :32 * 16 * m].view(32, 16, m))
+    q = best_value(scaled, work)
+    wq = torch.mul(wt[:, None, :], q, out=scaled)
     sumq2 = seq_sum(q.mul_(wq))                                         # (16, m)
     sumqx = seq_sum(wq.mul_(x3))
 
