@@ -163,6 +163,7 @@ def test_cli_refuses_a_code_running_pickle_with_one_clear_line(tmp_path, capsys)
     assert len(err.strip().splitlines()) == 1 and not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("content", [b"", b"\x00garbage" * 10, b"PK\x03\x04truncated zip",
                                      b"\x80\x04\x95"])
 def test_corrupt_pt_is_a_gguf_error_naming_the_file(tmp_path, content):
