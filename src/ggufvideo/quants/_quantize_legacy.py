@@ -133,10 +133,13 @@ def _qx_numerators(nmax: int) -> list[float]:
     return [float(nmax)] + [float(np.float32(nmax) + tenth * np.float32(i)) for i in steps]
 
 
-def _qx_search(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _qx_search(x: torch.Tensor, w: torch.Tensor, nmax: int,
+               work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's ``make_qx_quants(32, nmax, x, L, rmse_type=1, w)`` for every block.
 
     Returns the scale ``(n,)`` and the codes ``L + nmax`` ``(n, 32)`` in ``[0, 2*nmax)``.
+    ``work``: optional ``(2, >= 32*19*n)`` float32 scratch reused across calls (fresh large
+    tensors cost page faults).
     """
     n = x.shape[0]
     amax, mx = first_abs_max(x, dim=1)
@@ -148,8 +151,12 @@ def _qx_search(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tenso
     # Layout (position, candidate, block): blocks innermost keeps every op a long vector loop.
     xt, wt = x.t().contiguous()[:, None, :], w.t().contiguous()[:, None, :]  # (32, 1, n)
     # |iscale * x| <= ~nmax + 0.9 since |x| <= |max|: always in round_small_'s range.
-    lf = round_small_(iscale[None] * xt).clamp_(-nmax, nmax - 1)       # (32, 19, n)
-    tmp = torch.mul(wt * xt, lf)  # one scratch buffer: fresh large tensors cost page faults
+    k = nums.numel()
+    if work is None:
+        work = torch.empty((2, 32 * k * n), dtype=torch.float32, device=x.device)
+    lf = torch.mul(iscale[None], xt, out=work[0, :32 * k * n].view(32, k, n))
+    round_small_(lf).clamp_(-nmax, nmax - 1)                            # (32, 19, n)
+    tmp = torch.mul(wt * xt, lf, out=work[1, :32 * k * n].view(32, k, n))
     sumlx = seq_sum(tmp)                                                # (19, n)
     suml2 = seq_sum(torch.mul(wt, lf, out=tmp).mul_(lf))
 
@@ -303,6 +310,15 @@ def _weighted(x: torch.Tensor, imatrix: torch.Tensor, blocks_per_row: int, step_
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
+def _qx_weighted(x: torch.Tensor, imatrix: torch.Tensor, blocks_per_row: int,
+                 nmax: int) -> tuple[torch.Tensor, ...]:
+    """:func:`_qx_search` over bounded steps of blocks, sharing one scratch workspace."""
+    n_work = min(device_step(_SEARCH_BLOCKS, x.device), max(x.shape[0], 1))
+    work = torch.empty((2, 32 * 19 * n_work), dtype=torch.float32, device=x.device)
+    return _weighted(x, imatrix, blocks_per_row, _SEARCH_BLOCKS,
+                     lambda xb, wb: _qx_search(xb, wb, nmax, work))
+
+
 def _prepare(x: torch.Tensor, imatrix: torch.Tensor | None,
              blocks_per_row: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     x = x.detach().to(torch.float32).contiguous()
@@ -328,8 +344,7 @@ def quantize_q4_0(x: torch.Tensor, imatrix: torch.Tensor | None, *,
     if imatrix is None:
         d, q = _ref_symmetric(x, 8)
     else:
-        d, q = _weighted(x, imatrix, blocks_per_row, _SEARCH_BLOCKS,
-                         lambda xb, wb: _qx_search(xb, wb, 8))
+        d, q = _qx_weighted(x, imatrix, blocks_per_row, 8)
     return _pack(T.Q4_0, d=d[:, None], qs=pack_nibbles(q))
 
 
@@ -340,8 +355,7 @@ def quantize_q5_0(x: torch.Tensor, imatrix: torch.Tensor | None, *,
     if imatrix is None:
         d, q = _ref_symmetric(x, 16)
     else:
-        d, q = _weighted(x, imatrix, blocks_per_row, _SEARCH_BLOCKS,
-                         lambda xb, wb: _qx_search(xb, wb, 16))
+        d, q = _qx_weighted(x, imatrix, blocks_per_row, 16)
     return _pack(T.Q5_0, d=d[:, None], qh=high_bit_bytes(q), qs=pack_nibbles(q & 0x0F))
 
 
