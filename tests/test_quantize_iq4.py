@@ -22,7 +22,7 @@ def _ours(x: np.ndarray, qtype: T, im: np.ndarray | None) -> np.ndarray:
                     imatrix=None if im is None else torch.from_numpy(im)).numpy()
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(seed=seed_st, rows=st.integers(1, 3), cols=st.sampled_from([32, 64, 256]), kind=kind_st,
        im_kind=im_kind_st)
 def test_iq4_nl_matches_ggml_reference(oracle, seed, rows, cols, kind, im_kind):
@@ -31,7 +31,7 @@ def test_iq4_nl_matches_ggml_reference(oracle, seed, rows, cols, kind, im_kind):
     np.testing.assert_array_equal(_ours(x, T.IQ4_NL, im), oracle.quantize(x, T.IQ4_NL, im))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(seed=seed_st, rows=st.integers(1, 2), cols=st.sampled_from([256, 512]), kind=kind_st,
        im_kind=im_kind_st)
 def test_iq4_xs_matches_ggml_reference(oracle, seed, rows, cols, kind, im_kind):

@@ -27,7 +27,7 @@ def _ours(x: np.ndarray, qtype: T, im: np.ndarray | None = None) -> np.ndarray:
 
 
 @pytest.mark.parametrize("qtype", LEGACY, ids=lambda t: t.name)
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(seed=seed_st, rows=rows_st, cols=cols_st, kind=kind_st)
 def test_legacy_matches_ggml_reference(oracle, qtype, seed, rows, cols, kind):
     x = float_rows(seed, rows, cols, kind)
@@ -35,7 +35,7 @@ def test_legacy_matches_ggml_reference(oracle, qtype, seed, rows, cols, kind):
 
 
 @pytest.mark.parametrize("qtype", LEGACY, ids=lambda t: t.name)
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(seed=seed_st, rows=rows_st, cols=cols_st, kind=kind_st,
        im_kind=st.sampled_from(IMATRIX_KINDS))
 def test_legacy_with_imatrix_matches_ggml_reference(oracle, qtype, seed, rows, cols, kind, im_kind):
