@@ -20,16 +20,21 @@ __all__ = [
 
 
 def _safe(text: object, limit: int = 200) -> str:
-    """Render untrusted text (tensor names, keys) printable and bounded.
+    """Render untrusted text (tensor names, keys, messages quoting them) printable and bounded.
 
-    Names come from files written by strangers: control characters or megabyte-long names must not
-    reach a terminal or a log verbatim.
+    Names come from files written by strangers: ANSI escapes, newlines, NUL and other
+    non-printable characters come out escaped (``\\x1b``, ``\\n``), so a file cannot move the
+    cursor, recolour or fake lines in a terminal; printable text, non-ASCII letters included, is
+    kept. A text longer than ``limit`` loses its middle, not its end, so a message quoting a huge
+    name still says what went wrong.
     """
     s = str(text)
-    out = s.encode("unicode_escape", errors="backslashreplace").decode("ascii")
-    if len(out) > limit:
-        out = out[:limit] + f"...({len(s)} chars)"
-    return out
+    if not s.isprintable():
+        s = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
+    if len(s) > limit:  # cut after escaping: escapes make a text up to 10 times longer
+        tail = limit // 3
+        s = f"{s[:limit - tail]}...({len(s)} chars)...{s[len(s) - tail:]}"
+    return s
 
 
 class GGUFError(ValueError):

@@ -37,22 +37,8 @@ _NAME_COLUMN = 64
 
 
 def _printable(text: object, limit: int = _MESSAGE_LIMIT) -> str:
-    """``text`` with every non-printable character escaped, cut to about ``limit`` characters.
-
-    For messages and report lines that may quote a file's names and keys: ANSI escapes, newlines,
-    NUL and other control characters come out as ``\\x1b``, ``\\n``..., so a file cannot move
-    the cursor, recolour or fake lines in a terminal. Printable text (backslashes and escapes that
-    ``repr`` already made included) is left as it is. A long text loses its middle, not its end:
-    a message quoting a huge name still says what went wrong.
-    """
-    s = str(text)
-    if not s.isprintable():
-        s = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                    for c in s)
-    if len(s) > limit:  # cut after escaping: escapes make a text up to 10 times longer
-        tail = limit // 3
-        s = f"{s[:limit - tail]}...({len(s)} chars)...{s[len(s) - tail:]}"
-    return s
+    """``text`` escaped and bounded for a report line or CLI message (see ``errors._safe``)."""
+    return _safe(text, limit)
 
 
 def summarize_value(value: Any, limit: int = _ARRAY_PREVIEW) -> Any:

@@ -267,7 +267,7 @@ class GGUFFile:
 
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
-            vtype = _value_type(cur.u32(f"type of metadata {key!r}"), cur, f"metadata {_safe(key)}")
+            vtype = _value_type(cur.u32(f"type of metadata {_safe(key)!r}"), cur, f"metadata {_safe(key)}")
             start = cur.pos
             item_type, count = self._skip_value(cur, vtype, key)
             if key in self.fields:
@@ -279,11 +279,11 @@ class GGUFFile:
         infos: list[tuple[str, tuple[int, ...], int, int]] = []
         for i in range(n_tensors):
             name = cur.string(f"name of tensor #{i}")
-            n_dims = cur.u32(f"n_dims of tensor {name!r}")
+            n_dims = cur.u32(f"n_dims of tensor {_safe(name)!r}")
             if n_dims > MAX_DIMS:
                 raise InvalidHeaderError(f"n_dims {n_dims} exceeds the maximum {MAX_DIMS}",
                                          path=self.path, tensor=name)
-            cur.need(8 * n_dims, f"dims of tensor {name!r}")
+            cur.need(8 * n_dims, f"dims of tensor {_safe(name)!r}")
             dims = struct.unpack_from(f"<{n_dims}Q", self._mm, cur.pos)
             cur.pos += 8 * n_dims
             # torch sizes and strides are int64: refuse dims whose product could overflow them
@@ -292,8 +292,8 @@ class GGUFFile:
             if nonzero > MAX_ELEMENTS:
                 raise InvalidHeaderError(f"dims {list(reversed(dims))} are too large",
                                          path=self.path, tensor=name)
-            raw_type = cur.u32(f"type of tensor {name!r}")
-            offset = cur.u64(f"offset of tensor {name!r}")
+            raw_type = cur.u32(f"type of tensor {_safe(name)!r}")
+            offset = cur.u64(f"offset of tensor {_safe(name)!r}")
             infos.append((name, tuple(reversed(dims)), raw_type, offset))
 
         pad = (-cur.pos) % self.alignment
