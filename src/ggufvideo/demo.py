@@ -207,10 +207,16 @@ def run_demo(types: Sequence[str] = DEFAULT_TYPES, *, builtin: bool = False,
              workdir: str | None = None, repeats: int = 3, log: Callable[[str], None] = print
              ) -> list[DemoRow]:
     """Run the demo and print its table; returns the rows (first row: full precision)."""
+    # Scoped, not global: the demo is also called in-process (tests, notebooks).
+    with torch.no_grad():
+        return _run_demo(types, builtin=builtin, workdir=workdir, repeats=repeats, log=log)
+
+
+def _run_demo(types: Sequence[str], *, builtin: bool, workdir: str | None, repeats: int,
+              log: Callable[[str], None]) -> list[DemoRow]:
     from .convert import convert
     from .inspection import format_inspection, inspect_file
 
-    torch.set_grad_enabled(False)
     factory, inputs, desc = build_demo_model(builtin=builtin)
     log(f"model: {desc}")
     ref_model = factory().eval()
