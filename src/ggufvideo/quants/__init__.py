@@ -31,6 +31,9 @@ __all__ = [
 # whatever the tensor size, and keeps the working set near the CPU caches. Smaller chunks pay
 # torch's per-op overhead (~5-10 us x ~10 ops) too often; larger ones spill out of the L3 cache.
 _CHUNK_ELEMENTS = 1 << 20
+# On an accelerator the per-op launch cost dominates small chunks and there is no cache to fit:
+# 16M elements keeps temporaries at a few hundred MB while a 14B layer takes ~5 steps.
+_DEVICE_CHUNK_ELEMENTS = 1 << 24
 
 # Outputs at least this large are allocated through numpy on CPU (see _empty).
 _NUMPY_ALLOC_BYTES = 1 << 22
@@ -82,7 +85,12 @@ def dequantize(data: torch.Tensor, qtype: GGMLQuantizationType | str | int, *,
     blocks = data.reshape(-1, ts)
     n_blocks = blocks.shape[0]
     out = _empty((n_blocks, qt.block_size), dtype, data.device)
-    step = max(1, _CHUNK_ELEMENTS // qt.block_size)
+    if torch.compiler.is_compiling():
+        # Traced: one step, so inductor fuses the whole decode instead of unrolling a loop.
+        chunk = n_blocks * qt.block_size
+    else:
+        chunk = _CHUNK_ELEMENTS if data.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS
+    step = max(1, chunk // qt.block_size)
     # Codecs that can decode into a given float32 buffer write float32 output in place, and
     # other dtypes through one reused scratch chunk, instead of a fresh tensor per chunk.
     into = getattr(qt, "dequantize_into", None)
@@ -106,6 +114,9 @@ def dequantize(data: torch.Tensor, qtype: GGMLQuantizationType | str | int, *,
 # Elements encoded per step of quantize(): the candidate searches expand each element ~40-fold
 # internally (in bounded slices), so this mainly bounds the float32 copy of a low-precision input.
 _QUANTIZE_CHUNK_ELEMENTS = 1 << 20
+# On an accelerator the per-op launch cost dominates small chunks and there is no cache to fit:
+# 16M elements keeps temporaries at a few hundred MB while a 14B layer takes ~5 steps.
+_DEVICE_CHUNK_ELEMENTS = 1 << 24
 
 
 def quantize(x: torch.Tensor, qtype: GGMLQuantizationType | str | int, *,
