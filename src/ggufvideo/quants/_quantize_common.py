@@ -96,15 +96,22 @@ def nearest_int(v: torch.Tensor) -> torch.Tensor:
 _FP16_X86_NAN = -512  # 0xFE00 as int16
 
 
-def to_fp16(v: torch.Tensor) -> torch.Tensor:
+def to_fp16(v: torch.Tensor, native_cpu_nan: bool = False) -> torch.Tensor:
     """float32 -> float16 rounded to nearest even, with a NaN stored as ggml on x86 stores it.
 
     A NaN scale comes from an invalid operation on finite input (0/0, inf/inf, inf-inf, 0*inf);
     x86 produces a negative quiet NaN, which ggml converts to 0xFE00. CUDA produces a positive one
     and torch converts it to 0x7FFF; patching the bits makes the bytes device-independent.
+
+    ``native_cpu_nan`` keeps torch's own conversion on CPU (sign and payload of the NaN carried
+    over, as ggml's conversion does with the same x86 NaN) and patches only on other devices; the
+    K-quant encoders rely on it.
     """
-    h = v.to(torch.float16).view(torch.int16)
-    return torch.where(torch.isnan(v), _FP16_X86_NAN, h).to(torch.int16).view(torch.float16)
+    h = v.to(torch.float16)
+    if native_cpu_nan and v.device.type == "cpu":
+        return h
+    return torch.where(torch.isnan(v), _FP16_X86_NAN, h.view(torch.int16)).to(
+        torch.int16).view(torch.float16)
 
 
 def device_step(base: int, device: torch.device) -> int:
@@ -133,8 +140,15 @@ def seq_sum(terms: torch.Tensor, start: torch.Tensor | None = None) -> torch.Ten
     ``+0.0``, which can decide the sign of a scale). A tree-ordered ``torch.sum`` rounds
     differently.
     """
-    s = torch.zeros_like(terms[0]) if start is None else start.clone()
-    for t in terms:
+    # unbind: one op for all row views (indexing row by row costs a dispatch per row).
+    rows = terms.unbind(0)
+    if start is not None:
+        s = start.clone()
+    elif rows:
+        s, rows = rows[0] + 0.0, rows[1:]  # 0 + t == t + 0 (addition commutes)
+    else:
+        return torch.zeros(terms.shape[1:], dtype=terms.dtype, device=terms.device)
+    for t in rows:
         s += t
     return s
 
@@ -151,7 +165,8 @@ def _fix_rows(out: torch.Tensor, need: torch.Tensor, x: torch.Tensor, dim: int,
     return out
 
 
-def first_abs_max(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def first_abs_max(x: torch.Tensor, dim: int,
+                  nan_never_wins: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's ``if (amax < fabsf(v)) { amax = fabsf(v); max = v; }`` scan from ``amax = max = 0``
     along ``dim`` (0 or 1 of a 2-D tensor).
 
@@ -159,7 +174,12 @@ def first_abs_max(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor
     ``max`` is ``+0.0`` when every element is zero. The sign is known from plain max/min
     reductions unless both ``+amax`` and ``-amax`` occur; only those groups need the (much
     slower) first-index search.
+
+    The reductions propagate NaN; with ``nan_never_wins`` a tensor holding a NaN is scanned in
+    order instead, where (as in C) a NaN never wins the comparison. Without NaN both agree.
     """
+    if nan_never_wins and bool(torch.isnan(x).any()):
+        return _scan_abs_max(x if dim == 0 else x.t())
     amax = x.abs().amax(dim=dim)
     has_pos = x.amax(dim=dim) == amax
     has_neg = x.amin(dim=dim) == -amax
@@ -171,6 +191,18 @@ def first_abs_max(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor
         return torch.gather(sub, dim, i).squeeze(dim)
 
     return amax, _fix_rows(mx, has_pos & has_neg & (amax > 0), x, dim, exact)
+
+
+def _scan_abs_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`first_abs_max` over dim 0 as the literal in-order scan (exact with NaN)."""
+    amax = torch.zeros_like(x[0])
+    mx = torch.zeros_like(x[0])
+    for v in x.unbind(0):
+        av = v.abs()
+        take = av > amax
+        amax = torch.where(take, av, amax)
+        mx = torch.where(take, v, mx)
+    return amax, mx
 
 
 def first_extreme(x: torch.Tensor, dim: int, largest: bool) -> torch.Tensor:

@@ -33,12 +33,21 @@ from functools import partial
 import torch
 
 from ..errors import QuantizationError
+from ._quantize_common import (
+    GROUP_MAX_EPS,
+    div,
+    f32,
+    first_abs_max,
+    nearest_int,
+    seq_sum,
+    sqrt,
+    to_fp16,
+)
 
 __all__ = ["quantize_q2_k", "quantize_q3_k", "quantize_q4_k", "quantize_q5_k", "quantize_q6_k"]
 
 QK_K = 256
 _F32 = torch.float32
-_MAGIC = 12582912.0  # 1.5 * 2**23: x + MAGIC holds round-half-even(x) in its low mantissa bits
 _NINT_SAFE = 4194303.0  # |x| up to this: the trick is exact (ggml asserts it, release builds don't)
 # Blocks per chunk: bounds the temporaries (a dozen float32 buffers of 256 values per block: ~25 MB
 # at 2048 blocks, the fastest size measured on a 2-core x86) whatever the tensor size, while
@@ -47,55 +56,11 @@ _NINT_SAFE = 4194303.0  # |x| up to this: the trick is exact (ggml asserts it, r
 _CHUNK_BLOCKS = 2048
 _CHUNK_BLOCKS_GPU = 1 << 16
 
-
-def _f32(value: float) -> float:
-    """``value`` rounded to float32, as the C literal ``valuef`` is."""
-    return torch.tensor(value, dtype=_F32).item()
-
-
-_GROUP_MAX_EPS = _f32(1e-15)
-
-
 # ---------------------------------------------------------------------------------------------
-# Float32 idioms of ggml's scalar C
+# Float32 idioms of ggml's scalar C (the shared ones live in _quantize_common)
 # ---------------------------------------------------------------------------------------------
-def _div(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
-    """``a / b`` with one float32 rounding.
-
-    Scalars become 0-d tensors on the other operand's device: ``c / t`` in Python is
-    ``t.reciprocal() * c`` and CUDA's division by a CPU scalar multiplies by its reciprocal; both
-    round twice.
-    """
-    ref = a if isinstance(a, torch.Tensor) else b
-    assert isinstance(ref, torch.Tensor)
-    if not isinstance(a, torch.Tensor):
-        a = torch.full((), a, dtype=_F32, device=ref.device)
-    if not isinstance(b, torch.Tensor):
-        b = torch.full((), b, dtype=_F32, device=ref.device)
-    return torch.div(a, b)
-
-
-def _sqrt(v: torch.Tensor) -> torch.Tensor:
-    """``sqrtf``, correctly rounded.
-
-    torch's float32 CPU sqrt is not (it is off by one ulp for ~20% of inputs); the float64 square
-    root rounded to float32 is, since double carries more than twice float's precision.
-    """
-    return v.double().sqrt_().to(_F32)
-
-
-def _nint(v: torch.Tensor) -> torch.Tensor:
-    """ggml's ``nearest_int`` as int32, bit for bit, for every float32 input.
-
-    In range it is round-half-even. Out of range the C code returns garbage that we reproduce by
-    doing the same bit manipulation. NaN: every NaN in ggml's computation is x86's default NaN
-    0xFFC00000 or one widened from float16 0xFE00, whose mantissa decodes to 0; torch's NaNs can
-    carry other payloads (its CPU float16 widening and CUDA both make 0x7FFFFFFF), so NaN is
-    mapped to 0 explicitly.
-    """
-    bits = (v + _MAGIC).view(torch.int32)
-    out = (bits & 0x007FFFFF) - 0x00400000
-    return torch.where(torch.isnan(v), 0, out)
+# On CPU the scales' NaNs are x86's own, converted by torch as ggml converts them.
+_to_fp16 = partial(to_fp16, native_cpu_nan=True)
 
 
 def _round_clamp(v: torch.Tensor, lo: int, hi: int, exact: bool | None = None) -> torch.Tensor:
@@ -109,7 +74,7 @@ def _round_clamp(v: torch.Tensor, lo: int, hi: int, exact: bool | None = None) -
     if exact is None:
         exact = not bool((v.abs() <= _NINT_SAFE).all())  # False for NaN
     if exact:
-        return _nint(v).clamp_(lo, hi).to(_F32)
+        return nearest_int(v).clamp_(lo, hi).to(_F32)
     return v.clamp(lo, hi).round_()
 
 
@@ -122,51 +87,9 @@ def _pick(cond: torch.Tensor, a: torch.Tensor, b: torch.Tensor | float) -> torch
     return (a - b).mul_(cond.to(a.dtype)).add_(b)
 
 
-def _seq_sum(terms: torch.Tensor, first_as_start: bool = False) -> torch.Tensor:
-    """Sum over dim 0 term by term in float32, as ``float s = 0; for (...) s += t;`` does.
-
-    ``first_as_start`` starts from the first term itself (``float s = t[0]; for (i = 1; ...)``),
-    which differs only for a lone ``-0.0``.
-    """
-    s = terms[0].clone() if first_as_start else terms[0] + 0.0
-    for i in range(1, terms.shape[0]):
-        s += terms[i]
-    return s
-
-
-def _first_abs_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``if (fabsf(v) > amax) { amax = fabsf(v); max = v; }`` over dim 0 from ``amax = max = 0``.
-
-    Returns ``(amax, max)``: the largest magnitude (NaN never wins a ``>``) and the first element
-    attaining it, with its sign. Scanned in order like ggml: exact for ties, zeros and NaN.
-    """
-    amax = torch.zeros_like(x[0])
-    mx = torch.zeros_like(x[0])
-    for v in x:
-        av = v.abs()
-        take = av > amax
-        amax = torch.where(take, av, amax)
-        mx = torch.where(take, v, mx)
-    return amax, mx
-
-
 def _running_max_pos(s: torch.Tensor) -> torch.Tensor:
     """``m = 0; if (s > m) m = s;`` over dim 1: the largest positive value, NaN never chosen."""
     return torch.where(s > 0, s, 0.0).amax(1)
-
-
-def _to_fp16(v: torch.Tensor) -> torch.Tensor:
-    """``GGML_FP32_TO_FP16``: round to nearest even (overflow to infinity).
-
-    A NaN scale (possible with extreme inputs and weights) is x86's default NaN 0xFFC00000 in the
-    C code, which converts to 0xFE00; torch on x86 matches, but a GPU makes a positive NaN with a
-    full payload, so off the CPU NaN is written as 0xFE00 explicitly.
-    """
-    h = v.to(torch.float16)
-    if v.device.type == "cpu":
-        return h
-    bits = torch.where(torch.isnan(v), -512, h.view(torch.int16))  # -512 is 0xFE00
-    return bits.to(torch.int16).view(torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,8 +133,9 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     mn0 = torch.where(xmin > 0, 0.0, xmin)
     flat = mx == mn0  # ggml returns early: L = 0, scale 0, the_min = -min
     mn = torch.where(flat, mx - 1.0, mn0)  # any harmless range for flat columns (masked at the end)
-    sum_w = _seq_sum(w, first_as_start=True)
-    sum_x = _seq_sum(w * x, first_as_start=True)
+    sum_w = seq_sum(w[1:], start=w[0])  # ggml starts these two sums from the first term
+    wx = w * x
+    sum_x = seq_sum(wx[1:], start=wx[0])
     codes_buf = torch.empty_like(x)
     diff = torch.empty_like(x)
     buf = torch.empty((3,) + x.shape, dtype=_F32, device=x.device)  # contiguous slabs
@@ -234,28 +158,28 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
             diff.abs_()
         else:
             diff.mul_(diff)
-        return _seq_sum(diff.mul_(w))
+        return seq_sum(diff.mul_(w))
 
-    iscale = _div(float(nmax), mx - mn)
+    iscale = div(float(nmax), mx - mn)
     L = codes(iscale, mn, codes_buf)
-    scale = _div(1.0, iscale)
+    scale = div(1.0, iscale)
     best = error(L, scale, mn)
     best_iscale, best_start = iscale, mn
 
     for step in range(nstep + 1):
-        num = _f32(_f32(_f32(rmin) + _f32(_f32(rdelta) * step)) + float(nmax))
-        iscale = _div(num, mx - mn)
+        num = f32(f32(f32(rmin) + f32(f32(rdelta) * step)) + float(nmax))
+        iscale = div(num, mx - mn)
         Lt = codes(iscale, mn, codes_buf)
         torch.mul(w, Lt, out=wl)
         torch.mul(wl, Lt, out=wl2)
         torch.mul(wl, x, out=wlx)
-        sum_l, sum_l2, sum_xl = _seq_sum(buf.transpose(0, 1))
+        sum_l, sum_l2, sum_xl = seq_sum(buf.transpose(0, 1))
         d = sum_w * sum_l2 - sum_l * sum_l
-        ts = _div(sum_w * sum_xl - sum_x * sum_l, d)
-        tm = _div(sum_l2 * sum_x - sum_l * sum_xl, d)
+        ts = div(sum_w * sum_xl - sum_x * sum_l, d)
+        tm = div(sum_l2 * sum_x - sum_l * sum_xl, d)
         pos = tm > 0
         tm = torch.where(pos, 0.0, tm)
-        ts = torch.where(pos, _div(sum_xl, sum_l2), ts)
+        ts = torch.where(pos, div(sum_xl, sum_l2), ts)
         err = error(Lt, ts, tm)
         take = (d > 0) & (err < best)
         best = torch.where(take, err, best)
@@ -281,8 +205,8 @@ def _make_qx(x: torch.Tensor, w: torch.Tensor | None,
     winning inverse scale is remembered; its codes are recomputed at the end.
     Returns ``(scale (R,), L (P, R) float32)``.
     """
-    amax, mx = _first_abs_max(x)
-    zero = ~(amax >= _GROUP_MAX_EPS)  # amax < eps (amax is never NaN here)
+    amax, mx = first_abs_max(x, 0, nan_never_wins=True)
+    zero = ~(amax >= GROUP_MAX_EPS)  # amax < eps (amax is never NaN here)
     mx = torch.where(zero, 1.0, mx)  # harmless for all-zero columns (masked at the end)
     if w is None:
         w = x * x
@@ -301,21 +225,21 @@ def _make_qx(x: torch.Tensor, w: torch.Tensor | None,
         lv = codes(iscale)
         torch.mul(wx, lv, out=buf[0])
         torch.mul(w, lv, out=buf[1]).mul_(lv)
-        sumlx, suml2 = _seq_sum(buf.transpose(0, 1))
+        sumlx, suml2 = seq_sum(buf.transpose(0, 1))
         return sumlx, suml2
 
-    iscale = _div(float(-nmax), mx)
+    iscale = div(float(-nmax), mx)
     sumlx, suml2 = sums(iscale)
-    scale = torch.where(suml2 != 0, _div(sumlx, suml2), 0.0)
+    scale = torch.where(suml2 != 0, div(sumlx, suml2), 0.0)
     best = scale * sumlx
     best_iscale = iscale
     for i in range(-9, 10):
         if i == 0:
             continue
-        iscale = _div(-_f32(float(nmax) + _f32(_f32(0.1) * i)), mx)
+        iscale = div(-f32(float(nmax) + f32(f32(0.1) * i)), mx)
         sumlx, suml2 = sums(iscale)
         take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        sc = _div(sumlx, suml2)
+        sc = div(sumlx, suml2)
         scale = torch.where(take, sc, scale)
         best = torch.where(take, sc * sumlx, best)
         best_iscale = torch.where(take, iscale, best_iscale)
@@ -347,7 +271,7 @@ def _descend(x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, L: torch.Tensor
             li = Ls[i]
             slx = slx_all - wxs[i] * li
             sl2 = sl2_all - (ws[i] * li) * li
-            new = _nint(_div(xs[i] * sl2, slx))
+            new = nearest_int(div(xs[i] * sl2, slx))
             new = (new.clamp_(lo, hi) if lo is not None else new.clamp_(max=hi)).to(_F32)
             slx_n = slx + wxs[i] * new
             sl2_n = sl2 + (ws[i] * new) * new
@@ -380,16 +304,16 @@ def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     ``(scale (R,), L (P, R) float32 in [0, 2*nmax-1])``.
 
     """
-    amax, mx = _first_abs_max(x)
-    zero = ~(amax >= _GROUP_MAX_EPS)
-    iscale = torch.where(zero, 0.0, _div(float(-nmax), mx))
+    amax, mx = first_abs_max(x, 0, nan_never_wins=True)
+    zero = ~(amax >= GROUP_MAX_EPS)
+    iscale = torch.where(zero, 0.0, div(float(-nmax), mx))
     L = _round_clamp(x * iscale, -nmax, nmax - 1)
     w = x * x
     wx = w * x
-    sumlx = _seq_sum(wx * L)
-    suml2 = _seq_sum((w * L).mul_(L))
+    sumlx = seq_sum(wx * L)
+    suml2 = seq_sum((w * L).mul_(L))
     sumlx, suml2 = _descend(x, w, wx, L, sumlx, suml2, -nmax, nmax - 1, qp_rules=False)
-    scale = torch.where(suml2 > 0, _div(sumlx, suml2), 0.0)
+    scale = torch.where(suml2 > 0, div(sumlx, suml2), 0.0)
     return torch.where(zero, 0.0, scale), (L + nmax).mul_((~zero).to(_F32))
 
 
@@ -406,29 +330,29 @@ def _make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor,
     mx = torch.zeros_like(x[0])
     for i in range(n):  # MAX(max, x): NaN handling depends on the order
         mx = torch.where(mx > x[i], mx, x[i])
-    zero = mx < _GROUP_MAX_EPS
-    iscale = _div(float(nmax), mx)
-    L = (_nint(iscale * x) & 0xFF).to(_F32)
-    scale = _div(1.0, iscale)
+    zero = mx < GROUP_MAX_EPS
+    iscale = div(float(nmax), mx)
+    L = (nearest_int(iscale * x) & 0xFF).to(_F32)
+    scale = div(1.0, iscale)
     d = x - scale * L
-    best = _seq_sum((w * d).mul_(d))
+    best = seq_sum((w * d).mul_(d))
     for i in [-4, -3, -2, -1, 1, 2, 3, 4]:
-        iscale_i = _div(_f32(_f32(_f32(0.1) * i) + float(nmax)), mx)
-        scale_i = _div(1.0, iscale_i)
-        li = _nint(iscale_i * x).clamp_(max=nmax).to(_F32)
+        iscale_i = div(f32(f32(f32(0.1) * i) + float(nmax)), mx)
+        scale_i = div(1.0, iscale_i)
+        li = nearest_int(iscale_i * x).clamp_(max=nmax).to(_F32)
         d = x - scale_i * li
-        mse = _seq_sum((w * d).mul_(d))
+        mse = seq_sum((w * d).mul_(d))
         take = mse < best
         best = torch.where(take, mse, best)
         iscale = torch.where(take, iscale_i, iscale)
-    li = _nint(iscale * x).clamp_(max=nmax)
+    li = nearest_int(iscale * x).clamp_(max=nmax)
     L = (li & 0xFF).to(_F32)
     li = li.to(_F32)
     wx = w * x
-    sumlx = _seq_sum(wx * li)
-    suml2 = _seq_sum((w * li).mul_(li))
+    sumlx = seq_sum(wx * li)
+    suml2 = seq_sum((w * li).mul_(li))
     sumlx, suml2 = _descend(x, w, wx, L, sumlx, suml2, None, nmax, qp_rules=True)
-    scale = torch.where(suml2 > 0, _div(sumlx, suml2), 0.0)
+    scale = torch.where(suml2 > 0, div(sumlx, suml2), 0.0)
     return torch.where(zero, 0.0, scale), torch.where(zero, 0.0, L)
 
 
@@ -442,7 +366,7 @@ def _requant_affine(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dm: torch
     nb, S = d.shape
     g = QK_K // S
     xv = x.view(nb, S, g)
-    new = _round_clamp(_div(xv + dm.unsqueeze(2), d.unsqueeze(2)), 0, nmax)
+    new = _round_clamp(div(xv + dm.unsqueeze(2), d.unsqueeze(2)), 0, nmax)
     return _pick((d == 0).unsqueeze(2), L.reshape(nb, S, g), new).reshape(nb, QK_K)
 
 
@@ -452,7 +376,7 @@ def _requant_symmetric(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor,
     ``L`` where ``d == 0``."""
     nb, S = d.shape
     g = QK_K // S
-    new = _round_clamp(_div(x.view(nb, S, g), d.unsqueeze(2)), -nmax, nmax - 1) + nmax
+    new = _round_clamp(div(x.view(nb, S, g), d.unsqueeze(2)), -nmax, nmax - 1) + nmax
     return _pick((d == 0).unsqueeze(2), L.reshape(nb, S, g), new).reshape(nb, QK_K)
 
 
@@ -538,7 +462,7 @@ def _chunked(fn, x: torch.Tensor, imatrix: torch.Tensor | None, name: str) -> to
 
 def _block_sum_x2(x: torch.Tensor) -> torch.Tensor:
     """``sumx2 = sum of x[j]*x[j]`` over the 256 elements of each block, left to right."""
-    return _seq_sum((x * x).t().contiguous())
+    return seq_sum((x * x).t().contiguous())
 
 
 def _q2_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
@@ -551,17 +475,17 @@ def _q2_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         scale, the_min, L = _make_qkx(X, X.abs(), 3, -0.5, 0.1, 15, use_mad=True)
         scales, mins = _sub_scales(scale, nb), _sub_scales(the_min, nb)
         max_scale, max_min = _running_max_pos(scales), _running_max_pos(mins)
-        ls = _nint(_div(15.0, max_scale).unsqueeze(1) * scales) & 0xFF
+        ls = nearest_int(div(15.0, max_scale).unsqueeze(1) * scales) & 0xFF
         ls = torch.where((max_scale > 0).unsqueeze(1), ls, 0)
-        lm = _nint(_div(15.0, max_min).unsqueeze(1) * mins)
+        lm = nearest_int(div(15.0, max_min).unsqueeze(1) * mins)
         byte = torch.where((max_min > 0).unsqueeze(1), (ls | (lm << 4)) & 0xFF, ls)
-        d16 = _to_fp16(torch.where(max_scale > 0, _div(max_scale, 15.0), 0.0))
-        dmin16 = _to_fp16(torch.where(max_min > 0, _div(max_min, 15.0), 0.0))
+        d16 = _to_fp16(torch.where(max_scale > 0, div(max_scale, 15.0), 0.0))
+        dmin16 = _to_fp16(torch.where(max_min > 0, div(max_min, 15.0), 0.0))
     else:
-        sigma2 = _div(_block_sum_x2(x), float(QK_K))
+        sigma2 = div(_block_sum_x2(x), float(QK_K))
         Q = _pos_major(qw, 16)
-        weight = Q * _sqrt(sigma2.repeat_interleave(16).unsqueeze(0) + X * X)
-        sw = _sub_scales(_seq_sum(weight), nb)
+        weight = Q * sqrt(sigma2.repeat_interleave(16).unsqueeze(0) + X * X)
+        sw = _sub_scales(seq_sum(weight), nb)
         scale, the_min, L = _make_qkx(X, weight, 3, -0.9, 0.05, 36, use_mad=False)
         dm, Ls = _make_qp(_sub_scales(scale, nb).t().contiguous(), sw.t().contiguous(), 15)
         mm, Lm = _make_qp(_sub_scales(the_min, nb).t().contiguous(), sw.t().contiguous(), 15)
@@ -583,19 +507,19 @@ def _q3_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     if qw is None:
         scale, L = _make_q3(X, 4)
         scales = _sub_scales(scale, nb)
-        _, max_scale = _first_abs_max(scales.t())
+        _, max_scale = first_abs_max(scales, 1, nan_never_wins=True)
         has = max_scale != 0
-        iscale = _div(-32.0, max_scale)
-        l8 = _nint(iscale.unsqueeze(1) * scales)
+        iscale = div(-32.0, max_scale)
+        l8 = nearest_int(iscale.unsqueeze(1) * scales)
         l8 = ((l8 & 0xFF) ^ 0x80) - 0x80  # stored in an int8_t
         l6 = torch.where(has.unsqueeze(1), l8.clamp(-32, 31) + 32, 0)
-        d16 = _to_fp16(torch.where(has, _div(1.0, iscale), 0.0))
+        d16 = _to_fp16(torch.where(has, div(1.0, iscale), 0.0))
         packed = torch.where(has.unsqueeze(1), _pack_q3_scales(l6), 0)
     else:
-        sigma2 = _div(2.0 * _block_sum_x2(x), float(QK_K))
+        sigma2 = div(2.0 * _block_sum_x2(x), float(QK_K))
         Q = _pos_major(qw, 16)
-        weight = Q * _sqrt(sigma2.repeat_interleave(16).unsqueeze(0) + X * X)
-        sw = _sub_scales(_seq_sum(weight), nb)
+        weight = Q * sqrt(sigma2.repeat_interleave(16).unsqueeze(0) + X * X)
+        sw = _sub_scales(seq_sum(weight), nb)
         scale, L = _make_qx(X, weight, 4)
         d_block, Ls = _make_qx(_sub_scales(scale, nb).t().contiguous(), sw.t().contiguous(), 32)
         l6 = Ls.t().to(torch.int32)
@@ -619,23 +543,23 @@ def _q45_k(x: torch.Tensor, qw: torch.Tensor | None, nmax: int) -> torch.Tensor:
     nb = x.shape[0]
     X = _pos_major(x, 32)
     if qw is None:
-        av_x = _sqrt(_div(_seq_sum(X * X), 32.0))
+        av_x = sqrt(div(seq_sum(X * X), 32.0))
         weights = av_x.unsqueeze(0) + X.abs()
         rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
         scale, the_min, L = _make_qkx(X, weights, nmax, rmin, 0.1, nstep, use_mad=False)
         scales, mins = _sub_scales(scale, nb), _sub_scales(the_min, nb)
         max_scale, max_min = _running_max_pos(scales), _running_max_pos(mins)
-        inv_scale = torch.where(max_scale > 0, _div(63.0, max_scale), 0.0)
-        inv_min = torch.where(max_min > 0, _div(63.0, max_min), 0.0)
-        ls = (_nint(inv_scale.unsqueeze(1) * scales) & 0xFF).clamp_(max=63)
-        lm = (_nint(inv_min.unsqueeze(1) * mins) & 0xFF).clamp_(max=63)
-        d16 = _to_fp16(_div(max_scale, 63.0))
-        dmin16 = _to_fp16(_div(max_min, 63.0))
+        inv_scale = torch.where(max_scale > 0, div(63.0, max_scale), 0.0)
+        inv_min = torch.where(max_min > 0, div(63.0, max_min), 0.0)
+        ls = (nearest_int(inv_scale.unsqueeze(1) * scales) & 0xFF).clamp_(max=63)
+        lm = (nearest_int(inv_min.unsqueeze(1) * mins) & 0xFF).clamp_(max=63)
+        d16 = _to_fp16(div(max_scale, 63.0))
+        dmin16 = _to_fp16(div(max_min, 63.0))
     else:
-        sigma2 = _div(2.0 * _block_sum_x2(x), float(QK_K))
+        sigma2 = div(2.0 * _block_sum_x2(x), float(QK_K))
         Q = _pos_major(qw, 32)
-        weights = Q * _sqrt(sigma2.repeat_interleave(8).unsqueeze(0) + X * X)
-        sw = _sub_scales(_seq_sum(weights), nb).t().contiguous()
+        weights = Q * sqrt(sigma2.repeat_interleave(8).unsqueeze(0) + X * X)
+        sw = _sub_scales(seq_sum(weights), nb).t().contiguous()
         scale, the_min, L = _make_qkx(X, weights, nmax, -0.9, 0.05, 36, use_mad=False)
         d_block, Ls = _make_qp(_sub_scales(scale, nb).t().contiguous(), sw, 63)
         m_block, Lm = _make_qp(_sub_scales(the_min, nb).t().contiguous(), sw, 63)
@@ -667,11 +591,11 @@ def _q6_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     X = _pos_major(x, 16)
     scale, L = _make_qx(X, None if qw is None else _pos_major(qw, 16), 32)
     scales = _sub_scales(scale, nb)
-    amax, max_scale = _first_abs_max(scales.t())
-    empty = amax < _GROUP_MAX_EPS
-    iscale = _div(-128.0, max_scale)
-    d16 = _to_fp16(torch.where(empty, 0.0, _div(1.0, iscale)))
-    sc8 = _nint(iscale.unsqueeze(1) * scales).clamp_(max=127)
+    amax, max_scale = first_abs_max(scales, 1, nan_never_wins=True)
+    empty = amax < GROUP_MAX_EPS
+    iscale = div(-128.0, max_scale)
+    d16 = _to_fp16(torch.where(empty, 0.0, div(1.0, iscale)))
+    sc8 = nearest_int(iscale.unsqueeze(1) * scales).clamp_(max=127)
     sc8 = ((sc8 & 0xFF) ^ 0x80) - 0x80  # stored in an int8_t
     sc8 = torch.where(empty.unsqueeze(1), 0, sc8)
     d = d16.to(_F32).unsqueeze(1) * sc8.to(_F32)
