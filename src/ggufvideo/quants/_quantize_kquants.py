@@ -140,11 +140,25 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     diff = torch.empty_like(x)
     buf = torch.empty((3,) + x.shape, dtype=_F32, device=x.device)  # contiguous slabs
     wl, wl2, wlx = buf[0], buf[1], buf[2]
+    # The sequential sums below run as one in-place add per position: their row views are made
+    # once (an index op per row per trial costs as much as a small add).
+    buf_rows = buf.transpose(0, 1).unbind(0)
+    diff_rows = diff.unbind(0)
+    sums3 = torch.empty((3,) + x.shape[1:], dtype=_F32, device=x.device)
+    err = torch.empty_like(sums3[0])
+
+    def seq_sum_into(rows: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+        """``seq_sum`` of ``rows`` written into ``out`` (``0 + t0`` equals ``t0 + 0``)."""
+        torch.add(rows[0], 0.0, out=out)
+        for t in rows[1:]:
+            out += t
+        return out
 
     def codes(iscale: torch.Tensor, start: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``MAX(0, MIN(nmax, nearest_int(iscale*(x - start))))`` into ``out``."""
-        # |x - start| <= max(max - start, |xmin - start|): below 2**22 the float clamp is exact.
-        bound = iscale * torch.maximum(mx - start, (xmin - start).abs())
+        # |x - start| <= max(max - start, start - xmin) (|xmin - s| is |s - xmin| exactly, and
+        # max - s >= xmin - s): below 2**22 the float clamp is exact.
+        bound = torch.maximum(mx - start, start - xmin).mul_(iscale)
         torch.sub(x, start, out=out).mul_(iscale)
         if bool((bound <= _NINT_SAFE).all()):  # NaN or infinity -> the exact path
             # Clamping to [0, nmax] before rounding commutes with rounding for integer bounds,
@@ -158,35 +172,38 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
             diff.abs_()
         else:
             diff.mul_(diff)
-        return seq_sum(diff.mul_(w))
+        diff.mul_(w)
+        return seq_sum_into(diff_rows, err)
 
     iscale = div(float(nmax), mx - mn)
     L = codes(iscale, mn, codes_buf)
     scale = div(1.0, iscale)
-    best = error(L, scale, mn)
-    best_iscale, best_start = iscale, mn
+    # The search state, one row each, updated by a single where per trial:
+    # best error, its scale, its inverse scale, the min it started from, the current min.
+    state = torch.stack([error(L, scale, mn), scale, iscale, mn, mn])
+    cand = torch.empty_like(state)
+    zero = torch.zeros((), dtype=_F32, device=x.device)
 
     for step in range(nstep + 1):
         num = f32(f32(f32(rmin) + f32(f32(rdelta) * step)) + float(nmax))
+        mn = state[4]
         iscale = div(num, mx - mn)
         Lt = codes(iscale, mn, codes_buf)
         torch.mul(w, Lt, out=wl)
         torch.mul(wl, Lt, out=wl2)
         torch.mul(wl, x, out=wlx)
-        sum_l, sum_l2, sum_xl = seq_sum(buf.transpose(0, 1))
+        sum_l, sum_l2, sum_xl = seq_sum_into(buf_rows, sums3)
         d = sum_w * sum_l2 - sum_l * sum_l
         ts = div(sum_w * sum_xl - sum_x * sum_l, d)
         tm = div(sum_l2 * sum_x - sum_l * sum_xl, d)
         pos = tm > 0
-        tm = torch.where(pos, 0.0, tm)
+        tm = torch.where(pos, zero, tm)
         ts = torch.where(pos, div(sum_xl, sum_l2), ts)
-        err = error(Lt, ts, tm)
-        take = (d > 0) & (err < best)
-        best = torch.where(take, err, best)
-        scale = torch.where(take, ts, scale)
-        best_iscale = torch.where(take, iscale, best_iscale)
-        best_start = torch.where(take, mn, best_start)
-        mn = torch.where(take, tm, mn)
+        error(Lt, ts, tm)
+        take = (d > 0) & (err < state[0])
+        torch.stack([err, ts, iscale, mn, tm], out=cand)
+        state = torch.where(take, cand, state)
+    best_iscale, best_start, mn, scale = state[2], state[3], state[4], state[1]
 
     L = codes(best_iscale, best_start, codes_buf)
     scale = torch.where(flat, 0.0, scale)
