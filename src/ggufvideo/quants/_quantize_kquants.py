@@ -73,19 +73,19 @@ def _round_clamp(v: torch.Tensor, lo: int, hi: int, exact: bool | None = None) -
     checks the range itself.
     """
     if exact is None:
-        exact = not bool((v.abs() <= _NINT_SAFE).all())  # False for NaN
+        lo_v, hi_v = torch.aminmax(v)  # one pass; NaN propagates and fails both tests
+        exact = not bool((hi_v <= _NINT_SAFE) & (lo_v >= -_NINT_SAFE))
     if exact:
         return nearest_int(v).clamp_(lo, hi).to(_F32)
     return v.clamp(lo, hi).round_()
 
 
-def _pick(cond: torch.Tensor, a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
-    """``torch.where(cond, a, b)`` for tensors of small integers (codes), by arithmetic.
-
-    Exact for integer values; several times faster than ``torch.where`` when ``cond`` broadcasts
-    over a large tensor.
-    """
-    return (a - b).mul_(cond.to(a.dtype)).add_(b)
+def _keep_where(cond: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``torch.where(cond, old, new)``, skipped (one reduction instead of a full pass) in the
+    usual case where ``cond`` is nowhere set."""
+    if not bool(cond.any()):
+        return new
+    return torch.where(cond, old, new)
 
 
 def _running_max_pos(s: torch.Tensor) -> torch.Tensor:
@@ -385,7 +385,7 @@ def _requant_affine(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dm: torch
     g = QK_K // S
     xv = x.view(nb, S, g)
     new = _round_clamp(div(xv + dm.unsqueeze(2), d.unsqueeze(2)), 0, nmax)
-    return _pick((d == 0).unsqueeze(2), L.reshape(nb, S, g), new).reshape(nb, QK_K)
+    return _keep_where((d == 0).unsqueeze(2), L.reshape(nb, S, g), new).reshape(nb, QK_K)
 
 
 def _requant_symmetric(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor,
@@ -395,7 +395,7 @@ def _requant_symmetric(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor,
     nb, S = d.shape
     g = QK_K // S
     new = _round_clamp(div(x.view(nb, S, g), d.unsqueeze(2)), -nmax, nmax - 1) + nmax
-    return _pick((d == 0).unsqueeze(2), L.reshape(nb, S, g), new).reshape(nb, QK_K)
+    return _keep_where((d == 0).unsqueeze(2), L.reshape(nb, S, g), new).reshape(nb, QK_K)
 
 
 def _pack_crumbs(L: torch.Tensor) -> torch.Tensor:
