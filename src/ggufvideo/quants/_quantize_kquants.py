@@ -138,22 +138,15 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     wx = w * x
     sum_x = seq_sum(wx[1:], start=wx[0])
     codes_buf = torch.empty_like(x)
-    buf = torch.empty((3,) + x.shape, dtype=_F32, device=x.device)  # contiguous slabs
-    wl, wl2, wlx = buf[0], buf[1], buf[2]
-    diff = wl  # free once the sums are taken: a smaller working set stays in cache
-    # The sequential sums below run as one in-place add per position: their row views are made
-    # once (an index op per row per trial costs as much as a small add).
-    buf_rows = buf.transpose(0, 1).unbind(0)
-    diff_rows = diff.unbind(0)
+    # (P, 3, R): the three products of position i side by side, so the three sums of a trial are
+    # one seq_sum over contiguous terms.
+    buf = torch.empty((x.shape[0], 3) + x.shape[1:], dtype=_F32, device=x.device)
+    wl, wl2, wlx = buf.unbind(1)
+    # The error terms reuse the first third of buf, free once the sums are taken (a smaller
+    # working set stays in cache), as a contiguous (P, R) block.
+    diff = buf.view(-1)[:x.numel()].view(x.shape)
     sums3 = torch.empty((3,) + x.shape[1:], dtype=_F32, device=x.device)
     err = torch.empty_like(sums3[0])
-
-    def seq_sum_into(rows: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
-        """``seq_sum`` of ``rows`` written into ``out`` (``0 + t0`` equals ``t0 + 0``)."""
-        torch.add(rows[0], 0.0, out=out)
-        for t in rows[1:]:
-            out += t
-        return out
 
     def codes(iscale: torch.Tensor, start: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``MAX(0, MIN(nmax, nearest_int(iscale*(x - start))))`` into ``out``."""
@@ -174,7 +167,7 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
         else:
             diff.mul_(diff)
         diff.mul_(w)
-        return seq_sum_into(diff_rows, err)
+        return seq_sum(diff, out=err)
 
     iscale = div(float(nmax), mx - mn)
     L = codes(iscale, mn, codes_buf)
@@ -193,7 +186,7 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
         torch.mul(w, Lt, out=wl)
         torch.mul(wl, Lt, out=wl2)
         torch.mul(wl, x, out=wlx)
-        sum_l, sum_l2, sum_xl = seq_sum_into(buf_rows, sums3)
+        sum_l, sum_l2, sum_xl = seq_sum(buf, out=sums3)
         d = sum_w * sum_l2 - sum_l * sum_l
         ts = div(sum_w * sum_xl - sum_x * sum_l, d)
         tm = div(sum_l2 * sum_x - sum_l * sum_xl, d)
