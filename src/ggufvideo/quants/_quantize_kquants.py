@@ -223,7 +223,9 @@ def _make_qx(x: torch.Tensor, w: torch.Tensor | None,
         w = x * x
     wx = w * x
     lt = torch.empty_like(x)
-    buf = torch.empty((2,) + x.shape, dtype=_F32, device=x.device)
+    # (P, 2, R): both products of position i side by side, so seq_sum sees contiguous terms.
+    buf = torch.empty((x.shape[0], 2) + x.shape[1:], dtype=_F32, device=x.device)
+    wlx, wl2 = buf.unbind(1)
 
     def codes(iscale: torch.Tensor) -> torch.Tensor:
         torch.mul(x, iscale, out=lt)
@@ -234,9 +236,9 @@ def _make_qx(x: torch.Tensor, w: torch.Tensor | None,
 
     def sums(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lv = codes(iscale)
-        torch.mul(wx, lv, out=buf[0])
-        torch.mul(w, lv, out=buf[1]).mul_(lv)
-        sumlx, suml2 = seq_sum(buf.transpose(0, 1))
+        torch.mul(wx, lv, out=wlx)
+        torch.mul(w, lv, out=wl2).mul_(lv)
+        sumlx, suml2 = seq_sum(buf)
         return sumlx, suml2
 
     iscale = div(float(-nmax), mx)
