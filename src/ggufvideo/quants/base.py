@@ -18,6 +18,7 @@ blocks, on whatever device the blocks are on.
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -29,6 +30,7 @@ from ..errors import QuantizationError, UnsupportedTypeError
 
 __all__ = [
     "Field",
+    "delegated_quantizer",
     "Layout",
     "QuantType",
     "get_quant_type",
@@ -206,6 +208,22 @@ class QuantType:
         ``(n_blocks, block_size)`` float32. Must be byte-identical to ``ggml_quantize_chunk``.
         """
         raise UnsupportedTypeError(f"quantizing to {cls.qtype.name} is not supported")
+
+
+def delegated_quantizer(module: str, function: str) -> classmethod:
+    """A ``quantize_blocks`` classmethod calling ``ggufvideo.quants.<module>.<function>``.
+
+    The search code of the quantizers is long; it lives in its own modules, imported only when a
+    type is first quantized, while each type's class (and layout) stays in its family module.
+    """
+
+    def quantize_blocks(cls: type[QuantType], x: torch.Tensor,
+                        imatrix: torch.Tensor | None) -> torch.Tensor:
+        impl = importlib.import_module(f"{__package__}.{module}")
+        return getattr(impl, function)(x, imatrix)
+
+    quantize_blocks.__doc__ = QuantType.quantize_blocks.__doc__
+    return classmethod(quantize_blocks)
 
 
 def to_qtype(qtype: GGMLQuantizationType | str | int) -> GGMLQuantizationType:

@@ -11,21 +11,13 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from ._bits import DecodesInto, f16_scale, iq4_values, nibbles, scale_min_k4
-from .base import F16, I8, U8, U16, Layout, QuantType
+from .base import delegated_quantizer, F16, I8, U8, U16, Layout, QuantType
 
 __all__ = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]
 
 
-def _quantizer(name: str):
-    """A ``quantize_blocks`` classmethod delegating to ``_quantize_kquants.<name>``."""
-
-    def quantize_blocks(cls, x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
-        from . import _quantize_kquants
-
-        return getattr(_quantize_kquants, name)(x, imatrix)
-
-    quantize_blocks.__doc__ = QuantType.quantize_blocks.__doc__
-    return classmethod(quantize_blocks)
+def _quantizer(name: str) -> classmethod:
+    return delegated_quantizer("_quantize_kquants", name)
 
 
 def _crumbs(qs: torch.Tensor) -> torch.Tensor:
@@ -152,12 +144,7 @@ class IQ4_XS(DecodesInto, QuantType, qtype=T.IQ4_XS, block_size=256,
                            ("qs", U8, 128))):
     """8 sub-blocks of 32: ``y = d*(ls-32)*KVALUES[q]`` with 6-bit ``ls``."""
 
-    @classmethod
-    def quantize_blocks(cls, x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
-        """Encode with ggml's IQ4_XS scale search (see :mod:`._quantize_iq4`)."""
-        from ._quantize_iq4 import quantize_iq4_xs
-
-        return quantize_iq4_xs(x, imatrix)
+    quantize_blocks = delegated_quantizer("_quantize_iq4", "quantize_iq4_xs")
 
     @classmethod
     def dequantize_into(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:

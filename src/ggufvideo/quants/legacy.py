@@ -11,21 +11,13 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from ._bits import DecodesInto, const, f16_scale, iq4_values, nibbles
-from .base import F16, I8, U8, Layout, QuantType
+from .base import delegated_quantizer, F16, I8, U8, Layout, QuantType
 
 __all__ = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"]
 
 
-def _quantizer(name: str):
-    """A ``quantize_blocks`` classmethod delegating to ``_quantize_legacy.<name>``."""
-
-    def quantize_blocks(cls, x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
-        from . import _quantize_legacy
-
-        return getattr(_quantize_legacy, name)(x, imatrix)
-
-    quantize_blocks.__doc__ = QuantType.quantize_blocks.__doc__
-    return classmethod(quantize_blocks)
+def _quantizer(name: str) -> classmethod:
+    return delegated_quantizer("_quantize_legacy", name)
 
 
 def _fifth_bits(qh: torch.Tensor, if_clear: int, if_set: int) -> torch.Tensor:
