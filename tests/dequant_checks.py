@@ -32,8 +32,14 @@ def _bits(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return a.contiguous().view(width).numpy()
 
 
-def _assert_same_bits(got: torch.Tensor | np.ndarray, want: torch.Tensor | np.ndarray,
-                      what: str) -> None:
+def decode_f32(qtype: GGMLQuantizationType, raw: np.ndarray) -> np.ndarray:
+    """Our float32 decode of ``(n_blocks, type_size)`` blocks, as ``(n_blocks, block_size)``."""
+    return get_quant_type(qtype).dequantize_blocks(torch.from_numpy(raw)).numpy()
+
+
+def assert_same_bits(got: torch.Tensor | np.ndarray, want: torch.Tensor | np.ndarray,
+                     what: str) -> None:
+    """Equal bit for bit (signed zeros, infinities and NaN payloads included)."""
     g, w = _bits(got), _bits(want)
     assert g.shape == w.shape, f"{what}: shape {g.shape} != {w.shape}"
     bad = np.flatnonzero(g.reshape(-1) != w.reshape(-1))
@@ -52,13 +58,13 @@ def type_tests(name: str) -> dict[str, Callable[..., None]]:
     def matches_ggml_reference(oracle, raw: np.ndarray) -> None:
         got = qt.dequantize_blocks(torch.from_numpy(raw))
         assert got.dtype == torch.float32
-        _assert_same_bits(got, oracle.dequantize(raw, qtype), f"{name} vs ggml")
+        assert_same_bits(got, oracle.dequantize(raw, qtype), f"{name} vs ggml")
 
     @_SETTINGS
     @given(raw=block_arrays(qtype))
     def matches_gguf_py(raw: np.ndarray) -> None:
         got = dequantize(torch.from_numpy(raw).reshape(-1), qtype)
-        _assert_same_bits(got, gguf_quants.dequantize(raw.reshape(-1), qtype), f"{name} vs gguf-py")
+        assert_same_bits(got, gguf_quants.dequantize(raw.reshape(-1), qtype), f"{name} vs gguf-py")
 
     @_SETTINGS
     @given(raw=block_arrays(qtype), dtype=st.sampled_from([torch.float16, torch.bfloat16]))
@@ -67,7 +73,7 @@ def type_tests(name: str) -> dict[str, Callable[..., None]]:
         exact = dequantize(data, qtype, dtype=torch.float32)
         got = dequantize(data, qtype, dtype=dtype)
         assert got.dtype == dtype
-        _assert_same_bits(got, exact.to(dtype), f"{name} -> {dtype}")
+        assert_same_bits(got, exact.to(dtype), f"{name} -> {dtype}")
 
     def keeps_leading_dims() -> None:
         raw = finite_blocks(qtype, 2 * 3 * 4, seed=7)
@@ -76,7 +82,7 @@ def type_tests(name: str) -> dict[str, Callable[..., None]]:
         assert got.shape == (2, 3, 4 * qt.block_size)
         for i in range(2):
             for j in range(3):
-                _assert_same_bits(got[i, j], dequantize(data[i, j], qtype), f"{name} row {i},{j}")
+                assert_same_bits(got[i, j], dequantize(data[i, j], qtype), f"{name} row {i},{j}")
 
     def is_independent_of_the_chunk_size(monkeypatch: pytest.MonkeyPatch) -> None:
         data = torch.from_numpy(finite_blocks(qtype, 37, seed=3)).reshape(-1)
@@ -85,7 +91,7 @@ def type_tests(name: str) -> dict[str, Callable[..., None]]:
         # output, other dtypes through a reused scratch chunk: both paths).
         monkeypatch.setattr(quants, "_CHUNK_ELEMENTS", 2 * qt.block_size)
         for dt, want in whole.items():
-            _assert_same_bits(dequantize(data, qtype, dtype=dt), want, f"{name} chunked {dt}")
+            assert_same_bits(dequantize(data, qtype, dtype=dt), want, f"{name} chunked {dt}")
 
     def rejects_a_partial_block() -> None:
         data = torch.zeros(3, qt.type_size() + 1, dtype=torch.uint8)
@@ -98,7 +104,7 @@ def type_tests(name: str) -> dict[str, Callable[..., None]]:
         want = dequantize(data, qtype)
         got = dequantize(data.cuda(), qtype)
         assert got.device.type == "cuda"
-        _assert_same_bits(got, want, f"{name} on CUDA")
+        assert_same_bits(got, want, f"{name} on CUDA")
 
     tests = {
         "matches_ggml_reference": matches_ggml_reference,

@@ -16,6 +16,8 @@ import torch
 from gguf import GGMLQuantizationType as T
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from dequant_checks import assert_same_bits
+from dequant_checks import decode_f32 as ours
 from strategies import finite_blocks
 
 from ggufvideo.quants import dequantize, get_quant_type
@@ -70,20 +72,6 @@ def iq_block_arrays(qtype: T):
     """Strategy: 1-16 random blocks of ``qtype``, half the time with a special scale."""
     return st.builds(iq_blocks, st.just(qtype), st.integers(1, 16), st.integers(0, 2**32 - 1),
                      st.one_of(st.none(), st.sampled_from(SPECIAL_SCALES)))
-
-
-def ours(qtype: T, raw: np.ndarray) -> np.ndarray:
-    """Our float32 decode of ``(n_blocks, type_size)`` blocks, as ``(n_blocks, block_size)``."""
-    return get_quant_type(qtype).dequantize_blocks(torch.from_numpy(raw)).numpy()
-
-
-def assert_same_bits(got: np.ndarray, want: np.ndarray, what: str) -> None:
-    """float32 arrays equal bit for bit (signed zeros included)."""
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    a, b = got.view(np.uint32), want.view(np.uint32)
-    bad = np.flatnonzero(a != b)
-    assert bad.size == 0, (f"{what}: {bad.size} of {a.size} elements differ; first at {bad[0]}: "
-                           f"{got.flat[bad[0]]!r} != {want.flat[bad[0]]!r}")
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=IDS)

@@ -19,6 +19,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from dequant_checks import assert_same_bits
 from strategies import block_arrays
 
 from ggufvideo.quants import dequantize, get_quant_type
@@ -30,15 +31,6 @@ MXFP4 = get_quant_type(T.MXFP4)
 def ours(raw: np.ndarray) -> np.ndarray:
     """Our float32 decode of ``(n_blocks, 17)`` blocks, as ``(n_blocks, 32)``."""
     return MXFP4.dequantize_blocks(torch.from_numpy(raw)).numpy()
-
-
-def assert_same_bits(got: np.ndarray, want: np.ndarray, what: str) -> None:
-    """float32 arrays equal bit for bit (signed zeros and infinities included)."""
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    a, b = got.view(np.uint32), want.view(np.uint32)
-    bad = np.flatnonzero(a != b)
-    assert bad.size == 0, (f"{what}: {bad.size} of {a.size} elements differ; first at {bad[0]}: "
-                           f"{got.flat[bad[0]]!r} != {want.flat[bad[0]]!r}")
 
 
 def every_scale_and_code() -> np.ndarray:
