@@ -84,7 +84,26 @@ class Q3_K(DecodesInto, QuantType, qtype=T.Q3_K, block_size=256,
         out.view(-1, 16, 16).copy_(q.view(-1, 16, 16)).mul_(dl.unsqueeze(2))
 
 
-class Q4_K(DecodesInto, QuantType, qtype=T.Q4_K, block_size=256,
+class _ScaleMinK(DecodesInto, QuantType):
+    """Q4_K and Q5_K: 8 sub-blocks of 32 with 6-bit scales and mins packed in 12 bytes."""
+
+    @classmethod
+    def _low_nibbles(cls, blocks: torch.Tensor) -> torch.Tensor:
+        """The 4-bit part of every element, ``(n, 8, 32)`` uint8 in element order."""
+        return nibbles(cls.layout.field(blocks, "qs").view(-1, 4, 32)).view(-1, 8, 32)
+
+    @classmethod
+    def _scale_min_into(cls, blocks: torch.Tensor, out: torch.Tensor, q: torch.Tensor) -> None:
+        """``out = d1*q - m1`` per 32-element sub-block (Q4_K and Q5_K share the packing)."""
+        d = f16_scale(cls.layout, blocks, "d")
+        dmin = f16_scale(cls.layout, blocks, "dmin")
+        sc, mn = scale_min_k4(cls.layout.field(blocks, "scales"))
+        dl = sc.to(torch.float32).mul_(d)  # ggml: d1 = d * sc, m1 = min * m; y = d1*q - m1
+        ml = mn.to(torch.float32).mul_(dmin)
+        out.view(q.shape).copy_(q).mul_(dl.unsqueeze(2)).sub_(ml.unsqueeze(2))
+
+
+class Q4_K(_ScaleMinK, qtype=T.Q4_K, block_size=256,
            layout=Layout(("d", F16, 1), ("dmin", F16, 1), ("scales", U8, 12), ("qs", U8, 128))):
     """8 sub-blocks of 32: ``y = d*sc*q - dmin*m``, 6-bit ``sc``/``m`` packed in 12 bytes."""
 
@@ -92,16 +111,10 @@ class Q4_K(DecodesInto, QuantType, qtype=T.Q4_K, block_size=256,
 
     @classmethod
     def dequantize_into(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
-        d = f16_scale(cls.layout, blocks, "d")
-        dmin = f16_scale(cls.layout, blocks, "dmin")
-        sc, mn = scale_min_k4(cls.layout.field(blocks, "scales"))
-        dl = sc.to(torch.float32).mul_(d)  # ggml: d1 = d * sc, m1 = min * m; y = d1*q - m1
-        ml = mn.to(torch.float32).mul_(dmin)
-        q = nibbles(cls.layout.field(blocks, "qs").view(-1, 4, 32)).view(-1, 8, 32)
-        out.view(q.shape).copy_(q).mul_(dl.unsqueeze(2)).sub_(ml.unsqueeze(2))
+        cls._scale_min_into(blocks, out, cls._low_nibbles(blocks))
 
 
-class Q5_K(DecodesInto, QuantType, qtype=T.Q5_K, block_size=256,
+class Q5_K(_ScaleMinK, qtype=T.Q5_K, block_size=256,
            layout=Layout(("d", F16, 1), ("dmin", F16, 1), ("scales", U8, 12), ("qh", U8, 32),
                          ("qs", U8, 128))):
     """As Q4_K with a 5th bit per element in ``qh``."""
@@ -110,14 +123,8 @@ class Q5_K(DecodesInto, QuantType, qtype=T.Q5_K, block_size=256,
 
     @classmethod
     def dequantize_into(cls, blocks: torch.Tensor, out: torch.Tensor) -> None:
-        d = f16_scale(cls.layout, blocks, "d")
-        dmin = f16_scale(cls.layout, blocks, "dmin")
-        sc, mn = scale_min_k4(cls.layout.field(blocks, "scales"))
-        dl = sc.to(torch.float32).mul_(d)
-        ml = mn.to(torch.float32).mul_(dmin)
-        q = nibbles(cls.layout.field(blocks, "qs").view(-1, 4, 32)).view(-1, 8, 32)
-        q = q.bitwise_or_(_bit_planes(cls.layout.field(blocks, "qh"), 4))
-        out.view(q.shape).copy_(q).mul_(dl.unsqueeze(2)).sub_(ml.unsqueeze(2))
+        q = cls._low_nibbles(blocks).bitwise_or_(_bit_planes(cls.layout.field(blocks, "qh"), 4))
+        cls._scale_min_into(blocks, out, q)
 
 
 class Q6_K(DecodesInto, QuantType, qtype=T.Q6_K, block_size=256,
