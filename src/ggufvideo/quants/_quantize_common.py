@@ -136,6 +136,28 @@ def round_small_(v: torch.Tensor) -> torch.Tensor:
 
 
 _ZERO_INDEX: dict[int, torch.Tensor] = {}
+_BAGS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+# Bags per embedding_bag call: enough for torch to spread them over its threads; widths from
+# a handful of powers of two keep the number of distinct kernels fbgemm generates small.
+_MAX_BAGS = 64
+_MIN_BAG_WIDTH = 64
+
+
+def _bag_plan(p: int, n: int) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    """``(bags, indices, offsets)`` summing ``p`` rows of ``n`` as ``bags`` bags of ``n/bags``
+    columns each, or None when ``n`` has no suitable split."""
+    bags = _MAX_BAGS
+    while bags > 1 and (n % bags or n // bags < _MIN_BAG_WIDTH):
+        bags //= 2
+    if n % bags or n == 0:
+        return None
+    plan = _BAGS.get((p, bags))
+    if plan is None:
+        # Bag j takes column slice j of every row, in row order: row i of the (p*bags, n/bags)
+        # view of the terms is slice i % bags of position i // bags.
+        rows = torch.arange(p) * bags + torch.arange(bags).unsqueeze(1)   # (bags, p)
+        plan = _BAGS[(p, bags)] = (rows.reshape(-1), torch.arange(bags) * p)
+    return (bags,) + plan
 
 
 def seq_sum(terms: torch.Tensor, start: torch.Tensor | None = None,
@@ -146,22 +168,34 @@ def seq_sum(terms: torch.Tensor, start: torch.Tensor | None = None,
     ``+0.0``, which can decide the sign of a scale). A tree-ordered ``torch.sum`` rounds
     differently. ``out`` (shaped like ``terms[0]``) receives the result if given.
 
-    On CPU, for contiguous ``terms``, this is one ``index_add_`` of every term into the same row:
-    torch runs it as a loop of
-    in-place adds over the terms in index order, each step the same float32 add as ``s += t``
-    (with alpha 1, ``a + 1*b`` rounds once, FMA or not) but without a Python-level dispatch per
-    term. CUDA's ``index_add_`` accumulates with atomics in no fixed order, so other devices
-    take the explicit loop.
+    On CPU, for contiguous ``terms`` and no ``start``, this is one ``embedding_bag`` in ``sum``
+    mode: its kernel clears an accumulator (``+0.0``) and adds the bag's rows one after another
+    in index order, each a float32 add vectorized over the columns (fbgemm's kernel; its
+    portable fallbacks add with ``axpy``/``fma`` by exactly 1, the same single rounding), and
+    it is several times faster than any other in-order reduction torch has. With ``start``, an
+    ``index_add_`` of every term into a copy of it (torch's in-order loop of float32 adds;
+    slower: it walks the terms element by element). CUDA's ``index_add_`` accumulates with
+    atomics in no fixed order, so other devices take the explicit loop.
     """
+    n = terms.shape[0]
+    contiguous_cpu = terms.device.type == "cpu" and terms.is_contiguous()
+    if contiguous_cpu and start is None and terms.dtype == torch.float32:
+        plan = _bag_plan(n, terms[0].numel())
+        if plan is not None:
+            bags, idx, offsets = plan
+            res = torch.nn.functional.embedding_bag(
+                idx, terms.view(n * bags, -1), offsets, mode="sum").view(terms.shape[1:])
+            if out is None:
+                return res
+            return out.copy_(res)
     if out is None:
         out = torch.empty(terms.shape[1:], dtype=terms.dtype, device=terms.device)
     if start is None:
         out.zero_()
     else:
         out.copy_(start)
-    n = terms.shape[0]
     # Only contiguous terms: for strided ones torch's index_add_ leaves its fast loop (10x slower).
-    if terms.device.type == "cpu" and terms.is_contiguous():
+    if contiguous_cpu:
         idx = _ZERO_INDEX.get(n)
         if idx is None:
             idx = _ZERO_INDEX[n] = torch.zeros(n, dtype=torch.long)
