@@ -30,6 +30,14 @@ def _override(text: str) -> tuple[str, str]:
     return regex, qtype
 
 
+def _rename(text: str) -> tuple[str, str]:
+    regex, sep, repl = text.partition("=")
+    if not sep or not regex:
+        raise argparse.ArgumentTypeError(f"expected REGEX=REPLACEMENT (e.g. "
+                                         f"'^=model.diffusion_model.'), got {text!r}")
+    return regex, repl
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     p = argparse.ArgumentParser(prog="ggufvideo",
@@ -54,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="high-precision type (default: each tensor's source precision)")
     c.add_argument("--min-elements", type=int, default=1024, metavar="N",
                    help="tensors with at most N elements stay high precision (default: 1024)")
+    c.add_argument("--imatrix", default=None, metavar="FILE",
+                   help="importance matrix from llama.cpp's imatrix tool (GGUF or legacy .dat): "
+                   "its entries weight the quantization of the tensors of the same name "
+                   "(K-quants, IQ4_*, Q4_0/Q4_1/Q5_0/Q5_1)")
+    c.add_argument("--imatrix-rename", action="append", type=_rename, default=[],
+                   metavar="REGEX=REPLACEMENT",
+                   help="rewrite the imatrix's entry names before matching them to the source's "
+                   "(re.sub; repeatable, applied in order), e.g. '^=model.diffusion_model.' adds "
+                   "a prefix")
     c.add_argument("--device", default=None, help="where to quantize (cpu, cuda; default cpu)")
     c.add_argument("--force", "-f", action="store_true", help="replace DST if it exists")
     c.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -85,11 +102,17 @@ def _convert(args: argparse.Namespace) -> int:
     qtype = None if args.qtype.strip().lower() == "keep" else args.qtype
     policy = QuantPolicy.from_type(qtype, overrides=args.override, keep=args.keep,
                                    min_elements=args.min_elements, keep_type=args.keep_type)
+    if args.imatrix_rename and not args.imatrix:
+        raise ValueError("--imatrix-rename needs --imatrix")
     summary = convert(args.src, args.dst, policy=policy, force=args.force,
-                      progress=not args.quiet, device=args.device)
+                      progress=not args.quiet, device=args.device, imatrix=args.imatrix,
+                      imatrix_rename=args.imatrix_rename)
     if args.verbose:
+        used = set(summary.imatrix_used)
         for name, d in summary.decisions.items():
             extra = f" [{d.fallback}]" if d.fallback else ""
+            if name in used:
+                extra += " [imatrix]"
             print(f"  {_safe(name)}: {d.qtype.name} ({d.reason}){extra}")
     print(summary)
     return 0

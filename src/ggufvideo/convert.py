@@ -5,6 +5,18 @@ data is read, the policy types every tensor, the GGUF header is written, then te
 quantized and written one at a time (memory ~ one source tensor, never the model). Output goes to a
 temporary file renamed at the end; the source is opened read-only and never written.
 
+Memory stays at about one tensor because nothing read stays resident: safetensors and GGUF tensors
+are read with plain file reads into fresh memory, freed once written (a memory map would keep every
+page it touched counted in the process's RSS until the end, growing to the whole model). A ``.pt``
+checkpoint is loaded by ``torch.load(mmap=True)`` (its pickle decides the tensors' layout); after
+each storage has been converted, its pages are released with ``madvise(MADV_DONTNEED)`` -- only
+for storages found inside a private mapping of the source file (``/proc/self/maps``, Linux), where
+that only drops clean copies of file pages that the kernel reads again if touched. Elsewhere they
+stay mapped, as before.
+
+Tied weights (two keys of a ``.pt`` or state dict sharing one storage) are written under each key
+-- GGUF has no aliases -- but encoded once.
+
 Keys are kept verbatim, so any architecture converts (a twin-backbone model like Ovi included);
 known families are recognised only to record ``general.architecture``.
 """
@@ -13,8 +25,10 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,12 +36,13 @@ import torch
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from .errors import GGUFError, _safe
+from .imatrix import Imatrix, load_imatrix
 from .policy import QuantPolicy, source_qtype
 from .quants import get_quant_type
 from .reader import GGUFFile
 from .shapes import COMFY_ORIG_SHAPE_PREFIX, RAW_SHAPE_SUFFIX, logical_shape
 from .tensor import GGMLTensor
-from .writer import RawValue, SourceTensor, WriteSummary, write_model
+from .writer import RawValue, SourceTensor, WriteSummary, tensor_tie, write_model
 
 __all__ = ["convert", "open_source", "Source", "SOURCE_METADATA_PREFIX"]
 
@@ -293,6 +308,8 @@ def _open_torch(path: str, src: Source) -> None:
         more = " ..." if len(skipped) > 5 else ""
         src.notes.append(f"skipped {len(skipped)} non-tensor {entries}: "
                          f"{', '.join(_safe(k, 100) for k in skipped[:5])}{more}")
+    mapped_ranges = _mapped_ranges(path) if mapped else []
+    seen_ties: set[Any] = set()
     for name, t in obj.items():
         if not isinstance(t, torch.Tensor):
             continue
@@ -300,8 +317,85 @@ def _open_torch(path: str, src: Source) -> None:
             raise GGUFError(f"state dict key {_safe(repr(name))} is not a string", path=path)
         _check_dtype(name, t.dtype if t.dtype not in (torch.uint8, torch.bool) else None,
                      str(t.dtype), path)
+        tie = tensor_tie(t)
+        nbytes = 0 if tie in seen_ties else t.numel() * t.element_size()
+        if tie is not None:
+            seen_ties.add(tie)
         src.tensors.append(SourceTensor(name, tuple(t.shape), t.dtype, (lambda t=t: t), None,
-                                        t.numel() * t.element_size()))
+                                        nbytes, tie, _page_releaser(t, mapped_ranges)))
+
+
+# -- giving back the pages of a memory-mapped .pt ---------------------------------------------
+
+
+def _mapped_ranges(path: str) -> list[tuple[int, int]]:
+    """Address ranges ``[start, end)`` of this process's private mappings of ``path``.
+
+    Read from ``/proc/self/maps`` (Linux); elsewhere ``[]``, and nothing is ever released. A
+    mapping is recognised by the file's device and inode, or by its path.
+    """
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
+        return []
+    try:
+        st = os.stat(path)
+        real = os.path.realpath(path)
+        with open("/proc/self/maps", encoding="utf-8", errors="surrogateescape") as fh:
+            lines = fh.readlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) < 5 or len(parts[1]) < 4 or parts[1][3] != "p":
+            continue
+        try:
+            start, end = (int(a, 16) for a in parts[0].split("-"))
+            major, minor = (int(d, 16) for d in parts[3].split(":"))
+            inode = int(parts[4])
+        except ValueError:
+            continue
+        same_file = (inode == st.st_ino and os.makedev(major, minor) == st.st_dev) or \
+            (len(parts) == 6 and parts[5].rstrip("\n") == real)
+        if same_file:
+            out.append((start, end))
+    return out
+
+
+_madvise: Any = None
+
+
+def _page_releaser(t: torch.Tensor, ranges: list[tuple[int, int]]) -> Callable[[], None] | None:
+    """A function dropping the resident pages of ``t``'s storage, or ``None`` when the storage is
+    not inside a private mapping of the source (then releasing could lose data)."""
+    if not ranges or t.numel() == 0:
+        return None
+    try:
+        storage = t.untyped_storage()
+        begin, size = storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return None
+    page = mmap.PAGESIZE
+    for start, end in ranges:
+        if start <= begin and begin + size <= end:
+            # Whole pages covering the storage, within the mapping: neighbours' pages dropped
+            # too are clean file pages, read again from the file if they are used later.
+            lo = begin - (begin - start) % page
+            hi = min(end, -(-(begin + size) // page) * page)
+            return lambda lo=lo, n=hi - lo: _dontneed(lo, n)
+    return None
+
+
+def _dontneed(address: int, length: int) -> None:
+    global _madvise
+    if _madvise is None:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        _madvise = fn
+    # Advice only: a failure leaves the pages resident, which costs memory, not correctness.
+    _madvise(address, length, mmap.MADV_DONTNEED)
 
 
 def _read_bytes(path: str, offset: int, n: int) -> bytes:
@@ -310,10 +404,26 @@ def _read_bytes(path: str, offset: int, n: int) -> bytes:
         return fh.read(n)
 
 
+def _read_stored(path: str, info: Any) -> torch.Tensor:
+    """A GGUF tensor's stored bytes read into fresh memory, shaped like
+    :meth:`GGUFFile.tensor_data`: ``(*shape[:-1], row_bytes)``."""
+    shape = tuple(info.shape) or (1,)
+    row_bytes = get_quant_type(info.qtype).row_bytes(shape[-1]) if shape[-1] else 0
+    if info.nbytes == 0:
+        return torch.empty((*shape[:-1], row_bytes), dtype=torch.uint8)
+    return _read_tensor(path, info.offset, (info.nbytes,), torch.uint8).view(*shape[:-1],
+                                                                              row_bytes)
+
+
 def _open_gguf(path: str, src: Source) -> None:
     src.files.append(path)
-    g = GGUFFile(path)
-    src._keep_open.append(g)
+    with GGUFFile(path) as g:
+        _gguf_tensors(g, path, src)
+
+
+def _gguf_tensors(g: GGUFFile, path: str, src: Source) -> None:
+    # Only the header is read through the mapping; tensors are read with plain reads (see the
+    # module's docstring), so the file can be closed once the header is parsed.
     shape_keys = set()
     for name in g.tensors:
         shape_keys.add(COMFY_ORIG_SHAPE_PREFIX + name)
@@ -332,12 +442,14 @@ def _open_gguf(path: str, src: Source) -> None:
         if qt.torch_dtype is not None:
             def load(info=info, shape=shape) -> torch.Tensor:
                 dtype = get_quant_type(info.qtype).torch_dtype
-                return g.tensor_data(info).view(dtype).reshape(shape)
+                raw = _read_stored(path, info)
+                return raw.view(dtype).reshape(shape)
 
             src.tensors.append(SourceTensor(name, shape, qt.torch_dtype, load, None, info.nbytes))
         else:
             def loadq(info=info, shape=shape) -> torch.Tensor:
-                return GGMLTensor(g.tensor_data(info), info.qtype, shape)
+                raw = _read_stored(path, info)
+                return GGMLTensor(raw, info.qtype, shape)
 
             src.tensors.append(SourceTensor(name, shape, torch.float32, loadq, info.qtype,
                                             info.nbytes))
@@ -381,7 +493,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             overrides: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
             keep: Iterable[str] = (), force: bool = False, progress: bool = False,
             metadata: Mapping[str, Any] | None = None, architecture: str | None = None,
-            device: torch.device | str | None = None) -> WriteSummary:
+            device: torch.device | str | None = None,
+            imatrix: str | os.PathLike[str] | Imatrix | None = None,
+            imatrix_rename: Iterable[tuple[str, str]] | Mapping[str, str] = ()) -> WriteSummary:
     """Convert a checkpoint to GGUF.
 
     Args:
@@ -399,6 +513,16 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         metadata: extra metadata for the file.
         architecture: ``general.architecture`` (default: the source's, else detected).
         device: where quantization runs (``"cuda"`` for speed; default CPU).
+        imatrix: an importance matrix -- a file written by llama.cpp's ``imatrix`` tool (GGUF or
+            legacy ``.dat``, see :mod:`ggufvideo.imatrix`) or a loaded :class:`Imatrix`. Each
+            entry applies to the tensor of the same name when it is quantized to a type that uses
+            one (K-quants, IQ4_NL/IQ4_XS, Q4_0/Q4_1/Q5_0/Q5_1); other tensors, and tensors without
+            an entry, are quantized without. The file and its dataset are recorded in the output's
+            ``quantize.imatrix.*`` metadata, as llama.cpp does.
+        imatrix_rename: ``(regex, replacement)`` rules applied in order (``re.sub``) to the
+            matrix's entry names before matching them to the source's tensor names, for a matrix
+            computed on a differently named copy of the model: ``[("^", "model.diffusion_model.")]``
+            adds a prefix, ``[(r"^model\\.diffusion_model\\.", "")]`` removes one.
 
     Returns:
         A :class:`~ggufvideo.writer.WriteSummary`; ``str()`` of it is the human summary.
@@ -408,6 +532,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         FileExistsError: ``dst`` exists and ``force`` is false.
         GGUFError: ``dst`` is the source, an unreadable source, or a tensor that cannot be
             written as asked (each message names the file and the tensor).
+        ImatrixError: an unreadable importance matrix, or an entry whose length does not fit its
+            tensor's rows (a :class:`GGUFError`; raised before anything is written).
     """
     if policy is None:
         policy = QuantPolicy.from_type(qtype, overrides=overrides, keep=keep)
@@ -419,21 +545,41 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         raise FileNotFoundError(f"{srcp}: no such file or folder")
     if os.path.exists(dst) and not force:
         raise FileExistsError(f"{dst} exists (use --force / force=True to replace it)")
+    imat = None
+    if imatrix is not None:
+        imat = imatrix if isinstance(imatrix, Imatrix) else load_imatrix(imatrix)
+        if imatrix_rename:
+            imat = imat.renamed(imatrix_rename)
+    elif imatrix_rename:
+        raise ValueError("imatrix_rename given without an imatrix")
     source = open_source(srcp)
     meta: dict[str, Any] = {}
     if source.kind != "gguf":
         base = os.path.basename(os.path.normpath(srcp))
         meta["general.name"] = base.rsplit(".", 1)[0] if not os.path.isdir(srcp) else base
     meta.update(source.metadata)
+    if imat is not None:
+        # A requantized GGUF may carry the keys of the matrix it was made with: replaced whole.
+        for k in [k for k in meta if k.startswith("quantize.imatrix.")]:
+            del meta[k]
+        meta.update(imat.metadata())
     meta.update(metadata or {})
     try:
         summary = write_model(source.tensors, dst, policy=policy, metadata=meta,
                               architecture=architecture or source.architecture, requantize=True,
                               overwrite=force, progress=progress, protect=source.files,
-                              device=device)
+                              device=device, imatrix=imat)
     finally:
-        # Dropped, not closed: a GGUF source's mapping must outlive any tensor view still
-        # referenced (by a traceback, say); the garbage collector releases it after the views.
+        # Dropped, not closed: a mapping must outlive any tensor view still referenced (by a
+        # traceback, say); the garbage collector releases it after the views.
         source._keep_open.clear()
     summary.notes.extend(source.notes)
+    if imat is not None:
+        names = {t.name for t in source.tensors}
+        unmatched = [n for n in imat.entries if n not in names]
+        if unmatched:
+            summary.notes.append(
+                f"{len(unmatched)} of {len(imat)} imatrix entries name no tensor of the source "
+                f"(e.g. {_safe(unmatched[0])}); if the names differ by a prefix, map them with "
+                "--imatrix-rename / imatrix_rename")
     return summary

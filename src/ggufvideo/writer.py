@@ -33,9 +33,9 @@ import stat
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ from .policy import QuantPolicy, TensorDecision, source_qtype
 from .quants import get_quant_type
 from .shapes import COMFY_ORIG_SHAPE_PREFIX, RAW_SHAPE_SUFFIX
 from .tensor import GGMLTensor
+
+if TYPE_CHECKING:
+    from .imatrix import Imatrix
 
 try:
     import fcntl
@@ -67,6 +70,7 @@ __all__ = [
     "GGUF_VERSION",
     "format_bytes",
     "MAX_GGML_NAME",
+    "tensor_tie",
 ]
 
 GGUF_VERSION = 3
@@ -588,7 +592,12 @@ class SourceTensor:
         dtype: source dtype (for already-quantized tensors: their compute dtype).
         load: returns the tensor (plain or :class:`GGMLTensor`); called once, when written.
         qtype: the ggml type of an already-quantized source, else ``None``.
-        nbytes: bytes the source holds.
+        nbytes: bytes the source holds (0 for a later name of tied data: stored once).
+        tie: equal for names whose data is the same memory (tied weights, e.g. ``.pt``
+            embeddings shared with a head): written under each name, encoded once. ``None``: not
+            shared.
+        release: called once the tensor's data has been consumed, to give its memory back (a
+            memory-mapped source drops the pages it read); ``None``: nothing to do.
     """
 
     name: str
@@ -597,6 +606,8 @@ class SourceTensor:
     load: Callable[[], torch.Tensor]
     qtype: GGMLQuantizationType | None = None
     nbytes: int = 0
+    tie: Hashable | None = None
+    release: Callable[[], None] | None = None
 
 
 @dataclass
@@ -611,6 +622,10 @@ class WriteSummary:
         decisions: tensor name -> the policy's decision (``qtype`` is what was written).
         seconds: wall time.
         notes: anything worth telling (skipped entries, fallbacks to full-model loads).
+        imatrix: the importance-matrix file used, or ``None``.
+        imatrix_used: the tensors quantized with importance weights from it.
+        imatrix_entries: how many entries the matrix has.
+        tied: name -> the earlier name whose encoded bytes it reuses (tied weights).
     """
 
     path: str
@@ -620,6 +635,10 @@ class WriteSummary:
     decisions: dict[str, TensorDecision] = field(default_factory=dict)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    imatrix: str | None = None
+    imatrix_used: list[str] = field(default_factory=list)
+    imatrix_entries: int = 0
+    tied: dict[str, str] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """Number of tensors written per ggml type name."""
@@ -648,6 +667,14 @@ class WriteSummary:
                 lines.append(f"    {_safe(n)}: {d.fallback}")
             if len(fb) > 20:
                 lines.append(f"    ... and {len(fb) - 20} more")
+        if self.imatrix is not None:
+            lines.append(f"  imatrix: {len(self.imatrix_used)} tensor(s) quantized with "
+                         f"importance weights from {_safe(self.imatrix, 400)} "
+                         f"({self.imatrix_entries} entries)")
+        if self.tied:
+            lines.append(f"  tied: {len(self.tied)} tensor(s) share another's data; encoded once, "
+                         f"written under each name (e.g. {_safe(next(iter(self.tied)))} = "
+                         f"{_safe(next(iter(self.tied.values())))})")
         long_names = [n for n in self.decisions if len(n.encode()) >= MAX_GGML_NAME]
         if long_names:
             lines.append(f"  note: {len(long_names)} tensor name(s) have {MAX_GGML_NAME}+ bytes; "
@@ -666,16 +693,22 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def _quantize_rows(x: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
+def _quantize_rows(x: torch.Tensor, qtype: GGMLQuantizationType,
+                   imatrix: torch.Tensor | None = None) -> torch.Tensor:
     """float32 rows ``(r, n)`` -> their ggml bytes ``(r, row_bytes)``."""
     from .quants import quantize
 
-    return quantize(x, qtype)
+    return quantize(x, qtype, imatrix=imatrix)
 
 
 def _encode_tensor(t: torch.Tensor, name: str, qtype: GGMLQuantizationType,
-                   stored: tuple[int, ...], device: torch.device | None) -> Iterator[torch.Tensor]:
-    """Yield the bytes of plain tensor ``t`` stored as ``qtype`` with stored shape ``stored``."""
+                   stored: tuple[int, ...], device: torch.device | None,
+                   weights: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """Yield the bytes of plain tensor ``t`` stored as ``qtype`` with stored shape ``stored``.
+
+    ``weights``: importance weights ``(n_mat, row)``; one row serves every row of the tensor,
+    ``n_mat`` rows serve consecutive equal groups of rows (the matrices of a 3-D tensor).
+    """
     if t.numel() == 0:
         return
     qt = get_quant_type(qtype)
@@ -683,8 +716,15 @@ def _encode_tensor(t: torch.Tensor, name: str, qtype: GGMLQuantizationType,
     where = device if device is not None else rows.device
     per_step = _CHUNK_ELEMENTS if where.type == "cpu" else _GPU_CHUNK_ELEMENTS
     step = max(1, per_step // rows.shape[1])
-    for start in range(0, rows.shape[0], step):
-        chunk = rows[start:start + step]
+    n_mat = 1 if weights is None else weights.shape[0]
+    per_mat = rows.shape[0] // n_mat
+    # Steps never straddle two matrices: each is quantized with its own weights.
+    starts = [(m, s) for m in range(n_mat)
+              for s in range(m * per_mat, (m + 1) * per_mat, step)]
+    if weights is not None:
+        weights = weights.to(where)
+    for m, start in starts:
+        chunk = rows[start:min(start + step, (m + 1) * per_mat)]
         if qt.torch_dtype is not None:
             # Plain types: the values themselves, rounded once from the source (what ggml's
             # fp32 -> fp16/bf16 converters do); the same dtype is copied bit for bit.
@@ -698,7 +738,10 @@ def _encode_tensor(t: torch.Tensor, name: str, qtype: GGMLQuantizationType,
                 f"{bad} non-finite value(s) (NaN/inf): quantizing to {qtype.name} would corrupt "
                 "their blocks; keep the tensor at high precision (an override to 'keep')",
                 tensor=name)
-        yield _quantize_rows(x, qtype).cpu()
+        if weights is None:
+            yield _quantize_rows(x, qtype).cpu()
+        else:
+            yield _quantize_rows(x, qtype, weights[m]).cpu()
 
 
 def _plan(src: SourceTensor, policy: QuantPolicy, requantize: bool
@@ -714,22 +757,52 @@ def _plan(src: SourceTensor, policy: QuantPolicy, requantize: bool
     return policy.decide(src.name, src.shape, src.dtype), False
 
 
+@dataclass
+class _SharedBytes:
+    """The encoded bytes of data written under several names (tied weights).
+
+    The first name encodes and keeps its chunks; each later name writes them again; the last one
+    drops them. Held at most from the first name to the last: about one encoded tensor.
+    """
+
+    users_left: int
+    chunks: list[torch.Tensor] | None = None
+
+
 def _produce(src: SourceTensor, decision: TensorDecision, copy_raw: bool,
-             stored: tuple[int, ...], device: torch.device | None, on_done: Callable[[int], None]
+             stored: tuple[int, ...], device: torch.device | None, on_done: Callable[[int], None],
+             weights: torch.Tensor | None = None, shared: _SharedBytes | None = None
              ) -> Callable[[], Iterator[torch.Tensor]]:
     def gen() -> Iterator[torch.Tensor]:
+        if shared is not None and shared.chunks is not None:
+            yield from shared.chunks
+            shared.users_left -= 1
+            if shared.users_left == 0:
+                shared.chunks = None
+            on_done(src.nbytes)
+            return
         t = src.load()
         if tuple(t.shape) != tuple(src.shape):
             raise GGUFError(f"source shape changed: header said {list(src.shape)}, data is "
                             f"{list(t.shape)}", tensor=src.name)
         if copy_raw:
             assert isinstance(t, GGMLTensor)
-            yield t.raw.reshape(-1)
+            parts: Iterable[torch.Tensor] = [t.raw.reshape(-1)]
         else:
             if isinstance(t, GGMLTensor):
                 t = t.dequantize(torch.float32)
-            yield from _encode_tensor(t, src.name, decision.qtype, stored, device)
-        del t
+            parts = _encode_tensor(t, src.name, decision.qtype, stored, device, weights)
+        kept: list[torch.Tensor] | None = [] if shared is not None else None
+        for part in parts:
+            if kept is not None:
+                # A copy: a part may be a view of the source's memory, released below.
+                kept.append(part.detach().to("cpu", copy=True))
+            yield part
+        del t, parts
+        if shared is not None:
+            shared.chunks = kept
+        if src.release is not None:
+            src.release()
         on_done(src.nbytes)
 
     return gen
@@ -740,7 +813,8 @@ def write_model(sources: Iterable[SourceTensor], path: str | os.PathLike[str], *
                 architecture: str | None = None, requantize: bool = True,
                 overwrite: bool = False, progress: bool = False,
                 protect: Iterable[str | os.PathLike[str]] = (),
-                device: torch.device | str | None = None) -> WriteSummary:
+                device: torch.device | str | None = None,
+                imatrix: Imatrix | None = None) -> WriteSummary:
     """Type every source tensor by ``policy`` and stream them into a GGUF file.
 
     The shared engine of :func:`save_state_dict` and :func:`ggufvideo.convert`.
@@ -758,6 +832,12 @@ def write_model(sources: Iterable[SourceTensor], path: str | os.PathLike[str], *
         progress: show a tqdm bar (tensors and bytes).
         protect: files never to be replaced (sources).
         device: where quantization runs (``None``: CPU).
+        imatrix: importance weights by tensor name, used for the tensors quantized to a type that
+            takes them (:data:`ggufvideo.imatrix.USES_IMATRIX`); others ignore it.
+
+    Raises:
+        ImatrixError: an importance-matrix entry whose length does not fit its tensor's rows
+            (raised before anything is written).
     """
     t0 = time.perf_counter()
     path = os.fspath(path)
@@ -782,14 +862,25 @@ def write_model(sources: Iterable[SourceTensor], path: str | os.PathLike[str], *
     decisions: dict[str, TensorDecision] = {}
     entries: list[TensorEntry] = []
     shape_meta: dict[str, Any] = {}
+    imatrix_used: list[str] = []
+    plans = []
     for s in sources:
         decision, copy_raw = _plan(s, policy, requantize)
         stored, needs_meta = stored_layout(s.shape, decision.qtype)
         if needs_meta:
             shape_meta.update(_shape_metadata(s.name, tuple(s.shape)))
         decisions[s.name] = decision
+        weights = None
+        if imatrix is not None and not copy_raw and decision.qtype in _uses_imatrix():
+            weights = imatrix.weights_for(s.name, stored)
+            if weights is not None:
+                imatrix_used.append(s.name)
+        plans.append((s, decision, copy_raw, stored, weights))
+    shared, tied = _tied_groups(plans)
+    for s, decision, copy_raw, stored, weights in plans:
         entries.append(TensorEntry(s.name, decision.qtype, stored,
-                                   _produce(s, decision, copy_raw, stored, dev, on_done)))
+                                   _produce(s, decision, copy_raw, stored, dev, on_done, weights,
+                                            shared.get(s.name))))
 
     meta: dict[str, Any] = {"general.architecture": arch}
     from . import __version__
@@ -810,7 +901,39 @@ def write_model(sources: Iterable[SourceTensor], path: str | os.PathLike[str], *
         if bar is not None:
             bar.close()
     bytes_in = sum(s.nbytes for s in sources)
-    return WriteSummary(path, arch, bytes_in, size, decisions, time.perf_counter() - t0)
+    return WriteSummary(path, arch, bytes_in, size, decisions, time.perf_counter() - t0,
+                        imatrix=imatrix.path if imatrix is not None else None,
+                        imatrix_used=imatrix_used,
+                        imatrix_entries=len(imatrix) if imatrix is not None else 0, tied=tied)
+
+
+def _uses_imatrix() -> frozenset[GGMLQuantizationType]:
+    from .imatrix import USES_IMATRIX
+
+    return USES_IMATRIX
+
+
+def _tied_groups(plans: list[tuple[SourceTensor, TensorDecision, bool, tuple[int, ...],
+                                   torch.Tensor | None]]
+                 ) -> tuple[dict[str, _SharedBytes], dict[str, str]]:
+    """Names whose bytes can be encoded once: same data (``tie``), same type, stored shape and
+    importance weights. Returns name -> its group's shared bytes, and later name -> first name."""
+    groups: dict[Hashable, list[str]] = {}
+    for s, decision, copy_raw, stored, weights in plans:
+        if s.tie is None:
+            continue
+        wkey = None if weights is None else weights.numpy().tobytes()
+        groups.setdefault((s.tie, decision.qtype, stored, copy_raw, wkey), []).append(s.name)
+    shared: dict[str, _SharedBytes] = {}
+    tied: dict[str, str] = {}
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        bucket = _SharedBytes(users_left=len(names) - 1)
+        for n in names:
+            shared[n] = bucket
+        tied.update({n: names[0] for n in names[1:]})
+    return shared, tied
 
 
 def _file_type(policy: QuantPolicy, decisions: Mapping[str, TensorDecision]
@@ -835,8 +958,21 @@ def _file_type(policy: QuantPolicy, decisions: Mapping[str, TensorDecision]
 # -- state dicts -----------------------------------------------------------------------------
 
 
+def tensor_tie(t: torch.Tensor) -> Hashable | None:
+    """A key equal for tensors that are the same data in memory (tied weights: one storage, same
+    offset, shape, strides and dtype), ``None`` for data that cannot be shared (empty, meta)."""
+    if t.numel() == 0 or t.is_meta or isinstance(t, GGMLTensor):
+        return None
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+        return None
+    return (str(t.device), ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
 def _state_dict_sources(state_dict: Mapping[str, torch.Tensor]) -> list[SourceTensor]:
     out = []
+    seen_ties: set[Hashable] = set()
     for name, t in state_dict.items():
         if not isinstance(name, str):
             raise GGUFError(f"state dict keys must be strings, got {name!r}")
@@ -849,8 +985,12 @@ def _state_dict_sources(state_dict: Mapping[str, torch.Tensor]) -> list[SourceTe
                                     t.raw.nbytes))
         else:
             source_qtype(t.dtype)  # raises for dtypes GGUF cannot hold
+            tie = tensor_tie(t)
+            nbytes = 0 if tie in seen_ties else t.numel() * t.element_size()
+            if tie is not None:
+                seen_ties.add(tie)
             out.append(SourceTensor(name, tuple(t.shape), t.dtype, (lambda t=t: t), None,
-                                    t.numel() * t.element_size()))
+                                    nbytes, tie))
     return out
 
 
