@@ -67,6 +67,47 @@ def test_unknown_type_is_an_error_exit(tmp_path, capsys):
     assert "Q9_K" in capsys.readouterr().err
 
 
+def _legacy_imatrix(path, entries: dict[str, int]) -> None:
+    """A legacy llama.cpp .dat importance matrix: count, (name, ncall, nval, values)..."""
+    import struct
+
+    parts = [struct.pack("<i", len(entries))]
+    for name, n in entries.items():
+        parts += [struct.pack("<i", len(name)), name.encode(), struct.pack("<ii", 1, n),
+                  struct.pack(f"<{n}f", *[1.0 + (i % 7) for i in range(n)])]
+    path.write_bytes(b"".join(parts))
+
+
+def test_convert_with_imatrix_and_rename_reports_its_use(tmp_path, capsys):
+    src = _model(tmp_path)
+    imat = tmp_path / "im.dat"
+    _legacy_imatrix(imat, {"model.blocks.0.self_attn.q.weight": 256})
+    rc = main(["convert", str(src), str(tmp_path / "m.gguf"), "-t", "Q4_K", "-q", "-v",
+               "--imatrix", str(imat), "--imatrix-rename", r"^model\.="])
+    out = capsys.readouterr().out
+    assert rc == 0 and "imatrix: 1 tensor(s) quantized with importance weights" in out
+    assert "blocks.0.self_attn.q.weight: Q4_K" in out and "[imatrix]" in out
+    with GGUFFile(tmp_path / "m.gguf") as g:
+        assert g.metadata["quantize.imatrix.file"] == str(imat)
+        assert g.metadata["quantize.imatrix.entries_count"] == 1
+
+
+def test_convert_with_a_bad_imatrix_is_an_error_exit(tmp_path, capsys):
+    src = _model(tmp_path)
+    imat = tmp_path / "im.dat"
+    imat.write_bytes(b"\x02\x00")
+    rc = main(["convert", str(src), str(tmp_path / "m.gguf"), "-q", "--imatrix", str(imat)])
+    err = capsys.readouterr().err
+    assert rc == 1 and str(imat) in err and "too short" in err
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_imatrix_rename_without_imatrix_is_an_error_exit(tmp_path, capsys):
+    rc = main(["convert", str(_model(tmp_path)), str(tmp_path / "m.gguf"), "-q",
+               "--imatrix-rename", "^a=b"])
+    assert rc == 1 and "--imatrix-rename needs --imatrix" in capsys.readouterr().err
+
+
 def test_inspect_lists_tensors_totals_and_summarises_long_arrays(tmp_path, capsys):
     path = tmp_path / "m.gguf"
     save_state_dict({"w.weight": torch.randn(64, 256), "c": torch.randn(8, 8, 2, 2, 2)}, path,

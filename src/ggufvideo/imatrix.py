@@ -355,9 +355,10 @@ def _gguf_entries(g: Any, path: str) -> Imatrix:
     datasets: tuple[str, ...] = ()
     f = g.fields.get("imatrix.datasets")
     if f is not None:
-        if f.type != GGUFValueType.ARRAY or f.item_type != GGUFValueType.STRING:
+        if f.type != GGUFValueType.ARRAY or (f.item_type != GGUFValueType.STRING and f.count):
             raise ImatrixError("metadata imatrix.datasets is not an array of strings", path=path)
-        datasets = tuple(str(d) for d in g.metadata["imatrix.datasets"])
+        if f.count:  # an empty array says nothing, whatever its item type
+            datasets = tuple(str(d) for d in g.metadata["imatrix.datasets"])
     chunks = 0
     f = g.fields.get("imatrix.chunk_count")
     if f is not None:
