@@ -5,9 +5,9 @@ default, ~200 MiB in all) as a ``.safetensors`` file, a ``.pt`` state dict and a
 then converts each in a fresh process and prints that process's peak RSS above its baseline (taken
 after imports), next to the source's size. Peak RSS is read as ``VmHWM`` (the kernel's high-water
 mark of this address space, reset after imports through ``/proc/self/clear_refs``), not
-``ru_maxrss``: a child's ``ru_maxrss`` starts at its parent's RSS at fork time. The converter promises memory of about
-the largest tensor times a small factor, never the model: the "peak - base" column should stay near
-a couple of tensors whatever the file size.
+``ru_maxrss``: a child's ``ru_maxrss`` starts at its parent's RSS at fork time. The converter
+promises memory of about the largest tensor times a small factor, never the model: the
+"peak - base" column should stay near a few tensors whatever the file size.
 
 Usage::
 
@@ -17,19 +17,28 @@ Usage::
 Linux only (``/proc/self/status``). The CPU and page cache may be shared with other processes;
 memory numbers do not depend on that, timings do.
 
-Measured (2-core shared CPU VM, 24 GiB RAM, torch 2.13 CPU; ``--qtype Q8_0``, 25 x 8 MiB)::
+Measured (2-core shared CPU VM, 24 GiB RAM, Linux ext4, torch 2.13 CPU; 8 MiB tensors; the
+script's seconds column is wall-clock on a CPU shared with other jobs, so it is left out)::
 
-    before releasing consumed pages (mmap kept every page it touched resident):
+    before releasing consumed pages (a map kept every page it touched resident), Q8_0, 25 tensors:
     source        file MiB  base MiB  peak MiB  peak-base MiB
     safetensors      200.0     224.0     254.8           30.9
     torch            200.0     224.1     455.8          231.8
     gguf             200.0     224.0     462.6          238.7
 
     after (.pt: consumed storages released with madvise(MADV_DONTNEED); .gguf: plain reads):
-    source        file MiB  base MiB  peak MiB  peak-base MiB
-    safetensors      200.0     224.2     255.7           31.5
-    torch            200.0     224.3     271.1           46.8
-    gguf             200.0     224.2     266.7           42.5
+    Q8_0, 25 tensors (200 MiB)
+    safetensors      200.0     224.4     270.7           46.3
+    torch            200.0     224.4     270.3           45.9
+    gguf             200.0     224.4     271.7           47.3
+    Q8_0, 50 tensors (400 MiB): the peak does not grow with the model
+    safetensors      400.0     224.4     255.9           31.5
+    torch            400.0     224.4     270.5           46.1
+    gguf             400.0     224.5     267.9           43.4
+    Q4_K, 25 tensors (the K-quant search's temporaries for one 1M-element chunk on top)
+    safetensors      200.0     224.5     269.7           45.1
+    torch            200.0     224.4     285.2           60.9
+    gguf             200.0     224.4     280.7           56.3
 """
 
 from __future__ import annotations

@@ -91,6 +91,7 @@ class Imatrix:
             matrix): the values handed to ggml's quantizer, never negative or non-finite.
         datasets: the calibration datasets the file names (possibly none).
         chunks: the number of chunks it was computed on (0 when the file does not say).
+        renames: the ``(regex, replacement)`` rules applied by :meth:`renamed`, in order.
     """
 
     path: str
