@@ -845,12 +845,7 @@ def write_model(sources: Iterable[SourceTensor], path: str | os.PathLike[str], *
     dev = torch.device(device) if device is not None else None
     arch = architecture or detect_architecture(s.name for s in sources)
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(s.nbytes for s in sources), unit="B", unit_scale=True,
-                   unit_divisor=1024, desc="converting", dynamic_ncols=True)
+    bar: Any = None  # made once the plan stands, so an error in planning leaves no open bar
     done = [0]
 
     def on_done(nbytes: int) -> None:
@@ -895,6 +890,11 @@ def write_model(sources: Iterable[SourceTensor], path: str | os.PathLike[str], *
             raise GGUFError(f"metadata key {k!r} is written by the writer itself", path=path)
         meta[k] = v
     meta.update(shape_meta)
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(s.nbytes for s in sources), unit="B", unit_scale=True,
+                   unit_divisor=1024, desc="converting", dynamic_ncols=True)
     try:
         size = write_gguf(path, entries, meta, overwrite=overwrite, protect=protect)
     finally:
