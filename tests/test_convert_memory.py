@@ -81,3 +81,37 @@ def test_peak_rss_of_a_conversion_stays_well_below_the_model(sources, kind, tmp_
     assert grew < MODEL_BYTES // 3, (
         f"{kind}: peak RSS grew by {grew / 2**20:.1f} MiB converting a "
         f"{MODEL_BYTES / 2**20:.0f} MiB model of {TENSOR_BYTES / 2**20:.0f} MiB tensors")
+
+
+def _small_pt(tmp_path):
+    p = tmp_path / "s.pt"
+    torch.save({"a.weight": torch.randn(64, 256), "b.weight": torch.randn(64, 256)}, p)
+    return p
+
+
+def test_mapped_pt_storages_get_page_releasers(tmp_path):
+    from ggufvideo.convert import open_source
+
+    src = open_source(_small_pt(tmp_path))
+    assert all(t.release is not None for t in src.tensors)
+
+
+def test_pt_of_the_other_byte_order_is_never_released(tmp_path, monkeypatch):
+    # torch.load byte-swaps such a checkpoint in place (private copies of the mapped pages):
+    # dropping those pages would bring the unswapped bytes back.
+    conv = sys.modules["ggufvideo.convert"]
+    monkeypatch.setattr(conv, "_byteorder", lambda path: "big")
+    src = conv.open_source(_small_pt(tmp_path))
+    assert all(t.release is None for t in src.tensors)
+
+
+def test_released_pages_read_back_the_same_values(tmp_path):
+    from ggufvideo.convert import open_source
+
+    p = _small_pt(tmp_path)
+    want = torch.load(p, weights_only=True)
+    src = open_source(p)
+    for t in src.tensors:
+        first = t.load().clone()
+        t.release()
+        assert torch.equal(t.load(), first) and torch.equal(first, want[t.name])

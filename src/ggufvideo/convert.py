@@ -308,7 +308,9 @@ def _open_torch(path: str, src: Source) -> None:
         more = " ..." if len(skipped) > 5 else ""
         src.notes.append(f"skipped {len(skipped)} non-tensor {entries}: "
                          f"{', '.join(_safe(k, 100) for k in skipped[:5])}{more}")
-    mapped_ranges = _mapped_ranges(path) if mapped else []
+    # Pages of a checkpoint of the other byte order were byte-swapped in place by torch.load
+    # (private copies): dropping them would bring back the unswapped file bytes. Never released.
+    mapped_ranges = _mapped_ranges(path) if mapped and _byteorder(path) == sys.byteorder else []
     seen_ties: set[Any] = set()
     for name, t in obj.items():
         if not isinstance(t, torch.Tensor):
@@ -359,6 +361,21 @@ def _mapped_ranges(path: str) -> list[tuple[int, int]]:
         if same_file:
             out.append((start, end))
     return out
+
+
+def _byteorder(path: str) -> str | None:
+    """The byte order a zip-format torch checkpoint records (``little`` when it records none, as
+    torch assumes), or ``None`` when it cannot be told."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("/byteorder") or n == "byteorder"]
+            if not names:
+                return "little"
+            return z.read(names[0]).decode("ascii", "replace").strip()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
 
 
 _madvise: Any = None
