@@ -76,9 +76,10 @@ def test_peak_rss_of_a_conversion_stays_well_below_the_model(sources, kind, tmp_
     if not result["reset"]:
         pytest.skip("cannot reset the peak-RSS mark (/proc/self/clear_refs not writable)")
     grew = result["grew"]
-    # About one tensor read plus its float32 chunk and encoded bytes (~40 MiB measured, see
-    # benchmarks/convert_memory.py); without releasing mapped pages it is the model's 192 MiB.
-    assert grew < MODEL_BYTES // 3, (
+    # About one tensor read plus its float32 chunk, the quantizer's temporaries and the encoded
+    # bytes (30-50 MiB measured, see benchmarks/convert_memory.py); with mapped pages left
+    # resident it is the whole 192 MiB model and more. Half the model separates the two with room.
+    assert grew < MODEL_BYTES // 2, (
         f"{kind}: peak RSS grew by {grew / 2**20:.1f} MiB converting a "
         f"{MODEL_BYTES / 2**20:.0f} MiB model of {TENSOR_BYTES / 2**20:.0f} MiB tensors")
 
