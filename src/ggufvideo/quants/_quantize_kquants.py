@@ -93,28 +93,62 @@ def _running_max_pos(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, s, 0.0).amax(1)
 
 
+class _Scratch:
+    """Named float32 work buffers that the chunks of one call share.
+
+    Every chunk needs the same dozen multi-MiB temporaries. Allocated afresh, each comes from
+    the system as new pages (the C allocator hands such sizes back after every free), and
+    zero-filling those pages on first touch cost about an eighth of the CPU time; reused, only
+    the first chunk pays. A buffer is a contiguous view of the first elements of its storage,
+    so a smaller last chunk fits in it.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """An uninitialized contiguous float32 tensor of ``shape``, reused across calls."""
+        n = 1
+        for dim in shape:
+            n *= dim
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n or buf.device != device:
+            buf = self._bufs[name] = torch.empty(n, dtype=_F32, device=device)
+        return buf[:n].view(shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # Block <-> position-major views
 # ---------------------------------------------------------------------------------------------
-def _pos_major(x: torch.Tensor, group: int) -> torch.Tensor:
+def _pos_major(x: torch.Tensor, group: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """``(nb, 256)`` -> ``(group, nb * 256/group)``: column ``b*S + s`` is sub-block ``s`` of
-    block ``b``, row ``i`` its element ``i``."""
+    block ``b``, row ``i`` its element ``i``. Written into ``out`` (that shape) if given."""
     nb = x.shape[0]
-    # contiguous: reshape alone would return a view whose position rows are strided.
-    return x.view(nb, QK_K // group, group).permute(2, 0, 1).contiguous().view(group, -1)
+    src = x.view(nb, QK_K // group, group).permute(2, 0, 1)
+    if out is None:
+        # contiguous: reshape alone would return a view whose position rows are strided.
+        return src.contiguous().view(group, -1)
+    out.view(group, nb, QK_K // group).copy_(src)
+    return out
 
 
-def _block_major(t: torch.Tensor, nb: int) -> torch.Tensor:
-    """Inverse of :func:`_pos_major`: ``(group, nb*S)`` -> ``(nb, 256)``."""
+def _block_major(t: torch.Tensor, nb: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`_pos_major`: ``(group, nb*S)`` -> ``(nb, 256)`` (into ``out`` if
+    given)."""
     group = t.shape[0]
-    return t.view(group, nb, QK_K // group).permute(1, 2, 0).reshape(nb, QK_K)
+    src = t.view(group, nb, QK_K // group).permute(1, 2, 0)
+    if out is None:
+        return src.reshape(nb, QK_K)
+    out.view(nb, QK_K // group, group).copy_(src)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # ggml's searches, vectorized over groups (columns)
 # ---------------------------------------------------------------------------------------------
 def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
-              nstep: int, use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              nstep: int, use_mad: bool, scratch: _Scratch | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ggml's ``make_qkx2_quants`` / ``make_qkx3_quants`` (with weights: the same arithmetic).
 
     Fits ``x ~ scale*L - the_min`` with ``L`` in ``[0, nmax]`` for each column of the
@@ -126,78 +160,91 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
 
     Only the winning trial's inverse scale and starting min are remembered; its codes are
     recomputed once at the end (same arithmetic, same result), which keeps the loop to in-place
-    work on preallocated buffers.
+    work on preallocated buffers. The loop is memory-bound: every full-size pass over ``(P, R)``
+    counts, so each trial is eleven of them (four for the codes, two products, three for the
+    error, two in-order sums of one and three rows).
+    Work buffers come from ``scratch`` when given (``L`` then lives in it too).
     Returns ``(scale (R,), the_min (R,), L (P, R) float32)``.
     """
+    scratch = scratch or _Scratch()
+    P, R = x.shape
     mx = x.amax(0)
     xmin = x.amin(0)
     mn0 = torch.where(xmin > 0, 0.0, xmin)
     flat = mx == mn0  # ggml returns early: L = 0, scale 0, the_min = -min
     mn = torch.where(flat, mx - 1.0, mn0)  # any harmless range for flat columns (masked at the end)
-    sum_w = seq_sum(w[1:], start=w[0])  # ggml starts these two sums from the first term
-    wx = w * x
-    sum_x = seq_sum(wx[1:], start=wx[0])
-    codes_buf = torch.empty_like(x)
-    # (P, 3, R): the three products of position i side by side, so the three sums of a trial are
-    # one seq_sum over contiguous terms.
-    buf = torch.empty((x.shape[0], 3) + x.shape[1:], dtype=_F32, device=x.device)
+    codes_buf = scratch.get("qkx_codes", (P, R), x.device)
+    # (P, 3, R): w*L, (w*L)*L, (w*L)*x of position i side by side, so the three sums of a trial
+    # are one seq_sum over contiguous terms.
+    buf = scratch.get("qkx_terms", (P, 3, R), x.device)
     wl, wl2, wlx = buf.unbind(1)
     # The error terms reuse the first third of buf, free once the sums are taken (a smaller
     # working set stays in cache), as a contiguous (P, R) block.
     diff = buf.view(-1)[:x.numel()].view(x.shape)
-    sums3 = torch.empty((3,) + x.shape[1:], dtype=_F32, device=x.device)
-    err = torch.empty_like(sums3[0])
+    sum_w = seq_sum(w[1:], start=w[0])  # ggml starts these two sums from the first term
+    wx = torch.mul(w, x, out=diff)
+    sum_x = seq_sum(wx[1:], start=wx[0])
 
     def codes(iscale: torch.Tensor, start: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``MAX(0, MIN(nmax, nearest_int(iscale*(x - start))))`` into ``out``."""
         # |x - start| <= max(max - start, start - xmin) (|xmin - s| is |s - xmin| exactly, and
         # max - s >= xmin - s): below 2**22 the float clamp is exact.
-        bound = torch.maximum(mx - start, start - xmin).mul_(iscale)
+        bound = torch.maximum(mx - start, start - xmin).mul_(iscale).max()
         torch.sub(x, start, out=out).mul_(iscale)
-        if bool((bound <= _NINT_SAFE).all()):  # NaN or infinity -> the exact path
+        if float(bound) <= _NINT_SAFE:  # NaN or infinity -> the exact path
             # Clamping to [0, nmax] before rounding commutes with rounding for integer bounds,
             # and torch.round is round-half-even like nearest_int in range.
             return out.clamp_(0, nmax).round_()
         return out.copy_(_round_clamp(out, 0, nmax, exact=True))
 
     def error(L: torch.Tensor, scale: torch.Tensor, the_min: torch.Tensor) -> torch.Tensor:
-        torch.mul(L, scale, out=diff).add_(the_min).sub_(x)
+        """``sum of w * f(scale*L + the_min - x)``, f = fabsf or the square, in order."""
+        torch.mul(L, scale, out=diff).add_(the_min)
         if use_mad:
-            diff.abs_()
+            diff.sub_(x).abs_()
         else:
-            diff.mul_(diff)
-        diff.mul_(w)
-        return seq_sum(diff, out=err)
+            # aten's mse_loss without reduction is (a - x) * (a - x) elementwise, each op one
+            # float32 rounding (CPU and CUDA kernels alike): one pass instead of two.
+            torch.ops.aten.mse_loss.out(diff, x, 0, out=diff)
+        return seq_sum(diff.mul_(w))
 
     iscale = div(float(nmax), mx - mn)
     L = codes(iscale, mn, codes_buf)
     scale = div(1.0, iscale)
-    # The search state, one row each, updated by a single where per trial:
-    # best error, its scale, its inverse scale, the min it started from, the current min.
-    state = torch.stack([error(L, scale, mn), scale, iscale, mn, mn])
-    cand = torch.empty_like(state)
+    best = error(L, scale, mn)
+    # Per trial: its solved scale, its inverse scale and the min it started from, to pick the
+    # last taken trial's at the end; row 0 is the first guess (taken when no trial is). Only
+    # the best error and the current min are live state: two selects per trial instead of one
+    # over all five quantities.
+    hist = scratch.get("qkx_hist", (3, nstep + 2, R), x.device)
+    hist_scale, hist_iscale, hist_start = hist.unbind(0)
+    hist_scale[0], hist_iscale[0], hist_start[0] = scale, iscale, mn
+    last = torch.zeros(x.shape[1:], dtype=torch.int64, device=x.device)
     zero = torch.zeros((), dtype=_F32, device=x.device)
 
     for step in range(nstep + 1):
         num = f32(f32(f32(rmin) + f32(f32(rdelta) * step)) + float(nmax))
-        mn = state[4]
+        hist_start[step + 1] = mn
         iscale = div(num, mx - mn)
+        hist_iscale[step + 1] = iscale
         Lt = codes(iscale, mn, codes_buf)
         torch.mul(w, Lt, out=wl)
         torch.mul(wl, Lt, out=wl2)
         torch.mul(wl, x, out=wlx)
-        sum_l, sum_l2, sum_xl = seq_sum(buf, out=sums3)
+        sum_l, sum_l2, sum_xl = seq_sum(buf).unbind(0)
         d = sum_w * sum_l2 - sum_l * sum_l
         ts = div(sum_w * sum_xl - sum_x * sum_l, d)
         tm = div(sum_l2 * sum_x - sum_l * sum_xl, d)
         pos = tm > 0
         tm = torch.where(pos, zero, tm)
-        ts = torch.where(pos, div(sum_xl, sum_l2), ts)
-        error(Lt, ts, tm)
-        take = (d > 0) & (err < state[0])
-        torch.stack([err, ts, iscale, mn, tm], out=cand)
-        state = torch.where(take, cand, state)
-    best_iscale, best_start, mn, scale = state[2], state[3], state[4], state[1]
+        torch.where(pos, div(sum_xl, sum_l2), ts, out=hist_scale[step + 1])
+        err = error(Lt, hist_scale[step + 1], tm)
+        take = (d > 0) & (err < best)
+        best = torch.where(take, err, best)
+        mn = torch.where(take, tm, mn)
+        last.masked_fill_(take, step + 1)
+    pick = last.unsqueeze(0)
+    scale, best_iscale, best_start = (h.gather(0, pick).squeeze(0) for h in hist.unbind(0))
 
     L = codes(best_iscale, best_start, codes_buf)
     scale = torch.where(flat, 0.0, scale)
@@ -373,13 +420,22 @@ def _make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor,
 # Final re-quantization and bit packing
 # ---------------------------------------------------------------------------------------------
 def _requant_affine(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dm: torch.Tensor,
-                    nmax: int) -> torch.Tensor:
+                    nmax: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """``L = clamp(nearest_int((x + dm)/d), 0, nmax)`` per sub-block ``(nb, S)`` scales, except
-    where ``d == 0``: ggml skips those sub-blocks and keeps the search's ``L``."""
+    where ``d == 0``: ggml skips those sub-blocks and keeps the search's ``L``. The new codes
+    are computed in ``out`` (shaped like ``x``) when given."""
     nb, S = d.shape
     g = QK_K // S
     xv = x.view(nb, S, g)
-    new = _round_clamp(div(xv + dm.unsqueeze(2), d.unsqueeze(2)), 0, nmax)
+    if out is None:
+        new = _round_clamp(div(xv + dm.unsqueeze(2), d.unsqueeze(2)), 0, nmax)
+    else:
+        new = torch.add(xv, dm.unsqueeze(2), out=out.view(nb, S, g)).div_(d.unsqueeze(2))
+        lo_v, hi_v = torch.aminmax(new)
+        if bool((hi_v <= _NINT_SAFE) & (lo_v >= -_NINT_SAFE)):  # no NaN, in the trick's range
+            new.clamp_(0, nmax).round_()
+        else:
+            new.copy_(_round_clamp(new, 0, nmax, exact=True))
     return _keep_where((d == 0).unsqueeze(2), L.reshape(nb, S, g), new).reshape(nb, QK_K)
 
 
@@ -455,8 +511,10 @@ def _check(x: torch.Tensor, imatrix: torch.Tensor | None, name: str) -> None:
                                 f"got {tuple(imatrix.shape)} {imatrix.dtype}")
 
 
-def _chunked(fn, x: torch.Tensor, imatrix: torch.Tensor | None, name: str) -> torch.Tensor:
-    """Run ``fn(x_chunk, imatrix_chunk)`` over chunks of blocks and stack the byte rows."""
+def _chunked(fn, x: torch.Tensor, imatrix: torch.Tensor | None, name: str,
+             scratch: bool = False) -> torch.Tensor:
+    """Run ``fn(x_chunk, imatrix_chunk)`` over chunks of blocks and stack the byte rows; with
+    ``scratch``, ``fn`` also gets a :class:`_Scratch` shared by all chunks."""
     _check(x, imatrix, name)
     x = x.contiguous()
     if imatrix is not None:
@@ -466,6 +524,8 @@ def _chunked(fn, x: torch.Tensor, imatrix: torch.Tensor | None, name: str) -> to
         step = _CHUNK_BLOCKS * max(1, torch.get_num_threads())
     else:
         step = _CHUNK_BLOCKS_GPU
+    if scratch:
+        fn = partial(fn, scratch=_Scratch())
     for s in range(0, x.shape[0], step):
         outs.append(fn(x[s:s + step], None if imatrix is None else imatrix[s:s + step]))
     if not outs:
@@ -552,17 +612,22 @@ def _q3_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
                             scales=packed.to(torch.uint8), d=d16.unsqueeze(1))
 
 
-def _q45_k(x: torch.Tensor, qw: torch.Tensor | None, nmax: int) -> torch.Tensor:
+def _q45_k(x: torch.Tensor, qw: torch.Tensor | None, nmax: int,
+           scratch: _Scratch | None = None) -> torch.Tensor:
     """Q4_K (``nmax`` 15) and Q5_K (31): identical searches, different code width."""
     from .kquants import Q4_K, Q5_K
 
+    scratch = scratch or _Scratch()
     nb = x.shape[0]
-    X = _pos_major(x, 32)
+    shape = (32, nb * 8)
+    X = _pos_major(x, 32, scratch.get("X", shape, x.device))
+    weights = scratch.get("weights", shape, x.device)
     if qw is None:
-        av_x = sqrt(div(seq_sum(X * X), 32.0))
-        weights = av_x.unsqueeze(0) + X.abs()
+        av_x = sqrt(div(seq_sum(torch.mul(X, X, out=weights)), 32.0))
+        torch.abs(X, out=weights).add_(av_x)  # av_x + fabsf(x): one rounding either way
         rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
-        scale, the_min, L = _make_qkx(X, weights, nmax, rmin, 0.1, nstep, use_mad=False)
+        scale, the_min, L = _make_qkx(X, weights, nmax, rmin, 0.1, nstep, use_mad=False,
+                                      scratch=scratch)
         scales, mins = _sub_scales(scale, nb), _sub_scales(the_min, nb)
         max_scale, max_min = _running_max_pos(scales), _running_max_pos(mins)
         inv_scale = torch.where(max_scale > 0, div(63.0, max_scale), 0.0)
@@ -576,7 +641,8 @@ def _q45_k(x: torch.Tensor, qw: torch.Tensor | None, nmax: int) -> torch.Tensor:
         Q = _pos_major(qw, 32)
         weights = Q * sqrt(sigma2.repeat_interleave(8).unsqueeze(0) + X * X)
         sw = _sub_scales(seq_sum(weights), nb).t().contiguous()
-        scale, the_min, L = _make_qkx(X, weights, nmax, -0.9, 0.05, 36, use_mad=False)
+        scale, the_min, L = _make_qkx(X, weights, nmax, -0.9, 0.05, 36, use_mad=False,
+                                      scratch=scratch)
         d_block, Ls = _make_qp(_sub_scales(scale, nb).t().contiguous(), sw, 63)
         m_block, Lm = _make_qp(_sub_scales(the_min, nb).t().contiguous(), sw, 63)
         ls, lm = Ls.t().to(torch.int32), Lm.t().to(torch.int32)
@@ -587,7 +653,8 @@ def _q45_k(x: torch.Tensor, qw: torch.Tensor | None, nmax: int) -> torch.Tensor:
     sc, m = _unpack_scale_min_k4(packed)
     d = d16.to(_F32).unsqueeze(1) * sc
     dm = dmin16.to(_F32).unsqueeze(1) * m
-    Lb = _requant_affine(x, _block_major(L, nb), d, dm, nmax)
+    Lb = _requant_affine(x, _block_major(L, nb, scratch.get("L_blocks", (nb, QK_K), x.device)),
+                         d, dm, nmax, out=scratch.get("requant", (nb, QK_K), x.device))
     qs = _pack_nibbles64(Lb)
     if nmax == 15:
         return Q4_K.layout.pack(d=d16.unsqueeze(1), dmin=dmin16.unsqueeze(1), scales=packed, qs=qs)
@@ -642,13 +709,13 @@ def quantize_q3_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor
 def quantize_q4_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
     """Quantize float32 ``(n, 256)`` to Q4_K blocks (uint8, ``Q4_K.layout``), as ggml does with
     ``imatrix`` (float32 ``(n, 256)`` weights) or without (``None``)."""
-    return _chunked(partial(_q45_k, nmax=15), x, imatrix, "Q4_K")
+    return _chunked(partial(_q45_k, nmax=15), x, imatrix, "Q4_K", scratch=True)
 
 
 def quantize_q5_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
     """Quantize float32 ``(n, 256)`` to Q5_K blocks (uint8, ``Q5_K.layout``), as ggml does with
     ``imatrix`` (float32 ``(n, 256)`` weights) or without (``None``)."""
-    return _chunked(partial(_q45_k, nmax=31), x, imatrix, "Q5_K")
+    return _chunked(partial(_q45_k, nmax=31), x, imatrix, "Q5_K", scratch=True)
 
 
 def quantize_q6_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
