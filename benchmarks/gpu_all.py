@@ -122,12 +122,14 @@ def check_linear(gen: torch.Generator) -> dict:
         for n, k in ((96, 512), (1000, 2048), (5120, 5120)):
             # Moderate scales (as real weights): wide random scales overflow float16 outputs.
             raw = gpu_dequant.random_blocks(name, n * k // qt.block_size, "cuda", gen).view(n, -1)
+            # The fused kernel multiplies by the exact (float32) weights.
+            w32 = torch_dequantize(raw, name, dtype=torch.float32)
             for dtype in (torch.bfloat16, torch.float16):
                 w = torch_dequantize(raw, name, dtype=dtype)
                 rules = (None,)  # the installed (tuned) rules: the kernels that production runs
                 for m in (1, 7, 16, 33, 64):
                     x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
-                    ref = x.float() @ w.float().T
+                    ref = x.float() @ w32.T
                     for rule in rules:
                         y = fused_linear(x, raw, name, n, rule=rule)
                         if not torch.isfinite(y).all():

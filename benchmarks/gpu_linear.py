@@ -3,10 +3,12 @@
 Shapes (K, N) in {(5120, 5120), (5120, 13824), (13824, 5120)}, activation rows
 M in {1, 16, 64, 512, 4096, 32760}, bf16. The quant-aware Linear is ``nn.Linear`` swapped by
 :func:`ggufvideo.ops.swap_quant_layers` holding a :class:`GGMLTensor` weight of random blocks;
-on CUDA it decodes into a reused workspace and calls cuBLAS; for M <= 64 the fused kernel is also
-timed (forced on), eagerly and under CUDA graphs.
+on CUDA it takes the fused kernel for M <= 64 (the default) and otherwise decodes into a reused
+workspace and calls cuBLAS; for M <= 64 the decode + cuBLAS path is also timed (fused kernel
+switched off), eagerly and under CUDA graphs.
 
-``--tune`` first sweeps the fused kernel's tile/split choices for Q4_K at M = 1, 16, 64.
+``--tune`` first sweeps the fused kernel's tile/split choices for Q4_K at M = 1, 16, 64 and
+installs the best for the rest of the run.
 ``--torch-path`` adds the ratio of the torch decode path (kernels switched off) at M=1 and 32760.
 Run: ``python benchmarks/gpu_linear.py [--types Q4_K Q8_0] [--json out.json]``.
 """
@@ -72,31 +74,34 @@ def tune(device: torch.device) -> dict:
 
     from ggufvideo.kernels import _matmul
 
-    trials = [(bn, waves, 4, 2) for bn in (16, 32, 64) for waves in (0, 4)]
-    trials += [(32, 8, 4, 2), (32, 4, 4, 3), (64, 4, 8, 2)]
+    # (BN, waves, num_warps, num_stages) per tile height: the CUDA-core branch (M=1) has no
+    # tensor-core pipeline to feed, so stages only matter for the tl.dot branch.
+    trials = {1: [(bn, w, nw, 1) for bn in (32, 64, 128) for w in (4, 8, 16) for nw in (2, 4)],
+              16: [(bn, w, 4, ns) for bn in (64, 128) for w in (4, 8) for ns in (1, 3)],
+              64: [(bn, w, 4, ns) for bn in (64, 128) for w in (2, 4) for ns in (1, 3)]}
     times: dict[tuple, float] = {}
     for k, n in TUNE_SHAPES:
         qt = get_quant_type("Q4_K")
         raw = random_blocks("Q4_K", n * k // qt.block_size, device).view(n, -1)
         for m in (1, 16, 64):
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-            for rule in trials:
+            current = _matmul.RULES[_matmul.block_m(m)]
+            for rule in set(trials[m]) | {current}:
                 t = bench_graph(lambda: _matmul.fused_linear(x, raw, "Q4_K", n, rule=rule))
                 times[(k, n, m, rule)] = t * 1e3
-            best = min(trials, key=lambda r: times[(k, n, m, r)])
+            best = min(trials[m], key=lambda r: times[(k, n, m, r)])
             print(f"tune Q4_K K={k} N={n} M={m}: best {best} {times[(k, n, m, best)]:.1f} us; "
-                  f"current {_matmul.RULES[_matmul.block_m(m)]} "
-                  f"{times[(k, n, m, _matmul.RULES[_matmul.block_m(m)])]:.1f} us", flush=True)
+                  f"current {current} {times[(k, n, m, current)]:.1f} us", flush=True)
     chosen = {}
-    for bm, ms in ((16, (1, 16)), (64, (64,))):
+    for m in (1, 16, 64):
         def score(rule: tuple) -> float:
-            rel = [times[(k, n, m, rule)] / min(times[(k, n, m, r)] for r in trials)
-                   for k, n in TUNE_SHAPES for m in ms]
+            rel = [times[(k, n, m, rule)] / min(times[(k, n, m, r)] for r in trials[m])
+                   for k, n in TUNE_SHAPES]
             return math.exp(sum(map(math.log, rel)) / len(rel))
-        chosen[bm] = min(trials, key=score)
-        print(f"tune: BM={bm} rule {chosen[bm]} (geomean {score(chosen[bm]):.3f}x of per-case best)",
+        chosen[m] = min(trials[m], key=score)
+        print(f"tune: M={m} rule {chosen[m]} (geomean {score(chosen[m]):.3f}x of per-case best)",
               flush=True)
-    _matmul.RULES.update({16: chosen[16], 32: chosen[64], 64: chosen[64]})
+    _matmul.RULES.update({1: chosen[1], 16: chosen[16], 32: chosen[64], 64: chosen[64]})
     return dict(chosen=chosen, times={str(key): v for key, v in times.items()})
 
 
@@ -123,12 +128,12 @@ def run(types: list[str], ms: list[int], torch_path: bool = False) -> list[dict]
                     if m <= 64:  # launch-bound sizes: also the kernels' own time
                         row["graph_ratio"] = bench_graph(lambda: lin(x)) / base_graph[m]
                         row["quant_graph_us"] = row["graph_ratio"] * base_graph[m] * 1e3
-                        if name in kernels.FUSED_TYPES:  # the fused kernel, whatever the default
-                            kernels.set_fused_max_m(kernels.FUSED_MAX_M)
+                        if name in kernels.FUSED_TYPES:  # the other small-M path: decode + cuBLAS
+                            kernels.set_fused_max_m(0)
                             try:
-                                row["fused_ratio"] = bench(lambda: lin(x)) / base[m]
-                                row["fused_graph_ratio"] = (bench_graph(lambda: lin(x))
-                                                            / base_graph[m])
+                                row["decode_ratio"] = bench(lambda: lin(x)) / base[m]
+                                row["decode_graph_ratio"] = (bench_graph(lambda: lin(x))
+                                                             / base_graph[m])
                             finally:
                                 kernels.set_fused_max_m(None)
                     if torch_path and m in (1, max(ms)):
@@ -174,17 +179,18 @@ def table(rows: list[dict], ms: list[int]) -> str:
         for t, k, n in keys:
             cells = {r["m"]: r["graph_ratio"] for r in gr if (r["type"], r["k"], r["n"]) == (t, k, n)}
             bl.append(f"| {t} | {k},{n} | " + " | ".join(f"{cells[m]:.2f}" for m in gms) + " |")
-    fr = [r for r in rows if "fused_ratio" in r]
+    fr = [r for r in rows if "decode_ratio" in r]
     if fr:
         fms = sorted({r["m"] for r in fr})
-        bl += ["", "Fused kernel forced on (eager / CUDA graph), ratio vs bf16:",
+        bl += ["", "Fused kernel off (decode into the workspace + cuBLAS; eager / CUDA graph), "
+               "ratio vs bf16:",
                "| type | (K,N) | " + " | ".join(f"M={m}" for m in fms) + " |",
                "|---|---|" + "---|" * len(fms)]
         for t, k, n in keys:
             sel = {r["m"]: r for r in fr if (r["type"], r["k"], r["n"]) == (t, k, n)}
             if sel:
                 bl.append(f"| {t} | {k},{n} | " + " | ".join(
-                    f"{sel[m]['fused_ratio']:.2f} / {sel[m]['fused_graph_ratio']:.2f}" for m in fms)
+                    f"{sel[m]['decode_ratio']:.2f} / {sel[m]['decode_graph_ratio']:.2f}" for m in fms)
                     + " |")
     tp = [r for r in rows if "torch_path_ratio" in r]
     extra = []

@@ -12,11 +12,11 @@ Public functions:
 * :func:`dequantize` -- ``torch.ops.ggufvideo.dequantize``: raw blocks -> a new dense tensor.
 * :func:`linear` -- ``torch.ops.ggufvideo.quant_linear``: ``F.linear`` with a quantized weight.
   The weight is decoded into a workspace reused across calls and the vendor GEMM (``F.linear``)
-  runs on it. The fused small-M kernel (one kernel reads the quantized weight once and never
-  materializes it) takes calls with at most :func:`fused_max_m` rows of activations; it is off by
-  default because, as last measured on an H100 (``benchmarks/gpu_results_h100.md``), it was slower
-  than decode + cuBLAS at every M. ``GGUFVIDEO_FUSED_MAX_M=64`` or :func:`set_fused_max_m` turns
-  it on.
+  runs on it. Calls with at most :func:`fused_max_m` rows of activations (default 64) take the
+  fused kernel instead (:mod:`ggufvideo.kernels._matmul`): it reads the quantized weight once and
+  never materializes it, which on an H100 beat decode + cuBLAS at every M <= 64 and beats bf16
+  ``F.linear`` at M = 1 for the 4- and 5-bit types (numbers: README, ``benchmarks/gpu_linear.py``).
+  ``GGUFVIDEO_FUSED_MAX_M=0`` or :func:`set_fused_max_m` ``(0)`` turns it off.
 
 The switch: ``GGUFVIDEO_NO_TRITON=1`` in the environment, or :func:`set_enabled` ``(False)``,
 makes :func:`is_available` false, so the quant-aware layers (:mod:`ggufvideo.ops`) take the torch
@@ -58,7 +58,7 @@ DEQUANT_TYPES: frozenset[str] = frozenset(
 FUSED_TYPES: frozenset[str] = frozenset(("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))
 #: The most activation rows the fused kernel can take (its largest activation tile).
 FUSED_MAX_M = 64
-_fused_max_m: int | None = None  # None: follow GGUFVIDEO_FUSED_MAX_M (default 0: fused path off)
+_fused_max_m: int | None = None  # None: follow GGUFVIDEO_FUSED_MAX_M (default FUSED_MAX_M)
 
 
 def fused_max_m() -> int:
@@ -66,9 +66,9 @@ def fused_max_m() -> int:
     if _fused_max_m is not None:
         return _fused_max_m
     try:
-        value = int(os.environ.get("GGUFVIDEO_FUSED_MAX_M", "0"))
+        value = int(os.environ.get("GGUFVIDEO_FUSED_MAX_M", str(FUSED_MAX_M)))
     except ValueError:
-        value = 0
+        value = FUSED_MAX_M
     return max(0, min(value, FUSED_MAX_M))
 
 
@@ -279,9 +279,11 @@ def linear(x: torch.Tensor, raw: torch.Tensor, qtype: object, out_features: int,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, W, bias)`` for ``W`` the ``(out_features, x.shape[-1])`` weight in ``raw``.
 
-    Computed in ``x.dtype``. The weight is decoded exactly and rounded once to ``x.dtype``; with
-    few rows the fused kernel accumulates the products in float32 in its own order, so results
-    match ``F.linear`` on the decoded weight to accumulation rounding, not bit for bit.
+    Computed in ``x.dtype``. With more than :func:`fused_max_m` rows the weight is decoded exactly,
+    rounded once to ``x.dtype`` and multiplied by the vendor GEMM (bit-identical to ``F.linear``
+    on the torch-decoded weight); with fewer the fused kernel multiplies by the exact weights and
+    accumulates in float32 in its own order, so results agree to accumulation and output rounding,
+    not bit for bit.
     """
     q = _check(raw, qtype, out_features * x.shape[-1], "kernels.linear")
     if not x.dtype.is_floating_point:

@@ -1,14 +1,22 @@
 """Fused dequantize + matmul for few rows of activations (``y = x @ W.T``, M <= 64).
 
-Memory bound: each weight byte is read once and decoded in registers, so the time follows the
-quantized size (Q4_K reads 3.6x fewer bytes than bf16). Every weight is decoded exactly (float32,
-ggml's order, no FMA contraction) and rounded once to the activation dtype, so the result is
-``x @ dequantize(W, x.dtype).T`` accumulated in float32 -- the large-M path's numbers up to the
-order of the accumulation.
+Memory bound in principle: each weight byte is read once and used in registers, never written
+out as a dense weight, so the traffic follows the quantized size (Q4_K is 3.6x smaller than
+bf16). In practice the per-element work limits it, so the loop is built to do little per weight:
 
-Decoding follows *storage* order instead of element order: a byte holding two nibbles yields two
-weight tiles (low and high nibbles), each multiplied by the activation columns that belong to it.
-A dot product does not care about the order of its terms, so nothing has to be interleaved.
+* Weights are split into chunks that share one scale (a 32- or 16-element (sub-)block): each
+  chunk is ``D * u + MB`` with small integer codes ``u``, and its contribution is
+  ``D * sum(u * x) + MB * sum(x)`` -- codes times activations, the scale applied once per chunk
+  (the arrangement ggml's own dot products use). No weight is rounded on the way: the result is
+  the exact-weight product accumulated in float32, not bit-identical to the large-M path
+  (decode, round to the activation dtype, cuBLAS), and at least as accurate.
+* Codes become floats through their bit patterns, not conversion instructions (see
+  :func:`_to_f32` and :func:`_accum`).
+* One activation row (M = 1: timestep/modulation projections, batch-1 work) runs on the CUDA
+  cores; more rows go through ``tl.dot`` with the activations padded to a 16/32/64-row tile.
+* Each step covers 256 elements of K (one super-block, or eight 32-element blocks), so K must be
+  a multiple of 256; K is split across programs to fill the GPU and the float32 partial sums are
+  added in a fixed order (deterministic results).
 
 Imports triton at the top: reached only through :mod:`ggufvideo.kernels`.
 """
@@ -19,113 +27,206 @@ from functools import lru_cache
 
 import torch
 
-from ._decode import _f16, _i8, _parts_q6_k, _scale_min_k4, _u8, tl, to_out, triton
+from ._decode import tl, to_out, triton
 from ._dequant import TL_DTYPES, kernel_spec, soft_bf16
 
-__all__ = ["FUSED_TYPES", "BK", "fused_linear"]
+__all__ = ["FUSED_TYPES", "BK", "RULES", "block_m", "fused_linear"]
 
-#: K consumed per loop step (one 256-element super-block, or eight 32-element blocks).
+#: K consumed per loop step.
 BK = 256
 
 
-@triton.jit
-def _dot_part(acc, w, xrow, xmask, cols, OUT: tl.constexpr, SOFT: tl.constexpr):
-    """``acc (BN, BM) += w (BN, P) @ x[:, cols].T`` with ``w`` rounded once to ``OUT``.
+# -- loads -----------------------------------------------------------------------------------------
 
-    ``cols`` keeps its natural shape ``(1, ..., run)`` (last dimension a contiguous run of
-    columns) so that the activation loads stay wide; the tile is flattened after loading.
+@triton.jit
+def _u8(p):
+    """Bytes at ``p`` as int32 (0..255)."""
+    return tl.load(p).to(tl.int32)
+
+
+@triton.jit
+def _w32(p):
+    """32-bit little-endian words at byte pointers ``p`` (4-byte aligned), as int32."""
+    return tl.load(p.to(tl.pointer_type(tl.int32)))
+
+
+@triton.jit
+def _half(p):
+    """A float16 at a 2-byte aligned byte pointer, as float32 (exact)."""
+    return tl.load(p.to(tl.pointer_type(tl.float16))).to(tl.float32)
+
+
+@triton.jit
+def _bits_to_f32(h):
+    """The float16 whose bit pattern is the low 16 bits of int32 ``h``, as float32."""
+    return (h & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _to_f32(u, magic):
+    """Non-negative int32 ``u`` < 2**23 as float32, exactly, without a conversion instruction.
+
+    ``magic | u`` with ``magic`` = 0x4B000000 is the bit pattern of the float32 ``2**23 + u``.
+    Integer -> float conversion runs at a quarter of the FMA rate, which bounds a decode-heavy
+    loop; ``magic`` is a run-time argument so that LLVM cannot turn the trick back into one.
     """
-    xp = xrow
-    xm = xmask
-    for _ in tl.static_range(len(cols.shape) - 2):
-        xp = tl.expand_dims(xp, len(xp.shape))
-        xm = tl.expand_dims(xm, len(xm.shape))
-    xt = tl.load(xp + cols, mask=xm, other=0.0)
-    xt = tl.reshape(xt, (xrow.shape[0], w.shape[1]))  # (BM, P)
-    if SOFT and OUT == tl.bfloat16:
-        # Triton's interpreter multiplies bfloat16 as raw integers: do the same products in
-        # float32 there (every bfloat16 product is exact in float32).
-        wf = to_out(w, OUT, SOFT).to(tl.float32)
-        return tl.dot(wf, tl.trans(xt.to(tl.float32)), acc, input_precision="ieee")
-    return tl.dot(to_out(w, OUT, SOFT), tl.trans(xt), acc)
+    return (u | magic).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
-def _step_q4_0(acc, bp, xrow, xmask, F0, F1, F2, F3, F4,
-               TS: tl.constexpr, OUT: tl.constexpr, SOFT: tl.constexpr):
-    # Eight 18-byte blocks per row: (BN, 8, 16) bytes; low nibble = element kb*32 + l, high +16.
-    kb = tl.arange(0, 8)[None, :, None]
-    l = tl.arange(0, 16)[None, None, :]
-    p = bp + kb * TS
-    d = _f16(p + F0)
-    q = _u8(p + F1 + l)
-    BN: tl.constexpr = bp.shape[0]
-    lo = tl.reshape(((q & 15) - 8).to(tl.float32) * d, (BN, 128))
-    hi = tl.reshape(((q >> 4) - 8).to(tl.float32) * d, (BN, 128))
-    c = kb * 32 + l
-    acc = _dot_part(acc, lo, xrow, xmask, c, OUT, SOFT)
-    return _dot_part(acc, hi, xrow, xmask, c + 16, OUT, SOFT)
+def _byte(word, k: tl.constexpr):
+    """Byte ``k`` (0..3) of int32 words, as 0..255."""
+    return (word >> (8 * k)) & 255
 
+
+# -- one chunk of weights: ``D * u + MB`` -------------------------------------------------------------
 
 @triton.jit
-def _step_q8_0(acc, bp, xrow, xmask, F0, F1, F2, F3, F4,
-               TS: tl.constexpr, OUT: tl.constexpr, SOFT: tl.constexpr):
-    kb = tl.arange(0, 8)[None, :, None]
-    l = tl.arange(0, 32)[None, None, :]
-    p = bp + kb * TS
-    w = _i8(p + F1 + l).to(tl.float32) * _f16(p + F0)
-    BN: tl.constexpr = bp.shape[0]
-    return _dot_part(acc, tl.reshape(w, (BN, 256)), xrow, xmask, kb * 32 + l, OUT, SOFT)
+def _accum(acc, u, D, MB, xrow, xmask, magic, COL0: tl.constexpr, UMAX: tl.constexpr,
+           UOFF: tl.constexpr, OUT: tl.constexpr, SOFT: tl.constexpr):
+    """``acc (BN, BM) += W_chunk @ x[:, COL0:COL0+L].T`` for the chunk ``W = D * u + MB``.
 
+    ``u`` (BN, L) holds integer codes in ``0..UMAX``; ``D`` and ``MB`` (BN, 1) are float32. The
+    sum is split as ``D * sum(u * x) + MB * sum(x)``: the codes are multiplied as small exact
+    integers and the scale is applied once per chunk, which is cheaper than decoding every weight
+    and no less exact (no weight is rounded; ggml's own dot products are arranged the same way).
+    Codes become floats through their bit patterns (:func:`_to_f32`): ``0x4300 | u`` the
+    bfloat16 ``128 + u`` (u < 128), ``0x6400 | u`` the float16 ``1024 + u`` (u < 1024).
+    """
+    BM: tl.constexpr = xrow.shape[0]
+    L: tl.constexpr = u.shape[1]
+    cols = COL0 + tl.arange(0, L)[None, :]
+    if BM == 1:
+        # One activation row: products and sums on the CUDA cores in float32.
+        xt = tl.load(xrow[:, None] + cols).to(tl.float32)  # (1, L)
+        uf = _to_f32(u, magic)
+        s = tl.sum(uf * xt, axis=1)[:, None]
+        xs = tl.sum(xt, axis=1)[:, None]
+        return acc + D * s + MB * xs
+    xt = tl.load(xrow[:, None] + cols, mask=xmask[:, None], other=0.0)  # (BM, L)
+    xs = tl.sum(xt.to(tl.float32), axis=1)[None, :]  # (1, BM)
+    if SOFT:
+        # Triton's interpreter multiplies bfloat16 as raw integers: float32 there (exact).
+        a = _to_f32(u, magic)
+        r = tl.dot(a, tl.trans(xt.to(tl.float32)), input_precision="ieee")
+        return acc + D * r + MB * xs
+    if OUT == tl.bfloat16 and UMAX < 128:
+        a = (u | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        mb = MB - D * 128.0
+    elif OUT == tl.float16 and UMAX < 1024:
+        a = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        mb = MB - D * 1024.0
+    else:
+        # Exact: u + UOFF is a small integer in every 16-bit float format here.
+        a = (_to_f32(u, magic) + UOFF).to(OUT)
+        mb = MB - D * UOFF
+    r = tl.dot(a, tl.trans(xt))  # (BN, BM): sum((u + offset) * x)
+    return acc + D * r + mb * xs
+
+
+# -- one step (256 elements of K) per type -------------------------------------------------------------
+# ``wp`` (BN,) byte pointers to this step's first block of each weight row; F0..F4 the fields'
+# byte offsets in the registry's layout order (see _dequant.SPECS); TS the block's byte size.
 
 @triton.jit
-def _step_kq45(acc, bp, xrow, xmask, F_D, F_DMIN, F_SC, F_QH, F_QS, HAS_QH: tl.constexpr,
+def _step_q4_0(acc, wp, xrow, xmask, magic, F_D, F_QS, F2, F3, F4, TS: tl.constexpr,
                OUT: tl.constexpr, SOFT: tl.constexpr):
-    # Q4_K / Q5_K: qs as (BN, 4, 32); the low nibble of qs[g*32 + l] is element g*64 + l
-    # (sub-block 2g), the high nibble element g*64 + 32 + l (sub-block 2g + 1).
-    g = tl.arange(0, 4)[None, :, None]
-    l = tl.arange(0, 32)[None, None, :]
-    d = _f16(bp + F_D)
-    dmin = _f16(bp + F_DMIN)
-    sc0, mn0 = _scale_min_k4(bp, F_SC, 2 * g)
-    sc1, mn1 = _scale_min_k4(bp, F_SC, 2 * g + 1)
-    q = _u8(bp + F_QS + g * 32 + l)
-    q0 = q & 15
-    q1 = q >> 4
+    # Eight blocks: byte l of block kb holds element kb*32 + l (low nibble) and + 16 (high).
+    l = tl.arange(0, 16)[None, :]
+    for kb in tl.static_range(8):
+        bp = wp[:, None] + kb * TS
+        d = _half(bp + F_D)
+        q = _u8(bp + F_QS + l)
+        for p in tl.static_range(2):
+            acc = _accum(acc, (q >> (4 * p)) & 15, d, -8.0 * d, xrow, xmask, magic, kb * 32 + 16 * p,
+                         15, 0, OUT, SOFT)
+    return acc
+
+
+@triton.jit
+def _step_q8_0(acc, wp, xrow, xmask, magic, F_D, F_QS, F2, F3, F4, TS: tl.constexpr,
+               OUT: tl.constexpr, SOFT: tl.constexpr):
+    # Eight blocks of 32 signed bytes; codes u = q + 128 keep them non-negative.
+    l = tl.arange(0, 32)[None, :]
+    for kb in tl.static_range(8):
+        bp = wp[:, None] + kb * TS
+        d = _half(bp + F_D)
+        u = tl.load((bp + F_QS + l).to(tl.pointer_type(tl.int8))).to(tl.int32) + 128
+        acc = _accum(acc, u, d, -128.0 * d, xrow, xmask, magic, kb * 32, 255, -128, OUT, SOFT)
+    return acc
+
+
+@triton.jit
+def _step_kq45(acc, wp, xrow, xmask, magic, F_D, F_DMIN, F_SC, F_QH, F_QS, HAS_QH: tl.constexpr,
+               OUT: tl.constexpr, SOFT: tl.constexpr):
+    # Q4_K / Q5_K: byte l of qs group g holds element g*64 + l (sub-block 2g) in its low nibble
+    # and element g*64 + 32 + l (sub-block 2g + 1) in its high nibble; Q5_K's fifth bit of
+    # sub-block s is bit s of qh[l].
+    tl.static_assert(F_D % 4 == 0 and F_DMIN == F_D + 2 and F_SC % 4 == 0)
+    l = tl.arange(0, 32)[None, :]
+    bp = wp[:, None]
+    head = _w32(bp + F_D)
+    d = _bits_to_f32(head)
+    dmin = _bits_to_f32(head >> 16)
+    s0 = _w32(bp + F_SC)      # scale bytes 0..3
+    s1 = _w32(bp + F_SC + 4)  # 4..7
+    s2 = _w32(bp + F_SC + 8)  # 8..11
     if HAS_QH:
-        h = _u8(bp + F_QH + l)
-        q0 = q0 | (((h >> (2 * g)) & 1) << 4)
-        q1 = q1 | (((h >> (2 * g + 1)) & 1) << 4)
-    BN: tl.constexpr = bp.shape[0]
-    w0 = tl.reshape((d * sc0.to(tl.float32)) * q0.to(tl.float32) - dmin * mn0.to(tl.float32),
-                    (BN, 128))
-    w1 = tl.reshape((d * sc1.to(tl.float32)) * q1.to(tl.float32) - dmin * mn1.to(tl.float32),
-                    (BN, 128))
-    c = g * 64 + l
-    acc = _dot_part(acc, w0, xrow, xmask, c, OUT, SOFT)
-    return _dot_part(acc, w1, xrow, xmask, c + 32, OUT, SOFT)
+        qh = _u8(bp + F_QH + l)
+    for g in tl.static_range(4):
+        q = _u8(bp + F_QS + g * 32 + l)
+        for p in tl.static_range(2):
+            # Six-bit scale and min of sub-block s: s < 4 takes bytes s and s+4; s >= 4 takes
+            # the nibbles of byte s+4 and the top two bits of bytes s-4 (scale) and s (min).
+            s = 2 * g + p
+            if s < 4:
+                sc = _byte(s0, s) & 63
+                mn = _byte(s1, s) & 63
+            else:
+                sc = (_byte(s2, s - 4) & 15) | ((_byte(s0, s - 4) >> 6) << 4)
+                mn = (_byte(s2, s - 4) >> 4) | ((_byte(s1, s - 4) >> 6) << 4)
+            u = (q >> (4 * p)) & 15
+            if HAS_QH:
+                u = u | (((qh >> s) & 1) << 4)
+            acc = _accum(acc, u, d * _to_f32(sc, magic), -(dmin * _to_f32(mn, magic)), xrow,
+                         xmask, magic, g * 64 + 32 * p, 31, 0, OUT, SOFT)
+    return acc
 
 
 @triton.jit
-def _step_q4_k(acc, bp, xrow, xmask, F0, F1, F2, F3, F4,
-               TS: tl.constexpr, OUT: tl.constexpr, SOFT: tl.constexpr):
-    return _step_kq45(acc, bp, xrow, xmask, F0, F1, F2, 0, F3, False, OUT, SOFT)
+def _step_q4_k(acc, wp, xrow, xmask, magic, F0, F1, F2, F3, F4, TS: tl.constexpr,
+               OUT: tl.constexpr, SOFT: tl.constexpr):
+    return _step_kq45(acc, wp, xrow, xmask, magic, F0, F1, F2, 0, F3, False, OUT, SOFT)
 
 
 @triton.jit
-def _step_q5_k(acc, bp, xrow, xmask, F0, F1, F2, F3, F4,
-               TS: tl.constexpr, OUT: tl.constexpr, SOFT: tl.constexpr):
-    return _step_kq45(acc, bp, xrow, xmask, F0, F1, F2, F3, F4, True, OUT, SOFT)
+def _step_q5_k(acc, wp, xrow, xmask, magic, F0, F1, F2, F3, F4, TS: tl.constexpr,
+               OUT: tl.constexpr, SOFT: tl.constexpr):
+    return _step_kq45(acc, wp, xrow, xmask, magic, F0, F1, F2, F3, F4, True, OUT, SOFT)
 
 
 @triton.jit
-def _step_q6_k(acc, bp, xrow, xmask, F0, F1, F2, F3, F4,
-               TS: tl.constexpr, OUT: tl.constexpr, SOFT: tl.constexpr):
-    w0, w1, idx, HI = _parts_q6_k(bp, F0, F1, F2, F3, F4, 0)
-    BN: tl.constexpr = bp.shape[0]
-    c = idx
-    acc = _dot_part(acc, tl.reshape(w0, (BN, 128)), xrow, xmask, c, OUT, SOFT)
-    return _dot_part(acc, tl.reshape(w1, (BN, 128)), xrow, xmask, c + HI, OUT, SOFT)
+def _step_q6_k(acc, wp, xrow, xmask, magic, F_QL, F_QH, F_SC, F_D, F4, TS: tl.constexpr,
+               OUT: tl.constexpr, SOFT: tl.constexpr):
+    # Half h, quarter j: ql[h*64 + j*16 + l] holds element h*128 + j*16 + l (sub-block h*8 + j)
+    # in its low nibble and element + 64 (sub-block h*8 + 4 + j) in its high nibble; their top
+    # two bits are pair j>>1 resp. 2 + (j>>1) of qh[h*32 + (j&1)*16 + l]. Codes are 6-bit, the
+    # weight sc * d * (u - 32).
+    l = tl.arange(0, 16)[None, :]
+    bp = wp[:, None]
+    d = _half(bp + F_D)
+    for h in tl.static_range(2):
+        for j in tl.static_range(4):
+            ql = _u8(bp + F_QL + h * 64 + j * 16 + l)
+            qh = _u8(bp + F_QH + h * 32 + (j & 1) * 16 + l)
+            for p in tl.static_range(2):
+                s = h * 8 + 4 * p + j
+                sc = tl.load((bp + F_SC + s).to(tl.pointer_type(tl.int8))).to(tl.float32)
+                u = ((ql >> (4 * p)) & 15) | (((qh >> (2 * (j >> 1) + 4 * p)) & 3) << 4)
+                dl = d * sc
+                acc = _accum(acc, u, dl, -32.0 * dl, xrow, xmask, magic, h * 128 + 64 * p + j * 16,
+                             63, 0, OUT, SOFT)
+    return acc
 
 
 #: Types with a fused kernel -> their step function (each step consumes BK=256 of K).
@@ -139,25 +240,24 @@ FUSED_TYPES = {
 
 
 @triton.jit
-def _fused_kernel(x, w, y, KV, M, N, K, stride_xm, stride_ym, row_bytes, k_steps_per_split,
+def _fused_kernel(x, w, y, M, N, K, stride_xm, stride_ym, row_bytes, steps_per_split, magic,
                   STEP: tl.constexpr, TS: tl.constexpr, BYTES_PER_STEP: tl.constexpr,
                   F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
                   F4: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, OUT: tl.constexpr,
                   PARTIAL: tl.constexpr, SOFT: tl.constexpr):
     pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    pid_k = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
-    rm = pid_m * BM + tl.arange(0, BM)
+    rm = tl.arange(0, BM)
     # Rows past N re-read row N-1 (in bounds); their results are masked at the store.
-    wrow = w + (tl.minimum(rn, N - 1).to(tl.int64) * row_bytes)[:, None, None]
-    xrow = x + (rm.to(tl.int64) * stride_xm)[:, None]
-    xmask = (rm < M)[:, None]
-    k_first = pid_k * k_steps_per_split
-    k_last = tl.minimum(k_first + k_steps_per_split, K // 256)
+    wrow = w + tl.minimum(rn, N - 1).to(tl.int64) * row_bytes
+    xrow = x + rm.to(tl.int64) * stride_xm
+    xmask = rm < M
+    k_first = pid_k * steps_per_split
+    k_last = tl.minimum(k_first + steps_per_split, K // 256)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     for ks in range(k_first, k_last):
-        acc = STEP(acc, wrow + ks * BYTES_PER_STEP, xrow + ks * 256, xmask,
+        acc = STEP(acc, wrow + ks * BYTES_PER_STEP, xrow + ks * 256, xmask, magic,
                    F0, F1, F2, F3, F4, TS, OUT, SOFT)
     out_mask = (rn < N)[:, None] & (rm < M)[None, :]
     if not PARTIAL:
@@ -182,9 +282,12 @@ def _reduce_kernel(part, out, total, SPLIT: tl.constexpr, OUT: tl.constexpr, SOF
 
 
 #: Launch rule per activation-tile height BM: (BN, waves, num_warps, num_stages). ``waves`` is how
-#: many programs per SM the K dimension is split to reach (0: no split). A first guess, not yet
-#: tuned: ``benchmarks/gpu_linear.py --tune`` times the alternatives and installs the best.
-RULES: dict[int, tuple[int, int, int, int]] = {16: (32, 4, 4, 2), 32: (32, 4, 4, 2), 64: (32, 4, 4, 2)}
+#: many programs per SM the K dimension is split to reach. Chosen by sweeping BN in 32..256,
+#: waves in 1..16, 1..8 warps and 1..4 stages for Q4_K (and a subset for the other types) on the
+#: Wan-14B shapes on an H100 (geometric mean over the shapes); ``benchmarks/gpu_linear.py --tune``
+#: repeats such a sweep.
+RULES: dict[int, tuple[int, int, int, int]] = {
+    1: (32, 8, 4, 1), 16: (64, 8, 4, 3), 32: (128, 4, 4, 3), 64: (128, 4, 4, 3)}
 
 
 @lru_cache(maxsize=None)
@@ -195,16 +298,16 @@ def _sm_count(device: torch.device) -> int:
 
 
 def block_m(m: int) -> int:
-    """The activation tile height for ``m`` rows."""
-    return 16 if m <= 16 else (32 if m <= 32 else 64)
+    """The activation tile height for ``m`` rows (1: the CUDA-core path)."""
+    return 1 if m == 1 else 16 if m <= 16 else (32 if m <= 32 else 64)
 
 
-def split_for(m: int, n: int, k: int, bm: int, bn: int, waves: int, device: torch.device) -> int:
-    """K split (a power of two, at most 16) giving at least ``waves`` programs per SM."""
-    programs = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+def split_for(m: int, n: int, k: int, bn: int, waves: int, device: torch.device) -> int:
+    """K split (a power of two, at most 32) giving at least ``waves`` programs per SM."""
+    programs = triton.cdiv(n, bn)
     steps = k // BK
     split = 1
-    while programs * split < waves * _sm_count(device) and split * 2 <= steps and split < 16:
+    while programs * split < waves * _sm_count(device) and split * 2 <= steps and split < 32:
         split *= 2
     return split
 
@@ -213,15 +316,17 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
                  rule: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """``x2d (M, K) @ W.T`` for ``W`` the ``(n, K)`` weight of type ``name`` in ``raw`` (n, row_bytes).
 
-    ``x2d`` is float16 or bfloat16 with unit stride along K; ``K`` a multiple of 256. The output
-    is ``(M, n)`` of ``x2d``'s dtype. ``rule`` = (BN, waves, num_warps, num_stages) overrides
-    :data:`RULES` (the benchmarks tune with it).
+    ``x2d`` is float16 or bfloat16 with unit stride along K, M <= 64; ``K`` a multiple of 256.
+    The output is ``(M, n)`` of ``x2d``'s dtype. ``rule`` = (BN, waves, num_warps, num_stages)
+    overrides :data:`RULES` (the benchmarks tune with it).
     """
     spec = kernel_spec(name)
     m, k = x2d.shape
+    if raw.data_ptr() % 16:
+        raw = raw.clone()  # the steps read 2- and 4-byte units; a fresh allocation is aligned
     bm = block_m(m)
     bn, waves, num_warps, num_stages = rule or RULES[bm]
-    split = split_for(m, n, k, bm, bn, waves, x2d.device)
+    split = split_for(m, n, k, bn, waves, x2d.device)
     steps = k // BK
     per_split = triton.cdiv(steps, split)
     split = triton.cdiv(steps, per_split)
@@ -231,16 +336,13 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
     else:
         y = torch.empty((split, m, n), dtype=torch.float32, device=x2d.device)
     f0, f1, f2, f3, f4 = spec.offsets
-    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), split)
-    from ._dequant import iq4_table
-
-    _fused_kernel[grid](x2d, raw, y, iq4_table(x2d.device), m, n, k, x2d.stride(0),
-                        y.stride(-2), raw.stride(0), per_split,
-                        STEP=FUSED_TYPES[name], TS=spec.type_size,
+    grid = (triton.cdiv(n, bn), split)
+    _fused_kernel[grid](x2d, raw, y, m, n, k, x2d.stride(0), y.stride(-2), raw.stride(0),
+                        per_split, 0x4B000000, STEP=FUSED_TYPES[name], TS=spec.type_size,
                         BYTES_PER_STEP=BK // spec.block_size * spec.type_size,
                         F0=f0, F1=f1, F2=f2, F3=f3, F4=f4, BM=bm, BN=bn, OUT=out_dtype,
                         PARTIAL=split > 1, SOFT=soft_bf16(), num_warps=num_warps,
-                        num_stages=num_stages, enable_fp_fusion=False)
+                        num_stages=num_stages)
     if split == 1:
         return y
     out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
