@@ -252,26 +252,29 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     return scale, -torch.where(flat, mn0, mn), L
 
 
-def _make_qx(x: torch.Tensor, w: torch.Tensor | None,
-             nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _make_qx(x: torch.Tensor, w: torch.Tensor | None, nmax: int,
+             scratch: _Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's ``make_qx_quants`` with ``rmse_type = 1`` (weights ``w``, or ``x*x`` when None).
 
     Symmetric fit ``x ~ scale*(L - nmax)``, ``L`` in ``[0, 2*nmax-1]``, over columns of the
     position-major ``(P, R)`` ``x``: the first guess ``-nmax/max`` (max = first element of largest
     magnitude), then 18 trial inverse scales ``-(nmax + 0.1*is)/max``, ``is = -9..9`` without 0; a
     trial replaces the current fit when its weighted ``sumlx^2/suml2`` is strictly larger. Only the
-    winning inverse scale is remembered; its codes are recomputed at the end.
+    winning inverse scale is remembered; its codes are recomputed at the end. Work buffers
+    come from ``scratch`` when given.
     Returns ``(scale (R,), L (P, R) float32)``.
     """
+    scratch = scratch or _Scratch()
     amax, mx = first_abs_max(x, 0, nan_never_wins=True)
     zero = ~(amax >= GROUP_MAX_EPS)  # amax < eps (amax is never NaN here)
     mx = torch.where(zero, 1.0, mx)  # harmless for all-zero columns (masked at the end)
+    P, R = x.shape
     if w is None:
-        w = x * x
-    wx = w * x
-    lt = torch.empty_like(x)
+        w = torch.mul(x, x, out=scratch.get("qx_w", (P, R), x.device))
+    wx = torch.mul(w, x, out=scratch.get("qx_wx", (P, R), x.device))
+    lt = scratch.get("qx_codes", (P, R), x.device)
     # (P, 2, R): both products of position i side by side, so seq_sum sees contiguous terms.
-    buf = torch.empty((x.shape[0], 2) + x.shape[1:], dtype=_F32, device=x.device)
+    buf = scratch.get("qx_terms", (P, 2, R), x.device)
     wlx, wl2 = buf.unbind(1)
 
     def codes(iscale: torch.Tensor) -> torch.Tensor:
@@ -440,12 +443,20 @@ def _requant_affine(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dm: torch
 
 
 def _requant_symmetric(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor,
-                       nmax: int) -> torch.Tensor:
+                       nmax: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """``L = clamp(nearest_int(x/d), -nmax, nmax-1) + nmax`` per sub-block, keeping the search's
-    ``L`` where ``d == 0``."""
+    ``L`` where ``d == 0``. The new codes are computed in ``out`` (shaped like ``x``) if given."""
     nb, S = d.shape
     g = QK_K // S
-    new = _round_clamp(div(x.view(nb, S, g), d.unsqueeze(2)), -nmax, nmax - 1) + nmax
+    if out is None:
+        new = _round_clamp(div(x.view(nb, S, g), d.unsqueeze(2)), -nmax, nmax - 1) + nmax
+    else:
+        new = torch.div(x.view(nb, S, g), d.unsqueeze(2), out=out.view(nb, S, g))
+        lo_v, hi_v = torch.aminmax(new)
+        if bool((hi_v <= _NINT_SAFE) & (lo_v >= -_NINT_SAFE)):  # no NaN, in the trick's range
+            new.clamp_(-nmax, nmax - 1).round_().add_(nmax)
+        else:
+            new.copy_(_round_clamp(new, -nmax, nmax - 1, exact=True)).add_(nmax)
     return _keep_where((d == 0).unsqueeze(2), L.reshape(nb, S, g), new).reshape(nb, QK_K)
 
 
@@ -666,13 +677,17 @@ def _q45_k(x: torch.Tensor, qw: torch.Tensor | None, nmax: int,
                             qh=qh.to(torch.uint8), qs=qs)
 
 
-def _q6_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+def _q6_k(x: torch.Tensor, qw: torch.Tensor | None,
+          scratch: _Scratch | None = None) -> torch.Tensor:
     """Q6_K: 16 groups of 16, ``x ~ d*sc*(q-32)`` with int8 ``sc`` and 6-bit ``q``."""
     from .kquants import Q6_K
 
+    scratch = scratch or _Scratch()
     nb = x.shape[0]
-    X = _pos_major(x, 16)
-    scale, L = _make_qx(X, None if qw is None else _pos_major(qw, 16), 32)
+    shape = (16, nb * 16)
+    X = _pos_major(x, 16, scratch.get("X", shape, x.device))
+    Q = None if qw is None else _pos_major(qw, 16, scratch.get("Q", shape, x.device))
+    scale, L = _make_qx(X, Q, 32, scratch=scratch)
     scales = _sub_scales(scale, nb)
     amax, max_scale = first_abs_max(scales, 1, nan_never_wins=True)
     empty = amax < GROUP_MAX_EPS
@@ -682,8 +697,9 @@ def _q6_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     sc8 = ((sc8 & 0xFF) ^ 0x80) - 0x80  # stored in an int8_t
     sc8 = torch.where(empty.unsqueeze(1), 0, sc8)
     d = d16.to(_F32).unsqueeze(1) * sc8.to(_F32)
-    Lb = _requant_symmetric(x, _block_major(L, nb), d, 32).to(torch.int32)
-    Lb = Lb.mul_((~empty).unsqueeze(1).to(Lb.dtype))  # ggml zeroes the whole block
+    Lb = _requant_symmetric(x, _block_major(L, nb, scratch.get("L_blocks", (nb, QK_K), x.device)),
+                            d, 32, out=scratch.get("requant", (nb, QK_K), x.device))
+    Lb = Lb.to(torch.int32).mul_((~empty).unsqueeze(1).to(torch.int32))  # ggml zeroes the block
     q = Lb.view(nb, 2, 4, 32)
     ql = torch.cat([(q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4),
                     (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4)], dim=2)  # (nb, 2, 64)
@@ -721,4 +737,4 @@ def quantize_q5_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor
 def quantize_q6_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
     """Quantize float32 ``(n, 256)`` to Q6_K blocks (uint8, ``Q6_K.layout``), as ggml does with
     ``imatrix`` (float32 ``(n, 256)`` weights) or without (``None``)."""
-    return _chunked(_q6_k, x, imatrix, "Q6_K")
+    return _chunked(_q6_k, x, imatrix, "Q6_K", scratch=True)
