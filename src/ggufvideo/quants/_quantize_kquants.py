@@ -419,6 +419,18 @@ def _make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor,
     return torch.where(zero, 0.0, scale), torch.where(zero, 0.0, L)
 
 
+def _make_qp_pair(scale: torch.Tensor, the_min: torch.Tensor, sw: torch.Tensor, nb: int,
+                  nmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_make_qp` of a block's sub-block scales and of its mins (both ``(nb*S,)`` from the
+    searches, weights ``sw`` ``(nb, S)``) in one call: the columns are independent, and on
+    these small tensors the cost is per op, not per element.
+    Returns ``(d (nb,), Ls (S, nb), dmin (nb,), Lm (S, nb))``."""
+    both = torch.cat([_sub_scales(scale, nb), _sub_scales(the_min, nb)]).t().contiguous()
+    wt = sw.t()
+    d, L = _make_qp(both, torch.cat([wt, wt], dim=1).contiguous(), nmax)
+    return d[:nb], L[:, :nb], d[nb:], L[:, nb:]
+
+
 # ---------------------------------------------------------------------------------------------
 # Final re-quantization and bit packing
 # ---------------------------------------------------------------------------------------------
@@ -552,14 +564,19 @@ def _block_sum_x2(x: torch.Tensor) -> torch.Tensor:
     return seq_sum((x * x).t().contiguous())
 
 
-def _q2_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+def _q2_k(x: torch.Tensor, qw: torch.Tensor | None,
+          scratch: _Scratch | None = None) -> torch.Tensor:
     """Q2_K: 16 groups of 16, ``x ~ d*sc*q - dmin*m`` with 4-bit ``sc``/``m`` and 2-bit ``q``."""
     from .kquants import Q2_K
 
+    scratch = scratch or _Scratch()
     nb = x.shape[0]
-    X = _pos_major(x, 16)
+    shape = (16, nb * 16)
+    X = _pos_major(x, 16, scratch.get("X", shape, x.device))
     if qw is None:
-        scale, the_min, L = _make_qkx(X, X.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+        weights = torch.abs(X, out=scratch.get("weights", shape, x.device))
+        scale, the_min, L = _make_qkx(X, weights, 3, -0.5, 0.1, 15, use_mad=True,
+                                      scratch=scratch)
         scales, mins = _sub_scales(scale, nb), _sub_scales(the_min, nb)
         max_scale, max_min = _running_max_pos(scales), _running_max_pos(mins)
         ls = nearest_int(div(15.0, max_scale).unsqueeze(1) * scales) & 0xFF
@@ -573,14 +590,15 @@ def _q2_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         Q = _pos_major(qw, 16)
         weight = Q * sqrt(sigma2.repeat_interleave(16).unsqueeze(0) + X * X)
         sw = _sub_scales(seq_sum(weight), nb)
-        scale, the_min, L = _make_qkx(X, weight, 3, -0.9, 0.05, 36, use_mad=False)
-        dm, Ls = _make_qp(_sub_scales(scale, nb).t().contiguous(), sw.t().contiguous(), 15)
-        mm, Lm = _make_qp(_sub_scales(the_min, nb).t().contiguous(), sw.t().contiguous(), 15)
+        scale, the_min, L = _make_qkx(X, weight, 3, -0.9, 0.05, 36, use_mad=False,
+                                      scratch=scratch)
+        dm, Ls, mm, Lm = _make_qp_pair(scale, the_min, sw, nb, 15)
         d16, dmin16 = _to_fp16(dm), _to_fp16(mm)
         byte = (Ls.t().to(torch.int32) | (Lm.t().to(torch.int32) << 4)) & 0xFF
     d = d16.to(_F32).unsqueeze(1) * (byte & 0xF).to(_F32)
     dm_ = dmin16.to(_F32).unsqueeze(1) * (byte >> 4).to(_F32)
-    Lb = _requant_affine(x, _block_major(L, nb), d, dm_, 3)
+    Lb = _requant_affine(x, _block_major(L, nb, scratch.get("L_blocks", (nb, QK_K), x.device)),
+                         d, dm_, 3, out=scratch.get("requant", (nb, QK_K), x.device))
     return Q2_K.layout.pack(scales=byte.to(torch.uint8), qs=_pack_crumbs(Lb),
                             d=d16.unsqueeze(1), dmin=dmin16.unsqueeze(1))
 
@@ -651,11 +669,10 @@ def _q45_k(x: torch.Tensor, qw: torch.Tensor | None, nmax: int,
         sigma2 = div(2.0 * _block_sum_x2(x), float(QK_K))
         Q = _pos_major(qw, 32)
         weights = Q * sqrt(sigma2.repeat_interleave(8).unsqueeze(0) + X * X)
-        sw = _sub_scales(seq_sum(weights), nb).t().contiguous()
+        sw = _sub_scales(seq_sum(weights), nb)
         scale, the_min, L = _make_qkx(X, weights, nmax, -0.9, 0.05, 36, use_mad=False,
                                       scratch=scratch)
-        d_block, Ls = _make_qp(_sub_scales(scale, nb).t().contiguous(), sw, 63)
-        m_block, Lm = _make_qp(_sub_scales(the_min, nb).t().contiguous(), sw, 63)
+        d_block, Ls, m_block, Lm = _make_qp_pair(scale, the_min, sw, nb, 63)
         ls, lm = Ls.t().to(torch.int32), Lm.t().to(torch.int32)
         if nmax == 31:  # only Q5_K's impl clamps the codes to 6 bits before packing
             ls, lm = ls.clamp(max=63), lm.clamp(max=63)
@@ -713,7 +730,7 @@ def _q6_k(x: torch.Tensor, qw: torch.Tensor | None,
 def quantize_q2_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
     """Quantize float32 ``(n, 256)`` to Q2_K blocks (uint8, ``Q2_K.layout``), as ggml does with
     ``imatrix`` (float32 ``(n, 256)`` weights) or without (``None``)."""
-    return _chunked(_q2_k, x, imatrix, "Q2_K")
+    return _chunked(_q2_k, x, imatrix, "Q2_K", scratch=True)
 
 
 def quantize_q3_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
