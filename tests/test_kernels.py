@@ -143,6 +143,24 @@ def test_linear_above_fused_rows_equals_f_linear_on_decoded_weight() -> None:
 
 
 @needs_triton
+def test_linear_past_a_types_fused_rows_takes_decode_and_gemm() -> None:
+    # Q8_0's fused kernel stops at FUSED_ROWS["Q8_0"] rows (where decode + GEMM wins on an H100):
+    # one more row gives F.linear's numbers on the decoded weight exactly, in bf16 too.
+    m = kernels.FUSED_ROWS["Q8_0"] + 1
+    assert m <= kernels.fused_max_m()
+    raw, x, w = _fused_case("Q8_0", n=16, k=256, m=m, dtype=torch.bfloat16, seed=4)
+    assert torch.equal(kernels.linear(x, raw, "Q8_0", 16), F.linear(x, w))
+
+
+@needs_triton
+def test_fused_rows_cover_exactly_the_fused_types() -> None:
+    from ggufvideo.kernels._matmul import FUSED_TYPES as STEPS
+
+    assert set(kernels.FUSED_ROWS) == set(kernels.FUSED_TYPES) == set(STEPS)
+    assert all(0 < rows <= kernels.FUSED_MAX_M for rows in kernels.FUSED_ROWS.values())
+
+
+@needs_triton
 def test_linear_gradient_reaches_activations_only() -> None:
     raw, x, w = _fused_case("Q4_0", n=8, k=256, m=kernels.fused_max_m() + 1, dtype=torch.float32,
                             seed=9)

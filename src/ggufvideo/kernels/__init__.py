@@ -12,11 +12,12 @@ Public functions:
 * :func:`dequantize` -- ``torch.ops.ggufvideo.dequantize``: raw blocks -> a new dense tensor.
 * :func:`linear` -- ``torch.ops.ggufvideo.quant_linear``: ``F.linear`` with a quantized weight.
   The weight is decoded into a workspace reused across calls and the vendor GEMM (``F.linear``)
-  runs on it. Calls with at most :func:`fused_max_m` rows of activations (default 64) take the
-  fused kernel instead (:mod:`ggufvideo.kernels._matmul`): it reads the quantized weight once and
-  never materializes it, which on an H100 beat decode + cuBLAS at every M <= 64 and beats bf16
-  ``F.linear`` at M = 1 for the 4- and 5-bit types (numbers: README, ``benchmarks/gpu_linear.py``).
-  ``GGUFVIDEO_FUSED_MAX_M=0`` or :func:`set_fused_max_m` ``(0)`` turns it off.
+  runs on it. Calls with few rows of activations take the fused kernel instead
+  (:mod:`ggufvideo.kernels._matmul`): it reads the quantized weight once and never materializes
+  it. It runs up to :data:`FUSED_ROWS` rows per type (where it beat decode + cuBLAS on an H100),
+  capped by :func:`fused_max_m`; at M = 1 it also beats bf16 ``F.linear`` for the 4- and 5-bit
+  types (numbers: README, ``benchmarks/gpu_linear.py``). ``GGUFVIDEO_FUSED_MAX_M=0`` or
+  :func:`set_fused_max_m` ``(0)`` turns it off.
 
 The switch: ``GGUFVIDEO_NO_TRITON=1`` in the environment, or :func:`set_enabled` ``(False)``,
 makes :func:`is_available` false, so the quant-aware layers (:mod:`ggufvideo.ops`) take the torch
@@ -41,6 +42,7 @@ __all__ = [
     "DEQUANT_TYPES",
     "FUSED_TYPES",
     "FUSED_MAX_M",
+    "FUSED_ROWS",
     "fused_max_m",
     "set_fused_max_m",
     "is_available",
@@ -58,6 +60,10 @@ DEQUANT_TYPES: frozenset[str] = frozenset(
 FUSED_TYPES: frozenset[str] = frozenset(("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))
 #: The most activation rows the fused kernel can take (its largest activation tile).
 FUSED_MAX_M = 64
+#: Per type, the most rows for which the fused kernel beat decode + cuBLAS on an H100 (Wan-14B
+#: shapes, CUDA-graph timings in benchmarks/gpu_results_h100.md): past 16 rows the tensor-core
+#: branch decodes more per byte than the 4/5-bit K-quants need, and loses for the others.
+FUSED_ROWS: dict[str, int] = {"Q4_K": 64, "Q5_K": 64, "Q4_0": 16, "Q8_0": 16, "Q6_K": 16}
 _fused_max_m: int | None = None  # None: follow GGUFVIDEO_FUSED_MAX_M (default FUSED_MAX_M)
 
 
@@ -198,7 +204,7 @@ def _linear_impl(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: i
     x2d = x.reshape(-1, k)
     m = x2d.shape[0]
     raw2d = raw.reshape(out_features, -1)
-    if (m <= fused_max_m() and name in FUSED_TYPES and k % 256 == 0 and m > 0
+    if (m <= min(fused_max_m(), FUSED_ROWS.get(name, 0)) and k % 256 == 0 and m > 0
             and x.dtype in (torch.float16, torch.bfloat16) and is_available(x.device)):
         from ._matmul import fused_linear
 
