@@ -175,10 +175,10 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     flat = mx == mn0  # ggml returns early: L = 0, scale 0, the_min = -min
     mn = torch.where(flat, mx - 1.0, mn0)  # any harmless range for flat columns (masked at the end)
     codes_buf = scratch.get("qkx_codes", (P, R), x.device)
-    # (P, 3, R): w*L, (w*L)*L, (w*L)*x of position i side by side, so the three sums of a trial
+    # (P, 3, R): w*L, (w*L)*x, (w*L)*L of position i side by side, so the three sums of a trial
     # are one seq_sum over contiguous terms.
     buf = scratch.get("qkx_terms", (P, 3, R), x.device)
-    wl, wl2, wlx = buf.unbind(1)
+    wl, wlx, wl2 = buf.unbind(1)
     # The error terms reuse the first third of buf, free once the sums are taken (a smaller
     # working set stays in cache), as a contiguous (P, R) block.
     diff = buf.view(-1)[:x.numel()].view(x.shape)
@@ -186,11 +186,15 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     wx = torch.mul(w, x, out=diff)
     sum_x = seq_sum(wx[1:], start=wx[0])
 
-    def codes(iscale: torch.Tensor, start: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``MAX(0, MIN(nmax, nearest_int(iscale*(x - start))))`` into ``out``."""
+    def codes(iscale: torch.Tensor, start: torch.Tensor, out: torch.Tensor,
+              span: torch.Tensor | None = None) -> torch.Tensor:
+        """``MAX(0, MIN(nmax, nearest_int(iscale*(x - start))))`` into ``out`` (``span`` is
+        ``mx - start`` when the caller has it)."""
         # |x - start| <= max(max - start, start - xmin) (|xmin - s| is |s - xmin| exactly, and
         # max - s >= xmin - s): below 2**22 the float clamp is exact.
-        bound = torch.maximum(mx - start, start - xmin).mul_(iscale).max()
+        if span is None:
+            span = mx - start
+        bound = torch.maximum(span, start - xmin).mul_(iscale).max()
         torch.sub(x, start, out=out).mul_(iscale)
         if float(bound) <= _NINT_SAFE:  # NaN or infinity -> the exact path
             # Clamping to [0, nmax] before rounding commutes with rounding for integer bounds,
@@ -213,39 +217,49 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     L = codes(iscale, mn, codes_buf)
     scale = div(1.0, iscale)
     best = error(L, scale, mn)
-    # Per trial: its solved scale, its inverse scale and the min it started from, to pick the
-    # last taken trial's at the end; row 0 is the first guess (taken when no trial is). Only
-    # the best error and the current min are live state: two selects per trial instead of one
-    # over all five quantities.
-    hist = scratch.get("qkx_hist", (3, nstep + 2, R), x.device)
-    hist_scale, hist_iscale, hist_start = hist.unbind(0)
-    hist_scale[0], hist_iscale[0], hist_start[0] = scale, iscale, mn
-    last = torch.zeros(x.shape[1:], dtype=torch.int64, device=x.device)
-    zero = torch.zeros((), dtype=_F32, device=x.device)
+    dev = x.device
+    # Per trial k (0: the first guess, kept when no trial is taken): its solved scale and min,
+    # its inverse scale and the min it started from, to pick the last taken trial's at the end.
+    # Only the best error and the current min are live state. The per-trial bookkeeping on (R,)
+    # vectors is serial and costs per op, so it is kept to a minimum of ops.
+    hist = scratch.get("qkx_hist", (nstep + 2, 4, R), dev)
+    rows = [h.unbind(0) for h in hist.unbind(0)]  # [k] -> (scale, min, iscale, start)
+    rows[0][0].copy_(scale)
+    rows[0][2].copy_(iscale)
+    rows[0][3].copy_(mn)
+    takes = torch.empty((nstep + 1, R), dtype=torch.bool, device=dev)
+    nums = [torch.full((), f32(f32(f32(rmin) + f32(f32(rdelta) * step)) + float(nmax)),
+                       dtype=_F32, device=dev) for step in range(nstep + 1)]
+    # Numerators of the solve, two rows at a time: [sum_w, sum_x] * [sum_xl, sum_l2] minus
+    # [sum_x, sum_xl] * sum_l; then (sum_xl/sum_l2, 0) replaces (scale, min) where min > 0.
+    coef = torch.stack([sum_w, sum_x])
+    cross = torch.stack([sum_x, sum_x])  # row 1 becomes each trial's sum_xl
+    alt = torch.zeros((2, R), dtype=_F32, device=dev)
 
-    for step in range(nstep + 1):
-        num = f32(f32(f32(rmin) + f32(f32(rdelta) * step)) + float(nmax))
-        hist_start[step + 1] = mn
-        iscale = div(num, mx - mn)
-        hist_iscale[step + 1] = iscale
-        Lt = codes(iscale, mn, codes_buf)
+    for k in range(1, nstep + 2):
+        ts, tm, iscale, start = rows[k]
+        start.copy_(mn)
+        span = mx - mn
+        torch.div(nums[k - 1], span, out=iscale)
+        Lt = codes(iscale, mn, codes_buf, span)
         torch.mul(w, Lt, out=wl)
-        torch.mul(wl, Lt, out=wl2)
         torch.mul(wl, x, out=wlx)
-        sum_l, sum_l2, sum_xl = seq_sum(buf).unbind(0)
+        torch.mul(wl, Lt, out=wl2)
+        sums = seq_sum(buf)
+        sum_l, sum_xl, sum_l2 = sums.unbind(0)
         d = sum_w * sum_l2 - sum_l * sum_l
-        ts = div(sum_w * sum_xl - sum_x * sum_l, d)
-        tm = div(sum_l2 * sum_x - sum_l * sum_xl, d)
-        pos = tm > 0
-        tm = torch.where(pos, zero, tm)
-        torch.where(pos, div(sum_xl, sum_l2), ts, out=hist_scale[step + 1])
-        err = error(Lt, hist_scale[step + 1], tm)
-        take = (d > 0) & (err < best)
+        cross[1] = sum_xl
+        solved = torch.mul(coef, sums[1:]).sub_(cross.mul(sum_l)).div_(d)
+        torch.div(sum_xl, sum_l2, out=alt[0])
+        torch.where(solved[1] > 0, alt, solved, out=hist[k, :2])
+        err = error(Lt, ts, tm)
+        take = torch.logical_and(d > 0, err < best, out=takes[k - 1])
         best = torch.where(take, err, best)
         mn = torch.where(take, tm, mn)
-        last.masked_fill_(take, step + 1)
-    pick = last.unsqueeze(0)
-    scale, best_iscale, best_start = (h.gather(0, pick).squeeze(0) for h in hist.unbind(0))
+    # The last taken trial (0 for none) of each column.
+    last = (takes * torch.arange(1, nstep + 2, device=dev).unsqueeze(1)).amax(0)
+    chosen = hist.gather(0, last.view(1, 1, R).expand(1, 4, R)).squeeze(0)
+    scale, best_iscale, best_start = chosen[0], chosen[2], chosen[3]
 
     L = codes(best_iscale, best_start, codes_buf)
     scale = torch.where(flat, 0.0, scale)
