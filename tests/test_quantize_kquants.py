@@ -150,10 +150,16 @@ def test_k_quant_with_overflowing_weights_matches_ggml(oracle, qtype):
 
 
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
-def test_k_quant_of_gaussian_weights_matches_ggml_across_chunks(oracle, qtype):
-    # More blocks than one internal chunk, so chunk boundaries are exercised too.
+def test_k_quant_of_gaussian_weights_matches_ggml_across_chunks(oracle, qtype, monkeypatch):
+    # Several internal chunks, the last one smaller, so chunk boundaries and the work buffers
+    # the chunks share (sized by the first, reused as views by the rest) are exercised; every
+    # block flavour lands in some chunk after the first.
+    from ggufvideo.quants import _quantize_kquants
+
+    monkeypatch.setattr(_quantize_kquants, "_CHUNK_BLOCKS", 64)
     rng = np.random.default_rng(7)
     x = (rng.standard_normal((300, 256)) * 0.02).astype(np.float32)
+    x[100::7] = np.stack([make_block(k % N_KINDS, rng) for k in range(len(x[100::7]))])
     im = np.abs(rng.standard_normal((300, 256))).astype(np.float32)
     assert_same_blocks(ours(x, qtype, None), ggml_bytes(oracle, x, qtype, None), qtype.name)
     assert_same_blocks(ours(x, qtype, im), ggml_bytes(oracle, x, qtype, im),
