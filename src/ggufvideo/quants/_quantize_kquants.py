@@ -28,6 +28,7 @@ The layouts come from :mod:`.kquants` (declared once there).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -81,12 +82,13 @@ def _round_clamp(v: torch.Tensor, lo: int, hi: int, exact: bool | None = None) -
     return v.clamp(lo, hi).round_()
 
 
-def _keep_where(cond: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """``torch.where(cond, old, new)``, skipped (one reduction instead of a full pass) in the
-    usual case where ``cond`` is nowhere set."""
+def _keep_where(cond: torch.Tensor, old: Callable[[], torch.Tensor],
+                new: torch.Tensor) -> torch.Tensor:
+    """``torch.where(cond, old(), new)``, skipped (one reduction instead of a full pass, and
+    ``old`` never built) in the usual case where ``cond`` is nowhere set."""
     if not bool(cond.any()):
         return new
-    return torch.where(cond, old, new)
+    return torch.where(cond, old(), new)
 
 
 def _running_max_pos(s: torch.Tensor) -> torch.Tensor:
@@ -124,23 +126,19 @@ class _Scratch:
 def _pos_major(x: torch.Tensor, group: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """``(nb, 256)`` -> ``(group, nb * 256/group)``: column ``b*S + s`` is sub-block ``s`` of
     block ``b``, row ``i`` its element ``i``. Written into ``out`` (that shape) if given."""
-    nb = x.shape[0]
-    src = x.view(nb, QK_K // group, group).permute(2, 0, 1)
+    # A plain 2-D transpose of (nb*S, group): torch copies those in cache-sized tiles.
+    src = x.reshape(-1, group).t()
     if out is None:
-        # contiguous: reshape alone would return a view whose position rows are strided.
-        return src.contiguous().view(group, -1)
-    out.view(group, nb, QK_K // group).copy_(src)
-    return out
+        return src.contiguous()
+    return out.copy_(src)
 
 
 def _block_major(t: torch.Tensor, nb: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of :func:`_pos_major`: ``(group, nb*S)`` -> ``(nb, 256)`` (into ``out`` if
     given)."""
-    group = t.shape[0]
-    src = t.view(group, nb, QK_K // group).permute(1, 2, 0)
     if out is None:
-        return src.reshape(nb, QK_K)
-    out.view(nb, QK_K // group, group).copy_(src)
+        return t.t().contiguous().view(nb, QK_K)
+    out.view(t.shape[1], t.shape[0]).copy_(t.t())
     return out
 
 
@@ -257,7 +255,8 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
         best = torch.where(take, err, best)
         mn = torch.where(take, tm, mn)
     # The last taken trial (0 for none) of each column.
-    last = (takes * torch.arange(1, nstep + 2, device=dev).unsqueeze(1)).amax(0)
+    steps = torch.arange(1, nstep + 2, dtype=torch.uint8, device=dev).unsqueeze(1)
+    last = (takes.view(torch.uint8) * steps).amax(0).long()
     chosen = hist.gather(0, last.view(1, 1, R).expand(1, 4, R)).squeeze(0)
     scale, best_iscale, best_start = chosen[0], chosen[2], chosen[3]
 
@@ -452,8 +451,9 @@ def _make_qp_pair(scale: torch.Tensor, the_min: torch.Tensor, sw: torch.Tensor, 
 def _requant_affine(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dm: torch.Tensor,
                     nmax: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """``L = clamp(nearest_int((x + dm)/d), 0, nmax)`` per sub-block ``(nb, S)`` scales, except
-    where ``d == 0``: ggml skips those sub-blocks and keeps the search's ``L``. The new codes
-    are computed in ``out`` (shaped like ``x``) when given."""
+    where ``d == 0``: ggml skips those sub-blocks and keeps the search's ``L`` (position-major
+    ``(256/S, nb*S)``, brought to block order only then). The new codes are computed in
+    ``out`` (shaped like ``x``) when given."""
     nb, S = d.shape
     g = QK_K // S
     xv = x.view(nb, S, g)
@@ -466,13 +466,15 @@ def _requant_affine(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dm: torch
             new.clamp_(0, nmax).round_()
         else:
             new.copy_(_round_clamp(new, 0, nmax, exact=True))
-    return _keep_where((d == 0).unsqueeze(2), L.reshape(nb, S, g), new).reshape(nb, QK_K)
+    return _keep_where((d == 0).unsqueeze(2), lambda: _block_major(L, nb).view(nb, S, g),
+                       new).reshape(nb, QK_K)
 
 
 def _requant_symmetric(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor,
                        nmax: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """``L = clamp(nearest_int(x/d), -nmax, nmax-1) + nmax`` per sub-block, keeping the search's
-    ``L`` where ``d == 0``. The new codes are computed in ``out`` (shaped like ``x``) if given."""
+    ``L`` (position-major, as for :func:`_requant_affine`) where ``d == 0``. The new codes are
+    computed in ``out`` (shaped like ``x``) if given."""
     nb, S = d.shape
     g = QK_K // S
     if out is None:
@@ -484,7 +486,8 @@ def _requant_symmetric(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor,
             new.clamp_(-nmax, nmax - 1).round_().add_(nmax)
         else:
             new.copy_(_round_clamp(new, -nmax, nmax - 1, exact=True)).add_(nmax)
-    return _keep_where((d == 0).unsqueeze(2), L.reshape(nb, S, g), new).reshape(nb, QK_K)
+    return _keep_where((d == 0).unsqueeze(2), lambda: _block_major(L, nb).view(nb, S, g),
+                       new).reshape(nb, QK_K)
 
 
 def _pack_crumbs(L: torch.Tensor) -> torch.Tensor:
@@ -612,7 +615,7 @@ def _q2_k(x: torch.Tensor, qw: torch.Tensor | None,
         byte = (Ls.t().to(torch.int32) | (Lm.t().to(torch.int32) << 4)) & 0xFF
     d = d16.to(_F32).unsqueeze(1) * (byte & 0xF).to(_F32)
     dm_ = dmin16.to(_F32).unsqueeze(1) * (byte >> 4).to(_F32)
-    Lb = _requant_affine(x, _block_major(L, nb, scratch.get("L_blocks", (nb, QK_K), x.device)),
+    Lb = _requant_affine(x, L,
                          d, dm_, 3, out=scratch.get("requant", (nb, QK_K), x.device))
     return Q2_K.layout.pack(scales=byte.to(torch.uint8), qs=_pack_crumbs(Lb),
                             d=d16.unsqueeze(1), dmin=dmin16.unsqueeze(1))
@@ -646,7 +649,7 @@ def _q3_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         packed = _pack_q3_scales(l6)
         d16 = _to_fp16(d_block)
     d = d16.to(_F32).unsqueeze(1) * (l6 - 32).to(_F32)
-    Lb = _requant_symmetric(x, _block_major(L, nb), d, 4).to(torch.int32)
+    Lb = _requant_symmetric(x, L, d, 4).to(torch.int32)
     high = Lb > 3
     hm = high.view(nb, 8, 32).to(torch.int32)
     hmask = hm[:, 0]
@@ -696,7 +699,7 @@ def _q45_k(x: torch.Tensor, qw: torch.Tensor | None, nmax: int,
     sc, m = _unpack_scale_min_k4(packed)
     d = d16.to(_F32).unsqueeze(1) * sc
     dm = dmin16.to(_F32).unsqueeze(1) * m
-    Lb = _requant_affine(x, _block_major(L, nb, scratch.get("L_blocks", (nb, QK_K), x.device)),
+    Lb = _requant_affine(x, L,
                          d, dm, nmax, out=scratch.get("requant", (nb, QK_K), x.device))
     qs = _pack_nibbles64(Lb)
     if nmax == 15:
@@ -729,7 +732,7 @@ def _q6_k(x: torch.Tensor, qw: torch.Tensor | None,
     sc8 = ((sc8 & 0xFF) ^ 0x80) - 0x80  # stored in an int8_t
     sc8 = torch.where(empty.unsqueeze(1), 0, sc8)
     d = d16.to(_F32).unsqueeze(1) * sc8.to(_F32)
-    Lb = _requant_symmetric(x, _block_major(L, nb, scratch.get("L_blocks", (nb, QK_K), x.device)),
+    Lb = _requant_symmetric(x, L,
                             d, 32, out=scratch.get("requant", (nb, QK_K), x.device))
     Lb = Lb.to(torch.int32).mul_((~empty).unsqueeze(1).to(torch.int32))  # ggml zeroes the block
     q = Lb.view(nb, 2, 4, 32)
