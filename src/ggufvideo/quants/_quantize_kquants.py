@@ -177,11 +177,8 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     # are one seq_sum over contiguous terms.
     buf = scratch.get("qkx_terms", (P, 3, R), x.device)
     wl, wlx, wl2 = buf.unbind(1)
-    # The error terms reuse the first third of buf, free once the sums are taken (a smaller
-    # working set stays in cache), as a contiguous (P, R) block.
-    diff = buf.view(-1)[:x.numel()].view(x.shape)
     sum_w = seq_sum(w[1:], start=w[0])  # ggml starts these two sums from the first term
-    wx = torch.mul(w, x, out=diff)
+    wx = torch.mul(w, x, out=codes_buf)
     sum_x = seq_sum(wx[1:], start=wx[0])
 
     def codes(iscale: torch.Tensor, start: torch.Tensor, out: torch.Tensor,
@@ -201,8 +198,10 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
         return out.copy_(_round_clamp(out, 0, nmax, exact=True))
 
     def error(L: torch.Tensor, scale: torch.Tensor, the_min: torch.Tensor) -> torch.Tensor:
-        """``sum of w * f(scale*L + the_min - x)``, f = fabsf or the square, in order."""
-        torch.mul(L, scale, out=diff).add_(the_min)
+        """``sum of w * f(scale*L + the_min - x)``, f = fabsf or the square, in order. Works in
+        place on ``L`` (the trial's codes are not needed afterwards): in-place passes move less
+        memory than ones writing a third buffer."""
+        diff = L.mul_(scale).add_(the_min)
         if use_mad:
             diff.sub_(x).abs_()
         else:
