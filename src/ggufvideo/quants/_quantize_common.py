@@ -32,6 +32,7 @@ __all__ = [
     "recip_or_zero",
     "round_small_",
     "seq_sum",
+    "seq_sum_slots",
     "sqrt",
     "to_fp16",
 ]
@@ -204,6 +205,37 @@ def seq_sum(terms: torch.Tensor, start: torch.Tensor | None = None,
     for t in terms.unbind(0):  # one op for all row views
         out += t
     return out
+
+
+_SLOT_BAGS: dict[tuple, tuple[int, torch.Tensor, torch.Tensor]] = {}
+
+
+def seq_sum_slots(terms: torch.Tensor, slots: tuple[int, ...]) -> torch.Tensor:
+    """:func:`seq_sum` of ``terms[:, s]`` for each ``s`` in ``slots``, as ``(len(slots), R)``.
+
+    ``terms`` is ``(P, K, R)``. On CPU (contiguous float32) this is one ``embedding_bag`` over
+    the whole buffer whose index list picks only the rows of the wanted slots, so a caller can
+    sum part of a buffer now and reuse the rest, with no copy.
+    """
+    p, k, n = terms.shape
+    if terms.device.type == "cpu" and terms.is_contiguous() and terms.dtype == torch.float32:
+        bags = _MAX_BAGS
+        while bags > 1 and (n % bags or n // bags < _MIN_BAG_WIDTH):
+            bags //= 2
+        if n and n % bags == 0:
+            key = (p, k, bags, slots)
+            plan = _SLOT_BAGS.get(key)
+            if plan is None:
+                # Bag (s, j): column slice j of slot s at every position, in position order;
+                # row (i*k + s)*bags + j of the (p*k*bags, n/bags) view.
+                pos = torch.arange(p) * (k * bags)
+                rows = [pos + s * bags + j for s in slots for j in range(bags)]
+                plan = _SLOT_BAGS[key] = (bags, torch.cat(rows),
+                                          torch.arange(len(slots) * bags) * p)
+            bags, idx, offsets = plan
+            return torch.nn.functional.embedding_bag(
+                idx, terms.view(p * k * bags, -1), offsets, mode="sum").view(len(slots), n)
+    return torch.stack([seq_sum(terms[:, s]) for s in slots])
 
 
 def _fix_rows(out: torch.Tensor, need: torch.Tensor, x: torch.Tensor, dim: int,

@@ -41,6 +41,7 @@ from ._quantize_common import (
     first_abs_max,
     nearest_int,
     seq_sum,
+    seq_sum_slots,
     sqrt,
     to_fp16,
 )
@@ -173,10 +174,11 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     flat = mx == mn0  # ggml returns early: L = 0, scale 0, the_min = -min
     mn = torch.where(flat, mx - 1.0, mn0)  # any harmless range for flat columns (masked at the end)
     codes_buf = scratch.get("qkx_codes", (P, R), x.device)
-    # (P, 3, R): w*L, (w*L)*x, (w*L)*L of position i side by side, so the three sums of a trial
-    # are one seq_sum over contiguous terms.
-    buf = scratch.get("qkx_terms", (P, 3, R), x.device)
-    wl, wlx, wl2 = buf.unbind(1)
+    # (P, 2, R): w*L and (w*L)*L of position i side by side; once their sums are taken, w*L
+    # becomes (w*L)*x in place. Two buffers instead of three keep the trial's working set in
+    # cache, and the in-place product moves less memory.
+    buf = scratch.get("qkx_terms", (P, 2, R), x.device)
+    wl, wl2 = buf.unbind(1)
     sum_w = seq_sum(w[1:], start=w[0])  # ggml starts these two sums from the first term
     wx = torch.mul(w, x, out=codes_buf)
     sum_x = seq_sum(wx[1:], start=wx[0])
@@ -240,13 +242,14 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
         torch.div(nums[k - 1], span, out=iscale)
         Lt = codes(iscale, mn, codes_buf, span)
         torch.mul(w, Lt, out=wl)
-        torch.mul(wl, x, out=wlx)
         torch.mul(wl, Lt, out=wl2)
-        sums = seq_sum(buf)
-        sum_l, sum_xl, sum_l2 = sums.unbind(0)
+        sum_l = seq_sum_slots(buf, (0,))[0]
+        wl.mul_(x)  # (w*L)*x
+        sums = seq_sum_slots(buf, (0, 1))
+        sum_xl, sum_l2 = sums.unbind(0)
         d = sum_w * sum_l2 - sum_l * sum_l
         cross[1] = sum_xl
-        solved = torch.mul(coef, sums[1:]).sub_(cross.mul(sum_l)).div_(d)
+        solved = torch.mul(coef, sums).sub_(cross.mul(sum_l)).div_(d)
         torch.div(sum_xl, sum_l2, out=alt[0])
         torch.where(solved[1] > 0, alt, solved, out=hist[k, :2])
         err = error(Lt, ts, tm)
