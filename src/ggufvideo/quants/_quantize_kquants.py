@@ -287,34 +287,37 @@ def _make_qx(x: torch.Tensor, w: torch.Tensor | None, nmax: int,
     if w is None:
         w = torch.mul(x, x, out=scratch.get("qx_w", (P, R), x.device))
     wx = torch.mul(w, x, out=scratch.get("qx_wx", (P, R), x.device))
-    lt = scratch.get("qx_codes", (P, R), x.device)
-    # (P, 2, R): both products of position i side by side, so seq_sum sees contiguous terms.
+    # (P, 2, R): a trial's codes, then (w*x)*L made from them in place, next to (w*L)*L, so
+    # seq_sum sees contiguous terms; five buffers in all keep the working set in cache.
     buf = scratch.get("qx_terms", (P, 2, R), x.device)
-    wlx, wl2 = buf.unbind(1)
+    lt, wl2 = buf.unbind(1)
+
+    # The first guess and the 18 trials' inverse scales do not depend on one another: all at
+    # once, and one range check for all. |iscale*x| <= |iscale|*amax: below 2**22 the float
+    # clamp + round is exact.
+    nums = [float(-nmax)] + [-f32(float(nmax) + f32(f32(0.1) * i)) for i in range(-9, 10) if i]
+    iscales = div(torch.tensor(nums, dtype=_F32, device=x.device).unsqueeze(1), mx)
+    in_range = bool((iscales.abs() * amax <= _NINT_SAFE).all())
 
     def codes(iscale: torch.Tensor) -> torch.Tensor:
         torch.mul(x, iscale, out=lt)
-        # |iscale*x| <= |iscale|*amax: below 2**22 the float clamp + round is exact.
-        if bool((iscale.abs() * amax <= _NINT_SAFE).all()):
+        if in_range:
             return lt.clamp_(-nmax, nmax - 1).round_()
         return lt.copy_(_round_clamp(lt, -nmax, nmax - 1, exact=True))
 
     def sums(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lv = codes(iscale)
-        torch.mul(wx, lv, out=wlx)
         torch.mul(w, lv, out=wl2).mul_(lv)
+        lv.mul_(wx)
         sumlx, suml2 = seq_sum(buf)
         return sumlx, suml2
 
-    iscale = div(float(-nmax), mx)
+    iscale = iscales[0]
     sumlx, suml2 = sums(iscale)
     scale = torch.where(suml2 != 0, div(sumlx, suml2), 0.0)
     best = scale * sumlx
     best_iscale = iscale
-    for i in range(-9, 10):
-        if i == 0:
-            continue
-        iscale = div(-f32(float(nmax) + f32(f32(0.1) * i)), mx)
+    for iscale in iscales[1:]:
         sumlx, suml2 = sums(iscale)
         take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         sc = div(sumlx, suml2)
