@@ -182,17 +182,20 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     wx = torch.mul(w, x, out=codes_buf)
     sum_x = seq_sum(wx[1:], start=wx[0])
 
+    def in_range(iscale: torch.Tensor, start: torch.Tensor) -> bool:
+        """Whether every ``iscale*(x - start)`` is below 2**22 in magnitude (and not NaN), where
+        the float clamp + round below is exact: ``|x - start| <= max(max - start,
+        start - xmin)`` (``|xmin - s|`` is ``|s - xmin|`` exactly, and ``max - s >= xmin - s``).
+        Works on any number of leading rows (trials) at once."""
+        bound = torch.maximum(mx - start, start - xmin).mul_(iscale).max()
+        return float(bound) <= _NINT_SAFE  # NaN or infinity -> False
+
     def codes(iscale: torch.Tensor, start: torch.Tensor, out: torch.Tensor,
-              span: torch.Tensor | None = None) -> torch.Tensor:
-        """``MAX(0, MIN(nmax, nearest_int(iscale*(x - start))))`` into ``out`` (``span`` is
-        ``mx - start`` when the caller has it)."""
-        # |x - start| <= max(max - start, start - xmin) (|xmin - s| is |s - xmin| exactly, and
-        # max - s >= xmin - s): below 2**22 the float clamp is exact.
-        if span is None:
-            span = mx - start
-        bound = torch.maximum(span, start - xmin).mul_(iscale).max()
+              checked: bool = True) -> torch.Tensor:
+        """``MAX(0, MIN(nmax, nearest_int(iscale*(x - start))))`` into ``out``; unchecked, the
+        caller vouches that the values are in range."""
         torch.sub(x, start, out=out).mul_(iscale)
-        if float(bound) <= _NINT_SAFE:  # NaN or infinity -> the exact path
+        if not checked or in_range(iscale, start):
             # Clamping to [0, nmax] before rounding commutes with rounding for integer bounds,
             # and torch.round is round-half-even like nearest_int in range.
             return out.clamp_(0, nmax).round_()
@@ -214,7 +217,7 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     iscale = div(float(nmax), mx - mn)
     L = codes(iscale, mn, codes_buf)
     scale = div(1.0, iscale)
-    best = error(L, scale, mn)
+    best0 = error(L, scale, mn)
     dev = x.device
     # Per trial k (0: the first guess, kept when no trial is taken): its solved scale and min,
     # its inverse scale and the min it started from, to pick the last taken trial's at the end.
@@ -234,12 +237,14 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     cross = torch.stack([sum_x, sum_x])  # row 1 becomes each trial's sum_xl
     alt = torch.zeros((2, R), dtype=_F32, device=dev)
 
-    for k in range(1, nstep + 2):
+    def trial(k: int, mn: torch.Tensor, best: torch.Tensor,
+              checked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trial ``k`` from the current min and best error; records it in ``hist`` and
+        ``takes`` and returns the new current min and best error."""
         ts, tm, iscale, start = rows[k]
         start.copy_(mn)
-        span = mx - mn
-        torch.div(nums[k - 1], span, out=iscale)
-        Lt = codes(iscale, mn, codes_buf, span)
+        torch.div(nums[k - 1], mx - mn, out=iscale)
+        Lt = codes(iscale, mn, codes_buf, checked)
         torch.mul(w, Lt, out=wl)
         torch.mul(wl, Lt, out=wl2)
         sum_l = seq_sum_slots(buf, (0,))[0]
@@ -253,8 +258,21 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
         torch.where(solved[1] > 0, alt, solved, out=hist[k, :2])
         err = error(Lt, ts, tm)
         take = torch.logical_and(d > 0, err < best, out=takes[k - 1])
-        best = torch.where(take, err, best)
-        mn = torch.where(take, tm, mn)
+        return torch.where(take, tm, mn), torch.where(take, err, best)
+
+    def search(mn: torch.Tensor, checked: bool) -> torch.Tensor:
+        """All trials in order; returns the final current min."""
+        best = best0
+        for k in range(1, nstep + 2):
+            mn, best = trial(k, mn, best, checked)
+        return mn
+
+    # The trials run without a range check each; checked afterwards for all at once (from the
+    # recorded inverse scales and starting mins), and run again checked if any was out of range.
+    mn_start = mn
+    mn = search(mn_start, checked=False)
+    if not in_range(hist[:, 2], hist[:, 3]):
+        mn = search(mn_start, checked=True)
     # The last taken trial (0 for none) of each column.
     steps = torch.arange(1, nstep + 2, dtype=torch.uint8, device=dev).unsqueeze(1)
     last = (takes.view(torch.uint8) * steps).amax(0).long()
