@@ -110,7 +110,8 @@ class _Scratch:
         self._bufs: dict[str, torch.Tensor] = {}
 
     def get(self, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """An uninitialized contiguous float32 tensor of ``shape``, reused across calls."""
+        """An uninitialized contiguous float32 tensor of ``shape``, the same storage on every
+        call with this ``name``."""
         n = 1
         for dim in shape:
             n *= dim
@@ -133,13 +134,9 @@ def _pos_major(x: torch.Tensor, group: int, out: torch.Tensor | None = None) -> 
     return out.copy_(src)
 
 
-def _block_major(t: torch.Tensor, nb: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Inverse of :func:`_pos_major`: ``(group, nb*S)`` -> ``(nb, 256)`` (into ``out`` if
-    given)."""
-    if out is None:
-        return t.t().contiguous().view(nb, QK_K)
-    out.view(t.shape[1], t.shape[0]).copy_(t.t())
-    return out
+def _block_major(t: torch.Tensor, nb: int) -> torch.Tensor:
+    """Inverse of :func:`_pos_major`: ``(group, nb*S)`` -> ``(nb, 256)``."""
+    return t.t().contiguous().view(nb, QK_K)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,8 +157,8 @@ def _make_qkx(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     Only the winning trial's inverse scale and starting min are remembered; its codes are
     recomputed once at the end (same arithmetic, same result), which keeps the loop to in-place
     work on preallocated buffers. The loop is memory-bound: every full-size pass over ``(P, R)``
-    counts, so each trial is eleven of them (four for the codes, two products, three for the
-    error, two in-order sums of one and three rows).
+    counts, so a trial is four passes for its codes, three for the products, four for the error
+    (the last three in place) and in-order sums over four buffers' worth of terms.
     Work buffers come from ``scratch`` when given (``L`` then lives in it too).
     Returns ``(scale (R,), the_min (R,), L (P, R) float32)``.
     """
@@ -690,8 +687,8 @@ def _q45_k(x: torch.Tensor, qw: torch.Tensor | None, nmax: int,
     nb = x.shape[0]
     shape = (32, nb * 8)
     X = _pos_major(x, 32, scratch.get("X", shape, x.device))
-    weights = scratch.get("weights", shape, x.device)
     if qw is None:
+        weights = scratch.get("weights", shape, x.device)
         av_x = sqrt(div(seq_sum(torch.mul(X, X, out=weights)), 32.0))
         torch.abs(X, out=weights).add_(av_x)  # av_x + fabsf(x): one rounding either way
         rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
