@@ -120,7 +120,29 @@ def test_fused_linear_matches_exact_product(qtype: str, m: int, rule) -> None:
 
 
 @needs_triton
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q5_K", "Q8_0", "Q6_K"])
+def test_one_row_chunked_kernel_also_matches_for_gemv_types(qtype: str) -> None:
+    # These types take the GEMV kernel for one row by default; the chunked kernel's one-row
+    # branch must stay right for them too (it is what `gemv=False` runs).
+    from ggufvideo.kernels._matmul import fused_linear
+
+    raw, x, _ = _fused_case(qtype, n=40, k=512, m=1, dtype=torch.bfloat16, seed=13)
+    ref = _exact_product(raw, qtype, x, 40)
+    assert _rel_err(fused_linear(x, raw, qtype, 40, gemv=False), ref) < 2.5e-3
+    assert _rel_err(fused_linear(x, raw, qtype, 40), ref) < 2.5e-3
+
+
+@needs_triton
+def test_gemv_kernel_refuses_what_it_cannot_take() -> None:
+    from ggufvideo.kernels._matmul import fused_linear
+
+    raw, x, _ = _fused_case("Q4_K", n=8, k=256, m=2, dtype=torch.bfloat16, seed=1)
+    with pytest.raises(ValueError, match="GEMV kernel takes one row"):
+        fused_linear(x, raw, "Q4_K", 8, gemv=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0", "Q6_K"])
 @pytest.mark.parametrize("m", [1, 2])
 def test_fused_linear_in_float16(qtype: str, m: int) -> None:
     # float16 takes the 0x6400 bit-pattern codes (Q8_0's 0..255 included).

@@ -13,7 +13,10 @@ bf16). In practice the per-element work limits it, so the loop is built to do li
 * Codes become floats through their bit patterns, not conversion instructions (see
   :func:`_to_f32` and :func:`_accum`).
 * One activation row (M = 1: timestep/modulation projections, batch-1 work) runs on the CUDA
-  cores; more rows go through ``tl.dot`` with the activations padded to a 16/32/64-row tile.
+  cores, either in the chunked kernel's one-row branch or, for the types in :data:`GEMV_STEPS`
+  (where it measured faster), in a GEMV kernel that applies the scale per weight and sums once
+  at the end, extracting codes with one byte-permute each. More rows go through ``tl.dot`` with
+  the activations padded to a 16/32/64-row tile.
 * Each step covers 256 elements of K (one super-block, or eight 32-element blocks), so K must be
   a multiple of 256; K is split across programs to fill the GPU and the float32 partial sums are
   added in a fixed order (deterministic results).
@@ -229,6 +232,160 @@ def _step_q6_k(acc, wp, xrow, xmask, magic, F_QL, F_QH, F_SC, F_D, F4, TS: tl.co
     return acc
 
 
+# -- one activation row: the GEMV kernel ------------------------------------------------------------
+# Each step adds ``(D * u + MB) * x`` element by element into a per-thread float32 tile ``acc``
+# (BN, A, B) that is summed once at the end: per weight that is one code extraction, one
+# subtraction (the bit-pattern trick), two FMAs and the activation's widening, with no per-chunk
+# reductions. Codes are extracted from whole 32- or 16-bit units (one load feeds 4 or 2 bytes);
+# ``cols`` (1, A, B) gives each tile entry's activation column. ``xp`` points at this step's
+# first activation.
+
+@triton.jit
+def _units(p, i, UNIT: tl.constexpr):
+    """``UNIT`` (int16/int32) values ``i`` units past byte pointer ``p``, as int32.
+
+    The pointer is cast before the index is added, so Triton sees ``i``'s contiguity in units
+    and loads runs of them as wide vectors (casting after adding byte offsets hides it).
+    """
+    return tl.load(p.to(tl.pointer_type(UNIT)) + i).to(tl.int32)
+
+
+@triton.jit
+def _code_f32(packed, k, magic, SOFT: tl.constexpr):
+    """Byte ``k`` of int32 ``packed`` (a code < 256) as the float32 bits ``2**23 + code``.
+
+    One ``prmt`` (byte permute) per code on the GPU: it takes byte ``k`` of ``packed`` and the
+    three high bytes of ``magic`` (0x4B000000) in one instruction, where shift + bit-field
+    extract + or take three. The interpreter cannot run PTX and gets the same bits by shifts.
+    """
+    if SOFT:
+        return ((packed >> (8 * k)) & 255) | magic
+    return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r",
+                                     [packed, magic, 0x7650 + k], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _gemv_mac_bits(acc, bits, D, MB, xp, cols, SUB: tl.constexpr):
+    """``acc += (D * (code - SUB) + MB) * x[cols]`` for ``bits`` = the float32 ``2**23 + code``."""
+    uf = bits.to(tl.float32, bitcast=True) - (8388608.0 + SUB)
+    return acc + (D * uf + MB) * tl.load(xp + cols).to(tl.float32)
+
+
+@triton.jit
+def _gemv_q8_0(acc, bp, xp, magic, F_D, F_QS, F2, F3, F4, TS: tl.constexpr,
+               SOFT: tl.constexpr):
+    # (BN, 16 halves, 2 bytes) per block; a signed byte q becomes the code q + 128 by flipping its
+    # top bit, and SUB = 128 takes it back.
+    v = tl.arange(0, 16)[None, :, None]
+    b = tl.arange(0, 2)[None, None, :]
+    for kb in tl.static_range(8):
+        p = bp + kb * TS
+        d = _half(p + F_D)
+        h = _units(p + F_QS, v, tl.int16)
+        u = h ^ 0x8080  # both bytes' sign bits flipped: codes q + 128
+        acc = _gemv_mac_bits(acc, _code_f32(u, b, magic, SOFT), d, 0.0, xp, kb * 32 + 2 * v + b,
+                             128.0)
+    return acc
+
+
+@triton.jit
+def _gemv_kq45(acc, bp, xp, magic, F_D, F_DMIN, F_SC, F_QH, F_QS, HAS_QH: tl.constexpr,
+               SOFT: tl.constexpr):
+    # (BN, 8 words, 4 bytes) per qs group g: byte 4t+b holds element g*64 + 4t + b (sub-block 2g)
+    # in its low nibble and element + 32 (sub-block 2g+1) in its high nibble; Q5_K's fifth bit of
+    # sub-block s is bit s of qh[4t + b]. Nibbles are masked four per word, then placed one per
+    # lane by _code_f32.
+    t = tl.arange(0, 8)[None, :, None]
+    b = tl.arange(0, 4)[None, None, :]
+    head = _w32(bp + F_D)
+    d = _bits_to_f32(head)
+    dmin = _bits_to_f32(head >> 16)
+    s0 = _w32(bp + F_SC)
+    s1 = _w32(bp + F_SC + 4)
+    s2 = _w32(bp + F_SC + 8)
+    if HAS_QH:
+        qh = _units(bp + F_QH, t, tl.int32)
+    for g in tl.static_range(4):
+        q = _units(bp + F_QS + g * 32, t, tl.int32)  # (BN, 8, 1): four codes per word
+        for hi in tl.static_range(2):
+            s = 2 * g + hi
+            if s < 4:
+                sc = _byte(s0, s) & 63
+                mn = _byte(s1, s) & 63
+            else:
+                sc = (_byte(s2, s - 4) & 15) | ((_byte(s0, s - 4) >> 6) << 4)
+                mn = (_byte(s2, s - 4) >> 4) | ((_byte(s1, s - 4) >> 6) << 4)
+            nib = (q >> (4 * hi)) & 0x0F0F0F0F
+            if HAS_QH:
+                nib = nib | (((qh >> s) & 0x01010101) << 4)
+            acc = _gemv_mac_bits(acc, _code_f32(nib, b, magic, SOFT), d * _to_f32(sc, magic),
+                                 -(dmin * _to_f32(mn, magic)), xp, g * 64 + 32 * hi + 4 * t + b,
+                                 0.0)
+    return acc
+
+
+@triton.jit
+def _gemv_q5_k(acc, bp, xp, magic, F0, F1, F2, F3, F4, TS: tl.constexpr,
+               SOFT: tl.constexpr):
+    return _gemv_kq45(acc, bp, xp, magic, F0, F1, F2, F3, F4, True, SOFT)
+
+
+@triton.jit
+def _gemv_q6_k(acc, bp, xp, magic, F_QL, F_QH, F_SC, F_D, F4, TS: tl.constexpr,
+               SOFT: tl.constexpr):
+    # (BN, 8 halves, 2 bytes): as _step_q6_k, sub-block s = h*8 + 4*hi + j covers elements
+    # h*128 + 64*hi + j*16 + 2v + b; 6-bit codes, weight sc * d * (u - 32).
+    v = tl.arange(0, 8)[None, :, None]
+    b = tl.arange(0, 2)[None, None, :]
+    d = _half(bp + F_D)
+    for h in tl.static_range(2):
+        for j in tl.static_range(4):
+            ql = _units(bp + F_QL + h * 64 + j * 16, v, tl.int16)
+            qh = _units(bp + F_QH + h * 32 + (j & 1) * 16, v, tl.int16) >> (2 * (j >> 1))
+            for hi in tl.static_range(2):
+                sc = tl.load((bp + F_SC + h * 8 + 4 * hi + j).to(tl.pointer_type(tl.int8)))
+                dl = d * sc.to(tl.float32)
+                u = ((ql >> (4 * hi)) & 0x0F0F) | (((qh >> (4 * hi)) & 0x0303) << 4)
+                acc = _gemv_mac_bits(acc, _code_f32(u, b, magic, SOFT), dl, -32.0 * dl, xp,
+                                     h * 128 + 64 * hi + j * 16 + 2 * v + b, 0.0)
+    return acc
+
+
+#: Types whose one-row calls take the GEMV kernel -> (its step, the (A, B) tile of its per-thread
+#: accumulator, launch rule). Chosen per type on an H100 (CUDA-graph timings, Wan-14B shapes):
+#: against the chunked kernel's one-row branch it ran Q6_K 1.7-2.3x, Q8_0 ~1.1x and Q5_K ~1.05x
+#: faster, and Q4_K/Q4_0 0.9-1.0x, so those two stay on the chunked kernel.
+GEMV_STEPS = {
+    "Q5_K": (_gemv_q5_k, (8, 4), (64, 8, 4, 1)),
+    "Q8_0": (_gemv_q8_0, (16, 2), (64, 8, 4, 1)),
+    "Q6_K": (_gemv_q6_k, (8, 2), (32, 8, 4, 1)),
+}
+
+
+@triton.jit
+def _gemv_kernel(x, w, y, N, K, row_bytes, steps_per_split, magic,
+                 STEP: tl.constexpr, TS: tl.constexpr, BYTES_PER_STEP: tl.constexpr,
+                 F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
+                 F4: tl.constexpr, BN: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
+                 OUT: tl.constexpr, PARTIAL: tl.constexpr, SOFT: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    wrow = (w + tl.minimum(rn, N - 1).to(tl.int64) * row_bytes)[:, None, None]
+    k_first = pid_k * steps_per_split
+    k_last = tl.minimum(k_first + steps_per_split, K // 256)
+    acc = tl.zeros((BN, A, B), dtype=tl.float32)
+    for ks in range(k_first, k_last):
+        acc = STEP(acc, wrow + ks * BYTES_PER_STEP, x + ks * 256, magic, F0, F1, F2, F3, F4, TS,
+                   SOFT)
+    total = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if not PARTIAL:
+        tl.store(y + rn, to_out(total, OUT, SOFT), mask=rn < N)
+    else:
+        tl.store(y + pid_k * N + rn, total, mask=rn < N)
+
+
 #: Types with a fused kernel -> their step function (each step consumes BK=256 of K).
 FUSED_TYPES = {
     "Q4_0": _step_q4_0,
@@ -313,19 +470,26 @@ def split_for(m: int, n: int, k: int, bn: int, waves: int, device: torch.device)
 
 
 def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
-                 rule: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                 rule: tuple[int, int, int, int] | None = None,
+                 gemv: bool | None = None) -> torch.Tensor:
     """``x2d (M, K) @ W.T`` for ``W`` the ``(n, K)`` weight of type ``name`` in ``raw`` (n, row_bytes).
 
     ``x2d`` is float16 or bfloat16 with unit stride along K, M <= 64; ``K`` a multiple of 256.
     The output is ``(M, n)`` of ``x2d``'s dtype. ``rule`` = (BN, waves, num_warps, num_stages)
-    overrides :data:`RULES` (the benchmarks tune with it).
+    overrides :data:`RULES` (the benchmarks tune with it). ``gemv`` picks the kernel for one row
+    (``None``: the measured choice, :data:`GEMV_STEPS`; ``False``: the chunked kernel).
     """
     spec = kernel_spec(name)
     m, k = x2d.shape
     if raw.data_ptr() % 16:
         raw = raw.clone()  # the steps read 2- and 4-byte units; a fresh allocation is aligned
     bm = block_m(m)
-    bn, waves, num_warps, num_stages = rule or RULES[bm]
+    if gemv is None:
+        gemv = m == 1 and name in GEMV_STEPS
+    if gemv and (m != 1 or name not in GEMV_STEPS):
+        raise ValueError(f"fused_linear({name}): the GEMV kernel takes one row of a type in "
+                         f"{sorted(GEMV_STEPS)}, got {m} rows")
+    bn, waves, num_warps, num_stages = rule or (GEMV_STEPS[name][2] if gemv else RULES[bm])
     split = split_for(m, n, k, bn, waves, x2d.device)
     steps = k // BK
     per_split = triton.cdiv(steps, split)
@@ -337,12 +501,20 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
         y = torch.empty((split, m, n), dtype=torch.float32, device=x2d.device)
     f0, f1, f2, f3, f4 = spec.offsets
     grid = (triton.cdiv(n, bn), split)
-    _fused_kernel[grid](x2d, raw, y, m, n, k, x2d.stride(0), y.stride(-2), raw.stride(0),
-                        per_split, 0x4B000000, STEP=FUSED_TYPES[name], TS=spec.type_size,
-                        BYTES_PER_STEP=BK // spec.block_size * spec.type_size,
-                        F0=f0, F1=f1, F2=f2, F3=f3, F4=f4, BM=bm, BN=bn, OUT=out_dtype,
-                        PARTIAL=split > 1, SOFT=soft_bf16(), num_warps=num_warps,
-                        num_stages=num_stages)
+    if gemv:
+        step, (ta, tb), _ = GEMV_STEPS[name]
+        _gemv_kernel[grid](x2d, raw, y, n, k, raw.stride(0), per_split, 0x4B000000, STEP=step,
+                           TS=spec.type_size, BYTES_PER_STEP=BK // spec.block_size * spec.type_size,
+                           F0=f0, F1=f1, F2=f2, F3=f3, F4=f4, BN=bn, A=ta, B=tb, OUT=out_dtype,
+                           PARTIAL=split > 1, SOFT=soft_bf16(), num_warps=num_warps,
+                           num_stages=num_stages)
+    else:
+        _fused_kernel[grid](x2d, raw, y, m, n, k, x2d.stride(0), y.stride(-2), raw.stride(0),
+                            per_split, 0x4B000000, STEP=FUSED_TYPES[name], TS=spec.type_size,
+                            BYTES_PER_STEP=BK // spec.block_size * spec.type_size,
+                            F0=f0, F1=f1, F2=f2, F3=f3, F4=f4, BM=bm, BN=bn, OUT=out_dtype,
+                            PARTIAL=split > 1, SOFT=soft_bf16(), num_warps=num_warps,
+                            num_stages=num_stages)
     if split == 1:
         return y
     out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
