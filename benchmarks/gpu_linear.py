@@ -9,6 +9,7 @@ switched off), eagerly and under CUDA graphs.
 
 ``--tune`` first sweeps the fused kernel's tile/split choices for Q4_K at M = 1, 16, 64 and
 installs the best for the rest of the run.
+``--one-row`` instead compares, at M = 1, the chunked kernel with the GEMV kernel per launch rule.
 ``--torch-path`` adds the ratio of the torch decode path (kernels switched off) at M=1 and 32760.
 Run: ``python benchmarks/gpu_linear.py [--types Q4_K Q8_0] [--json out.json]``.
 """
@@ -103,6 +104,42 @@ def tune(device: torch.device) -> dict:
               flush=True)
     _matmul.RULES.update({1: chosen[1], 16: chosen[16], 32: chosen[64], 64: chosen[64]})
     return dict(chosen=chosen, times={str(key): v for key, v in times.items()})
+
+
+def one_row(types: list[str]) -> list[dict]:
+    """M = 1 under CUDA graphs: the chunked kernel's one-row branch vs the GEMV kernel, per rule.
+
+    This is how ``_matmul.GEMV_STEPS`` (which types take the GEMV kernel, with which rule) was
+    chosen. Also checks both kernels against the float64 exact-weight product on every shape.
+    """
+    from ggufvideo.kernels import _matmul
+    from ggufvideo.quants import dequantize as torch_dequantize
+
+    dev = torch.device("cuda")
+    rules = [(32, 8, 4, 1), (64, 8, 4, 1), (128, 8, 4, 1)]
+    rows = []
+    for k, n in SHAPES:
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5
+        base = bench_graph(lambda: F.linear(x, w))
+        del w
+        for name in types:
+            qt = get_quant_type(name)
+            raw = random_blocks(name, n * k // qt.block_size, dev).view(n, -1)
+            ref = x.double() @ torch_dequantize(raw, name, dtype=torch.float32).double().T
+            row = dict(type=name, k=k, n=n, bf16_us=base * 1e3)
+            variants = {"chunked": dict(gemv=False, rule=_matmul.RULES[1])}
+            if name in _matmul.GEMV_STEPS:
+                variants |= {f"gemv {r}": dict(gemv=True, rule=r) for r in rules}
+            for label, kw in variants.items():
+                y = _matmul.fused_linear(x, raw, name, n, **kw)
+                row[f"{label} err"] = ((y.double() - ref).norm() / ref.norm()).item()
+                row[f"{label} us"] = bench_graph(lambda: _matmul.fused_linear(x, raw, name, n,
+                                                                              **kw)) * 1e3
+            rows.append(row)
+            print(" ".join(f"{key}={v:.3g}" if isinstance(v, float) else f"{key}={v}"
+                           for key, v in row.items()), flush=True)
+    return rows
 
 
 def run(types: list[str], ms: list[int], torch_path: bool = False) -> list[dict]:
@@ -208,9 +245,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ms", nargs="*", type=int, default=MS)
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--torch-path", action="store_true")
+    ap.add_argument("--one-row", action="store_true",
+                    help="only compare the one-row kernels (chunked vs GEMV), M = 1")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     result: dict = {}
+    if a.one_row:
+        result["one_row"] = one_row(a.types)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(result, f, indent=1, default=str)
+        return
     if a.tune:
         result["tune"] = tune(torch.device("cuda"))
     result["rows"] = run(a.types, a.ms, a.torch_path)
