@@ -14,6 +14,8 @@ hits them alike; the best of ``--repeat`` runs is reported as Melem/s.
   like with ggml; 0 keeps torch's default, which on a busy machine can be much slower).
 ``ratio`` = ggufvideo / ggml (>1: ggufvideo is faster). ggufvideo's bytes are checked identical to
 ggml's before timing; a type whose quantizer is missing or fails is reported and skipped.
+The machine's load average is printed before and after: other processes on the cores hurt the
+multi-threaded torch side far more than ggml's single thread, so compare runs at similar load.
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ def _oracle():
         return None
     lib = oracle.load()
     return oracle.Oracle(lib) if lib is not None else None
+
+
+def _load() -> str:
+    """The 1/5/15-minute load averages, or '?' where the platform has none."""
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except (AttributeError, OSError):
+        return "?"
 
 
 def _timed(fn: Callable[[], object], times: list[float]) -> None:
@@ -77,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"# {args.rows}x{args.cols} float32, imatrix={'yes' if args.imatrix else 'no'}, "
           f"torch {torch.__version__} threads={torch.get_num_threads()}, "
-          f"ggml={'yes' if oracle else 'absent'}; Melem/s, best of {args.repeat}")
+          f"ggml={'yes' if oracle else 'absent'}; Melem/s, best of {args.repeat}; "
+          f"load average {_load()}")
     print(f"{'type':8} {'ggufvideo':>10} {'ggml':>10} {'gguf-py':>10} {'ratio':>7}  check")
     for name in (t.strip().upper() for t in args.types.split(",") if t.strip()):
         qtype = GGMLQuantizationType[name]
@@ -111,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         fmt = lambda v: f"{v:10.1f}" if v is not None else f"{'-':>10}"  # noqa: E731
         ratio = f"{ours_r / ggml_r:7.2f}" if ggml_r else f"{'-':>7}"
         print(f"{name:8} {fmt(ours_r)} {fmt(ggml_r)} {fmt(gguf_r)} {ratio}  {check}")
+    print(f"# load average after: {_load()}")
 
 
 if __name__ == "__main__":
