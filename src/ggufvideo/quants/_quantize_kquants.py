@@ -36,10 +36,12 @@ import torch
 from ..errors import QuantizationError
 from ._quantize_common import (
     GROUP_MAX_EPS,
+    SMALL_ROUND_LIMIT,
     div,
     f32,
     first_abs_max,
     nearest_int,
+    round_small_,
     seq_sum,
     seq_sum_slots,
     sqrt,
@@ -367,14 +369,23 @@ def _descend(x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, L: torch.Tensor
             li = Ls[i]
             slx = slx_all - wxs[i] * li
             sl2 = sl2_all - (ws[i] * li) * li
-            new = nearest_int(div(xs[i] * sl2, slx))
-            new = (new.clamp_(lo, hi) if lo is not None else new.clamp_(max=hi)).to(_F32)
+            v = div(xs[i] * sl2, slx)
+            lo_v, hi_v = (float(t) for t in torch.aminmax(v))
+            if -SMALL_ROUND_LIMIT < lo_v and hi_v < SMALL_ROUND_LIMIT:  # no NaN either
+                # nearest_int is round-half-even here; + 0.0 turns a -0.0 (from a small
+                # negative v) into the +0.0 that ggml's int 0 converts to.
+                new = round_small_(v).add_(0.0)
+                wraps = lo_v <= -0.5  # a negative code: qp stores it in a uint8_t
+            else:
+                new = nearest_int(v).to(_F32)
+                wraps = True
+            new = new.clamp_(lo, hi) if lo is not None else new.clamp_(max=hi)
             slx_n = slx + wxs[i] * new
             sl2_n = sl2 + (ws[i] * new) * new
             better = (slx_n * slx_n) * sl2_all > (slx_all * slx_all) * sl2_n
             take = (slx > 0) & (new != li) & better
             take &= (sl2 > 0) if qp_rules else (sl2_n > 0)
-            if qp_rules:
+            if qp_rules and wraps:
                 new = (new.to(torch.int32) & 0xFF).to(_F32)
             Ls[i] = torch.where(take, new, li)
             slx_all = torch.where(take, slx_n, slx_all)
@@ -432,15 +443,19 @@ def _make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor,
     scale = div(1.0, iscale)
     d = x - scale * L
     best = seq_sum((w * d).mul_(d))
-    for i in [-4, -3, -2, -1, 1, 2, 3, 4]:
-        iscale_i = div(f32(f32(f32(0.1) * i) + float(nmax)), mx)
-        scale_i = div(1.0, iscale_i)
-        li = nearest_int(iscale_i * x).clamp_(max=nmax).to(_F32)
-        d = x - scale_i * li
-        mse = seq_sum((w * d).mul_(d))
-        take = mse < best
-        best = torch.where(take, mse, best)
-        iscale = torch.where(take, iscale_i, iscale)
+    # The 8 trials do not depend on one another: all at once, (n, 8, B). A trial is taken when
+    # its error is strictly below the best so far, so the one kept is the first attaining the
+    # smallest error, the first guess (index 0) included and winning ties; a NaN error is
+    # never taken (+inf), and a NaN first guess is never replaced (-inf).
+    nums = [f32(f32(f32(0.1) * i) + float(nmax)) for i in (-4, -3, -2, -1, 1, 2, 3, 4)]
+    iscales = div(torch.tensor(nums, dtype=_F32, device=x.device).unsqueeze(1), mx)  # (8, B)
+    li = nearest_int(iscales * x.unsqueeze(1)).clamp_(max=nmax).to(_F32)
+    d = x.unsqueeze(1) - div(1.0, iscales) * li
+    mse = seq_sum((w.unsqueeze(1) * d).mul_(d))
+    keys = torch.cat([torch.where(torch.isnan(best), -torch.inf, best).unsqueeze(0),
+                      torch.where(torch.isnan(mse), torch.inf, mse)])
+    pick = keys.argmin(0, keepdim=True)
+    iscale = torch.cat([iscale.unsqueeze(0), iscales]).gather(0, pick).squeeze(0)
     li = nearest_int(iscale * x).clamp_(max=nmax)
     L = (li & 0xFF).to(_F32)
     li = li.to(_F32)
