@@ -137,28 +137,36 @@ def round_small_(v: torch.Tensor) -> torch.Tensor:
 
 
 _ZERO_INDEX: dict[int, torch.Tensor] = {}
-_BAGS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 # Bags per embedding_bag call: enough for torch to spread them over its threads; widths from
 # a handful of powers of two keep the number of distinct kernels fbgemm generates small.
 _MAX_BAGS = 64
 _MIN_BAG_WIDTH = 64
+_BAG_PLANS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _bag_plan(p: int, n: int) -> tuple[int, torch.Tensor, torch.Tensor] | None:
-    """``(bags, indices, offsets)`` summing ``p`` rows of ``n`` as ``bags`` bags of ``n/bags``
-    columns each, or None when ``n`` has no suitable split."""
+def _bags_for(n: int) -> int:
+    """How many equal column slices (bags) to cut ``n`` columns into; 0 when none fits."""
     bags = _MAX_BAGS
     while bags > 1 and (n % bags or n // bags < _MIN_BAG_WIDTH):
         bags //= 2
-    if n % bags or n == 0:
-        return None
-    plan = _BAGS.get((p, bags))
+    return bags if n and n % bags == 0 else 0
+
+
+def _bag_sum(terms: torch.Tensor, slots: tuple[int, ...], bags: int) -> torch.Tensor:
+    """In-order sums over dim 0 of slots ``slots`` of contiguous float32 ``terms`` ``(P, K, R)``
+    as one ``embedding_bag``: bag ``(s, j)`` is column slice ``j`` of slot ``s`` at every
+    position, in position order, i.e. rows ``(i*K + s)*bags + j`` of the ``(P*K*bags, R/bags)``
+    view. Returns ``(len(slots), R)``."""
+    p, k, n = terms.shape
+    key = (p, k, bags, slots)
+    plan = _BAG_PLANS.get(key)
     if plan is None:
-        # Bag j takes column slice j of every row, in row order: row i of the (p*bags, n/bags)
-        # view of the terms is slice i % bags of position i // bags.
-        rows = torch.arange(p) * bags + torch.arange(bags).unsqueeze(1)   # (bags, p)
-        plan = _BAGS[(p, bags)] = (rows.reshape(-1), torch.arange(bags) * p)
-    return (bags,) + plan
+        pos = torch.arange(p) * (k * bags)
+        rows = [pos + s * bags + j for s in slots for j in range(bags)]
+        plan = _BAG_PLANS[key] = (torch.cat(rows), torch.arange(len(slots) * bags) * p)
+    idx, offsets = plan
+    return torch.nn.functional.embedding_bag(
+        idx, terms.view(p * k * bags, -1), offsets, mode="sum").view(len(slots), n)
 
 
 def seq_sum(terms: torch.Tensor, start: torch.Tensor | None = None,
@@ -181,14 +189,10 @@ def seq_sum(terms: torch.Tensor, start: torch.Tensor | None = None,
     n = terms.shape[0]
     contiguous_cpu = terms.device.type == "cpu" and terms.is_contiguous()
     if contiguous_cpu and start is None and terms.dtype == torch.float32:
-        plan = _bag_plan(n, terms[0].numel())
-        if plan is not None:
-            bags, idx, offsets = plan
-            res = torch.nn.functional.embedding_bag(
-                idx, terms.view(n * bags, -1), offsets, mode="sum").view(terms.shape[1:])
-            if out is None:
-                return res
-            return out.copy_(res)
+        bags = _bags_for(terms[0].numel())
+        if bags:
+            res = _bag_sum(terms.view(n, 1, -1), (0,), bags).view(terms.shape[1:])
+            return res if out is None else out.copy_(res)
     if out is None:
         out = torch.empty(terms.shape[1:], dtype=terms.dtype, device=terms.device)
     if start is None:
@@ -207,34 +211,18 @@ def seq_sum(terms: torch.Tensor, start: torch.Tensor | None = None,
     return out
 
 
-_SLOT_BAGS: dict[tuple, tuple[int, torch.Tensor, torch.Tensor]] = {}
-
-
 def seq_sum_slots(terms: torch.Tensor, slots: tuple[int, ...]) -> torch.Tensor:
     """:func:`seq_sum` of ``terms[:, s]`` for each ``s`` in ``slots``, as ``(len(slots), R)``.
 
     ``terms`` is ``(P, K, R)``. On CPU (contiguous float32) this is one ``embedding_bag`` over
-    the whole buffer whose index list picks only the rows of the wanted slots, so a caller can
-    sum part of a buffer now and reuse the rest, with no copy.
+    the whole buffer whose index list picks only the rows of the wanted slots (same arithmetic
+    as :func:`seq_sum`), so a caller can sum part of a buffer now and reuse the rest, with no
+    copy.
     """
-    p, k, n = terms.shape
     if terms.device.type == "cpu" and terms.is_contiguous() and terms.dtype == torch.float32:
-        bags = _MAX_BAGS
-        while bags > 1 and (n % bags or n // bags < _MIN_BAG_WIDTH):
-            bags //= 2
-        if n and n % bags == 0:
-            key = (p, k, bags, slots)
-            plan = _SLOT_BAGS.get(key)
-            if plan is None:
-                # Bag (s, j): column slice j of slot s at every position, in position order;
-                # row (i*k + s)*bags + j of the (p*k*bags, n/bags) view.
-                pos = torch.arange(p) * (k * bags)
-                rows = [pos + s * bags + j for s in slots for j in range(bags)]
-                plan = _SLOT_BAGS[key] = (bags, torch.cat(rows),
-                                          torch.arange(len(slots) * bags) * p)
-            bags, idx, offsets = plan
-            return torch.nn.functional.embedding_bag(
-                idx, terms.view(p * k * bags, -1), offsets, mode="sum").view(len(slots), n)
+        bags = _bags_for(terms.shape[2])
+        if bags:
+            return _bag_sum(terms, slots, bags)
     return torch.stack([seq_sum(terms[:, s]) for s in slots])
 
 
