@@ -111,15 +111,16 @@ class _Scratch:
     def __init__(self) -> None:
         self._bufs: dict[str, torch.Tensor] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """An uninitialized contiguous float32 tensor of ``shape``, the same storage on every
-        call with this ``name``."""
+    def get(self, name: str, shape: tuple[int, ...], device: torch.device,
+            dtype: torch.dtype = _F32) -> torch.Tensor:
+        """An uninitialized contiguous tensor of ``shape`` (float32 by default), the same
+        storage on every call with this ``name``."""
         n = 1
         for dim in shape:
             n *= dim
         buf = self._bufs.get(name)
-        if buf is None or buf.numel() < n or buf.device != device:
-            buf = self._bufs[name] = torch.empty(n, dtype=_F32, device=device)
+        if buf is None or buf.numel() < n or buf.device != device or buf.dtype != dtype:
+            buf = self._bufs[name] = torch.empty(n, dtype=dtype, device=device)
         return buf[:n].view(shape)
 
 
@@ -639,8 +640,7 @@ def _q2_k(x: torch.Tensor, qw: torch.Tensor | None,
         dmin16 = _to_fp16(torch.where(max_min > 0, div(max_min, 15.0), 0.0))
     else:
         sigma2 = div(_block_sum_x2(x), float(QK_K))
-        Q = _pos_major(qw, 16)
-        weight = Q * sqrt(sigma2.repeat_interleave(16).unsqueeze(0) + X * X)
+        weight = _imatrix_weights(X, qw, sigma2.repeat_interleave(16), scratch)
         sw = _sub_scales(seq_sum(weight), nb)
         scale, the_min, L = _make_qkx(X, weight, 3, -0.9, 0.05, 36, use_mad=False,
                                       scratch=scratch)
@@ -655,12 +655,14 @@ def _q2_k(x: torch.Tensor, qw: torch.Tensor | None,
                             d=d16.unsqueeze(1), dmin=dmin16.unsqueeze(1))
 
 
-def _q3_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+def _q3_k(x: torch.Tensor, qw: torch.Tensor | None,
+          scratch: _Scratch | None = None) -> torch.Tensor:
     """Q3_K: 16 groups of 16, ``x ~ d*(sc-32)*(q-4)`` with 6-bit ``sc`` and 3-bit ``q``."""
     from .kquants import Q3_K
 
+    scratch = scratch or _Scratch()
     nb = x.shape[0]
-    X = _pos_major(x, 16)
+    X = _pos_major(x, 16, scratch.get("X", (16, nb * 16), x.device))
     if qw is None:
         scale, L = _make_q3(X, 4)
         scales = _sub_scales(scale, nb)
@@ -674,16 +676,16 @@ def _q3_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         packed = torch.where(has.unsqueeze(1), _pack_q3_scales(l6), 0)
     else:
         sigma2 = div(2.0 * _block_sum_x2(x), float(QK_K))
-        Q = _pos_major(qw, 16)
-        weight = Q * sqrt(sigma2.repeat_interleave(16).unsqueeze(0) + X * X)
+        weight = _imatrix_weights(X, qw, sigma2.repeat_interleave(16), scratch)
         sw = _sub_scales(seq_sum(weight), nb)
-        scale, L = _make_qx(X, weight, 4)
+        scale, L = _make_qx(X, weight, 4, scratch=scratch)
         d_block, Ls = _make_qx(_sub_scales(scale, nb).t().contiguous(), sw.t().contiguous(), 32)
         l6 = Ls.t().to(torch.int32)
         packed = _pack_q3_scales(l6)
         d16 = _to_fp16(d_block)
     d = d16.to(_F32).unsqueeze(1) * (l6 - 32).to(_F32)
-    Lb = _requant_symmetric(x, L, d, 4).to(torch.int32)
+    Lb = _requant_symmetric(x, L, d, 4,
+                            out=scratch.get("requant", (nb, QK_K), x.device)).to(torch.int32)
     high = Lb > 3
     hm = high.view(nb, 8, 32).to(torch.int32)
     hmask = hm[:, 0]
@@ -691,6 +693,18 @@ def _q3_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         hmask = hmask | (hm[:, k] << k)
     return Q3_K.layout.pack(hmask=hmask.to(torch.uint8), qs=_pack_crumbs(Lb - 4 * high),
                             scales=packed.to(torch.uint8), d=d16.unsqueeze(1))
+
+
+def _imatrix_weights(X: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor,
+                     scratch: _Scratch) -> torch.Tensor:
+    """ggml's ``qw[i] * sqrtf(sigma2 + x[i]*x[i])`` for position-major ``X`` ``(P, R)``, the
+    block-major importance ``qw`` and one ``sigma2`` per column, in scratch buffers (the
+    square root in float64 rounded once to float32: correctly rounded, as :func:`sqrt`)."""
+    P, R = X.shape
+    w = torch.mul(X, X, out=scratch.get("weights", (P, R), X.device)).add_(sigma2)
+    w64 = scratch.get("weights64", (P, R), X.device, torch.float64)
+    w.copy_(w64.copy_(w).sqrt_())
+    return w.mul_(_pos_major(qw, P, scratch.get("Q", (P, R), X.device)))
 
 
 def _q45_k(x: torch.Tensor, qw: torch.Tensor | None, nmax: int,
@@ -719,8 +733,7 @@ def _q45_k(x: torch.Tensor, qw: torch.Tensor | None, nmax: int,
         dmin16 = _to_fp16(div(max_min, 63.0))
     else:
         sigma2 = div(2.0 * _block_sum_x2(x), float(QK_K))
-        Q = _pos_major(qw, 32)
-        weights = Q * sqrt(sigma2.repeat_interleave(8).unsqueeze(0) + X * X)
+        weights = _imatrix_weights(X, qw, sigma2.repeat_interleave(8), scratch)
         sw = _sub_scales(seq_sum(weights), nb)
         scale, the_min, L = _make_qkx(X, weights, nmax, -0.9, 0.05, 36, use_mad=False,
                                       scratch=scratch)
@@ -788,7 +801,7 @@ def quantize_q2_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor
 def quantize_q3_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
     """Quantize float32 ``(n, 256)`` to Q3_K blocks (uint8, ``Q3_K.layout``), as ggml does with
     ``imatrix`` (float32 ``(n, 256)`` weights) or without (``None``)."""
-    return _chunked(_q3_k, x, imatrix, "Q3_K")
+    return _chunked(_q3_k, x, imatrix, "Q3_K", scratch=True)
 
 
 def quantize_q4_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
