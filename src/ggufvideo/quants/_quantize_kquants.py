@@ -455,7 +455,7 @@ def _make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor,
     mse = seq_sum((w.unsqueeze(1) * d).mul_(d))
     keys = torch.cat([torch.where(torch.isnan(best), -torch.inf, best).unsqueeze(0),
                       torch.where(torch.isnan(mse), torch.inf, mse)])
-    pick = keys.argmin(0, keepdim=True)
+    pick = keys.min(0, keepdim=True).indices  # first of equal minima; argmin(0) is 7x slower
     iscale = torch.cat([iscale.unsqueeze(0), iscales]).gather(0, pick).squeeze(0)
     li = nearest_int(iscale * x).clamp_(max=nmax)
     L = (li & 0xFF).to(_F32)
