@@ -32,8 +32,14 @@ def test_quantize_returns_row_bytes_and_round_trips_shape(qtype):
     assert y.shape == x.shape and y.dtype == torch.float32
 
 
+@pytest.mark.parametrize("cpu_sums", [True, False], ids=["cpu-sums", "gpu-sums"])
 @pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
-def test_quantize_matches_ggml_reference_for_every_supported_type(oracle, qtype):
+def test_quantize_matches_ggml_reference_for_every_supported_type(oracle, qtype, cpu_sums,
+                                                                  monkeypatch):
+    # "gpu-sums": the explicit in-order loop that CUDA runs instead of the CPU's reductions.
+    from ggufvideo.quants import _quantize_common
+
+    monkeypatch.setattr(_quantize_common, "CPU_FAST_SUMS", cpu_sums)
     x = float_rows(1, 3, 512, "normal")
     im = imatrix_row(1, 512, "uniform")
     ours = quantize(torch.from_numpy(x), qtype).numpy()

@@ -187,7 +187,7 @@ def seq_sum(terms: torch.Tensor, start: torch.Tensor | None = None,
     atomics in no fixed order, so other devices take the explicit loop.
     """
     n = terms.shape[0]
-    contiguous_cpu = terms.device.type == "cpu" and terms.is_contiguous()
+    contiguous_cpu = _cpu_fast(terms)
     if contiguous_cpu and start is None and terms.dtype == torch.float32:
         bags = _bags_for(terms[0].numel())
         if bags:
@@ -211,6 +211,19 @@ def seq_sum(terms: torch.Tensor, start: torch.Tensor | None = None,
     return out
 
 
+def _cpu_fast(t: torch.Tensor) -> bool:
+    """Whether ``t`` may take the CPU-only in-order sums (embedding_bag / index_add_).
+
+    :data:`CPU_FAST_SUMS` exists so that the tests run the other devices' explicit loop on CPU
+    tensors too: CI has no GPU, and that loop is what CUDA runs.
+    """
+    return CPU_FAST_SUMS and t.device.type == "cpu" and t.is_contiguous()
+
+
+#: Off: every device takes the explicit in-order loop (see :func:`_cpu_fast`).
+CPU_FAST_SUMS = True
+
+
 def seq_sum_slots(terms: torch.Tensor, slots: tuple[int, ...]) -> torch.Tensor:
     """:func:`seq_sum` of ``terms[:, s]`` for each ``s`` in ``slots``, as ``(len(slots), R)``.
 
@@ -219,7 +232,7 @@ def seq_sum_slots(terms: torch.Tensor, slots: tuple[int, ...]) -> torch.Tensor:
     as :func:`seq_sum`), so a caller can sum part of a buffer now and reuse the rest, with no
     copy.
     """
-    if terms.device.type == "cpu" and terms.is_contiguous() and terms.dtype == torch.float32:
+    if _cpu_fast(terms) and terms.dtype == torch.float32:
         bags = _bags_for(terms.shape[2])
         if bags:
             return _bag_sum(terms, slots, bags)
