@@ -160,6 +160,30 @@ def _step_q8_0(acc, wp, xrow, xmask, magic, F_D, F_QS, F2, F3, F4, TS: tl.conste
 
 
 @triton.jit
+def _k4_head(bp, F_D: tl.constexpr, F_SC: tl.constexpr):
+    """Q4_K/Q5_K super-block head: ``d``, ``dmin`` (float32) and the 12 scale bytes as 3 words."""
+    head = _w32(bp + F_D)
+    return (_bits_to_f32(head), _bits_to_f32(head >> 16), _w32(bp + F_SC), _w32(bp + F_SC + 4),
+            _w32(bp + F_SC + 8))
+
+
+@triton.jit
+def _k4_affine(d, dmin, s0, s1, s2, s: tl.constexpr, magic):
+    """Sub-block ``s``'s weights as ``D * code + MB``: returns ``(D, MB)`` = (d * scale, -dmin * min).
+
+    The six-bit scale and min are packed in 12 bytes (words ``s0..s2``): s < 4 takes bytes s and
+    s+4; s >= 4 takes the nibbles of byte s+4 and the top two bits of bytes s-4 (scale) and s (min).
+    """
+    if s < 4:
+        sc = _byte(s0, s) & 63
+        mn = _byte(s1, s) & 63
+    else:
+        sc = (_byte(s2, s - 4) & 15) | ((_byte(s0, s - 4) >> 6) << 4)
+        mn = (_byte(s2, s - 4) >> 4) | ((_byte(s1, s - 4) >> 6) << 4)
+    return d * _to_f32(sc, magic), -(dmin * _to_f32(mn, magic))
+
+
+@triton.jit
 def _step_kq45(acc, wp, xrow, xmask, magic, F_D, F_DMIN, F_SC, F_QH, F_QS, HAS_QH: tl.constexpr,
                OUT: tl.constexpr, SOFT: tl.constexpr):
     # Q4_K / Q5_K: byte l of qs group g holds element g*64 + l (sub-block 2g) in its low nibble
@@ -168,31 +192,18 @@ def _step_kq45(acc, wp, xrow, xmask, magic, F_D, F_DMIN, F_SC, F_QH, F_QS, HAS_Q
     tl.static_assert(F_D % 4 == 0 and F_DMIN == F_D + 2 and F_SC % 4 == 0)
     l = tl.arange(0, 32)[None, :]
     bp = wp[:, None]
-    head = _w32(bp + F_D)
-    d = _bits_to_f32(head)
-    dmin = _bits_to_f32(head >> 16)
-    s0 = _w32(bp + F_SC)      # scale bytes 0..3
-    s1 = _w32(bp + F_SC + 4)  # 4..7
-    s2 = _w32(bp + F_SC + 8)  # 8..11
+    d, dmin, s0, s1, s2 = _k4_head(bp, F_D, F_SC)
     if HAS_QH:
         qh = _u8(bp + F_QH + l)
     for g in tl.static_range(4):
         q = _u8(bp + F_QS + g * 32 + l)
         for p in tl.static_range(2):
-            # Six-bit scale and min of sub-block s: s < 4 takes bytes s and s+4; s >= 4 takes
-            # the nibbles of byte s+4 and the top two bits of bytes s-4 (scale) and s (min).
             s = 2 * g + p
-            if s < 4:
-                sc = _byte(s0, s) & 63
-                mn = _byte(s1, s) & 63
-            else:
-                sc = (_byte(s2, s - 4) & 15) | ((_byte(s0, s - 4) >> 6) << 4)
-                mn = (_byte(s2, s - 4) >> 4) | ((_byte(s1, s - 4) >> 6) << 4)
+            D, MB = _k4_affine(d, dmin, s0, s1, s2, s, magic)
             u = (q >> (4 * p)) & 15
             if HAS_QH:
                 u = u | (((qh >> s) & 1) << 4)
-            acc = _accum(acc, u, d * _to_f32(sc, magic), -(dmin * _to_f32(mn, magic)), xrow,
-                         xmask, magic, g * 64 + 32 * p, 31, 0, OUT, SOFT)
+            acc = _accum(acc, u, D, MB, xrow, xmask, magic, g * 64 + 32 * p, 31, 0, OUT, SOFT)
     return acc
 
 
@@ -298,30 +309,19 @@ def _gemv_kq45(acc, bp, xp, magic, F_D, F_DMIN, F_SC, F_QH, F_QS, HAS_QH: tl.con
     # lane by _code_f32.
     t = tl.arange(0, 8)[None, :, None]
     b = tl.arange(0, 4)[None, None, :]
-    head = _w32(bp + F_D)
-    d = _bits_to_f32(head)
-    dmin = _bits_to_f32(head >> 16)
-    s0 = _w32(bp + F_SC)
-    s1 = _w32(bp + F_SC + 4)
-    s2 = _w32(bp + F_SC + 8)
+    d, dmin, s0, s1, s2 = _k4_head(bp, F_D, F_SC)
     if HAS_QH:
         qh = _units(bp + F_QH, t, tl.int32)
     for g in tl.static_range(4):
         q = _units(bp + F_QS + g * 32, t, tl.int32)  # (BN, 8, 1): four codes per word
         for hi in tl.static_range(2):
             s = 2 * g + hi
-            if s < 4:
-                sc = _byte(s0, s) & 63
-                mn = _byte(s1, s) & 63
-            else:
-                sc = (_byte(s2, s - 4) & 15) | ((_byte(s0, s - 4) >> 6) << 4)
-                mn = (_byte(s2, s - 4) >> 4) | ((_byte(s1, s - 4) >> 6) << 4)
+            D, MB = _k4_affine(d, dmin, s0, s1, s2, s, magic)
             nib = (q >> (4 * hi)) & 0x0F0F0F0F
             if HAS_QH:
                 nib = nib | (((qh >> s) & 0x01010101) << 4)
-            acc = _gemv_mac_bits(acc, _code_f32(nib, b, magic, SOFT), d * _to_f32(sc, magic),
-                                 -(dmin * _to_f32(mn, magic)), xp, g * 64 + 32 * hi + 4 * t + b,
-                                 0.0)
+            acc = _gemv_mac_bits(acc, _code_f32(nib, b, magic, SOFT), D, MB, xp,
+                                 g * 64 + 32 * hi + 4 * t + b, 0.0)
     return acc
 
 
