@@ -441,3 +441,128 @@ def test_convert_replaces_a_requantized_sources_imatrix_metadata(tmp_path):
         assert g.metadata["quantize.imatrix.file"] == str(imat)
         assert "quantize.imatrix.dataset" not in g.metadata
         assert "quantize.imatrix.chunks_count" not in g.metadata
+
+
+# -- files laid out exactly as llama.cpp's tools write them -------------------------------------
+
+
+def _llama_cpp_gguf_imatrix(path, entries: dict[str, tuple[np.ndarray, np.ndarray]],
+                            datasets=("calib.txt",), chunk_count=10, chunk_size=512):
+    """An imatrix GGUF written with gguf-py the way llama.cpp's ``save_imatrix`` lays it out.
+
+    The keys, in its order: ``general.type`` = "imatrix", ``imatrix.datasets`` (string array),
+    ``imatrix.chunk_count`` and ``imatrix.chunk_size`` (u32), and no ``general.architecture``.
+    The tensors, entries in sorted name order, each ``.in_sum2`` (ggml ne ``[n_per_row, n_mat]``),
+    ``.counts`` (ne ``[1, n_mat]``) and ``.in_sum`` (the plain sums, same shape as in_sum2), all
+    F32. ggml writes only up to the last dim that is not 1, so one matrix is a 1-D ``in_sum2``
+    and a 1-D ``counts`` of one element: the numpy shapes given to gguf-py follow that.
+    """
+    import gguf
+
+    w = gguf.GGUFWriter(path, "unused")
+    del w.kv_data[0]["general.architecture"]  # llama.cpp's imatrix file has none
+    w.add_string("general.type", "imatrix")
+    w.add_array("imatrix.datasets", list(datasets))
+    w.add_uint32("imatrix.chunk_count", chunk_count)
+    w.add_uint32("imatrix.chunk_size", chunk_size)
+    for name in sorted(entries):
+        sums, counts = entries[name]
+        sums = np.asarray(sums, np.float32)
+        counts = np.asarray(counts, np.float32).reshape(-1)
+        n_mat = counts.size
+        as_ggml = sums.reshape(-1) if n_mat == 1 else sums.reshape(n_mat, -1)
+        w.add_tensor(name + ".in_sum2", as_ggml)
+        w.add_tensor(name + ".counts", counts if n_mat == 1 else counts.reshape(n_mat, 1))
+        w.add_tensor(name + ".in_sum", np.sqrt(as_ggml))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _llama_quantize_values(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """What llama-quantize hands ggml for a GGUF entry: per matrix, sums / count in float32, or
+    1 for a matrix whose count is 0."""
+    c = np.asarray(counts, np.float32).reshape(-1)
+    s = np.asarray(sums, np.float32).reshape(c.size, -1)
+    out = np.ones_like(s)
+    for j in range(c.size):
+        if c[j] > 0:
+            out[j] = s[j] / c[j]
+    return out.reshape(-1)
+
+
+def test_gguf_imatrix_as_llama_cpp_writes_it_gives_llama_quantizes_values(tmp_path):
+    import gguf
+
+    rng = _rng(11)
+    entries = {
+        "blk.0.attn_q.weight": (rng.uniform(0, 900, 256), np.array([1536.0])),
+        "blk.0.ffn_up_exps.weight": (rng.uniform(0, 900, (4, 128)),
+                                     np.array([700.0, 0.0, 3.0, 1536.0])),
+        # a 3-D weight used by a plain MUL_MAT: one count for all its matrices, sums flat
+        "blk.0.attn_k_b.weight": (rng.uniform(0, 900, 2 * 64), np.array([512.0])),
+    }
+    p = _llama_cpp_gguf_imatrix(tmp_path / "imatrix.gguf", entries,
+                                datasets=("wiki.train.raw", "code.txt"), chunk_count=3)
+    # gguf-py agrees with the layout: 1-D sums and counts for one matrix, [n_per_row, n_mat]
+    # ggml dims for several.
+    dims = {t.name: [int(d) for d in t.shape] for t in gguf.GGUFReader(p).tensors}
+    assert dims["blk.0.attn_q.weight.in_sum2"] == [256]
+    assert dims["blk.0.attn_q.weight.counts"] == [1]
+    assert dims["blk.0.ffn_up_exps.weight.in_sum2"] == [128, 4]
+    assert dims["blk.0.ffn_up_exps.weight.counts"] == [1, 4]
+
+    m = load_imatrix(p)
+    assert m.format == "gguf" and m.chunks == 3 and m.datasets == ("wiki.train.raw", "code.txt")
+    assert set(m.entries) == set(entries)  # .in_sum tensors are not entries
+    for name, (sums, counts) in entries.items():
+        assert np.array_equal(m.entries[name].numpy(), _llama_quantize_values(sums, counts)), name
+    assert m.weights_for("blk.0.attn_q.weight", (4096, 256)).shape == (1, 256)
+    experts = m.weights_for("blk.0.ffn_up_exps.weight", (4, 512, 128))
+    assert experts.shape == (4, 128) and torch.equal(experts[1], torch.ones(128))
+    assert m.weights_for("blk.0.attn_k_b.weight", (2, 32, 64)).shape == (2, 64)
+    meta = m.metadata()
+    assert meta["quantize.imatrix.dataset"] == "wiki.train.raw"  # the first, as llama.cpp
+    assert meta["quantize.imatrix.entries_count"] == TypedValue(GGUFValueType.UINT32, 3)
+    assert meta["quantize.imatrix.chunks_count"] == TypedValue(GGUFValueType.UINT32, 3)
+
+
+def test_legacy_imatrix_as_llama_cpp_writes_it_gives_the_means(tmp_path):
+    # save_imatrix_legacy stores (sum / count) * ncall per value, ncall = ceil(max count /
+    # chunk size), a zero-count expert as 1 * ncall; then the chunk count and the dataset.
+    rng = _rng(12)
+    sums = rng.uniform(0, 900, (2, 64)).astype(np.float32)
+    counts = np.array([1500, 0])
+    ncall = -(-int(counts.max()) // 512)
+    stored = np.where(counts[:, None] > 0,
+                      sums / np.maximum(counts, 1)[:, None].astype(np.float32),
+                      np.float32(1)).astype(np.float32) * np.float32(ncall)
+    p = _write_legacy(tmp_path / "imatrix.dat", {"blk.0.ffn_down_exps.weight":
+                                                 (ncall, stored.reshape(-1))},
+                      chunks=3, dataset="wiki.train.raw")
+    m = load_imatrix(p)
+    got = m.weights_for("blk.0.ffn_down_exps.weight", (2, 16, 64))
+    assert torch.equal(got[1], torch.ones(64))
+    assert np.array_equal(got.numpy().reshape(-1), stored.reshape(-1) / np.float32(ncall))
+    assert m.chunks == 3 and m.datasets == ("wiki.train.raw",)
+
+
+def test_legacy_trailer_with_only_the_chunk_count_reads(tmp_path):
+    # stable-diffusion.cpp's imatrix writer ends the file with the chunk count alone.
+    p = _write_legacy(tmp_path / "sd.dat", {"model.diffusion_model.blocks.0.q.weight":
+                                            (4, np.full(32, 8.0))}, chunks=4)
+    m = load_imatrix(p)
+    assert m.chunks == 4 and m.datasets == ()
+    assert torch.equal(m.entries["model.diffusion_model.blocks.0.q.weight"], torch.full((32,), 2.0))
+    assert IMATRIX_METADATA_KEYS["dataset"] not in m.metadata()
+
+
+def test_legacy_zero_length_dataset_name_records_no_dataset(tmp_path):
+    # llama.cpp's imatrix tool writes a zero length when it had no prompt file; llama-quantize
+    # then writes no quantize.imatrix.dataset (not an empty one).
+    p = _write_legacy(tmp_path / "m.dat", {"a": (1, np.ones(32))}, chunks=2, dataset="")
+    m = load_imatrix(p)
+    assert m.datasets == () and m.chunks == 2
+    assert IMATRIX_METADATA_KEYS["dataset"] not in m.metadata()

@@ -19,13 +19,17 @@ GGUF format (the default since 2025)
 Legacy binary format (``.dat``; little-endian)
     ``i32 n_entries``, then per entry ``i32 name_length``, the name's bytes, ``i32 ncall``,
     ``i32 nval`` and ``nval`` float32 values; optionally followed by ``i32 chunk_count`` and
-    ``i32 dataset_length`` + the dataset name's bytes. The stored values are already means scaled
+    ``i32 dataset_length`` + the dataset name's bytes (stable-diffusion.cpp writes the chunk count
+    alone; a zero length names no dataset). The stored values are already means scaled
     by ``ncall``: the weights are ``value / ncall`` in float32 (``value`` itself when ``ncall`` is
     0), as llama.cpp's quantizer computes them. Merged experts are stored flattened
     (``nval = n_per_row * n_mat``).
 
 Entries are keyed by the weight's name in the model the matrix was computed on; :meth:`Imatrix.renamed`
-maps them onto another naming (a prefix, say) with regular-expression substitutions.
+maps them onto another naming (a prefix, say) with regular-expression substitutions. llama.cpp
+names them as its GGUF does (``blk.0.attn_q.weight``); stable-diffusion.cpp, which computes them for
+diffusion models in the legacy format, uses its own names with a ``model.diffusion_model.`` prefix,
+which ``[(r"^model\\.diffusion_model\\.", "")]`` removes for a checkpoint named without it.
 """
 
 from __future__ import annotations
@@ -289,7 +293,10 @@ def _load_legacy(path: str, data: bytes) -> Imatrix:
             if length < 0:
                 raise ImatrixError(f"dataset name length {length} (expected >= 0)", path=path)
             raw = cur.take(length, "the dataset name")
-            datasets = (raw.decode("utf-8", errors="replace"),)
+            # llama.cpp's imatrix tool writes a zero length when it had no prompt file; its
+            # loader (common_imatrix_load_legacy) then records no dataset, so neither do we.
+            if raw:
+                datasets = (raw.decode("utf-8", errors="replace"),)
             if cur.pos != len(data):
                 raise ImatrixError(f"{len(data) - cur.pos} unexpected byte(s) after the dataset "
                                    "name at the end of the file", path=path)
