@@ -211,3 +211,45 @@ def test_k_quant_on_cuda_matches_cpu(qtype):
         gpu = qt.quantize_blocks(xt.cuda(), None if w is None else w.cuda())
         assert gpu.device.type == "cuda"
         assert_same_blocks(gpu.cpu().numpy(), cpu.numpy(), f"{qtype.name} cuda vs cpu")
+
+
+def _q3_search_step_by_step(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``make_q3_quants`` (nmax 4) with the descent run position by position, ggml's own order
+    (the generic ``_descend``), as the reference for the round-based descent."""
+    from ggufvideo.quants import _quantize_common as C
+    from ggufvideo.quants import _quantize_kquants as KQ
+
+    amax, mx = C.first_abs_max(X, 0, nan_never_wins=True)
+    zero = ~(amax >= C.GROUP_MAX_EPS)
+    iscale = torch.where(zero, 0.0, C.div(-4.0, mx))
+    L = KQ._round_clamp(X * iscale, -4, 3)
+    w = X * X
+    wx = w * X
+    sumlx, suml2 = C.seq_sum(wx * L), C.seq_sum((w * L).mul_(L))
+    sumlx, suml2 = KQ._descend(X, w, wx, L, sumlx, suml2, -4, 3, qp_rules=False)
+    scale = torch.where(suml2 > 0, C.div(sumlx, suml2), 0.0)
+    return torch.where(zero, 0.0, scale), (L + 4).mul_((~zero).to(torch.float32))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_q3_k_round_descent_matches_step_by_step_descent(seed):
+    # Thousands of groups, so columns take up to a dozen changes and some hit the five-pass
+    # limit; every block flavour is mixed in, including ones whose steps need the exact
+    # rounding (huge or NaN quotients).
+    from ggufvideo.quants import _quantize_kquants as KQ
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((600, 256)).astype(np.float32)
+    x[::5] = np.stack([make_block(k % N_KINDS, rng) for k in range(len(x[::5]))])
+    X = KQ._pos_major(torch.from_numpy(x), 16)
+    want_scale, want_L = _q3_search_step_by_step(X.clone())
+    got_scale, got_L = KQ._make_q3(X.clone(), 4)
+    assert torch.equal(got_scale.view(torch.int32), want_scale.view(torch.int32))
+    assert torch.equal(got_L, want_L)
+
+
+def test_q3_k_of_many_gaussian_blocks_matches_ggml(oracle):
+    # Enough groups that the busiest columns of the round-based descent run to the pass limit.
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((1500, 256)) * 0.05).astype(np.float32)
+    assert_same_blocks(ours(x, T.Q3_K, None), ggml_bytes(oracle, x, T.Q3_K, None), "Q3_K")

@@ -405,22 +405,166 @@ def _descend(x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, L: torch.Tensor
     return sumlx, suml2
 
 
-def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+#: ggml's ``make_q3_quants`` runs at most this many passes of its coordinate descent.
+_Q3_PASSES = 5
+
+
+def _q3_candidates(X: torch.Tensor, W: torch.Tensor, WX: torch.Tensor, L: torch.Tensor,
+                   slx: torch.Tensor, sl2: torch.Tensor, slx_all: torch.Tensor,
+                   sl2_all: torch.Tensor, rank: torch.Tensor, lo: int, hi: int,
+                   buf: Callable[[str], torch.Tensor],
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of ``make_q3_quants``' descent at *every* position of each column at once, all
+    from the column's current sums ``slx_all``/``sl2_all`` (``(C,)``) and codes ``L``
+    (``(P, C)``), with the float32 operations, in the order, that ggml's step at that position
+    performs from that state.
+
+    ``slx``/``sl2`` ``(P, C)`` hold ``wx*L`` and ``(w*L)*L`` on entry and are overwritten with
+    the sums after each position's change. ``rank`` ``(P, C)`` orders the positions in which the
+    steps would run from here; ``buf(name)`` gives a ``(P, C)`` work buffer. Returns ``(key,
+    new, slx, sl2)``: ``key`` ``(C,)`` the smallest ``rank`` of a position whose step would take
+    its new code (``+64`` where none would), the new codes, and the sums. Comparisons write 0/1
+    float32 (several times faster than bool results on CPU) and are combined by products
+    (exact on 0/1).
+    """
+    v, tmp, flag, take = buf("q3_new"), buf("q3_tmp"), buf("q3_flag"), buf("q3_take")
+    # The sums without position i's term.
+    torch.sub(slx_all, slx, out=slx)
+    torch.sub(sl2_all, sl2, out=sl2)
+    torch.mul(X, sl2, out=v).div_(slx)  # x[i]*sl2/slx, left to right
+    # ggml only looks further where slx > 0; v is garbage (maybe inf/NaN) elsewhere.
+    torch.gt(slx, 0, out=take)
+    # nearest_int is round-half-even below 2**21 (NaN fails the test); only positions that count
+    # need it. Where some don't, the bit trick (exact for any input) rounds the whole step.
+    torch.abs(v, out=flag)
+    torch.lt(flag, SMALL_ROUND_LIMIT, out=flag).sub_(take)
+    if float(flag.amin()) < 0:
+        v.copy_(nearest_int(v).clamp_(lo, hi))
+    else:
+        v.clamp_(lo, hi).round_()  # clamping to integer bounds commutes with rounding
+    new = v
+    # The sums with the new code, slx + (w*x)*new and sl2 + (w*new)*new, in place (q3 tests
+    # sl2 > 0 after the change; the sums without the term are not needed again).
+    slx.add_(torch.mul(WX, new, out=tmp))
+    sl2.add_(torch.mul(W, new, out=tmp).mul_(new))
+    # Strict improvement: (slx*slx)*suml2 > (sumlx*sumlx)*sl2.
+    torch.mul(slx, slx, out=tmp).mul_(sl2_all)
+    torch.gt(tmp, torch.mul(sl2, slx_all * slx_all, out=flag), out=tmp)
+    take.mul_(tmp)
+    take.mul_(torch.ne(new, L, out=tmp))
+    take.mul_(torch.gt(sl2, 0, out=tmp))
+    # key = rank where taken, rank + 64 elsewhere.
+    key = take.mul_(-64.0).add_(64.0).add_(rank).amin(0)
+    return key, new, slx, sl2
+
+
+def _descend_q3(x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, G: torch.Tensor,
+                lx: torch.Tensor, l2: torch.Tensor, nmax: int, scratch: _Scratch) -> None:
+    """``make_q3_quants``' coordinate descent (:func:`_descend` with ``qp_rules=False``), run as
+    rounds over columns instead of steps over positions, in place on ``G`` ``(P+2, R)``: the
+    codes ``L`` in rows ``:P``, then ``sumlx`` and ``suml2``. ``lx``/``l2`` are ``wx*L`` and
+    ``(w*L)*L`` of the initial codes (overwritten).
+
+    Why rounds give ggml's result: a step that takes no new code leaves the column's state
+    (codes and sums) as it was, so from a given state the step at every position can be
+    evaluated at once (:func:`_q3_candidates`), and the steps ggml runs until the next change are
+    exactly those up to the first position, in visiting order, whose change is taken. A round
+    applies that one change per column (or finishes the column) and the next round starts from
+    the new state. From position ``ptr`` of pass ``p`` the visiting order is ``ptr..P-1`` in pass
+    ``p``, then ``0..ptr-1`` in pass ``p+1`` (from ``ptr`` on, pass ``p+1`` would repeat this
+    round's no-change steps and end the descent); a column ends when its next change would fall
+    in pass ``_Q3_PASSES`` or there is none. Most columns change nothing in their first pass, so
+    after the first (full-width) round few remain, and about as many rounds run as the busiest
+    column makes changes, each a few dozen ops, where the step-by-step loop needed two dozen ops
+    per position and pass.
+    """
+    P, R = x.shape
+    dev = x.device
+    lo, hi = -nmax, nmax - 1
+    L, sums = G[:P], G[P:]
+    pos = torch.arange(P, dtype=_F32, device=dev).unsqueeze(1)
+    key, new, slx_n, sl2_n = _q3_candidates(
+        x, w, wx, L, lx, l2, sums[0], sums[1], pos, lo, hi,
+        lambda name: scratch.get(name, (P, R), dev))
+    keep = (key < P).nonzero().squeeze(1)  # round 1 starts at position 0 of pass 0
+    if keep.numel() == 0:
+        return
+    width = R
+    # Per remaining column, one float32 tensor compacted by one index_select per round: rows
+    # x, w, wx, L (P each), slx, sl2 (as G: rows 3P..4P+1), ptr (the next position), pass, and
+    # the column's index (exact in float32 for any chunk size used here).
+    st = torch.empty((4 * P + 5, keep.numel()), dtype=_F32, device=dev)
+    for k, t in enumerate((x, w, wx, G)):
+        torch.index_select(t, 1, keep, out=st[k * P:k * P + t.shape[0]])
+    st[4 * P + 3] = 0.0
+    st[4 * P + 4] = keep.to(_F32)
+    ptr, npass = st[4 * P + 2], st[4 * P + 3]
+    later = torch.zeros_like(ptr)
+    k = key.index_select(0, keep)
+    while True:
+        # Apply each kept column's change: at position j of pass npass (+1 where later).
+        j = k.sub_(later * float(P))
+        flat = j.long().mul_(width).add_(keep)
+        st[4 * P].copy_(slx_n.view(-1).index_select(0, flat))
+        st[4 * P + 1].copy_(sl2_n.view(-1).index_select(0, flat))
+        st[3 * P:4 * P].view(-1).index_copy_(
+            0, j.long().mul_(st.shape[1]).add_(torch.arange(st.shape[1], device=dev)),
+            new.view(-1).index_select(0, flat))
+        torch.add(j, 1.0, out=ptr)
+        npass.add_(later)
+        # The next round, from the new state.
+        n = width = st.shape[1]
+        X, W, WX, Lc = (st[i * P:(i + 1) * P] for i in range(4))
+        slx_all, sl2_all = st[4 * P], st[4 * P + 1]
+        rank = torch.lt(pos, ptr).to(_F32).mul_(float(P)).add_(pos)  # before ptr: next pass
+        key, new, slx_n, sl2_n = _q3_candidates(
+            X, W, WX, Lc, torch.mul(WX, Lc), torch.mul(W, Lc).mul_(Lc), slx_all, sl2_all,
+            rank, lo, hi, lambda name: torch.empty((P, n), dtype=_F32, device=dev))
+        # Continue where a change comes in this pass, or in the next one while passes remain.
+        limit = torch.lt(npass, _Q3_PASSES - 1).to(_F32).mul_(float(P)).add_(float(P))
+        cont = key < limit
+        done = (~cont).nonzero().squeeze(1)
+        if done.numel():
+            cols = st[4 * P + 4].index_select(0, done).long()
+            G.index_copy_(1, cols, st[3 * P:4 * P + 2].index_select(1, done))
+        keep = cont.nonzero().squeeze(1)
+        if keep.numel() == 0:
+            return
+        st = st.index_select(1, keep)
+        ptr, npass = st[4 * P + 2], st[4 * P + 3]
+        k = key.index_select(0, keep)
+        later = torch.ge(k, float(P)).to(_F32)
+
+
+def _make_q3(x: torch.Tensor, nmax: int,
+             scratch: _Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's ``make_q3_quants`` with ``do_rmse``: a first guess ``-nmax/max`` then up to five
     passes of coordinate descent, element by element in order, each change accepted only if it
     strictly improves ``sumlx^2/suml2`` (weights ``x*x``). Columns of ``(P, R)``; returns
-    ``(scale (R,), L (P, R) float32 in [0, 2*nmax-1])``.
-
+    ``(scale (R,), L (P, R) float32 in [0, 2*nmax-1])``. Work buffers come from ``scratch``
+    when given.
     """
+    scratch = scratch or _Scratch()
+    P, R = x.shape
+    dev = x.device
     amax, mx = first_abs_max(x, 0, nan_never_wins=True)
     zero = ~(amax >= GROUP_MAX_EPS)
     iscale = torch.where(zero, 0.0, div(float(-nmax), mx))
-    L = _round_clamp(x * iscale, -nmax, nmax - 1)
-    w = x * x
-    wx = w * x
-    sumlx = seq_sum(wx * L)
-    suml2 = seq_sum((w * L).mul_(L))
-    sumlx, suml2 = _descend(x, w, wx, L, sumlx, suml2, -nmax, nmax - 1, qp_rules=False)
+    G = scratch.get("q3_G", (P + 2, R), dev)  # L, then its sums (see _descend_q3)
+    L = torch.mul(x, iscale, out=G[:P])
+    lo_v, hi_v = torch.aminmax(L)  # NaN fails both tests
+    if bool((hi_v <= _NINT_SAFE) & (lo_v >= -_NINT_SAFE)):
+        L.clamp_(-nmax, nmax - 1).round_()
+    else:
+        L.copy_(_round_clamp(L, -nmax, nmax - 1, exact=True))
+    w = torch.mul(x, x, out=scratch.get("q3_w", (P, R), dev))
+    wx = torch.mul(w, x, out=scratch.get("q3_wx", (P, R), dev))
+    lx = torch.mul(wx, L, out=scratch.get("q3_lx", (P, R), dev))
+    l2 = torch.mul(w, L, out=scratch.get("q3_l2", (P, R), dev)).mul_(L)
+    seq_sum(lx, out=G[P])
+    seq_sum(l2, out=G[P + 1])
+    _descend_q3(x, w, wx, G, lx, l2, nmax, scratch)
+    sumlx, suml2 = G[P], G[P + 1]
     scale = torch.where(suml2 > 0, div(sumlx, suml2), 0.0)
     return torch.where(zero, 0.0, scale), (L + nmax).mul_((~zero).to(_F32))
 
@@ -664,7 +808,7 @@ def _q3_k(x: torch.Tensor, qw: torch.Tensor | None,
     nb = x.shape[0]
     X = _pos_major(x, 16, scratch.get("X", (16, nb * 16), x.device))
     if qw is None:
-        scale, L = _make_q3(X, 4)
+        scale, L = _make_q3(X, 4, scratch=scratch)
         scales = _sub_scales(scale, nb)
         _, max_scale = first_abs_max(scales, 1, nan_never_wins=True)
         has = max_scale != 0
@@ -686,12 +830,13 @@ def _q3_k(x: torch.Tensor, qw: torch.Tensor | None,
     d = d16.to(_F32).unsqueeze(1) * (l6 - 32).to(_F32)
     Lb = _requant_symmetric(x, L, d, 4,
                             out=scratch.get("requant", (nb, QK_K), x.device)).to(torch.int32)
-    high = Lb > 3
-    hm = high.view(nb, 8, 32).to(torch.int32)
+    # Codes are in [0, 7]: bit 2 goes to hmask, bits 0-1 to qs (integer bit ops: a bool
+    # comparison and bool arithmetic cost several times more on CPU).
+    hm = (Lb >> 2).view(nb, 8, 32)
     hmask = hm[:, 0]
     for k in range(1, 8):
         hmask = hmask | (hm[:, k] << k)
-    return Q3_K.layout.pack(hmask=hmask.to(torch.uint8), qs=_pack_crumbs(Lb - 4 * high),
+    return Q3_K.layout.pack(hmask=hmask.to(torch.uint8), qs=_pack_crumbs(Lb & 3),
                             scales=packed.to(torch.uint8), d=d16.unsqueeze(1))
 
 
