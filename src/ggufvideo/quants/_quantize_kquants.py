@@ -566,7 +566,7 @@ def _make_q3(x: torch.Tensor, nmax: int,
     _descend_q3(x, w, wx, G, lx, l2, nmax, scratch)
     sumlx, suml2 = G[P], G[P + 1]
     scale = torch.where(suml2 > 0, div(sumlx, suml2), 0.0)
-    return torch.where(zero, 0.0, scale), (L + nmax).mul_((~zero).to(_F32))
+    return torch.where(zero, 0.0, scale), L.add_(nmax).mul_((~zero).to(_F32))
 
 
 def _make_qp(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -828,15 +828,17 @@ def _q3_k(x: torch.Tensor, qw: torch.Tensor | None,
         packed = _pack_q3_scales(l6)
         d16 = _to_fp16(d_block)
     d = d16.to(_F32).unsqueeze(1) * (l6 - 32).to(_F32)
-    Lb = _requant_symmetric(x, L, d, 4,
-                            out=scratch.get("requant", (nb, QK_K), x.device)).to(torch.int32)
-    # Codes are in [0, 7]: bit 2 goes to hmask, bits 0-1 to qs (integer bit ops: a bool
-    # comparison and bool arithmetic cost several times more on CPU).
-    hm = (Lb >> 2).view(nb, 8, 32)
+    Lb = scratch.get("codes", (nb, QK_K), x.device, torch.int32)
+    Lb.copy_(_requant_symmetric(x, L, d, 4, out=scratch.get("requant", (nb, QK_K), x.device)))
+    # Codes are in [0, 7]: bit 2 goes to hmask, bits 0-1 to qs. Integer bit ops in scratch
+    # buffers: a bool comparison and bool arithmetic, or fresh multi-MiB results (new pages
+    # to fault in), cost several times more on CPU.
+    hm = torch.bitwise_right_shift(Lb, 2, out=scratch.get("high", (nb, QK_K), x.device,
+                                                          torch.int32)).view(nb, 8, 32)
     hmask = hm[:, 0]
     for k in range(1, 8):
         hmask = hmask | (hm[:, k] << k)
-    return Q3_K.layout.pack(hmask=hmask.to(torch.uint8), qs=_pack_crumbs(Lb & 3),
+    return Q3_K.layout.pack(hmask=hmask.to(torch.uint8), qs=_pack_crumbs(Lb.bitwise_and_(3)),
                             scales=packed.to(torch.uint8), d=d16.unsqueeze(1))
 
 
