@@ -498,7 +498,7 @@ def _descend_q3(x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, G: torch.Ten
     width = R
     # Per remaining column, one float32 tensor compacted by one gather per round: rows
     # x, w, wx, L (P each), slx, sl2 (as G: rows 3P..4P+1), ptr (the next position), pass, and
-    # the column's index (exact in float32 for any chunk size used here).
+    # the column's index (int32 bits: gathers copy them unchanged, whatever the chunk size).
     # All later-round buffers come from the scratch (sized by the first such round, which is
     # the largest): fresh multi-MiB tensors would be new pages to fault in every round.
     F = 4 * P + 5
@@ -508,7 +508,7 @@ def _descend_q3(x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, G: torch.Ten
     for k, t in enumerate((x, w, wx, G)):
         torch.gather(t, 1, keep.expand(t.shape[0], -1), out=st[k * P:k * P + t.shape[0]])
     st[4 * P + 3] = 0.0
-    st[4 * P + 4] = keep.to(_F32)
+    st[4 * P + 4].view(torch.int32).copy_(keep)
     ptr, npass = st[4 * P + 2], st[4 * P + 3]
     k = key.index_select(0, keep)
     cand = None  # later rounds: (slx, sl2, new) stacked, (3, P, n), for one gather
@@ -543,7 +543,7 @@ def _descend_q3(x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, G: torch.Ten
         cont = key < limit
         done = (~cont).nonzero().squeeze(1)
         if done.numel():
-            cols = st[4 * P + 4].index_select(0, done).long()
+            cols = st[4 * P + 4].view(torch.int32).index_select(0, done).long()
             G.scatter_(1, cols.expand(P + 2, -1),
                        torch.gather(st[3 * P:4 * P + 2], 1, done.expand(P + 2, -1)))
         keep = cont.nonzero().squeeze(1)
