@@ -63,7 +63,8 @@ _CHUNK_BLOCKS_GPU = 1 << 16
 # Q3_K without an importance matrix: chunks this many times larger. After its first round, the
 # descent (_descend_q3) runs a dozen rounds of a few dozen ops on the few columns still
 # changing; their cost is per op, so fewer, larger chunks share it.
-_Q3_CHUNK_SCALE = 2  # 4096 blocks: ~25% faster than 2048 on a 2-core x86, 8192 no better
+# 4096 blocks measured about 20% faster than 2048 on a shared 2-core x86 (noisy), 8192 no better.
+_Q3_CHUNK_SCALE = 2
 
 # ---------------------------------------------------------------------------------------------
 # Float32 idioms of ggml's scalar C (the shared ones live in _quantize_common)
@@ -353,8 +354,10 @@ def _make_qx(x: torch.Tensor, w: torch.Tensor | None, nmax: int,
 def _descend(x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, L: torch.Tensor,
              sumlx: torch.Tensor, suml2: torch.Tensor, lo: int | None, hi: int,
              qp_rules: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The coordinate descent shared by ``make_q3_quants`` and ``make_qp_quants``; updates ``L``
-    (``(n, R)``) in place and returns the final ``(sumlx, suml2)``.
+    """The coordinate descent shared by ``make_q3_quants`` and ``make_qp_quants``, step by step
+    as ggml runs it; updates ``L`` (``(n, R)``) in place and returns the final ``(sumlx,
+    suml2)``. The Q3_K encoder runs the faster, equivalent :func:`_descend_q3` instead (the
+    tests check the two agree).
 
     Up to five passes; within a pass, element ``i`` of every column in turn: drop its term from the
     sums, re-round ``x*sl2/slx``, and keep the new code if ``slx'^2/sl2'`` strictly improves.
