@@ -127,8 +127,14 @@ def test_k_quant_with_imatrix_matches_ggml(oracle, qtype, data):
                        f"{qtype.name} + imatrix")
 
 
+@pytest.mark.parametrize("cpu_sums", [True, False], ids=["cpu-sums", "gpu-sums"])
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
-def test_k_quant_matches_ggml_on_every_block_flavour(oracle, qtype):
+def test_k_quant_matches_ggml_on_every_block_flavour(oracle, qtype, cpu_sums, monkeypatch):
+    # "gpu-sums": CUDA cannot use the CPU's in-order reductions (embedding_bag, index_add_) and
+    # adds term by term instead; CI has no GPU, so that loop runs here on CPU tensors.
+    from ggufvideo.quants import _quantize_common
+
+    monkeypatch.setattr(_quantize_common, "CPU_FAST_SUMS", cpu_sums)
     rng = np.random.default_rng(1234)
     x = np.stack([make_block(k % N_KINDS, rng) for k in range(3 * N_KINDS)])
     im = np.stack([make_imatrix(k % 5, rng) for k in range(len(x))])
@@ -161,21 +167,6 @@ def test_k_quant_of_gaussian_weights_matches_ggml_across_chunks(oracle, qtype, m
     x = (rng.standard_normal((300, 256)) * 0.02).astype(np.float32)
     x[100::7] = np.stack([make_block(k % N_KINDS, rng) for k in range(len(x[100::7]))])
     im = np.abs(rng.standard_normal((300, 256))).astype(np.float32)
-    assert_same_blocks(ours(x, qtype, None), ggml_bytes(oracle, x, qtype, None), qtype.name)
-    assert_same_blocks(ours(x, qtype, im), ggml_bytes(oracle, x, qtype, im),
-                       f"{qtype.name} + imatrix")
-
-
-@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
-def test_k_quant_with_the_gpu_sum_path_matches_ggml(oracle, qtype, monkeypatch):
-    # CUDA cannot use the CPU's in-order reductions (embedding_bag, index_add_) and adds term by
-    # term instead; CI has no GPU, so that loop runs here on CPU tensors.
-    from ggufvideo.quants import _quantize_common
-
-    monkeypatch.setattr(_quantize_common, "CPU_FAST_SUMS", False)
-    rng = np.random.default_rng(11)
-    x = np.stack([make_block(k % N_KINDS, rng) for k in range(2 * N_KINDS)])
-    im = np.stack([make_imatrix(k % 5, rng) for k in range(len(x))])
     assert_same_blocks(ours(x, qtype, None), ggml_bytes(oracle, x, qtype, None), qtype.name)
     assert_same_blocks(ours(x, qtype, im), ggml_bytes(oracle, x, qtype, im),
                        f"{qtype.name} + imatrix")

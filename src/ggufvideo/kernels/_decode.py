@@ -140,28 +140,28 @@ def _scale_min_k4(bp, F_SC, s):
 
 
 @triton.jit
-def _decode_q4_k(bp, s, l, F_D, F_DMIN, F_SC, F_QS, F4, KV):
-    # NS=8 sub-blocks of SL=32: sub-block s is the low (s even) or high nibble of qs[(s>>1)*32 + l].
+def _decode_kq45(bp, s, l, F_D, F_DMIN, F_SC, F_QH, F_QS, HAS_QH: tl.constexpr):
+    # NS=8 sub-blocks of SL=32: sub-block s is the low (s even) or high nibble of qs[(s>>1)*32 + l];
+    # Q5_K adds a fifth bit: bit s of qh[l].
     d = _f16(bp + F_D)
     dmin = _f16(bp + F_DMIN)
     sc, mn = _scale_min_k4(bp, F_SC, s)
     d1 = d * sc.to(tl.float32)
     m1 = dmin * mn.to(tl.float32)
     q = (_u8(bp + F_QS + (s >> 1) * 32 + l) >> (4 * (s & 1))) & 15
+    if HAS_QH:
+        q = q | (((_u8(bp + F_QH + l) >> s) & 1) << 4)
     return d1 * q.to(tl.float32) - m1
 
 
 @triton.jit
+def _decode_q4_k(bp, s, l, F_D, F_DMIN, F_SC, F_QS, F4, KV):
+    return _decode_kq45(bp, s, l, F_D, F_DMIN, F_SC, 0, F_QS, False)
+
+
+@triton.jit
 def _decode_q5_k(bp, s, l, F_D, F_DMIN, F_SC, F_QH, F_QS, KV):
-    # As Q4_K with a fifth bit: bit s of qh[l].
-    d = _f16(bp + F_D)
-    dmin = _f16(bp + F_DMIN)
-    sc, mn = _scale_min_k4(bp, F_SC, s)
-    d1 = d * sc.to(tl.float32)
-    m1 = dmin * mn.to(tl.float32)
-    q = (_u8(bp + F_QS + (s >> 1) * 32 + l) >> (4 * (s & 1))) & 15
-    q = q | (((_u8(bp + F_QH + l) >> s) & 1) << 4)
-    return d1 * q.to(tl.float32) - m1
+    return _decode_kq45(bp, s, l, F_D, F_DMIN, F_SC, F_QH, F_QS, True)
 
 
 @triton.jit

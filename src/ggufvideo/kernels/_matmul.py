@@ -30,7 +30,7 @@ from functools import lru_cache
 
 import torch
 
-from ._decode import tl, to_out, triton
+from ._decode import _i8, _u8, tl, to_out, triton
 from ._dequant import TL_DTYPES, kernel_spec, soft_bf16
 
 __all__ = ["FUSED_TYPES", "BK", "RULES", "block_m", "fused_linear"]
@@ -40,12 +40,6 @@ BK = 256
 
 
 # -- loads -----------------------------------------------------------------------------------------
-
-@triton.jit
-def _u8(p):
-    """Bytes at ``p`` as int32 (0..255)."""
-    return tl.load(p).to(tl.int32)
-
 
 @triton.jit
 def _w32(p):
@@ -154,7 +148,7 @@ def _step_q8_0(acc, wp, xrow, xmask, magic, F_D, F_QS, F2, F3, F4, TS: tl.conste
     for kb in tl.static_range(8):
         bp = wp[:, None] + kb * TS
         d = _half(bp + F_D)
-        u = tl.load((bp + F_QS + l).to(tl.pointer_type(tl.int8))).to(tl.int32) + 128
+        u = _i8(bp + F_QS + l) + 128
         acc = _accum(acc, u, d, -128.0 * d, xrow, xmask, magic, kb * 32, 255, -128, OUT, SOFT)
     return acc
 
@@ -235,7 +229,7 @@ def _step_q6_k(acc, wp, xrow, xmask, magic, F_QL, F_QH, F_SC, F_D, F4, TS: tl.co
             qh = _u8(bp + F_QH + h * 32 + (j & 1) * 16 + l)
             for p in tl.static_range(2):
                 s = h * 8 + 4 * p + j
-                sc = tl.load((bp + F_SC + s).to(tl.pointer_type(tl.int8))).to(tl.float32)
+                sc = _i8(bp + F_SC + s).to(tl.float32)
                 u = ((ql >> (4 * p)) & 15) | (((qh >> (2 * (j >> 1) + 4 * p)) & 3) << 4)
                 dl = d * sc
                 acc = _accum(acc, u, dl, -32.0 * dl, xrow, xmask, magic, h * 128 + 64 * p + j * 16,
@@ -344,8 +338,7 @@ def _gemv_q6_k(acc, bp, xp, magic, F_QL, F_QH, F_SC, F_D, F4, TS: tl.constexpr,
             ql = _units(bp + F_QL + h * 64 + j * 16, v, tl.int16)
             qh = _units(bp + F_QH + h * 32 + (j & 1) * 16, v, tl.int16) >> (2 * (j >> 1))
             for hi in tl.static_range(2):
-                sc = tl.load((bp + F_SC + h * 8 + 4 * hi + j).to(tl.pointer_type(tl.int8)))
-                dl = d * sc.to(tl.float32)
+                dl = d * _i8(bp + F_SC + h * 8 + 4 * hi + j).to(tl.float32)
                 u = ((ql >> (4 * hi)) & 0x0F0F) | (((qh >> (4 * hi)) & 0x0303) << 4)
                 acc = _gemv_mac_bits(acc, _code_f32(u, b, magic, SOFT), dl, -32.0 * dl, xp,
                                      h * 128 + 64 * hi + j * 16 + 2 * v + b, 0.0)
