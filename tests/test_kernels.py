@@ -133,6 +133,28 @@ def test_one_row_chunked_kernel_also_matches_for_gemv_types(qtype: str) -> None:
 
 
 @needs_triton
+@pytest.mark.parametrize("qtype,m", [("Q4_K", 1), ("Q4_K", 3), ("Q5_K", 1)],
+                         ids=["chunked-one-row", "tensor-core", "gemv"])
+def test_split_k_sums_added_in_kernel_equal_the_reduction_kernel(qtype: str, m: int) -> None:
+    # The last program of each column tile adds the K-split partial sums in split order: the same
+    # bits as the separate reduction kernel, and the arrival counters are back at zero after.
+    from ggufvideo.kernels._matmul import fused_linear, split_for
+
+    raw, x, _ = _fused_case(qtype, n=40, k=1024, m=m, dtype=torch.bfloat16, seed=17)
+    rule = (16, 64, 4, 2)
+    assert split_for(m, 40, 1024, 16, 64, x.device) == 4  # really split
+    in_kernel = fused_linear(x, raw, qtype, 40, rule=rule, fixup=True)
+    second_kernel = fused_linear(x, raw, qtype, 40, rule=rule, fixup=False)
+    assert torch.equal(in_kernel, second_kernel)
+    assert torch.equal(fused_linear(x, raw, qtype, 40, rule=rule), in_kernel)  # the default
+    from ggufvideo.kernels import _matmul
+
+    buf, _ = _matmul._RINGS[x.device]
+    assert not buf.any()  # every slot used was reset
+    assert _rel_err(in_kernel, _exact_product(raw, qtype, x, 40)) < 2.5e-3
+
+
+@needs_triton
 def test_gemv_kernel_refuses_what_it_cannot_take() -> None:
     from ggufvideo.kernels._matmul import fused_linear
 
@@ -316,3 +338,37 @@ def test_quant_linear_compiles_fullgraph_and_replays_in_cuda_graph() -> None:
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_y, lin(x2))
+
+
+@gpu
+@needs_cuda
+def test_split_k_linear_replays_in_cuda_graph() -> None:
+    # The capture reuses the arrival counters' ring made by an earlier call (no allocation inside
+    # the capture), and the counters reset so that every replay is right; a capture on a device
+    # with no ring yet falls back to the reduction kernel.
+    from ggufvideo.kernels import _matmul
+
+    # Q4_K with a 16-row tile: the default there adds the partial sums in the kernel.
+    raw, x, _ = _fused_case("Q4_K", n=64, k=2048, m=3, dtype=torch.bfloat16, seed=23)
+    assert _matmul.block_m(3) in _matmul.FIXUP_TILES["Q4_K"]
+    rule = (16, 64, 4, 1)
+    eager = _matmul.fused_linear(x, raw, "Q4_K", 64, rule=rule, fixup=False)
+    saved = _matmul._RINGS.pop(x.device, None)
+    try:
+        for ring_before_capture in (False, True):
+            if ring_before_capture:
+                _matmul.fused_linear(x, raw, "Q4_K", 64, rule=rule)
+            static_x = x.clone()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                static_y = _matmul.fused_linear(static_x, raw, "Q4_K", 64, rule=rule)
+            assert (x.device in _matmul._RINGS) == ring_before_capture
+            for _ in range(3):
+                static_y.fill_(float("nan"))
+                g.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(static_y, eager)
+            assert not _matmul._RINGS.get(x.device, [torch.zeros(1)])[0].any()
+    finally:
+        if saved is not None:
+            _matmul._RINGS[x.device] = saved
