@@ -155,6 +155,19 @@ def test_split_k_sums_added_in_kernel_equal_the_reduction_kernel(qtype: str, m: 
 
 
 @needs_triton
+def test_split_k_without_counters_refuses_forced_fixup_and_falls_back_otherwise(monkeypatch) -> None:
+    from ggufvideo.kernels import _matmul
+
+    raw, x, _ = _fused_case("Q4_K", n=40, k=1024, m=3, dtype=torch.bfloat16, seed=19)
+    rule = (16, 64, 4, 2)  # 3 column tiles, K split in 4
+    expected = _matmul.fused_linear(x, raw, "Q4_K", 40, rule=rule, fixup=False)
+    monkeypatch.setattr(_matmul, "COUNTER_RING", 2)  # fewer slots than tiles: no counters
+    with pytest.raises(RuntimeError, match="fixup=True but no arrival counters for 3 column tiles"):
+        _matmul.fused_linear(x, raw, "Q4_K", 40, rule=rule, fixup=True)
+    assert torch.equal(_matmul.fused_linear(x, raw, "Q4_K", 40, rule=rule), expected)
+
+
+@needs_triton
 def test_gemv_kernel_refuses_what_it_cannot_take() -> None:
     from ggufvideo.kernels._matmul import fused_linear
 

@@ -26,6 +26,7 @@ Imports triton at the top: reached only through :mod:`ggufvideo.kernels`.
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 
 import torch
@@ -357,7 +358,6 @@ GEMV_STEPS = {
 }
 
 
-
 @triton.jit
 def _finish_split(part, out, count, n_split, plane, offs, mask, OUT: tl.constexpr,
                   SOFT: tl.constexpr):
@@ -378,7 +378,7 @@ def _finish_split(part, out, count, n_split, plane, offs, mask, OUT: tl.constexp
         for i in range(1, n_split):
             total += tl.load(part + i * plane + offs, mask=mask, other=0.0, cache_modifier=".cg")
         tl.store(out + offs, to_out(total, OUT, SOFT), mask=mask)
-        tl.atomic_xchg(count, 0)  # ready for the next call on this stream
+        tl.atomic_xchg(count, 0)  # ready for the slot's next use
 
 
 @triton.jit
@@ -443,7 +443,8 @@ def _fused_kernel(x, w, y, out, count, n_split, M, N, K, stride_xm, stride_ym, r
         ptrs = y + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
         tl.store(ptrs, to_out(acc, OUT, SOFT), mask=out_mask)
     else:
-        # float32 partial sums (SPLIT, M, N), reduced in a fixed order by the caller.
+        # float32 partial sums (SPLIT, M, N), added in a fixed order by the tile's last program
+        # (FIXUP) or by _reduce_kernel.
         offs = rm.to(tl.int64)[None, :] * N + rn[:, None]
         tl.store(y + pid_k.to(tl.int64) * M * N + offs, acc, mask=out_mask)
         if FIXUP:
@@ -504,6 +505,7 @@ FIXUP_TILES: dict[str, tuple[int, ...]] = {"Q4_K": (16,), "Q5_K": (16,)}
 #: :func:`arrival_counters`.
 COUNTER_RING = 1 << 18
 _RINGS: dict[torch.device, list] = {}  # device -> [zeroed int32 ring, next free slot]
+_RINGS_LOCK = threading.Lock()  # calls from several threads never share slots
 
 
 def arrival_counters(device: torch.device, n: int) -> torch.Tensor | None:
@@ -520,15 +522,16 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor | None:
     """
     if n > COUNTER_RING:
         return None
-    ring = _RINGS.get(device)
-    if ring is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        ring = _RINGS[device] = [torch.zeros(COUNTER_RING, dtype=torch.int32, device=device), 0]
-    buf, first = ring
-    if first + n > COUNTER_RING:
-        first = 0
-    ring[1] = first + n
+    with _RINGS_LOCK:
+        ring = _RINGS.get(device)
+        if ring is None:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return None
+            ring = _RINGS[device] = [torch.zeros(COUNTER_RING, dtype=torch.int32, device=device), 0]
+        buf, first = ring
+        if first + n > COUNTER_RING:
+            first = 0
+        ring[1] = first + n
     return buf[first:first + n]
 
 
@@ -574,9 +577,9 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
         use = bm in FIXUP_TILES.get(name, ()) if fixup is None else fixup
         count = arrival_counters(x2d.device, grid[0]) if use else None
         if fixup and count is None:
-            raise RuntimeError("fused_linear: no arrival counters available (first split-K call on "
-                               "this device made during a CUDA-graph capture); make one call "
-                               "before capturing")
+            raise RuntimeError(f"fused_linear: fixup=True but no arrival counters for {grid[0]} "
+                               f"column tiles (more than COUNTER_RING={COUNTER_RING}, or the "
+                               "device's first split-K call made during a CUDA-graph capture)")
     f0, f1, f2, f3, f4 = spec.offsets
     common = dict(TS=spec.type_size, BYTES_PER_STEP=BK // spec.block_size * spec.type_size,
                   F0=f0, F1=f1, F2=f2, F3=f3, F4=f4, BN=bn, OUT=out_dtype, PARTIAL=split > 1,
