@@ -9,7 +9,7 @@ switched off), eagerly and under CUDA graphs.
 
 ``--tune`` first sweeps the fused kernel's tile/split choices for Q4_K at M = 1, 16, 64 and
 installs the best for the rest of the run.
-``--one-row`` instead compares, at M = 1, the chunked kernel with the GEMV kernel per launch rule.
+``--one-row`` instead compares, at M = 1, the chunked kernel with the GEMV / row kernel per rule.
 ``--torch-path`` adds the ratio of the torch decode path (kernels switched off) at M=1 and 32760.
 Run: ``python benchmarks/gpu_linear.py [--types Q4_K Q8_0] [--json out.json]``.
 """
@@ -107,16 +107,19 @@ def tune(device: torch.device) -> dict:
 
 
 def one_row(types: list[str]) -> list[dict]:
-    """M = 1 under CUDA graphs: the chunked kernel's one-row branch vs the GEMV kernel, per rule.
+    """M = 1 under CUDA graphs: the chunked kernel's one-row branch vs the GEMV/row kernel per rule.
 
-    This is how ``_matmul.GEMV_STEPS`` (which types take the GEMV kernel, with which rule) was
-    chosen. Also checks both kernels against the float64 exact-weight product on every shape.
+    This is how ``_matmul.GEMV_STEPS`` and ``_matmul.ROW_STEPS`` (which types take which one-row
+    kernel, with which rule) were chosen. Also checks every kernel against the float64
+    exact-weight product on every shape.
     """
     from ggufvideo.kernels import _matmul
     from ggufvideo.quants import dequantize as torch_dequantize
 
     dev = torch.device("cuda")
     rules = [(32, 8, 4, 1), (64, 8, 4, 1), (128, 8, 4, 1)]
+    # row kernel: (weight rows per program, waves, num_warps, num_stages)
+    row_rules = [(4, 2, 4, 1), (2, 2, 2, 1), (8, 2, 8, 1), (2, 2, 1, 1), (8, 2, 4, 1)]
     rows = []
     for k, n in SHAPES:
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
@@ -131,6 +134,8 @@ def one_row(types: list[str]) -> list[dict]:
             variants = {"chunked": dict(gemv=False, rule=_matmul.RULES[1])}
             if name in _matmul.GEMV_STEPS:
                 variants |= {f"gemv {r}": dict(gemv=True, rule=r) for r in rules}
+            if name in _matmul.ROW_STEPS:
+                variants |= {f"rows {r}": dict(gemv=True, rule=r) for r in row_rules}
             for label, kw in variants.items():
                 y = _matmul.fused_linear(x, raw, name, n, **kw)
                 row[f"{label} err"] = ((y.double() - ref).norm() / ref.norm()).item()
@@ -246,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--torch-path", action="store_true")
     ap.add_argument("--one-row", action="store_true",
-                    help="only compare the one-row kernels (chunked vs GEMV), M = 1")
+                    help="only compare the one-row kernels (chunked vs GEMV / rows), M = 1")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     result: dict = {}

@@ -120,10 +120,10 @@ def test_fused_linear_matches_exact_product(qtype: str, m: int, rule) -> None:
 
 
 @needs_triton
-@pytest.mark.parametrize("qtype", ["Q5_K", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q8_0", "Q6_K"])
 def test_one_row_chunked_kernel_also_matches_for_gemv_types(qtype: str) -> None:
-    # These types take the GEMV kernel for one row by default; the chunked kernel's one-row
-    # branch must stay right for them too (it is what `gemv=False` runs).
+    # These types take the row or GEMV kernel for one row by default; the chunked kernel's
+    # one-row branch must stay right for them too (it is what `gemv=False` runs).
     from ggufvideo.kernels._matmul import fused_linear
 
     raw, x, _ = _fused_case(qtype, n=40, k=512, m=1, dtype=torch.bfloat16, seed=13)
@@ -133,9 +133,11 @@ def test_one_row_chunked_kernel_also_matches_for_gemv_types(qtype: str) -> None:
 
 
 @needs_triton
-@pytest.mark.parametrize("qtype,m", [("Q4_K", 1), ("Q4_K", 3), ("Q5_K", 1)],
-                         ids=["chunked-one-row", "tensor-core", "gemv"])
-def test_split_k_sums_added_in_kernel_equal_the_reduction_kernel(qtype: str, m: int) -> None:
+@pytest.mark.parametrize("qtype,m,gemv", [("Q4_K", 1, False), ("Q4_K", 3, None),
+                                          ("Q5_K", 1, None), ("Q4_K", 1, None)],
+                         ids=["chunked-one-row", "tensor-core", "gemv", "rows"])
+def test_split_k_sums_added_in_kernel_equal_the_reduction_kernel(qtype: str, m: int,
+                                                                gemv: bool | None) -> None:
     # The last program of each column tile adds the K-split partial sums in split order: the same
     # bits as the separate reduction kernel, and the arrival counters are back at zero after.
     from ggufvideo.kernels._matmul import fused_linear, split_for
@@ -143,10 +145,10 @@ def test_split_k_sums_added_in_kernel_equal_the_reduction_kernel(qtype: str, m: 
     raw, x, _ = _fused_case(qtype, n=40, k=1024, m=m, dtype=torch.bfloat16, seed=17)
     rule = (16, 64, 4, 2)
     assert split_for(m, 40, 1024, 16, 64, x.device) == 4  # really split
-    in_kernel = fused_linear(x, raw, qtype, 40, rule=rule, fixup=True)
-    second_kernel = fused_linear(x, raw, qtype, 40, rule=rule, fixup=False)
+    in_kernel = fused_linear(x, raw, qtype, 40, rule=rule, fixup=True, gemv=gemv)
+    second_kernel = fused_linear(x, raw, qtype, 40, rule=rule, fixup=False, gemv=gemv)
     assert torch.equal(in_kernel, second_kernel)
-    assert torch.equal(fused_linear(x, raw, qtype, 40, rule=rule), in_kernel)  # the default
+    assert torch.equal(fused_linear(x, raw, qtype, 40, rule=rule, gemv=gemv), in_kernel)
     from ggufvideo.kernels import _matmul
 
     buf, _ = _matmul._RINGS[x.device]
@@ -165,6 +167,24 @@ def test_split_k_without_counters_refuses_forced_fixup_and_falls_back_otherwise(
     with pytest.raises(RuntimeError, match="fixup=True but no arrival counters for 3 column tiles"):
         _matmul.fused_linear(x, raw, "Q4_K", 40, rule=rule, fixup=True)
     assert torch.equal(_matmul.fused_linear(x, raw, "Q4_K", 40, rule=rule), expected)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k,rule", [(1792, (4, 2, 4, 1)), (1792, (4, 64, 2, 1)), (256, None)],
+                         ids=["tail", "tail-split", "one-block"])
+def test_row_kernel_handles_ragged_rows_and_blocks(dtype: torch.dtype, k: int, rule) -> None:
+    # The row kernel walks 4 super-blocks per warp step and 4 weight rows per program by default:
+    # K = 7 super-blocks leaves a partial step (masked), N = 22 a partial program, and the split
+    # rule cuts K unevenly (7 blocks in 4 splits: 2, 2, 2, 1).
+    from ggufvideo.kernels import _matmul
+
+    assert "Q4_K" in _matmul.ROW_STEPS
+    raw, x, _ = _fused_case("Q4_K", n=22, k=k, m=1, dtype=dtype, seed=23)
+    y = _matmul.fused_linear(x, raw, "Q4_K", 22, rule=rule)
+    assert y.dtype == dtype and y.shape == (1, 22)
+    assert _rel_err(y, _exact_product(raw, "Q4_K", x, 22)) < (2.5e-3 if dtype == torch.bfloat16
+                                                                  else 1e-3)
 
 
 @needs_triton

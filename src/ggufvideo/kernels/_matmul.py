@@ -13,10 +13,11 @@ bf16). In practice the per-element work limits it, so the loop is built to do li
 * Codes become floats through their bit patterns, not conversion instructions (see
   :func:`_to_f32` and :func:`_accum`).
 * One activation row (M = 1: timestep/modulation projections, batch-1 work) runs on the CUDA
-  cores, either in the chunked kernel's one-row branch or, for the types in :data:`GEMV_STEPS`
-  (where it measured faster), in a GEMV kernel that applies the scale per weight and sums once
-  at the end, extracting codes with one byte-permute each. More rows go through ``tl.dot`` with
-  the activations padded to a 16/32/64-row tile.
+  cores: for the types in :data:`ROW_STEPS` in the row kernel, whose warps read whole weight rows
+  with wide contiguous loads (the fastest to load by far, see :func:`_rows_kernel`); for the types
+  in :data:`GEMV_STEPS` in a GEMV kernel that applies the scale per weight and sums once at the
+  end; otherwise in the chunked kernel's one-row branch. More rows go through ``tl.dot`` with the
+  activations padded to a 16/32/64-row tile.
 * Each step covers 256 elements of K (one super-block, or eight 32-element blocks), so K must be
   a multiple of 256; K is split across programs to fill the GPU and the float32 partial sums are
   added in a fixed order (deterministic results).
@@ -34,8 +35,8 @@ import torch
 from ._decode import _i8, _u8, tl, to_out, triton
 from ._dequant import TL_DTYPES, kernel_spec, soft_bf16
 
-__all__ = ["FUSED_TYPES", "FIXUP_TILES", "BK", "RULES", "arrival_counters", "block_m",
-           "fused_linear"]
+__all__ = ["FUSED_TYPES", "FIXUP_TILES", "BK", "ROW_STEPS", "RULES", "arrival_counters",
+           "block_m", "fused_linear"]
 
 #: K consumed per loop step.
 BK = 256
@@ -358,6 +359,128 @@ GEMV_STEPS = {
 }
 
 
+# -- one activation row, weight rows read whole: the row kernel ------------------------------------
+# Each warp takes whole weight rows, its 32 threads J = 4 consecutive super-blocks x 8 parts each,
+# so one warp-wide 16-byte load reads ~512 contiguous bytes of a row. The other kernels read a
+# small piece of many rows at a time; on an H100 that alone (no arithmetic at all) loaded Q4_K
+# 5120x5120 in 16-17 us against 13.8 us this way and 12 us for a plain contiguous read
+# (benchmarks/gpu_results_h100.md). Codes become the float32 ``1 + u/128`` by their bit patterns:
+# one shift and one and-or per code, no subtraction, and ``sum((1 + u/128) x) - sum(x)`` is
+# ``sum(u x) / 128`` (each product is exact; the sums round in float32 as in the other kernels).
+
+@triton.jit
+def _words4(v):
+    """The four int32 words along ``v``'s last (in-thread, size-4) dimension, as four tensors."""
+    a, b = tl.split(tl.reshape(v, (v.shape[0], v.shape[1], v.shape[2], 2, 2)))
+    w0, w2 = tl.split(a)
+    w1, w3 = tl.split(b)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _codes_1p(q0, q1, e, HI: tl.constexpr, one):
+    """Float32 ``1 + u/128`` for the codes of two words: element ``e`` (0..7) takes nibble ``HI``
+    of byte ``e % 4`` of ``q0`` (e < 4) or ``q1``, moved to mantissa bits 16..19 by one shift.
+
+    ``one`` = 0x3F800000 (the float 1.0) is a run-time argument so the and-or stays one LOP3.
+    """
+    q = tl.where(e < 4, q0, q1)
+    src = 8 * (e & 3) + 4 * HI
+    moved = tl.where(src <= 16, q << tl.maximum(16 - src, 0), q >> tl.maximum(src - 16, 0))
+    return ((moved & 0x000F0000) | one).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rows_q4_k(acc, base, xp, ok, one, F_D: tl.constexpr, F_DMIN: tl.constexpr,
+               F_SC: tl.constexpr, F_QS: tl.constexpr, F4: tl.constexpr):
+    # ``base`` (R, J, 1, 1): int32 pointers to J super-blocks of R rows; thread (j, p) reads qs
+    # bytes 16p..16p+15 -- group g = p // 2, words 4(p % 2)..+3: elements 64g + 16(p % 2) + 4t + b
+    # in the low nibbles (sub-block 2g), + 32 in the high ones (2g + 1) -- and its block's 16-byte
+    # head (d | dmin << 16, then the 12 scale bytes), the same address for the 8 parts (one
+    # broadcast). ``xp`` (R, J, 8, 8) points at x[64g + 16(p % 2) + 0..7] of the part's block.
+    tl.static_assert(F_D == 0 and F_DMIN == 2 and F_SC == 4 and F_QS == 16)
+    p = tl.arange(0, 8)[None, None, :]
+    g = p // 2
+    w4 = tl.arange(0, 4)[None, None, None, :]
+    e = tl.arange(0, 8)[None, None, None, :]
+    q = tl.load(base + (F_QS // 4) + p[:, :, :, None] * 4 + w4, mask=ok, other=0)  # (R, J, 8, 4)
+    head = tl.load(base + w4 + 0 * p[:, :, :, None], mask=ok, other=0)
+    hd, s0, s1, s2 = _words4(head)
+    q0, q1, q2, q3 = _words4(q)
+    xok = ok & (e >= 0)
+    x00 = tl.load(xp, mask=xok, other=0.0).to(tl.float32)
+    x01 = tl.load(xp + 8, mask=xok, other=0.0).to(tl.float32)
+    x10 = tl.load(xp + 32, mask=xok, other=0.0).to(tl.float32)
+    x11 = tl.load(xp + 40, mask=xok, other=0.0).to(tl.float32)
+    u0 = q0[:, :, :, None]
+    u1 = q1[:, :, :, None]
+    u2 = q2[:, :, :, None]
+    u3 = q3[:, :, :, None]
+    s_lo = tl.sum(_codes_1p(u0, u1, e, 0, one) * x00 + _codes_1p(u2, u3, e, 0, one) * x01, axis=3)
+    s_hi = tl.sum(_codes_1p(u0, u1, e, 1, one) * x10 + _codes_1p(u2, u3, e, 1, one) * x11, axis=3)
+    x_lo = tl.sum(x00 + x01, axis=3)
+    x_hi = tl.sum(x10 + x11, axis=3)
+    d = _bits_to_f32(hd)
+    dmin = _bits_to_f32(hd >> 16)
+    # The eight 6-bit scales and mins packed four to a word (bytes 0..3: sub-blocks 0..3 or
+    # 4..7), then this part's two: bytes 2(g % 2) and 2(g % 2) + 1 of the lower or upper word.
+    sc_w = tl.where(g < 2, s0 & 0x3F3F3F3F, (s2 & 0x0F0F0F0F) | ((s0 >> 2) & 0x30303030))
+    mn_w = tl.where(g < 2, s1 & 0x3F3F3F3F, ((s2 >> 4) & 0x0F0F0F0F) | ((s1 >> 2) & 0x30303030))
+    sh = 16 * (g & 1)
+    d_lo = d * ((sc_w >> sh) & 63).to(tl.float32) * 128.0
+    d_hi = d * ((sc_w >> (sh + 8)) & 63).to(tl.float32) * 128.0
+    m_lo = dmin * ((mn_w >> sh) & 63).to(tl.float32)
+    m_hi = dmin * ((mn_w >> (sh + 8)) & 63).to(tl.float32)
+    # weight = d_lo/128 * u - m_lo, so sum(w x) = d_lo * (s_lo - x_lo) - m_lo * x_lo
+    return acc + d_lo * s_lo - (d_lo + m_lo) * x_lo + d_hi * s_hi - (d_hi + m_hi) * x_hi
+
+
+@triton.jit
+def _rows_kernel(x, w, y, out, count, n_split, N, K, row_bytes, steps_per_split, one,
+                 STEP: tl.constexpr, TS: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr,
+                 F2: tl.constexpr, F3: tl.constexpr, F4: tl.constexpr, R: tl.constexpr,
+                 J: tl.constexpr, OUT: tl.constexpr, PARTIAL: tl.constexpr,
+                 FIXUP: tl.constexpr, SOFT: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * R + tl.arange(0, R)
+    rows = (w + tl.minimum(rn, N - 1).to(tl.int64) * row_bytes).to(tl.pointer_type(tl.int32))
+    rows = rows[:, None, None, None]
+    jv = tl.arange(0, J)[None, :, None, None]
+    p = tl.arange(0, 8)[None, None, :, None]
+    # x offsets of each part's first activation, full (R, J, 8, 8) shape so that the loads are
+    # 16 bytes wide (a (1, J, 8, 8) tensor has too few elements to give each thread 8).
+    e = tl.arange(0, 8)[None, None, None, :]
+    xoff = 64 * (p // 2) + 16 * (p % 2) + e + 0 * rn[:, None, None, None]
+    k_first = pid_k * steps_per_split
+    k_last = tl.minimum(k_first + steps_per_split, K // 256)
+    acc = tl.zeros((R, J, 8), dtype=tl.float32)
+    for j0 in range(k_first, k_last, J):
+        sb = j0 + jv
+        acc = STEP(acc, rows + sb * (TS // 4), x + sb * 256 + xoff, sb < k_last, one,
+                   F0, F1, F2, F3, F4)
+    total = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if not PARTIAL:
+        tl.store(y + rn, to_out(total, OUT, SOFT), mask=rn < N)
+    else:
+        tl.store(y + pid_k * N + rn, total, mask=rn < N)
+        if FIXUP:
+            _finish_split(y, out, count + pid_n, n_split, N, rn, rn < N, OUT, SOFT)
+
+
+#: Types whose one-row calls take the row kernel -> (its step, launch rule (rows per program,
+#: waves, num_warps, num_stages)). Measured on an H100 (CUDA graphs, Wan-14B shapes): Q4_K
+#: 16.2 / 36.5 / 35.3 us against the chunked kernel's 20.8 / 41.3 / 39.9 us; one row per warp
+#: was the best of 1-4 rows per warp, 1-8 warps, 2-8 super-blocks per warp step and K splits of
+#: 1-4 (those shapes need none: 1280+ programs).
+ROW_STEPS = {
+    "Q4_K": (_rows_q4_k, (4, 2, 4, 1)),
+}
+
+#: Super-blocks per warp step in the row kernel (J): 4 x 8 parts = the 32 threads of a warp.
+ROW_J = 4
+
+
 @triton.jit
 def _finish_split(part, out, count, n_split, plane, offs, mask, OUT: tl.constexpr,
                   SOFT: tl.constexpr):
@@ -543,7 +666,9 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
     ``x2d`` is float16 or bfloat16 with unit stride along K, M <= 64; ``K`` a multiple of 256.
     The output is ``(M, n)`` of ``x2d``'s dtype. ``rule`` = (BN, waves, num_warps, num_stages)
     overrides :data:`RULES` (the benchmarks tune with it). ``gemv`` picks the kernel for one row
-    (``None``: the measured choice, :data:`GEMV_STEPS`; ``False``: the chunked kernel).
+    (``None``: the measured choice -- the row kernel for :data:`ROW_STEPS`, the GEMV kernel for
+    :data:`GEMV_STEPS`; ``False``: the chunked kernel). For the row kernel ``rule`` is (rows per
+    program, waves, num_warps, num_stages).
 
     When K is split across programs, the float32 partial sums are added either by the last
     program of each column tile (``fixup=True``; :func:`arrival_counters`) or by a second kernel
@@ -556,12 +681,19 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
     if raw.data_ptr() % 16:
         raw = raw.clone()  # the steps read 2- and 4-byte units; a fresh allocation is aligned
     bm = block_m(m)
+    one_row = sorted(GEMV_STEPS.keys() | ROW_STEPS.keys())
     if gemv is None:
-        gemv = m == 1 and name in GEMV_STEPS
-    if gemv and (m != 1 or name not in GEMV_STEPS):
+        gemv = m == 1 and name in one_row
+    if gemv and (m != 1 or name not in one_row):
         raise ValueError(f"fused_linear({name}): the GEMV kernel takes one row of a type in "
-                         f"{sorted(GEMV_STEPS)}, got {m} rows")
-    bn, waves, num_warps, num_stages = rule or (GEMV_STEPS[name][2] if gemv else RULES[bm])
+                         f"{one_row}, got {m} rows")
+    if gemv and name in ROW_STEPS:
+        default = ROW_STEPS[name][1]
+    elif gemv:
+        default = GEMV_STEPS[name][2]
+    else:
+        default = RULES[bm]
+    bn, waves, num_warps, num_stages = rule or default
     split = split_for(m, n, k, bn, waves, x2d.device)
     steps = k // BK
     per_split = triton.cdiv(steps, split)
@@ -581,12 +713,16 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
                                f"column tiles (more than COUNTER_RING={COUNTER_RING}, or the "
                                "device's first split-K call made during a CUDA-graph capture)")
     f0, f1, f2, f3, f4 = spec.offsets
-    common = dict(TS=spec.type_size, BYTES_PER_STEP=BK // spec.block_size * spec.type_size,
-                  F0=f0, F1=f1, F2=f2, F3=f3, F4=f4, BN=bn, OUT=out_dtype, PARTIAL=split > 1,
-                  FIXUP=count is not None, SOFT=soft_bf16(), num_warps=num_warps,
-                  num_stages=num_stages)
+    common = dict(TS=spec.type_size, F0=f0, F1=f1, F2=f2, F3=f3, F4=f4, OUT=out_dtype,
+                  PARTIAL=split > 1, FIXUP=count is not None, SOFT=soft_bf16(),
+                  num_warps=num_warps, num_stages=num_stages)
     # Without counters the dummies are never touched (FIXUP is off).
     cnt = count if count is not None else y
+    if gemv and name in ROW_STEPS:
+        _rows_kernel[grid](x2d, raw, y, out, cnt, split, n, k, raw.stride(0), per_split, 0x3F800000,
+                           STEP=ROW_STEPS[name][0], R=bn, J=ROW_J, **common)
+        return _add_partials(y, out, m * n, split, count, out_dtype)
+    common.update(BYTES_PER_STEP=BK // spec.block_size * spec.type_size, BN=bn)
     if gemv:
         step, (ta, tb), _ = GEMV_STEPS[name]
         _gemv_kernel[grid](x2d, raw, y, out, cnt, split, n, k, raw.stride(0), per_split, 0x4B000000,
@@ -595,8 +731,13 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
         _fused_kernel[grid](x2d, raw, y, out, cnt, split, m, n, k, x2d.stride(0), y.stride(-2),
                             raw.stride(0), per_split, 0x4B000000, STEP=FUSED_TYPES[name], BM=bm,
                             **common)
+    return _add_partials(y, out, m * n, split, count, out_dtype)
+
+
+def _add_partials(y: torch.Tensor, out: torch.Tensor, total: int, split: int,
+                  count: torch.Tensor | None, out_dtype) -> torch.Tensor:
+    """``out``, once a second kernel has added the K-split partials (if the first did not)."""
     if split > 1 and count is None:
-        total = m * n
         _reduce_kernel[(triton.cdiv(total, 1024),)](y, out, total, SPLIT=split, OUT=out_dtype,
                                                     SOFT=soft_bf16(), BLOCK=1024, num_warps=4)
     return out
