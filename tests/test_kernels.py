@@ -171,12 +171,14 @@ def test_split_k_without_counters_refuses_forced_fixup_and_falls_back_otherwise(
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("k,rule", [(1792, (4, 2, 4, 1)), (1792, (4, 64, 2, 1)), (256, None)],
-                         ids=["tail", "tail-split", "one-block"])
+@pytest.mark.parametrize("k,rule", [(1792, (4, 2, 4, 1)), (1792, (4, 64, 2, 1)), (256, None),
+                                    (2048, None)],
+                         ids=["tail", "tail-split", "one-block", "whole-steps"])
 def test_row_kernel_handles_ragged_rows_and_blocks(dtype: torch.dtype, k: int, rule) -> None:
     # The row kernel walks 4 super-blocks per warp step and 4 weight rows per program by default:
-    # K = 7 super-blocks leaves a partial step (masked), N = 22 a partial program, and the split
-    # rule cuts K unevenly (7 blocks in 4 splits: 2, 2, 2, 1).
+    # K = 7 super-blocks leaves a partial step (masked, after one whole step without masks),
+    # K = 8 two whole steps, N = 22 a partial program, and the split rule cuts K unevenly
+    # (7 blocks in 4 splits: 2, 2, 2, 1: each a partial step).
     from ggufvideo.kernels import _matmul
 
     assert "Q4_K" in _matmul.ROW_STEPS
