@@ -465,13 +465,7 @@ def _rows_kernel(x, w, y, out, count, n_split, N, K, row_bytes, steps_per_split,
         sb = j0 + jv
         acc = STEP(acc, rows + sb * (TS // 4), x + sb * 256 + xoff, sb < k_last, one,
                    F0, F1, F2, F3, F4)
-    total = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if not PARTIAL:
-        tl.store(y + rn, to_out(total, OUT, SOFT), mask=rn < N)
-    else:
-        tl.store(y + pid_k * N + rn, total, mask=rn < N)
-        if FIXUP:
-            _finish_split(y, out, count + pid_n, n_split, N, rn, rn < N, OUT, SOFT)
+    _store_row(acc, y, out, count + pid_n, n_split, pid_k, N, rn, OUT, PARTIAL, FIXUP, SOFT)
 
 
 #: Types whose one-row calls take the row kernel -> (its step, launch rule (rows per program,
@@ -511,6 +505,21 @@ def _finish_split(part, out, count, n_split, plane, offs, mask, OUT: tl.constexp
 
 
 @triton.jit
+def _store_row(acc, y, out, count, n_split, pid_k, N, rn, OUT: tl.constexpr,
+               PARTIAL: tl.constexpr, FIXUP: tl.constexpr, SOFT: tl.constexpr):
+    """End of a one-row kernel: sum each thread's (rows, a, b) tile ``acc`` into outputs ``rn``
+    and store them -- or, with K split, this split's float32 partial sums (added by the tile's
+    last split where FIXUP, with ``count`` its arrival counter)."""
+    total = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if not PARTIAL:
+        tl.store(y + rn, to_out(total, OUT, SOFT), mask=rn < N)
+    else:
+        tl.store(y + pid_k * N + rn, total, mask=rn < N)
+        if FIXUP:
+            _finish_split(y, out, count, n_split, N, rn, rn < N, OUT, SOFT)
+
+
+@triton.jit
 def _gemv_kernel(x, w, y, out, count, n_split, N, K, row_bytes, steps_per_split, magic,
                  STEP: tl.constexpr, TS: tl.constexpr, BYTES_PER_STEP: tl.constexpr,
                  F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
@@ -527,13 +536,7 @@ def _gemv_kernel(x, w, y, out, count, n_split, N, K, row_bytes, steps_per_split,
     for ks in range(k_first, k_last):
         acc = STEP(acc, wrow + ks * BYTES_PER_STEP, x + ks * 256, magic, F0, F1, F2, F3, F4, TS,
                    SOFT)
-    total = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if not PARTIAL:
-        tl.store(y + rn, to_out(total, OUT, SOFT), mask=rn < N)
-    else:
-        tl.store(y + pid_k * N + rn, total, mask=rn < N)
-        if FIXUP:
-            _finish_split(y, out, count + pid_n, n_split, N, rn, rn < N, OUT, SOFT)
+    _store_row(acc, y, out, count + pid_n, n_split, pid_k, N, rn, OUT, PARTIAL, FIXUP, SOFT)
 
 
 #: Types with a fused kernel -> their step function (each step consumes BK=256 of K).
