@@ -690,12 +690,12 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
     if raw.data_ptr() % 16:
         raw = raw.clone()  # the steps read 2- and 4-byte units; a fresh allocation is aligned
     bm = block_m(m)
-    one_row = sorted(GEMV_STEPS.keys() | ROW_STEPS.keys())
+    has_one_row = name in ROW_STEPS or name in GEMV_STEPS
     if gemv is None:
-        gemv = m == 1 and name in one_row
-    if gemv and (m != 1 or name not in one_row):
+        gemv = m == 1 and has_one_row
+    if gemv and (m != 1 or not has_one_row):
         raise ValueError(f"fused_linear({name}): the GEMV kernel takes one row of a type in "
-                         f"{one_row}, got {m} rows")
+                         f"{sorted(GEMV_STEPS.keys() | ROW_STEPS.keys())}, got {m} rows")
     if gemv and name in ROW_STEPS:
         default = ROW_STEPS[name][1]
     elif gemv:
