@@ -474,8 +474,8 @@ def _rows_kernel(x, w, y, out, count, n_split, N, K, row_bytes, steps_per_split,
 
 #: Types whose one-row calls take the row kernel -> (its step, launch rule (rows per program,
 #: waves, num_warps, num_stages)). Measured on an H100 (CUDA graphs, Wan-14B shapes 5120x5120 /
-#: 5120x13824 / 13824x5120): Q4_K 16.2 / 30.7 / 32.3 us against the chunked kernel's 20.8 / 41.3
-#: / 39.9 us (bf16: 30.2 / 64.5 / 66.2 us); one row per warp was the best of 1-4 rows per warp,
+#: 5120x13824 / 13824x5120): Q4_K 16.3 / 30.8 / 32.4 us against the chunked kernel's 20.8 / 39.9
+#: / 41.2 us (bf16: 30.3 / 64.5 / 66.3 us); one row per warp was the best of 1-4 rows per warp,
 #: 1-8 warps, 2-8 super-blocks per warp step and K splits of 1-4 (those shapes need none: 1280+
 #: programs; split in two they ran 3-30% slower), and loading the next step before using this
 #: one ran 5-20% slower.
