@@ -9,7 +9,8 @@ switched off), eagerly and under CUDA graphs.
 
 ``--tune`` first sweeps the fused kernel's tile/split choices for Q4_K at M = 1, 16, 64 and
 installs the best for the rest of the run.
-``--one-row`` instead compares, at M = 1, the chunked kernel with the GEMV / row kernel per rule.
+``--one-row`` instead compares, at M = 1, the chunked kernel with the GEMV / row kernel per rule;
+``--one-row-ms 1 2 4`` adds the row kernel on 2 and 4 activation rows against the default path.
 ``--torch-path`` adds the ratio of the torch decode path (kernels switched off) at M=1 and 32760.
 Run: ``python benchmarks/gpu_linear.py [--types Q4_K Q8_0] [--json out.json]``.
 """
@@ -17,6 +18,7 @@ Run: ``python benchmarks/gpu_linear.py [--types Q4_K Q8_0] [--json out.json]``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -106,12 +108,13 @@ def tune(device: torch.device) -> dict:
     return dict(chosen=chosen, times={str(key): v for key, v in times.items()})
 
 
-def one_row(types: list[str]) -> list[dict]:
+def one_row(types: list[str], ms: tuple[int, ...] = (1,)) -> list[dict]:
     """M = 1 under CUDA graphs: the chunked kernel's one-row branch vs the GEMV/row kernel per rule.
 
     This is how ``_matmul.GEMV_STEPS`` and ``_matmul.ROW_STEPS`` (which types take which one-row
     kernel, with which rule) were chosen. Also checks every kernel against the float64
-    exact-weight product on every shape.
+    exact-weight product on every shape. Other ``ms`` (up to ``_matmul.ROW_MAX_M``) time the row
+    kernel on that many activation rows against the default (tensor-core) path.
     """
     from ggufvideo.kernels import _matmul
     from ggufvideo.quants import dequantize as torch_dequantize
@@ -121,8 +124,8 @@ def one_row(types: list[str]) -> list[dict]:
     # row kernel: (weight rows per program, waves, num_warps, num_stages)
     row_rules = [(4, 2, 4, 1), (2, 2, 2, 1), (8, 2, 8, 1), (2, 2, 1, 1), (8, 2, 4, 1)]
     rows = []
-    for k, n in SHAPES:
-        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+    for (k, n), m in itertools.product(SHAPES, ms):
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5
         base = bench_graph(lambda: F.linear(x, w))
         del w
@@ -130,11 +133,14 @@ def one_row(types: list[str]) -> list[dict]:
             qt = get_quant_type(name)
             raw = random_blocks(name, n * k // qt.block_size, dev).view(n, -1)
             ref = x.double() @ torch_dequantize(raw, name, dtype=torch.float32).double().T
-            row = dict(type=name, k=k, n=n, bf16_us=base * 1e3)
-            variants = {"chunked": dict(gemv=False, rule=_matmul.RULES[1])}
-            if name in _matmul.GEMV_STEPS:
+            row = dict(type=name, k=k, n=n, m=m, bf16_us=base * 1e3)
+            if m == 1:
+                variants = {"chunked": dict(gemv=False, rule=_matmul.RULES[1])}
+            else:
+                variants = {"default": {}}
+            if name in _matmul.GEMV_STEPS and m == 1:
                 variants |= {f"gemv {r}": dict(gemv=True, rule=r) for r in rules}
-            if name in _matmul.ROW_STEPS:
+            if name in _matmul.ROW_STEPS and m <= _matmul.ROW_MAX_M:
                 variants |= {f"rows {r}": dict(gemv=True, rule=r) for r in row_rules}
             for label, kw in variants.items():
                 y = _matmul.fused_linear(x, raw, name, n, **kw)
@@ -252,11 +258,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--torch-path", action="store_true")
     ap.add_argument("--one-row", action="store_true",
                     help="only compare the one-row kernels (chunked vs GEMV / rows), M = 1")
+    ap.add_argument("--one-row-ms", nargs="*", type=int, default=[1],
+                    help="with --one-row: also these activation row counts (the row kernel's "
+                         "few-row mode against the default path)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     result: dict = {}
     if a.one_row:
-        result["one_row"] = one_row(a.types)
+        result["one_row"] = one_row(a.types, tuple(a.one_row_ms))
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(result, f, indent=1, default=str)

@@ -196,20 +196,43 @@ def test_m16_mma_experiment_matches_exact_product() -> None:
     # split 2 + 1 across programs (in-kernel sums) and 2 warps each (the second split's second
     # warp idle); on a GPU this also checks that each element sits on the lane the MMA fragments
     # assume.
-    spec = importlib.util.spec_from_file_location(
-        "gpu_m16_mma", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_m16_mma.py"))
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_m16_mma.py")
+    spec = importlib.util.spec_from_file_location("gpu_m16_mma", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.check(DEVICE, [(13, 33, 768, dict(num_warps=2, split=2))])
 
 
 @needs_triton
-def test_gemv_kernel_refuses_what_it_cannot_take() -> None:
+@pytest.mark.parametrize("m,k,rule", [(2, 1792, None), (3, 1792, (4, 64, 2, 1)), (4, 2048, None),
+                                      (4, 1792, (4, 64, 2, 1))],
+                         ids=["two-tail", "three-split", "four-whole", "four-split"])
+def test_row_kernel_takes_a_few_rows(m: int, k: int, rule) -> None:
+    # Up to ROW_MAX_M activation rows share one decode of the weight (BM = 2 or 4; M = 3 leaves
+    # the fourth row unstored); ragged K, an uneven K split with in-kernel sums, N = 22.
+    from ggufvideo.kernels import _matmul
+
+    assert m <= _matmul.ROW_MAX_M
+    raw, x, _ = _fused_case("Q4_K", n=22, k=k, m=m, dtype=torch.bfloat16, seed=29)
+    y = _matmul.fused_linear(x, raw, "Q4_K", 22, rule=rule, gemv=True,
+                             fixup=None if rule is None else True)
+    assert y.shape == (m, 22)
+    assert _rel_err(y, _exact_product(raw, "Q4_K", x, 22)) < 2.5e-3
+    if not HAS_CUDA:  # the interpreter runs each row's arithmetic as the one-row kernel does
+        for i in range(m):
+            one = _matmul.fused_linear(x[i:i + 1], raw, "Q4_K", 22, rule=rule,
+                                       fixup=None if rule is None else True)
+            assert torch.equal(y[i:i + 1], one)
+
+
+@needs_triton
+@pytest.mark.parametrize("qtype,m", [("Q4_K", 5), ("Q8_0", 2)])
+def test_gemv_kernel_refuses_what_it_cannot_take(qtype: str, m: int) -> None:
     from ggufvideo.kernels._matmul import fused_linear
 
-    raw, x, _ = _fused_case("Q4_K", n=8, k=256, m=2, dtype=torch.bfloat16, seed=1)
+    raw, x, _ = _fused_case(qtype, n=8, k=256, m=m, dtype=torch.bfloat16, seed=1)
     with pytest.raises(ValueError, match="GEMV kernel takes one row"):
-        fused_linear(x, raw, "Q4_K", 8, gemv=True)
+        fused_linear(x, raw, qtype, 8, gemv=True)
 
 
 @needs_triton

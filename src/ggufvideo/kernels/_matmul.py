@@ -17,7 +17,8 @@ bf16). In practice the per-element work limits it, so the loop is built to do li
   with wide contiguous loads (the fastest to load by far, see :func:`_rows_kernel`); for the types
   in :data:`GEMV_STEPS` in a GEMV kernel that applies the scale per weight and sums once at the
   end; otherwise in the chunked kernel's one-row branch. More rows go through ``tl.dot`` with the
-  activations padded to a 16/32/64-row tile.
+  activations padded to a 16/32/64-row tile (the row kernel can take up to :data:`ROW_MAX_M`
+  rows, decoding each weight once for all of them: ``gemv=True``, not yet timed on a GPU).
 * Each step covers 256 elements of K (one super-block, or eight 32-element blocks), so K must be
   a multiple of 256; K is split across programs to fill the GPU and the float32 partial sums are
   added in a fixed order (deterministic results).
@@ -35,8 +36,8 @@ import torch
 from ._decode import _i8, _u8, tl, to_out, triton
 from ._dequant import TL_DTYPES, kernel_spec, soft_bf16
 
-__all__ = ["FUSED_TYPES", "FIXUP_TILES", "BK", "ROW_STEPS", "RULES", "arrival_counters",
-           "block_m", "fused_linear"]
+__all__ = ["FUSED_TYPES", "FIXUP_TILES", "BK", "ROW_MAX_M", "ROW_STEPS", "RULES",
+           "arrival_counters", "block_m", "fused_linear"]
 
 #: K consumed per loop step.
 BK = 256
@@ -367,6 +368,8 @@ GEMV_STEPS = {
 # (benchmarks/gpu_results_h100.md). Codes become the float32 ``1 + u/128`` by their bit patterns:
 # one shift and one and-or per code, no subtraction, and ``sum((1 + u/128) x) - sum(x)`` is
 # ``sum(u x) / 128`` (each product is exact; the sums round in float32 as in the other kernels).
+# Given up to four activation rows (BM = 2 or 4), each step decodes once and runs the products
+# per row, so each row's sums are those of the one-row kernel.
 
 @triton.jit
 def _words4(v):
@@ -391,13 +394,36 @@ def _codes_1p(q0, q1, e, HI: tl.constexpr, one):
 
 
 @triton.jit
-def _rows_q4_k(acc, base, xp, ok, one, F_D: tl.constexpr, F_DMIN: tl.constexpr,
-               F_SC: tl.constexpr, F_QS: tl.constexpr, F4: tl.constexpr):
+def _rows_dot(acc, c_lo0, c_lo1, c_hi0, c_hi1, d_lo, d_hi, m_lo, m_hi, xp, xok):
+    """One activation row's share of a Q4_K step: ``acc`` (R, J, 8) += the part's 32 products.
+
+    ``c_*`` are the part's codes as float32 ``1 + u/128`` (R, J, 8, 8) -- low / high nibbles,
+    first / second 8 elements -- and ``d_*``, ``m_*`` (R, J, 8) its two sub-blocks' scales
+    (times 128) and mins; ``xp`` (R, J, 8, 8) points at x[64g + 16(p % 2) + 0..7] of this row.
+    """
+    x00 = tl.load(xp, mask=xok, other=0.0).to(tl.float32)
+    x01 = tl.load(xp + 8, mask=xok, other=0.0).to(tl.float32)
+    x10 = tl.load(xp + 32, mask=xok, other=0.0).to(tl.float32)
+    x11 = tl.load(xp + 40, mask=xok, other=0.0).to(tl.float32)
+    s_lo = tl.sum(c_lo0 * x00 + c_lo1 * x01, axis=3)
+    s_hi = tl.sum(c_hi0 * x10 + c_hi1 * x11, axis=3)
+    x_lo = tl.sum(x00 + x01, axis=3)
+    x_hi = tl.sum(x10 + x11, axis=3)
+    # weight = d_lo/128 * u - m_lo, so sum(w x) = d_lo * (s_lo - x_lo) - m_lo * x_lo
+    return acc + d_lo * s_lo - (d_lo + m_lo) * x_lo + d_hi * s_hi - (d_hi + m_hi) * x_hi
+
+
+@triton.jit
+def _rows_q4_k(acc0, acc1, acc2, acc3, base, xp, x1, x2, x3, ok, one, BM: tl.constexpr,
+               F_D: tl.constexpr, F_DMIN: tl.constexpr, F_SC: tl.constexpr,
+               F_QS: tl.constexpr, F4: tl.constexpr):
     # ``base`` (R, J, 1, 1): int32 pointers to J super-blocks of R rows; thread (j, p) reads qs
     # bytes 16p..16p+15 -- group g = p // 2, words 4(p % 2)..+3: elements 64g + 16(p % 2) + 4t + b
     # in the low nibbles (sub-block 2g), + 32 in the high ones (2g + 1) -- and its block's 16-byte
     # head (d | dmin << 16, then the 12 scale bytes), the same address for the 8 parts (one
-    # broadcast). ``xp`` (R, J, 8, 8) points at x[64g + 16(p % 2) + 0..7] of the part's block.
+    # broadcast). ``xp`` (R, J, 8, 8) points at x[64g + 16(p % 2) + 0..7] of the part's block in
+    # activation row 0; rows 1..BM-1 are ``x1..x3`` elements further. The weight is decoded once
+    # for all BM rows.
     tl.static_assert(F_D == 0 and F_DMIN == 2 and F_SC == 4 and F_QS == 16)
     p = tl.arange(0, 8)[None, None, :]
     g = p // 2
@@ -412,18 +438,14 @@ def _rows_q4_k(acc, base, xp, ok, one, F_D: tl.constexpr, F_DMIN: tl.constexpr,
     hd, s0, s1, s2 = _words4(head)
     q0, q1, q2, q3 = _words4(q)
     xok = ok & (e >= 0)
-    x00 = tl.load(xp, mask=xok, other=0.0).to(tl.float32)
-    x01 = tl.load(xp + 8, mask=xok, other=0.0).to(tl.float32)
-    x10 = tl.load(xp + 32, mask=xok, other=0.0).to(tl.float32)
-    x11 = tl.load(xp + 40, mask=xok, other=0.0).to(tl.float32)
     u0 = q0[:, :, :, None]
     u1 = q1[:, :, :, None]
     u2 = q2[:, :, :, None]
     u3 = q3[:, :, :, None]
-    s_lo = tl.sum(_codes_1p(u0, u1, e, 0, one) * x00 + _codes_1p(u2, u3, e, 0, one) * x01, axis=3)
-    s_hi = tl.sum(_codes_1p(u0, u1, e, 1, one) * x10 + _codes_1p(u2, u3, e, 1, one) * x11, axis=3)
-    x_lo = tl.sum(x00 + x01, axis=3)
-    x_hi = tl.sum(x10 + x11, axis=3)
+    c_lo0 = _codes_1p(u0, u1, e, 0, one)
+    c_lo1 = _codes_1p(u2, u3, e, 0, one)
+    c_hi0 = _codes_1p(u0, u1, e, 1, one)
+    c_hi1 = _codes_1p(u2, u3, e, 1, one)
     d = _bits_to_f32(hd)
     dmin = _bits_to_f32(hd >> 16)
     # The eight 6-bit scales and mins packed four to a word (bytes 0..3: sub-blocks 0..3 or
@@ -435,15 +457,20 @@ def _rows_q4_k(acc, base, xp, ok, one, F_D: tl.constexpr, F_DMIN: tl.constexpr,
     d_hi = d * ((sc_w >> (sh + 8)) & 63).to(tl.float32) * 128.0
     m_lo = dmin * ((mn_w >> sh) & 63).to(tl.float32)
     m_hi = dmin * ((mn_w >> (sh + 8)) & 63).to(tl.float32)
-    # weight = d_lo/128 * u - m_lo, so sum(w x) = d_lo * (s_lo - x_lo) - m_lo * x_lo
-    return acc + d_lo * s_lo - (d_lo + m_lo) * x_lo + d_hi * s_hi - (d_hi + m_hi) * x_hi
+    acc0 = _rows_dot(acc0, c_lo0, c_lo1, c_hi0, c_hi1, d_lo, d_hi, m_lo, m_hi, xp, xok)
+    if BM > 1:
+        acc1 = _rows_dot(acc1, c_lo0, c_lo1, c_hi0, c_hi1, d_lo, d_hi, m_lo, m_hi, xp + x1, xok)
+    if BM > 2:
+        acc2 = _rows_dot(acc2, c_lo0, c_lo1, c_hi0, c_hi1, d_lo, d_hi, m_lo, m_hi, xp + x2, xok)
+        acc3 = _rows_dot(acc3, c_lo0, c_lo1, c_hi0, c_hi1, d_lo, d_hi, m_lo, m_hi, xp + x3, xok)
+    return acc0, acc1, acc2, acc3
 
 
 @triton.jit
-def _rows_kernel(x, w, y, out, count, n_split, N, K, row_bytes, steps_per_split, one,
-                 STEP: tl.constexpr, TS: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr,
+def _rows_kernel(x, w, y, out, count, n_split, M, N, K, stride_xm, row_bytes, steps_per_split,
+                 one, STEP: tl.constexpr, TS: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr,
                  F2: tl.constexpr, F3: tl.constexpr, F4: tl.constexpr, R: tl.constexpr,
-                 J: tl.constexpr, OUT: tl.constexpr, PARTIAL: tl.constexpr,
+                 J: tl.constexpr, BM: tl.constexpr, OUT: tl.constexpr, PARTIAL: tl.constexpr,
                  FIXUP: tl.constexpr, SOFT: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -456,20 +483,29 @@ def _rows_kernel(x, w, y, out, count, n_split, N, K, row_bytes, steps_per_split,
     # 16 bytes wide (a (1, J, 8, 8) tensor has too few elements to give each thread 8).
     e = tl.arange(0, 8)[None, None, None, :]
     xoff = 64 * (p // 2) + 16 * (p % 2) + e + 0 * rn[:, None, None, None]
+    # Activation rows 1..BM-1 (BM = 1, 2 or 4); rows past M re-read row M - 1, not stored.
+    x1 = tl.minimum(1, M - 1).to(tl.int64) * stride_xm
+    x2 = tl.minimum(2, M - 1).to(tl.int64) * stride_xm
+    x3 = tl.minimum(3, M - 1).to(tl.int64) * stride_xm
     k_first = pid_k * steps_per_split
     k_last = tl.minimum(k_first + steps_per_split, K // 256)
     # Whole steps without masks (masked loads cost a zeroing and a predicate each: peeling the
     # ragged last step off measured 2-8% faster), then the ragged step, if any, with them.
     k_full = k_first + (k_last - k_first) // J * J
-    acc = tl.zeros((R, J, 8), dtype=tl.float32)
+    a0 = tl.zeros((R, J, 8), dtype=tl.float32)
+    a1 = a0
+    a2 = a0
+    a3 = a0
     for j0 in range(k_first, k_full, J):
         sb = j0 + jv
-        acc = STEP(acc, rows + sb * (TS // 4), x + sb * 256 + xoff, True, one, F0, F1, F2, F3, F4)
+        a0, a1, a2, a3 = STEP(a0, a1, a2, a3, rows + sb * (TS // 4), x + sb * 256 + xoff, x1, x2,
+                              x3, True, one, BM, F0, F1, F2, F3, F4)
     for j0 in range(k_full, k_last, J):
         sb = j0 + jv
-        acc = STEP(acc, rows + sb * (TS // 4), x + sb * 256 + xoff, sb < k_last, one,
-                   F0, F1, F2, F3, F4)
-    _store_row(acc, y, out, count + pid_n, n_split, pid_k, N, rn, OUT, PARTIAL, FIXUP, SOFT)
+        a0, a1, a2, a3 = STEP(a0, a1, a2, a3, rows + sb * (TS // 4), x + sb * 256 + xoff, x1, x2,
+                              x3, sb < k_last, one, BM, F0, F1, F2, F3, F4)
+    _store_rows(a0, a1, a2, a3, y, out, count + pid_n, n_split, pid_k, M, N, rn, BM, OUT, PARTIAL,
+                FIXUP, SOFT)
 
 
 #: Types whose one-row calls take the row kernel -> (its step, launch rule (rows per program,
@@ -485,6 +521,9 @@ ROW_STEPS = {
 
 #: Super-blocks per warp step in the row kernel (J): 4 x 8 parts = the 32 threads of a warp.
 ROW_J = 4
+
+#: Activation rows the row kernel takes in one pass (it decodes each weight once for all).
+ROW_MAX_M = 4
 
 
 @triton.jit
@@ -511,18 +550,35 @@ def _finish_split(part, out, count, n_split, plane, offs, mask, OUT: tl.constexp
 
 
 @triton.jit
-def _store_row(acc, y, out, count, n_split, pid_k, N, rn, OUT: tl.constexpr,
-               PARTIAL: tl.constexpr, FIXUP: tl.constexpr, SOFT: tl.constexpr):
-    """End of a one-row kernel: sum each thread's (rows, a, b) tile ``acc`` into outputs ``rn``
-    and store them -- or, with K split, this split's float32 partial sums (added by the tile's
-    last split where FIXUP, with ``count`` its arrival counter)."""
+def _put_row(acc, y, i: tl.constexpr, M, N, pid_k, rn, OUT: tl.constexpr, PARTIAL: tl.constexpr,
+             SOFT: tl.constexpr):
+    """Activation row ``i``: sum each thread's tile ``acc`` into outputs ``rn`` and store them
+    (rows past M are dropped) -- or, with K split, this split's float32 partial sums."""
     total = tl.sum(tl.sum(acc, axis=2), axis=1)
+    ok = (rn < N) & (i < M)
     if not PARTIAL:
-        tl.store(y + rn, to_out(total, OUT, SOFT), mask=rn < N)
+        tl.store(y + i * N + rn, to_out(total, OUT, SOFT), mask=ok)
     else:
-        tl.store(y + pid_k * N + rn, total, mask=rn < N)
-        if FIXUP:
-            _finish_split(y, out, count, n_split, N, rn, rn < N, OUT, SOFT)
+        tl.store(y + (pid_k * M + i).to(tl.int64) * N + rn, total, mask=ok)
+
+
+@triton.jit
+def _store_rows(a0, a1, a2, a3, y, out, count, n_split, pid_k, M, N, rn, BM: tl.constexpr,
+                OUT: tl.constexpr, PARTIAL: tl.constexpr, FIXUP: tl.constexpr,
+                SOFT: tl.constexpr):
+    """End of a one-row / few-row kernel: activation rows 0..BM-1 from the per-thread tiles
+    ``a0..a3`` (see :func:`_put_row`); with K split, the tile's last split adds the partial sums
+    where FIXUP (``count`` its arrival counter)."""
+    _put_row(a0, y, 0, M, N, pid_k, rn, OUT, PARTIAL, SOFT)
+    if BM > 1:
+        _put_row(a1, y, 1, M, N, pid_k, rn, OUT, PARTIAL, SOFT)
+    if BM > 2:
+        _put_row(a2, y, 2, M, N, pid_k, rn, OUT, PARTIAL, SOFT)
+        _put_row(a3, y, 3, M, N, pid_k, rn, OUT, PARTIAL, SOFT)
+    if PARTIAL and FIXUP:
+        m = tl.arange(0, BM)[:, None]
+        _finish_split(y, out, count, n_split, M * N, m * N + rn[None, :],
+                      (m < M) & (rn < N)[None, :], OUT, SOFT)
 
 
 @triton.jit
@@ -542,7 +598,8 @@ def _gemv_kernel(x, w, y, out, count, n_split, N, K, row_bytes, steps_per_split,
     for ks in range(k_first, k_last):
         acc = STEP(acc, wrow + ks * BYTES_PER_STEP, x + ks * 256, magic, F0, F1, F2, F3, F4, TS,
                    SOFT)
-    _store_row(acc, y, out, count + pid_n, n_split, pid_k, N, rn, OUT, PARTIAL, FIXUP, SOFT)
+    _store_rows(acc, acc, acc, acc, y, out, count + pid_n, n_split, pid_k, 1, N, rn, 1, OUT,
+                PARTIAL, FIXUP, SOFT)
 
 
 #: Types with a fused kernel -> their step function (each step consumes BK=256 of K).
@@ -680,10 +737,12 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
 
     ``x2d`` is float16 or bfloat16 with unit stride along K, M <= 64; ``K`` a multiple of 256.
     The output is ``(M, n)`` of ``x2d``'s dtype. ``rule`` = (BN, waves, num_warps, num_stages)
-    overrides :data:`RULES` (the benchmarks tune with it). ``gemv`` picks the kernel for one row
-    (``None``: the measured choice -- the row kernel for :data:`ROW_STEPS`, the GEMV kernel for
-    :data:`GEMV_STEPS`; ``False``: the chunked kernel). For the row kernel ``rule`` is (rows per
-    program, waves, num_warps, num_stages).
+    overrides :data:`RULES` (the benchmarks tune with it). ``gemv`` picks the CUDA-core kernel
+    (``None``: the measured choice -- for one row the row kernel for :data:`ROW_STEPS`, the GEMV
+    kernel for :data:`GEMV_STEPS`; ``True``: also the row kernel for 2..:data:`ROW_MAX_M` rows of
+    a :data:`ROW_STEPS` type, which decodes each weight once for all of them -- not yet timed on
+    a GPU, so not the default; ``False``: the chunked kernel). For the row kernel ``rule`` is
+    (weight rows per program, waves, num_warps, num_stages).
 
     When K is split across programs, the float32 partial sums are added either by the last
     program of each column tile (``fixup=True``; :func:`arrival_counters`) or by a second kernel
@@ -699,9 +758,10 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
     has_one_row = name in ROW_STEPS or name in GEMV_STEPS
     if gemv is None:
         gemv = m == 1 and has_one_row
-    if gemv and (m != 1 or not has_one_row):
+    if gemv and not (m == 1 and has_one_row or m <= ROW_MAX_M and name in ROW_STEPS):
         raise ValueError(f"fused_linear({name}): the GEMV kernel takes one row of a type in "
-                         f"{sorted(GEMV_STEPS.keys() | ROW_STEPS.keys())}, got {m} rows")
+                         f"{sorted(GEMV_STEPS.keys() | ROW_STEPS.keys())}, the row kernel up to "
+                         f"{ROW_MAX_M} rows of {sorted(ROW_STEPS)}; got {m} rows")
     if gemv and name in ROW_STEPS:
         default = ROW_STEPS[name][1]
     elif gemv:
@@ -734,8 +794,9 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
     # Without counters the dummies are never touched (FIXUP is off).
     cnt = count if count is not None else y
     if gemv and name in ROW_STEPS:
-        _rows_kernel[grid](x2d, raw, y, out, cnt, split, n, k, raw.stride(0), per_split, 0x3F800000,
-                           STEP=ROW_STEPS[name][0], R=bn, J=ROW_J, **common)
+        _rows_kernel[grid](x2d, raw, y, out, cnt, split, m, n, k, x2d.stride(0), raw.stride(0),
+                           per_split, 0x3F800000, STEP=ROW_STEPS[name][0], R=bn, J=ROW_J,
+                           BM=1 if m == 1 else 2 if m == 2 else 4, **common)
         return _add_partials(y, out, m * n, split, count, out_dtype)
     common.update(BYTES_PER_STEP=BK // spec.block_size * spec.type_size, BN=bn)
     if gemv:
