@@ -214,6 +214,9 @@ def test_row_kernel_takes_a_few_rows(m: int, k: int, rule) -> None:
 
     assert m <= _matmul.ROW_MAX_M
     raw, x, _ = _fused_case("Q4_K", n=22, k=k, m=m, dtype=torch.bfloat16, seed=29)
+    if m == 3:  # rows further apart than K: the kernel must follow x's row stride
+        x = torch.cat([x, torch.full_like(x[:, :256], float("nan"))], dim=1)[:, :k]
+        assert x.stride(0) == k + 256
     y = _matmul.fused_linear(x, raw, "Q4_K", 22, rule=rule, gemv=True,
                              fixup=None if rule is None else True)
     assert y.shape == (m, 22)
