@@ -10,7 +10,8 @@ switched off), eagerly and under CUDA graphs.
 ``--tune`` first sweeps the fused kernel's tile/split choices for Q4_K at M = 1, 16, 64 and
 installs the best for the rest of the run.
 ``--one-row`` instead compares, at M = 1, the chunked kernel with the GEMV / row kernel per rule;
-``--one-row-ms 1 2 4`` adds the row kernel on 2 and 4 activation rows against the default path.
+``--one-row-ms 1 2 4`` adds the row / GEMV kernels on 2 and 4 activation rows against the
+default path.
 ``--torch-path`` adds the ratio of the torch decode path (kernels switched off) at M=1 and 32760.
 Run: ``python benchmarks/gpu_linear.py [--types Q4_K Q8_0] [--json out.json]``.
 """
@@ -113,8 +114,8 @@ def one_row(types: list[str], ms: tuple[int, ...] = (1,)) -> list[dict]:
 
     This is how ``_matmul.GEMV_STEPS`` and ``_matmul.ROW_STEPS`` (which types take which one-row
     kernel, with which rule) were chosen. Also checks every kernel against the float64
-    exact-weight product on every shape. Other ``ms`` (up to ``_matmul.ROW_MAX_M``) time the row
-    kernel on that many activation rows against the default (tensor-core) path.
+    exact-weight product on every shape. Other ``ms`` (up to ``_matmul.ROW_MAX_M``) time the row /
+    GEMV kernels on that many activation rows against the default (tensor-core) path.
     """
     from ggufvideo.kernels import _matmul
     from ggufvideo.quants import dequantize as torch_dequantize
@@ -138,7 +139,7 @@ def one_row(types: list[str], ms: tuple[int, ...] = (1,)) -> list[dict]:
                 variants = {"chunked": dict(gemv=False, rule=_matmul.RULES[1])}
             else:
                 variants = {"default": {}}
-            if name in _matmul.GEMV_STEPS and m == 1:
+            if name in _matmul.GEMV_STEPS and m <= _matmul.ROW_MAX_M:
                 variants |= {f"gemv {r}": dict(gemv=True, rule=r) for r in rules}
             if name in _matmul.ROW_STEPS and m <= _matmul.ROW_MAX_M:
                 variants |= {f"rows {r}": dict(gemv=True, rule=r) for r in row_rules}
@@ -259,8 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--one-row", action="store_true",
                     help="only compare the one-row kernels (chunked vs GEMV / rows), M = 1")
     ap.add_argument("--one-row-ms", nargs="*", type=int, default=[1],
-                    help="with --one-row: also these activation row counts (the row kernel's "
-                         "few-row mode against the default path)")
+                    help="with --one-row: also these activation row counts (the row / GEMV "
+                         "kernels' few-row mode against the default path)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     result: dict = {}

@@ -203,38 +203,44 @@ def test_m16_mma_experiment_matches_exact_product() -> None:
     assert mod.check(DEVICE, [(13, 33, 768, dict(num_warps=2, split=2))])
 
 
+FEW_ROW_CASES = [("Q4_K", 2, 1792, None), ("Q4_K", 3, 1792, (4, 64, 2, 1)),
+                 ("Q4_K", 4, 2048, None), ("Q4_K", 4, 1792, (4, 64, 2, 1)),
+                 ("Q8_0", 3, 768, None), ("Q5_K", 2, 768, (16, 64, 4, 1)), ("Q6_K", 4, 512, None)]
+
+
 @needs_triton
-@pytest.mark.parametrize("m,k,rule", [(2, 1792, None), (3, 1792, (4, 64, 2, 1)), (4, 2048, None),
-                                      (4, 1792, (4, 64, 2, 1))],
-                         ids=["two-tail", "three-split", "four-whole", "four-split"])
-def test_row_kernel_takes_a_few_rows(m: int, k: int, rule) -> None:
+@pytest.mark.parametrize("qtype,m,k,rule", FEW_ROW_CASES,
+                         ids=[f"{c[0]}-{c[1]}rows-{'split' if c[3] else 'auto'}-{c[2]}"
+                              for c in FEW_ROW_CASES])
+def test_one_row_kernels_take_a_few_rows(qtype: str, m: int, k: int, rule) -> None:
     # Up to ROW_MAX_M activation rows share one decode of the weight (BM = 2 or 4; M = 3 leaves
-    # the fourth row unstored); ragged K, an uneven K split with in-kernel sums, N = 22.
+    # the fourth row unstored), in the row kernel (Q4_K) and the GEMV kernel (the others); ragged
+    # K, uneven K splits with in-kernel sums, N = 22.
     from ggufvideo.kernels import _matmul
 
     assert m <= _matmul.ROW_MAX_M
-    raw, x, _ = _fused_case("Q4_K", n=22, k=k, m=m, dtype=torch.bfloat16, seed=29)
+    raw, x, _ = _fused_case(qtype, n=22, k=k, m=m, dtype=torch.bfloat16, seed=29)
     if m == 3:  # rows further apart than K: the kernel must follow x's row stride
         x = torch.cat([x, torch.full_like(x[:, :256], float("nan"))], dim=1)[:, :k]
         assert x.stride(0) == k + 256
-    y = _matmul.fused_linear(x, raw, "Q4_K", 22, rule=rule, gemv=True,
-                             fixup=None if rule is None else True)
+    fixup = None if rule is None else True
+    y = _matmul.fused_linear(x, raw, qtype, 22, rule=rule, gemv=True, fixup=fixup)
     assert y.shape == (m, 22)
-    assert _rel_err(y, _exact_product(raw, "Q4_K", x, 22)) < 2.5e-3
+    assert _rel_err(y, _exact_product(raw, qtype, x, 22)) < 2.5e-3
     if not HAS_CUDA:  # the interpreter runs each row's arithmetic as the one-row kernel does
         for i in range(m):
-            one = _matmul.fused_linear(x[i:i + 1], raw, "Q4_K", 22, rule=rule,
-                                       fixup=None if rule is None else True)
+            one = _matmul.fused_linear(x[i:i + 1], raw, qtype, 22, rule=rule, gemv=True,
+                                       fixup=fixup)
             assert torch.equal(y[i:i + 1], one)
 
 
 @needs_triton
-@pytest.mark.parametrize("qtype,m", [("Q4_K", 5), ("Q8_0", 2)])
+@pytest.mark.parametrize("qtype,m", [("Q4_K", 5), ("Q8_0", 5), ("Q4_0", 1)])
 def test_gemv_kernel_refuses_what_it_cannot_take(qtype: str, m: int) -> None:
     from ggufvideo.kernels._matmul import fused_linear
 
     raw, x, _ = _fused_case(qtype, n=8, k=256, m=m, dtype=torch.bfloat16, seed=1)
-    with pytest.raises(ValueError, match="GEMV kernel takes one row"):
+    with pytest.raises(ValueError, match="GEMV kernel takes up to 4 rows"):
         fused_linear(x, raw, qtype, 8, gemv=True)
 
 

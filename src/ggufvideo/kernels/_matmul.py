@@ -17,8 +17,9 @@ bf16). In practice the per-element work limits it, so the loop is built to do li
   with wide contiguous loads (the fastest to load by far, see :func:`_rows_kernel`); for the types
   in :data:`GEMV_STEPS` in a GEMV kernel that applies the scale per weight and sums once at the
   end; otherwise in the chunked kernel's one-row branch. More rows go through ``tl.dot`` with the
-  activations padded to a 16/32/64-row tile (the row kernel can take up to :data:`ROW_MAX_M`
-  rows, decoding each weight once for all of them: ``gemv=True``, not yet timed on a GPU).
+  activations padded to a 16/32/64-row tile (the row and GEMV kernels can take up to
+  :data:`ROW_MAX_M` rows, decoding each weight once for all of them: ``gemv=True``, not yet timed
+  on a GPU).
 * Each step covers 256 elements of K (one super-block, or eight 32-element blocks), so K must be
   a multiple of 256; K is split across programs to fill the GPU and the float32 partial sums are
   added in a fixed order (deterministic results).
@@ -247,7 +248,8 @@ def _step_q6_k(acc, wp, xrow, xmask, magic, F_QL, F_QH, F_SC, F_D, F4, TS: tl.co
 # subtraction (the bit-pattern trick), two FMAs and the activation's widening, with no per-chunk
 # reductions. Codes are extracted from whole 32- or 16-bit units (one load feeds 4 or 2 bytes);
 # ``cols`` (1, A, B) gives each tile entry's activation column. ``xp`` points at this step's
-# first activation.
+# first activation. ``acc`` is a tuple of four such tiles: activation rows 0..BM-1 (BM = 1, 2 or
+# 4), row i at ``xp + xr[i - 1]``; each weight is decoded once for all of them.
 
 @triton.jit
 def _units(p, i, UNIT: tl.constexpr):
@@ -275,15 +277,26 @@ def _code_f32(packed, k, magic, SOFT: tl.constexpr):
 
 
 @triton.jit
-def _gemv_mac_bits(acc, bits, D, MB, xp, cols, SUB: tl.constexpr):
-    """``acc += (D * (code - SUB) + MB) * x[cols]`` for ``bits`` = the float32 ``2**23 + code``."""
+def _gemv_mac_bits(acc, bits, D, MB, xp, xr, cols, SUB: tl.constexpr, BM: tl.constexpr):
+    """``acc[i] += (D * (code - SUB) + MB) * x_i[cols]`` for activation rows ``i < BM``, with
+    ``bits`` = the float32 ``2**23 + code``."""
     uf = bits.to(tl.float32, bitcast=True) - (8388608.0 + SUB)
-    return acc + (D * uf + MB) * tl.load(xp + cols).to(tl.float32)
+    wv = D * uf + MB
+    a0 = acc[0] + wv * tl.load(xp + cols).to(tl.float32)
+    a1 = acc[1]
+    a2 = acc[2]
+    a3 = acc[3]
+    if BM > 1:
+        a1 = a1 + wv * tl.load(xp + xr[0] + cols).to(tl.float32)
+    if BM > 2:
+        a2 = a2 + wv * tl.load(xp + xr[1] + cols).to(tl.float32)
+        a3 = a3 + wv * tl.load(xp + xr[2] + cols).to(tl.float32)
+    return a0, a1, a2, a3
 
 
 @triton.jit
-def _gemv_q8_0(acc, bp, xp, magic, F_D, F_QS, F2, F3, F4, TS: tl.constexpr,
-               SOFT: tl.constexpr):
+def _gemv_q8_0(acc, bp, xp, xr, magic, F_D, F_QS, F2, F3, F4, TS: tl.constexpr,
+               BM: tl.constexpr, SOFT: tl.constexpr):
     # (BN, 16 halves, 2 bytes) per block; a signed byte q becomes the code q + 128 by flipping its
     # top bit, and SUB = 128 takes it back.
     v = tl.arange(0, 16)[None, :, None]
@@ -293,14 +306,14 @@ def _gemv_q8_0(acc, bp, xp, magic, F_D, F_QS, F2, F3, F4, TS: tl.constexpr,
         d = _half(p + F_D)
         h = _units(p + F_QS, v, tl.int16)
         u = h ^ 0x8080  # both bytes' sign bits flipped: codes q + 128
-        acc = _gemv_mac_bits(acc, _code_f32(u, b, magic, SOFT), d, 0.0, xp, kb * 32 + 2 * v + b,
-                             128.0)
+        acc = _gemv_mac_bits(acc, _code_f32(u, b, magic, SOFT), d, 0.0, xp, xr,
+                             kb * 32 + 2 * v + b, 128.0, BM)
     return acc
 
 
 @triton.jit
-def _gemv_kq45(acc, bp, xp, magic, F_D, F_DMIN, F_SC, F_QH, F_QS, HAS_QH: tl.constexpr,
-               SOFT: tl.constexpr):
+def _gemv_kq45(acc, bp, xp, xr, magic, F_D, F_DMIN, F_SC, F_QH, F_QS, HAS_QH: tl.constexpr,
+               BM: tl.constexpr, SOFT: tl.constexpr):
     # (BN, 8 words, 4 bytes) per qs group g: byte 4t+b holds element g*64 + 4t + b (sub-block 2g)
     # in its low nibble and element + 32 (sub-block 2g+1) in its high nibble; Q5_K's fifth bit of
     # sub-block s is bit s of qh[4t + b]. Nibbles are masked four per word, then placed one per
@@ -318,20 +331,20 @@ def _gemv_kq45(acc, bp, xp, magic, F_D, F_DMIN, F_SC, F_QH, F_QS, HAS_QH: tl.con
             nib = (q >> (4 * hi)) & 0x0F0F0F0F
             if HAS_QH:
                 nib = nib | (((qh >> s) & 0x01010101) << 4)
-            acc = _gemv_mac_bits(acc, _code_f32(nib, b, magic, SOFT), D, MB, xp,
-                                 g * 64 + 32 * hi + 4 * t + b, 0.0)
+            acc = _gemv_mac_bits(acc, _code_f32(nib, b, magic, SOFT), D, MB, xp, xr,
+                                 g * 64 + 32 * hi + 4 * t + b, 0.0, BM)
     return acc
 
 
 @triton.jit
-def _gemv_q5_k(acc, bp, xp, magic, F0, F1, F2, F3, F4, TS: tl.constexpr,
-               SOFT: tl.constexpr):
-    return _gemv_kq45(acc, bp, xp, magic, F0, F1, F2, F3, F4, True, SOFT)
+def _gemv_q5_k(acc, bp, xp, xr, magic, F0, F1, F2, F3, F4, TS: tl.constexpr,
+               BM: tl.constexpr, SOFT: tl.constexpr):
+    return _gemv_kq45(acc, bp, xp, xr, magic, F0, F1, F2, F3, F4, True, BM, SOFT)
 
 
 @triton.jit
-def _gemv_q6_k(acc, bp, xp, magic, F_QL, F_QH, F_SC, F_D, F4, TS: tl.constexpr,
-               SOFT: tl.constexpr):
+def _gemv_q6_k(acc, bp, xp, xr, magic, F_QL, F_QH, F_SC, F_D, F4, TS: tl.constexpr,
+               BM: tl.constexpr, SOFT: tl.constexpr):
     # (BN, 8 halves, 2 bytes): as _step_q6_k, sub-block s = h*8 + 4*hi + j covers elements
     # h*128 + 64*hi + j*16 + 2v + b; 6-bit codes, weight sc * d * (u - 32).
     v = tl.arange(0, 8)[None, :, None]
@@ -344,8 +357,8 @@ def _gemv_q6_k(acc, bp, xp, magic, F_QL, F_QH, F_SC, F_D, F4, TS: tl.constexpr,
             for hi in tl.static_range(2):
                 dl = d * _i8(bp + F_SC + h * 8 + 4 * hi + j).to(tl.float32)
                 u = ((ql >> (4 * hi)) & 0x0F0F) | (((qh >> (4 * hi)) & 0x0303) << 4)
-                acc = _gemv_mac_bits(acc, _code_f32(u, b, magic, SOFT), dl, -32.0 * dl, xp,
-                                     h * 128 + 64 * hi + j * 16 + 2 * v + b, 0.0)
+                acc = _gemv_mac_bits(acc, _code_f32(u, b, magic, SOFT), dl, -32.0 * dl, xp, xr,
+                                     h * 128 + 64 * hi + j * 16 + 2 * v + b, 0.0, BM)
     return acc
 
 
@@ -522,7 +535,7 @@ ROW_STEPS = {
 #: Super-blocks per warp step in the row kernel (J): 4 x 8 parts = the 32 threads of a warp.
 ROW_J = 4
 
-#: Activation rows the row kernel takes in one pass (it decodes each weight once for all).
+#: Activation rows the row and GEMV kernels take in one pass (each weight decoded once for all).
 ROW_MAX_M = 4
 
 
@@ -582,24 +595,29 @@ def _store_rows(a0, a1, a2, a3, y, out, count, n_split, pid_k, M, N, rn, BM: tl.
 
 
 @triton.jit
-def _gemv_kernel(x, w, y, out, count, n_split, N, K, row_bytes, steps_per_split, magic,
-                 STEP: tl.constexpr, TS: tl.constexpr, BYTES_PER_STEP: tl.constexpr,
+def _gemv_kernel(x, w, y, out, count, n_split, M, N, K, stride_xm, row_bytes, steps_per_split,
+                 magic, STEP: tl.constexpr, TS: tl.constexpr, BYTES_PER_STEP: tl.constexpr,
                  F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
                  F4: tl.constexpr, BN: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
-                 OUT: tl.constexpr, PARTIAL: tl.constexpr, FIXUP: tl.constexpr,
-                 SOFT: tl.constexpr):
+                 BM: tl.constexpr, OUT: tl.constexpr, PARTIAL: tl.constexpr,
+                 FIXUP: tl.constexpr, SOFT: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
     wrow = (w + tl.minimum(rn, N - 1).to(tl.int64) * row_bytes)[:, None, None]
+    # Activation rows 1..BM-1; rows past M re-read row M - 1, not stored.
+    xr = (tl.minimum(1, M - 1).to(tl.int64) * stride_xm,
+          tl.minimum(2, M - 1).to(tl.int64) * stride_xm,
+          tl.minimum(3, M - 1).to(tl.int64) * stride_xm)
     k_first = pid_k * steps_per_split
     k_last = tl.minimum(k_first + steps_per_split, K // 256)
-    acc = tl.zeros((BN, A, B), dtype=tl.float32)
+    z = tl.zeros((BN, A, B), dtype=tl.float32)
+    acc = (z, z, z, z)
     for ks in range(k_first, k_last):
-        acc = STEP(acc, wrow + ks * BYTES_PER_STEP, x + ks * 256, magic, F0, F1, F2, F3, F4, TS,
-                   SOFT)
-    _store_rows(acc, acc, acc, acc, y, out, count + pid_n, n_split, pid_k, 1, N, rn, 1, OUT,
-                PARTIAL, FIXUP, SOFT)
+        acc = STEP(acc, wrow + ks * BYTES_PER_STEP, x + ks * 256, xr, magic, F0, F1, F2, F3, F4,
+                   TS, BM, SOFT)
+    _store_rows(acc[0], acc[1], acc[2], acc[3], y, out, count + pid_n, n_split, pid_k, M, N, rn,
+                BM, OUT, PARTIAL, FIXUP, SOFT)
 
 
 #: Types with a fused kernel -> their step function (each step consumes BK=256 of K).
@@ -739,10 +757,10 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
     The output is ``(M, n)`` of ``x2d``'s dtype. ``rule`` = (BN, waves, num_warps, num_stages)
     overrides :data:`RULES` (the benchmarks tune with it). ``gemv`` picks the CUDA-core kernel
     (``None``: the measured choice -- for one row the row kernel for :data:`ROW_STEPS`, the GEMV
-    kernel for :data:`GEMV_STEPS`; ``True``: also the row kernel for 2..:data:`ROW_MAX_M` rows of
-    a :data:`ROW_STEPS` type, which decodes each weight once for all of them -- not yet timed on
-    a GPU, so not the default; ``False``: the chunked kernel). For the row kernel ``rule`` is
-    (weight rows per program, waves, num_warps, num_stages).
+    kernel for :data:`GEMV_STEPS`; ``True``: the same kernels also for 2..:data:`ROW_MAX_M` rows,
+    decoding each weight once for all of them -- not yet timed on a GPU, so not the default;
+    ``False``: the chunked kernel). For the row kernel ``rule`` is (weight rows per program,
+    waves, num_warps, num_stages).
 
     When K is split across programs, the float32 partial sums are added either by the last
     program of each column tile (``fixup=True``; :func:`arrival_counters`) or by a second kernel
@@ -758,10 +776,9 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
     has_one_row = name in ROW_STEPS or name in GEMV_STEPS
     if gemv is None:
         gemv = m == 1 and has_one_row
-    if gemv and not (m == 1 and has_one_row or m <= ROW_MAX_M and name in ROW_STEPS):
-        raise ValueError(f"fused_linear({name}): the GEMV kernel takes one row of a type in "
-                         f"{sorted(GEMV_STEPS.keys() | ROW_STEPS.keys())}, the row kernel up to "
-                         f"{ROW_MAX_M} rows of {sorted(ROW_STEPS)}; got {m} rows")
+    if gemv and not (has_one_row and m <= ROW_MAX_M):
+        raise ValueError(f"fused_linear({name}): the GEMV kernel takes up to {ROW_MAX_M} rows of "
+                         f"a type in {sorted(GEMV_STEPS.keys() | ROW_STEPS.keys())}, got {m} rows")
     if gemv and name in ROW_STEPS:
         default = ROW_STEPS[name][1]
     elif gemv:
@@ -793,16 +810,17 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
                   num_warps=num_warps, num_stages=num_stages)
     # Without counters the dummies are never touched (FIXUP is off).
     cnt = count if count is not None else y
+    rows_bm = 1 if m == 1 else 2 if m == 2 else 4  # the CUDA-core kernels' activation rows
     if gemv and name in ROW_STEPS:
         _rows_kernel[grid](x2d, raw, y, out, cnt, split, m, n, k, x2d.stride(0), raw.stride(0),
                            per_split, 0x3F800000, STEP=ROW_STEPS[name][0], R=bn, J=ROW_J,
-                           BM=1 if m == 1 else 2 if m == 2 else 4, **common)
+                           BM=rows_bm, **common)
         return _add_partials(y, out, m * n, split, count, out_dtype)
     common.update(BYTES_PER_STEP=BK // spec.block_size * spec.type_size, BN=bn)
     if gemv:
         step, (ta, tb), _ = GEMV_STEPS[name]
-        _gemv_kernel[grid](x2d, raw, y, out, cnt, split, n, k, raw.stride(0), per_split, 0x4B000000,
-                           STEP=step, A=ta, B=tb, **common)
+        _gemv_kernel[grid](x2d, raw, y, out, cnt, split, m, n, k, x2d.stride(0), raw.stride(0),
+                           per_split, 0x4B000000, STEP=step, A=ta, B=tb, BM=rows_bm, **common)
     else:
         _fused_kernel[grid](x2d, raw, y, out, cnt, split, m, n, k, x2d.stride(0), y.stride(-2),
                             raw.stride(0), per_split, 0x4B000000, STEP=FUSED_TYPES[name], BM=bm,
