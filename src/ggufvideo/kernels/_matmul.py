@@ -427,16 +427,15 @@ def _rows_dot(acc, c_lo0, c_lo1, c_hi0, c_hi1, d_lo, d_hi, m_lo, m_hi, xp, xok):
 
 
 @triton.jit
-def _rows_q4_k(acc0, acc1, acc2, acc3, base, xp, x1, x2, x3, ok, one, BM: tl.constexpr,
-               F_D: tl.constexpr, F_DMIN: tl.constexpr, F_SC: tl.constexpr,
-               F_QS: tl.constexpr, F4: tl.constexpr):
+def _rows_q4_k(acc, base, xp, xr, ok, one, BM: tl.constexpr, F_D: tl.constexpr,
+               F_DMIN: tl.constexpr, F_SC: tl.constexpr, F_QS: tl.constexpr, F4: tl.constexpr):
     # ``base`` (R, J, 1, 1): int32 pointers to J super-blocks of R rows; thread (j, p) reads qs
     # bytes 16p..16p+15 -- group g = p // 2, words 4(p % 2)..+3: elements 64g + 16(p % 2) + 4t + b
     # in the low nibbles (sub-block 2g), + 32 in the high ones (2g + 1) -- and its block's 16-byte
     # head (d | dmin << 16, then the 12 scale bytes), the same address for the 8 parts (one
     # broadcast). ``xp`` (R, J, 8, 8) points at x[64g + 16(p % 2) + 0..7] of the part's block in
-    # activation row 0; rows 1..BM-1 are ``x1..x3`` elements further. The weight is decoded once
-    # for all BM rows.
+    # activation row 0; row i of 1..BM-1 is ``xr[i - 1]`` elements further (``acc`` holds one tile
+    # per row, as in the GEMV kernel). The weight is decoded once for all BM rows.
     tl.static_assert(F_D == 0 and F_DMIN == 2 and F_SC == 4 and F_QS == 16)
     p = tl.arange(0, 8)[None, None, :]
     g = p // 2
@@ -470,13 +469,16 @@ def _rows_q4_k(acc0, acc1, acc2, acc3, base, xp, x1, x2, x3, ok, one, BM: tl.con
     d_hi = d * ((sc_w >> (sh + 8)) & 63).to(tl.float32) * 128.0
     m_lo = dmin * ((mn_w >> sh) & 63).to(tl.float32)
     m_hi = dmin * ((mn_w >> (sh + 8)) & 63).to(tl.float32)
-    acc0 = _rows_dot(acc0, c_lo0, c_lo1, c_hi0, c_hi1, d_lo, d_hi, m_lo, m_hi, xp, xok)
+    a0 = _rows_dot(acc[0], c_lo0, c_lo1, c_hi0, c_hi1, d_lo, d_hi, m_lo, m_hi, xp, xok)
+    a1 = acc[1]
+    a2 = acc[2]
+    a3 = acc[3]
     if BM > 1:
-        acc1 = _rows_dot(acc1, c_lo0, c_lo1, c_hi0, c_hi1, d_lo, d_hi, m_lo, m_hi, xp + x1, xok)
+        a1 = _rows_dot(a1, c_lo0, c_lo1, c_hi0, c_hi1, d_lo, d_hi, m_lo, m_hi, xp + xr[0], xok)
     if BM > 2:
-        acc2 = _rows_dot(acc2, c_lo0, c_lo1, c_hi0, c_hi1, d_lo, d_hi, m_lo, m_hi, xp + x2, xok)
-        acc3 = _rows_dot(acc3, c_lo0, c_lo1, c_hi0, c_hi1, d_lo, d_hi, m_lo, m_hi, xp + x3, xok)
-    return acc0, acc1, acc2, acc3
+        a2 = _rows_dot(a2, c_lo0, c_lo1, c_hi0, c_hi1, d_lo, d_hi, m_lo, m_hi, xp + xr[1], xok)
+        a3 = _rows_dot(a3, c_lo0, c_lo1, c_hi0, c_hi1, d_lo, d_hi, m_lo, m_hi, xp + xr[2], xok)
+    return a0, a1, a2, a3
 
 
 @triton.jit
@@ -496,29 +498,24 @@ def _rows_kernel(x, w, y, out, count, n_split, M, N, K, stride_xm, row_bytes, st
     # 16 bytes wide (a (1, J, 8, 8) tensor has too few elements to give each thread 8).
     e = tl.arange(0, 8)[None, None, None, :]
     xoff = 64 * (p // 2) + 16 * (p % 2) + e + 0 * rn[:, None, None, None]
-    # Activation rows 1..BM-1 (BM = 1, 2 or 4); rows past M re-read row M - 1, not stored.
-    x1 = tl.minimum(1, M - 1).to(tl.int64) * stride_xm
-    x2 = tl.minimum(2, M - 1).to(tl.int64) * stride_xm
-    x3 = tl.minimum(3, M - 1).to(tl.int64) * stride_xm
+    xr = _row_offsets(M, stride_xm)
     k_first = pid_k * steps_per_split
     k_last = tl.minimum(k_first + steps_per_split, K // 256)
     # Whole steps without masks (masked loads cost a zeroing and a predicate each: peeling the
     # ragged last step off measured 2-8% faster), then the ragged step, if any, with them.
     k_full = k_first + (k_last - k_first) // J * J
-    a0 = tl.zeros((R, J, 8), dtype=tl.float32)
-    a1 = a0
-    a2 = a0
-    a3 = a0
+    z = tl.zeros((R, J, 8), dtype=tl.float32)
+    acc = (z, z, z, z)
     for j0 in range(k_first, k_full, J):
         sb = j0 + jv
-        a0, a1, a2, a3 = STEP(a0, a1, a2, a3, rows + sb * (TS // 4), x + sb * 256 + xoff, x1, x2,
-                              x3, True, one, BM, F0, F1, F2, F3, F4)
+        acc = STEP(acc, rows + sb * (TS // 4), x + sb * 256 + xoff, xr, True, one, BM,
+                   F0, F1, F2, F3, F4)
     for j0 in range(k_full, k_last, J):
         sb = j0 + jv
-        a0, a1, a2, a3 = STEP(a0, a1, a2, a3, rows + sb * (TS // 4), x + sb * 256 + xoff, x1, x2,
-                              x3, sb < k_last, one, BM, F0, F1, F2, F3, F4)
-    _store_rows(a0, a1, a2, a3, y, out, count + pid_n, n_split, pid_k, M, N, rn, BM, OUT, PARTIAL,
-                FIXUP, SOFT)
+        acc = STEP(acc, rows + sb * (TS // 4), x + sb * 256 + xoff, xr, sb < k_last, one, BM,
+                   F0, F1, F2, F3, F4)
+    _store_rows(acc, y, out, count + pid_n, n_split, pid_k, M, N, rn, BM, OUT, PARTIAL, FIXUP,
+                SOFT)
 
 
 #: Types whose one-row calls take the row kernel -> (its step, launch rule (rows per program,
@@ -563,6 +560,15 @@ def _finish_split(part, out, count, n_split, plane, offs, mask, OUT: tl.constexp
 
 
 @triton.jit
+def _row_offsets(M, stride_xm):
+    """Element offsets of activation rows 1, 2, 3 from row 0 for the few-row kernels; rows past
+    M re-read row M - 1 (in bounds; their outputs are not stored)."""
+    return (tl.minimum(1, M - 1).to(tl.int64) * stride_xm,
+            tl.minimum(2, M - 1).to(tl.int64) * stride_xm,
+            tl.minimum(3, M - 1).to(tl.int64) * stride_xm)
+
+
+@triton.jit
 def _put_row(acc, y, i: tl.constexpr, M, N, pid_k, rn, OUT: tl.constexpr, PARTIAL: tl.constexpr,
              SOFT: tl.constexpr):
     """Activation row ``i``: sum each thread's tile ``acc`` into outputs ``rn`` and store them
@@ -576,18 +582,18 @@ def _put_row(acc, y, i: tl.constexpr, M, N, pid_k, rn, OUT: tl.constexpr, PARTIA
 
 
 @triton.jit
-def _store_rows(a0, a1, a2, a3, y, out, count, n_split, pid_k, M, N, rn, BM: tl.constexpr,
+def _store_rows(acc, y, out, count, n_split, pid_k, M, N, rn, BM: tl.constexpr,
                 OUT: tl.constexpr, PARTIAL: tl.constexpr, FIXUP: tl.constexpr,
                 SOFT: tl.constexpr):
     """End of a one-row / few-row kernel: activation rows 0..BM-1 from the per-thread tiles
-    ``a0..a3`` (see :func:`_put_row`); with K split, the tile's last split adds the partial sums
-    where FIXUP (``count`` its arrival counter)."""
-    _put_row(a0, y, 0, M, N, pid_k, rn, OUT, PARTIAL, SOFT)
+    ``acc[0..3]`` (see :func:`_put_row`); with K split, the tile's last split adds the partial
+    sums where FIXUP (``count`` its arrival counter)."""
+    _put_row(acc[0], y, 0, M, N, pid_k, rn, OUT, PARTIAL, SOFT)
     if BM > 1:
-        _put_row(a1, y, 1, M, N, pid_k, rn, OUT, PARTIAL, SOFT)
+        _put_row(acc[1], y, 1, M, N, pid_k, rn, OUT, PARTIAL, SOFT)
     if BM > 2:
-        _put_row(a2, y, 2, M, N, pid_k, rn, OUT, PARTIAL, SOFT)
-        _put_row(a3, y, 3, M, N, pid_k, rn, OUT, PARTIAL, SOFT)
+        _put_row(acc[2], y, 2, M, N, pid_k, rn, OUT, PARTIAL, SOFT)
+        _put_row(acc[3], y, 3, M, N, pid_k, rn, OUT, PARTIAL, SOFT)
     if PARTIAL and FIXUP:
         m = tl.arange(0, BM)[:, None]
         _finish_split(y, out, count, n_split, M * N, m * N + rn[None, :],
@@ -605,10 +611,7 @@ def _gemv_kernel(x, w, y, out, count, n_split, M, N, K, stride_xm, row_bytes, st
     pid_k = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
     wrow = (w + tl.minimum(rn, N - 1).to(tl.int64) * row_bytes)[:, None, None]
-    # Activation rows 1..BM-1; rows past M re-read row M - 1, not stored.
-    xr = (tl.minimum(1, M - 1).to(tl.int64) * stride_xm,
-          tl.minimum(2, M - 1).to(tl.int64) * stride_xm,
-          tl.minimum(3, M - 1).to(tl.int64) * stride_xm)
+    xr = _row_offsets(M, stride_xm)
     k_first = pid_k * steps_per_split
     k_last = tl.minimum(k_first + steps_per_split, K // 256)
     z = tl.zeros((BN, A, B), dtype=tl.float32)
@@ -616,8 +619,8 @@ def _gemv_kernel(x, w, y, out, count, n_split, M, N, K, stride_xm, row_bytes, st
     for ks in range(k_first, k_last):
         acc = STEP(acc, wrow + ks * BYTES_PER_STEP, x + ks * 256, xr, magic, F0, F1, F2, F3, F4,
                    TS, BM, SOFT)
-    _store_rows(acc[0], acc[1], acc[2], acc[3], y, out, count + pid_n, n_split, pid_k, M, N, rn,
-                BM, OUT, PARTIAL, FIXUP, SOFT)
+    _store_rows(acc, y, out, count + pid_n, n_split, pid_k, M, N, rn, BM, OUT, PARTIAL, FIXUP,
+                SOFT)
 
 
 #: Types with a fused kernel -> their step function (each step consumes BK=256 of K).
