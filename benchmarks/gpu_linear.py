@@ -11,7 +11,7 @@ switched off), eagerly and under CUDA graphs.
 installs the best for the rest of the run.
 ``--one-row`` instead compares, at M = 1, the chunked kernel with the GEMV / row kernel per rule;
 ``--one-row-ms 1 2 4`` adds the row / GEMV kernels on 2 and 4 activation rows against the
-default path.
+default path and the tensor-core path (``_matmul.FEW_ROWS`` was chosen from it).
 ``--torch-path`` adds the ratio of the torch decode path (kernels switched off) at M=1 and 32760.
 Run: ``python benchmarks/gpu_linear.py [--types Q4_K Q8_0] [--json out.json]``.
 """
@@ -115,7 +115,7 @@ def one_row(types: list[str], ms: tuple[int, ...] = (1,)) -> list[dict]:
     This is how ``_matmul.GEMV_STEPS`` and ``_matmul.ROW_STEPS`` (which types take which one-row
     kernel, with which rule) were chosen. Also checks every kernel against the float64
     exact-weight product on every shape. Other ``ms`` (up to ``_matmul.ROW_MAX_M``) time the row /
-    GEMV kernels on that many activation rows against the default (tensor-core) path.
+    GEMV kernels on that many activation rows against the default and the tensor-core path.
     """
     from ggufvideo.kernels import _matmul
     from ggufvideo.quants import dequantize as torch_dequantize
@@ -137,8 +137,8 @@ def one_row(types: list[str], ms: tuple[int, ...] = (1,)) -> list[dict]:
             row = dict(type=name, k=k, n=n, m=m, bf16_us=base * 1e3)
             if m == 1:
                 variants = {"chunked": dict(gemv=False, rule=_matmul.RULES[1])}
-            else:
-                variants = {"default": {}}
+            else:  # the default follows _matmul.FEW_ROWS: CUDA-core kernels or tensor cores
+                variants = {"default": {}, "tensor cores": dict(gemv=False)}
             if name in _matmul.GEMV_STEPS and m <= _matmul.ROW_MAX_M:
                 variants |= {f"gemv {r}": dict(gemv=True, rule=r) for r in rules}
             if name in _matmul.ROW_STEPS and m <= _matmul.ROW_MAX_M:

@@ -105,10 +105,11 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 @needs_triton
 @pytest.mark.parametrize("qtype", sorted(kernels.FUSED_TYPES))
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m", [1, 5])
 @pytest.mark.parametrize("rule", [None, (16, 64, 4, 2)], ids=["auto", "split"])
 def test_fused_linear_matches_exact_product(qtype: str, m: int, rule) -> None:
-    # m=1 takes the CUDA-core branch, m=3 the tl.dot branch; "split" splits K across programs.
+    # m=1 takes a CUDA-core kernel, m=5 (past every type's FEW_ROWS) the tl.dot branch; "split"
+    # splits K across programs.
     from ggufvideo.kernels._matmul import fused_linear
 
     raw, x, _ = _fused_case(qtype, n=40, k=512, m=m, dtype=torch.bfloat16, seed=11)
@@ -235,6 +236,28 @@ def test_one_row_kernels_take_a_few_rows(qtype: str, m: int, k: int, rule) -> No
 
 
 @needs_triton
+@pytest.mark.parametrize("qtype,m,few_rows", [("Q4_K", 2, True), ("Q4_K", 3, False),
+                                              ("Q8_0", 3, True), ("Q6_K", 4, True),
+                                              ("Q5_K", 2, False), ("Q4_0", 2, False)])
+def test_few_rows_take_the_cuda_core_kernels_where_the_table_says(qtype: str, m: int,
+                                                                  few_rows: bool) -> None:
+    # By default 2+ rows take the row / GEMV kernel (with FEW_ROWS' rule) only up to the row count
+    # measured faster than the tensor-core path; the two paths round differently, so bit-equality
+    # with the forced choice shows which one ran.
+    from ggufvideo.kernels import _matmul
+
+    assert (m <= _matmul.FEW_ROWS[qtype][0] if qtype in _matmul.FEW_ROWS else False) == few_rows
+    raw, x, _ = _fused_case(qtype, n=24, k=512, m=m, dtype=torch.bfloat16, seed=31)
+    y = _matmul.fused_linear(x, raw, qtype, 24)
+    if few_rows:
+        forced = _matmul.fused_linear(x, raw, qtype, 24, gemv=True, rule=_matmul.FEW_ROWS[qtype][1])
+    else:
+        forced = _matmul.fused_linear(x, raw, qtype, 24, gemv=False)
+    assert torch.equal(y, forced)
+    assert _rel_err(y, _exact_product(raw, qtype, x, 24)) < 2.5e-3
+
+
+@needs_triton
 @pytest.mark.parametrize("qtype,m", [("Q4_K", 5), ("Q8_0", 5), ("Q4_0", 1)])
 def test_gemv_kernel_refuses_what_it_cannot_take(qtype: str, m: int) -> None:
     from ggufvideo.kernels._matmul import fused_linear
@@ -246,9 +269,9 @@ def test_gemv_kernel_refuses_what_it_cannot_take(qtype: str, m: int) -> None:
 
 @needs_triton
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0", "Q6_K"])
-@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("m", [1, 5])
 def test_fused_linear_in_float16(qtype: str, m: int) -> None:
-    # float16 takes the 0x6400 bit-pattern codes (Q8_0's 0..255 included).
+    # float16 takes the 0x6400 bit-pattern codes in the tl.dot path (m=5; Q8_0's 0..255 included).
     from ggufvideo.kernels._matmul import fused_linear
 
     raw, x, _ = _fused_case(qtype, n=24, k=256, m=m, dtype=torch.float16, seed=5)

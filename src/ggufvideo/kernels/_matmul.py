@@ -17,9 +17,9 @@ bf16). In practice the per-element work limits it, so the loop is built to do li
   with wide contiguous loads (the fastest to load by far, see :func:`_rows_kernel`); for the types
   in :data:`GEMV_STEPS` in a GEMV kernel that applies the scale per weight and sums once at the
   end; otherwise in the chunked kernel's one-row branch. More rows go through ``tl.dot`` with the
-  activations padded to a 16/32/64-row tile (the row and GEMV kernels can take up to
-  :data:`ROW_MAX_M` rows, decoding each weight once for all of them: ``gemv=True``, not yet timed
-  on a GPU).
+  activations padded to a 16/32/64-row tile -- except that the row and GEMV kernels also take
+  2..:data:`ROW_MAX_M` rows, decoding each weight once for all of them, and are the default for
+  as many rows as :data:`FEW_ROWS` says (where they measured faster: CFG batches of two).
 * Each step covers 256 elements of K (one super-block, or eight 32-element blocks), so K must be
   a multiple of 256; K is split across programs to fill the GPU and the float32 partial sums are
   added in a fixed order (deterministic results).
@@ -37,7 +37,7 @@ import torch
 from ._decode import _i8, _u8, tl, to_out, triton
 from ._dequant import TL_DTYPES, kernel_spec, soft_bf16
 
-__all__ = ["FUSED_TYPES", "FIXUP_TILES", "BK", "ROW_MAX_M", "ROW_STEPS", "RULES",
+__all__ = ["FUSED_TYPES", "FEW_ROWS", "FIXUP_TILES", "BK", "ROW_MAX_M", "ROW_STEPS", "RULES",
            "arrival_counters", "block_m", "fused_linear"]
 
 #: K consumed per loop step.
@@ -535,6 +535,21 @@ ROW_J = 4
 #: Activation rows the row and GEMV kernels take in one pass (each weight decoded once for all).
 ROW_MAX_M = 4
 
+#: Types whose row / GEMV kernel is also the default for 2+ activation rows -> (up to how many
+#: rows, launch rule for them). Measured on an H100 (CUDA graphs, Wan-14B shapes 5120x5120 /
+#: 5120x13824 / 13824x5120, ``benchmarks/gpu_linear.py --one-row --one-row-ms 1 2 4``), against
+#: the tensor-core path at the same M:
+#: Q4_K 2 rows 20.7 / 40.1 / 42.7 us vs 27.5 / 49.4 / 48.2 (4 rows: 30.5 / 67.1 / 69.4 vs 27.6 /
+#: 49.6 / 48.8, so 3-4 rows stay on tensor cores); Q8_0 2 rows 35.2 / 70.0 / 70.6 vs 55.6 / 112 /
+#: 111, 4 rows 50.0 / 97.5 / 113 vs 56.0 / 115 / 112; Q6_K 2 rows 28.8 / 53.9 / 55.4 vs 59.2 /
+#: 116 / 119, 4 rows 34.1 / 64.0 / 65.5 vs 59.4 / 116 / 119. Q5_K lost at 2 rows (30.9 / 60.3 /
+#: 63.2 vs 30.4 / 57.2 / 55.9) and is not listed. Three rows take the 4-row kernels.
+FEW_ROWS = {
+    "Q4_K": (2, (4, 2, 4, 1)),
+    "Q8_0": (4, (32, 8, 4, 1)),
+    "Q6_K": (4, (64, 8, 4, 1)),
+}
+
 
 @triton.jit
 def _finish_split(part, out, count, n_split, plane, offs, mask, OUT: tl.constexpr,
@@ -760,10 +775,10 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
     The output is ``(M, n)`` of ``x2d``'s dtype. ``rule`` = (BN, waves, num_warps, num_stages)
     overrides :data:`RULES` (the benchmarks tune with it). ``gemv`` picks the CUDA-core kernel
     (``None``: the measured choice -- for one row the row kernel for :data:`ROW_STEPS`, the GEMV
-    kernel for :data:`GEMV_STEPS`; ``True``: the same kernels also for 2..:data:`ROW_MAX_M` rows,
-    decoding each weight once for all of them -- not yet timed on a GPU, so not the default;
-    ``False``: the chunked kernel). For the row kernel ``rule`` is (weight rows per program,
-    waves, num_warps, num_stages).
+    kernel for :data:`GEMV_STEPS`, and the same kernels for up to as many rows as
+    :data:`FEW_ROWS` says, decoding each weight once for all of them; ``True``: those kernels for
+    any 1..:data:`ROW_MAX_M` rows; ``False``: the chunked / tensor-core kernel). For the row
+    kernel ``rule`` is (weight rows per program, waves, num_warps, num_stages).
 
     When K is split across programs, the float32 partial sums are added either by the last
     program of each column tile (``fixup=True``; :func:`arrival_counters`) or by a second kernel
@@ -778,11 +793,13 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
     bm = block_m(m)
     has_one_row = name in ROW_STEPS or name in GEMV_STEPS
     if gemv is None:
-        gemv = m == 1 and has_one_row
+        gemv = has_one_row and m <= FEW_ROWS.get(name, (1,))[0]
     if gemv and not (has_one_row and m <= ROW_MAX_M):
         raise ValueError(f"fused_linear({name}): the GEMV kernel takes up to {ROW_MAX_M} rows of "
                          f"a type in {sorted(GEMV_STEPS.keys() | ROW_STEPS.keys())}, got {m} rows")
-    if gemv and name in ROW_STEPS:
+    if gemv and m > 1 and name in FEW_ROWS:
+        default = FEW_ROWS[name][1]
+    elif gemv and name in ROW_STEPS:
         default = ROW_STEPS[name][1]
     elif gemv:
         default = GEMV_STEPS[name][2]
