@@ -1,5 +1,8 @@
 """Quant-aware Linear vs bf16 ``F.linear`` on Wan-14B shapes, as time ratios (>1 = slower).
 
+The bf16 side multiplies by the same values (the decoded quant weight), since a GEMM's time
+depends on its data (see :func:`run`).
+
 Shapes (K, N) in {(5120, 5120), (5120, 13824), (13824, 5120)}, activation rows
 M in {1, 16, 64, 512, 4096, 32760}, bf16. The quant-aware Linear is ``nn.Linear`` swapped by
 :func:`ggufvideo.ops.swap_quant_layers` holding a :class:`GGMLTensor` weight of random blocks;
@@ -22,6 +25,7 @@ import argparse
 import itertools
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -155,44 +159,56 @@ def one_row(types: list[str], ms: tuple[int, ...] = (1,)) -> list[dict]:
 
 
 def run(types: list[str], ms: list[int], torch_path: bool = False) -> list[dict]:
-    """Ratios of every (type, shape, M); also the bf16 and quant times in microseconds."""
+    """Ratios of every (type, shape, M); also the bf16 and quant times in microseconds.
+
+    The bf16 side multiplies by the same weight: the quant weight's decoded values. A GEMM's time
+    depends on its data (power draw, then clocks): on an H100 at M = 32760 cuBLAS took 1.02-1.07x
+    as long on the decoded random blocks as on the same values rescaled to ``randn / sqrt(K)``
+    size (``gpu_gemm_data.py``). Large M runs the two sides over four rounds,
+    in alternating order, and takes the medians (single runs drift by a few percent).
+    """
     from ggufvideo import kernels
+    from ggufvideo.quants import dequantize as torch_dequantize
 
     dev = torch.device("cuda")
     rows = []
     for k, n in SHAPES:
         x_all = torch.randn(max(ms), k, device=dev, dtype=torch.bfloat16)
-        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5
-        base = {m: bench(lambda: F.linear(x_all[:m], w)) for m in ms}
-        base_graph = {m: bench_graph(lambda: F.linear(x_all[:m], w)) for m in ms if m <= 64}
-        del w
         for name in types:
             lin = quant_linear_module(name, k, n, dev)
+            w = torch_dequantize(lin.weight.raw, name, dtype=torch.bfloat16).view(n, k)
             with torch.no_grad():
                 for m in ms:
                     x = x_all[:m]
-                    t = bench(lambda: lin(x))
-                    row = dict(type=name, k=k, n=n, m=m, bf16_us=base[m] * 1e3, quant_us=t * 1e3,
-                               ratio=t / base[m])
+                    base_ts, quant_ts = [], []
+                    for r in range(4 if m >= 4096 else 1):  # ABBA: neither side always second
+                        sides = [(base_ts, lambda: F.linear(x, w)), (quant_ts, lambda: lin(x))]
+                        for times, fn in sides[::-1] if r % 2 else sides:
+                            times.append(bench(fn))
+                    base = statistics.median(base_ts)
+                    t = statistics.median(quant_ts)
+                    row = dict(type=name, k=k, n=n, m=m, bf16_us=base * 1e3, quant_us=t * 1e3,
+                               ratio=t / base)
                     if m <= 64:  # launch-bound sizes: also the kernels' own time
-                        row["graph_ratio"] = bench_graph(lambda: lin(x)) / base_graph[m]
-                        row["quant_graph_us"] = row["graph_ratio"] * base_graph[m] * 1e3
+                        base_graph = bench_graph(lambda: F.linear(x, w))
+                        row["bf16_graph_us"] = base_graph * 1e3
+                        row["graph_ratio"] = bench_graph(lambda: lin(x)) / base_graph
+                        row["quant_graph_us"] = row["graph_ratio"] * base_graph * 1e3
                         if name in kernels.FUSED_TYPES:  # the other small-M path: decode + cuBLAS
                             kernels.set_fused_max_m(0)
                             try:
-                                row["decode_ratio"] = bench(lambda: lin(x)) / base[m]
-                                row["decode_graph_ratio"] = (bench_graph(lambda: lin(x))
-                                                             / base_graph[m])
+                                row["decode_ratio"] = bench(lambda: lin(x)) / base
+                                row["decode_graph_ratio"] = bench_graph(lambda: lin(x)) / base_graph
                             finally:
                                 kernels.set_fused_max_m(None)
                     if torch_path and m in (1, max(ms)):
                         kernels.set_enabled(False)
                         try:
-                            row["torch_path_ratio"] = bench(lambda: lin(x), rep=50) / base[m]
+                            row["torch_path_ratio"] = bench(lambda: lin(x), rep=50) / base
                         finally:
                             kernels.set_enabled(None)
                     rows.append(row)
-            del lin
+            del lin, w
             kernels.release_workspace()
         print(f"# done K={k} N={n}", flush=True)
     return rows
@@ -211,14 +227,17 @@ def table(rows: list[dict], ms: list[int]) -> str:
     for t, k, n in keys:
         cells = {r["m"]: r["ratio"] for r in rows if (r["type"], r["k"], r["n"]) == (t, k, n)}
         lines.append(f"| {t} | {k},{n} | " + " | ".join(f"{cells[m]:.2f}" for m in ms) + " |")
-    base = {}
+    base: dict[tuple[int, int, int], list[float]] = {}
     for r in rows:
-        base[(r["k"], r["n"], r["m"])] = r["bf16_us"]
-    bl = ["", "bf16 F.linear, us:", "| (K,N) | " + " | ".join(f"M={m}" for m in ms) + " |",
-          "|---|" + "---|" * len(ms)]
+        base.setdefault((r["k"], r["n"], r["m"]), []).append(r["bf16_us"])
+    bl = ["", "bf16 F.linear on the decoded weights, us (lowest-highest over the types):",
+          "| (K,N) | " + " | ".join(f"M={m}" for m in ms) + " |", "|---|" + "---|" * len(ms)]
     for k, n in SHAPES:
         if (k, n, ms[0]) in base:
-            bl.append(f"| {k},{n} | " + " | ".join(f"{base[(k, n, m)]:.1f}" for m in ms) + " |")
+            spans = [base[(k, n, m)] for m in ms]
+            bl.append(f"| {k},{n} | " + " | ".join(
+                f"{min(v):.1f}" if max(v) - min(v) < 0.05 else f"{min(v):.1f}-{max(v):.1f}"
+                for v in spans) + " |")
     gr = [r for r in rows if "graph_ratio" in r]
     if gr:
         gms = sorted({r["m"] for r in gr})
