@@ -14,7 +14,7 @@ switched off), eagerly and under CUDA graphs.
 installs the best for the rest of the run.
 ``--one-row`` instead compares, at M = 1, the chunked kernel with the GEMV / row kernel per rule;
 ``--one-row-ms 1 2 4`` adds the row / GEMV kernels on 2 and 4 activation rows against the
-default path and the tensor-core path (``_matmul.FEW_ROWS`` was chosen from it).
+default path and the tensor-core path (``_matmul.CUDA_CORE_ROWS`` was chosen from it).
 ``--torch-path`` adds the ratio of the torch decode path (kernels switched off) at M=1 and 32760.
 Run: ``python benchmarks/gpu_linear.py [--types Q4_K Q8_0] [--json out.json]``.
 """
@@ -141,7 +141,7 @@ def one_row(types: list[str], ms: tuple[int, ...] = (1,)) -> list[dict]:
             row = dict(type=name, k=k, n=n, m=m, bf16_us=base * 1e3)
             if m == 1:
                 variants = {"chunked": dict(gemv=False, rule=_matmul.RULES[1])}
-            else:  # the default follows _matmul.FEW_ROWS: CUDA-core kernels or tensor cores
+            else:  # the default follows _matmul.CUDA_CORE_ROWS: CUDA-core kernels or tensor cores
                 variants = {"default": {}, "tensor cores": dict(gemv=False)}
             if name in _matmul.GEMV_STEPS and m <= _matmul.ROW_MAX_M:
                 variants |= {f"gemv {r}": dict(gemv=True, rule=r) for r in rules}

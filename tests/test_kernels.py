@@ -108,7 +108,7 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("m", [1, 5])
 @pytest.mark.parametrize("rule", [None, (16, 64, 4, 2)], ids=["auto", "split"])
 def test_fused_linear_matches_exact_product(qtype: str, m: int, rule) -> None:
-    # m=1 takes a CUDA-core kernel, m=5 (past every type's FEW_ROWS) the tl.dot branch; "split"
+    # m=1 takes a CUDA-core kernel, m=5 (past every type's CUDA_CORE_ROWS) the tl.dot branch; "split"
     # splits K across programs.
     from ggufvideo.kernels._matmul import fused_linear
 
@@ -121,7 +121,7 @@ def test_fused_linear_matches_exact_product(qtype: str, m: int, rule) -> None:
 
 
 @needs_triton
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q8_0", "Q6_K", "Q4_0"])
 def test_one_row_chunked_kernel_also_matches_for_gemv_types(qtype: str) -> None:
     # These types take the row or GEMV kernel for one row by default; the chunked kernel's
     # one-row branch must stay right for them too (it is what `gemv=False` runs).
@@ -206,7 +206,8 @@ def test_m16_mma_experiment_matches_exact_product() -> None:
 
 FEW_ROW_CASES = [("Q4_K", 2, 1792, None), ("Q4_K", 3, 1792, (4, 64, 2, 1)),
                  ("Q4_K", 4, 2048, None), ("Q4_K", 4, 1792, (4, 64, 2, 1)),
-                 ("Q8_0", 3, 768, None), ("Q5_K", 2, 768, (16, 64, 4, 1)), ("Q6_K", 4, 512, None)]
+                 ("Q8_0", 3, 768, None), ("Q5_K", 2, 768, (16, 64, 4, 1)), ("Q6_K", 4, 512, None),
+                 ("Q4_0", 2, 768, (16, 64, 4, 1)), ("Q4_0", 4, 512, None)]
 
 
 @needs_triton
@@ -236,21 +237,23 @@ def test_one_row_kernels_take_a_few_rows(qtype: str, m: int, k: int, rule) -> No
 
 
 @needs_triton
-@pytest.mark.parametrize("qtype,m,few_rows", [("Q4_K", 2, True), ("Q4_K", 3, False),
-                                              ("Q8_0", 3, True), ("Q6_K", 4, True),
-                                              ("Q5_K", 2, False), ("Q4_0", 2, False)])
-def test_few_rows_take_the_cuda_core_kernels_where_the_table_says(qtype: str, m: int,
-                                                                  few_rows: bool) -> None:
-    # By default 2+ rows take the row / GEMV kernel (with FEW_ROWS' rule) only up to the row count
-    # measured faster than the tensor-core path; the two paths round differently, so bit-equality
-    # with the forced choice shows which one ran.
+@pytest.mark.parametrize("qtype,m,cuda_cores", [("Q4_K", 2, True), ("Q4_K", 3, False),
+                                                ("Q8_0", 3, True), ("Q6_K", 4, True),
+                                                ("Q5_K", 2, False), ("Q4_0", 1, False),
+                                                ("Q4_0", 2, True), ("Q4_0", 3, False)])
+def test_default_kernel_follows_the_measured_row_table(qtype: str, m: int,
+                                                       cuda_cores: bool) -> None:
+    # By default the row / GEMV kernel runs (with CUDA_CORE_ROWS' rule for 2+ rows) only for the
+    # row counts measured faster than the chunked / tensor-core kernel; the paths round
+    # differently, so bit-equality with the forced choice shows which one ran.
     from ggufvideo.kernels import _matmul
 
-    assert (m <= _matmul.FEW_ROWS[qtype][0] if qtype in _matmul.FEW_ROWS else False) == few_rows
+    fewest, most, rule = _matmul.CUDA_CORE_ROWS.get(qtype, (0, 0, None))
+    assert (fewest <= m <= most) == cuda_cores
     raw, x, _ = _fused_case(qtype, n=24, k=512, m=m, dtype=torch.bfloat16, seed=31)
     y = _matmul.fused_linear(x, raw, qtype, 24)
-    if few_rows:
-        forced = _matmul.fused_linear(x, raw, qtype, 24, gemv=True, rule=_matmul.FEW_ROWS[qtype][1])
+    if cuda_cores:
+        forced = _matmul.fused_linear(x, raw, qtype, 24, gemv=True, rule=rule if m > 1 else None)
     else:
         forced = _matmul.fused_linear(x, raw, qtype, 24, gemv=False)
     assert torch.equal(y, forced)
@@ -258,7 +261,7 @@ def test_few_rows_take_the_cuda_core_kernels_where_the_table_says(qtype: str, m:
 
 
 @needs_triton
-@pytest.mark.parametrize("qtype,m", [("Q4_K", 5), ("Q8_0", 5), ("Q4_0", 1)])
+@pytest.mark.parametrize("qtype,m", [("Q4_K", 5), ("Q8_0", 5), ("Q5_0", 1)])
 def test_gemv_kernel_refuses_what_it_cannot_take(qtype: str, m: int) -> None:
     from ggufvideo.kernels._matmul import fused_linear
 

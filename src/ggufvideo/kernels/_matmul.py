@@ -12,14 +12,14 @@ bf16). In practice the per-element work limits it, so the loop is built to do li
   (decode, round to the activation dtype, cuBLAS), and at least as accurate.
 * Codes become floats through their bit patterns, not conversion instructions (see
   :func:`_to_f32` and :func:`_accum`).
-* One activation row (M = 1: timestep/modulation projections, batch-1 work) runs on the CUDA
-  cores: for the types in :data:`ROW_STEPS` in the row kernel, whose warps read whole weight rows
-  with wide contiguous loads (the fastest to load by far, see :func:`_rows_kernel`); for the types
-  in :data:`GEMV_STEPS` in a GEMV kernel that applies the scale per weight and sums once at the
-  end; otherwise in the chunked kernel's one-row branch. More rows go through ``tl.dot`` with the
-  activations padded to a 16/32/64-row tile -- except that the row and GEMV kernels also take
-  2..:data:`ROW_MAX_M` rows, decoding each weight once for all of them, and are the default for
-  as many rows as :data:`FEW_ROWS` says (where they measured faster: CFG batches of two).
+* One to :data:`ROW_MAX_M` activation rows (timestep/modulation projections, batch-1 work and
+  its CFG pair) can run on the CUDA cores, decoding each weight once for all rows: for the types
+  in :data:`ROW_STEPS` in the row kernel, whose warps read whole weight rows with wide contiguous
+  loads (the fastest to load by far, see :func:`_rows_kernel`); for the types in
+  :data:`GEMV_STEPS` in a GEMV kernel that applies the scale per weight and sums once at the end.
+  :data:`CUDA_CORE_ROWS` says for which row counts they are the default (where they measured
+  faster). Otherwise one row takes the chunked kernel's one-row branch, and more rows go through
+  ``tl.dot`` with the activations padded to a 16/32/64-row tile.
 * Each step covers 256 elements of K (one super-block, or eight 32-element blocks), so K must be
   a multiple of 256; K is split across programs to fill the GPU and the float32 partial sums are
   added in a fixed order (deterministic results).
@@ -37,7 +37,7 @@ import torch
 from ._decode import _i8, _u8, tl, to_out, triton
 from ._dequant import TL_DTYPES, kernel_spec, soft_bf16
 
-__all__ = ["FUSED_TYPES", "FEW_ROWS", "FIXUP_TILES", "BK", "ROW_MAX_M", "ROW_STEPS", "RULES",
+__all__ = ["CUDA_CORE_ROWS", "FUSED_TYPES", "FIXUP_TILES", "BK", "ROW_MAX_M", "ROW_STEPS", "RULES",
            "arrival_counters", "block_m", "fused_linear"]
 
 #: K consumed per loop step.
@@ -312,6 +312,24 @@ def _gemv_q8_0(acc, bp, xp, xr, magic, F_D, F_QS, F2, F3, F4, TS: tl.constexpr,
 
 
 @triton.jit
+def _gemv_q4_0(acc, bp, xp, xr, magic, F_D, F_QS, F2, F3, F4, TS: tl.constexpr,
+               BM: tl.constexpr, SOFT: tl.constexpr):
+    # (BN, 8 halves, 2 bytes) per block: byte 2v + b holds element 2v + b in its low nibble and
+    # element + 16 in its high nibble; the weight is d * (code - 8), SUB = 8 takes the offset.
+    v = tl.arange(0, 8)[None, :, None]
+    b = tl.arange(0, 2)[None, None, :]
+    for kb in tl.static_range(8):
+        p = bp + kb * TS
+        d = _half(p + F_D)
+        h = _units(p + F_QS, v, tl.int16)
+        for hi in tl.static_range(2):
+            nib = (h >> (4 * hi)) & 0x0F0F
+            acc = _gemv_mac_bits(acc, _code_f32(nib, b, magic, SOFT), d, 0.0, xp, xr,
+                                 kb * 32 + 16 * hi + 2 * v + b, 8.0, BM)
+    return acc
+
+
+@triton.jit
 def _gemv_kq45(acc, bp, xp, xr, magic, F_D, F_DMIN, F_SC, F_QH, F_QS, HAS_QH: tl.constexpr,
                BM: tl.constexpr, SOFT: tl.constexpr):
     # (BN, 8 words, 4 bytes) per qs group g: byte 4t+b holds element g*64 + 4t + b (sub-block 2g)
@@ -362,11 +380,12 @@ def _gemv_q6_k(acc, bp, xp, xr, magic, F_QL, F_QH, F_SC, F_D, F4, TS: tl.constex
     return acc
 
 
-#: Types whose one-row calls take the GEMV kernel -> (its step, the (A, B) tile of its per-thread
-#: accumulator, launch rule). Chosen per type on an H100 (CUDA-graph timings, Wan-14B shapes):
-#: against the chunked kernel's one-row branch it ran Q6_K 1.7-2.3x, Q8_0 ~1.1x and Q5_K ~1.05x
-#: faster, and Q4_K/Q4_0 0.9-1.0x, so those two stay on the chunked kernel.
+#: Types with a GEMV kernel -> (its step, the (A, B) tile of its per-thread accumulator, launch
+#: rule for one row). Which row counts take it by default: :data:`CUDA_CORE_ROWS`. Against the
+#: chunked kernel's one-row branch (H100, CUDA-graph timings, Wan-14B shapes) it ran Q6_K
+#: 1.7-2.3x, Q8_0 ~1.1x and Q5_K ~1.05x faster, and Q4_0 0.9-1.0x (kept for two rows).
 GEMV_STEPS = {
+    "Q4_0": (_gemv_q4_0, (8, 2), (64, 8, 4, 1)),
     "Q5_K": (_gemv_q5_k, (8, 4), (64, 8, 4, 1)),
     "Q8_0": (_gemv_q8_0, (16, 2), (64, 8, 4, 1)),
     "Q6_K": (_gemv_q6_k, (8, 2), (32, 8, 4, 1)),
@@ -535,19 +554,23 @@ ROW_J = 4
 #: Activation rows the row and GEMV kernels take in one pass (each weight decoded once for all).
 ROW_MAX_M = 4
 
-#: Types whose row / GEMV kernel is also the default for 2+ activation rows -> (up to how many
-#: rows, launch rule for them). Measured on an H100 (CUDA graphs, Wan-14B shapes 5120x5120 /
-#: 5120x13824 / 13824x5120, ``benchmarks/gpu_linear.py --one-row --one-row-ms 1 2 4``), against
-#: the tensor-core path at the same M:
+#: Row counts that take the row / GEMV kernel by default, per type -> (fewest rows, most rows,
+#: launch rule for 2+ rows); other counts take the chunked kernel (one row) or the tensor cores.
+#: Measured on an H100 (CUDA graphs, Wan-14B shapes 5120x5120 / 5120x13824 / 13824x5120,
+#: ``benchmarks/gpu_linear.py --one-row --one-row-ms 1 2 4``), against the tensor-core path:
 #: Q4_K 2 rows 20.7 / 40.1 / 42.7 us vs 27.5 / 49.4 / 48.2 (4 rows: 30.5 / 67.1 / 69.4 vs 27.6 /
 #: 49.6 / 48.8, so 3-4 rows stay on tensor cores); Q8_0 2 rows 35.2 / 70.0 / 70.6 vs 55.6 / 112 /
 #: 111, 4 rows 50.0 / 97.5 / 113 vs 56.0 / 115 / 112; Q6_K 2 rows 28.8 / 53.9 / 55.4 vs 59.2 /
-#: 116 / 119, 4 rows 34.1 / 64.0 / 65.5 vs 59.4 / 116 / 119. Q5_K lost at 2 rows (30.9 / 60.3 /
-#: 63.2 vs 30.4 / 57.2 / 55.9) and is not listed. Three rows take the 4-row kernels.
-FEW_ROWS = {
-    "Q4_K": (2, (4, 2, 4, 1)),
-    "Q8_0": (4, (32, 8, 4, 1)),
-    "Q6_K": (4, (64, 8, 4, 1)),
+#: 116 / 119, 4 rows 34.1 / 64.0 / 65.5 vs 59.4 / 116 / 119; Q4_0 2 rows 27.3 / 62.8 / 55.0 vs
+#: 41.0 / 85.5 / 85.3 (4 rows: 44.4 / 89.2 / 91.2 vs 41.3 / 86.6 / 86.3; one row: 23.1 / 49.7 /
+#: 46.5 vs the chunked kernel's 22.1 / 42.3 / 45.2). Q5_K lost at 2 rows (30.9 / 60.3 / 63.2 vs
+#: 30.4 / 57.2 / 55.9). Three rows take the 4-row kernels.
+CUDA_CORE_ROWS = {
+    "Q4_K": (1, 2, (4, 2, 4, 1)),
+    "Q8_0": (1, 4, (32, 8, 4, 1)),
+    "Q6_K": (1, 4, (64, 8, 4, 1)),
+    "Q5_K": (1, 1, None),
+    "Q4_0": (2, 2, (32, 8, 4, 1)),
 }
 
 
@@ -774,10 +797,10 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
     ``x2d`` is float16 or bfloat16 with unit stride along K, M <= 64; ``K`` a multiple of 256.
     The output is ``(M, n)`` of ``x2d``'s dtype. ``rule`` = (BN, waves, num_warps, num_stages)
     overrides :data:`RULES` (the benchmarks tune with it). ``gemv`` picks the CUDA-core kernel
-    (``None``: the measured choice -- for one row the row kernel for :data:`ROW_STEPS`, the GEMV
-    kernel for :data:`GEMV_STEPS`, and the same kernels for up to as many rows as
-    :data:`FEW_ROWS` says, decoding each weight once for all of them; ``True``: those kernels for
-    any 1..:data:`ROW_MAX_M` rows; ``False``: the chunked / tensor-core kernel). For the row
+    (``None``: the measured choice, :data:`CUDA_CORE_ROWS` -- the row kernel for
+    :data:`ROW_STEPS`, the GEMV kernel for :data:`GEMV_STEPS`, decoding each weight once for all
+    rows; ``True``: those kernels for any 1..:data:`ROW_MAX_M` rows; ``False``: the chunked /
+    tensor-core kernel). For the row
     kernel ``rule`` is (weight rows per program, waves, num_warps, num_stages).
 
     When K is split across programs, the float32 partial sums are added either by the last
@@ -792,13 +815,14 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
         raw = raw.clone()  # the steps read 2- and 4-byte units; a fresh allocation is aligned
     bm = block_m(m)
     has_one_row = name in ROW_STEPS or name in GEMV_STEPS
+    fewest, most, few_rule = CUDA_CORE_ROWS.get(name, (0, 0, None))
     if gemv is None:
-        gemv = has_one_row and m <= FEW_ROWS.get(name, (1,))[0]
+        gemv = fewest <= m <= most
     if gemv and not (has_one_row and m <= ROW_MAX_M):
         raise ValueError(f"fused_linear({name}): the GEMV kernel takes up to {ROW_MAX_M} rows of "
                          f"a type in {sorted(GEMV_STEPS.keys() | ROW_STEPS.keys())}, got {m} rows")
-    if gemv and m > 1 and name in FEW_ROWS:
-        default = FEW_ROWS[name][1]
+    if gemv and m > 1 and few_rule is not None:
+        default = few_rule
     elif gemv and name in ROW_STEPS:
         default = ROW_STEPS[name][1]
     elif gemv:
