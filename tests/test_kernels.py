@@ -108,8 +108,8 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("m", [1, 5])
 @pytest.mark.parametrize("rule", [None, (16, 64, 4, 2)], ids=["auto", "split"])
 def test_fused_linear_matches_exact_product(qtype: str, m: int, rule) -> None:
-    # m=1 takes a CUDA-core kernel, m=5 (past every type's CUDA_CORE_ROWS) the tl.dot branch; "split"
-    # splits K across programs.
+    # m=1 takes a one-row kernel (row, GEMV or chunked), m=5 (past every type's CUDA_CORE_ROWS)
+    # the tl.dot branch; "split" splits K across programs.
     from ggufvideo.kernels._matmul import fused_linear
 
     raw, x, _ = _fused_case(qtype, n=40, k=512, m=m, dtype=torch.bfloat16, seed=11)

@@ -800,8 +800,8 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
     (``None``: the measured choice, :data:`CUDA_CORE_ROWS` -- the row kernel for
     :data:`ROW_STEPS`, the GEMV kernel for :data:`GEMV_STEPS`, decoding each weight once for all
     rows; ``True``: those kernels for any 1..:data:`ROW_MAX_M` rows; ``False``: the chunked /
-    tensor-core kernel). For the row
-    kernel ``rule`` is (weight rows per program, waves, num_warps, num_stages).
+    tensor-core kernel). For the row kernel ``rule`` is (weight rows per program, waves,
+    num_warps, num_stages).
 
     When K is split across programs, the float32 partial sums are added either by the last
     program of each column tile (``fixup=True``; :func:`arrival_counters`) or by a second kernel
@@ -814,11 +814,11 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
     if raw.data_ptr() % 16:
         raw = raw.clone()  # the steps read 2- and 4-byte units; a fresh allocation is aligned
     bm = block_m(m)
-    has_one_row = name in ROW_STEPS or name in GEMV_STEPS
+    has_cuda_core = name in ROW_STEPS or name in GEMV_STEPS
     fewest, most, few_rule = CUDA_CORE_ROWS.get(name, (0, 0, None))
     if gemv is None:
         gemv = fewest <= m <= most
-    if gemv and not (has_one_row and m <= ROW_MAX_M):
+    if gemv and not (has_cuda_core and m <= ROW_MAX_M):
         raise ValueError(f"fused_linear({name}): the GEMV kernel takes up to {ROW_MAX_M} rows of "
                          f"a type in {sorted(GEMV_STEPS.keys() | ROW_STEPS.keys())}, got {m} rows")
     if gemv and m > 1 and few_rule is not None:
