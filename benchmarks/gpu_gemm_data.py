@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_dequant import bench  # noqa: E402
-from gpu_linear import quant_linear_module  # noqa: E402
+from gpu_linear import bench_interleaved, quant_linear_module  # noqa: E402
 
 from ggufvideo.kernels._dequant import dequantize_into  # noqa: E402
 
@@ -51,12 +49,8 @@ def main(argv: list[str] | None = None) -> None:
             cases = {"bf16": lambda: F.linear(x, w), "quant": lambda: lin(x),
                      "decode": lambda: dequantize_into(raw, name, ws),
                      "decoded": lambda: F.linear(x, wd), "rescaled": lambda: F.linear(x, wr)}
-            times: dict[str, list[float]] = {key: [] for key in cases}
             with torch.no_grad():
-                for r in range(4):
-                    for key in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
-                        times[key].append(bench(cases[key]))
-            us = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+                us = {key: v * 1e3 for key, v in bench_interleaved(cases, 4).items()}
             cells = [f"{us[key]:.0f} ({us[key] / us['bf16']:.3f}x)"
                      for key in ("quant", "decode", "decoded", "rescaled")]
             print(f"| {name} | {k},{n} | {std:.3g} | {us['bf16']:.0f} | " + " | ".join(cells)

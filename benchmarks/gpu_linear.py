@@ -113,6 +113,16 @@ def tune(device: torch.device) -> dict:
     return dict(chosen=chosen, times={str(key): v for key, v in times.items()})
 
 
+def bench_interleaved(cases: dict, rounds: int) -> dict:
+    """Median ms of each of ``cases`` (name -> fn), run over ``rounds`` rounds whose order
+    alternates (forward, then backward), so that no case always runs right after another."""
+    times: dict = {key: [] for key in cases}
+    for r in range(rounds):
+        for key in list(cases)[::-1] if r % 2 else list(cases):
+            times[key].append(bench(cases[key]))
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
 def one_row(types: list[str], ms: tuple[int, ...] = (1,)) -> list[dict]:
     """M = 1 under CUDA graphs: the chunked kernel's one-row branch vs the GEMV/row kernel per rule.
 
@@ -180,13 +190,9 @@ def run(types: list[str], ms: list[int], torch_path: bool = False) -> list[dict]
             with torch.no_grad():
                 for m in ms:
                     x = x_all[:m]
-                    base_ts, quant_ts = [], []
-                    for r in range(4 if m >= 4096 else 1):  # ABBA: neither side always second
-                        sides = [(base_ts, lambda: F.linear(x, w)), (quant_ts, lambda: lin(x))]
-                        for times, fn in sides[::-1] if r % 2 else sides:
-                            times.append(bench(fn))
-                    base = statistics.median(base_ts)
-                    t = statistics.median(quant_ts)
+                    med = bench_interleaved({"bf16": lambda: F.linear(x, w),
+                                             "quant": lambda: lin(x)}, 4 if m >= 4096 else 1)
+                    base, t = med["bf16"], med["quant"]
                     row = dict(type=name, k=k, n=n, m=m, bf16_us=base * 1e3, quant_us=t * 1e3,
                                ratio=t / base)
                     if m <= 64:  # launch-bound sizes: also the kernels' own time
