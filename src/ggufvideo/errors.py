@@ -16,6 +16,8 @@ __all__ = [
     "UnsupportedTypeError",
     "ShapeMetadataError",
     "QuantizationError",
+    "ModelLoadError",
+    "UnknownModelError",
 ]
 
 
@@ -85,3 +87,12 @@ class ShapeMetadataError(GGUFError):
 
 class QuantizationError(GGUFError):
     """Input to the quantizer or writer cannot be encoded as asked (bad row length, dtype, ...)."""
+
+
+class ModelLoadError(GGUFError):
+    """A file's tensors do not fit the model: missing or unexpected keys, wrong shapes, buffers
+    left on the meta device, or names that no known layout of the model's family explains."""
+
+
+class UnknownModelError(ModelLoadError):
+    """A file whose architecture and tensor names match no model family this library knows."""

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .errors import GGUFError, _safe
+from .errors import ModelLoadError, _safe
 from .loader import DTypeLike, load_state_dict, resolve_dtype
 from .ops import QuantLayer, dequantize_weight, swap_quant_layers
 from .tensor import GGMLTensor
@@ -47,11 +47,6 @@ __all__ = [
 #: Prefixes real checkpoints put before a model's own keys, tried first by the automatic strip.
 KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "transformer.", "vae.",
                   "first_stage_model.", "net.", "module.")
-
-
-class ModelLoadError(GGUFError):
-    """A file's tensors do not fit the model: missing or unexpected keys, wrong shapes, or buffers
-    that are left on the meta device."""
 
 
 class IncompatibleKeys(NamedTuple):

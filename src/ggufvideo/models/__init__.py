@@ -1,0 +1,178 @@
+"""The model-family layer: which model a file holds, in which naming, and with which config.
+
+Each module of this package that defines a module-level ``FAMILY`` (a :class:`Family`) is a
+family; adding one is adding a file. :func:`detect` tells a file's family and layout from its
+tensor names (and its ``general.architecture``), :meth:`Family.convert` renames tensors between
+layouts, and :func:`describe` reads the config off the tensors' shapes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ModelLoadError, UnknownModelError
+from .base import CANONICAL, Family, Rule, Shapes, ShapeOps, ValueOps, convert_layout, rename
+
+__all__ = [
+    "CANONICAL",
+    "CONTAINER_PREFIXES",
+    "Detection",
+    "Description",
+    "Family",
+    "Rule",
+    "Shapes",
+    "ShapeOps",
+    "ValueOps",
+    "convert_layout",
+    "describe",
+    "detect",
+    "families",
+    "get_family",
+    "rename",
+]
+
+#: Prefixes checkpoints put before a single model's keys (ComfyUI files: ``model.diffusion_model.``).
+CONTAINER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "transformer.",
+                      "vae.", "first_stage_model.", "net.", "module.")
+
+_NON_FAMILY_MODULES = {"base", "tensors"}
+_REGISTRY: dict[str, Family[Any]] | None = None
+
+
+def families() -> dict[str, Family[Any]]:
+    """Every known family by name (the modules of this package that define ``FAMILY``)."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        found: dict[str, Family[Any]] = {}
+        for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+            if info.name.startswith("_") or info.name in _NON_FAMILY_MODULES:
+                continue
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            fam = getattr(module, "FAMILY", None)
+            if isinstance(fam, Family):
+                found[fam.name] = fam
+        _REGISTRY = found
+    return _REGISTRY
+
+
+def get_family(name: str) -> Family[Any]:
+    """A family by name; an :class:`UnknownModelError` listing the known ones otherwise."""
+    fams = families()
+    if name not in fams:
+        raise UnknownModelError(f"unknown model family {name!r}; known: {known_families()}")
+    return fams[name]
+
+
+def known_families() -> str:
+    """The known families, for error messages: ``"wan (Wan 2.1/2.2 transformer), ..."``."""
+    return ", ".join(f"{f.name} ({f.title}; architecture "
+                     f"{'/'.join(f.architectures) or '-'})" for f in families().values())
+
+
+@dataclass(frozen=True)
+class Detection:
+    """A file's (or model's) family and layout.
+
+    Attributes:
+        family: the family.
+        layout: the layout its names follow.
+        prefix: the container prefix its keys carry (``"model.diffusion_model."``) or ``""``.
+        architecture: the file's ``general.architecture`` (``None`` when absent).
+    """
+
+    family: Family[Any]
+    layout: str
+    prefix: str
+    architecture: str | None = None
+
+
+def _candidates(keys: Iterable[str]) -> list[tuple[str, set[str]]]:
+    keys = list(keys)
+    out = [("", set(keys))]
+    for prefix in CONTAINER_PREFIXES:
+        inner = {k[len(prefix):] for k in keys if k.startswith(prefix)}
+        if inner:
+            out.append((prefix, inner))
+    return out
+
+
+def detect(keys: Iterable[str], architecture: str | None = None) -> Detection | None:
+    """The family and layout of a set of tensor names, or ``None`` when no family matches.
+
+    A layout matches when its signature keys are all present (directly or under one container
+    prefix). Among several matches, a family whose ``architectures`` hold ``architecture`` wins,
+    then the prefix that covers the most keys.
+    """
+    best: tuple[tuple[int, int], Detection] | None = None
+    for prefix, inner in _candidates(keys):
+        for fam in families().values():
+            layout = fam.layout_of(inner)
+            if layout is None:
+                continue
+            score = (int(architecture is not None and architecture in fam.architectures),
+                     len(inner))
+            if best is None or score > best[0]:
+                best = (score, Detection(fam, layout, prefix, architecture))
+    return best[1] if best else None
+
+
+@dataclass(frozen=True)
+class Description:
+    """What a file holds, read off its names and shapes.
+
+    Attributes:
+        detection: family, layout, prefix.
+        config: the diffusers config (constructor arguments) inferred from the shapes.
+        class_name: the diffusers class the config builds.
+        variant: a human name for the variant (``"T2V 14B"``).
+    """
+
+    detection: Detection
+    config: dict[str, Any]
+    class_name: str
+    variant: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (for ``ggufvideo inspect --json``)."""
+        d = self.detection
+        return {"family": d.family.name, "title": d.family.title, "kind": d.family.kind,
+                "layout": d.layout, "prefix": d.prefix, "variant": self.variant,
+                "class": self.class_name, "config": self.config}
+
+
+def describe(shapes: Mapping[str, tuple[int, ...]], architecture: str | None = None, *,
+             source: str | None = None) -> Description:
+    """Detect the family of a file's tensors and infer its config from their shapes.
+
+    Args:
+        shapes: tensor name -> logical shape (PyTorch order), as in the file.
+        architecture: the file's ``general.architecture``.
+        source: the file, named in errors.
+
+    Raises:
+        UnknownModelError: no family matches (the message lists the known families).
+        ModelLoadError: the family matches but a tensor the config needs is missing or malformed.
+    """
+    det = detect(shapes, architecture)
+    if det is None:
+        arch = f"architecture {architecture!r}" if architecture else "no general.architecture"
+        raise UnknownModelError(f"no known model family matches this file ({arch}, "
+                                f"{len(shapes)} tensors); known families: {known_families()}",
+                                path=source)
+    n = len(det.prefix)
+    inner = {k[n:]: v for k, v in shapes.items() if k.startswith(det.prefix)}
+    canonical = det.family.convert(inner, det.layout, CANONICAL, ShapeOps())
+    view = Shapes(canonical, source)
+    config = det.family.infer_config(view)
+    return Description(det, config, det.family.class_name(config),
+                       det.family.variant(config, view))
+
+
+def _check_registry() -> None:  # pragma: no cover - import-time sanity for family authors
+    for fam in families().values():
+        if CANONICAL not in fam.signatures:
+            raise ModelLoadError(f"family {fam.name} declares no diffusers signature")

@@ -1,0 +1,353 @@
+"""What a model family is: its layouts (tensor naming schemes), how it is detected, its config.
+
+A family is *data*: a :class:`Family` names the ``general.architecture`` values real files carry,
+the keys that identify each of its layouts, one table of :class:`Rule` s per non-canonical layout,
+and a function that reads the model's config off the tensors' shapes. Every layout is mapped to and
+from one canonical layout, diffusers' names (``"diffusers"``); mapping between two other layouts
+goes through it.
+
+A rule pairs key templates of a layout (``"blocks.{i}.self_attn.q.*"``) with the diffusers ones
+(``"blocks.{i}.attn1.to_q.*"``): ``{name}`` matches a decimal index, a trailing ``*`` the rest of
+the key. One side may hold several templates: the tensors of that side are the row blocks (dim 0)
+of the other side's single tensor -- a fused QKV projection and its three parts. Rules work in both
+directions, so one table serves reading and writing.
+
+The conversion is generic over what it moves (:class:`ValueOps`): tensors when loading, shapes when
+inferring a config, lazy source tensors when converting a file. For quantized tensors a row split
+or concatenation moves raw ggml blocks (each row is whole blocks), so it is exact and never decodes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from ..errors import ModelLoadError, _safe
+
+__all__ = [
+    "CANONICAL",
+    "Rule",
+    "Family",
+    "Shapes",
+    "ValueOps",
+    "ShapeOps",
+    "convert_layout",
+    "rename",
+]
+
+#: The layout every family maps to and from: diffusers' parameter names.
+CANONICAL = "diffusers"
+
+V = TypeVar("V")
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class _Template:
+    """A key pattern: literal text, ``{name}`` indices, and an optional trailing ``*`` (the rest)."""
+
+    __slots__ = ("text", "names", "regex", "literal_prefix")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        body, star = (text[:-1], True) if text.endswith("*") else (text, False)
+        parts, names, pos = [], [], 0
+        for m in _PLACEHOLDER.finditer(body):
+            parts.append(re.escape(body[pos:m.start()]))
+            parts.append(rf"(?P<{m.group(1)}>\d+)")
+            names.append(m.group(1))
+            pos = m.end()
+        parts.append(re.escape(body[pos:]))
+        if star:
+            parts.append(r"(?P<_rest>.+)")
+            names.append("_rest")
+        self.names = tuple(names)
+        self.regex = re.compile("".join(parts) + r"\Z")
+        first = _PLACEHOLDER.search(body)
+        self.literal_prefix = body[:first.start()] if first else body
+
+    def match(self, key: str) -> dict[str, str] | None:
+        if not key.startswith(self.literal_prefix):
+            return None
+        m = self.regex.match(key)
+        return m.groupdict() if m else None
+
+    def fill(self, captures: Mapping[str, str]) -> str:
+        out = _PLACEHOLDER.sub(lambda m: captures[m.group(1)], self.text)
+        return out[:-1] + captures["_rest"] if out.endswith("*") else out
+
+
+#: ``sizes`` of a split: proportions of the rows, or a function of (total rows, captures, rows of
+#: any source key by name -- ``None`` when absent) giving the row counts.
+SplitSizes = tuple[int, ...] | Callable[[int, Mapping[str, str], Callable[[str], int | None]],
+                                         Sequence[int]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one (group of) tensor(s) of a layout corresponds to diffusers' tensor(s).
+
+    Attributes:
+        other: templates in the non-canonical layout.
+        diffusers: templates in diffusers' layout. At most one side has several templates: those
+            tensors are consecutive row blocks of the other side's single tensor.
+        sizes: how the single tensor splits into the parts (``None``: equal parts).
+        swap_halves: the two row halves are in the opposite order on the other side (shift/scale
+            vs scale/shift modulation, gate/value of a gated FFN). Applied to the fused tensor.
+        when: only applies when converting *from* the other layout and this returns true for
+            (captures, the source keys) -- e.g. "the last block", told by a tensor it lacks.
+    """
+
+    other: tuple[str, ...]
+    diffusers: tuple[str, ...]
+    sizes: SplitSizes | None = None
+    swap_halves: bool = False
+    when: Callable[[Mapping[str, str], Mapping[str, Any]], bool] | None = None
+    _compiled: dict[str, tuple[_Template, ...]] = field(default_factory=dict, compare=False,
+                                                        repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.other) > 1 and len(self.diffusers) > 1:
+            raise ValueError(f"rule {self.other} <-> {self.diffusers}: only one side may split")
+        self._compiled["other"] = tuple(_Template(t) for t in self.other)
+        self._compiled[CANONICAL] = tuple(_Template(t) for t in self.diffusers)
+        names = [set(t.names) for t in (*self._compiled["other"], *self._compiled[CANONICAL])]
+        if any(n != names[0] for n in names):
+            raise ValueError(f"rule {self.other} <-> {self.diffusers}: placeholders differ")
+
+    def side(self, canonical: bool) -> tuple[_Template, ...]:
+        return self._compiled[CANONICAL if canonical else "other"]
+
+
+def rename(other: str, diffusers: str) -> Rule:
+    """A one-to-one rule (the common case), e.g. ``rename("head.head.*", "proj_out.*")``."""
+    return Rule((other,), (diffusers,))
+
+
+class ValueOps(Protocol[V]):
+    """Row operations on whatever a conversion moves (tensors, shapes, lazy sources)."""
+
+    def rows(self, v: V) -> int: ...
+    def split(self, v: V, sizes: Sequence[int]) -> list[V]: ...
+    def cat(self, vs: Sequence[V]) -> V: ...
+    def swap_halves(self, v: V) -> V: ...
+
+
+class ShapeOps:
+    """:class:`ValueOps` over shapes (tuples): what a conversion does to shapes."""
+
+    def rows(self, v: tuple[int, ...]) -> int:
+        return v[0]
+
+    def split(self, v: tuple[int, ...], sizes: Sequence[int]) -> list[tuple[int, ...]]:
+        return [(s, *v[1:]) for s in sizes]
+
+    def cat(self, vs: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        return (sum(v[0] for v in vs), *vs[0][1:])
+
+    def swap_halves(self, v: tuple[int, ...]) -> tuple[int, ...]:
+        return v
+
+
+def _split_sizes(rule: Rule, total: int, captures: Mapping[str, str], parts: int,
+                 rows_of: Callable[[str], int | None], what: str) -> list[int]:
+    if callable(rule.sizes):
+        sizes = [int(s) for s in rule.sizes(total, captures, rows_of)]
+    else:
+        props = rule.sizes or (1,) * parts
+        unit, rem = divmod(total, sum(props))
+        if rem:
+            raise ModelLoadError(f"{total} rows do not split into parts of proportions "
+                                 f"{list(props)}", tensor=what)
+        sizes = [p * unit for p in props]
+    if len(sizes) != parts or sum(sizes) != total or min(sizes) < 0:
+        raise ModelLoadError(f"cannot split {total} rows into {parts} parts {sizes}", tensor=what)
+    return sizes
+
+
+def convert_layout(values: Mapping[str, V], rules: Iterable[Rule], *, to_canonical: bool,
+                   ops: ValueOps[V]) -> tuple[dict[str, V], list[str]]:
+    """Rename (and split/fuse) ``values`` between a layout and diffusers'.
+
+    ``to_canonical``: from the rules' other layout to diffusers' (else the reverse). The first rule
+    whose source-side template matches a key wins; keys no rule matches pass through unchanged
+    (names both layouts share). Returns the converted mapping (source order) and the keys that
+    a rule matched but could not convert because a part of their group is missing.
+    """
+    rules = list(rules)
+    out: dict[str, V] = {}
+    consumed: set[str] = set()
+    incomplete: list[str] = []
+    rows_of: Callable[[str], int | None] = (
+        lambda k: ops.rows(values[k]) if k in values else None)
+    for key in values:
+        if key in consumed:
+            continue
+        for rule in rules:
+            src_side, dst_side = rule.side(not to_canonical), rule.side(to_canonical)
+            captures = None
+            for tpl in src_side:
+                captures = tpl.match(key)
+                if captures is not None:
+                    break
+            if captures is None:
+                continue
+            if to_canonical and rule.when is not None and not rule.when(captures, values):
+                continue
+            group = [t.fill(captures) for t in src_side]
+            if any(k not in values or k in consumed for k in group):
+                incomplete.append(key)
+                out[key] = values[key]
+                consumed.add(key)
+                break
+            v = values[group[0]] if len(group) == 1 else ops.cat([values[k] for k in group])
+            if rule.swap_halves:
+                v = ops.swap_halves(v)
+            targets = [t.fill(captures) for t in dst_side]
+            if len(targets) == 1:
+                parts = [v]
+            else:
+                sizes = _split_sizes(rule, ops.rows(v), captures, len(targets), rows_of, key)
+                parts = ops.split(v, sizes)
+            out.update(zip(targets, parts))
+            consumed.update(group)
+            break
+        else:
+            out[key] = values[key]
+            consumed.add(key)
+    return out, incomplete
+
+
+class Shapes(Mapping[str, tuple[int, ...]]):
+    """Tensor shapes by (diffusers) name, for config inference, with errors that name the tensor.
+
+    ``source`` names the file in messages.
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], source: str | None = None) -> None:
+        self._shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
+        self.source = source
+
+    def __getitem__(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def require(self, key: str, why: str, ndim: int | None = None) -> tuple[int, ...]:
+        """The shape of ``key``; a :class:`ModelLoadError` naming it and ``why`` when absent."""
+        shape = self._shapes.get(key)
+        if shape is None:
+            raise ModelLoadError(f"cannot infer {why}: the file has no tensor {_safe(key)!r}",
+                                 path=self.source)
+        if ndim is not None and len(shape) != ndim:
+            raise ModelLoadError(f"cannot infer {why}: expected a {ndim}-D tensor, found shape "
+                                 f"{list(shape)}", path=self.source, tensor=key)
+        return shape
+
+    def indices(self, template: str) -> list[int]:
+        """Sorted distinct values of ``{i}`` over keys matching ``template`` (``"blocks.{i}.*"``)."""
+        tpl = _Template(template)
+        found = set()
+        for k in self._shapes:
+            m = tpl.match(k)
+            if m is not None:
+                found.add(int(next(v for n, v in m.items() if n != "_rest")))
+        return sorted(found)
+
+    def count(self, template: str) -> int:
+        """How many consecutive indices ``0..n-1`` the template has (an error if there are gaps)."""
+        idx = self.indices(template)
+        if idx != list(range(len(idx))):
+            missing = sorted(set(range(max(idx) + 1)) - set(idx)) if idx else []
+            raise ModelLoadError(f"tensors {template!r} have gaps: indices {missing} are missing",
+                                 path=self.source)
+        return len(idx)
+
+    def has(self, key: str) -> bool:
+        return key in self._shapes
+
+    def any(self, template: str) -> bool:
+        tpl = _Template(template)
+        return any(tpl.match(k) is not None for k in self._shapes)
+
+
+@dataclass(frozen=True)
+class Family(Generic[V]):
+    """One model family (e.g. the Wan transformers): detection, layouts, config, class.
+
+    Attributes:
+        name: short id (``"wan"``, ``"wan-vae"``).
+        title: human name.
+        kind: ``"transformer"``, ``"vae"`` or ``"text-encoder"``.
+        architectures: ``general.architecture`` values files of this family carry.
+        signatures: layout name -> alternatives, each a tuple of keys that must all be present for
+            a file to be in that layout (checked after prefix stripping; a diffusers layout entry is
+            required).
+        rules: layout name -> its rules to and from diffusers' layout.
+        infer_config: diffusers-named :class:`Shapes` -> the diffusers config (constructor kwargs).
+        class_name: config -> the diffusers class name to build (``"WanTransformer3DModel"``).
+        variant: (config, shapes) -> a human variant name (``"T2V 14B"``).
+        original_prefix: prefix the original layout's published files put before every key
+            (``"model.diffusion_model."`` for files made for ComfyUI), written with ``--layout
+            original``; ``""`` for none.
+    """
+
+    name: str
+    title: str
+    kind: str
+    architectures: tuple[str, ...]
+    signatures: Mapping[str, tuple[tuple[str, ...], ...]]
+    rules: Mapping[str, tuple[Rule, ...]]
+    infer_config: Callable[[Shapes], dict[str, Any]]
+    class_name: Callable[[Mapping[str, Any]], str]
+    variant: Callable[[Mapping[str, Any], Shapes], str]
+    original_prefix: str = ""
+
+    @property
+    def layouts(self) -> tuple[str, ...]:
+        """Layout names, diffusers' first."""
+        return (CANONICAL, *(k for k in self.rules if k != CANONICAL))
+
+    def layout_of(self, keys: Mapping[str, Any] | set[str]) -> str | None:
+        """The layout whose signature ``keys`` satisfy, or ``None``."""
+        for layout, alternatives in self.signatures.items():
+            if any(all(k in keys for k in alt) for alt in alternatives):
+                return layout
+        return None
+
+    def convert(self, values: Mapping[str, V], src: str, dst: str, ops: ValueOps[V]
+                ) -> dict[str, V]:
+        """``values`` named in layout ``src`` renamed (split, fused) into layout ``dst``.
+
+        Raises:
+            ModelLoadError: an unknown layout, or a tensor group one layout fuses whose parts are
+                not all present.
+        """
+        for layout in (src, dst):
+            if layout not in self.layouts:
+                raise ModelLoadError(f"{self.title} has no layout {layout!r} (known: "
+                                     f"{', '.join(self.layouts)})")
+        if src == dst:
+            return dict(values)
+        out: Mapping[str, V] = values
+        if src != CANONICAL:
+            out, bad = convert_layout(out, self.rules[src], to_canonical=True, ops=ops)
+            _check_complete(bad, self, src)
+        if dst != CANONICAL:
+            out, bad = convert_layout(out, self.rules[dst], to_canonical=False, ops=ops)
+            _check_complete(bad, self, CANONICAL)
+        return dict(out)
+
+
+def _check_complete(incomplete: list[str], family: Family[Any], layout: str) -> None:
+    if incomplete:
+        shown = ", ".join(_safe(k) for k in incomplete[:5])
+        raise ModelLoadError(f"{family.title}, {layout} layout: tensor(s) {shown} belong to a group "
+                             "that the other layout stores as one tensor, but the group's other "
+                             "parts are missing")

@@ -1,0 +1,91 @@
+"""Row splits and concatenations of tensors, exact for quantized ones (raw blocks are moved).
+
+A quantized 2-D+ weight stores each row (the last dim) as whole ggml blocks, so the rows of dim 0
+are consecutive byte ranges of its raw data: cutting or joining them is a byte copy of blocks and
+the decoded values are the same bits. Tensors whose raw data is not row-aligned (a >4-D tensor a
+file stored flattened, or a quantized 1-D tensor cut inside a block) and joins of parts of
+different types are decoded to float32 instead -- the exact values, in more memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..tensor import GGMLTensor
+
+__all__ = ["TensorOps", "split_rows", "cat_rows", "swap_halves"]
+
+
+def _row_aligned(t: GGMLTensor) -> bool:
+    raw = t.raw
+    return t.dim() >= 2 and raw.dim() == t.dim() and tuple(raw.shape[:-1]) == tuple(t.shape[:-1])
+
+
+def _block_rows(t: GGMLTensor) -> tuple[torch.Tensor, int] | None:
+    """The raw data as (units, bytes per unit) where a unit is one row of dim 0, if possible."""
+    if _row_aligned(t):
+        return t.raw.reshape(t.shape[0], -1), 1
+    return None
+
+
+def split_rows(t: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """``t`` cut into consecutive row blocks of dim 0 (views where the data allows)."""
+    if isinstance(t, GGMLTensor):
+        rows = _block_rows(t)
+        if rows is not None:
+            raw, _ = rows
+            out: list[torch.Tensor] = []
+            start = 0
+            for n in sizes:
+                part = raw[start:start + n].reshape(n, *t.raw.shape[1:])
+                out.append(GGMLTensor(part, t.qtype, (n, *t.shape[1:]), t.dtype))
+                start += n
+            return out
+        t = t.dequantize(torch.float32)
+    return list(torch.split(t, list(sizes), dim=0))
+
+
+def cat_rows(ts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Row blocks joined along dim 0; quantized parts of one type stay quantized (bytes joined)."""
+    if all(isinstance(t, GGMLTensor) for t in ts):
+        first = ts[0]
+        assert isinstance(first, GGMLTensor)
+        same = all(isinstance(t, GGMLTensor) and t.qtype == first.qtype and _row_aligned(t)
+                   and tuple(t.shape[1:]) == tuple(first.shape[1:]) and t.dtype == first.dtype
+                   for t in ts)
+        if same:
+            raw = torch.cat([t.raw for t in ts], dim=0)  # type: ignore[union-attr]
+            n = sum(int(t.shape[0]) for t in ts)
+            return GGMLTensor(raw, first.qtype, (n, *first.shape[1:]), first.dtype)
+    plain = [t.dequantize(torch.float32) if isinstance(t, GGMLTensor) else t for t in ts]
+    dtype = torch.promote_types(plain[0].dtype, plain[-1].dtype)
+    for p in plain:
+        dtype = torch.promote_types(dtype, p.dtype)
+    return torch.cat([p.to(dtype) for p in plain], dim=0)
+
+
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """The two row halves of dim 0 in the other order."""
+    n = int(t.shape[0])
+    if n % 2:
+        raise ValueError(f"cannot swap the halves of {n} rows")
+    a, b = split_rows(t, [n // 2, n // 2])
+    return cat_rows([b, a])
+
+
+class TensorOps:
+    """:class:`~ggufvideo.models.base.ValueOps` over tensors (plain or :class:`GGMLTensor`)."""
+
+    def rows(self, v: torch.Tensor) -> int:
+        return int(v.shape[0])
+
+    def split(self, v: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+        return split_rows(v, sizes)
+
+    def cat(self, vs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return cat_rows(vs)
+
+    def swap_halves(self, v: torch.Tensor) -> torch.Tensor:
+        return swap_halves(v)
