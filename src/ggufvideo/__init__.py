@@ -10,9 +10,11 @@ from .errors import (
     TensorLayoutError,
     UnsupportedTypeError,
 )
+from .building import from_gguf
 from .convert import convert
 from .loader import load_state_dict
-from .model import ModelLoadError, empty_weights, load_model
+from .errors import ModelLoadError, UnknownModelError
+from .model import empty_weights, load_model
 from .ops import set_compute_dtype, swap_quant_layers
 from .policy import QuantPolicy
 from .quants import dequantize, quantize
@@ -31,6 +33,8 @@ __all__ = [
     "load_model",
     "empty_weights",
     "ModelLoadError",
+    "UnknownModelError",
+    "from_gguf",
     "swap_quant_layers",
     "set_compute_dtype",
     "InvalidHeaderError",

@@ -11,7 +11,7 @@ from .reader import GGUFFile, TensorInfo
 from .shapes import logical_shape
 from .tensor import GGMLTensor
 
-__all__ = ["load_state_dict", "resolve_dtype", "DTypeLike"]
+__all__ = ["load_state_dict", "read_tensors", "file_architecture", "resolve_dtype", "DTypeLike"]
 
 DTypeLike = torch.dtype | str | None
 
@@ -99,7 +99,18 @@ def load_state_dict(path: str | os.PathLike[str], *, lazy: bool = False, dtype: 
         GGUFError: the file is malformed (the message names the file, the tensor and the problem).
     """
     dev = torch.device(device)
-    want = resolve_dtype(dtype, dev)
-    file = GGUFFile(path)
-    return {name: _load_one(file, info, lazy=lazy, dtype=want, device=dev)
+    return read_tensors(GGUFFile(path), lazy=lazy, dtype=resolve_dtype(dtype, dev), device=dev)
+
+
+def read_tensors(file: GGUFFile, *, lazy: bool, dtype: torch.dtype | None = None,
+                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of an open file (:func:`load_state_dict` on a :class:`GGUFFile`)."""
+    dev = torch.device(device)
+    return {name: _load_one(file, info, lazy=lazy, dtype=dtype, device=dev)
             for name, info in file.tensors.items()}
+
+
+def file_architecture(file: GGUFFile) -> str | None:
+    """The file's ``general.architecture`` when it is a string, else ``None``."""
+    arch = file.metadata.get("general.architecture")
+    return arch if isinstance(arch, str) else None

@@ -21,6 +21,7 @@ raises an error naming the buffers, asking for the model to be built with :func:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -30,7 +31,10 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError, _safe
-from .loader import DTypeLike, load_state_dict, resolve_dtype
+from .models import CONTAINER_PREFIXES
+from .models.matching import LayoutMatch, describe_keys, match_layout
+from .loader import DTypeLike, file_architecture, read_tensors, resolve_dtype
+from .reader import GGUFFile
 from .ops import QuantLayer, dequantize_weight, swap_quant_layers
 from .tensor import GGMLTensor
 
@@ -45,8 +49,13 @@ __all__ = [
 ]
 
 #: Prefixes real checkpoints put before a model's own keys, tried first by the automatic strip.
-KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "transformer.", "vae.",
-                  "first_stage_model.", "net.", "module.")
+KNOWN_PREFIXES = CONTAINER_PREFIXES
+
+#: Below this share of the model's keys found in the file, even ``strict=False`` refuses to load:
+#: the rest would stay on the meta device and fail far from the cause.
+MIN_MATCHED = 0.5
+
+_log = logging.getLogger("ggufvideo")
 
 
 class IncompatibleKeys(NamedTuple):
@@ -54,13 +63,16 @@ class IncompatibleKeys(NamedTuple):
 
     Attributes:
         missing_keys: model keys (parameters and persistent buffers) the file does not contain.
-        unexpected_keys: file keys (after prefix stripping) the model does not have.
+        unexpected_keys: file keys (after prefix stripping and renaming) the model does not have.
         meta_buffers: buffers still on the meta device after loading (their values are unknown).
+        layout: how the file's names were fitted to the model's (prefix removed, the family's
+            layout mapping used, if any).
     """
 
     missing_keys: list[str]
     unexpected_keys: list[str]
     meta_buffers: list[str]
+    layout: LayoutMatch | None = None
 
 
 # -- building without weights --------------------------------------------------------------------
@@ -91,26 +103,6 @@ def empty_weights() -> Iterator[None]:
 
 
 # -- keys ----------------------------------------------------------------------------------------
-def _best_prefix(file_keys: list[str], model_keys: set[str]) -> str:
-    """The prefix whose removal matches the most file keys to model keys ("" if none helps)."""
-    direct = sum(k in model_keys for k in file_keys)
-    counts: dict[str, int] = {}
-    for key in file_keys:
-        if key in model_keys:
-            continue
-        start = 0
-        while (dot := key.find(".", start)) != -1:
-            if key[dot + 1:] in model_keys:
-                counts[key[:dot + 1]] = counts.get(key[:dot + 1], 0) + 1
-                break  # the shortest prefix that matches: the model's own key is the longest
-            start = dot + 1
-    if not counts:
-        return ""
-    # most matches wins; among equals, a prefix real files use, then the shortest
-    best = max(counts, key=lambda p: (counts[p], p in KNOWN_PREFIXES, -len(p)))
-    return best if counts[best] > direct else ""
-
-
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Remove ``prefix`` from every key that starts with it; other keys are kept as they are."""
     n = len(prefix)
@@ -207,27 +199,43 @@ def _recover_meta_buffers(model: nn.Module) -> None:
 def assign_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
                       strict: bool = True, prefix: str | None = None, lazy: bool = True,
                       dtype: DTypeLike = None, device: torch.device | str | None = None,
-                      path: str | os.PathLike[str] | None = None) -> IncompatibleKeys:
+                      path: str | os.PathLike[str] | None = None,
+                      architecture: str | None = None) -> IncompatibleKeys:
     """Make ``state_dict``'s tensors the model's parameters and persistent buffers.
 
     Tensors are *assigned* (not copied into existing storage), so the model may be on the meta
     device, and quantized tensors stay :class:`GGMLTensor`. This is the step of :func:`load_model`
-    after reading the file; see it for the arguments. ``path`` only names the file in errors.
+    after reading the file; see it for the arguments. ``path`` only names the file in errors;
+    ``architecture`` (the file's ``general.architecture``) helps tell its model family.
 
     Returns:
-        the keys that did not match (after the strict check).
+        the keys that did not match (after the strict check) and how names were fitted.
 
     Raises:
-        ModelLoadError: a shape differs (naming the key), or ``strict`` and keys are missing,
-            unexpected, or buffers are left on the meta device.
+        ModelLoadError: a shape differs (naming the key); ``strict`` and keys are missing,
+            unexpected, or buffers are left on the meta device; or (even with ``strict=False``)
+            fewer than half of the model's keys are in the file, naming the file's and the
+            model's best-matching family and layout.
     """
     want = resolve_dtype(dtype, device)
     dev = torch.device(device) if device is not None else None
     entries = _entries(model)
-    if prefix is None:
-        prefix = _best_prefix(list(state_dict), set(entries))
-    sd = strip_prefix(state_dict, prefix)
+    model_shapes = {k: tuple((m._parameters if p else m._buffers)[n].shape)  # type: ignore[union-attr]
+                    for k, (m, n, p) in entries.items()}
+    sd, fit = match_layout(state_dict, model_shapes, prefix=prefix, architecture=architecture)
+    prefix = fit.prefix
+    if fit.renamed:
+        _log.info("load_model(%s): %s", _safe(os.fspath(path)) if path else "state dict", fit)
     unexpected = [k for k in sd if k not in entries]
+    found = sum(k in sd for k in entries)
+    if entries and found < MIN_MATCHED * len(entries):
+        raise ModelLoadError(
+            f"the file does not fit this model: only {found} of the model's {len(entries)} keys "
+            f"are in it ({len(unexpected)} file keys unexpected). The file looks like "
+            f"{describe_keys(state_dict, architecture)}; the model like "
+            f"{describe_keys(entries)} (its class: {type(model).__name__}). Missing keys: "
+            f"{_format_keys([k for k in entries if k not in sd], 5)}; unexpected keys: "
+            f"{_format_keys(unexpected, 5)}", path=path)
 
     # Check every shape before changing anything: a bad file must not leave a half-loaded model.
     for key, (mod, name, is_param) in entries.items():
@@ -266,7 +274,7 @@ def assign_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
                     mod._parameters[name] = nn.Parameter(p.to(dev), requires_grad=p.requires_grad)
     _recover_meta_buffers(model)
     meta = _meta_buffers(model)
-    report = IncompatibleKeys(missing, unexpected, meta)
+    report = IncompatibleKeys(missing, unexpected, meta, fit)
     if strict and (missing or unexpected or meta):
         parts = []
         if missing:
@@ -274,8 +282,8 @@ def assign_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
         if unexpected:
             parts.append(f"unexpected keys (in the file, not in the model): "
                          f"{_format_keys(unexpected)}")
-        if prefix:
-            parts.append(f"(the prefix {_safe(prefix)!r} was stripped from the file's keys)")
+        if prefix or fit.renamed:
+            parts.append(f"(file names fitted: {fit})")
         if meta:
             parts.append(f"buffers left on the meta device (no file holds them; they are computed "
                          f"by the module's __init__): {_format_keys(meta)}; build the model under "
@@ -313,6 +321,14 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], *, lazy: bool = T
             ``None`` picks the prefix that matches the most keys, if one matches more than no
             prefix does; ``""`` disables stripping.
 
+    Names: when the file is a known model family (:mod:`ggufvideo.models`) in another layout than
+    the model's -- a Wan file with the original release's names loaded into diffusers'
+    ``WanTransformer3DModel``, or the reverse -- its tensors are renamed (fused tensors split, or
+    split ones joined, by rows of raw blocks: exact) to the layout that matches the most of the
+    model's keys. The mapping used is logged on the ``ggufvideo`` logger and returned by
+    :func:`assign_state_dict` (``IncompatibleKeys.layout``). Even with ``strict=False`` a file
+    holding fewer than half of the model's keys is refused, naming the families both look like.
+
     Returns:
         ``model``, its weights loaded.
 
@@ -320,11 +336,12 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], *, lazy: bool = T
         FileNotFoundError: no such file.
         GGUFError: the file is malformed; :class:`ModelLoadError` if it does not fit the model.
     """
-    sd = load_state_dict(path, lazy=True)  # zero-copy views; decoded (eager) one tensor at a time
+    file = GGUFFile(path)
+    sd = read_tensors(file, lazy=True)  # zero-copy views; decoded (eager) one tensor at a time
     if lazy:
         swap_quant_layers(model)
     report = assign_state_dict(model, sd, strict=strict, prefix=prefix, lazy=lazy, dtype=dtype,
-                               device=device, path=path)
+                               device=device, path=path, architecture=file_architecture(file))
     if not strict and (report.missing_keys or report.unexpected_keys or report.meta_buffers):
         warnings.warn(f"load_model({_safe(os.fspath(path))}): {len(report.missing_keys)} missing keys "
                       f"[{_format_keys(report.missing_keys, 10)}], {len(report.unexpected_keys)} "

@@ -1,0 +1,154 @@
+"""``from_gguf`` and ``load_model``'s layout mapping on real diffusers architectures."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: E402
+
+import ggufvideo  # noqa: E402
+from ggufvideo import GGMLTensor, ModelLoadError, empty_weights, load_model  # noqa: E402
+from ggufvideo.building import CONFIG_KEY, describe_file, from_gguf  # noqa: E402
+from ggufvideo.errors import UnknownModelError  # noqa: E402
+from ggufvideo.model import assign_state_dict  # noqa: E402
+from ggufvideo.models import get_family  # noqa: E402
+from ggufvideo.models.tensors import TensorOps  # noqa: E402
+
+CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16,
+              out_channels=16, text_dim=64, freq_dim=32, ffn_dim=512, num_layers=2,
+              cross_attn_norm=True, image_dim=64, added_kv_proj_dim=256)
+
+
+@pytest.fixture(scope="module")
+def wan():
+    torch.manual_seed(0)
+    return WanTransformer3DModel(**CONFIG).eval()
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(1, 16, 1, 4, 4, generator=g),
+                timestep=torch.tensor([500]),
+                encoder_hidden_states=torch.randn(1, 8, 64, generator=g),
+                encoder_hidden_states_image=torch.randn(1, 4, 64, generator=g))
+
+
+def save(model, path, layout, qtype="Q8_0", prefix=""):
+    sd = get_family("wan").convert(model.state_dict(), "diffusers", layout, TensorOps())
+    ggufvideo.save_state_dict({prefix + k: v for k, v in sd.items()}, path, qtype=qtype)
+    return path
+
+
+def run(model):
+    with torch.no_grad():
+        return model(**inputs(), return_dict=False)[0]
+
+
+@pytest.mark.parametrize("layout,prefix", [("diffusers", ""), ("original", ""),
+                                           ("original", "model.diffusion_model.")])
+def test_from_gguf_builds_the_diffusers_model_without_a_config(wan, tmp_path, layout, prefix):
+    path = save(wan, tmp_path / "w.gguf", layout, prefix=prefix)
+    model = from_gguf(path)
+    assert type(model) is WanTransformer3DModel
+    assert model.config.num_layers == 2 and model.config.image_dim == 64
+    assert isinstance(model.blocks[0].attn1.to_q.weight, GGMLTensor)
+    reference = from_gguf(save(wan, tmp_path / "ref.gguf", "diffusers"))
+    assert torch.equal(run(model), run(reference))  # bit-identical between layouts
+
+
+def test_load_model_maps_the_original_layout_and_says_so(wan, tmp_path, caplog):
+    path = save(wan, tmp_path / "o.gguf", "original", prefix="model.diffusion_model.")
+    with empty_weights():
+        model = WanTransformer3DModel(**CONFIG)
+    with caplog.at_level(logging.INFO, logger="ggufvideo"):
+        load_model(model, path)
+    assert "original layout mapped to diffusers layout" in caplog.text
+    ref = from_gguf(save(wan, tmp_path / "d.gguf", "diffusers"))
+    assert torch.equal(run(model.eval()), run(ref))
+
+
+def test_assign_state_dict_reports_the_mapping(wan):
+    sd = get_family("wan").convert(wan.state_dict(), "diffusers", "original", TensorOps())
+    with empty_weights():
+        model = WanTransformer3DModel(**CONFIG)
+    report = assign_state_dict(model, sd)
+    assert report.layout is not None and report.layout.renamed
+    assert (report.layout.source, report.layout.target) == ("original", "diffusers")
+    assert not report.missing_keys and not report.unexpected_keys
+
+
+def test_load_model_maps_diffusers_names_into_an_original_layout_module(wan, tmp_path):
+    """A module named like the original release (e.g. ComfyUI's) takes a diffusers-named file."""
+    sd = get_family("wan").convert(wan.state_dict(), "diffusers", "original", TensorOps())
+
+    # a plain module tree with the original names
+    root = torch.nn.Module()
+    for k, v in sd.items():
+        mod = root
+        *parents, leaf = k.split(".")
+        for p in parents:
+            if not hasattr(mod, p):
+                mod.add_module(p, torch.nn.Module())
+            mod = getattr(mod, p)
+        mod.register_parameter(leaf, torch.nn.Parameter(torch.zeros_like(v)))
+    path = save(wan, tmp_path / "d.gguf", "diffusers", qtype=None)
+    load_model(root, path)
+    for k, v in sd.items():
+        assert torch.equal(root.get_parameter(k).detach(), v), k
+
+
+def test_non_strict_refuses_a_file_of_another_model_naming_both(wan, tmp_path):
+    path = save(wan, tmp_path / "w.gguf", "original")
+    with empty_weights():
+        vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
+                               attn_scales=[], temperal_downsample=[False])
+    with pytest.raises(ModelLoadError, match=r"Wan 2.1/2.2 transformer, original layout.*"
+                                             r"AutoencoderKLWan"):
+        load_model(vae, path, strict=False)
+    assert all(p.device.type == "meta" for p in vae.parameters())  # nothing half-loaded
+
+
+def test_unknown_architecture_lists_the_known_families(tmp_path):
+    path = tmp_path / "x.gguf"
+    ggufvideo.save_state_dict({"foo.weight": torch.zeros(4, 4)}, path,
+                              metadata={"general.architecture": "llamafoo"})
+    with pytest.raises(UnknownModelError, match="llamafoo.*known families: .*wan"):
+        from_gguf(path)
+
+
+def test_missing_tensor_is_named(wan, tmp_path):
+    sd = get_family("wan").convert(wan.state_dict(), "diffusers", "original", TensorOps())
+    del sd["text_embedding.0.weight"]
+    path = tmp_path / "m.gguf"
+    ggufvideo.save_state_dict(sd, path)
+    with pytest.raises(ModelLoadError, match="text_embedding.0.weight|text_embedder.linear_1"):
+        from_gguf(path)
+    sd2 = get_family("wan").convert(wan.state_dict(), "diffusers", "original", TensorOps())
+    del sd2["blocks.1.cross_attn.k_img.weight"]
+    ggufvideo.save_state_dict(sd2, tmp_path / "m2.gguf")
+    with pytest.raises(ModelLoadError, match="blocks.1.attn2.add_k_proj.weight"):
+        from_gguf(tmp_path / "m2.gguf")
+
+
+def test_stored_config_wins_over_inference(tmp_path):
+    torch.manual_seed(0)
+    cfg = {**CONFIG, "num_attention_heads": 4, "attention_head_dim": 64}
+    model = WanTransformer3DModel(**cfg).eval()
+    path = tmp_path / "c.gguf"
+    ggufvideo.save_state_dict(model.state_dict(), path,
+                              metadata={CONFIG_KEY: json.dumps(dict(model.config))})
+    assert describe_file(path).config["num_attention_heads"] == 4
+    loaded = from_gguf(path)
+    assert torch.equal(run(loaded), run(model))
+
+
+def test_bad_stored_config_is_named(wan, tmp_path):
+    path = tmp_path / "c.gguf"
+    ggufvideo.save_state_dict(wan.state_dict(), path, metadata={CONFIG_KEY: "{not json"})
+    with pytest.raises(ModelLoadError, match="ggufvideo.config"):
+        describe_file(path)
