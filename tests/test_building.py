@@ -152,3 +152,28 @@ def test_bad_stored_config_is_named(wan, tmp_path):
     ggufvideo.save_state_dict(wan.state_dict(), path, metadata={CONFIG_KEY: "{not json"})
     with pytest.raises(ModelLoadError, match="ggufvideo.config"):
         describe_file(path)
+
+
+def test_inspect_shows_family_variant_layout_and_config(wan, tmp_path, capsys):
+    from ggufvideo.cli import main
+
+    path = save(wan, tmp_path / "w.gguf", "original", prefix="model.diffusion_model.")
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "model: Wan 2.1/2.2 transformer (wan), I2V" in out
+    assert "layout: original (prefix 'model.diffusion_model.')" in out
+    assert "num_layers = 2" in out and "image_dim = 64" in out
+    assert main(["inspect", "--json", str(path)]) == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert model["family"] == "wan" and model["layout"] == "original"
+    assert model["config"]["added_kv_proj_dim"] == 256
+
+
+def test_inspect_of_an_unknown_model_says_why(tmp_path, capsys):
+    from ggufvideo.cli import main
+
+    path = tmp_path / "x.gguf"
+    ggufvideo.save_state_dict({"foo.weight": torch.zeros(4, 4)}, path)
+    assert main(["inspect", "--json", str(path)]) == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert model["family"] is None and "known families" in model["error"]

@@ -65,7 +65,9 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     Returns:
         A JSON-serialisable dict with keys ``path``, ``version``, ``alignment``, ``file_size``,
         ``metadata``, ``tensors`` (list of name/type/shape/stored_shape/bytes), ``totals`` (type ->
-        count/bytes/elements) and ``n_tensors``.
+        count/bytes/elements), ``n_tensors`` and ``model`` (the detected family, title, kind,
+        variant, layout, prefix, diffusers class and inferred config; or ``family: None`` and
+        an ``error`` saying why none was found).
 
     Raises:
         FileNotFoundError, GGUFError: as :class:`~ggufvideo.reader.GGUFFile`.
@@ -88,7 +90,18 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             t["elements"] += info.n_elements
         return {"path": g.path, "version": g.version, "alignment": g.alignment,
                 "file_size": g.size, "data_offset": g.data_offset, "n_tensors": len(tensors),
-                "metadata": meta, "tensors": tensors, "totals": totals}
+                "model": _model_summary(g), "metadata": meta, "tensors": tensors,
+                "totals": totals}
+
+
+def _model_summary(g: GGUFFile) -> dict[str, Any]:
+    """The detected family, variant, layout and inferred config, or why there is none."""
+    from .building import describe_file
+
+    try:
+        return describe_file(g).as_dict()
+    except GGUFError as exc:  # an unknown family or a config that cannot be read: say why
+        return {"family": None, "error": exc.reason}
 
 
 @dataclass
@@ -190,10 +203,25 @@ def validate_file(path: str | os.PathLike[str]) -> ValidationReport:
     return report
 
 
+def _format_model(model: Mapping[str, Any] | None) -> list[str]:
+    if not model:
+        return []
+    if model.get("family") is None:
+        return [_printable(f"model: not recognised ({model.get('error', 'unknown')})", 600)]
+    lines = [_printable(f"model: {model['title']} ({model['family']}), {model['variant']}"),
+             _printable(f"  layout: {model['layout']}"
+                        + (f" (prefix {model['prefix']!r})" if model["prefix"] else "")),
+             _printable(f"  class: {model['class']}"), "  config:"]
+    lines += [_printable(f"    {k} = {v!r}") for k, v in model["config"].items()]
+    return lines
+
+
 def format_inspection(info: Mapping[str, Any], *, tensors: bool = True) -> str:
     """The human-readable form of :func:`inspect_file`'s result."""
     lines = [f"{_safe(info['path'], 400)}: GGUF v{info['version']}, {info['n_tensors']} tensors, "
-             f"{format_bytes(info['file_size'])}, alignment {info['alignment']}", "", "metadata:"]
+             f"{format_bytes(info['file_size'])}, alignment {info['alignment']}", ""]
+    lines += _format_model(info.get("model"))
+    lines += ["", "metadata:"]
     for k, v in info["metadata"].items():
         if isinstance(v, dict) and "length" in v:
             v = f"[{v['length']} items: {', '.join(map(repr, v['first']))}, ...]"
