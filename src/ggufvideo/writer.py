@@ -15,12 +15,13 @@ import os
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from .errors import GGUFError, QuantizationError, _safe
+from .imatrix import USES_IMATRIX, Imatrix
 from .policy import QuantPolicy, TensorDecision, source_qtype
 from .quants import get_quant_type
 from .serialize import (  # ALIGNMENT, encode_metadata: re-exported, importable here as before
@@ -36,9 +37,6 @@ from .serialize import (  # ALIGNMENT, encode_metadata: re-exported, importable 
     write_gguf,
 )
 from .tensor import GGMLTensor
-
-if TYPE_CHECKING:
-    from .imatrix import Imatrix
 
 __all__ = [
     "save_state_dict",
@@ -396,7 +394,7 @@ def write_model(sources: Iterable[SourceTensor], path: str | os.PathLike[str], *
             shape_meta.update(_shape_metadata(s.name, tuple(s.shape)))
         decisions[s.name] = decision
         weights = None
-        if imatrix is not None and not copy_raw and decision.qtype in _uses_imatrix():
+        if imatrix is not None and not copy_raw and decision.qtype in USES_IMATRIX:
             weights = imatrix.weights_for(s.name, stored)
             if weights is not None:
                 imatrix_used.append(s.name)
@@ -435,12 +433,6 @@ def write_model(sources: Iterable[SourceTensor], path: str | os.PathLike[str], *
                         imatrix=imatrix.path if imatrix is not None else None,
                         imatrix_used=imatrix_used,
                         imatrix_entries=len(imatrix) if imatrix is not None else 0, tied=tied)
-
-
-def _uses_imatrix() -> frozenset[GGMLQuantizationType]:
-    from .imatrix import USES_IMATRIX
-
-    return USES_IMATRIX
 
 
 def _tied_groups(plans: list[tuple[SourceTensor, TensorDecision, bool, tuple[int, ...],
