@@ -188,16 +188,16 @@ class _DiskFullOS:
 
 def test_disk_full_is_an_os_error_naming_the_destination_and_leaves_nothing(
         tmp_path, small_source, monkeypatch, capsys):
-    import ggufvideo.writer as writer
+    import ggufvideo.publish as publish
 
     dst = tmp_path / "out.gguf"
-    monkeypatch.setattr(writer, "os", _DiskFullOS(room=10_000))
+    monkeypatch.setattr(publish, "os", _DiskFullOS(room=10_000))
     with pytest.raises(OSError) as exc:
         convert(small_source, dst, qtype="F32")
     assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(dst)
     assert not dst.exists() and _temporaries(dst) == []
     # The command says so in one line, without a traceback.
-    monkeypatch.setattr(writer, "os", _DiskFullOS(room=10_000))
+    monkeypatch.setattr(publish, "os", _DiskFullOS(room=10_000))
     assert main(["convert", str(small_source), str(dst), "-t", "F32", "-q"]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and str(dst) in err and "Traceback" not in err

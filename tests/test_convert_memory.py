@@ -100,9 +100,11 @@ def test_mapped_pt_storages_get_page_releasers(tmp_path):
 def test_pt_of_the_other_byte_order_is_never_released(tmp_path, monkeypatch):
     # torch.load byte-swaps such a checkpoint in place (private copies of the mapped pages):
     # dropping those pages would bring the unswapped bytes back.
-    conv = sys.modules["ggufvideo.convert"]
-    monkeypatch.setattr(conv, "_byteorder", lambda path: "big")
-    src = conv.open_source(_small_pt(tmp_path))
+    from ggufvideo.sources import torch_pickle
+    from ggufvideo.convert import open_source
+
+    monkeypatch.setattr(torch_pickle, "_byteorder", lambda path: "big")
+    src = open_source(_small_pt(tmp_path))
     assert all(t.release is None for t in src.tensors)
 
 

@@ -47,6 +47,8 @@ import torch
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from .errors import GGUFError, _safe
+from .reader import GGUFFile
+from .serialize import TypedValue
 
 __all__ = [
     "Imatrix",
@@ -173,8 +175,6 @@ class Imatrix:
     def metadata(self) -> dict[str, Any]:
         """The GGUF metadata llama.cpp's quantizer records for a model quantized with this matrix
         (``quantize.imatrix.*``: the file, the first dataset, entries and chunks as UINT32)."""
-        from .writer import TypedValue
-
         meta: dict[str, Any] = {IMATRIX_METADATA_KEYS["file"]: self.path}
         if self.datasets:
             meta[IMATRIX_METADATA_KEYS["dataset"]] = self.datasets[0]
@@ -307,8 +307,6 @@ def _load_legacy(path: str, data: bytes) -> Imatrix:
 
 
 def _load_gguf(path: str) -> Imatrix:
-    from .reader import GGUFFile
-
     try:
         g = GGUFFile(path)
     except GGUFError as exc:
