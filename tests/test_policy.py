@@ -98,9 +98,19 @@ def test_rows_that_do_not_fit_fall_back_along_the_chain_and_say_so():
     assert d.qtype == T.BF16 and d.fallback == "Q4_K -> Q5_0 -> BF16" and d.keep
 
 
-def test_five_dim_conv_weights_are_quantized_when_the_elements_fit():
-    # Wan 14B patch embedding: rows of 2 elements, but 327,680 elements = 1280 blocks of 256
-    assert q(Q4K, "patch_embedding.weight", (5120, 16, 1, 2, 2)) == T.Q4_K
+def test_transformer_patch_embeddings_stay_high_precision_like_published_files():
+    # Wan's 5-D patch embedding stays native F32/BF16 so diffusers' and ComfyUI-GGUF's loaders
+    # (which have no quantized Conv3d) read our files
+    for name in ("patch_embedding.weight", "model.diffusion_model.patch_embedding.weight",
+                 "vace_patch_embedding.weight", "img_in.proj.weight", "x_embedder.proj.weight"):
+        d = Q4K.decide(name, (5120, 16, 1, 2, 2), torch.bfloat16)
+        assert d.qtype == T.BF16 and d.keep, name
+    # an explicit override still quantizes it
+    forced = QuantPolicy.from_type("Q4_K", overrides={r"patch_embedding": "Q4_K"})
+    assert forced.decide("patch_embedding.weight", (5120, 16, 1, 2, 2), torch.float32).qtype == T.Q4_K
+
+
+def test_five_dim_vae_conv_weights_are_quantized_when_the_elements_fit():
     # VAE conv3d [384, 384, 3, 3, 3]: 3,981,312 elements, divisible by 256
     assert q(Q4K, "decoder.conv.weight", (384, 384, 3, 3, 3)) == T.Q4_K
     # 4-D conv with rows of 3 falls back (rows are rows up to 4 dims)

@@ -172,13 +172,17 @@ def test_five_dim_tensors_restore_in_our_loader_and_by_comfyui_rule(tmp_path, qt
     if qtype and not can(qtype):
         pytest.skip(f"{qtype} quantizer not available")
     g = torch.Generator().manual_seed(3)
-    sd = {"patch_embedding.weight": torch.randn(256, 16, 1, 2, 2, generator=g),
+    sd = {"vae.conv_in.weight": torch.randn(256, 16, 1, 2, 2, generator=g),
           "vae.conv.weight": torch.randn(32, 32, 3, 3, 3, generator=g),
           "six.weight": torch.randn(4, 4, 4, 4, 4, 8, generator=g)}
     path = tmp_path / "5d.gguf"
     save_state_dict(sd, path, qtype=qtype)
     with GGUFFile(path) as f:
-        assert all(len(i.shape) <= 4 for i in f.tensors.values())
+        if qtype is None:  # native n-dim infos, no shape metadata
+            assert [len(i.shape) for i in f.tensors.values()] == [5, 5, 6]
+            assert not [k for k in f.metadata if "shape" in k]
+        else:  # quantized: flattened rows + both shape conventions
+            assert all(len(i.shape) <= 4 for i in f.tensors.values())
     ours = load_state_dict(path)
     comfy = _comfy_restore(path)
     for k, v in sd.items():
@@ -192,6 +196,9 @@ def test_five_dim_tensors_restore_in_our_loader_and_by_comfyui_rule(tmp_path, qt
 def test_ggml_c_loader_accepts_our_files(tmp_path):
     path = tmp_path / "m.gguf"
     sd = _sd()
+    # ggml's C loader caps tensors at 4 dims: an unquantized 5-D tensor is written natively (what
+    # the video loaders read), so only a file whose 5-D tensors are quantized suits it
+    sd["vae.conv.weight"] = sd.pop("patch_embedding.weight")
     sd["empty"] = torch.zeros(4, 0)
     summary = save_state_dict(sd, path, qtype="Q8_0")
     seen = ggml_gguf.ggml_read(path)
@@ -208,8 +215,9 @@ def test_ggml_c_loader_accepts_our_files(tmp_path):
 def test_stored_layout_rules():
     assert stored_layout((64, 512), T.Q4_K) == ((64, 512), False)
     assert stored_layout((5120, 16, 1, 2, 2), T.Q4_K) == ((1280, 256), True)
-    assert stored_layout((5120, 16, 1, 2, 2), T.F16) == ((1280, 256), True)
-    assert stored_layout((3, 3, 3, 3, 3), T.F32) == ((81, 3), True)
+    # unquantized >4-D: native n-dim infos (diffusers, ComfyUI-GGUF, stable-diffusion.cpp read them)
+    assert stored_layout((5120, 16, 1, 2, 2), T.F16) == ((5120, 16, 1, 2, 2), False)
+    assert stored_layout((3, 3, 3, 3, 3), T.F32) == ((3, 3, 3, 3, 3), False)
     assert stored_layout((64, 64, 3, 3), T.Q8_0) == ((144, 256), True)  # already-quantized data
     assert stored_layout((), T.F32) == ((1,), False)
     assert stored_layout((5, 0, 2), T.F16) == ((0,), True)
@@ -344,8 +352,8 @@ def test_metadata_that_cannot_be_encoded_is_a_clear_error(tmp_path):
     with pytest.raises(GGUFError, match="metadata 'obj'"):
         save_state_dict({"w": torch.zeros(2)}, tmp_path / "x.gguf", metadata={"obj": object()})
     with pytest.raises(GGUFError, match="written by the writer"):
-        save_state_dict({"c": torch.zeros(2, 2, 2, 2, 2)}, tmp_path / "x.gguf",
-                        metadata={"c.raw_shape": [2, 2, 2, 2, 2]})
+        save_state_dict({"c": torch.zeros(2, 2, 2, 2, 256)}, tmp_path / "x.gguf", qtype="Q8_0",
+                        metadata={"c.raw_shape": [2, 2, 2, 2, 256]})
 
 
 def test_writing_over_a_protected_source_is_refused(tmp_path):

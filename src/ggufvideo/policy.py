@@ -16,8 +16,10 @@ Defaults, after what the peers keep and why:
 * ``overrides`` (regex -> type or ``"keep"``) win over everything else, first match wins.
 * A tensor whose rows do not fit the chosen type's block size falls back along ggml's own chain
   (Q4_K -> Q5_0, Q6_K -> Q8_0, ...) and finally to high precision; the decision says so.
-* Tensors with more than 4 dims (Conv3d weights) are stored flattened, so they are quantized when
-  their element count fits the block size (no peer quantizes them).
+* Transformers' patch embeddings (Wan's 5-D ``patch_embedding``) stay high precision, as in the
+  published files, so the peers' loaders read them. Other tensors with more than 4 dims (a VAE's
+  Conv3d weights) are quantized when their element count fits the block size and stored flattened
+  with their shape in the metadata (no peer quantizes them; our loader decodes them).
 
 "High precision" means the source's own float type (F32, F16 or BF16: lossless), F16 for float8
 sources (exact) and F32 for float64 ones, unless ``keep_type`` says otherwise.
@@ -64,6 +66,12 @@ DEFAULT_KEEP_PATTERNS: tuple[str, ...] = (
     r"(^|\.)condition_embedder\.(text_embedder|time_embedder|time_proj)\.",
     r"(^|\.)(time_in|txt_in|vector_in|guidance_in|time_text_embed)\.",
     r"(^|\.)(adaln_single|caption_projection)\.",
+    # Patch embeddings of transformers (Wan's 5-D Conv3d, HunyuanVideo's, VACE's, Mochi's): the
+    # published files keep them unquantized, so they stay native n-dim tensors that diffusers',
+    # ComfyUI-GGUF's and stable-diffusion.cpp's loaders read (none has a quantized Conv3d). VAE
+    # convolutions are not matched: quantized Conv3d there is our own feature.
+    r"(^|\.)(vace_)?patch_embedding\.",
+    r"(^|\.)(img_in|x_embedder|patch_embed)\.proj\.",
     # Output heads.
     r"(^|\.)head\.head\.",
     r"(^|\.)(final_layer|norm_out|proj_out)\.",

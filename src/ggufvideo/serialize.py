@@ -192,8 +192,13 @@ def stored_layout(shape: tuple[int, ...] | torch.Size, qtype: GGMLQuantizationTy
                   ) -> tuple[tuple[int, ...], bool]:
     """The shape a tensor is stored with, and whether its real shape must go in the metadata.
 
-    Up to 4 dims with whole-block rows: stored as is. Otherwise (more dims, or rows that are not
-    whole blocks -- possible only for data already quantized elsewhere) flattened to ``(n/w, w)``.
+    Up to 4 dims with whole-block rows: stored as is. Unquantized (F32/F16/BF16/int) tensors of
+    more dims are stored as they are too, as native n-dim tensor infos: what diffusers'
+    single-file GGUF loader, ComfyUI-GGUF and stable-diffusion.cpp read, and how published Wan
+    files store their 5-D ``patch_embedding`` (only ggml's C loader refuses them, and it cannot
+    run a video model anyway). Quantized tensors of more dims, or with rows that are not whole
+    blocks (possible only for data already quantized elsewhere), are flattened to ``(n/w, w)``
+    and their shape goes in the metadata: a block must not straddle two rows of ggml's 4-D view.
     A 0-d tensor is stored as ``(1,)``, an empty one as ``(0,)``.
     """
     shape = tuple(int(d) for d in shape)
@@ -204,7 +209,7 @@ def stored_layout(shape: tuple[int, ...] | torch.Size, qtype: GGMLQuantizationTy
         # of SIGFPE on a zero): an empty tensor is stored 1-D, its shape in the metadata.
         return (0,), len(shape) != 1
     bs = get_quant_type(qtype).block_size
-    if len(shape) <= 4 and shape[-1] % bs == 0:
+    if (len(shape) <= 4 or bs == 1) and shape[-1] % bs == 0:
         return shape, False
     n = math.prod(shape)
     if n % bs:
