@@ -1,0 +1,141 @@
+"""The HunyuanVideo transformer family: layouts against diffusers' converter, inferred config."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
+from diffusers.loaders.single_file_utils import (  # noqa: E402
+    convert_hunyuan_video_transformer_to_diffusers,
+)
+
+from family_checks import (  # noqa: E402
+    check_against_diffusers_converter,
+    check_config_inference,
+    check_exact_row_splits,
+    random_state_dict,
+)
+from ggufvideo.errors import ModelLoadError  # noqa: E402
+from ggufvideo.models import ShapeOps, describe, get_family  # noqa: E402
+
+HY = get_family("hunyuan-video")
+
+# Tiny configs (head width 32 here: the per-head q/k norms tell it; the release's is 128).
+BASE = dict(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=32,
+            num_layers=1, num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0,
+            patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=32,
+            pooled_projection_dim=24, rope_axes_dim=(8, 12, 12))
+VARIANTS = {
+    "t2v": (BASE, "T2V", ()),
+    "i2v-33ch": ({**BASE, "in_channels": 33, "guidance_embeds": False,
+                  "image_condition_type": "latent_concat"}, "I2V", ()),
+    # the token-replace I2V has T2V's tensors: its condition type cannot be read off the shapes
+    "i2v-token-replace": ({**BASE, "image_condition_type": "token_replace"}, "T2V",
+                          ("image_condition_type",)),
+    "no-guidance": ({**BASE, "guidance_embeds": False, "in_channels": 32}, "I2V", ()),
+    "patch-t2": ({**BASE, "patch_size_t": 2, "mlp_ratio": 4.0, "num_layers": 2}, "T2V", ()),
+}
+
+
+def build(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return HunyuanVideoTransformer3DModel(**VARIANTS[name][0])
+
+
+def reference_converter(hidden: int):
+    """diffusers' converter with its single-block width (hard-coded 3072, the release's) set to
+    ``hidden``, so tiny models can be checked against it."""
+    def patched(code: types.CodeType) -> types.CodeType:
+        consts = tuple(patched(c) if isinstance(c, types.CodeType)
+                       else hidden if type(c) is int and c == 3072 else c
+                       for c in code.co_consts)
+        return code.replace(co_consts=consts)
+
+    fn = convert_hunyuan_video_transformer_to_diffusers
+    return types.FunctionType(patched(fn.__code__), fn.__globals__, fn.__name__,
+                              fn.__defaults__, fn.__closure__)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_original_layout_matches_diffusers_converter(name):
+    model = build(name)
+    hidden = model.config.num_attention_heads * model.config.attention_head_dim
+    check_against_diffusers_converter(HY, "original", random_state_dict(model),
+                                      reference_converter(hidden), prefix="")
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "original"])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_config_inferred_from_shapes(name, layout):
+    model = build(name)
+    _, label, ignore = VARIANTS[name]
+    check_config_inference(HY, model, layout, "hyvid", ignore=ignore)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert label in describe(shapes).variant
+
+
+def test_quantized_weights_convert_exactly_both_ways():
+    sd = random_state_dict(build("t2v"))
+    assert check_exact_row_splits(HY, "original", sd) > 10
+
+
+def test_single_block_linear1_splits_by_linear2_rows():
+    sd = random_state_dict(build("t2v"))
+    from ggufvideo.models.tensors import TensorOps
+
+    orig = HY.convert(sd, "diffusers", "original", TensorOps())
+    b = "single_transformer_blocks.1"
+    want = torch.cat([sd[f"{b}.attn.to_q.weight"], sd[f"{b}.attn.to_k.weight"],
+                      sd[f"{b}.attn.to_v.weight"], sd[f"{b}.proj_mlp.weight"]])
+    assert torch.equal(orig["single_blocks.1.linear1.weight"], want)
+    shift, scale = orig["final_layer.adaLN_modulation.1.weight"].chunk(2)
+    assert torch.equal(torch.cat([scale, shift]), sd["norm_out.linear.weight"])
+
+
+@pytest.mark.parametrize("layout,drop", [("diffusers", "proj_out.weight"),
+                                         ("original", "final_layer.linear.weight"),
+                                         ("original", "vector_in.in_layer.weight")])
+def test_missing_tensor_is_named(layout, drop):
+    shapes = {k: tuple(v.shape) for k, v in build("t2v").state_dict().items()}
+    renamed = HY.convert(shapes, "diffusers", layout, ShapeOps())
+    del renamed[drop]
+    want = {"final_layer.linear.weight": "proj_out.weight",
+            "vector_in.in_layer.weight": "time_text_embed.text_embedder.linear_1.weight"}
+    with pytest.raises(ModelLoadError, match=want.get(drop, drop).replace(".", r"\.")):
+        describe(renamed, "hyvid")
+
+
+def test_released_size_without_qk_norm_assumes_head_dim_128():
+    dim = 3072
+    shapes = {"x_embedder.proj.weight": (dim, 16, 1, 2, 2), "proj_out.weight": (64, dim),
+              "context_embedder.proj_in.weight": (dim, 4096),
+              "time_text_embed.timestep_embedder.linear_1.weight": (dim, 256),
+              "time_text_embed.text_embedder.linear_1.weight": (dim, 768),
+              "time_text_embed.guidance_embedder.linear_1.weight": (dim, 256)}
+    for i in range(20):
+        shapes[f"transformer_blocks.{i}.attn.to_q.weight"] = (dim, dim)
+        shapes[f"transformer_blocks.{i}.ff.net.0.proj.weight"] = (4 * dim, dim)
+    for i in range(40):
+        shapes[f"single_transformer_blocks.{i}.attn.to_q.weight"] = (dim, dim)
+    desc = describe(shapes, "hyvid")
+    assert desc.config["num_attention_heads"] == 24
+    assert desc.config["attention_head_dim"] == 128
+    assert desc.config["mlp_ratio"] == 4.0
+    assert desc.config["qk_norm"] is None
+    assert "T2V 13B" in desc.variant
+
+
+@pytest.mark.parametrize("extra", [dict(has_image_proj=True, image_proj_dim=48,
+                                        has_clean_x_embedder=True),
+                                   dict(has_clean_x_embedder=True)])
+def test_framepack_config_inferred_from_shapes(extra):
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    torch.manual_seed(0)
+    model = HunyuanVideoFramepackTransformer3DModel(**BASE, **extra)
+    check_config_inference(HY, model, "diffusers", "hyvid")
+    assert "FramePack" in describe({k: tuple(v.shape) for k, v in model.state_dict().items()}).variant
