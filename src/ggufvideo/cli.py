@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rewrite the imatrix's entry names before matching them to the source's "
                    "(re.sub; repeatable, applied in order), e.g. '^=model.diffusion_model.' adds "
                    "a prefix")
+    c.add_argument("--layout", choices=("original", "diffusers"), default=None,
+                   help="tensor names to write for a known model family: the original release's "
+                        "(what published GGUFs and ComfyUI use) or diffusers'; default: the "
+                        "source's")
     c.add_argument("--device", default=None, help="where to quantize (cpu, cuda; default cpu)")
     c.add_argument("--force", "-f", action="store_true", help="replace DST if it exists")
     c.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -106,7 +110,7 @@ def _convert(args: argparse.Namespace) -> int:
         raise ValueError("--imatrix-rename needs --imatrix")
     summary = convert(args.src, args.dst, policy=policy, force=args.force,
                       progress=not args.quiet, device=args.device, imatrix=args.imatrix,
-                      imatrix_rename=args.imatrix_rename)
+                      imatrix_rename=args.imatrix_rename, layout=args.layout)
     if args.verbose:
         used = set(summary.imatrix_used)
         for name, d in summary.decisions.items():

@@ -9,12 +9,15 @@ never written.
 Tied weights (two keys of a ``.pt`` or state dict sharing one storage) are written under each key
 -- GGUF has no aliases -- but encoded once.
 
-Keys are kept verbatim, so any architecture converts (a twin-backbone model like Ovi included);
-known families are recognised only to record ``general.architecture``.
+Keys are kept verbatim by default, so any architecture converts (a twin-backbone model like Ovi
+included); a known model family (:mod:`ggufvideo.models`) can be written in another of its
+layouts (``layout="original"``: the names the published GGUFs use). A diffusers ``config.json``
+beside the source is recorded as ``ggufvideo.config`` metadata, for :func:`ggufvideo.from_gguf`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -22,10 +25,12 @@ from typing import Any
 import torch
 from gguf import GGMLQuantizationType
 
+from .building import CONFIG_KEY
 from .errors import _safe
 from .imatrix import Imatrix, load_imatrix
 from .policy import QuantPolicy
 from .sources import SOURCE_METADATA_PREFIX, Source, open_source
+from .sources.layout import relayout, source_config
 from .writer import WriteSummary, write_model
 
 __all__ = ["convert", "open_source", "Source", "SOURCE_METADATA_PREFIX"]
@@ -38,7 +43,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             metadata: Mapping[str, Any] | None = None, architecture: str | None = None,
             device: torch.device | str | None = None,
             imatrix: str | os.PathLike[str] | Imatrix | None = None,
-            imatrix_rename: Iterable[tuple[str, str]] | Mapping[str, str] = ()) -> WriteSummary:
+            imatrix_rename: Iterable[tuple[str, str]] | Mapping[str, str] = (),
+            layout: str | None = None) -> WriteSummary:
     """Convert a checkpoint to GGUF.
 
     Args:
@@ -66,6 +72,11 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             matrix's entry names before matching them to the source's tensor names, for a matrix
             computed on a differently named copy of the model: ``[("^", "model.diffusion_model.")]``
             adds a prefix, ``[(r"^model\\.diffusion_model\\.", "")]`` removes one.
+        layout: write the tensor names of this layout of the source's model family:
+            ``"original"`` (the release's names, as the published GGUFs and ComfyUI use) or
+            ``"diffusers"``; ``None`` keeps the source's names. Tensors one layout fuses and the
+            other splits (a fused QKV) are split or joined by rows -- quantized ones as raw blocks,
+            written unchanged when their type stays.
 
     Returns:
         A :class:`~ggufvideo.writer.WriteSummary`; ``str()`` of it is the human summary.
@@ -96,7 +107,14 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     elif imatrix_rename:
         raise ValueError("imatrix_rename given without an imatrix")
     source = open_source(srcp)
+    tensors = source.tensors
+    notes: list[str] = []
+    if layout is not None:
+        tensors, _, notes = relayout(tensors, layout, source.architecture, srcp)
     meta: dict[str, Any] = {}
+    config = source_config(srcp) if source.kind != "gguf" else None
+    if config is not None:  # the settings no shape tells (head count), for from_gguf
+        meta[CONFIG_KEY] = json.dumps(config, sort_keys=True)
     if source.kind != "gguf":
         base = os.path.basename(os.path.normpath(srcp))
         meta["general.name"] = base.rsplit(".", 1)[0] if not os.path.isdir(srcp) else base
@@ -108,7 +126,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         meta.update(imat.metadata())
     meta.update(metadata or {})
     try:
-        summary = write_model(source.tensors, dst, policy=policy, metadata=meta,
+        summary = write_model(tensors, dst, policy=policy, metadata=meta,
                               architecture=architecture or source.architecture, requantize=True,
                               overwrite=force, progress=progress, protect=source.files,
                               device=device, imatrix=imat)
@@ -117,8 +135,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         # traceback, say); the garbage collector releases it after the views.
         source._keep_open.clear()
     summary.notes.extend(source.notes)
+    summary.notes.extend(notes)
     if imat is not None:
-        names = {t.name for t in source.tensors}
+        names = {t.name for t in tensors}
         unmatched = [n for n in imat.entries if n not in names]
         if unmatched:
             summary.notes.append(

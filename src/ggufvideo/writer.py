@@ -66,45 +66,36 @@ _GPU_CHUNK_ELEMENTS = 1 << 24
 
 # -- architectures ---------------------------------------------------------------------------
 
-# (architecture, alternative sets of keys that must all be present). Names follow ComfyUI-GGUF's
-# loader, which refuses architectures it does not list ("hyvid" is HunyuanVideo). Original and
-# diffusers key layouts both count.
-_ARCH_RULES: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
-    ("wan", (("head.modulation", "blocks.0.self_attn.norm_q.weight"),
-             ("condition_embedder.time_proj.weight", "blocks.0.attn1.norm_q.weight",
-              "blocks.0.attn2.to_k.weight"))),
-    ("hyvid", (("double_blocks.0.img_attn_proj.weight",
-                "txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight"),
-               ("context_embedder.token_refiner.refiner_blocks.0.attn.to_q.weight",
-                "transformer_blocks.0.attn.add_q_proj.weight"))),
-    ("ltxv", (("adaln_single.emb.timestep_embedder.linear_2.weight",
-               "caption_projection.linear_2.weight", "transformer_blocks.0.scale_shift_table"),)),
+def detect_architecture(names: Iterable[str]) -> str:
+    """``general.architecture`` for a set of tensor names: a known family's or ``"generic"``.
+
+    A model is recognised by its family's signature keys (:func:`ggufvideo.models.detect`), in any
+    of its layouts, directly or under one container prefix (``model.diffusion_model.``...). The
+    value is the one the published files of that family carry (ComfyUI-GGUF's loader refuses
+    architectures it does not list; ``hyvid`` is HunyuanVideo). Anything else -- a twin-backbone
+    model, a family whose files carry none, a new family -- is ``"generic"``: keys are written
+    verbatim either way.
+    """
+    from .models import detect
+
+    names = list(names)
+    det = detect(names)
+    if det is not None:
+        return det.family.architectures[0] if det.family.architectures else GENERIC_ARCHITECTURE
+    keys = set(names)
+    for arch, alternatives in _OTHER_ARCHITECTURES:  # image models ComfyUI-GGUF also lists
+        for prefix in ("", "model.diffusion_model."):
+            if any(all(prefix + k in keys for k in alt) for alt in alternatives):
+                return arch
+    return GENERIC_ARCHITECTURE
+
+
+# Families with no model-family module (image models), recognised only to label the file.
+_OTHER_ARCHITECTURES: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
     ("flux", (("double_blocks.0.img_attn.proj.weight",),
               ("transformer_blocks.0.attn.norm_added_k.weight",
                "single_transformer_blocks.0.proj_out.weight"))),
 )
-# Wrappers that checkpoints put around a single model's keys.
-_CONTAINER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "net.")
-
-
-def detect_architecture(names: Iterable[str]) -> str:
-    """``general.architecture`` for a set of tensor names: a known family or ``"generic"``.
-
-    A model is recognised by keys only its family has, directly or under one container prefix
-    (``model.diffusion_model.``...). Anything else -- a twin-backbone model, a VAE, a new family --
-    is ``"generic"``: keys are written verbatim either way.
-    """
-    keys = set(names)
-    candidates = [keys]
-    for prefix in _CONTAINER_PREFIXES:
-        inner = {k[len(prefix):] for k in keys if k.startswith(prefix)}
-        if inner:
-            candidates.append(inner)
-    for arch, alternatives in _ARCH_RULES:
-        for ks in candidates:
-            if any(all(k in ks for k in alt) for alt in alternatives):
-                return arch
-    return GENERIC_ARCHITECTURE
 
 
 # -- the model pipeline ----------------------------------------------------------------------

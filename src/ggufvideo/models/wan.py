@@ -139,9 +139,11 @@ FAMILY: Family[Any] = Family(
     kind="transformer",
     architectures=("wan",),
     signatures={
-        "diffusers": (("condition_embedder.time_proj.weight", "blocks.0.attn1.to_q.weight"),),
+        "diffusers": (("condition_embedder.time_proj.weight", "blocks.0.attn1.to_q.weight"),
+                      ("condition_embedder.time_proj.weight", "blocks.0.attn1.norm_q.weight")),
         "original": (("time_projection.1.weight", "blocks.0.self_attn.q.weight"),
-                     ("head.modulation", "blocks.0.self_attn.q.weight")),
+                     ("head.modulation", "blocks.0.self_attn.q.weight"),
+                     ("head.modulation", "blocks.0.self_attn.norm_q.weight")),
     },
     rules={"original": RULES},
     infer_config=infer_config,

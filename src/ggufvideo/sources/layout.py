@@ -1,0 +1,117 @@
+"""Renaming a source's tensors into another layout of its model family, still lazily.
+
+The converter streams: it knows every tensor's name and shape before reading data. Renaming keeps
+that: each output tensor is a :class:`~ggufvideo.writer.SourceTensor` whose ``load`` loads the
+source tensor(s) it comes from and splits or joins rows (exact; quantized sources move raw blocks
+and are written as they are when their type stays).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..errors import ModelLoadError, _safe
+from ..models import CANONICAL, Detection, detect, known_families
+from ..models.tensors import cat_rows, split_rows, swap_halves
+from ..writer import SourceTensor
+
+__all__ = ["SourceOps", "relayout", "LAYOUTS", "source_config"]
+
+#: Layout names ``convert --layout`` takes.
+LAYOUTS = ("original", CANONICAL)
+
+
+def _keeps_qtype(shape: tuple[int, ...]) -> bool:
+    return 2 <= len(shape) <= 4  # rows of whole blocks: splits and joins move raw bytes
+
+
+class SourceOps:
+    """:class:`~ggufvideo.models.ValueOps` over lazy source tensors."""
+
+    def rows(self, v: SourceTensor) -> int:
+        return int(v.shape[0])
+
+    def split(self, v: SourceTensor, sizes: Sequence[int]) -> list[SourceTensor]:
+        out, total = [], max(1, int(v.shape[0]))
+        for i, n in enumerate(sizes):
+            shape = (int(n), *v.shape[1:])
+            keep = v.qtype is not None and _keeps_qtype(shape)
+            out.append(SourceTensor(
+                v.name, shape, v.dtype if keep or v.qtype is None else torch.float32,
+                (lambda v=v, i=i: split_rows(v.load(), list(sizes))[i]),
+                v.qtype if keep else None, v.nbytes * int(n) // total, None, v.release))
+        return out
+
+    def cat(self, vs: Sequence[SourceTensor]) -> SourceTensor:
+        shape = (sum(int(v.shape[0]) for v in vs), *vs[0].shape[1:])
+        qtypes = {v.qtype for v in vs}
+        qtype = vs[0].qtype if len(qtypes) == 1 and _keeps_qtype(shape) else None
+        dtype = vs[0].dtype
+        for v in vs:
+            dtype = torch.promote_types(dtype, v.dtype)
+        if qtype is None and any(v.qtype is not None for v in vs):
+            dtype = torch.float32  # parts of different types are joined decoded (exact values)
+
+        def load() -> torch.Tensor:
+            return cat_rows([v.load() for v in vs])
+
+        return SourceTensor(vs[0].name, shape, dtype, load, qtype, sum(v.nbytes for v in vs))
+
+    def swap_halves(self, v: SourceTensor) -> SourceTensor:
+        return dataclasses.replace(v, load=lambda: swap_halves(v.load()), tie=None)
+
+
+def relayout(tensors: list[SourceTensor], layout: str, architecture: str | None,
+             path: str) -> tuple[list[SourceTensor], Detection, list[str]]:
+    """``tensors`` renamed into ``layout`` of their family.
+
+    Returns:
+        the renamed tensors, the source's detection, and notes for the summary.
+
+    Raises:
+        ModelLoadError: an unknown layout name, or a source that is no known family.
+    """
+    if layout not in LAYOUTS:
+        raise ModelLoadError(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    det = detect([t.name for t in tensors], architecture)
+    if det is None:
+        raise ModelLoadError(f"cannot write the {layout} layout: the source's tensor names match "
+                             f"no known model family (known: {known_families()})", path=path)
+    fam = det.family
+    if layout not in fam.layouts:
+        raise ModelLoadError(f"{fam.title} has no {layout} layout (only "
+                             f"{', '.join(fam.layouts)})", path=path)
+    n = len(det.prefix)
+    values = {t.name[n:]: t for t in tensors if t.name.startswith(det.prefix)}
+    others = [t for t in tensors if not t.name.startswith(det.prefix)]
+    converted = fam.convert(values, det.layout, layout, SourceOps())
+    prefix = fam.original_prefix if layout != CANONICAL else ""
+    out = [dataclasses.replace(t, name=prefix + name) for name, t in converted.items()]
+    out += others
+    notes = []
+    if det.layout != layout:
+        notes.append(f"{fam.title}: tensor names written in the {layout} layout (source: "
+                     f"{det.layout})")
+    if others:
+        notes.append(f"{len(others)} tensor(s) outside the prefix {det.prefix!r} kept as they are"
+                     f" (e.g. {_safe(others[0].name)})")
+    return out, det, notes
+
+
+def source_config(path: str) -> dict[str, Any] | None:
+    """The diffusers ``config.json`` beside a source (a model folder, or the folder of a file),
+    when it is one (has ``_class_name``); ``None`` otherwise."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    cfg = os.path.join(folder, "config.json")
+    try:
+        with open(cfg, encoding="utf-8") as fh:
+            value = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) and "_class_name" in value else None
