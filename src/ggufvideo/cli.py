@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rewrite the imatrix's entry names before matching them to the source's "
                    "(re.sub; repeatable, applied in order), e.g. '^=model.diffusion_model.' adds "
                    "a prefix")
-    c.add_argument("--layout", choices=("original", "diffusers"), default=None,
-                   help="tensor names to write for a known model family: the original release's "
-                        "(what published GGUFs and ComfyUI use) or diffusers'; default: the "
+    c.add_argument("--layout", default=None, metavar="LAYOUT",
+                   help="tensor names to write for a known model family: 'original' (the "
+                        "release's, what published GGUFs and ComfyUI use), 'diffusers', or another "
+                        "layout the family lists (ggufvideo inspect names it); default: the "
                         "source's")
     c.add_argument("--device", default=None, help="where to quantize (cpu, cuda; default cpu)")
     c.add_argument("--force", "-f", action="store_true", help="replace DST if it exists")

@@ -23,7 +23,8 @@ from ..writer import SourceTensor
 
 __all__ = ["SourceOps", "relayout", "LAYOUTS", "source_config"]
 
-#: Layout names ``convert --layout`` takes.
+#: The layout names every family with an original release layout has (some families have more,
+#: e.g. one per release of a VAE whose names changed: ``original-0.9.0``).
 LAYOUTS = ("original", CANONICAL)
 
 
@@ -77,16 +78,14 @@ def relayout(tensors: list[SourceTensor], layout: str, architecture: str | None,
     Raises:
         ModelLoadError: an unknown layout name, or a source that is no known family.
     """
-    if layout not in LAYOUTS:
-        raise ModelLoadError(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     det = detect([t.name for t in tensors], architecture)
     if det is None:
         raise ModelLoadError(f"cannot write the {layout} layout: the source's tensor names match "
                              f"no known model family (known: {known_families()})", path=path)
     fam = det.family
     if layout not in fam.layouts:
-        raise ModelLoadError(f"{fam.title} has no {layout} layout (only "
-                             f"{', '.join(fam.layouts)})", path=path)
+        raise ModelLoadError(f"unknown layout {layout!r}: {fam.title} has the layouts "
+                             f"{', '.join(fam.layouts)}", path=path)
     n = len(det.prefix)
     values = {t.name[n:]: t for t in tensors if t.name.startswith(det.prefix)}
     others = [t for t in tensors if not t.name.startswith(det.prefix)]
