@@ -12,6 +12,8 @@ from quantize_inputs import float_rows, imatrix_row
 import ggufvideo
 import ggufvideo.quants as quants
 from ggufvideo import QuantizationError, UnsupportedTypeError, dequantize, quantize
+from ggufvideo.imatrix import USES_IMATRIX
+from ggufvideo.quants import get_quant_type
 
 ALL = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K,
        T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS]
@@ -168,3 +170,25 @@ def test_parameters_that_require_grad_are_quantized_without_a_graph(qtype):
     q = quantize(p, qtype, imatrix=im)
     assert not q.requires_grad
     assert torch.equal(q, quantize(p.detach(), qtype, imatrix=im.detach()))
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["no-imatrix", "imatrix"])
+@pytest.mark.parametrize("qtype", sorted(USES_IMATRIX), ids=lambda t: t.name)
+def test_registry_quantize_blocks_gives_the_bytes_of_quantize(qtype, weighted):
+    # quantize() has one path, the registry's quantize_blocks, for every type (the weighted
+    # Q4_0..Q5_1 encoders used to be called around it). Rows of several blocks, the second half
+    # much larger, so a row-wide statistic (the legacy types' mean square) changes the bytes.
+    qt = get_quant_type(qtype)
+    bs, rows, n = qt.block_size, 3, 512
+    x = torch.from_numpy(float_rows(11, rows, n, "normal"))
+    x[:, n // 2:] *= 100
+    w = torch.from_numpy(imatrix_row(11, n, "uniform")) if weighted else None
+    blocks = x.reshape(-1, bs)
+    wb = None if w is None else w.reshape(1, -1, bs).expand(rows, -1, -1).reshape(-1, bs)
+    got = qt.quantize_blocks(blocks, wb, blocks_per_row=n // bs)
+    assert torch.equal(got.reshape(rows, -1), quantize(x, qtype, imatrix=w))
+    # Rows of one block: the plain call (each block a row) is quantize() byte for byte.
+    x1 = x[:, :bs].contiguous()
+    w1 = None if w is None else w[:bs].contiguous()
+    got1 = qt.quantize_blocks(x1, None if w1 is None else w1.expand(rows, bs).contiguous())
+    assert torch.equal(got1, quantize(x1, qtype, imatrix=w1))

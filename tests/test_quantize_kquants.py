@@ -207,8 +207,8 @@ def test_k_quant_on_cuda_matches_cpu(qtype):
 def _q3_search_step_by_step(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``make_q3_quants`` (nmax 4) with the descent run position by position, ggml's own order
     (the generic ``_descend``), as the reference for the round-based descent."""
+    from ggufvideo.quants import _kquant_search as KQ
     from ggufvideo.quants import _quantize_common as C
-    from ggufvideo.quants import _quantize_kquants as KQ
 
     amax, mx = C.first_abs_max(X, 0, nan_never_wins=True)
     zero = ~(amax >= C.GROUP_MAX_EPS)
@@ -227,14 +227,15 @@ def test_q3_k_round_descent_matches_step_by_step_descent(seed):
     # Thousands of groups, so columns take up to a dozen changes and some hit the five-pass
     # limit; every block flavour is mixed in, including ones whose steps need the exact
     # rounding (huge or NaN quotients).
-    from ggufvideo.quants import _quantize_kquants as KQ
+    from ggufvideo.quants import _kquant_search as KQ
+    from ggufvideo.quants import _kquant_search_q3 as KQ3
 
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((600, 256)).astype(np.float32)
     x[::5] = np.stack([make_block(k % N_KINDS, rng) for k in range(len(x[::5]))])
     X = KQ._pos_major(torch.from_numpy(x), 16)
     want_scale, want_L = _q3_search_step_by_step(X.clone())
-    got_scale, got_L = KQ._make_q3(X.clone(), 4)
+    got_scale, got_L = KQ3._make_q3(X.clone(), 4)
     assert torch.equal(got_scale.view(torch.int32), want_scale.view(torch.int32))
     assert torch.equal(got_L, want_L)
 

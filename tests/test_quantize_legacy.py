@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from quantize_inputs import IMATRIX_KINDS, ROW_KINDS, float_rows, imatrix_row
 
-from ggufvideo.quants import _quantize_common, _quantize_legacy, get_quant_type, quantize
+from ggufvideo.quants import _quantize_common, get_quant_type, quantize
 
 LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 
@@ -108,8 +108,17 @@ def test_special_blocks_match_ggml_reference(oracle, qtype):
     np.testing.assert_array_equal(_ours(x, qtype, im), oracle.quantize(x, qtype, im))
 
 
-def test_row_quantizers_cover_the_weighted_legacy_types():
-    assert set(_quantize_legacy.ROW_QUANTIZERS) == {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1}
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1], ids=lambda t: t.name)
+def test_registry_passes_the_row_to_the_weighted_legacy_encoders(qtype):
+    # The weighted encoders depend on the whole row (its mean square): the registry's
+    # quantize_blocks carries blocks_per_row to them, and it changes their bytes.
+    x = torch.from_numpy(float_rows(7, 1, 256, "normal"))
+    x[:, 128:] *= 100
+    w = torch.from_numpy(imatrix_row(7, 256, "uniform")).reshape(-1, 32)
+    qt = get_quant_type(qtype)
+    blocks = x.reshape(-1, 32)
+    assert not torch.equal(qt.quantize_blocks(blocks, w, blocks_per_row=8),
+                           qt.quantize_blocks(blocks, w))
 
 
 def test_nearest_int_of_any_nan_is_zero_like_ggml_on_x86():

@@ -142,8 +142,6 @@ def quantize(x: torch.Tensor, qtype: GGMLQuantizationType | str | int, *,
         UnsupportedTypeError: ``qtype`` is unknown or cannot be quantized to.
         QuantizationError: bad input (non-float, non-finite, wrong row length, bad ``imatrix``).
     """
-    from ._quantize_legacy import ROW_QUANTIZERS
-
     qt = get_quant_type(qtype)
     name = qt.qtype.name
     if not qt.can_quantize:
@@ -164,7 +162,6 @@ def quantize(x: torch.Tensor, qtype: GGMLQuantizationType | str | int, *,
     out = torch.empty((rows.shape[0], row_bytes), dtype=torch.uint8, device=x.device)
     bs = qt.block_size
     nb = n // bs
-    row_encoder = ROW_QUANTIZERS.get(qt.qtype) if weights is not None else None
     # A GPU step costs mostly kernel launches, so it takes bigger chunks than a CPU.
     chunk_elements = _QUANTIZE_CHUNK_ELEMENTS * (8 if x.device.type == "cuda" else 1)
     step = max(1, chunk_elements // max(n, 1))
@@ -175,11 +172,9 @@ def quantize(x: torch.Tensor, qtype: GGMLQuantizationType | str | int, *,
         w = None
         if weights is not None:
             w = weights.reshape(1, nb, bs).expand(chunk.shape[0], nb, bs).reshape(-1, bs)
-        if row_encoder is not None:
-            # ggml's weighted legacy encoders scale the importance by the row's mean square.
-            enc = row_encoder(blocks, w, blocks_per_row=nb)
-        else:
-            enc = qt.quantize_blocks(blocks, w)
+        # Every type goes through the registry; the row geometry matters to the encoders whose
+        # weighting uses whole-row statistics (ggml's weighted Q4_0..Q5_1).
+        enc = qt.quantize_blocks(blocks, w, blocks_per_row=nb)
         out[start:start + step] = enc.reshape(chunk.shape[0], row_bytes)
     return out.reshape(*x.shape[:-1], row_bytes)
 

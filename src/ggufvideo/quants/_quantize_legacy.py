@@ -10,8 +10,9 @@ Q8_0 ignores the importance matrix. IQ4_NL lives with IQ4_XS in :mod:`._quantize
 Every candidate is evaluated for all blocks at once; the sums and the choice between candidates
 follow ggml's order exactly (see :mod:`._quantize_common` for the float32 idioms).
 
-Row boundaries: the weighted encoders need ``sigma2`` over a whole row. :func:`quantize` (the public
-row API) passes ``blocks_per_row``; called on bare blocks, each block is taken as a row of its own.
+Row boundaries: the weighted encoders need ``sigma2`` over a whole row. The registry's
+``quantize_blocks`` passes ``blocks_per_row`` through (:func:`ggufvideo.quants.quantize` gives the
+row length); by default each block is taken as a row of its own.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from ._quantize_common import (
 from .base import get_quant_type
 
 __all__ = [
-    "ROW_QUANTIZERS",
     "quantize_iq4_nl",
     "quantize_q4_0",
     "quantize_q4_1",
@@ -409,12 +409,3 @@ def quantize_iq4_nl(x: torch.Tensor, imatrix: torch.Tensor | None, *,
     x, imatrix = _prepare(x, imatrix, blocks_per_row)
     return encode_iq4_nl(x, imatrix)
 
-
-#: Encoders whose weighted path depends on the whole row; :func:`ggufvideo.quants.quantize` calls
-#: these with ``blocks_per_row`` instead of the registry's row-agnostic ``quantize_blocks``.
-ROW_QUANTIZERS: dict[T, Callable[..., torch.Tensor]] = {
-    T.Q4_0: quantize_q4_0,
-    T.Q4_1: quantize_q4_1,
-    T.Q5_0: quantize_q5_0,
-    T.Q5_1: quantize_q5_1,
-}

@@ -7,7 +7,7 @@ A codec is a subclass of :class:`QuantType` registered by keyword::
         @classmethod
         def dequantize_blocks(cls, blocks): ...
         @classmethod
-        def quantize_blocks(cls, x, imatrix): ...
+        def quantize_blocks(cls, x, imatrix, *, blocks_per_row=1): ...
 
 The layout is the single source of truth for the byte size of a block (checked against gguf-py's
 table in the tests) and for where each field lives; dequantization, quantization, the Triton kernels
@@ -201,25 +201,35 @@ class QuantType:
         raise NotImplementedError
 
     @classmethod
-    def quantize_blocks(cls, x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
+    def quantize_blocks(cls, x: torch.Tensor, imatrix: torch.Tensor | None, *,
+                        blocks_per_row: int = 1) -> torch.Tensor:
         """Encode ``(n_blocks, block_size)`` float32 into ``(n_blocks, type_size)`` uint8.
 
         ``imatrix`` is ``None`` or the importance weights of the block's positions,
-        ``(n_blocks, block_size)`` float32. Must be byte-identical to ``ggml_quantize_chunk``.
+        ``(n_blocks, block_size)`` float32. ``blocks_per_row``: how many consecutive blocks make
+        one row of the tensor (the default takes each block as a row). It matters only where
+        ggml's weighting uses whole-row statistics -- Q4_0/Q4_1/Q5_0/Q5_1 with an importance
+        matrix scale it by the row's mean square -- and is why :func:`ggufvideo.quants.quantize`
+        can go through this method for every type. Must be byte-identical to
+        ``ggml_quantize_chunk`` on rows of ``blocks_per_row`` blocks.
         """
         raise UnsupportedTypeError(f"quantizing to {cls.qtype.name} is not supported")
 
 
-def delegated_quantizer(module: str, function: str) -> classmethod:
+def delegated_quantizer(module: str, function: str, *, row_aware: bool = False) -> classmethod:
     """A ``quantize_blocks`` classmethod calling ``ggufvideo.quants.<module>.<function>``.
 
     The search code of the quantizers is long; it lives in its own modules, imported only when a
     type is first quantized, while each type's class (and layout) stays in its family module.
+    ``row_aware``: the function takes ``blocks_per_row`` (its result depends on the rows); others
+    compute everything per block, so the row geometry cannot change their bytes.
     """
 
-    def quantize_blocks(cls: type[QuantType], x: torch.Tensor,
-                        imatrix: torch.Tensor | None) -> torch.Tensor:
+    def quantize_blocks(cls: type[QuantType], x: torch.Tensor, imatrix: torch.Tensor | None, *,
+                        blocks_per_row: int = 1) -> torch.Tensor:
         impl = importlib.import_module(f"{__package__}.{module}")
+        if row_aware:
+            return getattr(impl, function)(x, imatrix, blocks_per_row=blocks_per_row)
         return getattr(impl, function)(x, imatrix)
 
     quantize_blocks.__doc__ = QuantType.quantize_blocks.__doc__

@@ -17,7 +17,8 @@ __all__ = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"]
 
 
 def _quantizer(name: str) -> classmethod:
-    return delegated_quantizer("_quantize_legacy", name)
+    # The weighted Q4_0..Q5_1 encoders scale the importance by the row's mean square.
+    return delegated_quantizer("_quantize_legacy", name, row_aware=True)
 
 
 def _fifth_bits(qh: torch.Tensor, if_clear: int, if_set: int) -> torch.Tensor:

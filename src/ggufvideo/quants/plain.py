@@ -19,7 +19,8 @@ class PlainType(QuantType):
         return blocks.contiguous().view(cls.torch_dtype).to(torch.float32)
 
     @classmethod
-    def quantize_blocks(cls, x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
+    def quantize_blocks(cls, x: torch.Tensor, imatrix: torch.Tensor | None, *,
+                        blocks_per_row: int = 1) -> torch.Tensor:
         # One rounding from float32, round-to-nearest-even: what ggml's fp32->fp16/bf16 do
         # for finite values.
         assert cls.torch_dtype is not None
