@@ -65,6 +65,10 @@ DEFAULT_KEEP_PATTERNS: tuple[str, ...] = (
     r"(^|\.)(text_embedding|time_embedding|time_projection)\.",
     r"(^|\.)condition_embedder\.(text_embedder|time_embedder|time_proj)\.",
     r"(^|\.)(time_in|txt_in|vector_in|guidance_in|time_text_embed)\.",
+    # ... the same layers under their other layout's names (HunyuanVideo's txt_in is diffusers'
+    # context_embedder; Mochi's and LTX's time embedders), so a file's types do not depend on
+    # which naming its source used
+    r"(^|\.)(context_embedder|time_embed|t_embedder|t5_y_embedder|t5_yproj|ofs_embedding)\.",
     r"(^|\.)(adaln_single|caption_projection)\.",
     # Patch embeddings of transformers (Wan's 5-D Conv3d, HunyuanVideo's, VACE's, Mochi's): the
     # published files keep them unquantized, so they stay native n-dim tensors that diffusers',
