@@ -26,12 +26,19 @@ import torch
 from gguf import GGMLQuantizationType
 
 from .building import CONFIG_KEY
-from .errors import _safe
+
+# Names marked F401 were imported here before the sources moved to :mod:`ggufvideo.sources`;
+# they stay importable from this module.
+from .errors import GGUFError, _safe  # noqa: F401
 from .imatrix import Imatrix, load_imatrix
-from .policy import QuantPolicy
+from .policy import QuantPolicy, source_qtype  # noqa: F401
+from .quants import get_quant_type  # noqa: F401
+from .reader import GGUFFile  # noqa: F401
+from .shapes import COMFY_ORIG_SHAPE_PREFIX, RAW_SHAPE_SUFFIX, logical_shape  # noqa: F401
 from .sources import SOURCE_METADATA_PREFIX, Source, open_source
 from .sources.layout import relayout, source_config
-from .writer import WriteSummary, write_model
+from .tensor import GGMLTensor  # noqa: F401
+from .writer import RawValue, SourceTensor, WriteSummary, tensor_tie, write_model  # noqa: F401
 
 __all__ = ["convert", "open_source", "Source", "SOURCE_METADATA_PREFIX"]
 

@@ -36,6 +36,7 @@ from .serialize import (  # ALIGNMENT, encode_metadata: re-exported, importable 
     stored_layout,
     write_gguf,
 )
+from .shapes import COMFY_ORIG_SHAPE_PREFIX, RAW_SHAPE_SUFFIX  # noqa: F401  (importable here as before)
 from .tensor import GGMLTensor
 
 __all__ = [
