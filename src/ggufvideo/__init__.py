@@ -7,6 +7,7 @@ from .errors import (
     InvalidHeaderError,
     QuantizationError,
     ShapeMetadataError,
+    TensorOperationError,
     TensorLayoutError,
     UnsupportedTypeError,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "QuantizationError",
     "ShapeMetadataError",
     "TensorLayoutError",
+    "TensorOperationError",
     "UnsupportedTypeError",
     "dequantize",
     "quantize",

@@ -16,6 +16,7 @@ __all__ = [
     "UnsupportedTypeError",
     "ShapeMetadataError",
     "QuantizationError",
+    "TensorOperationError",
 ]
 
 
@@ -85,3 +86,12 @@ class ShapeMetadataError(GGUFError):
 
 class QuantizationError(GGUFError):
     """Input to the quantizer or writer cannot be encoded as asked (bad row length, dtype, ...)."""
+
+
+class TensorOperationError(TypeError):
+    """An operation a quantized :class:`~ggufvideo.GGMLTensor` cannot do (in place writes, raw
+    storage access for serializers that expect plain elements, ...).
+
+    A usage error, not a malformed file: a ``TypeError``, outside the :class:`GGUFError` family.
+    The message names the operation, the tensor and what to do instead.
+    """
