@@ -18,6 +18,7 @@ from .ops import set_compute_dtype, swap_quant_layers
 from .policy import QuantPolicy
 from .quants import dequantize, quantize
 from .reader import GGUFFile, TensorInfo
+from .runtime import offload
 from .tensor import GGMLTensor
 from .writer import save_state_dict
 
@@ -30,6 +31,7 @@ __all__ = [
     "TensorInfo",
     "load_state_dict",
     "load_model",
+    "offload",
     "empty_weights",
     "ModelLoadError",
     "swap_quant_layers",
