@@ -275,3 +275,17 @@ def test_gpu_accelerate_sequential_offload_matches():
     m = m.to("cpu")
     accelerate.cpu_offload(m, execution_device=torch.device("cuda"))
     assert torch.equal(m(x), ref)
+
+
+def test_load_model_with_vram_budget_streams(tmp_path):
+    src = Net()
+    x = torch.randn(2, 64)
+    ref = src(x)
+    path = tmp_path / "net.gguf"
+    ggufvideo.save_state_dict(src.state_dict(), path)
+    with ggufvideo.empty_weights():
+        m = Net()
+    ggufvideo.load_model(m, path, device="cpu", vram_budget=_model_bytes(src) // 2)
+    h = m._ggufvideo_offload
+    assert h.scheduler is not None and h.device_bytes <= _model_bytes(src) // 2
+    assert torch.equal(m(x), ref)
