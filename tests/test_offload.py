@@ -289,3 +289,12 @@ def test_load_model_with_vram_budget_streams(tmp_path):
     h = m._ggufvideo_offload
     assert h.scheduler is not None and h.device_bytes <= _model_bytes(src) // 2
     assert torch.equal(m(x), ref)
+
+
+def test_remove_restores_the_original_tensors():
+    m = Net()
+    before = {n: p for n, p in m.named_parameters()}
+    h = ggufvideo.offload(m, "cpu", budget=_model_bytes(m) // 2, backend=RecordingBackend())
+    m(torch.randn(1, 64))
+    h.remove()
+    assert all(p is before[n] for n, p in m.named_parameters())

@@ -54,6 +54,7 @@ class TensorSlot:
     host: torch.Tensor  # the host copy (GGMLTensor or plain), kept for the group's lifetime
     offset: int  # byte offset in the group's device slot
     nbytes: int
+    home: torch.Tensor | None = None  # the original tensor, restored by OffloadHandle.remove()
 
 
 @dataclass

@@ -273,7 +273,8 @@ class OffloadHandle:
             h.remove()
         self._hooks = []
         for g in [*self.groups, *self.pinned]:
-            _point_host(g)
+            for t in g.tensors:
+                (t.module._parameters if t.is_param else t.module._buffers)[t.name] = t.home
         if self.registration is not None:
             self.registration.release()
 
@@ -315,6 +316,9 @@ def offload(model: nn.Module, device: torch.device | str = "cuda", budget: int |
     groups, pinned = plan_groups(model, target_bytes=target_group_bytes)
     fixed = sum(g.nbytes for g in pinned)
     slot_bytes = choose_resident(groups, nbudget, slots=prefetch + 1, fixed_bytes=fixed)
+    for g in [*pinned, *groups]:
+        for t in g.tensors:
+            t.home = (t.module._parameters if t.is_param else t.module._buffers)[t.name]
     for g in [*pinned, *groups]:
         if g.resident:
             for t in g.tensors:
