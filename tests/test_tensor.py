@@ -11,7 +11,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from ggufvideo import GGMLTensor, QuantizationError
+from ggufvideo import GGMLTensor, QuantizationError, TensorOperationError
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_unaware_ops_compute_on_the_values(w):
 
 
 def test_in_place_ops_are_refused(w):
-    with pytest.raises(QuantizationError, match="in-place"):
+    with pytest.raises(TensorOperationError, match="in-place"):
         w.add_(1)
 
 
@@ -107,7 +107,7 @@ def test_copy_between_ggml_tensors(w):
 
 
 def test_copy_of_plain_values_into_blocks_is_refused(w):
-    with pytest.raises(QuantizationError, match="re-quantizing is not implicit"):
+    with pytest.raises(TensorOperationError, match="re-quantizing is not implicit"):
         w.copy_(torch.zeros(8, 64))
 
 
@@ -142,3 +142,60 @@ def test_cuda_moves_and_pinning(w):
     assert isinstance(p, GGMLTensor) and p.is_pinned() and _same_blocks(p, w)
     back = c.to("cpu", non_blocking=False)
     assert isinstance(back, GGMLTensor) and _same_blocks(back, w)
+
+
+# -- the tensor protocol that libraries written for plain tensors use ---------------------------
+def test_torch_load_weights_only_works_out_of_the_box(w, tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save({"w": w, "b": torch.ones(3)}, path)
+    sd = torch.load(path, weights_only=True)
+    assert isinstance(sd["w"], GGMLTensor) and _same_blocks(sd["w"], w)
+
+
+def test_safetensors_save_raises_clear_error(w):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    with pytest.raises(TensorOperationError, match=r"Q8_0 \[8, 64\].*ggufvideo.save_state_dict"):
+        safetensors_torch.save({"w": w})
+
+
+def test_data_ptr_is_the_raw_blocks_pointer(w):
+    assert w.data_ptr() == w.raw.data_ptr() != 0
+    assert w.detach().data_ptr() == w.data_ptr()  # aliases share it (tied weights)
+    assert w.clone().data_ptr() != w.data_ptr()
+
+
+@pytest.mark.parametrize("op", [lambda t: t.add_(1), lambda t: t.mul_(2.0), lambda t: t.zero_(),
+                                lambda t: t.copy_(torch.zeros(8, 64))])
+def test_in_place_ops_raise_type_error_not_file_error(w, op):
+    with pytest.raises(TypeError) as info:
+        op(w)
+    assert isinstance(info.value, TensorOperationError)
+    assert not isinstance(info.value, QuantizationError)  # not the "malformed file" family
+
+
+def test_share_memory_moves_raw_blocks_without_crashing(w):
+    s = w.share_memory_()
+    assert s is w and w.is_shared() and w.raw.is_shared()
+    m = torch.nn.Linear(64, 8)
+    m.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
+    m.share_memory()
+    assert m.weight.raw.is_shared()
+
+
+def test_parameter_style_constructor_shares_blocks(w):
+    # accelerate's set_module_tensor_to_device calls type(param)(value, requires_grad=...)
+    p = GGMLTensor(w, requires_grad=False)
+    assert isinstance(p, torch.nn.Parameter) and p.raw is w.raw and p.qtype == w.qtype
+    with pytest.raises(TensorOperationError, match="without a qtype needs a GGMLTensor"):
+        GGMLTensor(torch.zeros(3, dtype=torch.uint8))
+
+
+def test_data_setter_swaps_raw_blocks_and_device(w):
+    p = torch.nn.Parameter(w.clone(), requires_grad=False)
+    other = w.clone()
+    p.data = other
+    assert p.raw is other.raw
+    p.data = w.to("meta")
+    assert p.device.type == "meta" and p.raw.device.type == "meta"
+    with pytest.raises(TensorOperationError, match="cannot set .data"):
+        p.data = torch.zeros(8, 64)

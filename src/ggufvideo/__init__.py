@@ -7,6 +7,7 @@ from .errors import (
     InvalidHeaderError,
     QuantizationError,
     ShapeMetadataError,
+    TensorOperationError,
     TensorLayoutError,
     UnsupportedTypeError,
 )
@@ -19,6 +20,7 @@ from .ops import set_compute_dtype, swap_quant_layers
 from .policy import QuantPolicy
 from .quants import dequantize, quantize
 from .reader import GGUFFile, TensorInfo
+from .runtime import offload
 from .tensor import GGMLTensor
 from .writer import save_state_dict
 
@@ -31,6 +33,7 @@ __all__ = [
     "TensorInfo",
     "load_state_dict",
     "load_model",
+    "offload",
     "empty_weights",
     "ModelLoadError",
     "UnknownModelError",
@@ -41,6 +44,7 @@ __all__ = [
     "QuantizationError",
     "ShapeMetadataError",
     "TensorLayoutError",
+    "TensorOperationError",
     "UnsupportedTypeError",
     "dequantize",
     "quantize",

@@ -18,6 +18,7 @@ __all__ = [
     "QuantizationError",
     "ModelLoadError",
     "UnknownModelError",
+    "TensorOperationError",
 ]
 
 
@@ -96,3 +97,12 @@ class ModelLoadError(GGUFError):
 
 class UnknownModelError(ModelLoadError):
     """A file whose architecture and tensor names match no model family this library knows."""
+
+
+class TensorOperationError(TypeError):
+    """An operation a quantized :class:`~ggufvideo.GGMLTensor` cannot do (in place writes, raw
+    storage access for serializers that expect plain elements, ...).
+
+    A usage error, not a malformed file: a ``TypeError``, outside the :class:`GGUFError` family.
+    The message names the operation, the tensor and what to do instead.
+    """

@@ -295,7 +295,8 @@ def assign_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
 
 def load_model(model: nn.Module, path: str | os.PathLike[str], *, lazy: bool = True,
                dtype: DTypeLike = None, device: torch.device | str | None = None,
-               strict: bool = True, prefix: str | None = None) -> nn.Module:
+               strict: bool = True, prefix: str | None = None,
+               vram_budget: int | str | None = None) -> nn.Module:
     """Load a GGUF file's weights into ``model``, in place.
 
     Args:
@@ -320,6 +321,9 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], *, lazy: bool = T
         prefix: removed from the file's keys that start with it (``"model.diffusion_model."``).
             ``None`` picks the prefix that matches the most keys, if one matches more than no
             prefix does; ``""`` disables stripping.
+        vram_budget: with a GPU ``device``, the bytes of weights allowed on it (``"8GiB"``): the
+            weights are loaded on the host and :func:`ggufvideo.offload` streams what does not
+            fit (``model._ggufvideo_offload`` is its handle).
 
     Names: when the file is a known model family (:mod:`ggufvideo.models`) in another layout than
     the model's -- a Wan file with the original release's names loaded into diffusers'
@@ -336,6 +340,12 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], *, lazy: bool = T
         FileNotFoundError: no such file.
         GGUFError: the file is malformed; :class:`ModelLoadError` if it does not fit the model.
     """
+    if vram_budget is not None:  # load on the host, then stream (ggufvideo.runtime)
+        from .runtime import offload
+
+        load_model(model, path, lazy=lazy, dtype=dtype, device="cpu", strict=strict, prefix=prefix)
+        model._ggufvideo_offload = offload(model, device or "cuda", budget=vram_budget)  # type: ignore[assignment]
+        return model
     file = GGUFFile(path)
     sd = read_tensors(file, lazy=True)  # zero-copy views; decoded (eager) one tensor at a time
     if lazy:

@@ -27,7 +27,7 @@ import torch
 from gguf import GGMLQuantizationType
 from torch.utils._pytree import tree_map
 
-from .errors import QuantizationError
+from .errors import QuantizationError, TensorOperationError
 from .quants import dequantize as _dequantize_rows
 from .quants import get_quant_type, to_qtype
 
@@ -70,15 +70,34 @@ class GGMLTensor(torch.Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @staticmethod
-    def __new__(cls, data: torch.Tensor, qtype: GGMLQuantizationType | str | int,
-                shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32,
+    def __new__(cls, data: torch.Tensor, qtype: GGMLQuantizationType | str | int | None = None,
+                shape: torch.Size | tuple[int, ...] | None = None, dtype: torch.dtype | None = None,
                 requires_grad: bool = False) -> GGMLTensor:
+        if qtype is None:  # GGMLTensor(other, requires_grad=...): see __init__
+            if not isinstance(data, GGMLTensor):
+                raise TensorOperationError(
+                    f"GGMLTensor(data) without a qtype needs a GGMLTensor, got a plain {data.dtype} "
+                    "tensor; pass the raw uint8 blocks with qtype= and shape=")
+            shape, dtype = data.shape, dtype or data.dtype
+        if shape is None:
+            raise TensorOperationError("GGMLTensor(raw, qtype) needs the logical shape= as well")
         return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
-            cls, torch.Size(shape), dtype=dtype, device=data.device, requires_grad=requires_grad)
+            cls, torch.Size(shape), dtype=dtype or torch.float32, device=data.device,
+            requires_grad=requires_grad)
 
-    def __init__(self, data: torch.Tensor, qtype: GGMLQuantizationType | str | int,
-                 shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32,
+    def __init__(self, data: torch.Tensor, qtype: GGMLQuantizationType | str | int | None = None,
+                 shape: torch.Size | tuple[int, ...] | None = None, dtype: torch.dtype | None = None,
                  requires_grad: bool = False) -> None:
+        if qtype is None:
+            # ``type(param)(value, requires_grad=...)``: the nn.Parameter-style constructor that
+            # accelerate (``set_module_tensor_to_device``) and others call on a parameter's class.
+            # Shares ``data``'s raw blocks and, like ``nn.Parameter(...)``, marks a parameter.
+            assert isinstance(data, GGMLTensor)
+            self._data = data._data
+            self.qtype = data.qtype
+            self._is_param = True
+            return
+        dtype = dtype or torch.float32
         q = to_qtype(qtype)
         qt = get_quant_type(q)
         if data.dtype != torch.uint8:
@@ -129,6 +148,67 @@ class GGMLTensor(torch.Tensor):
         return (f"GGMLTensor(qtype={self.qtype.name}, shape={list(self.shape)}, "
                 f"dtype={self.dtype}{dev}, raw={_human_bytes(self._data.nbytes)})")
 
+    # -- storage-level protocol: what code written for plain tensors touches -------------------
+    @property  # type: ignore[override]
+    def data(self) -> GGMLTensor:
+        """A detached alias sharing the raw blocks (as ``Tensor.data``)."""
+        return self._rewrap(self._data)
+
+    @data.setter
+    def data(self, new: torch.Tensor) -> None:
+        # ``param.data = moved`` is how diffusers' group offloading (and older accelerate code)
+        # moves a weight. The C-level setter would only swap the outer wrapper, leaving the raw
+        # blocks where they were (a "cuda" weight read from host memory); swap them here.
+        if not isinstance(new, GGMLTensor) or new.shape != self.shape:
+            found = (f"a {new.qtype.name} GGMLTensor {list(new.shape)}" if isinstance(new, GGMLTensor)
+                     else f"a plain {new.dtype} tensor {list(new.shape)}")
+            raise TensorOperationError(
+                f"cannot set .data of a {self.qtype.name} GGMLTensor {list(self.shape)} to {found}: "
+                "only a GGMLTensor of the same logical shape can replace its raw blocks")
+        if new.device == self.device and new.dtype == self.dtype:
+            self._data = new._data
+            self.qtype = new.qtype
+            return
+        # Another device or dtype: the outer wrapper's metadata changes too. Swap with a fresh
+        # alias of ``new`` (``new`` itself is left as it is: callers keep it, e.g. as a pinned
+        # host copy), carrying over this tensor's own attributes (nn.Parameter's marker).
+        alias = new._rewrap(new._data)
+        alias.requires_grad_(self.requires_grad)
+        for k, v in self.__dict__.items():
+            if k not in ("_data", "qtype"):
+                setattr(alias, k, v)
+        torch.utils.swap_tensors(self, alias)
+
+    def data_ptr(self) -> int:
+        """Address of the raw blocks (``.raw.data_ptr()``): unique per weight, shared by tied ones.
+
+        Code that uses it as an identity (accelerate's tied-parameter maps) works; code that reads
+        ``numel() * element_size()`` bytes from it would read the blocks wrongly, and serializers
+        that do so are stopped earlier by :meth:`storage`.
+        """
+        return self._data.data_ptr()
+
+    def storage(self) -> Any:  # type: ignore[override]
+        """Raises :class:`~ggufvideo.TensorOperationError`: the logical elements have no storage.
+
+        safetensors (``save_file``, ``save_pretrained``) reaches here: it would write the raw
+        blocks as if they were ``numel()`` elements of ``.dtype``. Save with
+        :func:`ggufvideo.save_state_dict` (GGUF keeps the blocks), or ``dequantize()`` first.
+        """
+        raise TensorOperationError(
+            f"a quantized GGMLTensor ({self.qtype.name} {list(self.shape)}) has no storage of "
+            f"{self.dtype} elements, so it cannot be saved by safetensors/save_pretrained: save it "
+            "with ggufvideo.save_state_dict (GGUF keeps the raw blocks) or dequantize() it first")
+
+    def share_memory_(self) -> GGMLTensor:
+        """Move the raw blocks to shared memory (for ``torch.multiprocessing``), in place."""
+        self._data.share_memory_()
+        return self
+
+    def is_shared(self) -> bool:
+        """Whether the raw blocks are in shared memory."""
+        return self._data.is_shared()
+
     def _stable_hash_for_caching(self) -> str:
         # torch.compile's AOT cache key: metadata only, like a plain tensor's key.
         d = self._data
@@ -168,7 +248,7 @@ class GGMLTensor(torch.Tensor):
         if impl is not None:
             return impl(func, args, kwargs)
         if func._schema.is_mutable:
-            raise QuantizationError(
+            raise TensorOperationError(
                 f"in-place operation {func} is not supported on a quantized GGMLTensor; "
                 "dequantize() it first")
         # Anything else: compute on the dequantized values (a plain tensor comes back).
@@ -187,7 +267,18 @@ def _human_bytes(n: int) -> str:
 
 
 def _rebuild(data: torch.Tensor, qtype: int, shape: tuple[int, ...], dtype: torch.dtype) -> GGMLTensor:
+    """Unpickle a GGMLTensor. Checked like any construction (type id, sizes), so it is safe to
+    allow under ``torch.load(weights_only=True)``: it builds nothing but a GGMLTensor from a uint8
+    tensor, an int, a tuple of ints and a dtype."""
+    if (not isinstance(data, torch.Tensor) or not isinstance(qtype, int)
+            or not isinstance(dtype, torch.dtype)
+            or not all(isinstance(d, int) for d in shape)):
+        raise TensorOperationError("malformed pickled GGMLTensor")
     return GGMLTensor(data, qtype, shape, dtype)
+
+
+# torch.load(..., weights_only=True) of a state dict holding GGMLTensors works out of the box.
+torch.serialization.add_safe_globals([_rebuild])
 
 
 @_implements(aten.detach.default, aten.alias.default)
@@ -230,6 +321,11 @@ def _is_pinned(func: Any, args: Any, kwargs: Any) -> bool:
     return bool(args[0]._data.is_pinned())
 
 
+@_implements(aten.record_stream.default)
+def _record_stream(func: Any, args: Any, kwargs: Any) -> None:
+    args[0]._data.record_stream(args[1])
+
+
 @_implements(aten.copy_.default)
 def _copy(func: Any, args: Any, kwargs: Any) -> GGMLTensor:
     dst, src = args[0], args[1]
@@ -239,7 +335,7 @@ def _copy(func: Any, args: Any, kwargs: Any) -> GGMLTensor:
     if not isinstance(src, GGMLTensor) or src.qtype != dst.qtype or src.shape != dst.shape:
         found = (f"{src.qtype.name} {list(src.shape)}" if isinstance(src, GGMLTensor)
                  else f"a plain {src.dtype} tensor {list(src.shape)}")
-        raise QuantizationError(
+        raise TensorOperationError(
             f"cannot copy {found} into a {dst.qtype.name} GGMLTensor {list(dst.shape)}: only raw "
             "blocks of the same type and shape can be copied (re-quantizing is not implicit)")
     dst._data.copy_(src._data.reshape(dst._data.shape), non_blocking=kwargs.get("non_blocking", False))

@@ -1,0 +1,298 @@
+"""Weight streaming on a GPU: a full diffusers ``WanTransformer3DModel``, resident vs streamed.
+
+Random weights with Wan 2.1 14B shapes (or 1.3B: ``--shape 1.3b``): every ``nn.Linear`` whose
+rows are a multiple of 256 holds random Q4_K blocks (a ``GGMLTensor``), the rest bf16. One
+denoising step (one forward) at ``--tokens`` (32,760 = 480x832x81; 8,190 = a quarter), bf16
+compute. Variants, side by side in one process:
+
+* ``bf16 resident`` and ``q4k resident`` (ggufvideo's lazy layers);
+* ``q4k offload <p>%``: :func:`ggufvideo.offload` with a budget holding ``p``% of the weights,
+  the process capped with ``torch.cuda.set_per_process_memory_fraction`` at budget + the
+  activations measured in the resident run (+10%);
+* ``bf16 group_offload`` / ``q4k group_offload``: diffusers' ``enable_group_offload(
+  offload_type="block_level", num_blocks_per_group=1, use_stream=True)``.
+
+Also ``--load``: bandwidth of ``load_model(..., device="cuda")`` from a GGUF file in the page
+cache, plain and through ggufvideo's registered staging, against a pinned host-to-device copy.
+
+Run: ``python benchmarks/gpu_offload.py --shape 14b --tokens 32760 --out DIR``.
+Prints one JSON line per variant and writes them to ``DIR/offload_<shape>_<tokens>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_dequant import random_blocks  # noqa: E402
+
+import ggufvideo  # noqa: E402
+from ggufvideo import GGMLTensor  # noqa: E402
+from ggufvideo.ops import swap_quant_layers  # noqa: E402
+
+SHAPES = {
+    "14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
+    "1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
+}
+GRID = {32760: (21, 60, 104), 8190: (21, 30, 52)}
+
+
+def build(shape: str, quant: bool, device: str) -> nn.Module:
+    from diffusers import WanTransformer3DModel
+
+    cfg = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+               cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, **SHAPES[shape])
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**cfg)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            if quant and isinstance(mod, nn.Linear) and name == "weight" and p.shape[1] % 256 == 0:
+                raw = random_blocks("Q4_K", p.numel() // 256, "cuda", gen).view(p.shape[0], -1)
+                t = GGMLTensor(raw.to(device), "Q4_K", p.shape, torch.bfloat16)
+            else:
+                t = (torch.randn(p.shape, device="cuda", generator=gen) * 0.02).to(torch.bfloat16).to(device)
+            mod._parameters[name] = nn.Parameter(t, requires_grad=False)
+    for mod in model.modules():  # non-persistent buffers (rope) were built on meta
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.device.type == "meta":
+                mod._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device=device)
+    if hasattr(model, "rope"):
+        rope = type(model.rope)(model.rope.attention_head_dim, model.rope.patch_size, model.rope.max_seq_len)
+        model.rope = rope.to(device)
+    if quant:
+        swap_quant_layers(model)
+    return model.eval()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(t.raw.nbytes if isinstance(t, GGMLTensor) else t.nbytes
+               for t in [*model.parameters(), *model.buffers()])
+
+
+def inputs(tokens: int) -> dict:
+    f, h, w = GRID[tokens]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    return dict(hidden_states=torch.randn(1, 16, f, h, w, device="cuda", generator=g, dtype=torch.bfloat16),
+                timestep=torch.tensor([500], device="cuda"),
+                encoder_hidden_states=torch.randn(1, 512, 4096, device="cuda", generator=g,
+                                                  dtype=torch.bfloat16),
+                return_dict=False)
+
+
+def step_ms(model: nn.Module, x: dict, reps: int) -> tuple[float, torch.Tensor]:
+    with torch.no_grad():
+        out = model(**x)[0]  # warm-up (and the order-learning pass for offload)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            out = model(**x)[0]
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2], out
+
+
+def rss_gib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def cap(nbytes: int | None) -> None:
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if nbytes is None else min(1.0, nbytes / total))
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    rows: list[dict] = []
+    x = inputs(args.tokens)
+    out_path = os.path.join(args.out, f"offload_{args.shape}_{args.tokens}.jsonl")
+
+    def emit(row: dict) -> None:
+        row.update(shape=args.shape, tokens=args.tokens, host_rss_gib=round(rss_gib(), 2),
+                   peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(out_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def measure(name: str, model: nn.Module, **extra: object) -> tuple[float, torch.Tensor]:
+        torch.cuda.reset_peak_memory_stats()
+        ms, out = step_ms(model, x, args.reps)
+        emit(dict(variant=name, ms=round(ms, 1), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                  **extra))
+        return ms, out
+
+    # bf16 resident + diffusers group offload of the bf16 model
+    ref = {}
+    if "bf16" in args.variants:
+        m = build(args.shape, False, "cuda")
+        wb = weight_bytes(m)
+        ms, out = measure("bf16 resident", m, weight_gib=round(wb / 2**30, 2))
+        ref["bf16"] = ms
+        act_bf16 = torch.cuda.max_memory_allocated() - wb
+        m = m.to("cpu")
+        gc.collect(); torch.cuda.empty_cache()
+        m.enable_group_offload(onload_device=torch.device("cuda"), offload_type="block_level",
+                               num_blocks_per_group=1, use_stream=True)
+        ms2, _ = measure("bf16 group_offload", m)
+        rows[-1]["ratio_vs_bf16_resident"] = round(ms2 / ms, 3)
+        ref["bf16_go"] = ms2 / ms
+        del m, out
+        gc.collect(); torch.cuda.empty_cache()
+
+    # q4k resident
+    m = build(args.shape, True, "cuda")
+    wq = weight_bytes(m)
+    ms_q, out_q = measure("q4k resident", m, weight_gib=round(wq / 2**30, 2))
+    act = torch.cuda.max_memory_allocated() - wq
+    if "bf16" in ref:
+        rows[-1]["ratio_vs_bf16_resident"] = round(ms_q / ref["bf16"], 3)
+    out_q = out_q.float().cpu()
+    m = m.to("cpu")
+    gc.collect(); torch.cuda.empty_cache()
+
+    # q4k streamed under budgets
+    for pct in args.budgets:
+        budget = int(wq * pct / 100)
+        try:
+            h = ggufvideo.offload(m, "cuda", budget=budget, prefetch=args.prefetch)
+        except ValueError as e:
+            emit(dict(variant=f"q4k offload {pct}%", error=str(e)))
+            continue
+        cap(int((budget + act) * 1.1) + 256 * 2**20)
+        ms_s, out_s = measure(f"q4k offload {pct}%", m, budget_gib=round(budget / 2**30, 2),
+                              device_weight_gib=round(h.device_bytes / 2**30, 2),
+                              resident_fraction=round(h.resident_bytes / wq, 3),
+                              activations_gib=round(act / 2**30, 2),
+                              registered_gib=round(h.registration.registered_bytes / 2**30, 2)
+                              if h.registration else 0,
+                              pinned_copy_gib=round(h.registration.copied_bytes / 2**30, 2)
+                              if h.registration else 0)
+        rows[-1]["ratio_vs_q4k_resident"] = round(ms_s / ms_q, 3)
+        rows[-1]["max_abs_diff_vs_resident"] = float((out_s.float().cpu() - out_q).abs().max())
+        cap(None)
+        h.remove()
+        del out_s
+        gc.collect(); torch.cuda.empty_cache()
+
+    # diffusers group offload of the q4k model
+    if "q4k_go" in args.variants:
+        try:
+            m.enable_group_offload(onload_device=torch.device("cuda"), offload_type="block_level",
+                                   num_blocks_per_group=1, use_stream=True)
+            ms_g, out_g = measure("q4k group_offload", m)
+            rows[-1]["ratio_vs_q4k_resident"] = round(ms_g / ms_q, 3)
+            rows[-1]["max_abs_diff_vs_resident"] = float((out_g.float().cpu() - out_q).abs().max())
+            if "bf16_go" in ref:
+                rows[-1]["go_ratio_vs_bf16_go_ratio"] = round((ms_g / ms_q) / ref["bf16_go"], 3)
+        except Exception as e:  # noqa: BLE001
+            emit(dict(variant="q4k group_offload", error=f"{type(e).__name__}: {e}"[:500]))
+    return rows
+
+
+def load_bandwidth(args: argparse.Namespace) -> None:
+    """load_model(device='cuda') from the page cache vs pinned H2D, same file."""
+    from ggufvideo.runtime._staging import register_host
+
+    path = os.path.join(args.tmp, "bw.gguf")
+    n_layers = args.load_gib * 2**30 // (5120 * 5120 // 256 * 144)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    sd = {f"l{i}.weight": GGMLTensor(random_blocks("Q4_K", 5120 * 20, "cuda", gen).view(5120, -1).cpu(),
+                                     "Q4_K", (5120, 5120), torch.bfloat16) for i in range(int(n_layers))}
+    ggufvideo.save_state_dict(sd, path)
+    del sd
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:  # into the page cache
+        while fh.read(1 << 26):
+            pass
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = nn.ModuleList(nn.Linear(5120, 5120, bias=False) for _ in range(int(n_layers)))
+
+        def forward(self, x):  # pragma: no cover
+            return x
+
+    def model() -> nn.Module:
+        with ggufvideo.empty_weights():
+            return M()
+
+    res = {"variant": "load", "file_gib": round(size / 2**30, 2)}
+    pinned = torch.empty(size, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(size, dtype=torch.uint8, device="cuda")
+    for _ in range(2):
+        torch.cuda.synchronize(); t0 = time.perf_counter()
+        dst.copy_(pinned, non_blocking=True); torch.cuda.synchronize()
+    res["pinned_h2d_gbs"] = round(size / (time.perf_counter() - t0) / 1e9, 1)
+    pageable = torch.empty(size, dtype=torch.uint8); pageable.fill_(1)
+    torch.cuda.synchronize(); t0 = time.perf_counter()
+    dst.copy_(pageable); torch.cuda.synchronize()
+    res["pageable_h2d_gbs"] = round(size / (time.perf_counter() - t0) / 1e9, 1)
+    del pinned, dst, pageable
+    for name, fn in [("load_model_gbs", lambda: ggufvideo.load_model(model(), path, device="cuda")),
+                     ("load_model_offload_path_gbs", None)]:
+        if fn is None:
+            continue
+        gc.collect(); torch.cuda.empty_cache()
+        torch.cuda.synchronize(); t0 = time.perf_counter()
+        mm = fn(); torch.cuda.synchronize()
+        res[name] = round(size / (time.perf_counter() - t0) / 1e9, 2)
+        del mm
+    # registered staging of the mapped file (what offload uses), then one async copy per tensor
+    sd = ggufvideo.load_state_dict(path, lazy=True)
+    torch.cuda.synchronize(); t0 = time.perf_counter()
+    reg, locked = register_host([t.raw for t in sd.values()])
+    t1 = time.perf_counter()
+    outs = [t.to("cuda", non_blocking=True) for t in sd.values()]
+    torch.cuda.synchronize(); t2 = time.perf_counter()
+    res.update(registered_all=all(locked), register_s=round(t1 - t0, 3),
+               registered_copy_gbs=round(size / (t2 - t1) / 1e9, 1),
+               register_plus_copy_gbs=round(size / (t2 - t0) / 1e9, 1))
+    reg.release()
+    del outs
+    print(json.dumps(res), flush=True)
+    with open(os.path.join(args.out, "load_bandwidth.json"), "w") as fh:
+        json.dump(res, fh)
+    os.remove(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="14b", choices=sorted(SHAPES))
+    ap.add_argument("--tokens", type=int, default=32760, choices=sorted(GRID))
+    ap.add_argument("--budgets", type=int, nargs="*", default=[50, 15])
+    ap.add_argument("--prefetch", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--variants", nargs="*", default=["bf16", "q4k_go"])
+    ap.add_argument("--load", action="store_true", help="only the load bandwidth test")
+    ap.add_argument("--load-gib", type=int, default=4)
+    ap.add_argument("--tmp", default="/tmp")
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__}), flush=True)
+    if args.load:
+        load_bandwidth(args)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
