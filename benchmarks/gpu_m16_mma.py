@@ -1,6 +1,6 @@
 """Experiment: Q4_K at M <= 16 on the tensor cores through inline-PTX ``mma.sync`` (not adopted).
 
-The library's M = 16 path (``_matmul._fused_kernel``) lets ``tl.dot`` stage the decoded weights
+The library's M = 16 path (``_chunked._fused_kernel``) lets ``tl.dot`` stage the decoded weights
 through shared memory, which Triton feeds with one-byte loads and stores. This kernel skips
 shared memory: each lane decodes its own weights straight into the registers of the PTX
 ``mma.m16n8k16`` fragments and issues the instruction itself (``tl.inline_asm_elementwise``).
@@ -48,8 +48,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ggufvideo.kernels._decode import to_out  # noqa: E402
 from ggufvideo.kernels._dequant import TL_DTYPES, soft_bf16  # noqa: E402
-from ggufvideo.kernels._matmul import (_bits_to_f32, _code_f32, _finish_split,  # noqa: E402
-                                       arrival_counters)
+from ggufvideo.kernels._fused_common import _bits_to_f32, _finish_split  # noqa: E402
+from ggufvideo.kernels._gemv import _code_f32  # noqa: E402
+from ggufvideo.kernels._matmul import arrival_counters  # noqa: E402
 
 # bf16 / fp16 bit patterns: a code u in the low bits of OFF's pattern is OFF + u; 1.0 twice.
 CODE_BITS = {torch.bfloat16: 0x43004300, torch.float16: 0x64006400}
