@@ -108,7 +108,7 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("m", [1, 5])
 @pytest.mark.parametrize("rule", [None, (16, 64, 4, 2)], ids=["auto", "split"])
 def test_fused_linear_matches_exact_product(qtype: str, m: int, rule) -> None:
-    # m=1 takes a one-row kernel (row, GEMV or chunked), m=5 (past every type's CUDA_CORE_ROWS)
+    # m=1 takes a one-row kernel (row, GEMV or chunked), m=5 (past every type's cuda_core_rows)
     # the tl.dot branch; "split" splits K across programs.
     from ggufvideo.kernels._matmul import fused_linear
 
@@ -243,17 +243,20 @@ def test_one_row_kernels_take_a_few_rows(qtype: str, m: int, k: int, rule) -> No
                                                 ("Q4_0", 2, True), ("Q4_0", 3, False)])
 def test_default_kernel_follows_the_measured_row_table(qtype: str, m: int,
                                                        cuda_cores: bool) -> None:
-    # By default the row / GEMV kernel runs (with CUDA_CORE_ROWS' rule for 2+ rows) only for the
+    # By default the row / GEMV kernel runs (with the settings' rule for 2+ rows) only for the
     # row counts measured faster than the chunked / tensor-core kernel; the paths round
     # differently, so bit-equality with the forced choice shows which one ran.
     from ggufvideo.kernels import _matmul
+    from ggufvideo.kernels.settings import settings_for
 
-    fewest, most, rule = _matmul.CUDA_CORE_ROWS.get(qtype, (0, 0, None))
+    tuned = settings_for(qtype, DEVICE)  # on the CPU (interpreter): sm_90's settings
+    fewest, most = tuned.cuda_core_rows
     assert (fewest <= m <= most) == cuda_cores
     raw, x, _ = _fused_case(qtype, n=24, k=512, m=m, dtype=torch.bfloat16, seed=31)
     y = _matmul.fused_linear(x, raw, qtype, 24)
     if cuda_cores:
-        forced = _matmul.fused_linear(x, raw, qtype, 24, gemv=True, rule=rule if m > 1 else None)
+        forced = _matmul.fused_linear(x, raw, qtype, 24, gemv=True,
+                                      rule=tuned.few_rows_rule if m > 1 else None)
     else:
         forced = _matmul.fused_linear(x, raw, qtype, 24, gemv=False)
     assert torch.equal(y, forced)
@@ -306,9 +309,51 @@ def test_linear_past_a_types_fused_rows_takes_decode_and_gemm() -> None:
 @needs_triton
 def test_fused_rows_cover_exactly_the_fused_types() -> None:
     from ggufvideo.kernels._matmul import FUSED_TYPES as STEPS
+    from ggufvideo.kernels.settings import SM90, UNTUNED
 
-    assert set(kernels.FUSED_ROWS) == set(kernels.FUSED_TYPES) == set(STEPS)
+    assert set(kernels.FUSED_ROWS) == set(kernels.FUSED_TYPES) == set(STEPS) == set(SM90)
+    assert set(UNTUNED) == set(SM90)
     assert all(0 < rows <= kernels.FUSED_MAX_M for rows in kernels.FUSED_ROWS.values())
+
+
+def test_settings_are_per_type_and_capability(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ggufvideo.kernels import settings
+
+    assert kernels.FUSED_ROWS == {q: settings.settings_for(q, torch.device("cpu")).fused_rows
+                                  for q in kernels.FUSED_TYPES}
+    monkeypatch.setattr(settings, "_LOOKUP", {})
+    monkeypatch.setattr(settings, "capability_of", lambda device: (8, 6))  # nobody tuned sm_86
+    for qtype in kernels.FUSED_TYPES:
+        got = settings.settings_for(qtype, torch.device("cpu"))
+        assert got == settings.UNTUNED[qtype]
+        assert got.fused_rows == 0 and got.cuda_core_rows == (0, 0) and got.fixup_tiles == ()
+    monkeypatch.setattr(settings, "_TABLE", dict(settings._TABLE))
+    settings.set_settings("Q8_0", (8, 6), settings.SM90["Q8_0"])
+    assert settings.settings_for("Q8_0", torch.device("cpu")) == settings.SM90["Q8_0"]
+    settings.set_settings("Q8_0", (8, 6), None)
+    assert settings.settings_for("Q8_0", torch.device("cpu")) == settings.UNTUNED["Q8_0"]
+    with pytest.raises(ValueError, match="no fused kernel for 'Q5_0'"):
+        settings.set_settings("Q5_0", (8, 6), None)
+
+
+@needs_triton
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0"])
+def test_untuned_gpu_takes_decode_and_gemm_for_every_m(qtype: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a GPU without tuned settings, linear() at one row gives F.linear's numbers on the decoded
+    # weight exactly (the fused kernels round differently), and a direct fused_linear call takes
+    # the chunked kernel (its forced choice's bits) with the reduction kernel for split-K sums.
+    from ggufvideo.kernels import _matmul, settings
+
+    raw, x, w = _fused_case(qtype, n=16, k=512, m=1, dtype=torch.bfloat16, seed=37)
+    fused = kernels.linear(x, raw, qtype, 16)
+    assert not torch.equal(fused, F.linear(x, w))  # the tuned (sm_90) table fuses one row
+    monkeypatch.setattr(settings, "_LOOKUP", {})
+    monkeypatch.setattr(settings, "capability_of", lambda device: (8, 0))
+    assert torch.equal(kernels.linear(x, raw, qtype, 16), F.linear(x, w))
+    rule = (16, 64, 4, 2)
+    assert torch.equal(_matmul.fused_linear(x, raw, qtype, 16, rule=rule),
+                       _matmul.fused_linear(x, raw, qtype, 16, rule=rule, gemv=False, fixup=False))
 
 
 @needs_triton
@@ -457,7 +502,9 @@ def test_split_k_linear_replays_in_cuda_graph() -> None:
 
     # Q4_K with a 16-row tile: the default there adds the partial sums in the kernel.
     raw, x, _ = _fused_case("Q4_K", n=64, k=2048, m=3, dtype=torch.bfloat16, seed=23)
-    assert _matmul.block_m(3) in _matmul.FIXUP_TILES["Q4_K"]
+    from ggufvideo.kernels.settings import settings_for
+
+    assert _matmul.block_m(3) in settings_for("Q4_K", x.device).fixup_tiles
     rule = (16, 64, 4, 1)
     eager = _matmul.fused_linear(x, raw, "Q4_K", 64, rule=rule, fixup=False)
     saved = _matmul._RINGS.pop(x.device, None)

@@ -14,7 +14,8 @@ Public functions:
   The weight is decoded into a workspace reused across calls and the vendor GEMM (``F.linear``)
   runs on it. Calls with few rows of activations take the fused kernel instead
   (:mod:`ggufvideo.kernels._matmul`): it reads the quantized weight once and never materializes
-  it. It runs up to :data:`FUSED_ROWS` rows per type (where it beat decode + cuBLAS on an H100),
+  it. It runs up to the device's ``fused_rows`` per type (:mod:`ggufvideo.kernels.settings`: on
+  H100/H200 :data:`FUSED_ROWS`, where it beat decode + cuBLAS; on GPUs nobody tuned, never),
   capped by :func:`fused_max_m`; at M = 1 it also beats bf16 ``F.linear`` for the 4- and 5-bit
   types (numbers: README, ``benchmarks/gpu_linear.py``). ``GGUFVIDEO_FUSED_MAX_M=0`` or
   :func:`set_fused_max_m` ``(0)`` turns it off.
@@ -37,6 +38,7 @@ from gguf import GGMLQuantizationType
 
 from ..errors import QuantizationError
 from ..quants import get_quant_type, to_qtype
+from . import settings as _settings
 
 __all__ = [
     "DEQUANT_TYPES",
@@ -62,8 +64,10 @@ FUSED_TYPES: frozenset[str] = frozenset(("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 FUSED_MAX_M = 64
 #: Per type, the most rows for which the fused kernel beat decode + cuBLAS on an H100 (Wan-14B
 #: shapes, CUDA-graph timings in benchmarks/gpu_results_h100.md): past 16 rows the tensor-core
-#: branch decodes more per byte than the 4/5-bit K-quants need, and loses for the others.
-FUSED_ROWS: dict[str, int] = {"Q4_K": 64, "Q5_K": 64, "Q4_0": 16, "Q8_0": 16, "Q6_K": 16}
+#: branch decodes more per byte than the 4/5-bit K-quants need, and loses for the others. These
+#: are the sm_90 (H100/H200) values; a call reads its device's settings
+#: (:func:`ggufvideo.kernels.settings.settings_for`), and on GPUs nobody tuned no call is fused.
+FUSED_ROWS: dict[str, int] = _settings.FUSED_ROWS
 _fused_max_m: int | None = None  # None: follow GGUFVIDEO_FUSED_MAX_M (default FUSED_MAX_M)
 
 
@@ -204,8 +208,9 @@ def _linear_impl(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: i
     x2d = x.reshape(-1, k)
     m = x2d.shape[0]
     raw2d = raw.reshape(out_features, -1)
-    if (m <= min(fused_max_m(), FUSED_ROWS.get(name, 0)) and k % 256 == 0 and m > 0
-            and x.dtype in (torch.float16, torch.bfloat16) and is_available(x.device)):
+    if (name in FUSED_TYPES and 0 < m <= fused_max_m() and k % 256 == 0
+            and x.dtype in (torch.float16, torch.bfloat16) and is_available(x.device)
+            and m <= _settings.settings_for(name, x.device).fused_rows):
         from ._matmul import fused_linear
 
         if x2d.stride(-1) != 1:

@@ -151,15 +151,13 @@ def _gemv_q6_k(acc, bp, xp, xr, magic, F_QL, F_QH, F_SC, F_D, F4, TS: tl.constex
     return acc
 
 
-#: Types with a GEMV kernel -> (its step, the (A, B) tile of its per-thread accumulator, launch
-#: rule for one row). Which row counts take it by default: :data:`CUDA_CORE_ROWS`. Against the
-#: chunked kernel's one-row branch (H100, CUDA-graph timings, Wan-14B shapes) it ran Q6_K
-#: 1.7-2.3x, Q8_0 ~1.1x and Q5_K ~1.05x faster, and Q4_0 0.9-1.0x (kept for two rows).
+#: Types with a GEMV kernel -> (its step, the (A, B) tile of its per-thread accumulator). Which
+#: row counts take it by default, and its launch rules: :mod:`.settings`.
 GEMV_STEPS = {
-    "Q4_0": (_gemv_q4_0, (8, 2), (64, 8, 4, 1)),
-    "Q5_K": (_gemv_q5_k, (8, 4), (64, 8, 4, 1)),
-    "Q8_0": (_gemv_q8_0, (16, 2), (64, 8, 4, 1)),
-    "Q6_K": (_gemv_q6_k, (8, 2), (32, 8, 4, 1)),
+    "Q4_0": (_gemv_q4_0, (8, 2)),
+    "Q5_K": (_gemv_q5_k, (8, 4)),
+    "Q8_0": (_gemv_q8_0, (16, 2)),
+    "Q6_K": (_gemv_q6_k, (8, 2)),
 }
 
 

@@ -23,8 +23,8 @@ bf16). In practice the per-element work limits it, so the loop is built to do li
   in :data:`ROW_STEPS` in the row kernel, whose warps read whole weight rows with wide contiguous
   loads (the fastest to load by far, see :func:`._row._rows_kernel`); for the types in
   :data:`GEMV_STEPS` in a GEMV kernel that applies the scale per weight and sums once at the end.
-  :data:`CUDA_CORE_ROWS` says for which row counts they are the default (where they measured
-  faster). Otherwise one row takes the chunked kernel's one-row branch, and more rows go through
+  :mod:`.settings` says for which row counts they are the default on each GPU (where they
+  measured faster on an H100; on GPUs nobody tuned, ``linear`` never takes a fused kernel). Otherwise one row takes the chunked kernel's one-row branch, and more rows go through
   ``tl.dot`` with the activations padded to a 16/32/64-row tile.
 * Each step covers 256 elements of K (one super-block, or eight 32-element blocks), so K must be
   a multiple of 256; K is split across programs to fill the GPU and the float32 partial sums are
@@ -46,37 +46,10 @@ from ._dequant import TL_DTYPES, kernel_spec, soft_bf16
 from ._fused_common import BK, _reduce_kernel
 from ._gemv import GEMV_STEPS, _gemv_kernel
 from ._row import ROW_J, ROW_MAX_M, ROW_STEPS, _rows_kernel
+from .settings import Rule, settings_for
 
-__all__ = ["BK", "CUDA_CORE_ROWS", "FIXUP_TILES", "FUSED_TYPES", "GEMV_STEPS", "ROW_MAX_M",
-           "ROW_STEPS", "RULES", "arrival_counters", "block_m", "fused_linear", "split_for"]
-
-#: Row counts that take the row / GEMV kernel by default, per type -> (fewest rows, most rows,
-#: launch rule for 2+ rows); other counts take the chunked kernel (one row) or the tensor cores.
-#: Measured on an H100 (CUDA graphs, Wan-14B shapes 5120x5120 / 5120x13824 / 13824x5120,
-#: ``benchmarks/gpu_linear.py --one-row --one-row-ms 1 2 4``), against the tensor-core path:
-#: Q4_K 2 rows 20.7 / 40.1 / 42.7 us vs 27.5 / 49.4 / 48.2 (4 rows: 30.5 / 67.1 / 69.4 vs 27.6 /
-#: 49.6 / 48.8, so 3-4 rows stay on tensor cores); Q8_0 2 rows 35.2 / 70.0 / 70.6 vs 55.6 / 112 /
-#: 111, 4 rows 50.0 / 97.5 / 113 vs 56.0 / 115 / 112; Q6_K 2 rows 28.8 / 53.9 / 55.4 vs 59.2 /
-#: 116 / 119, 4 rows 34.1 / 64.0 / 65.5 vs 59.4 / 116 / 119; Q4_0 2 rows 27.3 / 62.8 / 55.0 vs
-#: 41.0 / 85.5 / 85.3 (4 rows: 44.4 / 89.2 / 91.2 vs 41.3 / 86.6 / 86.3; one row: 23.1 / 49.7 /
-#: 46.5 vs the chunked kernel's 22.1 / 42.3 / 45.2). Q5_K lost at 2 rows (30.9 / 60.3 / 63.2 vs
-#: 30.4 / 57.2 / 55.9). Three rows take the 4-row kernels.
-CUDA_CORE_ROWS = {
-    "Q4_K": (1, 2, (4, 2, 4, 1)),
-    "Q8_0": (1, 4, (32, 8, 4, 1)),
-    "Q6_K": (1, 4, (64, 8, 4, 1)),
-    "Q5_K": (1, 1, None),
-    "Q4_0": (2, 2, (32, 8, 4, 1)),
-}
-
-#: Launch rule per activation-tile height BM: (BN, waves, num_warps, num_stages). ``waves`` is how
-#: many programs per SM the K dimension is split to reach. Chosen by sweeping BN in 32..256,
-#: waves in 1..16, 1..8 warps and 1..4 stages for Q4_K (and a subset for the other types) on the
-#: Wan-14B shapes on an H100 (geometric mean over the shapes); ``benchmarks/gpu_linear.py --tune``
-#: repeats such a sweep.
-RULES: dict[int, tuple[int, int, int, int]] = {
-    1: (32, 8, 4, 1), 16: (64, 8, 4, 3), 32: (128, 4, 4, 3), 64: (128, 4, 4, 3)}
-
+__all__ = ["BK", "FUSED_TYPES", "GEMV_STEPS", "ROW_MAX_M", "ROW_STEPS", "arrival_counters",
+           "block_m", "fused_linear", "split_for"]
 
 @cache
 def _sm_count(device: torch.device) -> int:
@@ -99,13 +72,6 @@ def split_for(m: int, n: int, k: int, bn: int, waves: int, device: torch.device)
         split *= 2
     return split
 
-
-#: Where the K-split partial sums are added by the last program of each tile (no second launch):
-#: type -> activation tile heights. Measured on an H100 (CUDA graphs, Wan-14B shapes): at tile 16
-#: it took Q4_K from 32.2/62.4/63.8 us to 28.9/52.1/50.4 us and Q5_K ~1 us lower; at one row,
-#: at tiles 32/64 and for the other types it was level or up to 20% slower (the last program's
-#: extra latency outweighs the launch it saves).
-FIXUP_TILES: dict[str, tuple[int, ...]] = {"Q4_K": (16,), "Q5_K": (16,)}
 
 #: Arrival-counter slots per device (int32, 1 MiB), handed out round-robin by
 #: :func:`arrival_counters`.
@@ -142,14 +108,14 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor | None:
 
 
 def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
-                 rule: tuple[int, int, int, int] | None = None,
+                 rule: Rule | None = None,
                  gemv: bool | None = None, fixup: bool | None = None) -> torch.Tensor:
     """``x2d (M, K) @ W.T`` for ``W`` the ``(n, K)`` weight of type ``name`` in ``raw`` (n, row_bytes).
 
     ``x2d`` is float16 or bfloat16 with unit stride along K, M <= 64; ``K`` a multiple of 256.
     The output is ``(M, n)`` of ``x2d``'s dtype. ``rule`` = (BN, waves, num_warps, num_stages)
-    overrides :data:`RULES` (the benchmarks tune with it). ``gemv`` picks the CUDA-core kernel
-    (``None``: the measured choice, :data:`CUDA_CORE_ROWS` -- the row kernel for
+    overrides the device's settings (:func:`.settings.settings_for`; the benchmarks tune with it).
+    ``gemv`` picks the CUDA-core kernel (``None``: the device's ``cuda_core_rows`` -- the row kernel for
     :data:`ROW_STEPS`, the GEMV kernel for :data:`GEMV_STEPS`, decoding each weight once for all
     rows; ``True``: those kernels for any 1..:data:`ROW_MAX_M` rows; ``False``: the chunked /
     tensor-core kernel). For the row kernel ``rule`` is (weight rows per program, waves,
@@ -158,7 +124,7 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
     When K is split across programs, the float32 partial sums are added either by the last
     program of each column tile (``fixup=True``; :func:`arrival_counters`) or by a second kernel
     (``fixup=False``), in the same order, so the results are the same bits. ``None`` takes the
-    measured choice, :data:`FIXUP_TILES` (falling back to the second kernel when a CUDA-graph
+    device's ``fixup_tiles`` (falling back to the second kernel when a CUDA-graph
     capture finds no counters yet).
     """
     spec = kernel_spec(name)
@@ -167,20 +133,16 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
         raw = raw.clone()  # the steps read 2- and 4-byte units; a fresh allocation is aligned
     bm = block_m(m)
     has_cuda_core = name in ROW_STEPS or name in GEMV_STEPS
-    fewest, most, few_rule = CUDA_CORE_ROWS.get(name, (0, 0, None))
-    if gemv is None:
-        gemv = fewest <= m <= most
     if gemv and not (has_cuda_core and m <= ROW_MAX_M):
         raise ValueError(f"fused_linear({name}): the GEMV kernel takes up to {ROW_MAX_M} rows of "
                          f"a type in {sorted(GEMV_STEPS.keys() | ROW_STEPS.keys())}, got {m} rows")
-    if gemv and m > 1 and few_rule is not None:
-        default = few_rule
-    elif gemv and name in ROW_STEPS:
-        default = ROW_STEPS[name][1]
-    elif gemv:
-        default = GEMV_STEPS[name][2]
-    else:
-        default = RULES[bm]
+    if name not in FUSED_TYPES:
+        raise ValueError(f"fused_linear: no fused kernel for {name}; types: {sorted(FUSED_TYPES)}")
+    tuned = settings_for(name, x2d.device)
+    if gemv is None:
+        fewest, most = tuned.cuda_core_rows
+        gemv = fewest <= m <= most
+    default = tuned.cuda_core_rule(m) if gemv else tuned.tile_rule(bm)
     bn, waves, num_warps, num_stages = rule or default
     split = split_for(m, n, k, bn, waves, x2d.device)
     steps = k // BK
@@ -194,7 +156,7 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
     else:
         y = torch.empty((split, m, n), dtype=torch.float32, device=x2d.device)
         out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
-        use = bm in FIXUP_TILES.get(name, ()) if fixup is None else fixup
+        use = bm in tuned.fixup_tiles if fixup is None else fixup
         count = arrival_counters(x2d.device, grid[0]) if use else None
         if fixup and count is None:
             raise RuntimeError(f"fused_linear: fixup=True but no arrival counters for {grid[0]} "
@@ -209,12 +171,12 @@ def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
     rows_bm = 1 if m == 1 else 2 if m == 2 else 4  # the CUDA-core kernels' activation rows
     if gemv and name in ROW_STEPS:
         _rows_kernel[grid](x2d, raw, y, out, cnt, split, m, n, k, x2d.stride(0), raw.stride(0),
-                           per_split, 0x3F800000, STEP=ROW_STEPS[name][0], R=bn, J=ROW_J,
+                           per_split, 0x3F800000, STEP=ROW_STEPS[name], R=bn, J=ROW_J,
                            BM=rows_bm, **common)
         return _add_partials(y, out, m * n, split, count, out_dtype)
     common.update(BYTES_PER_STEP=BK // spec.block_size * spec.type_size, BN=bn)
     if gemv:
-        step, (ta, tb), _ = GEMV_STEPS[name]
+        step, (ta, tb) = GEMV_STEPS[name]
         _gemv_kernel[grid](x2d, raw, y, out, cnt, split, m, n, k, x2d.stride(0), raw.stride(0),
                            per_split, 0x4B000000, STEP=step, A=ta, B=tb, BM=rows_bm, **common)
     else:

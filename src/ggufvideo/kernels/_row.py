@@ -158,15 +158,10 @@ def _rows_kernel(x, w, y, out, count, n_split, M, N, K, stride_xm, row_bytes, st
                 SOFT)
 
 
-#: Types whose one-row calls take the row kernel -> (its step, launch rule (rows per program,
-#: waves, num_warps, num_stages)). Measured on an H100 (CUDA graphs, Wan-14B shapes 5120x5120 /
-#: 5120x13824 / 13824x5120): Q4_K 16.3 / 30.8 / 32.4 us against the chunked kernel's 20.8 / 39.9
-#: / 41.2 us (bf16: 30.3 / 64.5 / 66.3 us); one row per warp was the best of 1-4 rows per warp,
-#: 1-8 warps, 2-8 super-blocks per warp step and K splits of 1-4 (those shapes need none: 1280+
-#: programs; split in two they ran 3-30% slower), and loading the next step before using this
-#: one ran 5-20% slower.
+#: Types with a row kernel -> its step. Which row counts take it by default, its launch rules
+#: and their measurements: :mod:`.settings`.
 ROW_STEPS = {
-    "Q4_K": (_rows_q4_k, (4, 2, 4, 1)),
+    "Q4_K": _rows_q4_k,
 }
 
 #: Super-blocks per warp step in the row kernel (J): 4 x 8 parts = the 32 threads of a warp.
