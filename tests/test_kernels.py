@@ -365,6 +365,47 @@ def test_linear_gradient_reaches_activations_only() -> None:
     torch.testing.assert_close(x.grad, torch.ones(x.shape[0], 8, device=DEVICE) @ w)
 
 
+def test_two_threads_on_one_stream_do_not_share_the_workspace_mid_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Both threads' calls key the same decode buffer (CPU: stream 0). Each call decodes, then
+    # pauses (the wrapper below) before its GEMM; without the workspace lock the other thread's
+    # decode lands in the buffer during the pause and the first call multiplies by the wrong
+    # weight. The torch decode path is used (kernels switched off): the workspace logic is the same.
+    import threading
+    import time
+
+    decode = kernels._decode_into
+
+    def slow_decode(raw: torch.Tensor, qtype: int, out: torch.Tensor) -> torch.Tensor:
+        result = decode(raw, qtype, out)
+        time.sleep(0.05)
+        return result
+
+    monkeypatch.setattr(kernels, "_decode_into", slow_decode)
+    cases = [_fused_case("Q8_0", n=16, k=256, m=70, dtype=torch.float32, seed=s) for s in (41, 43)]
+    results: dict[int, list[bool]] = {0: [], 1: []}
+    start = threading.Barrier(2)
+
+    def run(i: int) -> None:
+        raw, x, w = cases[i]
+        start.wait()
+        for _ in range(3):
+            results[i].append(torch.equal(kernels.linear(x, raw, "Q8_0", 16), F.linear(x, w)))
+
+    kernels.release_workspace()
+    kernels.set_enabled(False)
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        kernels.set_enabled(None)
+    assert results == {0: [True] * 3, 1: [True] * 3}
+    assert len(kernels._WORKSPACE) == 1  # one shared buffer, not one per thread
+
+
 def test_custom_ops_are_registered_with_fake_kernels() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 

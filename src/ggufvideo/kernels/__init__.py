@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -139,36 +140,67 @@ def is_available(device: torch.device | str | None = None, qtype: object = None)
 
 
 # -- workspace for the large-M path ---------------------------------------------------------------
-_WORKSPACE: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
+# One decode buffer per (device, dtype, stream), each with a lock. Kernels on one stream run in
+# the order they were enqueued, so a buffer can be shared by every call on that stream -- as long as
+# no other call's decode is enqueued between a call's decode and its GEMM. Host threads sharing a
+# stream could do exactly that (thread A decodes, thread B decodes over it, A's GEMM reads B's
+# weight), so each call holds its key's lock from taking the buffer until its GEMM is enqueued.
+# Chosen over a buffer per thread: that costs a whole weight's memory per thread (hundreds of MB
+# at Wan-14B sizes) and keeps dead threads' buffers until release_workspace(); the lock costs only
+# host-side enqueue time, and the GPU runs one stream's work in order anyway.
+_WorkspaceKey = tuple[torch.device, torch.dtype, int]
+_WORKSPACE: dict[_WorkspaceKey, torch.Tensor] = {}
+_WORKSPACE_LOCKS: dict[_WorkspaceKey, threading.Lock] = {}
+_WORKSPACE_GUARD = threading.Lock()  # guards the two dicts themselves
 
 
 def _stream_id(device: torch.device) -> int:
     return torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
 
 
-def _workspace(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """A flat buffer of at least ``numel`` elements, reused by every call on this device+stream.
+def _workspace_key(device: torch.device, dtype: torch.dtype) -> _WorkspaceKey:
+    """The workspace key of calls on ``device``'s current stream."""
+    return (device, dtype, _stream_id(device))
 
-    Kernels on one stream run in order, so one buffer per (device, dtype, stream) is safe to share.
-    It grows to the largest weight seen. While a CUDA graph is being captured it is never grown
-    (that would allocate from the graph's private pool and keep a captured address alive outside
-    it): a temporary buffer serves that call instead.
+
+def _workspace_lock(key: _WorkspaceKey) -> threading.Lock:
+    """The lock a call holds while it uses ``key``'s buffer (from :func:`_workspace` until its
+    last kernel reading the buffer is enqueued)."""
+    with _WORKSPACE_GUARD:
+        lock = _WORKSPACE_LOCKS.get(key)
+        if lock is None:
+            lock = _WORKSPACE_LOCKS[key] = threading.Lock()
+        return lock
+
+
+def _workspace(key: _WorkspaceKey, numel: int) -> torch.Tensor:
+    """A flat buffer of at least ``numel`` elements, reused by every call with this key.
+
+    The caller holds ``_workspace_lock(key)``. The buffer grows to the largest weight seen. While
+    a CUDA graph is being captured it is never grown (that would allocate from the graph's private
+    pool and keep a captured address alive outside it): a temporary buffer serves that call instead.
     """
-    key = (device, dtype, _stream_id(device))
-    buf = _WORKSPACE.get(key)
+    device, dtype, _ = key
+    with _WORKSPACE_GUARD:
+        buf = _WORKSPACE.get(key)
     if buf is not None and buf.numel() >= numel:
         return buf[:numel]
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     fresh = torch.empty(numel, dtype=dtype, device=device)
     if not capturing:
-        _WORKSPACE.pop(key, None)  # let the old buffer go before the caller fills the new one
-        _WORKSPACE[key] = fresh
+        with _WORKSPACE_GUARD:
+            _WORKSPACE.pop(key, None)  # let the old buffer go before the caller fills the new one
+            _WORKSPACE[key] = fresh
     return fresh
 
 
 def release_workspace() -> None:
-    """Drop the decode buffers of the large-M path (they are rebuilt on the next call)."""
-    _WORKSPACE.clear()
+    """Drop the decode buffers of the large-M path (they are rebuilt on the next call).
+
+    A call running meanwhile keeps its own reference until it has enqueued its GEMM.
+    """
+    with _WORKSPACE_GUARD:
+        _WORKSPACE.clear()
 
 
 # -- the custom ops ------------------------------------------------------------------------------
@@ -219,9 +251,11 @@ def _linear_impl(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: i
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], out_features)
-    w = _workspace(x.device, x.dtype, out_features * k)
-    _decode_into(raw2d.contiguous(), qtype, w)
-    return F.linear(x, w.view(out_features, k), None if bias is None else bias.to(x.dtype))
+    key = _workspace_key(x.device, x.dtype)
+    with _workspace_lock(key):  # decode and GEMM enqueued with no other decode in between
+        w = _workspace(key, out_features * k)
+        _decode_into(raw2d.contiguous(), qtype, w)
+        return F.linear(x, w.view(out_features, k), None if bias is None else bias.to(x.dtype))
 
 
 @torch.library.custom_op("ggufvideo::quant_linear", mutates_args=())
