@@ -419,10 +419,19 @@ def test_custom_ops_are_registered_with_fake_kernels() -> None:
         assert y.shape == (5, 7, 4)
 
 
-def test_switch_forces_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def fresh_env():
+    """Environment switches read again at their next use, and again after the test."""
+    kernels._ENV_VALUES.clear()
+    yield
+    kernels._ENV_VALUES.clear()
+
+
+def test_switch_forces_the_torch_path(monkeypatch: pytest.MonkeyPatch, fresh_env) -> None:
     monkeypatch.setenv("GGUFVIDEO_NO_TRITON", "1")
     assert not kernels.is_available("cuda")
     monkeypatch.delenv("GGUFVIDEO_NO_TRITON")
+    kernels._ENV_VALUES.clear()
     kernels.set_enabled(False)
     try:
         assert not kernels.is_available("cuda")
@@ -465,10 +474,11 @@ def _quant_linear(qtype: str, k: int, n: int):
     return swap_quant_layers(lin)
 
 
-def test_fused_path_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_path_switch(monkeypatch: pytest.MonkeyPatch, fresh_env) -> None:
     monkeypatch.delenv("GGUFVIDEO_FUSED_MAX_M", raising=False)
     assert kernels.fused_max_m() == kernels.FUSED_MAX_M == 64  # on by default
     monkeypatch.setenv("GGUFVIDEO_FUSED_MAX_M", "0")
+    kernels._ENV_VALUES.clear()
     assert kernels.fused_max_m() == 0
     kernels.set_fused_max_m(16)
     try:
@@ -477,6 +487,41 @@ def test_fused_path_switch(monkeypatch: pytest.MonkeyPatch) -> None:
         kernels.set_fused_max_m(None)
     with pytest.raises(ValueError):
         kernels.set_fused_max_m(65)
+
+
+def test_environment_switches_are_read_once(monkeypatch: pytest.MonkeyPatch, fresh_env) -> None:
+    monkeypatch.setenv("GGUFVIDEO_FUSED_MAX_M", "8")
+    monkeypatch.setenv("GGUFVIDEO_NO_TRITON", " Yes ")
+    assert kernels.fused_max_m() == 8 and not kernels._switched_on()
+    monkeypatch.setenv("GGUFVIDEO_FUSED_MAX_M", "16")
+    monkeypatch.setenv("GGUFVIDEO_NO_TRITON", "0")
+    assert kernels.fused_max_m() == 8 and not kernels._switched_on()  # kept from first use
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "disable"])
+def test_bad_no_triton_value_is_an_error(monkeypatch: pytest.MonkeyPatch, fresh_env,
+                                         value: str) -> None:
+    monkeypatch.setenv("GGUFVIDEO_NO_TRITON", value)
+    with pytest.raises(ValueError, match=rf"GGUFVIDEO_NO_TRITON='{value}' is not an accepted "
+                                         r"value: use 1, true, yes or on .* 0, false, no, off"):
+        kernels.is_available("cuda")
+
+
+@pytest.mark.parametrize("value", ["sixteen", "1.5", ""])
+def test_non_integer_fused_max_m_is_an_error(monkeypatch: pytest.MonkeyPatch, fresh_env,
+                                             value: str) -> None:
+    monkeypatch.setenv("GGUFVIDEO_FUSED_MAX_M", value)
+    with pytest.raises(ValueError, match=r"GGUFVIDEO_FUSED_MAX_M=.* is not an accepted value: "
+                                         r"use an integer in 0\.\.64"):
+        kernels.fused_max_m()
+
+
+@pytest.mark.parametrize("value", ["-1", "65"])
+def test_out_of_range_fused_max_m_is_an_error(monkeypatch: pytest.MonkeyPatch, fresh_env,
+                                              value: str) -> None:
+    monkeypatch.setenv("GGUFVIDEO_FUSED_MAX_M", value)
+    with pytest.raises(ValueError, match=rf"GGUFVIDEO_FUSED_MAX_M='{value}' .* integer in 0\.\.64"):
+        kernels.fused_max_m()
 
 
 @needs_triton

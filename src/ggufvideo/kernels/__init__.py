@@ -25,6 +25,11 @@ makes :func:`is_available` false, so the quant-aware layers (:mod:`ggufvideo.ops
 path. Both ops are ``torch.library`` custom ops with fake (meta) implementations, so
 ``torch.compile(fullgraph=True)`` traces them as single nodes and CUDA graphs can capture them
 (no host synchronisation, no allocation outside torch's caching allocator).
+
+Environment switches (``GGUFVIDEO_NO_TRITON``: ``1``/``true``/``yes``/``on`` or
+``0``/``false``/``no``/``off``/empty; ``GGUFVIDEO_FUSED_MAX_M``: an integer in 0..64) are each read
+once, at their first use, and kept; a value outside those raises ``ValueError`` naming the variable
+and the accepted values. :func:`set_enabled` and :func:`set_fused_max_m` change them at run time.
 """
 
 from __future__ import annotations
@@ -71,16 +76,58 @@ FUSED_MAX_M = 64
 FUSED_ROWS: dict[str, int] = _settings.FUSED_ROWS
 _fused_max_m: int | None = None  # None: follow GGUFVIDEO_FUSED_MAX_M (default FUSED_MAX_M)
 
+# -- environment switches: each read once, at its first use; a bad value is an error ------------
+_OFF_WORDS = ("", "0", "false", "no", "off")
+_ON_WORDS = ("1", "true", "yes", "on")
+
+
+def _parse_no_triton(value: str) -> bool:
+    word = value.strip().lower()
+    if word in _OFF_WORDS or word in _ON_WORDS:
+        return word in _ON_WORDS
+    raise ValueError(f"GGUFVIDEO_NO_TRITON={value!r} is not an accepted value: use 1, true, yes "
+                     "or on to switch the Triton path off; 0, false, no, off or empty (or unset) "
+                     "to leave it on (case-insensitive)")
+
+
+def _parse_fused_max_m(value: str) -> int:
+    try:
+        m = int(value.strip())
+    except ValueError:
+        m = -1
+    if not 0 <= m <= FUSED_MAX_M:
+        raise ValueError(f"GGUFVIDEO_FUSED_MAX_M={value!r} is not an accepted value: use an "
+                         f"integer in 0..{FUSED_MAX_M} (0 turns the fused kernels off; unset: "
+                         f"{FUSED_MAX_M})")
+    return m
+
+
+#: The environment switches, their parsers and their values when unset.
+_ENV_SWITCHES = {"GGUFVIDEO_NO_TRITON": (_parse_no_triton, False),
+                 "GGUFVIDEO_FUSED_MAX_M": (_parse_fused_max_m, FUSED_MAX_M)}
+_ENV_VALUES: dict[str, object] = {}  # name -> parsed value, filled at each one's first use
+
+
+def _env(name: str) -> object:
+    """The parsed value of environment switch ``name``, read at its first use and kept.
+
+    Changing the variable later has no effect (:func:`set_enabled` and :func:`set_fused_max_m`
+    change the behaviour at run time); a value outside the accepted ones raises ``ValueError``
+    naming the variable and what it accepts. ``_ENV_VALUES.clear()`` makes the next use read again
+    (tests).
+    """
+    if name not in _ENV_VALUES:
+        parse, default = _ENV_SWITCHES[name]
+        raw = os.environ.get(name)
+        _ENV_VALUES[name] = default if raw is None else parse(raw)
+    return _ENV_VALUES[name]
+
 
 def fused_max_m() -> int:
     """Calls with at most this many activation rows take the fused kernel (0: none do)."""
     if _fused_max_m is not None:
         return _fused_max_m
-    try:
-        value = int(os.environ.get("GGUFVIDEO_FUSED_MAX_M", str(FUSED_MAX_M)))
-    except ValueError:
-        value = FUSED_MAX_M
-    return max(0, min(value, FUSED_MAX_M))
+    return _env("GGUFVIDEO_FUSED_MAX_M")  # type: ignore[return-value]
 
 
 def set_fused_max_m(m: int | None) -> None:
@@ -105,7 +152,7 @@ def set_enabled(flag: bool | None) -> None:
 def _switched_on() -> bool:
     if _enabled is not None:
         return _enabled
-    return os.environ.get("GGUFVIDEO_NO_TRITON", "").strip().lower() in ("", "0", "false", "no")
+    return not _env("GGUFVIDEO_NO_TRITON")
 
 
 _HAS_TRITON: bool | None = None
