@@ -181,7 +181,7 @@ def run(types: list[str], ms: list[int], torch_path: bool = False) -> list[dict]
     The bf16 side multiplies by the same weight: the quant weight's decoded values. A GEMM's time
     depends on its data (power draw, then clocks): on an H100 at M = 32760 cuBLAS took 1.02-1.07x
     as long on the decoded random blocks as on the same values rescaled to ``randn / sqrt(K)``
-    size (``gpu_gemm_data.py``). Large M runs the two sides over four rounds,
+    size (``experiments/gpu_gemm_data.py``). Large M runs the two sides over four rounds,
     in alternating order, and takes the medians (single runs drift by a few percent).
     """
     from ggufvideo import kernels

@@ -190,20 +190,6 @@ def test_row_kernel_handles_ragged_rows_and_blocks(dtype: torch.dtype, k: int, r
                                                                   else 1e-3)
 
 
-@needs_triton
-def test_m16_mma_experiment_matches_exact_product() -> None:
-    # benchmarks/gpu_m16_mma.py (the inline-PTX mma experiment whose timings the results file
-    # cites): a ragged N, M = 13 (both 8-row halves, the second partly past M), 3 super-blocks
-    # split 2 + 1 across programs (in-kernel sums) and 2 warps each (the second split's second
-    # warp idle); on a GPU this also checks that each element sits on the lane the MMA fragments
-    # assume.
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_m16_mma.py")
-    spec = importlib.util.spec_from_file_location("gpu_m16_mma", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.check(DEVICE, [(13, 33, 768, dict(num_warps=2, split=2))])
-
-
 FEW_ROW_CASES = [("Q4_K", 2, 1792, None), ("Q4_K", 3, 1792, (4, 64, 2, 1)),
                  ("Q4_K", 4, 2048, None), ("Q4_K", 4, 1792, (4, 64, 2, 1)),
                  ("Q8_0", 3, 768, None), ("Q5_K", 2, 768, (16, 64, 4, 1)), ("Q6_K", 4, 512, None),

@@ -26,8 +26,8 @@ library's path -- 1.0-1.3x the bf16 speed at M = 16, latency bound: ~650 instruc
 and super-block (two thirds of them the per-sub-block scale arithmetic and the code/fragment
 shuffling that any exact kernel on this block layout needs) and too few warps per SM.
 
-Run: ``python benchmarks/gpu_m16_mma.py`` (GPU: check, then timings), or
-``python benchmarks/gpu_m16_mma.py --interpret`` (CPU: the check on small shapes under Triton's
+Run: ``python experiments/gpu_m16_mma.py`` (GPU: check, then timings), or
+``python experiments/gpu_m16_mma.py --interpret`` (CPU: the check on small shapes under Triton's
 interpreter, which emulates the MMA from its PTX fragment definition).
 """
 
@@ -44,7 +44,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
 from ggufvideo.kernels._decode import to_out  # noqa: E402
 from ggufvideo.kernels._dequant import TL_DTYPES, soft_bf16  # noqa: E402
