@@ -14,7 +14,8 @@ switched off), eagerly and under CUDA graphs.
 installs the best for the rest of the run.
 ``--one-row`` instead compares, at M = 1, the chunked kernel with the GEMV / row kernel per rule;
 ``--one-row-ms 1 2 4`` adds the row / GEMV kernels on 2 and 4 activation rows against the
-default path and the tensor-core path (``_matmul.CUDA_CORE_ROWS`` was chosen from it).
+default path and the tensor-core path (the sm_90 ``cuda_core_rows`` in
+``ggufvideo.kernels.settings`` were chosen from it).
 ``--torch-path`` adds the ratio of the torch decode path (kernels switched off) at M=1 and 32760.
 Run: ``python benchmarks/gpu_linear.py [--types Q4_K Q8_0] [--json out.json]``.
 """
@@ -75,12 +76,14 @@ TUNE_SHAPES = [(5120, 5120), (13824, 5120)]
 def tune(device: torch.device) -> dict:
     """Time fused-kernel launch rules for Q4_K (CUDA-graph replay: kernel time only).
 
-    Installs the best rule per tile height in ``ggufvideo.kernels._matmul.RULES`` for the rest of
-    the process and returns every timing.
+    Installs the best rule per tile height as every fused type's ``tile_rules`` for this GPU's
+    compute capability (``ggufvideo.kernels.settings.set_settings``) for the rest of the process
+    and returns every timing.
     """
     import math
+    from dataclasses import replace
 
-    from ggufvideo.kernels import _matmul
+    from ggufvideo.kernels import _matmul, settings
 
     # (BN, waves, num_warps, num_stages) per tile height: the CUDA-core branch (M=1) has no
     # tensor-core pipeline to feed, so stages only matter for the tl.dot branch.
@@ -93,7 +96,7 @@ def tune(device: torch.device) -> dict:
         raw = random_blocks("Q4_K", n * k // qt.block_size, device).view(n, -1)
         for m in (1, 16, 64):
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-            current = _matmul.RULES[_matmul.block_m(m)]
+            current = settings.settings_for("Q4_K", device).tile_rule(_matmul.block_m(m))
             for rule in set(trials[m]) | {current}:
                 t = bench_graph(lambda: _matmul.fused_linear(x, raw, "Q4_K", n, rule=rule))
                 times[(k, n, m, rule)] = t * 1e3
@@ -109,7 +112,10 @@ def tune(device: torch.device) -> dict:
         chosen[m] = min(trials[m], key=score)
         print(f"tune: M={m} rule {chosen[m]} (geomean {score(chosen[m]):.3f}x of per-case best)",
               flush=True)
-    _matmul.RULES.update({1: chosen[1], 16: chosen[16], 32: chosen[64], 64: chosen[64]})
+    tile_rules = ((1, chosen[1]), (16, chosen[16]), (32, chosen[64]), (64, chosen[64]))
+    for name in _matmul.FUSED_TYPES:
+        settings.set_settings(name, settings.capability_of(device),
+                              replace(settings.settings_for(name, device), tile_rules=tile_rules))
     return dict(chosen=chosen, times={str(key): v for key, v in times.items()})
 
 
@@ -127,11 +133,12 @@ def one_row(types: list[str], ms: tuple[int, ...] = (1,)) -> list[dict]:
     """M = 1 under CUDA graphs: the chunked kernel's one-row branch vs the GEMV/row kernel per rule.
 
     This is how ``_matmul.GEMV_STEPS`` and ``_matmul.ROW_STEPS`` (which types take which one-row
-    kernel, with which rule) were chosen. Also checks every kernel against the float64
+    kernel) and the sm_90 ``one_row_rule`` in ``ggufvideo.kernels.settings`` were chosen. Also checks every kernel against the float64
     exact-weight product on every shape. Other ``ms`` (up to ``_matmul.ROW_MAX_M``) time the row /
     GEMV kernels on that many activation rows against the default and the tensor-core path.
     """
     from ggufvideo.kernels import _matmul
+    from ggufvideo.kernels.settings import settings_for
     from ggufvideo.quants import dequantize as torch_dequantize
 
     dev = torch.device("cuda")
@@ -150,8 +157,8 @@ def one_row(types: list[str], ms: tuple[int, ...] = (1,)) -> list[dict]:
             ref = x.double() @ torch_dequantize(raw, name, dtype=torch.float32).double().T
             row = dict(type=name, k=k, n=n, m=m, bf16_us=base * 1e3)
             if m == 1:
-                variants = {"chunked": dict(gemv=False, rule=_matmul.RULES[1])}
-            else:  # the default follows _matmul.CUDA_CORE_ROWS: CUDA-core kernels or tensor cores
+                variants = {"chunked": dict(gemv=False, rule=settings_for(name, dev).tile_rule(1))}
+            else:  # the default follows the settings' cuda_core_rows: CUDA-core kernels or tensor cores
                 variants = {"default": {}, "tensor cores": dict(gemv=False)}
             if name in _matmul.GEMV_STEPS and m <= _matmul.ROW_MAX_M:
                 variants |= {f"gemv {r}": dict(gemv=True, rule=r) for r in rules}
@@ -174,7 +181,7 @@ def run(types: list[str], ms: list[int], torch_path: bool = False) -> list[dict]
     The bf16 side multiplies by the same weight: the quant weight's decoded values. A GEMM's time
     depends on its data (power draw, then clocks): on an H100 at M = 32760 cuBLAS took 1.02-1.07x
     as long on the decoded random blocks as on the same values rescaled to ``randn / sqrt(K)``
-    size (``gpu_gemm_data.py``). Large M runs the two sides over four rounds,
+    size (``experiments/gpu_gemm_data.py``). Large M runs the two sides over four rounds,
     in alternating order, and takes the medians (single runs drift by a few percent).
     """
     from ggufvideo import kernels

@@ -108,7 +108,7 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("m", [1, 5])
 @pytest.mark.parametrize("rule", [None, (16, 64, 4, 2)], ids=["auto", "split"])
 def test_fused_linear_matches_exact_product(qtype: str, m: int, rule) -> None:
-    # m=1 takes a one-row kernel (row, GEMV or chunked), m=5 (past every type's CUDA_CORE_ROWS)
+    # m=1 takes a one-row kernel (row, GEMV or chunked), m=5 (past every type's cuda_core_rows)
     # the tl.dot branch; "split" splits K across programs.
     from ggufvideo.kernels._matmul import fused_linear
 
@@ -190,20 +190,6 @@ def test_row_kernel_handles_ragged_rows_and_blocks(dtype: torch.dtype, k: int, r
                                                                   else 1e-3)
 
 
-@needs_triton
-def test_m16_mma_experiment_matches_exact_product() -> None:
-    # benchmarks/gpu_m16_mma.py (the inline-PTX mma experiment whose timings the results file
-    # cites): a ragged N, M = 13 (both 8-row halves, the second partly past M), 3 super-blocks
-    # split 2 + 1 across programs (in-kernel sums) and 2 warps each (the second split's second
-    # warp idle); on a GPU this also checks that each element sits on the lane the MMA fragments
-    # assume.
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_m16_mma.py")
-    spec = importlib.util.spec_from_file_location("gpu_m16_mma", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.check(DEVICE, [(13, 33, 768, dict(num_warps=2, split=2))])
-
-
 FEW_ROW_CASES = [("Q4_K", 2, 1792, None), ("Q4_K", 3, 1792, (4, 64, 2, 1)),
                  ("Q4_K", 4, 2048, None), ("Q4_K", 4, 1792, (4, 64, 2, 1)),
                  ("Q8_0", 3, 768, None), ("Q5_K", 2, 768, (16, 64, 4, 1)), ("Q6_K", 4, 512, None),
@@ -243,17 +229,20 @@ def test_one_row_kernels_take_a_few_rows(qtype: str, m: int, k: int, rule) -> No
                                                 ("Q4_0", 2, True), ("Q4_0", 3, False)])
 def test_default_kernel_follows_the_measured_row_table(qtype: str, m: int,
                                                        cuda_cores: bool) -> None:
-    # By default the row / GEMV kernel runs (with CUDA_CORE_ROWS' rule for 2+ rows) only for the
+    # By default the row / GEMV kernel runs (with the settings' rule for 2+ rows) only for the
     # row counts measured faster than the chunked / tensor-core kernel; the paths round
     # differently, so bit-equality with the forced choice shows which one ran.
     from ggufvideo.kernels import _matmul
+    from ggufvideo.kernels.settings import settings_for
 
-    fewest, most, rule = _matmul.CUDA_CORE_ROWS.get(qtype, (0, 0, None))
+    tuned = settings_for(qtype, DEVICE)  # on the CPU (interpreter): sm_90's settings
+    fewest, most = tuned.cuda_core_rows
     assert (fewest <= m <= most) == cuda_cores
     raw, x, _ = _fused_case(qtype, n=24, k=512, m=m, dtype=torch.bfloat16, seed=31)
     y = _matmul.fused_linear(x, raw, qtype, 24)
     if cuda_cores:
-        forced = _matmul.fused_linear(x, raw, qtype, 24, gemv=True, rule=rule if m > 1 else None)
+        forced = _matmul.fused_linear(x, raw, qtype, 24, gemv=True,
+                                      rule=tuned.few_rows_rule if m > 1 else None)
     else:
         forced = _matmul.fused_linear(x, raw, qtype, 24, gemv=False)
     assert torch.equal(y, forced)
@@ -306,9 +295,51 @@ def test_linear_past_a_types_fused_rows_takes_decode_and_gemm() -> None:
 @needs_triton
 def test_fused_rows_cover_exactly_the_fused_types() -> None:
     from ggufvideo.kernels._matmul import FUSED_TYPES as STEPS
+    from ggufvideo.kernels.settings import SM90, UNTUNED
 
-    assert set(kernels.FUSED_ROWS) == set(kernels.FUSED_TYPES) == set(STEPS)
+    assert set(kernels.FUSED_ROWS) == set(kernels.FUSED_TYPES) == set(STEPS) == set(SM90)
+    assert set(UNTUNED) == set(SM90)
     assert all(0 < rows <= kernels.FUSED_MAX_M for rows in kernels.FUSED_ROWS.values())
+
+
+def test_settings_are_per_type_and_capability(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ggufvideo.kernels import settings
+
+    assert kernels.FUSED_ROWS == {q: settings.settings_for(q, torch.device("cpu")).fused_rows
+                                  for q in kernels.FUSED_TYPES}
+    monkeypatch.setattr(settings, "_LOOKUP", {})
+    monkeypatch.setattr(settings, "capability_of", lambda device: (8, 6))  # nobody tuned sm_86
+    for qtype in kernels.FUSED_TYPES:
+        got = settings.settings_for(qtype, torch.device("cpu"))
+        assert got == settings.UNTUNED[qtype]
+        assert got.fused_rows == 0 and got.cuda_core_rows == (0, 0) and got.fixup_tiles == ()
+    monkeypatch.setattr(settings, "_TABLE", dict(settings._TABLE))
+    settings.set_settings("Q8_0", (8, 6), settings.SM90["Q8_0"])
+    assert settings.settings_for("Q8_0", torch.device("cpu")) == settings.SM90["Q8_0"]
+    settings.set_settings("Q8_0", (8, 6), None)
+    assert settings.settings_for("Q8_0", torch.device("cpu")) == settings.UNTUNED["Q8_0"]
+    with pytest.raises(ValueError, match="no fused kernel for 'Q5_0'"):
+        settings.set_settings("Q5_0", (8, 6), None)
+
+
+@needs_triton
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0"])
+def test_untuned_gpu_takes_decode_and_gemm_for_every_m(qtype: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a GPU without tuned settings, linear() at one row gives F.linear's numbers on the decoded
+    # weight exactly (the fused kernels round differently), and a direct fused_linear call takes
+    # the chunked kernel (its forced choice's bits) with the reduction kernel for split-K sums.
+    from ggufvideo.kernels import _matmul, settings
+
+    raw, x, w = _fused_case(qtype, n=16, k=512, m=1, dtype=torch.bfloat16, seed=37)
+    fused = kernels.linear(x, raw, qtype, 16)
+    assert not torch.equal(fused, F.linear(x, w))  # the tuned (sm_90) table fuses one row
+    monkeypatch.setattr(settings, "_LOOKUP", {})
+    monkeypatch.setattr(settings, "capability_of", lambda device: (8, 0))
+    assert torch.equal(kernels.linear(x, raw, qtype, 16), F.linear(x, w))
+    rule = (16, 64, 4, 2)
+    assert torch.equal(_matmul.fused_linear(x, raw, qtype, 16, rule=rule),
+                       _matmul.fused_linear(x, raw, qtype, 16, rule=rule, gemv=False, fixup=False))
 
 
 @needs_triton
@@ -318,6 +349,47 @@ def test_linear_gradient_reaches_activations_only() -> None:
     x.requires_grad_(True)
     kernels.linear(x, raw, "Q4_0", 8).sum().backward()
     torch.testing.assert_close(x.grad, torch.ones(x.shape[0], 8, device=DEVICE) @ w)
+
+
+def test_two_threads_on_one_stream_do_not_share_the_workspace_mid_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Both threads' calls key the same decode buffer (CPU: stream 0). Each call decodes, then
+    # pauses (the wrapper below) before its GEMM; without the workspace lock the other thread's
+    # decode lands in the buffer during the pause and the first call multiplies by the wrong
+    # weight. The torch decode path is used (kernels switched off): the workspace logic is the same.
+    import threading
+    import time
+
+    decode = kernels._decode_into
+
+    def slow_decode(raw: torch.Tensor, qtype: int, out: torch.Tensor) -> torch.Tensor:
+        result = decode(raw, qtype, out)
+        time.sleep(0.05)
+        return result
+
+    monkeypatch.setattr(kernels, "_decode_into", slow_decode)
+    cases = [_fused_case("Q8_0", n=16, k=256, m=70, dtype=torch.float32, seed=s) for s in (41, 43)]
+    results: dict[int, list[bool]] = {0: [], 1: []}
+    start = threading.Barrier(2)
+
+    def run(i: int) -> None:
+        raw, x, w = cases[i]
+        start.wait()
+        for _ in range(3):
+            results[i].append(torch.equal(kernels.linear(x, raw, "Q8_0", 16), F.linear(x, w)))
+
+    kernels.release_workspace()
+    kernels.set_enabled(False)
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        kernels.set_enabled(None)
+    assert results == {0: [True] * 3, 1: [True] * 3}
+    assert len(kernels._WORKSPACE) == 1  # one shared buffer, not one per thread
 
 
 def test_custom_ops_are_registered_with_fake_kernels() -> None:
@@ -333,10 +405,19 @@ def test_custom_ops_are_registered_with_fake_kernels() -> None:
         assert y.shape == (5, 7, 4)
 
 
-def test_switch_forces_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def fresh_env():
+    """Environment switches read again at their next use, and again after the test."""
+    kernels._ENV_VALUES.clear()
+    yield
+    kernels._ENV_VALUES.clear()
+
+
+def test_switch_forces_the_torch_path(monkeypatch: pytest.MonkeyPatch, fresh_env) -> None:
     monkeypatch.setenv("GGUFVIDEO_NO_TRITON", "1")
     assert not kernels.is_available("cuda")
     monkeypatch.delenv("GGUFVIDEO_NO_TRITON")
+    kernels._ENV_VALUES.clear()
     kernels.set_enabled(False)
     try:
         assert not kernels.is_available("cuda")
@@ -379,10 +460,11 @@ def _quant_linear(qtype: str, k: int, n: int):
     return swap_quant_layers(lin)
 
 
-def test_fused_path_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_path_switch(monkeypatch: pytest.MonkeyPatch, fresh_env) -> None:
     monkeypatch.delenv("GGUFVIDEO_FUSED_MAX_M", raising=False)
     assert kernels.fused_max_m() == kernels.FUSED_MAX_M == 64  # on by default
     monkeypatch.setenv("GGUFVIDEO_FUSED_MAX_M", "0")
+    kernels._ENV_VALUES.clear()
     assert kernels.fused_max_m() == 0
     kernels.set_fused_max_m(16)
     try:
@@ -391,6 +473,41 @@ def test_fused_path_switch(monkeypatch: pytest.MonkeyPatch) -> None:
         kernels.set_fused_max_m(None)
     with pytest.raises(ValueError):
         kernels.set_fused_max_m(65)
+
+
+def test_environment_switches_are_read_once(monkeypatch: pytest.MonkeyPatch, fresh_env) -> None:
+    monkeypatch.setenv("GGUFVIDEO_FUSED_MAX_M", "8")
+    monkeypatch.setenv("GGUFVIDEO_NO_TRITON", " Yes ")
+    assert kernels.fused_max_m() == 8 and not kernels._switched_on()
+    monkeypatch.setenv("GGUFVIDEO_FUSED_MAX_M", "16")
+    monkeypatch.setenv("GGUFVIDEO_NO_TRITON", "0")
+    assert kernels.fused_max_m() == 8 and not kernels._switched_on()  # kept from first use
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "disable"])
+def test_bad_no_triton_value_is_an_error(monkeypatch: pytest.MonkeyPatch, fresh_env,
+                                         value: str) -> None:
+    monkeypatch.setenv("GGUFVIDEO_NO_TRITON", value)
+    with pytest.raises(ValueError, match=rf"GGUFVIDEO_NO_TRITON='{value}' is not an accepted "
+                                         r"value: use 1, true, yes or on .* 0, false, no, off"):
+        kernels.is_available("cuda")
+
+
+@pytest.mark.parametrize("value", ["sixteen", "1.5", ""])
+def test_non_integer_fused_max_m_is_an_error(monkeypatch: pytest.MonkeyPatch, fresh_env,
+                                             value: str) -> None:
+    monkeypatch.setenv("GGUFVIDEO_FUSED_MAX_M", value)
+    with pytest.raises(ValueError, match=r"GGUFVIDEO_FUSED_MAX_M=.* is not an accepted value: "
+                                         r"use an integer in 0\.\.64"):
+        kernels.fused_max_m()
+
+
+@pytest.mark.parametrize("value", ["-1", "65"])
+def test_out_of_range_fused_max_m_is_an_error(monkeypatch: pytest.MonkeyPatch, fresh_env,
+                                              value: str) -> None:
+    monkeypatch.setenv("GGUFVIDEO_FUSED_MAX_M", value)
+    with pytest.raises(ValueError, match=rf"GGUFVIDEO_FUSED_MAX_M='{value}' .* integer in 0\.\.64"):
+        kernels.fused_max_m()
 
 
 @needs_triton
@@ -457,7 +574,9 @@ def test_split_k_linear_replays_in_cuda_graph() -> None:
 
     # Q4_K with a 16-row tile: the default there adds the partial sums in the kernel.
     raw, x, _ = _fused_case("Q4_K", n=64, k=2048, m=3, dtype=torch.bfloat16, seed=23)
-    assert _matmul.block_m(3) in _matmul.FIXUP_TILES["Q4_K"]
+    from ggufvideo.kernels.settings import settings_for
+
+    assert _matmul.block_m(3) in settings_for("Q4_K", x.device).fixup_tiles
     rule = (16, 64, 4, 1)
     eager = _matmul.fused_linear(x, raw, "Q4_K", 64, rule=rule, fixup=False)
     saved = _matmul._RINGS.pop(x.device, None)

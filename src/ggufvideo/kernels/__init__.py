@@ -14,7 +14,8 @@ Public functions:
   The weight is decoded into a workspace reused across calls and the vendor GEMM (``F.linear``)
   runs on it. Calls with few rows of activations take the fused kernel instead
   (:mod:`ggufvideo.kernels._matmul`): it reads the quantized weight once and never materializes
-  it. It runs up to :data:`FUSED_ROWS` rows per type (where it beat decode + cuBLAS on an H100),
+  it. It runs up to the device's ``fused_rows`` per type (:mod:`ggufvideo.kernels.settings`: on
+  H100/H200 :data:`FUSED_ROWS`, where it beat decode + cuBLAS; on GPUs nobody tuned, never),
   capped by :func:`fused_max_m`; at M = 1 it also beats bf16 ``F.linear`` for the 4- and 5-bit
   types (numbers: README, ``benchmarks/gpu_linear.py``). ``GGUFVIDEO_FUSED_MAX_M=0`` or
   :func:`set_fused_max_m` ``(0)`` turns it off.
@@ -24,12 +25,18 @@ makes :func:`is_available` false, so the quant-aware layers (:mod:`ggufvideo.ops
 path. Both ops are ``torch.library`` custom ops with fake (meta) implementations, so
 ``torch.compile(fullgraph=True)`` traces them as single nodes and CUDA graphs can capture them
 (no host synchronisation, no allocation outside torch's caching allocator).
+
+Environment switches (``GGUFVIDEO_NO_TRITON``: ``1``/``true``/``yes``/``on`` or
+``0``/``false``/``no``/``off``/empty; ``GGUFVIDEO_FUSED_MAX_M``: an integer in 0..64) are each read
+once, at their first use, and kept; a value outside those raises ``ValueError`` naming the variable
+and the accepted values. :func:`set_enabled` and :func:`set_fused_max_m` change them at run time.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +44,7 @@ from gguf import GGMLQuantizationType
 
 from ..errors import QuantizationError
 from ..quants import get_quant_type, to_qtype
+from . import settings as _settings
 
 __all__ = [
     "DEQUANT_TYPES",
@@ -62,20 +70,64 @@ FUSED_TYPES: frozenset[str] = frozenset(("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 FUSED_MAX_M = 64
 #: Per type, the most rows for which the fused kernel beat decode + cuBLAS on an H100 (Wan-14B
 #: shapes, CUDA-graph timings in benchmarks/gpu_results_h100.md): past 16 rows the tensor-core
-#: branch decodes more per byte than the 4/5-bit K-quants need, and loses for the others.
-FUSED_ROWS: dict[str, int] = {"Q4_K": 64, "Q5_K": 64, "Q4_0": 16, "Q8_0": 16, "Q6_K": 16}
+#: branch decodes more per byte than the 4/5-bit K-quants need, and loses for the others. These
+#: are the sm_90 (H100/H200) values; a call reads its device's settings
+#: (:func:`ggufvideo.kernels.settings.settings_for`), and on GPUs nobody tuned no call is fused.
+FUSED_ROWS: dict[str, int] = _settings.FUSED_ROWS
 _fused_max_m: int | None = None  # None: follow GGUFVIDEO_FUSED_MAX_M (default FUSED_MAX_M)
+
+# -- environment switches: each read once, at its first use; a bad value is an error ------------
+_OFF_WORDS = ("", "0", "false", "no", "off")
+_ON_WORDS = ("1", "true", "yes", "on")
+
+
+def _parse_no_triton(value: str) -> bool:
+    word = value.strip().lower()
+    if word in _OFF_WORDS or word in _ON_WORDS:
+        return word in _ON_WORDS
+    raise ValueError(f"GGUFVIDEO_NO_TRITON={value!r} is not an accepted value: use 1, true, yes "
+                     "or on to switch the Triton path off; 0, false, no, off or empty (or unset) "
+                     "to leave it on (case-insensitive)")
+
+
+def _parse_fused_max_m(value: str) -> int:
+    try:
+        m = int(value.strip())
+    except ValueError:
+        m = -1
+    if not 0 <= m <= FUSED_MAX_M:
+        raise ValueError(f"GGUFVIDEO_FUSED_MAX_M={value!r} is not an accepted value: use an "
+                         f"integer in 0..{FUSED_MAX_M} (0 turns the fused kernels off; unset: "
+                         f"{FUSED_MAX_M})")
+    return m
+
+
+#: The environment switches, their parsers and their values when unset.
+_ENV_SWITCHES = {"GGUFVIDEO_NO_TRITON": (_parse_no_triton, False),
+                 "GGUFVIDEO_FUSED_MAX_M": (_parse_fused_max_m, FUSED_MAX_M)}
+_ENV_VALUES: dict[str, object] = {}  # name -> parsed value, filled at each one's first use
+
+
+def _env(name: str) -> object:
+    """The parsed value of environment switch ``name``, read at its first use and kept.
+
+    Changing the variable later has no effect (:func:`set_enabled` and :func:`set_fused_max_m`
+    change the behaviour at run time); a value outside the accepted ones raises ``ValueError``
+    naming the variable and what it accepts. ``_ENV_VALUES.clear()`` makes the next use read again
+    (tests).
+    """
+    if name not in _ENV_VALUES:
+        parse, default = _ENV_SWITCHES[name]
+        raw = os.environ.get(name)
+        _ENV_VALUES[name] = default if raw is None else parse(raw)
+    return _ENV_VALUES[name]
 
 
 def fused_max_m() -> int:
     """Calls with at most this many activation rows take the fused kernel (0: none do)."""
     if _fused_max_m is not None:
         return _fused_max_m
-    try:
-        value = int(os.environ.get("GGUFVIDEO_FUSED_MAX_M", str(FUSED_MAX_M)))
-    except ValueError:
-        value = FUSED_MAX_M
-    return max(0, min(value, FUSED_MAX_M))
+    return _env("GGUFVIDEO_FUSED_MAX_M")  # type: ignore[return-value]
 
 
 def set_fused_max_m(m: int | None) -> None:
@@ -100,7 +152,7 @@ def set_enabled(flag: bool | None) -> None:
 def _switched_on() -> bool:
     if _enabled is not None:
         return _enabled
-    return os.environ.get("GGUFVIDEO_NO_TRITON", "").strip().lower() in ("", "0", "false", "no")
+    return not _env("GGUFVIDEO_NO_TRITON")
 
 
 _HAS_TRITON: bool | None = None
@@ -135,36 +187,67 @@ def is_available(device: torch.device | str | None = None, qtype: object = None)
 
 
 # -- workspace for the large-M path ---------------------------------------------------------------
-_WORKSPACE: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
+# One decode buffer per (device, dtype, stream), each with a lock. Kernels on one stream run in
+# the order they were enqueued, so a buffer can be shared by every call on that stream -- as long as
+# no other call's decode is enqueued between a call's decode and its GEMM. Host threads sharing a
+# stream could do exactly that (thread A decodes, thread B decodes over it, A's GEMM reads B's
+# weight), so each call holds its key's lock from taking the buffer until its GEMM is enqueued.
+# Chosen over a buffer per thread: that costs a whole weight's memory per thread (hundreds of MB
+# at Wan-14B sizes) and keeps dead threads' buffers until release_workspace(); the lock costs only
+# host-side enqueue time, and the GPU runs one stream's work in order anyway.
+_WorkspaceKey = tuple[torch.device, torch.dtype, int]
+_WORKSPACE: dict[_WorkspaceKey, torch.Tensor] = {}
+_WORKSPACE_LOCKS: dict[_WorkspaceKey, threading.Lock] = {}
+_WORKSPACE_GUARD = threading.Lock()  # guards the two dicts themselves
 
 
 def _stream_id(device: torch.device) -> int:
     return torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
 
 
-def _workspace(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """A flat buffer of at least ``numel`` elements, reused by every call on this device+stream.
+def _workspace_key(device: torch.device, dtype: torch.dtype) -> _WorkspaceKey:
+    """The workspace key of calls on ``device``'s current stream."""
+    return (device, dtype, _stream_id(device))
 
-    Kernels on one stream run in order, so one buffer per (device, dtype, stream) is safe to share.
-    It grows to the largest weight seen. While a CUDA graph is being captured it is never grown
-    (that would allocate from the graph's private pool and keep a captured address alive outside
-    it): a temporary buffer serves that call instead.
+
+def _workspace_lock(key: _WorkspaceKey) -> threading.Lock:
+    """The lock a call holds while it uses ``key``'s buffer (from :func:`_workspace` until its
+    last kernel reading the buffer is enqueued)."""
+    with _WORKSPACE_GUARD:
+        lock = _WORKSPACE_LOCKS.get(key)
+        if lock is None:
+            lock = _WORKSPACE_LOCKS[key] = threading.Lock()
+        return lock
+
+
+def _workspace(key: _WorkspaceKey, numel: int) -> torch.Tensor:
+    """A flat buffer of at least ``numel`` elements, reused by every call with this key.
+
+    The caller holds ``_workspace_lock(key)``. The buffer grows to the largest weight seen. While
+    a CUDA graph is being captured it is never grown (that would allocate from the graph's private
+    pool and keep a captured address alive outside it): a temporary buffer serves that call instead.
     """
-    key = (device, dtype, _stream_id(device))
-    buf = _WORKSPACE.get(key)
+    device, dtype, _ = key
+    with _WORKSPACE_GUARD:
+        buf = _WORKSPACE.get(key)
     if buf is not None and buf.numel() >= numel:
         return buf[:numel]
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     fresh = torch.empty(numel, dtype=dtype, device=device)
     if not capturing:
-        _WORKSPACE.pop(key, None)  # let the old buffer go before the caller fills the new one
-        _WORKSPACE[key] = fresh
+        with _WORKSPACE_GUARD:
+            _WORKSPACE.pop(key, None)  # let the old buffer go before the caller fills the new one
+            _WORKSPACE[key] = fresh
     return fresh
 
 
 def release_workspace() -> None:
-    """Drop the decode buffers of the large-M path (they are rebuilt on the next call)."""
-    _WORKSPACE.clear()
+    """Drop the decode buffers of the large-M path (they are rebuilt on the next call).
+
+    A call running meanwhile keeps its own reference until it has enqueued its GEMM.
+    """
+    with _WORKSPACE_GUARD:
+        _WORKSPACE.clear()
 
 
 # -- the custom ops ------------------------------------------------------------------------------
@@ -204,8 +287,9 @@ def _linear_impl(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: i
     x2d = x.reshape(-1, k)
     m = x2d.shape[0]
     raw2d = raw.reshape(out_features, -1)
-    if (m <= min(fused_max_m(), FUSED_ROWS.get(name, 0)) and k % 256 == 0 and m > 0
-            and x.dtype in (torch.float16, torch.bfloat16) and is_available(x.device)):
+    if (name in FUSED_TYPES and 0 < m <= fused_max_m() and k % 256 == 0
+            and x.dtype in (torch.float16, torch.bfloat16) and is_available(x.device)
+            and m <= _settings.settings_for(name, x.device).fused_rows):
         from ._matmul import fused_linear
 
         if x2d.stride(-1) != 1:
@@ -214,9 +298,11 @@ def _linear_impl(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: i
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], out_features)
-    w = _workspace(x.device, x.dtype, out_features * k)
-    _decode_into(raw2d.contiguous(), qtype, w)
-    return F.linear(x, w.view(out_features, k), None if bias is None else bias.to(x.dtype))
+    key = _workspace_key(x.device, x.dtype)
+    with _workspace_lock(key):  # decode and GEMM enqueued with no other decode in between
+        w = _workspace(key, out_features * k)
+        _decode_into(raw2d.contiguous(), qtype, w)
+        return F.linear(x, w.view(out_features, k), None if bias is None else bias.to(x.dtype))
 
 
 @torch.library.custom_op("ggufvideo::quant_linear", mutates_args=())

@@ -5,7 +5,7 @@ Runs each call once to compile and warm up, then once more inside a profiler ran
     ncu --clock-control none --profile-from-start off \\
         --section SpeedOfLight --section Occupancy --section LaunchStats \\
         --section WarpStateStats --section MemoryWorkloadAnalysis \\
-        python benchmarks/ncu_linear.py --type Q4_K --k 5120 --n 5120 --ms 1 16
+        python experiments/ncu_linear.py --type Q4_K --k 5120 --n 5120 --ms 1 16
 
 reports exactly the kernels of those calls: cuBLAS's for bf16, and for the quantized weight the
 fused kernel plus, where K is split across programs, the small reduction kernel that adds the
@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 from gpu_dequant import random_blocks  # noqa: E402
 
 from ggufvideo.kernels import _matmul  # noqa: E402

@@ -1,6 +1,6 @@
 """Experiment: Q4_K at M <= 16 on the tensor cores through inline-PTX ``mma.sync`` (not adopted).
 
-The library's M = 16 path (``_matmul._fused_kernel``) lets ``tl.dot`` stage the decoded weights
+The library's M = 16 path (``_chunked._fused_kernel``) lets ``tl.dot`` stage the decoded weights
 through shared memory, which Triton feeds with one-byte loads and stores. This kernel skips
 shared memory: each lane decodes its own weights straight into the registers of the PTX
 ``mma.m16n8k16`` fragments and issues the instruction itself (``tl.inline_asm_elementwise``).
@@ -26,8 +26,8 @@ library's path -- 1.0-1.3x the bf16 speed at M = 16, latency bound: ~650 instruc
 and super-block (two thirds of them the per-sub-block scale arithmetic and the code/fragment
 shuffling that any exact kernel on this block layout needs) and too few warps per SM.
 
-Run: ``python benchmarks/gpu_m16_mma.py`` (GPU: check, then timings), or
-``python benchmarks/gpu_m16_mma.py --interpret`` (CPU: the check on small shapes under Triton's
+Run: ``python experiments/gpu_m16_mma.py`` (GPU: check, then timings), or
+``python experiments/gpu_m16_mma.py --interpret`` (CPU: the check on small shapes under Triton's
 interpreter, which emulates the MMA from its PTX fragment definition).
 """
 
@@ -44,12 +44,13 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
 from ggufvideo.kernels._decode import to_out  # noqa: E402
 from ggufvideo.kernels._dequant import TL_DTYPES, soft_bf16  # noqa: E402
-from ggufvideo.kernels._matmul import (_bits_to_f32, _code_f32, _finish_split,  # noqa: E402
-                                       arrival_counters)
+from ggufvideo.kernels._fused_common import _bits_to_f32, _finish_split  # noqa: E402
+from ggufvideo.kernels._gemv import _code_f32  # noqa: E402
+from ggufvideo.kernels._matmul import arrival_counters  # noqa: E402
 
 # bf16 / fp16 bit patterns: a code u in the low bits of OFF's pattern is OFF + u; 1.0 twice.
 CODE_BITS = {torch.bfloat16: 0x43004300, torch.float16: 0x64006400}

@@ -10,7 +10,7 @@ method as ``gpu_linear.py`` (one replay, L2 flushed by ``triton.testing.do_bench
 * bf16 ``F.linear`` at M = 1 (cuBLAS's GEMV) and our fused one-row kernel.
 
 ``bf16 / read`` is then the best ratio any Q4_K kernel could show this way, and ``fused / read``
-how far ours is from it. Run: ``python benchmarks/gpu_read_floor.py``.
+how far ours is from it. Run: ``python experiments/gpu_read_floor.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 from gpu_dequant import random_blocks  # noqa: E402
 from gpu_linear import SHAPES, bench_graph  # noqa: E402
 

@@ -7,7 +7,7 @@ random blocks took 1.02-1.07x the time of the same values rescaled (six cases; r
 ``gpu_results_h100.md``): the time follows the data (power draw, then clocks), which is why
 ``gpu_linear.py`` compares the quant Linear with bf16 on the same decoded values.
 
-Run: ``python benchmarks/gpu_gemm_data.py [--types Q4_K Q6_K Q8_0]``.
+Run: ``python experiments/gpu_gemm_data.py [--types Q4_K Q6_K Q8_0]``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 from gpu_linear import bench_interleaved, quant_linear_module  # noqa: E402
 
 from ggufvideo.kernels._dequant import dequantize_into  # noqa: E402
