@@ -256,7 +256,7 @@ def test_file_records_architecture_file_type_and_quantization_version(tmp_path):
         assert g.metadata["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
         assert g.metadata["general.quantization_version"] == gguf.GGML_QUANT_VERSION
         assert g.version == 3 and g.alignment == 32
-    save_state_dict(_sd(), path, metadata={"general.architecture": "custom"})
+    save_state_dict(_sd(), path, metadata={"general.architecture": "custom"}, overwrite=True)
     with GGUFFile(path) as g:
         assert g.metadata["general.architecture"] == "custom"
 

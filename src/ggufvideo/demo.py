@@ -1,7 +1,7 @@
 """``ggufvideo demo``: convert, inspect, load and run a small real video model; no download.
 
 The model is diffusers' ``WanTransformer3DModel`` built from a small config with random weights
-when diffusers is installed (``pip install ggufvideo[demo]``), else :class:`TinyVideoDiT`, a
+when diffusers is installed (the ``demo`` extra: ``pip install -e ".[demo]"``), else :class:`TinyVideoDiT`, a
 built-in transformer with Wan's layout (Conv3d patch embedding, self/cross attention, FFN,
 modulation, head). The demo writes the model as safetensors, converts it to a few GGUF types,
 inspects one, loads each lazily (weights stay quantized in memory) and runs a forward pass, then
@@ -204,16 +204,21 @@ class DemoRow:
 
 
 def run_demo(types: Sequence[str] = DEFAULT_TYPES, *, builtin: bool = False,
-             workdir: str | None = None, repeats: int = 3, log: Callable[[str], None] = print
-             ) -> list[DemoRow]:
-    """Run the demo and print its table; returns the rows (first row: full precision)."""
+             workdir: str | None = None, repeats: int = 3, log: Callable[[str], None] = print,
+             progress: bool = False) -> list[DemoRow]:
+    """Run the demo and print its table; returns the rows (first row: full precision).
+
+    ``workdir``: keep the files there (``None``: a temporary folder, removed at the end).
+    ``progress``: show each conversion's progress bar (on stderr).
+    """
     # Scoped, not global: the demo is also called in-process (tests, notebooks).
     with torch.no_grad():
-        return _run_demo(types, builtin=builtin, workdir=workdir, repeats=repeats, log=log)
+        return _run_demo(types, builtin=builtin, workdir=workdir, repeats=repeats, log=log,
+                         progress=progress)
 
 
 def _run_demo(types: Sequence[str], *, builtin: bool, workdir: str | None, repeats: int,
-              log: Callable[[str], None]) -> list[DemoRow]:
+              log: Callable[[str], None], progress: bool) -> list[DemoRow]:
     from .convert import convert
     from .inspection import format_inspection, inspect_file
 
@@ -227,13 +232,17 @@ def _run_demo(types: Sequence[str], *, builtin: bool, workdir: str | None, repea
     folder = ctx.name if ctx is not None else workdir
     assert folder is not None
     os.makedirs(folder, exist_ok=True)
+    if ctx is not None:
+        log(f"working in a temporary folder, removed at the end ({folder}); "
+            "--keep-files DIR keeps the files")
     try:
         src = _save_source(ref_model, folder)
         rows[0].file_size = os.path.getsize(src)
         del ref_model
         for i, qtype in enumerate(types):
             dst = os.path.join(folder, f"model-{qtype}.gguf")
-            summary = convert(src, dst, qtype=qtype, force=True)
+            log(f"converting to {qtype} ...")
+            summary = convert(src, dst, qtype=qtype, force=True, progress=progress)
             counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts().items()))
             log(f"converted {qtype}: {format_bytes(summary.bytes_out)} ({counts}) in "
                 f"{summary.seconds:.1f} s")
@@ -250,6 +259,11 @@ def _run_demo(types: Sequence[str], *, builtin: bool, workdir: str | None, repea
         if ctx is not None:
             ctx.cleanup()
     log(format_table(rows))
+    if ctx is not None:
+        log("(the files above were temporary and are now removed; run with --keep-files DIR "
+            "to keep them)")
+    else:
+        log(f"files kept in {folder}")
     return rows
 
 
