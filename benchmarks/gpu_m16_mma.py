@@ -48,8 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ggufvideo.kernels._decode import to_out  # noqa: E402
 from ggufvideo.kernels._dequant import TL_DTYPES, soft_bf16  # noqa: E402
-from ggufvideo.kernels._matmul import (_bits_to_f32, _code_f32, _finish_split,  # noqa: E402
-                                       arrival_counters)
+from ggufvideo.kernels._matmul import _bits_to_f32, _code_f32, _finish_split, arrival_counters  # noqa: E402
 
 # bf16 / fp16 bit patterns: a code u in the low bits of OFF's pattern is OFF + u; 1.0 twice.
 CODE_BITS = {torch.bfloat16: 0x43004300, torch.float16: 0x64006400}
@@ -348,7 +347,6 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         sys.exit("gpu_m16_mma.py needs a CUDA device (or --interpret)")
     import torch.nn.functional as F
-
     from gpu_dequant import random_blocks
     from gpu_linear import SHAPES, bench_graph
 

@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_dequant import random_blocks  # noqa: E402
-from gpu_linear import SHAPES, bench_graph  # noqa: E402
-
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from gpu_dequant import random_blocks  # noqa: E402
+from gpu_linear import SHAPES, bench_graph  # noqa: E402
 
 
 @triton.jit

@@ -201,8 +201,9 @@ def test_demo_runs_end_to_end_with_the_builtin_model(tmp_path, capsys):
 
 
 def test_inspect_shows_a_tensor_with_bad_shape_metadata_and_validate_fails(tmp_path, capsys):
-    from ggufvideo.writer import TypedValue
     from gguf import GGUFValueType
+
+    from ggufvideo.writer import TypedValue
 
     path = tmp_path / "m.gguf"
     bad = TypedValue(GGUFValueType.ARRAY, [3, 3], GGUFValueType.INT32)  # 9 != 16 elements

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+import ggml_gguf
 import gguf
 import numpy as np
+import oracle as _oracle
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
@@ -25,9 +27,6 @@ from ggufvideo.writer import (
     stored_layout,
     write_gguf,
 )
-
-import ggml_gguf
-import oracle as _oracle
 
 needs_ggml = pytest.mark.skipif(_oracle.load() is None, reason="ggml (pywhispercpp) not installed")
 

@@ -26,8 +26,8 @@ from gguf import GGMLQuantizationType, GGUFValueType
 from .errors import _safe
 from .imatrix import Imatrix, load_imatrix
 from .policy import QuantPolicy
-from .sources import SOURCE_METADATA_PREFIX, Source, open_source
 from .serialize import RawValue
+from .sources import SOURCE_METADATA_PREFIX, Source, open_source
 from .writer import WriteSummary, write_model
 
 __all__ = ["convert", "open_source", "Source", "SOURCE_METADATA_PREFIX"]

@@ -1,11 +1,12 @@
 """``ggufvideo demo``: convert, inspect, load and run a small real video model; no download.
 
 The model is diffusers' ``WanTransformer3DModel`` built from a small config with random weights
-when diffusers is installed (the ``demo`` extra: ``pip install -e ".[demo]"``), else :class:`TinyVideoDiT`, a
-built-in transformer with Wan's layout (Conv3d patch embedding, self/cross attention, FFN,
-modulation, head). The demo writes the model as safetensors, converts it to a few GGUF types,
-inspects one, loads each lazily (weights stay quantized in memory) and runs a forward pass, then
-prints: type, file size, weight memory, relative error against full precision, forward time.
+when diffusers is installed (the ``demo`` extra: ``pip install -e ".[demo]"``), else
+:class:`TinyVideoDiT`, a built-in transformer with Wan's layout (Conv3d patch embedding, self/cross
+attention, FFN, modulation, head). The demo writes the model as safetensors, converts it to a few
+GGUF types, inspects one, loads each lazily (weights stay quantized in memory) and runs a forward
+pass, then prints: type, file size, weight memory, relative error against full
+precision, forward time.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class TinyVideoDiT(nn.Module):
         for block in self.blocks:
             x = block(x, e6, ctx)
         m = (self.head.modulation + e[:, None]).chunk(2, dim=1)
-        x = self.head.head(self.head.norm(x) * (1 + m[1]) + m[0])
+        x = self.head.head(self.head.norm(x) * (1 + m[1]) + m[0])  # type: ignore[operator]
         x = x.view(b, t // pt, h // ph, w // pw, c, pt, ph, pw)
         return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, c, t, h, w)
 
@@ -132,7 +133,7 @@ def build_demo_model(*, builtin: bool = False, seed: int = 0
         else:
             def factory() -> nn.Module:
                 torch.manual_seed(seed)
-                return WanTransformer3DModel(
+                return WanTransformer3DModel(  # type: ignore[no-any-return,return-value]
                     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128,
                     in_channels=16, out_channels=16, text_dim=256, freq_dim=256, ffn_dim=1024,
                     num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",

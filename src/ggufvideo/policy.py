@@ -31,7 +31,6 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 from gguf import GGMLQuantizationType as T
@@ -51,7 +50,7 @@ __all__ = [
     "fits",
 ]
 
-QTypeLike = Union[T, str, int]
+QTypeLike = T | str | int
 
 #: Override value meaning "keep this tensor at high precision".
 KEEP = "keep"

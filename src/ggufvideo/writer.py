@@ -503,7 +503,7 @@ def _state_dict_sources(state_dict: Mapping[str, torch.Tensor]) -> list[SourceTe
         if t.is_meta:
             raise GGUFError("tensor is on the meta device (no data to write)", tensor=name)
         if isinstance(t, GGMLTensor):
-            out.append(SourceTensor(name, tuple(t.shape), t.dtype, (lambda t=t: t), t.qtype,
+            out.append(SourceTensor(name, tuple(t.shape), t.dtype, (lambda t=t: t), t.qtype,  # type: ignore[misc]
                                     t.raw.nbytes))
         else:
             source_qtype(t.dtype)  # raises for dtypes GGUF cannot hold
@@ -511,7 +511,7 @@ def _state_dict_sources(state_dict: Mapping[str, torch.Tensor]) -> list[SourceTe
             nbytes = 0 if tie in seen_ties else t.numel() * t.element_size()
             if tie is not None:
                 seen_ties.add(tie)
-            out.append(SourceTensor(name, tuple(t.shape), t.dtype, (lambda t=t: t), None,
+            out.append(SourceTensor(name, tuple(t.shape), t.dtype, (lambda t=t: t), None,  # type: ignore[misc]
                                     nbytes, tie))
     return out
 
