@@ -1,7 +1,8 @@
 """Memory of a Wan-2.1-1.3B-shaped transformer loaded from GGUF: lazy (quantized) vs eager.
 
 Builds diffusers' ``WanTransformer3DModel`` with Wan 2.1 1.3B's real shapes (dim 1536, ffn 8960,
-30 layers, 12 heads, text dim 4096, patch embedding [1536, 16, 1, 2, 2]; REFERENCE.md section 4),
+30 layers, 12 heads, text dim 4096, patch embedding [1536, 16, 1, 2, 2], as in the released
+checkpoint's config),
 writes a GGUF file of random weights, then in a fresh process per mode loads it with
 ``ggufvideo.load_model`` into a model built under ``empty_weights()`` and runs one small forward
 pass (which touches every weight). It prints the process's peak RSS above its baseline (after

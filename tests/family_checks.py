@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
+from model_files import quantize_rows
 
 from ggufvideo import GGMLTensor
 from ggufvideo.models import CANONICAL, Family, ShapeOps, describe
 from ggufvideo.models.tensors import TensorOps
-from model_files import quantize_rows
 
 
 def random_state_dict(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -11,11 +11,10 @@ from collections.abc import Callable, Mapping
 
 import gguf
 import numpy as np
+import oracle as _oracle
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
-
-import oracle as _oracle
 
 PLAIN = {T.F32: np.float32, T.F16: np.float16}
 COMFY_ORIG_SHAPE = "comfy.gguf.orig_shape."

@@ -201,8 +201,9 @@ def test_demo_runs_end_to_end_with_the_builtin_model(tmp_path, capsys):
 
 
 def test_inspect_shows_a_tensor_with_bad_shape_metadata_and_validate_fails(tmp_path, capsys):
-    from ggufvideo.writer import TypedValue
     from gguf import GGUFValueType
+
+    from ggufvideo.writer import TypedValue
 
     path = tmp_path / "m.gguf"
     bad = TypedValue(GGUFValueType.ARRAY, [3, 3], GGUFValueType.INT32)  # 9 != 16 elements
@@ -210,3 +211,73 @@ def test_inspect_shows_a_tensor_with_bad_shape_metadata_and_validate_fails(tmp_p
     assert main(["inspect", str(path)]) == 0
     assert "bad shape metadata" in capsys.readouterr().out
     assert main(["validate", str(path)]) == 1
+
+
+# -- a new user's first contact (issue 19) ---------------------------------------------------
+
+
+def test_version_flag_prints_the_package_version(capsys):
+    import ggufvideo
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"ggufvideo {ggufvideo.__version__}"
+
+
+def test_unknown_type_lists_the_valid_names(tmp_path, capsys):
+    src = _model(tmp_path)
+    assert main(["convert", str(src), str(tmp_path / "o.gguf"), "-t", "Q4_KM", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "'Q4_KM'" in err and "Q4_K" in err and "Q4_K_M" in err and "Q8_0" in err
+
+
+def test_inspect_into_a_closed_pipe_stops_quietly(tmp_path):
+    dst = tmp_path / "m.gguf"
+    # far more output than a pipe buffers, so the writer is still writing when the reader leaves
+    save_state_dict({f"blocks.{i}.weight": torch.zeros(4) for i in range(4000)}, dst)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "ggufvideo", "inspect", str(dst)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.readline()
+    proc.stdout.close()  # what `| head -1` does
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) in (0, 141)
+    assert "Broken pipe" not in err and "Traceback" not in err and "error" not in err
+
+
+def test_missing_destination_folder_is_named_not_the_temporary(tmp_path, capsys):
+    src = _model(tmp_path)
+    dst = tmp_path / "no" / "such" / "m.gguf"
+    assert main(["convert", str(src), str(dst), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert str(dst) in err and "does not exist" in err and ".partial" not in err
+
+
+def test_converted_file_name_drops_the_source_type_tag(tmp_path):
+    src = _model(tmp_path)
+    src = src.rename(tmp_path / "model-F32.safetensors")
+    assert main(["convert", str(src), str(tmp_path / "a.gguf"), "-q", "-t", "Q8_0"]) == 0
+    with GGUFFile(tmp_path / "a.gguf") as g:
+        assert g.metadata["general.name"] == "model"
+    # requantizing a GGUF whose own name carries a tag
+    save_state_dict({"w": torch.zeros(64, 256)}, tmp_path / "b.gguf",
+                    metadata={"general.name": "wan_bf16"})
+    assert main(["convert", str(tmp_path / "b.gguf"), str(tmp_path / "c.gguf"), "-q"]) == 0
+    with GGUFFile(tmp_path / "c.gguf") as g:
+        assert g.metadata["general.name"] == "wan"
+
+
+def test_save_state_dict_refuses_an_existing_file_like_convert(tmp_path):
+    dst = tmp_path / "x.gguf"
+    save_state_dict({"w": torch.zeros(2)}, dst)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_state_dict({"w": torch.ones(2)}, dst)
+    save_state_dict({"w": torch.ones(2)}, dst, overwrite=True)
+
+
+def test_demo_says_its_temporary_files_are_removed(capsys):
+    main(["demo", "--builtin", "--types", "Q8_0", "-q"])
+    out = capsys.readouterr().out
+    assert "temporary folder, removed at the end" in out and "now removed" in out

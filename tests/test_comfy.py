@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import types
-from collections import namedtuple
 from pathlib import Path
 
 import gguf
@@ -25,11 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ggufvideo import GGMLTensor, GGUFError
-from ggufvideo.comfy import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from ggufvideo.comfy import nodes, paths
-from ggufvideo.comfy.layers import comfy_quant_class, fetch_weight, quantize_module_classes, raw_state_bytes
+from ggufvideo.comfy import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, nodes, paths
+from ggufvideo.comfy.layers import (
+    comfy_quant_class,
+    fetch_weight,
+    quantize_module_classes,
+    raw_state_bytes,
+)
 from ggufvideo.comfy.loading import ComfyLoadError, precision_dtype
-from ggufvideo.comfy.patcher import Backup, DeferredPatch, make_quant_patcher, patcher_class
+from ggufvideo.comfy.patcher import Backup, DeferredPatch, make_quant_patcher
+from ggufvideo.loader import resolve_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 REGISTRATION = REPO / "custom_nodes" / "ComfyUI-ggufvideo" / "__init__.py"
@@ -130,7 +134,7 @@ def test_node_mappings_name_every_node_with_a_display_name():
     assert set(NODE_CLASS_MAPPINGS) == set(NODE_DISPLAY_NAME_MAPPINGS) == {
         "GGUFVideoModelLoader", "GGUFVideoVAELoader", "GGUFVideoInspect"}
     for cls in NODE_CLASS_MAPPINGS.values():
-        assert callable(getattr(cls, "INPUT_TYPES"))
+        assert callable(cls.INPUT_TYPES)
         assert callable(getattr(cls(), cls.FUNCTION))
         assert isinstance(cls.RETURN_TYPES, tuple) and cls.CATEGORY == "ggufvideo"
     assert NODE_CLASS_MAPPINGS["GGUFVideoModelLoader"].RETURN_TYPES == ("MODEL",)
@@ -225,7 +229,9 @@ def test_inspect_node_reports_types_and_restored_shapes(tmp_path, monkeypatch):
 
 
 def test_precision_choice_maps_to_dtypes_and_rejects_unknown_names():
-    assert precision_dtype("auto") is None
+    # "auto" means what ggufvideo.loader.resolve_dtype("auto", device) means
+    assert precision_dtype("auto") is torch.bfloat16
+    assert precision_dtype("auto", "cpu") is resolve_dtype("auto", "cpu")
     assert precision_dtype("float32") is torch.float32
     assert precision_dtype("float16") is torch.float16
     assert precision_dtype("bfloat16") is torch.bfloat16

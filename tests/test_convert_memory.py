@@ -100,8 +100,8 @@ def test_mapped_pt_storages_get_page_releasers(tmp_path):
 def test_pt_of_the_other_byte_order_is_never_released(tmp_path, monkeypatch):
     # torch.load byte-swaps such a checkpoint in place (private copies of the mapped pages):
     # dropping those pages would bring the unswapped bytes back.
-    from ggufvideo.sources import torch_pickle
     from ggufvideo.convert import open_source
+    from ggufvideo.sources import torch_pickle
 
     monkeypatch.setattr(torch_pickle, "_byteorder", lambda path: "big")
     src = open_source(_small_pt(tmp_path))

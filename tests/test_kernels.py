@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from strategies import finite_blocks
 
 HAS_CUDA = torch.cuda.is_available()

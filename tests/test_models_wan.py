@@ -8,13 +8,13 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers import WanTransformer3DModel, WanVACETransformer3DModel  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers  # noqa: E402
-
 from family_checks import (  # noqa: E402
     check_against_diffusers_converter,
     check_config_inference,
     check_exact_row_splits,
     random_state_dict,
 )
+
 from ggufvideo.models import describe, get_family  # noqa: E402
 
 WAN = get_family("wan")

@@ -13,11 +13,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from dequant_checks import assert_same_bits
+from dequant_checks import decode_f32 as ours
 from gguf import GGMLQuantizationType as T
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from dequant_checks import assert_same_bits
-from dequant_checks import decode_f32 as ours
 from strategies import finite_blocks
 
 from ggufvideo.quants import dequantize, get_quant_type

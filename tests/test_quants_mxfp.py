@@ -16,10 +16,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from dequant_checks import assert_same_bits
 from gguf import GGMLQuantizationType as T
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from dequant_checks import assert_same_bits
 from strategies import block_arrays
 
 from ggufvideo.quants import dequantize, get_quant_type

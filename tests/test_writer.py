@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+import ggml_gguf
 import gguf
 import numpy as np
+import oracle as _oracle
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
@@ -25,9 +27,6 @@ from ggufvideo.writer import (
     stored_layout,
     write_gguf,
 )
-
-import ggml_gguf
-import oracle as _oracle
 
 needs_ggml = pytest.mark.skipif(_oracle.load() is None, reason="ggml (pywhispercpp) not installed")
 
@@ -256,7 +255,7 @@ def test_file_records_architecture_file_type_and_quantization_version(tmp_path):
         assert g.metadata["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
         assert g.metadata["general.quantization_version"] == gguf.GGML_QUANT_VERSION
         assert g.version == 3 and g.alignment == 32
-    save_state_dict(_sd(), path, metadata={"general.architecture": "custom"})
+    save_state_dict(_sd(), path, metadata={"general.architecture": "custom"}, overwrite=True)
     with GGUFFile(path) as g:
         assert g.metadata["general.architecture"] == "custom"
 

@@ -1,6 +1,7 @@
 """Registers ggufvideo's nodes in ComfyUI.
 
-Install: ``pip install ggufvideo`` into ComfyUI's Python environment, then copy (or symlink) this
+Install: ``python -m pip install /path/to/ggufvideo`` (the repository's folder: the package is not
+on PyPI) with the Python that runs ComfyUI, then copy (or symlink) this
 folder into ComfyUI's ``custom_nodes`` directory and restart ComfyUI.
 
 The folder is deliberately not named ``ggufvideo``: ComfyUI imports a custom-node folder as a
@@ -12,7 +13,8 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the user's environment
     raise ImportError(
         "ComfyUI-ggufvideo: the 'ggufvideo' package is not installed in ComfyUI's Python "
-        "environment; run `python -m pip install ggufvideo` with the Python that runs ComfyUI"
+        "environment; run `python -m pip install /path/to/ggufvideo` (the repository's folder) with "
+        "the Python that runs ComfyUI"
     ) from e
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

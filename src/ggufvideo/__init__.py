@@ -2,27 +2,30 @@
 
 from __future__ import annotations
 
+from .building import from_gguf
+from .convert import convert
 from .errors import (
     GGUFError,
     InvalidHeaderError,
+    ModelLoadError,
     QuantizationError,
     ShapeMetadataError,
     TensorOperationError,
     TensorLayoutError,
+    UnknownModelError,
     UnsupportedTypeError,
 )
-from .building import from_gguf
-from .convert import convert
-from .loader import load_state_dict
-from .errors import ModelLoadError, UnknownModelError
-from .model import empty_weights, load_model
+from .imatrix import ImatrixError
+from .inspection import ValidationReport, inspect_file, validate_file
+from .loader import load_state_dict, resolve_dtype
+from .model import IncompatibleKeys, empty_weights, load_model
 from .ops import set_compute_dtype, swap_quant_layers
-from .policy import QuantPolicy
+from .policy import QuantPolicy, TensorDecision
 from .quants import dequantize, quantize
 from .reader import GGUFFile, TensorInfo
 from .runtime import offload
 from .tensor import GGMLTensor
-from .writer import save_state_dict
+from .writer import WriteSummary, save_state_dict
 
 __version__ = "0.1.0"
 
@@ -51,4 +54,13 @@ __all__ = [
     "save_state_dict",
     "convert",
     "QuantPolicy",
+    # what the functions above return or raise
+    "WriteSummary",
+    "TensorDecision",
+    "ValidationReport",
+    "IncompatibleKeys",
+    "ImatrixError",
+    "inspect_file",
+    "validate_file",
+    "resolve_dtype",
 ]

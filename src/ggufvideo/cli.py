@@ -2,7 +2,8 @@
 
 Exit status: 0 on success (``validate``: only when the file is clean), 1 when the operation failed
 or the file has problems, 2 for usage errors, 130 after Ctrl-C and 143 after SIGTERM (both leave
-no partial output).
+no partial output), 141 when the reader of the output went away (``ggufvideo inspect f | head``:
+the output stops quietly, as with other Unix tools).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -42,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     p = argparse.ArgumentParser(prog="ggufvideo",
                                 description="Convert, inspect and validate GGUF video models.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"ggufvideo {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("convert", help="convert a checkpoint to GGUF",
@@ -96,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--builtin", action="store_true",
                    help="use the built-in model even if diffusers is installed")
     d.add_argument("--keep-files", default=None, metavar="DIR",
-                   help="write the files to DIR and keep them")
+                   help="write the files to DIR and keep them (default: a temporary folder, "
+                   "removed at the end)")
+    d.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return p
 
 
@@ -162,7 +169,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     types = tuple(t.strip() for t in args.types.split(",") if t.strip()) if args.types \
         else DEFAULT_TYPES
-    run_demo(types, builtin=args.builtin, workdir=args.keep_files)
+    run_demo(types, builtin=args.builtin, workdir=args.keep_files, progress=not args.quiet)
     return 0
 
 
@@ -174,7 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with _terminate_as_interrupt():
-            return _COMMANDS[args.command](args)
+            status = _COMMANDS[args.command](args)
+            sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+            return status
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
     except (GGUFError, OSError, ValueError) as exc:
         # Messages may quote names from the file: escaped and bounded before they reach a terminal.
         print(f"ggufvideo {args.command}: error: {_message(exc)}", file=sys.stderr)
@@ -183,6 +195,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
         print(f"ggufvideo {args.command}: {what}", file=sys.stderr)
         return 143 if isinstance(exc, _Terminated) else 130
+
+
+def _silence_stdout() -> None:
+    """The reader of stdout is gone (``| head``): point stdout at /dev/null, so that Python's
+    final flush at exit does not report the broken pipe a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (tests, notebooks)
+        pass
 
 
 class _Terminated(KeyboardInterrupt):

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from .building import CONFIG_KEY
 
@@ -41,6 +42,28 @@ from .tensor import GGMLTensor  # noqa: F401
 from .writer import RawValue, SourceTensor, WriteSummary, tensor_tie, write_model  # noqa: F401
 
 __all__ = ["convert", "open_source", "Source", "SOURCE_METADATA_PREFIX"]
+
+
+# A precision or type tag at the end of a checkpoint's name ("wan-F32", "model_bf16", "x.Q4_K_M"):
+# it describes the source file, not the converted one, so it is not carried into general.name.
+_TYPE_TAG = re.compile(r"[-_. ](?:F32|F16|BF16|F64|FP32|FP16|FP8(?:_E4M3FN|_E5M2)?|"
+                       r"I?Q[1-8](?:_[0-9A-Z]+)*|TQ[12]_0|MXFP4)$", re.IGNORECASE)
+
+
+def _model_name(value: Any) -> Any:
+    """``general.name`` without a trailing type tag (``"model-F32"`` -> ``"model"``)."""
+    raw = None
+    if isinstance(value, RawValue):  # a requantized GGUF's own name, as stored
+        if value.type != GGUFValueType.STRING or len(value.payload) < 8:
+            return value
+        n = int.from_bytes(value.payload[:8], "little")
+        raw, value = value, value.payload[8:8 + n].decode("utf-8", "replace")
+    if not isinstance(value, str):
+        return value
+    stripped = _TYPE_TAG.sub("", value)
+    if not stripped or stripped == value:
+        return raw if raw is not None else value
+    return stripped
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
@@ -126,6 +149,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         base = os.path.basename(os.path.normpath(srcp))
         meta["general.name"] = base.rsplit(".", 1)[0] if not os.path.isdir(srcp) else base
     meta.update(source.metadata)
+    if "general.name" in meta:
+        meta["general.name"] = _model_name(meta["general.name"])
     if imat is not None:
         # A requantized GGUF may carry the keys of the matrix it was made with: replaced whole.
         for k in [k for k in meta if k.startswith("quantize.imatrix.")]:

@@ -1,11 +1,12 @@
 """``ggufvideo demo``: convert, inspect, load and run a small real video model; no download.
 
 The model is diffusers' ``WanTransformer3DModel`` built from a small config with random weights
-when diffusers is installed (``pip install ggufvideo[demo]``), else :class:`TinyVideoDiT`, a
-built-in transformer with Wan's layout (Conv3d patch embedding, self/cross attention, FFN,
-modulation, head). The demo writes the model as safetensors, converts it to a few GGUF types,
-inspects one, loads each lazily (weights stay quantized in memory) and runs a forward pass, then
-prints: type, file size, weight memory, relative error against full precision, forward time.
+when diffusers is installed (the ``demo`` extra: ``pip install -e ".[demo]"``), else
+:class:`TinyVideoDiT`, a built-in transformer with Wan's layout (Conv3d patch embedding, self/cross
+attention, FFN, modulation, head). The demo writes the model as safetensors, converts it to a few
+GGUF types, inspects one, loads each lazily (weights stay quantized in memory) and runs a forward
+pass, then prints: type, file size, weight memory, relative error against full
+precision, forward time.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class TinyVideoDiT(nn.Module):
         for block in self.blocks:
             x = block(x, e6, ctx)
         m = (self.head.modulation + e[:, None]).chunk(2, dim=1)
-        x = self.head.head(self.head.norm(x) * (1 + m[1]) + m[0])
+        x = self.head.head(self.head.norm(x) * (1 + m[1]) + m[0])  # type: ignore[operator]
         x = x.view(b, t // pt, h // ph, w // pw, c, pt, ph, pw)
         return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, c, t, h, w)
 
@@ -132,7 +133,7 @@ def build_demo_model(*, builtin: bool = False, seed: int = 0
         else:
             def factory() -> nn.Module:
                 torch.manual_seed(seed)
-                return WanTransformer3DModel(
+                return WanTransformer3DModel(  # type: ignore[no-any-return,return-value]
                     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128,
                     in_channels=16, out_channels=16, text_dim=256, freq_dim=256, ffn_dim=1024,
                     num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
@@ -204,16 +205,21 @@ class DemoRow:
 
 
 def run_demo(types: Sequence[str] = DEFAULT_TYPES, *, builtin: bool = False,
-             workdir: str | None = None, repeats: int = 3, log: Callable[[str], None] = print
-             ) -> list[DemoRow]:
-    """Run the demo and print its table; returns the rows (first row: full precision)."""
+             workdir: str | None = None, repeats: int = 3, log: Callable[[str], None] = print,
+             progress: bool = False) -> list[DemoRow]:
+    """Run the demo and print its table; returns the rows (first row: full precision).
+
+    ``workdir``: keep the files there (``None``: a temporary folder, removed at the end).
+    ``progress``: show each conversion's progress bar (on stderr).
+    """
     # Scoped, not global: the demo is also called in-process (tests, notebooks).
     with torch.no_grad():
-        return _run_demo(types, builtin=builtin, workdir=workdir, repeats=repeats, log=log)
+        return _run_demo(types, builtin=builtin, workdir=workdir, repeats=repeats, log=log,
+                         progress=progress)
 
 
 def _run_demo(types: Sequence[str], *, builtin: bool, workdir: str | None, repeats: int,
-              log: Callable[[str], None]) -> list[DemoRow]:
+              log: Callable[[str], None], progress: bool) -> list[DemoRow]:
     from .convert import convert
     from .inspection import format_inspection, inspect_file
 
@@ -227,13 +233,17 @@ def _run_demo(types: Sequence[str], *, builtin: bool, workdir: str | None, repea
     folder = ctx.name if ctx is not None else workdir
     assert folder is not None
     os.makedirs(folder, exist_ok=True)
+    if ctx is not None:
+        log(f"working in a temporary folder, removed at the end ({folder}); "
+            "--keep-files DIR keeps the files")
     try:
         src = _save_source(ref_model, folder)
         rows[0].file_size = os.path.getsize(src)
         del ref_model
         for i, qtype in enumerate(types):
             dst = os.path.join(folder, f"model-{qtype}.gguf")
-            summary = convert(src, dst, qtype=qtype, force=True)
+            log(f"converting to {qtype} ...")
+            summary = convert(src, dst, qtype=qtype, force=True, progress=progress)
             counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts().items()))
             log(f"converted {qtype}: {format_bytes(summary.bytes_out)} ({counts}) in "
                 f"{summary.seconds:.1f} s")
@@ -250,6 +260,11 @@ def _run_demo(types: Sequence[str], *, builtin: bool, workdir: str | None, repea
         if ctx is not None:
             ctx.cleanup()
     log(format_table(rows))
+    if ctx is not None:
+        log("(the files above were temporary and are now removed; run with --keep-files DIR "
+            "to keep them)")
+    else:
+        log(f"files kept in {folder}")
     return rows
 
 

@@ -74,7 +74,8 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     with GGUFFile(path) as g:
         meta = {k: summarize_value(g.metadata[k]) for k in g.fields}
-        tensors, totals = [], {}
+        tensors: list[dict[str, Any]] = []
+        totals: dict[str, Any] = {}
         for name, info in g.tensors.items():
             entry: dict[str, Any] = {"name": name, "type": info.qtype.name}
             try:

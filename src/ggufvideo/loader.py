@@ -28,6 +28,10 @@ def resolve_dtype(dtype: DTypeLike, device: torch.device | str | None = None) ->
     Accepts a floating ``torch.dtype``, ``None`` (keep), or a name: ``"auto"`` (bfloat16 where
     ``device`` supports it, else float16), ``"float32"``/``"fp32"``, ``"float16"``/``"fp16"``/
     ``"half"``, ``"bfloat16"``/``"bf16"``.
+
+    This is the one meaning of ``"auto"`` in ggufvideo: :func:`load_state_dict`,
+    :func:`ggufvideo.load_model`, :func:`ggufvideo.from_gguf` and the ComfyUI nodes' precision
+    choice (resolved for ComfyUI's compute device) all resolve it here.
     """
     if dtype is None or isinstance(dtype, torch.dtype):
         if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:

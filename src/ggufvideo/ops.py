@@ -112,7 +112,8 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     kernels = _gpu_kernels(weight) if isinstance(weight, GGMLTensor) else None
     if kernels is not None and weight.dim() == 2 and x.is_floating_point():
         b = None if bias is None else dequantize_weight(bias, x.dtype)
-        return kernels.linear(x, weight.raw, weight.qtype, weight.shape[0], b)
+        return kernels.linear(x, weight.raw, weight.qtype,  # type: ignore[attr-defined]
+                              weight.shape[0], b)
     w = dequantize_weight(weight, x.dtype)
     b = None if bias is None else dequantize_weight(bias, x.dtype)
     return F.linear(x, w, b)
@@ -225,7 +226,7 @@ class _QuantConvTransposeNd(QuantLayer):
             raise ValueError(f"{type(self).__name__}: only padding_mode='zeros' is supported, "
                              f"got {self.padding_mode!r}")
         x, dtype = self._cast_input(input)
-        output_padding = self._output_padding(  # type: ignore[attr-defined]
+        output_padding = self._output_padding(  # type: ignore[attr-defined,operator]
             x, output_size, self.stride, self.padding, self.kernel_size, self._spatial_dims,
             self.dilation)
         return type(self)._functional(x, self._decoded("weight", dtype), self._decoded("bias", dtype),

@@ -31,7 +31,6 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 from gguf import GGMLQuantizationType as T
@@ -51,7 +50,7 @@ __all__ = [
     "fits",
 ]
 
-QTypeLike = Union[T, str, int]
+QTypeLike = T | str | int
 
 #: Override value meaning "keep this tensor at high precision".
 KEEP = "keep"
@@ -129,6 +128,32 @@ def source_qtype(dtype: torch.dtype) -> T:
         return ints[dtype]
     raise UnsupportedTypeError(
         f"no GGUF type stores {dtype} values (expected a float or int8/16/32/64)")
+
+
+def quantizable_type_names() -> tuple[str, ...]:
+    """The ggml type names a policy can write (every type with a quantizer), in ggml's order."""
+    out = []
+    for q in T:
+        try:
+            qt = get_quant_type(q)
+        except UnsupportedTypeError:
+            continue
+        if qt.can_quantize:
+            out.append(q.name)
+    return tuple(out)
+
+
+def _valid_names_text() -> str:
+    return (f"valid types: {', '.join(quantizable_type_names())}; presets: "
+            f"{', '.join(PRESETS)}; or '{KEEP}'")
+
+
+def _named_qtype(qtype: QTypeLike) -> T:
+    """:func:`to_qtype`, whose error for an unknown name lists the names that are valid."""
+    try:
+        return to_qtype(qtype)
+    except UnsupportedTypeError as exc:
+        raise UnsupportedTypeError(f"{exc}; {_valid_names_text()}") from None
 
 
 def fits(shape: tuple[int, ...], qtype: T) -> bool:
@@ -210,7 +235,8 @@ class QuantPolicy:
     def _check_quantizable(q: T, what: str) -> None:
         qt = get_quant_type(q)
         if not qt.can_quantize:
-            raise UnsupportedTypeError(f"{what}: cannot quantize to {q.name}")
+            raise UnsupportedTypeError(f"{what}: cannot quantize to {q.name}; "
+                                       f"{_valid_names_text()}")
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -237,15 +263,15 @@ class QuantPolicy:
             name = qtype.strip().upper()
             base, sensitive = PRESETS[name]
         else:
-            base = to_qtype(qtype)
+            base = _named_qtype(qtype)
             name = base.name
         pairs = overrides.items() if isinstance(overrides, Mapping) else (overrides or ())
         ov = tuple((p, KEEP if isinstance(t, str) and t.strip().lower() == KEEP
-                    else to_qtype(t).name) for p, t in pairs)
+                    else _named_qtype(t).name) for p, t in pairs)
         return cls(qtype=base, sensitive_qtype=sensitive,
                    keep_patterns=DEFAULT_KEEP_PATTERNS + tuple(keep), overrides=ov,
                    min_elements=min_elements,
-                   keep_type=None if keep_type is None else to_qtype(keep_type), name=name)
+                   keep_type=None if keep_type is None else _named_qtype(keep_type), name=name)
 
     # -- decisions ---------------------------------------------------------------------------
     def high_precision(self, dtype: torch.dtype) -> T:

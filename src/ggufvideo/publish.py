@@ -38,6 +38,9 @@ def atomic_file(path: str, overwrite: bool) -> Iterator[Callable[[memoryview], N
     naming ``path``.
     """
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        # Checked here so the error names the destination, not the temporary file mkstemp tried.
+        raise FileNotFoundError(f"{path}: the destination folder {folder} does not exist")
     _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path) + f"{os.getpid()}.",
                                suffix=_PARTIAL_SUFFIX, dir=folder)

@@ -276,7 +276,7 @@ def _chunk_bytes(chunk: torch.Tensor | bytes) -> memoryview:
     t = t.contiguous().reshape(-1)
     if t.dtype != torch.uint8:
         t = t.view(torch.uint8)
-    return memoryview(t.numpy())
+    return memoryview(t.numpy())  # type: ignore[arg-type]  # ndarray is a buffer
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -1,6 +1,6 @@
 """Restoring tensors with more than 4 dims (GGUF/ggml cap tensors at 4).
 
-Real files use one of three conventions (REFERENCE.md §3), all restored here:
+Files in the wild store such tensors in one of three ways, all restored here:
 
 1. native n-dim tensor info (ComfyUI-GGUF's ``fix_5d_tensors.py``): the stored shape is the shape;
 2. a flattened tensor plus metadata ``"<name>.raw_shape"`` = int array, PyTorch order (FlashVSR);

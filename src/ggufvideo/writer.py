@@ -495,7 +495,7 @@ def _state_dict_sources(state_dict: Mapping[str, torch.Tensor]) -> list[SourceTe
         if t.is_meta:
             raise GGUFError("tensor is on the meta device (no data to write)", tensor=name)
         if isinstance(t, GGMLTensor):
-            out.append(SourceTensor(name, tuple(t.shape), t.dtype, (lambda t=t: t), t.qtype,
+            out.append(SourceTensor(name, tuple(t.shape), t.dtype, (lambda t=t: t), t.qtype,  # type: ignore[misc]
                                     t.raw.nbytes))
         else:
             source_qtype(t.dtype)  # raises for dtypes GGUF cannot hold
@@ -503,7 +503,7 @@ def _state_dict_sources(state_dict: Mapping[str, torch.Tensor]) -> list[SourceTe
             nbytes = 0 if tie in seen_ties else t.numel() * t.element_size()
             if tie is not None:
                 seen_ties.add(tie)
-            out.append(SourceTensor(name, tuple(t.shape), t.dtype, (lambda t=t: t), None,
+            out.append(SourceTensor(name, tuple(t.shape), t.dtype, (lambda t=t: t), None,  # type: ignore[misc]
                                     nbytes, tie))
     return out
 
@@ -511,7 +511,7 @@ def _state_dict_sources(state_dict: Mapping[str, torch.Tensor]) -> list[SourceTe
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *,
                     qtype: str | GGMLQuantizationType | None = None,
                     policy: QuantPolicy | None = None, metadata: Mapping[str, Any] | None = None,
-                    overwrite: bool = True, progress: bool = False,
+                    overwrite: bool = False, progress: bool = False,
                     device: torch.device | str | None = None) -> WriteSummary:
     """Write a state dict as a GGUF v3 file.
 
@@ -523,7 +523,8 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
             ``None`` keeps every plain tensor at its own precision (a lossless save).
         policy: a full :class:`QuantPolicy` (overrides, keep patterns); excludes ``qtype``.
         metadata: extra metadata (``general.architecture`` is detected when absent).
-        overwrite: replace an existing file (default, like ``torch.save``).
+        overwrite: replace an existing file; by default an existing file is never replaced
+            (:class:`FileExistsError`), as with :func:`ggufvideo.convert` (``force=``).
         progress: show a progress bar.
         device: where quantization runs (``None``: where each tensor is).
 
@@ -531,6 +532,7 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
         A :class:`WriteSummary` (sizes, per-tensor decisions, fallbacks).
 
     Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
         GGUFError: a value that is not a tensor, a dtype GGUF cannot store, non-finite values in a
             tensor to be quantized, or bad metadata.
     """

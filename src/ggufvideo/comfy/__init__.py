@@ -1,6 +1,6 @@
 """ggufvideo as a ComfyUI node pack (optional; ``import ggufvideo`` never imports this).
 
-Register the nodes by putting the repository's ``custom_nodes/ggufvideo`` folder (a two-line
+Register the nodes by putting the repository's ``custom_nodes/ComfyUI-ggufvideo`` folder (a two-line
 ``__init__.py`` re-exporting the mappings below) into ComfyUI's ``custom_nodes`` directory, with
 ggufvideo pip-installed into ComfyUI's Python environment.
 

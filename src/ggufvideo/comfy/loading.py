@@ -52,18 +52,31 @@ class ComfyLoadError(GGUFError):
     """A GGUF file could not be turned into a ComfyUI object (the message says which and why)."""
 
 
-def precision_dtype(precision: str) -> torch.dtype | None:
-    """The dtype for a node's precision choice; ``None`` for ``"auto"`` (ComfyUI decides).
+def precision_dtype(precision: str, device: torch.device | str | None = None) -> torch.dtype:
+    """The dtype for a node's precision choice on ``device``.
+
+    ``"auto"`` means what it means everywhere in ggufvideo (:func:`ggufvideo.loader.resolve_dtype`):
+    bfloat16 where ``device`` supports it, else float16.
 
     Raises:
         ComfyLoadError: not one of :data:`PRECISIONS`.
     """
-    if precision == "auto":
-        return None
     if precision not in PRECISIONS:
         raise ComfyLoadError(f"unknown precision {_safe(precision)!r}: expected one of "
                              f"{', '.join(PRECISIONS)}")
-    return resolve_dtype(precision)
+    dtype = resolve_dtype(precision, device)
+    assert dtype is not None
+    return dtype
+
+
+def _compute_device() -> torch.device | None:
+    """The device ComfyUI computes on (``None`` where ComfyUI cannot say)."""
+    try:
+        import comfy.model_management as mm
+
+        return torch.device(mm.get_torch_device())
+    except Exception:  # noqa: BLE001 - ComfyUI absent or without a device: resolve for the CPU
+        return None
 
 
 _OPERATIONS: type | None = None
@@ -112,15 +125,15 @@ def load_diffusion_model(path: str, precision: str = "auto") -> Any:
 
     Args:
         path: the .gguf file (ComfyUI's key names, with or without ``model.diffusion_model.``).
-        precision: one of :data:`PRECISIONS`; the model's dtype (``"auto"``: ComfyUI's choice
-            for the device).
+        precision: one of :data:`PRECISIONS`; the model's dtype (``"auto"``: bfloat16 where
+            ComfyUI's compute device supports it, else float16; see :func:`precision_dtype`).
 
     Raises:
         ComfyLoadError: unreadable file, or ComfyUI's model detection does not recognise it.
     """
     import comfy.sd
 
-    dtype = precision_dtype(precision)
+    dtype = precision_dtype(precision, _compute_device())
     sd = _read(path, dtype)
     if not sd:
         raise ComfyLoadError(f"{os.path.basename(path)}: the file holds no tensors")
@@ -150,7 +163,8 @@ def load_vae(path: str, precision: str = "auto") -> Any:
     Args:
         path: the .gguf file (ComfyUI's VAE key names: ``encoder.conv1.weight``,
             ``decoder.middle.0.residual.0.gamma``...).
-        precision: one of :data:`PRECISIONS` (``"auto"``: ComfyUI's choice for the device).
+        precision: one of :data:`PRECISIONS` (``"auto"``: bfloat16 where ComfyUI's compute device
+            supports it, else float16; see :func:`precision_dtype`).
 
     Raises:
         ComfyLoadError: unreadable file, not recognised as a VAE, or a quantized tensor that
@@ -158,7 +172,7 @@ def load_vae(path: str, precision: str = "auto") -> Any:
     """
     import comfy.sd
 
-    dtype = precision_dtype(precision)
+    dtype = precision_dtype(precision, _compute_device())
     sd = _read(path, dtype)
     quantized = {k: v for k, v in sd.items() if isinstance(v, GGMLTensor)}
     stand_in = {k: (_placeholder(v) if k in quantized else v) for k, v in sd.items()}

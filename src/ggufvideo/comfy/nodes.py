@@ -42,7 +42,7 @@ class GGUFVideoModelLoader:
         return {"required": {
             "model_name": (list_gguf(DIFFUSION_FOLDERS), {"tooltip": "a .gguf diffusion model"}),
             "precision": (list(PRECISIONS), {"default": "auto", "tooltip":
-                          "compute dtype; auto lets ComfyUI pick for the device"}),
+                          "compute dtype; auto: bfloat16 where the device supports it, else float16"}),
         }}
 
     def load(self, model_name: str, precision: str = "auto") -> tuple[Any]:

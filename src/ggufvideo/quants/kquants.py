@@ -11,7 +11,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from ._bits import DecodesInto, f16_scale, iq4_values, nibbles, scale_min_k4
-from .base import delegated_quantizer, F16, I8, U8, U16, Layout, QuantType
+from .base import F16, I8, U8, U16, Layout, QuantType, delegated_quantizer
 
 __all__ = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]
 

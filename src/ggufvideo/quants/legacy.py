@@ -11,7 +11,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from ._bits import DecodesInto, const, f16_scale, iq4_values, nibbles
-from .base import delegated_quantizer, F16, I8, U8, Layout, QuantType
+from .base import F16, I8, U8, Layout, QuantType, delegated_quantizer
 
 __all__ = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"]
 

@@ -69,7 +69,7 @@ def _read_tensor(path: str, offset: int, shape: tuple[int, ...], dtype: torch.dt
     """One tensor read from ``path`` at ``offset`` into fresh memory (little-endian data)."""
     out = torch.empty(shape, dtype=dtype)
     if out.numel():
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
         with open(path, "rb") as fh:
             fh.seek(offset)
             if fh.readinto(view) != len(view):

@@ -70,6 +70,7 @@ def _gguf_tensors(g: GGUFFile, path: str, src: Source) -> None:
         if qt.torch_dtype is not None:
             def load(info=info, shape=shape) -> torch.Tensor:
                 dtype = get_quant_type(info.qtype).torch_dtype
+                assert dtype is not None  # unquantized: a plain torch dtype
                 raw = _read_stored(path, info)
                 return raw.view(dtype).reshape(shape)
 

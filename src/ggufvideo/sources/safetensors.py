@@ -104,10 +104,10 @@ def _safetensors_tensors(files: Iterable[str], only: Mapping[str, str] | None, s
             src.tensors.append(SourceTensor(
                 name, shape, dtype,
                 (lambda f=f, o=start + begin, shape=shape, dtype=dtype: _read_tensor(f, o, shape,
-                                                                                    dtype)),
+                                                                                    dtype)),  # type: ignore[misc]
                 None, nbytes))
         spans.sort()
-        for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+        for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
             if b1 < e0:
                 raise GGUFError(f"data overlaps tensor {_safe(n0)}", path=f, tensor=n1)
         # Write in the file's data order (reads stay sequential); safetensors sorts its header.
@@ -145,7 +145,7 @@ def _open_sharded(folder: str, src: Source) -> None:
         raise GGUFError(f"not a safetensors index ({exc})", path=index_path) from None
     for k, v in (index.get("metadata") or {}).items():
         src.metadata[SOURCE_METADATA_PREFIX + str(k)] = str(v)
-    shards: list[str] = []
+    shards = []
     for shard in weight_map.values():
         if not isinstance(shard, str) or os.path.basename(shard) != shard:
             raise GGUFError(f"shard {_safe(shard)} is not a file name in the index's folder",

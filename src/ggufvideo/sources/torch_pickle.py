@@ -107,7 +107,7 @@ def _open_torch(path: str, src: Source) -> None:
         nbytes = 0 if tie in seen_ties else t.numel() * t.element_size()
         if tie is not None:
             seen_ties.add(tie)
-        src.tensors.append(SourceTensor(name, tuple(t.shape), t.dtype, (lambda t=t: t), None,
+        src.tensors.append(SourceTensor(name, tuple(t.shape), t.dtype, (lambda t=t: t), None,  # type: ignore[misc]
                                         nbytes, tie, _page_releaser(t, mapped_ranges)))
 
 
@@ -182,7 +182,7 @@ def _page_releaser(t: torch.Tensor, ranges: list[tuple[int, int]]) -> Callable[[
             # too are clean file pages, read again from the file if they are used later.
             lo = begin - (begin - start) % page
             hi = min(end, -(-(begin + size) // page) * page)
-            return lambda lo=lo, n=hi - lo: _dontneed(lo, n)
+            return lambda lo=lo, n=hi - lo: _dontneed(lo, n)  # type: ignore[misc]
     return None
 
 
