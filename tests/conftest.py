@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
@@ -7,6 +8,15 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# Triton reads TRITON_INTERPRET once, when it first decorates a kernel; other test modules import
+# libraries (diffusers) that import triton at collection time, before test_kernels could set it.
+# So it is set here, first, on machines with triton and no CUDA device.
+if importlib.util.find_spec("triton") is not None and "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 import oracle as _oracle  # noqa: E402
 

@@ -523,3 +523,22 @@ def test_offloaded_weights_are_fetched_to_the_gpu_as_raw_blocks(fake_comfy_lora)
     assert isinstance(model.q.weight, GGMLTensor) and model.q.weight.raw.device.type == "cuda"
     out = model.q(x.to(cuda))
     assert torch.allclose(out, F.linear(x, w.dequantize() + delta, bias).to(cuda), rtol=0, atol=1e-5)
+
+
+def test_diffusers_named_files_are_renamed_to_comfyuis_names_as_raw_blocks():
+    """ComfyUI's model detection knows the original release's names; a file converted with the
+    default (source) layout from a diffusers folder is renamed on load, weights kept quantized."""
+    diffusers = pytest.importorskip("diffusers")
+    from ggufvideo.comfy.loading import _to_original_layout
+
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(num_attention_heads=2, attention_head_dim=128,
+                                            num_layers=1, ffn_dim=512, text_dim=64, freq_dim=32)
+    sd = {k: quantized(v) if v.dim() == 2 and v.shape[-1] % 32 == 0 else v
+          for k, v in model.state_dict().items()}
+    out = _to_original_layout(sd, "w.gguf")
+    assert "blocks.0.self_attn.q.weight" in out and "head.modulation" in out
+    q = out["blocks.0.self_attn.q.weight"]
+    assert isinstance(q, GGMLTensor)
+    assert torch.equal(q.raw, sd["blocks.0.attn1.to_q.weight"].raw)
+    assert _to_original_layout(out, "w.gguf") is out  # already ComfyUI's names: untouched

@@ -27,6 +27,8 @@ import torch
 
 from ..errors import GGUFError, _safe
 from ..loader import load_state_dict, resolve_dtype
+from ..models import detect
+from ..models.tensors import TensorOps
 from ..tensor import GGMLTensor
 from .layers import comfy_quant_class, quantize_module_classes, raw_state_bytes
 from .patcher import make_quant_patcher
@@ -114,6 +116,25 @@ def _read(path: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _to_original_layout(sd: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """``sd`` renamed into its family's original layout (ComfyUI's names) when it is in another.
+
+    ``ggufvideo convert`` keeps the source's names by default, so a file converted from a
+    diffusers folder holds diffusers names, which ComfyUI's model detection does not know.
+    Renaming moves raw blocks (row splits/joins), nothing is decoded.
+    """
+    det = detect(list(sd))
+    if det is None or det.layout == "original" or "original" not in det.family.layouts:
+        return sd
+    n = len(det.prefix)
+    inner = {k[n:]: v for k, v in sd.items() if k.startswith(det.prefix)}
+    others = {k: v for k, v in sd.items() if not k.startswith(det.prefix)}
+    try:
+        return {**det.family.convert(inner, det.layout, "original", TensorOps()), **others}
+    except GGUFError as e:
+        raise ComfyLoadError(f"{os.path.basename(path)}: {e}") from e
+
+
 def _describe(sd: Mapping[str, torch.Tensor], limit: int = 5) -> str:
     keys = list(sd)
     shown = ", ".join(_safe(k, 80) for k in keys[:limit])
@@ -137,6 +158,7 @@ def load_diffusion_model(path: str, precision: str = "auto") -> Any:
     sd = _read(path, dtype)
     if not sd:
         raise ComfyLoadError(f"{os.path.basename(path)}: the file holds no tensors")
+    sd = _to_original_layout(sd, path)
     description = _describe(sd)
     options: dict[str, Any] = {"custom_operations": operations()}
     if dtype is not None:
@@ -147,7 +169,8 @@ def load_diffusion_model(path: str, precision: str = "auto") -> Any:
             f"{os.path.basename(path)}: ComfyUI's model detection did not recognise a diffusion "
             f"model in {description}. The file must hold a diffusion model (not a VAE or text "
             "encoder) with the tensor names ComfyUI's own checkpoints use (for Wan: "
-            "'blocks.0.self_attn.q.weight', 'patch_embedding.weight', 'head.head.weight'...).")
+            "'blocks.0.self_attn.q.weight', 'patch_embedding.weight', 'head.head.weight'...); "
+            "re-convert it with `ggufvideo convert SRC DST --layout original`.")
     return make_quant_patcher(patcher)
 
 
