@@ -145,16 +145,17 @@ def run(args: argparse.Namespace) -> list[dict]:
         wb = weight_bytes(m)
         ms, out = measure("bf16 resident", m, weight_gib=round(wb / 2**30, 2))
         ref["bf16"] = ms
-        act_bf16 = torch.cuda.max_memory_allocated() - wb
         m = m.to("cpu")
-        gc.collect(); torch.cuda.empty_cache()
+        gc.collect()
+        torch.cuda.empty_cache()
         m.enable_group_offload(onload_device=torch.device("cuda"), offload_type="block_level",
                                num_blocks_per_group=1, use_stream=True)
         ms2, _ = measure("bf16 group_offload", m)
         rows[-1]["ratio_vs_bf16_resident"] = round(ms2 / ms, 3)
         ref["bf16_go"] = ms2 / ms
         del m, out
-        gc.collect(); torch.cuda.empty_cache()
+        gc.collect()
+        torch.cuda.empty_cache()
 
     # q4k resident
     m = build(args.shape, True, "cuda")
@@ -165,7 +166,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         rows[-1]["ratio_vs_bf16_resident"] = round(ms_q / ref["bf16"], 3)
     out_q = out_q.float().cpu()
     m = m.to("cpu")
-    gc.collect(); torch.cuda.empty_cache()
+    gc.collect()
+    torch.cuda.empty_cache()
 
     # q4k streamed under budgets
     for pct in args.budgets:
@@ -189,7 +191,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         cap(None)
         h.remove()
         del out_s
-        gc.collect(); torch.cuda.empty_cache()
+        gc.collect()
+        torch.cuda.empty_cache()
 
     # diffusers group offload of the q4k model
     if "q4k_go" in args.variants:
@@ -238,30 +241,40 @@ def load_bandwidth(args: argparse.Namespace) -> None:
     pinned = torch.empty(size, dtype=torch.uint8).pin_memory()
     dst = torch.empty(size, dtype=torch.uint8, device="cuda")
     for _ in range(2):
-        torch.cuda.synchronize(); t0 = time.perf_counter()
-        dst.copy_(pinned, non_blocking=True); torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(pinned, non_blocking=True)
+        torch.cuda.synchronize()
     res["pinned_h2d_gbs"] = round(size / (time.perf_counter() - t0) / 1e9, 1)
-    pageable = torch.empty(size, dtype=torch.uint8); pageable.fill_(1)
-    torch.cuda.synchronize(); t0 = time.perf_counter()
-    dst.copy_(pageable); torch.cuda.synchronize()
+    pageable = torch.empty(size, dtype=torch.uint8)
+    pageable.fill_(1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    dst.copy_(pageable)
+    torch.cuda.synchronize()
     res["pageable_h2d_gbs"] = round(size / (time.perf_counter() - t0) / 1e9, 1)
     del pinned, dst, pageable
     for name, fn in [("load_model_gbs", lambda: ggufvideo.load_model(model(), path, device="cuda")),
                      ("load_model_offload_path_gbs", None)]:
         if fn is None:
             continue
-        gc.collect(); torch.cuda.empty_cache()
-        torch.cuda.synchronize(); t0 = time.perf_counter()
-        mm = fn(); torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        mm = fn()
+        torch.cuda.synchronize()
         res[name] = round(size / (time.perf_counter() - t0) / 1e9, 2)
         del mm
     # registered staging of the mapped file (what offload uses), then one async copy per tensor
     sd = ggufvideo.load_state_dict(path, lazy=True)
-    torch.cuda.synchronize(); t0 = time.perf_counter()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
     reg, locked = register_host([t.raw for t in sd.values()])
     t1 = time.perf_counter()
     outs = [t.to("cuda", non_blocking=True) for t in sd.values()]
-    torch.cuda.synchronize(); t2 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
     res.update(registered_all=all(locked), register_s=round(t1 - t0, 3),
                registered_copy_gbs=round(size / (t2 - t1) / 1e9, 1),
                register_plus_copy_gbs=round(size / (t2 - t0) / 1e9, 1))

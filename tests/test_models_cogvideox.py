@@ -9,12 +9,12 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import CogVideoXTransformer3DModel  # noqa: E402
-
 from family_checks import (  # noqa: E402
     check_config_inference,
     check_exact_row_splits,
     random_state_dict,
 )
+
 from ggufvideo.errors import ModelLoadError  # noqa: E402
 from ggufvideo.models import describe, families, get_family  # noqa: E402
 

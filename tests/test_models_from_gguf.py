@@ -12,8 +12,9 @@ import torch
 
 pytest.importorskip("diffusers")
 
-import ggufvideo  # noqa: E402
 from family_checks import random_state_dict  # noqa: E402
+
+import ggufvideo  # noqa: E402
 from ggufvideo import GGMLTensor  # noqa: E402
 from ggufvideo.models import CANONICAL, families, get_family  # noqa: E402
 from ggufvideo.models.tensors import TensorOps  # noqa: E402

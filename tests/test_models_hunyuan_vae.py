@@ -8,8 +8,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLHunyuanVideo  # noqa: E402
-
 from family_checks import check_config_inference  # noqa: E402
+
 from ggufvideo.errors import ModelLoadError  # noqa: E402
 from ggufvideo.models import describe, detect, get_family  # noqa: E402
 

@@ -12,13 +12,13 @@ from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
 from diffusers.loaders.single_file_utils import (  # noqa: E402
     convert_hunyuan_video_transformer_to_diffusers,
 )
-
 from family_checks import (  # noqa: E402
     check_against_diffusers_converter,
     check_config_inference,
     check_exact_row_splits,
     random_state_dict,
 )
+
 from ggufvideo.errors import ModelLoadError  # noqa: E402
 from ggufvideo.models import ShapeOps, describe, get_family  # noqa: E402
 

@@ -9,13 +9,13 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLLTXVideo  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_ltx_vae_checkpoint_to_diffusers  # noqa: E402
-
 from family_checks import (  # noqa: E402
     check_against_diffusers_converter,
     check_config_inference,
     check_exact_row_splits,
     random_state_dict,
 )
+
 from ggufvideo.errors import ModelLoadError  # noqa: E402
 from ggufvideo.models import ShapeOps, describe, get_family  # noqa: E402
 

@@ -10,13 +10,13 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLWan  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers  # noqa: E402
-
 from family_checks import (  # noqa: E402
     check_against_diffusers_converter,
     check_config_inference,
     check_exact_row_splits,
     random_state_dict,
 )
+
 from ggufvideo.errors import ModelLoadError  # noqa: E402
 from ggufvideo.models import ShapeOps, describe, families, get_family  # noqa: E402
 from ggufvideo.models.tensors import TensorOps  # noqa: E402

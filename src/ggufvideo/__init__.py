@@ -10,8 +10,8 @@ from .errors import (
     ModelLoadError,
     QuantizationError,
     ShapeMetadataError,
-    TensorOperationError,
     TensorLayoutError,
+    TensorOperationError,
     UnknownModelError,
     UnsupportedTypeError,
 )

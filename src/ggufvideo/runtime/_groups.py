@@ -98,7 +98,8 @@ def _default_target(model: nn.Module) -> int:
     return best or max(1, _subtree_bytes(model) // 8)
 
 
-def plan_groups(model: nn.Module, *, target_bytes: int | None = None) -> tuple[list[Group], list[Group]]:
+def plan_groups(model: nn.Module, *, target_bytes: int | None = None
+                ) -> tuple[list[Group], list[Group]]:
     """Split ``model`` into groups that follow its own structure.
 
     A module whose subtree holds at most ``1.5 * target_bytes`` becomes one group (by default the
@@ -116,7 +117,8 @@ def plan_groups(model: nn.Module, *, target_bytes: int | None = None) -> tuple[l
     pinned: list[Group] = []
     seen: set[int] = set()
 
-    def make(name: str, module: nn.Module, members: list[tuple[nn.Module, str, bool, torch.Tensor]]) -> Group:
+    def make(name: str, module: nn.Module,
+             members: list[tuple[nn.Module, str, bool, torch.Tensor]]) -> Group:
         g = Group(name=name, module=module)
         off = 0
         for mod, n, is_param, t in members:

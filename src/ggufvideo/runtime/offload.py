@@ -171,7 +171,8 @@ class StreamScheduler:
             slot = self._free_slot(keep=upcoming)
             if slot is None:
                 raise RuntimeError(f"offload: no free device slot for group {g.name!r} (all "
-                                   f"{len(self.slots)} slots are running groups: re-entrant forward?)")
+                                   f"{len(self.slots)} slots are running groups: re-entrant "
+                                   "forward?)")
             self._load(g, slot)
         slot = self._slot_of[id(g)]
         self._busy[slot] = True
@@ -260,12 +261,14 @@ class OffloadHandle:
 
     def summary(self) -> str:
         """One line per group: name, size, resident or streamed."""
-        lines = [f"budget {self.budget / 2**30:.2f} GiB: {self.resident_bytes / 2**30:.2f} GiB resident, "
+        lines = [f"budget {self.budget / 2**30:.2f} GiB: "
+                 f"{self.resident_bytes / 2**30:.2f} GiB resident, "
                  f"{self.streamed_bytes / 2**30:.2f} GiB streamed through "
                  f"{len(self.scheduler.slots) if self.scheduler else 0} slots of "
                  f"{self.slot_bytes / 2**20:.1f} MiB"]
         for g in [*self.pinned, *self.groups]:
-            lines.append(f"  {'resident' if g.resident else 'streamed'} {g.nbytes / 2**20:9.1f} MiB  {g.name}")
+            where = "resident" if g.resident else "streamed"
+            lines.append(f"  {where} {g.nbytes / 2**20:9.1f} MiB  {g.name}")
         return "\n".join(lines)
 
     def remove(self) -> None:
@@ -279,9 +282,10 @@ class OffloadHandle:
             self.registration.release()
 
 
-def offload(model: nn.Module, device: torch.device | str = "cuda", budget: int | float | str = "8GiB",
-            *, prefetch: int = 1, target_group_bytes: int | None = None,
-            backend: SyncBackend | None = None) -> OffloadHandle:
+def offload(model: nn.Module, device: torch.device | str = "cuda",
+            budget: int | float | str = "8GiB", *, prefetch: int = 1,
+            target_group_bytes: int | None = None, backend: SyncBackend | None = None
+            ) -> OffloadHandle:
     """Run ``model`` on ``device`` with at most ``budget`` bytes of its weights there.
 
     Groups that fit the budget are moved to ``device`` and stay; the others stay in host memory
