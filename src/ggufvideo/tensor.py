@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import Any, SupportsIndex
 
 import torch
 from gguf import GGMLQuantizationType
@@ -66,8 +66,10 @@ class GGMLTensor(torch.Tensor):
     _data: torch.Tensor
     qtype: GGMLQuantizationType
 
-    # Results of torch functions on this tensor must not be re-wrapped as GGMLTensor.
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    # Results of torch functions on this tensor must not be re-wrapped as GGMLTensor. torch checks
+    # for this very function object, but its stub is a plain 4-argument function, not the
+    # classmethod that Tensor declares.
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 
     @staticmethod
     def __new__(cls, data: torch.Tensor, qtype: GGMLQuantizationType | str | int | None = None,
@@ -104,6 +106,7 @@ class GGMLTensor(torch.Tensor):
             raise QuantizationError(f"GGMLTensor({q.name}): raw data must be uint8, got {data.dtype}")
         if not dtype.is_floating_point:
             raise QuantizationError(f"GGMLTensor({q.name}): compute dtype must be floating, got {dtype}")
+        assert shape is not None  # __new__ raised otherwise
         shape = torch.Size(shape)
         n = shape.numel()
         expected = n // qt.block_size * qt.type_size()
@@ -143,7 +146,9 @@ class GGMLTensor(torch.Tensor):
         out = _dequantize_rows(self._data, self.qtype, dtype=dtype or self.dtype)
         return out.reshape(self.shape)
 
-    def __repr__(self, *, tensor_contents: Any = None) -> str:  # noqa: D105
+    # Same signature as Tensor.__repr__; mypy drops the names of a dunder method's parameters, so
+    # no keyword-only override of it can match (not even an identical one).
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]  # noqa: D105
         dev = f", device='{self.device}'" if self.device.type != "cpu" else ""
         return (f"GGMLTensor(qtype={self.qtype.name}, shape={list(self.shape)}, "
                 f"dtype={self.dtype}{dev}, raw={_human_bytes(self._data.nbytes)})")
@@ -238,11 +243,14 @@ class GGMLTensor(torch.Tensor):
                 setattr(new, k, copy.deepcopy(v, memo))
         return new
 
-    def __reduce_ex__(self, protocol: int) -> Any:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
         return (_rebuild, (self._data, self.qtype.value, tuple(self.shape), self.dtype))
 
+    # Tensor's stub declares __torch_dispatch__ as a plain function attribute (torch's disabled
+    # implementation), which mypy binds as a method; torch's protocol is this classmethod.
     @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+    def __torch_dispatch__(  # type: ignore[override]
+            cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         impl = _OPS.get(func)
         if impl is not None:

@@ -120,7 +120,7 @@ FUSED_ROWS: dict[str, int] = {name: s.fused_rows for name, s in SM90.items()}
 #: The capability the CPU (Triton's interpreter) takes settings from.
 CPU_CAPABILITY = (9, 0)
 
-_TABLE: dict[tuple[str, tuple[int, int]], KernelSettings] = {
+_TABLE: dict[tuple[str, tuple[int, ...]], KernelSettings] = {
     (name, (9, 0)): s for name, s in SM90.items()}
 _LOOKUP: dict[tuple[str, torch.device], KernelSettings] = {}  # settings_for's cache
 _LOCK = threading.Lock()

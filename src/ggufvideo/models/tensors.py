@@ -49,15 +49,15 @@ def split_rows(t: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
 
 def cat_rows(ts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Row blocks joined along dim 0; quantized parts of one type stay quantized (bytes joined)."""
-    if all(isinstance(t, GGMLTensor) for t in ts):
-        first = ts[0]
-        assert isinstance(first, GGMLTensor)
-        same = all(isinstance(t, GGMLTensor) and t.qtype == first.qtype and _row_aligned(t)
+    quantized = [t for t in ts if isinstance(t, GGMLTensor)]
+    if len(quantized) == len(ts):
+        first = quantized[0]
+        same = all(t.qtype == first.qtype and _row_aligned(t)
                    and tuple(t.shape[1:]) == tuple(first.shape[1:]) and t.dtype == first.dtype
-                   for t in ts)
+                   for t in quantized)
         if same:
-            raw = torch.cat([t.raw for t in ts], dim=0)  # type: ignore[union-attr]
-            n = sum(int(t.shape[0]) for t in ts)
+            raw = torch.cat([t.raw for t in quantized], dim=0)
+            n = sum(int(t.shape[0]) for t in quantized)
             return GGMLTensor(raw, first.qtype, (n, *first.shape[1:]), first.dtype)
     plain = [t.dequantize(torch.float32) if isinstance(t, GGMLTensor) else t for t in ts]
     dtype = torch.promote_types(plain[0].dtype, plain[-1].dtype)

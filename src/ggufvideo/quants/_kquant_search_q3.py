@@ -118,8 +118,8 @@ def _descend_q3(x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, G: torch.Ten
     st = scratch.get("q3_st0", (F, keep.numel()), dev)
     # Column gathers and scatters as gather/scatter_ with an expanded index: several times
     # faster on CPU than index_select/index_copy_ along dim 1.
-    for k, t in enumerate((x, w, wx, G)):
-        torch.gather(t, 1, keep.expand(t.shape[0], -1), out=st[k * P:k * P + t.shape[0]])
+    for row, t in enumerate((x, w, wx, G)):
+        torch.gather(t, 1, keep.expand(t.shape[0], -1), out=st[row * P:row * P + t.shape[0]])
     st[4 * P + 3] = 0.0
     st[4 * P + 4].view(torch.int32).copy_(keep)
     ptr, npass = st[4 * P + 2], st[4 * P + 3]

@@ -70,7 +70,8 @@ class Group:
 
 
 def _direct_tensors(module: nn.Module) -> list[tuple[str, bool, torch.Tensor]]:
-    out = [(n, True, p) for n, p in module._parameters.items() if p is not None]
+    out: list[tuple[str, bool, torch.Tensor]] = [
+        (n, True, p) for n, p in module._parameters.items() if p is not None]
     out += [(n, False, b) for n, b in module._buffers.items() if b is not None]
     return out
 

@@ -92,13 +92,13 @@ def register_host(tensors: list[torch.Tensor]) -> tuple[HostRegistration, list[b
     if todo and torch.cuda.is_available():
         rt = torch.cuda.cudart()
         for start, end in _merged_ranges(todo):
-            err = None
+            ok = False
             for flags in (_READ_ONLY, _DEFAULT):
-                err = rt.cudaHostRegister(start, end - start, flags)
-                if int(err) == 0:
+                ok = int(rt.cudaHostRegister(start, end - start, flags)) == 0
+                if ok:
                     break
                 _clear_cuda_error()  # else the next kernel-launch check reports it
-            if int(err) == 0:
+            if ok:
                 ok_ranges.append((start, end))
                 reg.registered_bytes += end - start
         reg.ranges = ok_ranges

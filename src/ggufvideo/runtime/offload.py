@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..tensor import GGMLTensor
-from ._groups import Group, choose_resident, parse_budget, plan_groups, tensor_bytes
+from ._groups import Group, TensorSlot, choose_resident, parse_budget, plan_groups, tensor_bytes
 from ._staging import HostRegistration, register_host
 
 __all__ = ["offload", "OffloadHandle", "StreamScheduler", "CudaBackend", "SyncBackend"]
@@ -199,6 +199,7 @@ class StreamScheduler:
 def _device_view(t: Any, buf: torch.Tensor) -> torch.Tensor:
     view = buf[t.offset:t.offset + t.nbytes]
     h = t.host
+    dev: torch.Tensor
     if isinstance(h, GGMLTensor):
         dev = GGMLTensor(view.view(h.raw.shape), h.qtype, h.shape, h.dtype)
     else:
@@ -208,14 +209,24 @@ def _device_view(t: Any, buf: torch.Tensor) -> torch.Tensor:
     return dev
 
 
+def _put(t: TensorSlot, value: torch.Tensor | None) -> None:
+    """Store ``value`` as ``t``'s parameter or buffer on its module (no ``__setattr__`` checks)."""
+    if t.is_param:
+        # torch types ``_parameters`` as holding ``Parameter``s; a GGMLTensor marked as a parameter
+        # is one only at run time (``_is_param``), and a moved host copy is a plain tensor.
+        t.module._parameters[t.name] = value  # type: ignore[assignment]
+    else:
+        t.module._buffers[t.name] = value
+
+
 def _point(g: Group, buf: torch.Tensor) -> None:
     for t in g.tensors:
-        (t.module._parameters if t.is_param else t.module._buffers)[t.name] = _device_view(t, buf)
+        _put(t, _device_view(t, buf))
 
 
 def _point_host(g: Group) -> None:
     for t in g.tensors:
-        (t.module._parameters if t.is_param else t.module._buffers)[t.name] = t.host
+        _put(t, t.host)
 
 
 # -- hooks and the handle --------------------------------------------------------------------------
@@ -277,7 +288,7 @@ class OffloadHandle:
         self._hooks = []
         for g in [*self.groups, *self.pinned]:
             for t in g.tensors:
-                (t.module._parameters if t.is_param else t.module._buffers)[t.name] = t.home
+                _put(t, t.home)
         if self.registration is not None:
             self.registration.release()
 
@@ -327,9 +338,8 @@ def offload(model: nn.Module, device: torch.device | str = "cuda",
         if g.resident:
             for t in g.tensors:
                 t.host = t.host.to(device)
-                (t.module._parameters if t.is_param else t.module._buffers)[t.name] = (
-                    nn.Parameter(t.host, requires_grad=False) if t.is_param and not isinstance(
-                        t.host, nn.Parameter) else t.host)
+                _put(t, nn.Parameter(t.host, requires_grad=False) if t.is_param and not isinstance(
+                    t.host, nn.Parameter) else t.host)
     streamed = [g for g in groups if not g.resident]
     registration = None
     scheduler = None
@@ -340,7 +350,7 @@ def offload(model: nn.Module, device: torch.device | str = "cuda",
             for t in g.tensors:
                 if t.host.device.type != "cpu":
                     t.host = t.host.to("cpu")
-                (t.module._parameters if t.is_param else t.module._buffers)[t.name] = t.host
+                _put(t, t.host)
         if device.type == "cuda" and backend is None:
             raws = [t.host.raw if isinstance(t.host, GGMLTensor) else t.host
                     for g in streamed for t in g.tensors]
@@ -371,15 +381,21 @@ def _pin_unlocked(streamed: list[Group], registration: HostRegistration) -> None
                 continue
             t.host = t.host.pin_memory()
             registration.copied_bytes += tensor_bytes(t.host)
-            (t.module._parameters if t.is_param else t.module._buffers)[t.name] = t.host
+            _put(t, t.host)
 
 
 def _move_rest(model: nn.Module, device: torch.device, exclude: set[int]) -> None:
+    def stays(t: torch.Tensor) -> bool:
+        return id(t) in exclude or t.device == device or t.device.type == "meta"
+
     for m in model.modules():
-        for store in (m._parameters, m._buffers):
-            for n, t in list(store.items()):
-                if t is None or id(t) in exclude or t.device == device or t.device.type == "meta":
-                    continue
-                moved = t.to(device)
-                store[n] = (nn.Parameter(moved, requires_grad=t.requires_grad and not isinstance(
-                    moved, GGMLTensor)) if store is m._parameters else moved)
+        for n, p in list(m._parameters.items()):
+            if p is None or stays(p):
+                continue
+            moved = p.to(device)
+            m._parameters[n] = nn.Parameter(moved, requires_grad=p.requires_grad and not isinstance(
+                moved, GGMLTensor))
+        for n, b in list(m._buffers.items()):
+            if b is None or stays(b):
+                continue
+            m._buffers[n] = b.to(device)

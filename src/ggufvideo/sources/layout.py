@@ -9,6 +9,7 @@ and are written as they are when their type stays).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -32,6 +33,10 @@ def _keeps_qtype(shape: tuple[int, ...]) -> bool:
     return 2 <= len(shape) <= 4  # rows of whole blocks: splits and joins move raw bytes
 
 
+def _split_part(v: SourceTensor, sizes: Sequence[int], i: int) -> torch.Tensor:
+    return split_rows(v.load(), list(sizes))[i]
+
+
 class SourceOps:
     """:class:`~ggufvideo.models.ValueOps` over lazy source tensors."""
 
@@ -45,7 +50,7 @@ class SourceOps:
             keep = v.qtype is not None and _keeps_qtype(shape)
             out.append(SourceTensor(
                 v.name, shape, v.dtype if keep or v.qtype is None else torch.float32,
-                (lambda v=v, i=i: split_rows(v.load(), list(sizes))[i]),
+                functools.partial(_split_part, v, sizes, i),
                 v.qtype if keep else None, v.nbytes * int(n) // total, None, v.release))
         return out
 
