@@ -21,7 +21,8 @@ from torch import nn
 
 from .writer import format_bytes
 
-__all__ = ["run_generate_demo", "save_text_encoder", "DEMO_WORDS"]
+__all__ = ["run_generate_demo", "write_demo_files", "build_demo_parts", "save_text_encoder",
+           "demo_vocabulary", "DEMO_WORDS"]
 
 #: The demo vocabulary's words (a tokenizer needs one; a real file has 256k pieces).
 DEMO_WORDS = ("a", "cat", "dog", "walks", "on", "the", "beach", "at", "sunset", "red", "car",
@@ -98,20 +99,17 @@ def build_demo_parts(seed: int = 0) -> dict[str, nn.Module]:
     return {"text_encoder": te, "transformer": transformer, "vae": vae}
 
 
-def run_generate_demo(folder: str, *, qtype: str = "Q8_0", frames: int = 5, size: int = 64,
-                      steps: int = 3, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Write the three tiny models as GGUF into ``folder``, build the pipeline from the files and
-    make ``frames`` frames of ``size`` x ``size``; returns paths, sizes and timings."""
-    from .generation import contact_sheet, generate, write_video
-    from .model import parameter_bytes
+def write_demo_files(folder: str, parts: dict[str, nn.Module] | None = None,
+                     qtype: str = "Q8_0") -> dict[str, str]:
+    """The demo parts written as GGUF files in ``folder`` (role -> path): the text encoder with
+    llama.cpp's names and vocabulary, the transformer with the original release's names."""
     from .models import CANONICAL, get_family
     from .models.tensors import TensorOps
-    from .pipelines import pipeline
     from .writer import save_state_dict
 
-    parts = build_demo_parts()
-    te_model = parts["text_encoder"]
+    parts = parts or build_demo_parts()
     paths = {role: os.path.join(folder, f"{role}-{qtype}.gguf") for role in parts}
+    te_model = parts["text_encoder"]
     save_text_encoder(te_model, paths["text_encoder"],
                       vocabulary=demo_vocabulary(te_model.config.vocab_size), qtype=qtype)
     wan = get_family("wan")
@@ -120,6 +118,18 @@ def run_generate_demo(folder: str, *, qtype: str = "Q8_0", frames: int = 5, size
                     qtype=qtype)
     save_state_dict({k: v.detach().contiguous() for k, v in parts["vae"].state_dict().items()},
                     paths["vae"], qtype=qtype)
+    return paths
+
+
+def run_generate_demo(folder: str, *, qtype: str = "Q8_0", frames: int = 5, size: int = 64,
+                      steps: int = 3, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write the three tiny models as GGUF into ``folder``, build the pipeline from the files and
+    make ``frames`` frames of ``size`` x ``size``; returns paths, sizes and timings."""
+    from .generation import contact_sheet, generate, write_video
+    from .model import parameter_bytes
+    from .pipelines import pipeline
+
+    paths = write_demo_files(folder, qtype=qtype)
     for role, p in paths.items():
         log(f"wrote {role}: {os.path.basename(p)} ({format_bytes(os.path.getsize(p))})")
 
