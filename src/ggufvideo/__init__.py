@@ -11,6 +11,8 @@ from .errors import (
     UnsupportedTypeError,
 )
 from .building import from_gguf
+from .pipelines import pipeline
+from .tokenizer import tokenizer_from_gguf
 from .convert import convert
 from .loader import load_state_dict
 from .errors import ModelLoadError, UnknownModelError
@@ -35,6 +37,8 @@ __all__ = [
     "ModelLoadError",
     "UnknownModelError",
     "from_gguf",
+    "pipeline",
+    "tokenizer_from_gguf",
     "swap_quant_layers",
     "set_compute_dtype",
     "InvalidHeaderError",
