@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -198,6 +199,19 @@ def test_demo_runs_end_to_end_with_the_builtin_model(tmp_path, capsys):
     err = float(row.split()[-3])
     assert 0 < err < 0.05
     assert os.path.exists(tmp_path / "model-Q8_0.gguf")
+    if importlib.util.find_spec("diffusers") and importlib.util.find_spec("transformers"):
+        # the whole generate path: three GGUF files -> WanPipeline -> frames -> video + sheet
+        assert "WanPipeline from 3 GGUF files" in out and "generated 5 frames" in out
+        for name in ("text_encoder-Q8_0.gguf", "transformer-Q8_0.gguf", "vae-Q8_0.gguf",
+                     "demo.png"):
+            assert os.path.exists(tmp_path / name), name
+
+
+def test_demo_no_generate_skips_the_generation_run(tmp_path, capsys):
+    assert main(["demo", "--builtin", "--types", "Q8_0", "--no-generate", "--keep-files",
+                 str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "WanPipeline" not in out and "generated" not in out
 
 
 def test_inspect_shows_a_tensor_with_bad_shape_metadata_and_validate_fails(tmp_path, capsys):

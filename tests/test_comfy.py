@@ -132,13 +132,17 @@ def test_importing_the_adapter_imports_neither_comfyui_nor_the_loaders():
 # -- node mappings and the registration folder ----------------------------------------------------
 def test_node_mappings_name_every_node_with_a_display_name():
     assert set(NODE_CLASS_MAPPINGS) == set(NODE_DISPLAY_NAME_MAPPINGS) == {
-        "GGUFVideoModelLoader", "GGUFVideoVAELoader", "GGUFVideoInspect"}
+        "GGUFVideoModelLoader", "GGUFVideoVAELoader", "GGUFVideoTextEncoderLoader",
+        "GGUFVideoInspect"}
     for cls in NODE_CLASS_MAPPINGS.values():
         assert callable(cls.INPUT_TYPES)
         assert callable(getattr(cls(), cls.FUNCTION))
         assert isinstance(cls.RETURN_TYPES, tuple) and cls.CATEGORY == "ggufvideo"
     assert NODE_CLASS_MAPPINGS["GGUFVideoModelLoader"].RETURN_TYPES == ("MODEL",)
     assert NODE_CLASS_MAPPINGS["GGUFVideoVAELoader"].RETURN_TYPES == ("VAE",)
+    assert NODE_CLASS_MAPPINGS["GGUFVideoTextEncoderLoader"].RETURN_TYPES == ("CLIP",)
+    assert NODE_DISPLAY_NAME_MAPPINGS["GGUFVideoTextEncoderLoader"] == \
+        "Load Text Encoder (GGUF, ggufvideo)"
 
 
 def test_registration_folder_reexports_the_mappings_as_comfyui_imports_it():
@@ -542,3 +546,91 @@ def test_diffusers_named_files_are_renamed_to_comfyuis_names_as_raw_blocks():
     assert isinstance(q, GGMLTensor)
     assert torch.equal(q.raw, sd["blocks.0.attn1.to_q.weight"].raw)
     assert _to_original_layout(out, "w.gguf") is out  # already ComfyUI's names: untouched
+
+
+# -- the text-encoder loader ----------------------------------------------------------------------
+@pytest.fixture
+def fake_comfy_sd(monkeypatch):
+    """comfy.ops / comfy.sd stand-ins: load_text_encoder_state_dicts builds a T5-like module from
+    the custom operations and loads the state dict into it, as ComfyUI's T5 does."""
+    from ggufvideo.comfy import loading
+
+    calls = {}
+    comfy = types.ModuleType("comfy")
+    ops = types.ModuleType("comfy.ops")
+    ops.disable_weight_init = type("disable_weight_init", (), {
+        "Linear": FakeLinear, "Embedding": FakeEmbedding, "RMSNorm": FakeRMSNorm})
+    sd_mod = types.ModuleType("comfy.sd")
+    sd_mod.CLIPType = types.SimpleNamespace(WAN="WAN", LTXV="LTXV", MOCHI="MOCHI", COSMOS="COSMOS")
+
+    def load_text_encoder_state_dicts(state_dicts, clip_type, model_options, embedding_directory):
+        sd = state_dicts[0]
+        calls.update(keys=set(sd), clip_type=clip_type, options=model_options, sd=sd)
+        o = model_options["custom_operations"]
+        model = nn.Module()
+        vocab, dim = sd["shared.weight"].shape
+        model.shared = o.Embedding(vocab, dim)
+        model.q = o.Linear(dim, dim, bias=False)
+        model.shared.load_state_dict({"weight": sd["shared.weight"]})
+        model.q.load_state_dict({"weight": sd["encoder.block.0.layer.0.SelfAttention.q.weight"]})
+        return types.SimpleNamespace(patcher=FakeModelPatcher(model), model=model)
+
+    sd_mod.load_text_encoder_state_dicts = load_text_encoder_state_dicts
+    comfy.ops, comfy.sd = ops, sd_mod
+    for name, mod in (("comfy", comfy), ("comfy.ops", ops), ("comfy.sd", sd_mod)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(loading, "_OPERATIONS", None)
+    return calls
+
+
+def _llama_cpp_t5(path):
+    from ggufvideo.writer import save_state_dict
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"token_embd.weight": torch.randn(64, 64, generator=g),
+          "enc.blk.0.attn_q.weight": torch.randn(64, 64, generator=g),
+          "enc.blk.0.attn_k.weight": torch.randn(64, 64, generator=g),
+          "enc.blk.0.attn_rel_b.weight": torch.randn(32, 4, generator=g),
+          "enc.output_norm.weight": torch.ones(64),
+          "dec.blk.0.attn_q.weight": torch.randn(64, 64, generator=g)}
+    save_state_dict(sd, path, qtype="Q8_0", metadata={"general.architecture": "t5"})
+    return sd
+
+
+def test_text_encoder_node_maps_llama_cpp_names_and_keeps_the_embedding_quantized(
+        tmp_path, monkeypatch, fake_comfy_sd):
+    (tmp_path / "text_encoders").mkdir()
+    src = _llama_cpp_t5(tmp_path / "text_encoders" / "umt5.gguf")
+    monkeypatch.setitem(sys.modules, "folder_paths", types.SimpleNamespace(
+        get_folder_paths=lambda name: [str(tmp_path / name)]))
+    node = NODE_CLASS_MAPPINGS["GGUFVideoTextEncoderLoader"]
+    assert node.INPUT_TYPES()["required"]["clip_name"][0] == ["umt5.gguf"]
+    assert node.INPUT_TYPES()["required"]["type"][0] == ["wan", "ltxv", "mochi", "cosmos"]
+    (clip,) = node().load("umt5.gguf", "wan", "float32")
+    keys = fake_comfy_sd["keys"]
+    assert "shared.weight" in keys and "encoder.block.0.layer.0.SelfAttention.q.weight" in keys
+    assert "encoder.final_layer_norm.weight" in keys
+    assert not any(k.startswith(("dec.", "enc.", "token_embd")) for k in keys)  # decoder dropped
+    assert fake_comfy_sd["clip_type"] == "WAN"
+    assert fake_comfy_sd["options"]["custom_operations"].__name__ == "GGUFVideoOps"
+    emb = clip.model.shared
+    assert isinstance(emb.weight, GGMLTensor)  # the token embedding stays quantized
+    ids = torch.tensor([[3, 7, 1]])
+    want = emb.weight.dequantize(torch.float32)[ids]
+    assert torch.equal(emb(ids), want)
+    assert (src["token_embd.weight"][ids] - want).abs().max() < 0.05
+    assert type(clip.patcher).__name__ != "FakeModelPatcher"  # the adapter's patcher
+
+
+def test_text_encoder_node_refuses_other_models_and_types(tmp_path, fake_comfy_sd):
+    from ggufvideo.comfy.loading import load_text_encoder
+    from ggufvideo.writer import save_state_dict
+
+    path = tmp_path / "te.gguf"
+    _llama_cpp_t5(path)
+    with pytest.raises(ComfyLoadError, match="unknown text-encoder type 'sd15'"):
+        load_text_encoder(str(path), "sd15")
+    vae = tmp_path / "vae.gguf"
+    save_state_dict({"conv.weight": torch.randn(8, 4, 3, 3, 3)}, vae)
+    with pytest.raises(ComfyLoadError, match="vae.gguf: expected a T5/UMT5 text encoder"):
+        load_text_encoder(str(vae), "wan")

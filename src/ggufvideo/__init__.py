@@ -41,6 +41,8 @@ __all__ = [
     "ModelLoadError",
     "UnknownModelError",
     "from_gguf",
+    "pipeline",
+    "tokenizer_from_gguf",
     "swap_quant_layers",
     "set_compute_dtype",
     "InvalidHeaderError",

@@ -47,8 +47,22 @@ def _stored_config(file: GGUFFile) -> dict[str, Any]:
     return {k: v for k, v in value.items() if not k.startswith("_")}
 
 
+def _metadata_config(file: GGUFFile, desc: Description) -> dict[str, Any]:
+    """Config values the family reads from the file's metadata (``<arch>.<key>``)."""
+    fam = desc.detection.family
+    arch = file_architecture(file)
+    if not fam.metadata_config or not arch:
+        return {}
+    out = {}
+    for suffix, key in fam.metadata_config.items():
+        value = file.metadata.get(f"{arch}.{suffix}")
+        if isinstance(value, (int, float, str, bool)):
+            out[key] = value
+    return out
+
+
 def describe_file(path: str | os.PathLike[str] | GGUFFile) -> Description:
-    """Family, layout, variant and config of a GGUF file (names and shapes only: no data read).
+    """Family, layout, variant and config of a GGUF file (names and shapes, metadata; no data).
 
     Raises:
         FileNotFoundError: no such file.
@@ -58,11 +72,37 @@ def describe_file(path: str | os.PathLike[str] | GGUFFile) -> Description:
     file = path if isinstance(path, GGUFFile) else GGUFFile(path)
     shapes = {name: tuple(logical_shape(file, info)) for name, info in file.tensors.items()}
     desc = describe(shapes, file_architecture(file), source=file.path)
-    stored = _stored_config(file)
+    stored = {**_metadata_config(file, desc), **_stored_config(file)}
     if stored:
         desc = Description(desc.detection, {**desc.config, **stored}, desc.class_name,
                            desc.variant)
     return desc
+
+
+def _model_class(name: str, library: str, path: str) -> type[nn.Module]:
+    """The class ``name`` of ``library`` (``"diffusers"`` or ``"transformers"``)."""
+    if library == "diffusers":
+        return _diffusers_class(name, path)
+    if library != "transformers":
+        raise ModelLoadError(f"unknown model library {library!r} for class {name}", path=path)
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError(f"{_safe(path, 300)} holds a {name}; building it needs transformers: "
+                          "pip install 'ggufvideo[text-encoders]'") from None
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise ImportError(f"{_safe(path, 300)} holds a {name}, which transformers "
+                          f"{transformers.__version__} does not have; upgrade transformers")
+    return cls  # type: ignore[no-any-return]
+
+
+def _build(cls: type[nn.Module], library: str, config: dict[str, Any]) -> nn.Module:
+    """``cls`` built from ``config`` with its parameters on meta (buffers real)."""
+    with empty_weights():
+        if library == "transformers":
+            return cls(cls.config_class(**config))  # type: ignore[attr-defined,call-arg]
+        return cls.from_config(config)  # type: ignore[attr-defined,no-any-return]
 
 
 def _diffusers_class(name: str, path: str) -> type[nn.Module]:
@@ -85,31 +125,37 @@ def from_gguf(path: str | os.PathLike[str], *, lazy: bool = True, dtype: DTypeLi
     """Build and load the model a GGUF file holds.
 
     Args:
-        path: the .gguf file (a Wan, HunyuanVideo, LTX-Video, CogVideoX or Mochi transformer, or
-            a Wan, HunyuanVideo or LTX-Video VAE; original or diffusers tensor names).
+        path: the .gguf file (a Wan, HunyuanVideo, LTX-Video, CogVideoX or Mochi transformer, a
+            Wan, HunyuanVideo or LTX-Video VAE, original or diffusers tensor names; or a T5/UMT5
+            text encoder, llama.cpp's or transformers' names).
         lazy: keep quantized weights quantized (see :func:`ggufvideo.load_model`).
         dtype: compute dtype / dtype of floating tensors (``"bfloat16"``, ``"auto"``, ...).
         device: where the weights go (``None``: CPU).
         config: values that override the inferred config (e.g. ``{"num_attention_heads": 12}``).
 
     Returns:
-        The diffusers model (``WanTransformer3DModel``, ``AutoencoderKLWan``, ...) in eval mode.
+        The diffusers model (``WanTransformer3DModel``, ``AutoencoderKLWan``, ...) or, for a text
+        encoder, the transformers model (``UMT5EncoderModel``, ``T5EncoderModel``), in eval mode.
 
     Raises:
         FileNotFoundError: no such file.
         UnknownModelError: the file's architecture and names match no known family.
         ModelLoadError: a tensor is missing, misnamed or of the wrong shape (named).
-        ImportError: diffusers is not installed (or lacks the class).
+        ImportError: diffusers (transformers, for a text encoder) is not installed or lacks the
+            class.
     """
     file = GGUFFile(path)
     desc = describe_file(file)
     cfg = {**desc.config, **(config or {})}
-    cls = _diffusers_class(desc.class_name, file.path)
-    with empty_weights():
-        model = cls.from_config(cfg)  # type: ignore[attr-defined]
+    family = desc.detection.family
+    cls = _model_class(desc.class_name, family.library, file.path)
+    model = _build(cls, family.library, cfg)
     if lazy:
         swap_quant_layers(model)
     sd = read_tensors(file, lazy=True)
+    if family.unused:
+        n = len(desc.detection.prefix)
+        sd = {k: v for k, v in sd.items() if not family.is_unused(k[n:])}
     assign_state_dict(model, sd, strict=True, lazy=lazy, dtype=dtype, device=device,
                       path=file.path, architecture=file_architecture(file))
     return model.eval()

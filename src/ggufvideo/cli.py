@@ -1,4 +1,4 @@
-"""The ``ggufvideo`` command: ``convert``, ``inspect``, ``validate``, ``demo``.
+"""The ``ggufvideo`` command: ``convert``, ``inspect``, ``validate``, ``demo``, ``generate``.
 
 Exit status: 0 on success (``validate``: only when the file is clean), 1 when the operation failed
 or the file has problems, 2 for usage errors, 130 after Ctrl-C and 143 after SIGTERM (both leave
@@ -104,7 +104,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the files to DIR and keep them (default: a temporary folder, "
                    "removed at the end)")
     d.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    d.add_argument("--no-generate", action="store_true",
+                   help="skip the text encoder + transformer + VAE generation run")
+    _add_generate_parser(sub)
     return p
+
+
+def _add_generate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    g = sub.add_parser("generate", help="make a video from GGUF files (or diffusers folders)",
+                       description="Text-to-video (or image-to-video with --image) with a Wan "
+                       "transformer, a UMT5 text encoder and a Wan VAE, each a .gguf file (kept "
+                       "quantized) or a diffusers folder.")
+    g.add_argument("--model", required=True, metavar="T",
+                   help="the transformer (.gguf or folder); Wan 2.2 A14B: the high-noise expert")
+    g.add_argument("--model-2", default=None, metavar="T2",
+                   help="Wan 2.2 A14B's low-noise expert")
+    g.add_argument("--boundary-ratio", type=float, default=None,
+                   help="with --model-2: where the low-noise expert takes over (default 0.875)")
+    g.add_argument("--text-encoder", required=True, metavar="TE",
+                   help="the UMT5 text encoder (.gguf made by llama.cpp, or a folder)")
+    g.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer folder (default: from the text-encoder file)")
+    g.add_argument("--vae", required=True, metavar="VAE", help="the Wan VAE (.gguf or folder)")
+    g.add_argument("--image-encoder", default=None, metavar="DIR",
+                   help="CLIP vision folder (Wan 2.1 image-to-video only)")
+    g.add_argument("--prompt", "-p", required=True)
+    g.add_argument("--negative-prompt", "-n", default=None)
+    g.add_argument("--image", default=None, metavar="PNG", help="first frame (image-to-video)")
+    g.add_argument("--frames", type=int, default=33, help="4k+1 frames (default 33)")
+    g.add_argument("--height", type=int, default=480)
+    g.add_argument("--width", type=int, default=832)
+    g.add_argument("--steps", type=int, default=30)
+    g.add_argument("--guidance", type=float, default=5.0)
+    g.add_argument("--flow-shift", type=float, default=None,
+                   help="scheduler shift (default 3.0 below 720p, 5.0 from 720p)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--fps", type=int, default=16)
+    g.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    g.add_argument("--dtype", default=None,
+                   help="compute dtype (default bfloat16 on CUDA, float32 on CPU)")
+    g.add_argument("--output", "-o", required=True, metavar="OUT.mp4",
+                   help="the video; a contact sheet OUT.png is written beside it")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -169,11 +210,52 @@ def _demo(args: argparse.Namespace) -> int:
 
     types = tuple(t.strip() for t in args.types.split(",") if t.strip()) if args.types \
         else DEFAULT_TYPES
-    run_demo(types, builtin=args.builtin, workdir=args.keep_files, progress=not args.quiet)
+    run_demo(types, builtin=args.builtin, workdir=args.keep_files, progress=not args.quiet,
+             generate=not args.no_generate)
     return 0
 
 
-_COMMANDS = {"convert": _convert, "inspect": _inspect, "validate": _validate, "demo": _demo}
+def _generate(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from .generation import check_video_size, contact_sheet, generate, write_video
+    from .pipelines import pipeline
+
+    check_video_size(args.frames, args.height, args.width)  # before anything is loaded
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shift = args.flow_shift if args.flow_shift is not None else (
+        5.0 if args.height * args.width >= 720 * 1280 else 3.0)
+    image = None
+    if args.image is not None:
+        from PIL import Image
+
+        image = Image.open(args.image).convert("RGB")
+    pipe = pipeline(transformer=args.model, text_encoder=args.text_encoder, vae=args.vae,
+                    transformer_2=args.model_2, tokenizer=args.tokenizer,
+                    image_encoder=args.image_encoder, boundary_ratio=args.boundary_ratio,
+                    flow_shift=shift, dtype=args.dtype, device=device)
+    if image is None and type(pipe).__name__ == "WanImageToVideoPipeline":
+        raise ValueError(f"{args.model} is an image-to-video model: pass --image FIRST_FRAME.png")
+    frames = generate(pipe, args.prompt, negative_prompt=args.negative_prompt,
+                      frames=args.frames, height=args.height, width=args.width, steps=args.steps,
+                      guidance=args.guidance, seed=args.seed, image=image,
+                      progress=not args.quiet)
+    sheet = contact_sheet(frames, os.path.splitext(args.output)[0] + ".png")
+    try:
+        write_video(frames, args.output, fps=args.fps)
+    except ImportError as exc:
+        print(f"ggufvideo generate: {exc}", file=sys.stderr)
+        print(f"wrote {_safe(sheet)}")
+        return 1
+    print(f"wrote {_safe(args.output)} ({len(frames)} frames, {args.width}x{args.height}) and "
+          f"{_safe(sheet)}")
+    return 0
+
+
+_COMMANDS = {"convert": _convert, "inspect": _inspect, "validate": _validate, "demo": _demo,
+             "generate": _generate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

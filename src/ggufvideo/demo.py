@@ -206,16 +206,46 @@ class DemoRow:
 
 def run_demo(types: Sequence[str] = DEFAULT_TYPES, *, builtin: bool = False,
              workdir: str | None = None, repeats: int = 3, log: Callable[[str], None] = print,
-             progress: bool = False) -> list[DemoRow]:
+             progress: bool = False, generate: bool = True) -> list[DemoRow]:
     """Run the demo and print its table; returns the rows (first row: full precision).
 
     ``workdir``: keep the files there (``None``: a temporary folder, removed at the end).
     ``progress``: show each conversion's progress bar (on stderr).
+    ``generate``: then run the whole ``ggufvideo generate`` path on tiny models (text encoder,
+    transformer and VAE written as GGUF, a pipeline built from the files, a few frames written;
+    see :mod:`ggufvideo.demo_generate`) when diffusers and transformers are installed.
     """
     # Scoped, not global: the demo is also called in-process (tests, notebooks).
     with torch.no_grad():
-        return _run_demo(types, builtin=builtin, workdir=workdir, repeats=repeats, log=log,
+        rows = _run_demo(types, builtin=builtin, workdir=workdir, repeats=repeats, log=log,
                          progress=progress)
+    if generate:
+        _run_generate(workdir, log)
+    return rows
+
+
+def _run_generate(workdir: str | None, log: Callable[[str], None]) -> None:
+    try:
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        log("\n(skipping generation: needs diffusers and transformers: pip install "
+            "'ggufvideo[demo]')")
+        return
+    from .demo_generate import run_generate_demo
+
+    log("\ngenerate: UMT5 text encoder + Wan transformer + Wan VAE, each a GGUF file")
+    ctx = tempfile.TemporaryDirectory(prefix="ggufvideo-generate-") if workdir is None else None
+    folder = ctx.name if ctx is not None else workdir
+    assert folder is not None
+    os.makedirs(folder, exist_ok=True)
+    try:
+        run_generate_demo(folder, log=log)
+    finally:
+        if ctx is not None:
+            ctx.cleanup()
+            log("(the generated files were in a temporary folder, now removed; pass "
+                "--keep-files DIR to keep them)")
 
 
 def _run_demo(types: Sequence[str], *, builtin: bool, workdir: str | None, repeats: int,

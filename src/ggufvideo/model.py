@@ -168,6 +168,28 @@ def _entries(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
     return out
 
 
+def _tie_groups(entries: Mapping[str, tuple[nn.Module, str, bool]]) -> list[list[str]]:
+    """Keys naming one and the same parameter (tied weights: T5's ``shared`` and
+    ``encoder.embed_tokens``), in groups of two or more."""
+    groups: dict[int, list[str]] = {}
+    for key, (mod, name, is_param) in entries.items():
+        if is_param:
+            groups.setdefault(id(mod._parameters[name]), []).append(key)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _fill_tied(sd: Mapping[str, torch.Tensor], groups: list[list[str]]) -> dict[str, torch.Tensor]:
+    """``sd`` with each tied key it lacks taken from a key of its group it has (a checkpoint that
+    stores a tied weight once)."""
+    out = dict(sd)
+    for group in groups:
+        present = next((k for k in group if k in sd), None)
+        if present is not None:
+            for k in group:
+                out.setdefault(k, sd[present])
+    return out
+
+
 def _meta_buffers(model: nn.Module) -> list[str]:
     return [n for n, b in model.named_buffers(remove_duplicate=False) if b.device.type == "meta"]
 
@@ -224,6 +246,8 @@ def assign_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
                     for k, (m, n, p) in entries.items()}
     sd, fit = match_layout(state_dict, model_shapes, prefix=prefix, architecture=architecture)
     prefix = fit.prefix
+    ties = _tie_groups(entries)
+    sd = _fill_tied(sd, ties)
     if fit.renamed:
         _log.info("load_model(%s): %s", _safe(os.fspath(path)) if path else "state dict", fit)
     unexpected = [k for k in sd if k not in entries]
@@ -249,6 +273,7 @@ def assign_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
                                  f"{list(t.shape)}", path=path, tensor=prefix + key)
 
     missing = []
+    assigned: dict[int, nn.Parameter] = {}  # tied parameters stay one object
     for key, (mod, name, is_param) in entries.items():
         t = sd.get(key)
         if t is None:
@@ -256,11 +281,17 @@ def assign_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
             continue
         old = (mod._parameters if is_param else mod._buffers)[name]
         assert old is not None
+        if is_param and id(old) in assigned:
+            mod._parameters[name] = assigned[id(old)]
+            continue
         new = _convert(t, old, lazy=lazy, dtype=want, device=dev,
                        keep_dtype=is_param and isinstance(mod, QuantLayer))
         if is_param:
             trainable = old.requires_grad and new.is_floating_point() and not isinstance(new, GGMLTensor)
-            mod._parameters[name] = nn.Parameter(new, requires_grad=trainable)
+            param = nn.Parameter(new, requires_grad=trainable)
+            if any(key in g for g in ties):
+                assigned[id(old)] = param
+            mod._parameters[name] = param
         else:
             mod._buffers[name] = new.dequantize() if isinstance(new, GGMLTensor) else new
 

@@ -1,4 +1,4 @@
-"""Building ComfyUI objects (MODEL, VAE) from GGUF files, weights kept quantized.
+"""Building ComfyUI objects (MODEL, VAE, CLIP) from GGUF files, weights kept quantized.
 
 * Diffusion models go through ComfyUI's own loader, ``comfy.sd.load_diffusion_model_state_dict``:
   its model detection picks the architecture and config from the tensor names and shapes (which a
@@ -11,7 +11,11 @@
   layers that hold quantized weights are then switched to their quant-aware classes and given the
   raw blocks.
 
-In both cases the returned ``ModelPatcher`` is switched to the adapter's
+* A T5/UMT5 text encoder (llama.cpp's GGUFs) is renamed to ComfyUI's (transformers') names by the
+  model-family layer and built by ``comfy.sd.load_text_encoder_state_dicts`` with :func:`operations`,
+  like a diffusion model: the quantized token embedding included, nothing is decoded at load.
+
+In every case the returned ``ModelPatcher`` is switched to the adapter's
 (:mod:`ggufvideo.comfy.patcher`): LoRA on quantized layers, sizes counted in raw bytes.
 
 ComfyUI is imported inside functions only.
@@ -40,7 +44,13 @@ __all__ = [
     "operations",
     "load_diffusion_model",
     "load_vae",
+    "load_text_encoder",
+    "TEXT_ENCODER_TYPES",
 ]
+
+#: The text-encoder types the node offers: ComfyUI ``CLIPType`` names of the video models whose
+#: text encoder is a T5/UMT5 (Wan: UMT5-XXL; LTX-Video, Mochi, Cosmos: T5-XXL).
+TEXT_ENCODER_TYPES: tuple[str, ...] = ("wan", "ltxv", "mochi", "cosmos")
 
 #: The precision choices the loader nodes offer.
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
@@ -230,3 +240,66 @@ def load_vae(path: str, precision: str = "auto") -> Any:
     make_quant_patcher(vae.patcher)
     vae.size = raw_state_bytes(model)
     return vae
+
+
+def _text_encoder_state_dict(path: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's tensors under ComfyUI's T5 names (transformers'), renamed from llama.cpp's by the
+    model-family layer (raw blocks kept; the decoder of an encoder-decoder file left out)."""
+    from ..models import CANONICAL, detect
+    from ..models.tensors import TensorOps
+
+    det = detect(sd)
+    if det is None or det.family.kind != "text-encoder":
+        what = f"a {det.family.title}" if det is not None else _describe(sd)
+        raise ComfyLoadError(f"{os.path.basename(path)}: expected a T5/UMT5 text encoder "
+                             f"(llama.cpp's 'enc.blk.0.attn_q.weight' or transformers' "
+                             f"'encoder.block.0.layer.0.SelfAttention.q.weight'), found {what}")
+    n = len(det.prefix)
+    inner = {k[n:]: v for k, v in sd.items()
+             if k.startswith(det.prefix) and not det.family.is_unused(k[n:])}
+    return det.family.convert(inner, det.layout, CANONICAL, TensorOps())
+
+
+def load_text_encoder(path: str, clip_type: str = "wan", precision: str = "auto") -> Any:
+    """A ComfyUI CLIP for a GGUF T5/UMT5 text encoder, built by ComfyUI's own text-encoder code.
+
+    The file's names are mapped to ComfyUI's (llama.cpp's ``enc.blk.N.attn_q`` ->
+    ``encoder.block.N.layer.0.SelfAttention.q``); ComfyUI picks the model (T5-XXL, UMT5-XXL) and
+    its tokenizer from the names, shapes and ``clip_type``, and builds it with :func:`operations`,
+    so quantized weights -- the token embedding included -- stay quantized and are decoded layer by
+    layer. The returned CLIP's patcher is the adapter's (LoRA on quantized layers).
+
+    Args:
+        path: the .gguf file (llama.cpp's ``t5encoder``/``t5`` names, or transformers').
+        clip_type: one of :data:`TEXT_ENCODER_TYPES` (ComfyUI's ``CLIPType``, lower case).
+        precision: one of :data:`PRECISIONS`.
+
+    Raises:
+        ComfyLoadError: unreadable file, not a T5/UMT5 encoder, an unknown type, or ComfyUI did
+            not recognise the encoder.
+    """
+    import comfy.sd
+
+    if clip_type not in TEXT_ENCODER_TYPES:
+        raise ComfyLoadError(f"unknown text-encoder type {_safe(clip_type)!r}: expected one of "
+                             f"{', '.join(TEXT_ENCODER_TYPES)}")
+    dtype = precision_dtype(precision)
+    sd = _text_encoder_state_dict(path, _read(path, dtype))
+    kind = getattr(comfy.sd.CLIPType, clip_type.upper())
+    options: dict[str, Any] = {"custom_operations": operations()}
+    if dtype is not None:
+        options["dtype"] = dtype
+    from .paths import folder_paths_module
+
+    try:
+        embeddings = folder_paths_module().get_folder_paths("embeddings")
+    except (ImportError, KeyError):
+        embeddings = None
+    clip = comfy.sd.load_text_encoder_state_dicts(state_dicts=[sd], clip_type=kind,
+                                                  model_options=options,
+                                                  embedding_directory=embeddings)
+    if clip is None or getattr(clip, "patcher", None) is None:
+        raise ComfyLoadError(f"{os.path.basename(path)}: ComfyUI did not recognise a text encoder "
+                             f"in {_describe(sd)}")
+    make_quant_patcher(clip.patcher)
+    return clip

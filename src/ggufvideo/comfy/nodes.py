@@ -1,4 +1,4 @@
-"""The ComfyUI nodes: a GGUF video diffusion model loader, a GGUF VAE loader, a file inspector.
+"""The ComfyUI nodes: GGUF loaders for a video diffusion model, a VAE and a text encoder; an inspector.
 
 Classic ComfyUI node classes (``INPUT_TYPES`` / ``RETURN_TYPES`` / ``FUNCTION``). Importing this
 module imports neither ComfyUI nor the loaders: the folder listing and the loading happen when
@@ -10,19 +10,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from .paths import DIFFUSION_FOLDERS, VAE_FOLDERS, ModelFileError, list_gguf, resolve
+from .paths import (DIFFUSION_FOLDERS, TEXT_ENCODER_FOLDERS, VAE_FOLDERS, ModelFileError,
+                    list_gguf, resolve)
 
-__all__ = ["GGUFVideoModelLoader", "GGUFVideoVAELoader", "GGUFVideoInspect",
+__all__ = ["GGUFVideoModelLoader", "GGUFVideoVAELoader", "GGUFVideoTextEncoderLoader",
+           "GGUFVideoInspect",
            "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "PRECISIONS"]
 
 CATEGORY = "ggufvideo"
 #: Mirrors :data:`ggufvideo.comfy.loading.PRECISIONS` (kept here so this module stays light).
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
+#: Mirrors :data:`ggufvideo.comfy.loading.TEXT_ENCODER_TYPES`.
+TEXT_ENCODER_TYPES: tuple[str, ...] = ("wan", "ltxv", "mochi", "cosmos")
 
 #: The folder groups the inspector lists, by the prefix shown before each file name.
 _INSPECT_GROUPS: dict[str, tuple[str, ...]] = {
     DIFFUSION_FOLDERS[0]: DIFFUSION_FOLDERS,
     VAE_FOLDERS[0]: VAE_FOLDERS,
+    TEXT_ENCODER_FOLDERS[0]: TEXT_ENCODER_FOLDERS,
 }
 
 
@@ -75,6 +80,34 @@ class GGUFVideoVAELoader:
         return (load_vae(resolve(vae_name, VAE_FOLDERS), precision),)
 
 
+class GGUFVideoTextEncoderLoader:
+    """Load a T5/UMT5 text encoder (llama.cpp's GGUFs) into ComfyUI's own text-encoder classes."""
+
+    DESCRIPTION = ("Loads a GGUF T5/UMT5 text encoder (e.g. umt5-xxl-encoder-Q8_0.gguf, llama.cpp "
+                   "tensor names) from the text_encoders (or clip) folder into ComfyUI's own "
+                   "text-encoder model; quantized weights, the token embedding included, stay "
+                   "quantized and are decoded layer by layer.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:  # noqa: N802
+        """The node's inputs: a .gguf file, the model it serves, the precision."""
+        return {"required": {
+            "clip_name": (list_gguf(TEXT_ENCODER_FOLDERS), {"tooltip": "a .gguf text encoder"}),
+            "type": (list(TEXT_ENCODER_TYPES), {"default": "wan", "tooltip":
+                     "the video model the encoder serves (picks ComfyUI's tokenizer)"}),
+            "precision": (list(PRECISIONS), {"default": "auto"}),
+        }}
+
+    def load(self, clip_name: str, type: str = "wan", precision: str = "auto") -> tuple[Any]:  # noqa: A002
+        """Build the CLIP."""
+        from .loading import load_text_encoder
+
+        return (load_text_encoder(resolve(clip_name, TEXT_ENCODER_FOLDERS), type, precision),)
+
+
 class GGUFVideoInspect:
     """Show what a GGUF file holds: metadata, tensor types and sizes, restored shapes."""
 
@@ -116,11 +149,13 @@ def inspect_choices() -> list[str]:
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "GGUFVideoModelLoader": GGUFVideoModelLoader,
     "GGUFVideoVAELoader": GGUFVideoVAELoader,
+    "GGUFVideoTextEncoderLoader": GGUFVideoTextEncoderLoader,
     "GGUFVideoInspect": GGUFVideoInspect,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "GGUFVideoModelLoader": "Load Video Diffusion Model (GGUF, ggufvideo)",
     "GGUFVideoVAELoader": "Load VAE (GGUF, ggufvideo)",
+    "GGUFVideoTextEncoderLoader": "Load Text Encoder (GGUF, ggufvideo)",
     "GGUFVideoInspect": "Inspect GGUF File (ggufvideo)",
 }

@@ -19,12 +19,14 @@ from collections.abc import Callable, Iterable, Sequence
 from ..errors import GGUFError, _safe
 
 __all__ = ["folder_paths_module", "model_dirs", "list_gguf", "resolve", "ModelFileError",
-           "DIFFUSION_FOLDERS", "VAE_FOLDERS"]
+           "DIFFUSION_FOLDERS", "VAE_FOLDERS", "TEXT_ENCODER_FOLDERS"]
 
 #: ComfyUI folder names searched for diffusion models.
 DIFFUSION_FOLDERS: tuple[str, ...] = ("diffusion_models", "unet")
 #: ComfyUI folder names searched for VAEs.
 VAE_FOLDERS: tuple[str, ...] = ("vae",)
+#: ComfyUI folder names searched for text encoders (``clip`` is the legacy name).
+TEXT_ENCODER_FOLDERS: tuple[str, ...] = ("text_encoders", "clip")
 
 #: ``folder_name -> list of directories`` (ComfyUI's ``folder_paths.get_folder_paths``).
 FolderLookup = Callable[[str], Sequence[str]]

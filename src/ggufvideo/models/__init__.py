@@ -39,7 +39,7 @@ __all__ = [
 CONTAINER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "transformer.",
                       "vae.", "first_stage_model.", "net.", "module.")
 
-_NON_FAMILY_MODULES = {"base", "tensors", "matching"}
+_NON_FAMILY_MODULES = {"base", "tensors", "matching", "gguf_names"}
 _REGISTRY: dict[str, Family[Any]] | None = None
 
 

@@ -296,6 +296,14 @@ class Family(Generic[V]):
         original_prefix: prefix the original layout's published files put before every key
             (``"model.diffusion_model."`` for files made for ComfyUI), written with ``--layout
             original``; ``""`` for none.
+        library: the library whose class :attr:`class_name` names: ``"diffusers"`` or
+            ``"transformers"`` (text encoders; their canonical layout, still called
+            ``"diffusers"``, holds transformers' parameter names).
+        metadata_config: GGUF metadata key (after ``"<general.architecture>."``) -> config key,
+            for settings no shape tells (``"attention.layer_norm_epsilon"``); the file's values
+            win over the inferred ones.
+        unused: templates of tensors files of this family may carry that the built model does not
+            use (a text-encoder file's decoder); :func:`ggufvideo.from_gguf` leaves them out.
     """
 
     name: str
@@ -308,11 +316,18 @@ class Family(Generic[V]):
     class_name: Callable[[Mapping[str, Any]], str]
     variant: Callable[[Mapping[str, Any], Shapes], str]
     original_prefix: str = ""
+    library: str = "diffusers"
+    metadata_config: Mapping[str, str] = field(default_factory=dict)
+    unused: tuple[str, ...] = ()
 
     @property
     def layouts(self) -> tuple[str, ...]:
         """Layout names, diffusers' first."""
         return (CANONICAL, *(k for k in self.rules if k != CANONICAL))
+
+    def is_unused(self, key: str) -> bool:
+        """Whether ``key`` (in any layout) is a tensor the built model does not use."""
+        return any(_Template(t).match(key) is not None for t in self.unused)
 
     def layout_of(self, keys: Mapping[str, Any] | set[str]) -> str | None:
         """The layout whose signature ``keys`` satisfy, or ``None``."""

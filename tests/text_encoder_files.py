@@ -1,0 +1,123 @@
+"""Tiny T5/UMT5 text-encoder GGUFs written as llama.cpp's converter writes them (gguf-py's writer).
+
+Names from gguf-py's name map (what llama.cpp's ``convert_hf_to_gguf.py`` calls), metadata under
+``t5encoder.*``, a small unigram vocabulary under ``tokenizer.ggml.*`` -- so transformers'
+``from_pretrained(dir, gguf_file=...)`` loads the same file as the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from model_files import quantize_rows
+
+WORDS = ("a", "cat", "dog", "walks", "on", "the", "beach", "at", "sunset", "red", "car", "in",
+         "rain", "blurry", "low", "quality", "video", "of", "city", "night", "bright")
+
+
+def vocabulary(size: int = 96) -> tuple[list[str], list[float], list[int]]:
+    """(tokens, scores, token types) of a small T5-style unigram vocabulary of ``size`` pieces.
+
+    ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2 (T5's layout), then words with a leading ``▁``, single
+    characters, and ``[PAD..]`` placeholders to fill ``size`` (what llama.cpp writes for T5's
+    unused ids).
+    """
+    tokens = ["<pad>", "</s>", "<unk>", "▁"]
+    types = [3, 3, 2, 1]
+    tokens += ["▁" + w for w in WORDS]
+    tokens += list("abcdefghijklmnopqrstuvwxyz,.!")
+    types += [1] * (len(tokens) - len(types))
+    scores = [0.0, 0.0, 0.0, -2.0] + [-3.0 - 0.1 * i for i in range(len(tokens) - 4)]
+    i = 0
+    while len(tokens) < size:
+        tokens.append(f"[PAD{size - 1 - i}]")
+        scores.append(0.0)
+        types.append(5)
+        i += 1
+    return tokens, scores, types
+
+
+def build_encoder(umt5: bool = True, *, layers: int = 2, d_model: int = 64, heads: int = 4,
+                  d_ff: int = 96, vocab: int = 96, gated: bool = True, seed: int = 0
+                  ) -> torch.nn.Module:
+    """A random transformers UMT5EncoderModel / T5EncoderModel (float32, eval)."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    cfg_cls, cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    cfg = cfg_cls(vocab_size=vocab, d_model=d_model, d_kv=d_model // heads, num_heads=heads,
+                  d_ff=d_ff, num_layers=layers, relative_attention_num_buckets=32,
+                  feed_forward_proj="gated-gelu" if gated else "relu", layer_norm_epsilon=1e-6)
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (0.5 if "relative" in name else 0.2))
+    return model
+
+
+def llama_cpp_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The encoder's tensors under llama.cpp's names, as its converter maps them (gguf-py)."""
+    n = model.config.num_layers
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.T5ENCODER, n)
+    out = {}
+    for name, t in model.state_dict().items():
+        if name == "encoder.embed_tokens.weight":  # tied to shared.weight; the converter skips it
+            continue
+        new = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert new is not None, name
+        out[new] = t
+    return out
+
+
+def write_text_encoder(path: str | os.PathLike[str], model: torch.nn.Module, qtype: T = T.Q8_0,
+                       *, name: str | None = None, arch: str = "t5encoder") -> str:
+    """Write ``model`` as a llama.cpp text-encoder GGUF (norms F32, bias tables F16)."""
+    cfg = model.config
+    umt5 = type(model).__name__.startswith("UMT5")
+    w = gguf.GGUFWriter(os.fspath(path), arch)
+    w.add_name(name or ("umt5-tiny" if umt5 else "t5-tiny"))
+    w.add_context_length(512)
+    w.add_embedding_length(cfg.d_model)
+    w.add_feed_forward_length(cfg.d_ff)
+    w.add_block_count(cfg.num_layers)
+    w.add_head_count(cfg.num_heads)
+    w.add_key_length(cfg.d_kv)
+    w.add_value_length(cfg.d_kv)
+    w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    w.add_layer_norm_rms_eps(cfg.layer_norm_epsilon)
+    w.add_relative_attn_buckets_count(cfg.relative_attention_num_buckets)
+    w.add_decoder_start_token_id(0)
+    tokens, scores, types = vocabulary(cfg.vocab_size)
+    w.add_tokenizer_model("t5")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_add_space_prefix(True)
+    w.add_remove_extra_whitespaces(True)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(2)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(True)
+    for key, t in llama_cpp_state_dict(model).items():
+        arr = t.detach().float().numpy()
+        if arr.ndim == 1 or "norm" in key:
+            w.add_tensor(key, arr.astype(np.float32))
+        elif "attn_rel_b" in key:
+            w.add_tensor(key, arr.astype(np.float16))
+        else:
+            raw = quantize_rows(arr.reshape(-1, arr.shape[-1]), qtype)
+            w.add_tensor(key, raw.reshape(arr.shape[0], -1), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return os.fspath(path)
