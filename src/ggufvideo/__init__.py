@@ -20,11 +20,13 @@ from .inspection import ValidationReport, inspect_file, validate_file
 from .loader import load_state_dict, resolve_dtype
 from .model import IncompatibleKeys, empty_weights, load_model
 from .ops import set_compute_dtype, swap_quant_layers
+from .pipelines import pipeline
 from .policy import QuantPolicy, TensorDecision
 from .quants import dequantize, quantize
 from .reader import GGUFFile, TensorInfo
 from .runtime import offload
 from .tensor import GGMLTensor
+from .tokenizer import tokenizer_from_gguf
 from .writer import WriteSummary, save_state_dict
 
 __version__ = "0.1.0"
