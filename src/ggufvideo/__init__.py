@@ -21,6 +21,8 @@ from .quants import dequantize, quantize
 from .reader import GGUFFile, TensorInfo
 from .tensor import GGMLTensor
 from .writer import save_state_dict
+from .errors import LoraError
+from .lora import LoraHandle, apply_lora, fuse_lora
 
 __version__ = "0.1.0"
 
@@ -47,4 +49,8 @@ __all__ = [
     "save_state_dict",
     "convert",
     "QuantPolicy",
+    "LoraError",
+    "LoraHandle",
+    "apply_lora",
+    "fuse_lora",
 ]

@@ -18,6 +18,7 @@ __all__ = [
     "QuantizationError",
     "ModelLoadError",
     "UnknownModelError",
+    "LoraError",
 ]
 
 
@@ -96,3 +97,8 @@ class ModelLoadError(GGUFError):
 
 class UnknownModelError(ModelLoadError):
     """A file whose architecture and tensor names match no model family this library knows."""
+
+
+class LoraError(GGUFError):
+    """A LoRA file that cannot be read or applied: an unknown or malformed key, mismatched
+    shapes, a target the model does not have. ``path`` names the LoRA file, ``tensor`` its key."""
