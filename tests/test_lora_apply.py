@@ -278,3 +278,28 @@ def test_in_place_merges_on_quantized_weights_point_to_fuse_lora_and_bake_in():
     with pytest.raises(QuantizationError, match="fuse_lora.*--lora"):
         w.add_(torch.ones(8, 32))
     assert ggufvideo.fuse_lora is fuse_lora
+
+
+@pytest.mark.gpu
+def test_fused_cuda_path_keeps_the_base_product_and_matches_the_reference():
+    from ggufvideo import kernels, ops
+
+    if not torch.cuda.is_available() or not kernels.is_available("cuda", "Q4_K"):
+        pytest.skip("needs CUDA and triton")
+    torch.manual_seed(0)
+    layer = _quantize_linears(nn.Linear(512, 384), "Q4_K").to(torch.bfloat16).cuda()
+    x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        base = layer(x)
+        a = LoraAdapter(up=torch.randn(384, 32) * 0.05, down=torch.randn(32, 512) * 0.05, scale=0.0)
+        lora_adapters(layer).append(a)
+        assert torch.equal(layer(x), base)  # scale 0: the base columns are the same bits
+        a.scale = 0.8
+        fused = layer(x)
+        ops.set_lora_fusion(False)
+        try:
+            ref = layer(x)
+        finally:
+            ops.set_lora_fusion(None)
+        assert fused.stride(0) == 384 + 32  # the fused path ran
+        assert torch.allclose(fused.float(), ref.float(), rtol=2e-2, atol=2e-2)
