@@ -634,3 +634,66 @@ def test_text_encoder_node_refuses_other_models_and_types(tmp_path, fake_comfy_s
     save_state_dict({"conv.weight": torch.randn(8, 4, 3, 3, 3)}, vae)
     with pytest.raises(ComfyLoadError, match="vae.gguf: expected a T5/UMT5 text encoder"):
         load_text_encoder(str(vae), "wan")
+
+
+# -- LoRA patches run unmerged ----------------------------------------------------------------------
+class FakeLoRAAdapter:
+    """ComfyUI's ``comfy.weight_adapter.lora.LoRAAdapter``: ``name`` and ``weights``."""
+
+    name = "lora"
+
+    def __init__(self, up, down, alpha):
+        self.weights = (up, down, alpha, None, None, None)
+
+
+def _lora_patch(strength, up, down, alpha, old_style=False):
+    value = ("lora", (up, down, alpha, None, None, None)) if old_style \
+        else FakeLoRAAdapter(up, down, alpha)
+    return (strength, value, 1.0, None, None)
+
+
+@pytest.mark.parametrize("old_style", [False, True])
+def test_lora_patches_run_unmerged_beside_the_quantized_weight(fake_comfy_lora, old_style):
+    from ggufvideo.comfy.patcher import DeferredLora
+
+    model, w, bias = _patched_model()
+    patcher = make_quant_patcher(FakeModelPatcher(model))
+    g = torch.Generator().manual_seed(0)
+    up, down = torch.randn(8, 4, generator=g), torch.randn(4, 64, generator=g)
+    patcher.patches = {"q.weight": [_lora_patch(0.5, up, down, 2.0, old_style)]}
+    patcher.patch_weight_to_device("q.weight")
+    assert isinstance(model.q.ggufvideo_patches["weight"], DeferredLora)
+    x = torch.randn(3, 64)
+    base = F.linear(x, w.dequantize(), bias)
+    # never merged: the fake calculate_weight only knows "diff" patches and would fail on these
+    expected = base + F.linear(F.linear(x, down), up) * (0.5 * 2.0 / 4)
+    assert torch.equal(model.q(x), expected)
+    # a strength change is a new patch list: the adapters follow it
+    patcher.patches["q.weight"] = [_lora_patch(-1.0, up, down, 2.0, old_style)]
+    assert torch.equal(model.q(x), base + F.linear(F.linear(x, down), up) * (-1.0 * 2.0 / 4))
+    # unpatching (backup restored and dropped) gives the exact base output back
+    patcher.backup.pop("q.weight")
+    assert torch.equal(model.q(x), base)
+
+
+def test_two_loras_stack_and_other_patch_types_keep_the_merge_path(fake_comfy_lora):
+    from ggufvideo.comfy.patcher import DeferredLora
+
+    model, w, bias = _patched_model()
+    patcher = make_quant_patcher(FakeModelPatcher(model))
+    up1, down1 = torch.randn(8, 2), torch.randn(2, 64)
+    up2, down2 = torch.randn(8, 3), torch.randn(3, 64)
+    patcher.patches = {"q.weight": [_lora_patch(1.0, up1, down1, None),
+                                    _lora_patch(0.3, up2, down2, 3.0)]}
+    patcher.patch_weight_to_device("q.weight")
+    x = torch.randn(2, 64)
+    expected = F.linear(x, w.dequantize(), bias) + F.linear(F.linear(x, down1), up1) * 1.0
+    expected = expected + F.linear(F.linear(x, down2), up2) * (0.3 * 3.0 / 3)
+    assert torch.equal(model.q(x), expected)
+    # a "diff" patch among them: decode and patch, as before
+    patcher.backup.pop("q.weight")
+    delta = 0.01 * torch.randn(8, 64)
+    patcher.patches = {"q.weight": [("diff", delta, 1.0)]}
+    patcher.patch_weight_to_device("q.weight")
+    assert not isinstance(model.q.ggufvideo_patches["weight"], DeferredLora)
+    assert torch.allclose(model.q(x), F.linear(x, w.dequantize() + delta, bias), atol=1e-6)

@@ -28,6 +28,8 @@ from .runtime import offload
 from .tensor import GGMLTensor
 from .tokenizer import tokenizer_from_gguf
 from .writer import WriteSummary, save_state_dict
+from .errors import LoraError
+from .lora import LoraHandle, apply_lora, fuse_lora
 
 __version__ = "0.1.0"
 
@@ -67,4 +69,8 @@ __all__ = [
     "inspect_file",
     "validate_file",
     "resolve_dtype",
+    "LoraError",
+    "LoraHandle",
+    "apply_lora",
+    "fuse_lora",
 ]

@@ -54,9 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                        ".pt/.pth state dict or a .gguf (requantize) to GGUF.")
     c.add_argument("src", metavar="SRC")
     c.add_argument("dst", metavar="DST")
-    c.add_argument("--type", "-t", dest="qtype", default="Q4_K",
+    c.add_argument("--type", "-t", dest="qtype", default=None,
                    help="ggml type (Q4_K, Q8_0, BF16, ...) or preset (Q4_K_M, Q5_K_M, ...); "
-                   "'keep' keeps every tensor's precision (default: Q4_K)")
+                   "'keep' keeps every tensor's precision (default: Q4_K; with --lora: keep, "
+                   "so a touched weight is requantized to its own type)")
     c.add_argument("--override", "-o", action="append", type=_override, default=[],
                    metavar="REGEX=TYPE",
                    help="type for tensors whose name matches REGEX (TYPE may be 'keep'); "
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "release's, what published GGUFs and ComfyUI use), 'diffusers', or another "
                         "layout the family lists (ggufvideo inspect names it); default: the "
                         "source's")
+    c.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="bake a LoRA into the weights it touches (decoded, delta added in "
+                        "float32, requantized exactly); repeatable; SCALE defaults to 1")
     c.add_argument("--device", default=None, help="where to quantize (cpu, cuda; default cpu)")
     c.add_argument("--force", "-f", action="store_true", help="replace DST if it exists")
     c.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -152,20 +156,27 @@ def _convert(args: argparse.Namespace) -> int:
     from .convert import convert
     from .policy import QuantPolicy
 
-    qtype = None if args.qtype.strip().lower() == "keep" else args.qtype
+    from .lora.bake import parse_lora_arg
+
+    given = args.qtype if args.qtype is not None else ("keep" if args.lora else "Q4_K")
+    qtype = None if given.strip().lower() == "keep" else given
+    loras = [parse_lora_arg(a) for a in args.lora]
     policy = QuantPolicy.from_type(qtype, overrides=args.override, keep=args.keep,
                                    min_elements=args.min_elements, keep_type=args.keep_type)
     if args.imatrix_rename and not args.imatrix:
         raise ValueError("--imatrix-rename needs --imatrix")
     summary = convert(args.src, args.dst, policy=policy, force=args.force,
                       progress=not args.quiet, device=args.device, imatrix=args.imatrix,
-                      imatrix_rename=args.imatrix_rename, layout=args.layout)
+                      imatrix_rename=args.imatrix_rename, layout=args.layout,
+                      loras=loras)
     if args.verbose:
         used = set(summary.imatrix_used)
         for name, d in summary.decisions.items():
             extra = f" [{d.fallback}]" if d.fallback else ""
             if name in used:
                 extra += " [imatrix]"
+            if name in summary.lora_changed:
+                extra += " [lora]"
             print(f"  {_safe(name)}: {d.qtype.name} ({d.reason}){extra}")
     print(summary)
     return 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -74,7 +74,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             device: torch.device | str | None = None,
             imatrix: str | os.PathLike[str] | Imatrix | None = None,
             imatrix_rename: Iterable[tuple[str, str]] | Mapping[str, str] = (),
-            layout: str | None = None) -> WriteSummary:
+            layout: str | None = None,
+            loras: Sequence[tuple[Any, float]] = ()) -> WriteSummary:
     """Convert a checkpoint to GGUF.
 
     Args:
@@ -107,6 +108,14 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             ``"diffusers"``; ``None`` keeps the source's names. Tensors one layout fuses and the
             other splits (a fused QKV) are split or joined by rows -- quantized ones as raw blocks,
             written unchanged when their type stays.
+        loras: ``(LoRA file or state dict, scale)`` pairs baked into the weights they touch
+            (:mod:`ggufvideo.lora.bake`): each touched tensor is decoded, the deltas added in
+            float32, and the sum requantized with the exact quantizer -- to the tensor's own type
+            when ``qtype`` is ``None`` (keep), else to the policy's; untouched tensors follow the
+            policy as usual (with ``qtype=None`` a GGUF source's are copied byte for byte). The
+            LoRA names are mapped onto the source's (in either layout of its family) after
+            ``layout`` renames it; a LoRA key matching no tensor is an error naming the file and
+            key. ``summary.lora_changed`` lists the changed tensors.
 
     Returns:
         A :class:`~ggufvideo.writer.WriteSummary`; ``str()`` of it is the human summary.
@@ -141,6 +150,13 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     notes: list[str] = []
     if layout is not None:
         tensors, _, notes = relayout(tensors, layout, source.architecture, srcp)
+    lora_changed: dict[str, list[str]] = {}
+    if loras:
+        from .lora.bake import bake_sources
+
+        tensors, policy, lora_changed = bake_sources(
+            tensors, loras, policy, own_types=policy.qtype is None,
+            architecture=source.architecture)
     meta: dict[str, Any] = {}
     config = source_config(srcp) if source.kind != "gguf" else None
     if config is not None:  # the settings no shape tells (head count), for from_gguf
@@ -166,6 +182,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         # Dropped, not closed: a mapping must outlive any tensor view still referenced (by a
         # traceback, say); the garbage collector releases it after the views.
         source._keep_open.clear()
+    summary.lora_changed = lora_changed
     summary.notes.extend(source.notes)
     summary.notes.extend(notes)
     if imat is not None:

@@ -19,6 +19,7 @@ __all__ = [
     "ModelLoadError",
     "UnknownModelError",
     "TensorOperationError",
+    "LoraError",
 ]
 
 
@@ -106,3 +107,8 @@ class TensorOperationError(TypeError):
     A usage error, not a malformed file: a ``TypeError``, outside the :class:`GGUFError` family.
     The message names the operation, the tensor and what to do instead.
     """
+
+
+class LoraError(GGUFError):
+    """A LoRA file that cannot be read or applied: an unknown or malformed key, mismatched
+    shapes, a target the model does not have. ``path`` names the LoRA file, ``tensor`` its key."""

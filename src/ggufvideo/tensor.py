@@ -258,7 +258,11 @@ class GGMLTensor(torch.Tensor):
         if func._schema.is_mutable:
             raise TensorOperationError(
                 f"in-place operation {func} is not supported on a quantized GGMLTensor; "
-                "dequantize() it first")
+                "dequantize() it first. To fuse a LoRA into quantized weights (diffusers' "
+                "fuse_lora / peft's merge do `weight += delta`), use ggufvideo.fuse_lora "
+                "(requantizes each touched weight to its own type) or bake it into a new file "
+                "with `ggufvideo convert SRC DST --lora FILE`; ggufvideo.apply_lora runs it "
+                "unmerged")
         # Anything else: compute on the dequantized values (a plain tensor comes back).
         def unwrap(t: Any) -> Any:
             return t.dequantize() if isinstance(t, GGMLTensor) else t

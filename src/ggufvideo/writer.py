@@ -146,6 +146,7 @@ class WriteSummary:
         imatrix_used: the tensors quantized with importance weights from it.
         imatrix_entries: how many entries the matrix has.
         tied: name -> the earlier name whose encoded bytes it reuses (tied weights).
+        lora_changed: name -> the LoRA files baked into it (``convert --lora``).
     """
 
     path: str
@@ -159,6 +160,7 @@ class WriteSummary:
     imatrix_used: list[str] = field(default_factory=list)
     imatrix_entries: int = 0
     tied: dict[str, str] = field(default_factory=dict)
+    lora_changed: dict[str, list[str]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """Number of tensors written per ggml type name."""
@@ -191,6 +193,16 @@ class WriteSummary:
             lines.append(f"  imatrix: {len(self.imatrix_used)} tensor(s) quantized with "
                          f"importance weights from {_safe(self.imatrix, 400)} "
                          f"({self.imatrix_entries} entries)")
+        if self.lora_changed:
+            srcs = sorted({f for fs in self.lora_changed.values() for f in fs})
+            lines.append(f"  lora: {len(self.lora_changed)} tensor(s) changed by "
+                         f"{', '.join(_safe(f, 200) for f in srcs)} (decoded, delta added in "
+                         "float32, requantized); every other tensor as the policy says:")
+            for n in list(self.lora_changed)[:20]:
+                lines.append(f"    {_safe(n)}: {self.decisions[n].qtype.name}")
+            if len(self.lora_changed) > 20:
+                lines.append(f"    ... and {len(self.lora_changed) - 20} more (--verbose lists "
+                             "them)")
         if self.tied:
             lines.append(f"  tied: {len(self.tied)} tensor(s) share another's data; encoded once, "
                          f"written under each name (e.g. {_safe(next(iter(self.tied)))} = "

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import QuantLayer, dequantize_weight, quant_linear
+from ..ops import QuantLayer, dequantize_weight, lora_linear, quant_linear
 from ..tensor import GGMLTensor
 
 __all__ = [
@@ -131,7 +131,7 @@ class ComfyQuantLayer(QuantLayer):
     def _patches_for(self, name: str) -> list[WeightFn]:
         fns: list[WeightFn] = []
         deferred = getattr(self, "ggufvideo_patches", {}).get(name)
-        if deferred is not None and deferred.active():
+        if deferred is not None and deferred.active() and self._unmerged_lora(name) is None:
             fns.append(deferred)
         # ComfyUI's dynamic-VRAM loader attaches its LoRA patch as ``<name>_lowvram_function``
         # and applies it when the weight is not cached on the GPU; these layers never cache a
@@ -141,6 +141,13 @@ class ComfyQuantLayer(QuantLayer):
             fns.append(lowvram)
         fns.extend(getattr(self, f"{name}_function", ()))
         return fns
+
+    def _unmerged_lora(self, name: str = "weight") -> list[Any] | None:
+        """The adapters of an active LoRA-only patch on ``name`` (run unmerged), else ``None``."""
+        deferred = getattr(self, "ggufvideo_patches", {}).get(name)
+        if deferred is None or not hasattr(deferred, "adapters") or not deferred.active():
+            return None
+        return deferred.adapters()
 
     def _param(self, name: str) -> torch.Tensor | None:
         t = self._parameters.get(name)
@@ -203,14 +210,21 @@ class _LinearMixin(ComfyQuantLayer):
     def forward_comfy_cast_weights(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x, dtype = self._cast_input(input)
         w, b = self._param("weight"), self._param("bias")
+        adapters = self._unmerged_lora("weight")
         if (isinstance(w, GGMLTensor) and not self._patches_for("weight")
                 and not self._patches_for("bias")):
-            # Unpatched: the fused dequantize+matmul hook sees the raw blocks.
+            # Unpatched, or LoRA-only (adapters beside the weight): the fused dequantize+matmul
+            # hook sees the raw blocks.
             w = w if w.device == x.device else w.to(x.device, non_blocking=True)
             if b is not None and b.device != x.device:
                 b = b.to(x.device, non_blocking=True)
+            if adapters:
+                return lora_linear(x, w, b, adapters, owner=self)
             return quant_linear(x, w, b)
-        return F.linear(x, self._fetch("weight", dtype, x.device), self._fetch("bias", dtype, x.device))
+        y = F.linear(x, self._fetch("weight", dtype, x.device), self._fetch("bias", dtype, x.device))
+        for a in adapters or ():
+            y = y + a.delta(x)
+        return y
 
 
 class _ConvMixin(ComfyQuantLayer):

@@ -17,6 +17,16 @@ weight itself, so nothing is copied) and is active only while that very entry is
 ``LowVramPatch`` in ``weight_function``), so a patch can neither outlive an unpatch nor be applied
 twice.
 
+LoRA patches are not merged at all: when every patch on a quantized *linear* weight is a plain
+LoRA pair (ComfyUI's ``LoRAAdapter``, or the older ``("lora", (up, down, alpha, ...))`` tuple --
+what its LoRA loader makes of kohya, diffusers and ComfyUI files -- with no DoRA, Tucker mid,
+offset, function or ``strength_model``), a :class:`DeferredLora` is installed instead: the layer
+computes ``W_q x + sum(strength * alpha / rank * up (down x))`` (see
+:func:`ggufvideo.ops.lora_linear`), so the base weight is neither decoded for the LoRA nor merged.
+The adapters are rebuilt from ``patches[key]`` whenever its entries change, so a strength change
+(a new patch list from ComfyUI) takes effect and an unpatch (backup dropped) turns them off
+exactly. Any other patch type keeps the decode-and-patch path.
+
 This module imports ComfyUI only inside functions.
 """
 
@@ -29,10 +39,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..ops import LoraAdapter
 from ..tensor import GGMLTensor
 from .layers import ComfyQuantLayer, raw_state_bytes
 
-__all__ = ["DeferredPatch", "patcher_class", "make_quant_patcher", "Backup"]
+__all__ = ["DeferredPatch", "DeferredLora", "lora_pair", "patcher_class", "make_quant_patcher",
+           "Backup"]
 
 #: The shape of ComfyUI's backup records (``weight``, ``inplace_update``).
 Backup = namedtuple("Backup", ["weight", "inplace_update"])
@@ -67,6 +79,72 @@ class DeferredPatch:
                               intermediate_dtype=weight.dtype)
 
 
+def lora_pair(patch: Any) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """``(up, down, scale)`` of a ComfyUI patch entry that is a plain LoRA pair, else ``None``.
+
+    A patch entry is ``(strength, value, strength_model, offset, function)``; ``value`` is a
+    ``LoRAAdapter`` (``.name == "lora"``, ``.weights = (up, down, alpha, mid, dora_scale,
+    reshape)``) or, in older ComfyUI, ``("lora", weights)``. The scale is
+    ``strength * alpha / rank`` (``strength`` alone without an alpha), as ComfyUI computes it.
+    """
+    p = tuple(patch) + (None,) * 5
+    strength, value, strength_model, offset, function = p[:5]
+    if strength_model not in (None, 1.0) or offset is not None or function is not None:
+        return None
+    weights = None
+    if getattr(value, "name", None) == "lora" and hasattr(value, "weights"):
+        weights = value.weights
+    elif isinstance(value, tuple) and len(value) == 2 and value[0] == "lora":
+        weights = value[1]
+    if weights is None:
+        return None
+    up, down, alpha, mid, dora, reshape = (tuple(weights) + (None,) * 6)[:6]
+    if mid is not None or dora is not None or reshape is not None:
+        return None
+    if not (isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor)):
+        return None
+    up, down = up.flatten(1), down.flatten(1)
+    if up.shape[1] != down.shape[0]:
+        return None
+    scale = float(strength) * (float(alpha) / down.shape[0] if alpha is not None else 1.0)
+    return up, down, scale
+
+
+class DeferredLora(DeferredPatch):
+    """LoRA patches on a quantized linear weight, run unmerged as adapters beside it.
+
+    Same validity as :class:`DeferredPatch`; :meth:`adapters` builds one
+    :class:`~ggufvideo.ops.LoraAdapter` per patch from ``patches[key]`` at call time (cached while
+    the entries -- strengths and patch objects -- stay the same).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._cache: tuple[Any, list[LoraAdapter]] | None = None
+
+    def adapters(self) -> list[LoraAdapter] | None:
+        """The adapters, or ``None`` when a patch is no longer a plain LoRA pair (then the layer
+        decodes and patches as for any other patch)."""
+        entries = self.patches[self.key]
+        key = tuple((p[0], id(p[1])) + tuple(p[2:]) for p in entries)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        built = []
+        for p in entries:
+            pair = lora_pair(p)
+            if pair is None:
+                return None
+            up, down, scale = pair
+            built.append(LoraAdapter(up=up, down=down, scale=scale, name=self.key))
+        self._cache = (key, built)
+        return built
+
+
+def _all_lora(entries: Any, module: nn.Module) -> bool:
+    return bool(entries) and isinstance(module, nn.Linear) and all(
+        lora_pair(p) is not None for p in entries)
+
+
 def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
     module_name, _, param = key.rpartition(".")
     return (model.get_submodule(module_name) if module_name else model), param
@@ -94,7 +172,9 @@ def _patch_weight_to_device(self: Any, base: type, key: str, device_to: torch.de
         # The unchanged weight is its own backup: no copy, nothing decoded.
         token = Backup(weight, False)
         self.backup[key] = token
-    module.ggufvideo_patches[param] = DeferredPatch(self.patches, key, self.backup, token, calculate)
+    kind = DeferredLora if param == "weight" and _all_lora(self.patches[key], module) \
+        else DeferredPatch
+    module.ggufvideo_patches[param] = kind(self.patches, key, self.backup, token, calculate)
     return None
 
 

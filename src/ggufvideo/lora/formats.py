@@ -1,0 +1,206 @@
+"""Reading LoRA files: every key naming scheme Wan LoRAs are published in, into one form.
+
+A LoRA file is a flat state dict. Its keys are ``<target><suffix>``: the target names a layer of
+the model, the suffix says which part of the adapter the tensor is. The schemes in use:
+
+==========================  ==========================================  ===========================
+scheme                      down / up                                   target names
+==========================  ==========================================  ===========================
+kohya, musubi-tuner         ``.lora_down.weight`` / ``.lora_up.weight``  ``lora_unet_blocks_0_self_attn_q``
+                            + ``.alpha``                                 (dots as underscores)
+LyCORIS LoCon               the same (+ ``.lora_mid.weight``: Tucker,    idem
+                            refused)
+ComfyUI / original          ``.lora_A.weight`` / ``.lora_B.weight``      ``diffusion_model.blocks.0.self_attn.q``
+diffusers / peft            ``.lora_A.weight`` / ``.lora_B.weight``      ``transformer.blocks.0.attn1.to_q``
+                            (also ``.lora_A.default.weight``,
+                            ``.lora.down.weight``, ``.lora_linear_layer
+                            .down.weight``, bare ``.lora_A``)
+full deltas                 ``.diff`` (weight), ``.diff_b`` (bias)       any of the above
+==========================  ==========================================  ===========================
+
+The scale of an adapter is ``alpha / rank`` when the file has an ``.alpha`` (kohya's
+convention), else 1 (peft's files fold it in). Targets keep their prefix here
+(``diffusion_model.``, ``transformer.``, ``lora_unet_``): :mod:`ggufvideo.lora.targets` strips and
+maps them against the model's own names.
+
+Refused with a :class:`~ggufvideo.errors.LoraError` naming the file and key: DoRA
+(``.dora_scale``), LoHa/LoKr (``hada_``/``lokr_``), Tucker mid weights, a down without an up,
+ranks that disagree, and keys of no known scheme.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import LoraError, _safe
+
+__all__ = ["LoraEntry", "LoraFile", "parse_lora", "read_lora", "KOHYA_PREFIXES"]
+
+#: (suffix, role), longest first within each family of suffixes.
+_SUFFIXES: tuple[tuple[str, str], ...] = (
+    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+    (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"),
+    (".lora_mid.weight", "mid"),
+    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+    ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+    (".lora_A", "down"), (".lora_B", "up"),
+    (".dora_scale", "dora"),
+    (".diff_b", "diff_b"), (".diff", "diff"),
+    (".alpha", "alpha"),
+)
+_UNSUPPORTED = ("hada_w1", "hada_w2", "hada_t1", "hada_t2", "lokr_w1", "lokr_w2", "lokr_t2",
+                "oft_blocks", "oft_diag", ".w_norm", ".b_norm")
+#: Prefixes of kohya-style names, whose dots are written as underscores.
+KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_", "lora_te_")
+
+
+@dataclass
+class LoraEntry:
+    """Everything a LoRA file says about one target layer.
+
+    Attributes:
+        target: the layer's name as the file writes it (prefix kept, maybe kohya-underscored).
+        down: ``(rank, in, *kernel)`` or ``None``.
+        up: ``(out, rank, *1)`` or ``None``.
+        alpha: the file's ``alpha`` (``None``: absent).
+        diff: a full delta of the weight (``None``: absent).
+        diff_b: a full delta of the bias (``None``: absent).
+        keys: the file keys this entry was read from.
+    """
+
+    target: str
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    alpha: float | None = None
+    diff: torch.Tensor | None = None
+    diff_b: torch.Tensor | None = None
+    keys: list[str] = field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.down is None else int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank`` (kohya), or 1 without an alpha."""
+        if self.alpha is None or self.down is None:
+            return 1.0
+        return float(self.alpha) / self.rank
+
+    @property
+    def kohya(self) -> bool:
+        """The target is written with underscores for dots (``lora_unet_blocks_0_...``)."""
+        return self.target.startswith(KOHYA_PREFIXES) or "." not in self.target
+
+
+@dataclass
+class LoraFile:
+    """A parsed LoRA file: its entries by target, and where it came from (for messages)."""
+
+    source: str
+    entries: dict[str, LoraEntry]
+
+    def __iter__(self) -> Iterator[LoraEntry]:
+        return iter(self.entries.values())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    for suffix, role in _SUFFIXES:
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return key[:-len(suffix)], role
+    return None
+
+
+def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dict>") -> LoraFile:
+    """Group a LoRA state dict's keys by target layer, checking shapes.
+
+    Raises:
+        LoraError: a key of no known scheme, an unsupported adapter type (DoRA, LoHa, LoKr,
+            Tucker), a down without its up (or the reverse), or ranks that do not agree. The
+            message names ``source`` and the key.
+    """
+    entries: dict[str, LoraEntry] = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise LoraError(f"expected a tensor, found {type(value).__name__}", path=source,
+                            tensor=key)
+        if any(u in key for u in _UNSUPPORTED):
+            raise LoraError("LoHa/LoKr/OFT adapters are not supported (only LoRA/LoCon "
+                            "down/up pairs and full diffs)", path=source, tensor=key)
+        split = _split_key(key)
+        if split is None:
+            raise LoraError("not a LoRA key of any known scheme (expected a suffix such as "
+                            ".lora_down.weight, .lora_A.weight, .alpha, .diff)", path=source,
+                            tensor=key)
+        target, role = split
+        e = entries.setdefault(target, LoraEntry(target))
+        e.keys.append(key)
+        if role == "dora":
+            raise LoraError("DoRA (.dora_scale) is not supported: its scale depends on the merged "
+                            "weight's norm", path=source, tensor=key)
+        if role == "mid":
+            raise LoraError("LoCon Tucker mid weights (.lora_mid) are not supported", path=source,
+                            tensor=key)
+        if role == "alpha":
+            if value.numel() != 1:
+                raise LoraError(f"alpha must be a scalar, found shape {list(value.shape)}",
+                                path=source, tensor=key)
+            e.alpha = float(value.reshape(()).item())
+        else:
+            setattr(e, role, value)
+    for e in entries.values():
+        first = e.keys[0]
+        if (e.down is None) != (e.up is None):
+            raise LoraError(f"has a {'down' if e.down is not None else 'up'} matrix but no "
+                            f"{'up' if e.down is not None else 'down'}", path=source, tensor=first)
+        if e.down is None and e.diff is None and e.diff_b is None:
+            raise LoraError("an alpha without a LoRA pair or diff", path=source, tensor=first)
+        if e.down is not None and e.up is not None:
+            if e.down.dim() < 2 or e.up.dim() < 2 or e.up.shape[1] != e.down.shape[0] \
+                    or any(d != 1 for d in e.up.shape[2:]):
+                raise LoraError(f"down {list(e.down.shape)} and up {list(e.up.shape)} do not form "
+                                "a rank-r pair (up's columns must equal down's rows)",
+                                path=source, tensor=first)
+    return LoraFile(source, entries)
+
+
+def read_lora(lora: str | os.PathLike[str] | Mapping[str, torch.Tensor] | LoraFile) -> LoraFile:
+    """A LoRA from a ``.safetensors`` file, a ``.pt``/``.pth``/``.bin`` state dict
+    (``torch.load(weights_only=True)``), an in-memory state dict, or an already parsed file."""
+    if isinstance(lora, LoraFile):
+        return lora
+    if isinstance(lora, Mapping):
+        return parse_lora(lora)
+    path = os.fspath(lora)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such LoRA file")
+    if path.lower().endswith(".safetensors"):
+        sd = _read_safetensors(path)
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a bad pickle is the file's problem
+            raise LoraError(f"cannot read as a torch state dict: {_safe(exc)}", path=path) from None
+        if not isinstance(sd, Mapping):
+            raise LoraError(f"expected a state dict, found {type(sd).__name__}", path=path)
+    return parse_lora(sd, path)
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The file's tensors, read with the package's own safetensors reader (no extra needed)."""
+    from ..sources import open_source
+
+    src = open_source(path)
+    try:
+        return {t.name: t.load() for t in src.tensors}
+    finally:
+        src._keep_open.clear()
