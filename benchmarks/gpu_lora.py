@@ -32,8 +32,14 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ggufvideo import GGMLTensor  # noqa: E402
-from ggufvideo.ops import (LoraAdapter, QuantLinear, dequantize_weight, lora_adapters,  # noqa: E402
-                           set_lora_fusion, swap_quant_layers)
+from ggufvideo.ops import (  # noqa: E402
+    LoraAdapter,
+    QuantLinear,
+    dequantize_weight,
+    lora_adapters,
+    set_lora_fusion,
+    swap_quant_layers,
+)
 from ggufvideo.quants import get_quant_type, quantize  # noqa: E402
 
 DIM, FFN, HEADS, TEXT = 5120, 13824, 40, 512
@@ -129,46 +135,51 @@ def layer_bench(device: torch.device, tokens: int, shapes: list[tuple[int, int]]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     for k, n in shapes:
-        lin = nn.Linear(k, n, bias=True, device="meta")
-        lin.weight = nn.Parameter(random_q(n, k, qtype, device), requires_grad=False)
-        lin.bias = nn.Parameter(torch.zeros(n, device=device, dtype=torch.bfloat16),
-                                requires_grad=False)
-        swap_quant_layers(lin)
-        x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16)
-        with torch.no_grad():
-            base = timed(lambda: lin(x), reps, sync)
-            y0 = lin(x)
-            for rank, count in ((32, 1), (128, 1), (32, 3)):
-                res = {"K": k, "N": n, "rank": rank, "loras": count, "none_ms": base}
-                pairs = add_loras(lin, rank, count, device)
-                set_lora_fusion(True)
-                res["ours_ms"] = timed(lambda: lin(x), reps, sync)
-                yf = lin(x)
-                set_lora_fusion(False)
-                res["ours_unfused_ms"] = timed(lambda: lin(x), reps, sync)
-                yr = lin(x)
-                set_lora_fusion(True)
-                res["fused_vs_reference_max_abs"] = float((yf.float() - yr.float()).abs().max())
-                for _, a in pairs:
-                    a.scale = 0.0
-                res["base_bit_identical_at_scale_0"] = bool(torch.equal(lin(x), y0))
-                clear_loras(lin)
-                merge_per_call(lin, rank, count, device)
-                res["merge_ms"] = timed(lambda: lin(x), reps, sync)
-                clear_loras(lin)
-                if count == 1:
-                    try:
-                        wrapper = nn.Sequential(lin)
-                        wrapped = with_peft(wrapper, rank, ["0"])
-                        res["peft_ms"] = timed(lambda: wrapped(x), reps, sync)
-                        import peft
+        # One function call per shape: its layer and input are freed before the next shape's.
+        rows.extend(_layer_rows(device, tokens, k, n, qtype, reps, sync))
+    return rows
 
-                        lin = wrapped[0].base_layer
-                    except Exception as exc:  # noqa: BLE001
-                        res["peft_error"] = repr(exc)[:200]
-                rows.append(res)
-                print(json.dumps(res), flush=True)
-        del lin, x
+
+def _layer_rows(device: torch.device, tokens: int, k: int, n: int, qtype: str, reps: int,
+                sync) -> list[dict]:  # noqa: ANN001
+    rows = []
+    lin = nn.Linear(k, n, bias=True, device="meta")
+    lin.weight = nn.Parameter(random_q(n, k, qtype, device), requires_grad=False)
+    lin.bias = nn.Parameter(torch.zeros(n, device=device, dtype=torch.bfloat16),
+                            requires_grad=False)
+    swap_quant_layers(lin)
+    x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        base = timed(lambda: lin(x), reps, sync)
+        y0 = lin(x)
+        for rank, count in ((32, 1), (128, 1), (32, 3)):
+            res = {"K": k, "N": n, "rank": rank, "loras": count, "none_ms": base}
+            pairs = add_loras(lin, rank, count, device)
+            set_lora_fusion(True)
+            res["ours_ms"] = timed(lambda: lin(x), reps, sync)
+            yf = lin(x)
+            set_lora_fusion(False)
+            res["ours_unfused_ms"] = timed(lambda: lin(x), reps, sync)
+            yr = lin(x)
+            set_lora_fusion(True)
+            res["fused_vs_reference_max_abs"] = float((yf.float() - yr.float()).abs().max())
+            for _, a in pairs:
+                a.scale = 0.0
+            res["base_bit_identical_at_scale_0"] = bool(torch.equal(lin(x), y0))
+            clear_loras(lin)
+            merge_per_call(lin, rank, count, device)
+            res["merge_ms"] = timed(lambda: lin(x), reps, sync)
+            clear_loras(lin)
+            if count == 1:
+                try:
+                    wrapper = nn.Sequential(lin)
+                    wrapped = with_peft(wrapper, rank, ["0"])
+                    res["peft_ms"] = timed(lambda: wrapped(x), reps, sync)
+                    lin = wrapped[0].base_layer
+                except Exception as exc:  # noqa: BLE001
+                    res["peft_error"] = repr(exc)[:200]
+            rows.append(res)
+            print(json.dumps(res), flush=True)
     return rows
 
 

@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from lora_helpers import CONFIG, TARGETS, as_format, merged_delta, pairs, wan_inputs
 from torch import nn
 
 import ggufvideo
 from ggufvideo import GGMLTensor, apply_lora, fuse_lora, quantize
 from ggufvideo.errors import LoraError, QuantizationError
 from ggufvideo.ops import LoraAdapter, lora_adapters, swap_quant_layers
-from lora_helpers import CONFIG, TARGETS, as_format, merged_delta, pairs, wan_inputs
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lora_helpers import CONFIG, TARGETS, as_format, merged_delta, pairs
 
 import ggufvideo
 from ggufvideo import GGUFFile, convert, dequantize, quantize
@@ -11,7 +12,6 @@ from ggufvideo.cli import main as cli_main
 from ggufvideo.errors import LoraError
 from ggufvideo.models import get_family
 from ggufvideo.models.tensors import TensorOps
-from lora_helpers import CONFIG, TARGETS, as_format, merged_delta, pairs
 
 diffusers = pytest.importorskip("diffusers")
 st = pytest.importorskip("safetensors.torch")

@@ -10,6 +10,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 transformers = pytest.importorskip("transformers")
+from text_encoder_files import build_encoder, llama_cpp_state_dict, write_text_encoder  # noqa: E402
 from transformers import T5EncoderModel, UMT5EncoderModel  # noqa: E402
 
 import ggufvideo  # noqa: E402
@@ -18,7 +19,6 @@ from ggufvideo.building import describe_file  # noqa: E402
 from ggufvideo.model import parameter_bytes  # noqa: E402
 from ggufvideo.models import CANONICAL, ShapeOps, describe, get_family  # noqa: E402
 from ggufvideo.ops import QuantEmbedding  # noqa: E402
-from text_encoder_files import build_encoder, llama_cpp_state_dict, write_text_encoder  # noqa: E402
 
 FAMILY = get_family("t5-encoder")
 IDS = torch.tensor([[4, 5, 7, 8, 9, 10, 1, 0], [11, 12, 13, 1, 0, 0, 0, 0]])

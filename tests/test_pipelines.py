@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -12,9 +10,13 @@ pytest.importorskip("transformers")
 from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline  # noqa: E402
 from transformers import UMT5Config, UMT5EncoderModel  # noqa: E402
 
-import ggufvideo  # noqa: E402
 from ggufvideo import GGMLTensor, save_state_dict  # noqa: E402
-from ggufvideo.demo_generate import build_demo_parts, save_text_encoder, demo_vocabulary, write_demo_files  # noqa: E402
+from ggufvideo.demo_generate import (  # noqa: E402
+    build_demo_parts,
+    demo_vocabulary,
+    save_text_encoder,
+    write_demo_files,
+)
 from ggufvideo.generation import VideoSizeError, check_video_size, contact_sheet, generate  # noqa: E402
 from ggufvideo.pipelines import PipelineError, pipeline  # noqa: E402
 

@@ -6,11 +6,11 @@ import gguf
 import pytest
 
 transformers = pytest.importorskip("transformers")
+from text_encoder_files import build_encoder, vocabulary, write_text_encoder  # noqa: E402
 from transformers import AutoTokenizer, T5Tokenizer  # noqa: E402
 
 from ggufvideo import ModelLoadError, save_state_dict  # noqa: E402
 from ggufvideo.tokenizer import has_tokenizer, tokenizer_from_gguf  # noqa: E402
-from text_encoder_files import build_encoder, vocabulary, write_text_encoder  # noqa: E402
 
 TEXTS = ["a cat walks on the beach at sunset", "A dog, in rain at night!  blurry",
          "zzz qq", "", "low quality video of the city"]

@@ -13,7 +13,6 @@ import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
-
 from model_files import quantize_rows
 
 WORDS = ("a", "cat", "dog", "walks", "on", "the", "beach", "at", "sunset", "red", "car", "in",

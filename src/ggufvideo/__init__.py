@@ -7,6 +7,7 @@ from .convert import convert
 from .errors import (
     GGUFError,
     InvalidHeaderError,
+    LoraError,
     ModelLoadError,
     QuantizationError,
     ShapeMetadataError,
@@ -18,6 +19,7 @@ from .errors import (
 from .imatrix import ImatrixError
 from .inspection import ValidationReport, inspect_file, validate_file
 from .loader import load_state_dict, resolve_dtype
+from .lora import LoraHandle, apply_lora, fuse_lora
 from .model import IncompatibleKeys, empty_weights, load_model
 from .ops import set_compute_dtype, swap_quant_layers
 from .pipelines import pipeline
@@ -28,8 +30,6 @@ from .runtime import offload
 from .tensor import GGMLTensor
 from .tokenizer import tokenizer_from_gguf
 from .writer import WriteSummary, save_state_dict
-from .errors import LoraError
-from .lora import LoraHandle, apply_lora, fuse_lora
 
 __version__ = "0.1.0"
 

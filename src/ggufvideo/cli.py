@@ -154,9 +154,8 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
 
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert
-    from .policy import QuantPolicy
-
     from .lora.bake import parse_lora_arg
+    from .policy import QuantPolicy
 
     given = args.qtype if args.qtype is not None else ("keep" if args.lora else "Q4_K")
     qtype = None if given.strip().lower() == "keep" else given

@@ -14,15 +14,18 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import torch
 from torch import nn
 
 from .writer import format_bytes
 
+if TYPE_CHECKING:
+    from transformers import T5EncoderModel, UMT5EncoderModel
+
 __all__ = ["run_generate_demo", "write_demo_files", "build_demo_parts", "save_text_encoder",
-           "demo_vocabulary", "DEMO_WORDS"]
+           "demo_vocabulary", "DemoParts", "DEMO_WORDS"]
 
 #: The demo vocabulary's words (a tokenizer needs one; a real file has 256k pieces).
 DEMO_WORDS = ("a", "cat", "dog", "walks", "on", "the", "beach", "at", "sunset", "red", "car",
@@ -42,7 +45,15 @@ def demo_vocabulary(size: int) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores + [0.0] * pads, types + [5] * pads
 
 
-def save_text_encoder(model: nn.Module, path: str | os.PathLike[str], *,
+class DemoParts(TypedDict):
+    """The demo's three models, by pipeline role."""
+
+    text_encoder: UMT5EncoderModel
+    transformer: nn.Module
+    vae: nn.Module
+
+
+def save_text_encoder(model: T5EncoderModel | UMT5EncoderModel, path: str | os.PathLike[str], *,
                       vocabulary: tuple[Sequence[str], Sequence[float], Sequence[int]],
                       qtype: str = "Q8_0") -> Any:
     """Write a transformers T5/UMT5 encoder as llama.cpp's converter would: its tensor names
@@ -83,7 +94,7 @@ def save_text_encoder(model: nn.Module, path: str | os.PathLike[str], *,
     return save_state_dict(named, path, qtype=qtype, metadata=meta)
 
 
-def build_demo_parts(seed: int = 0) -> dict[str, nn.Module]:
+def build_demo_parts(seed: int = 0) -> DemoParts:
     """Tiny random UMT5 encoder (width 64), Wan transformer (text width 64) and Wan VAE."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -91,15 +102,17 @@ def build_demo_parts(seed: int = 0) -> dict[str, nn.Module]:
     torch.manual_seed(seed)
     te = UMT5EncoderModel(UMT5Config(vocab_size=128, d_model=64, d_kv=16, num_heads=4, d_ff=128,
                                      num_layers=2, relative_attention_num_buckets=32)).eval()
-    transformer = WanTransformer3DModel(
+    # (cast: these are torch modules, but mypy does not see nn.Module among the bases of
+    # diffusers' model classes)
+    transformer = cast(nn.Module, WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16,
         out_channels=16, text_dim=64, freq_dim=256, ffn_dim=512, num_layers=2,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6).eval()
-    vae = AutoencoderKLWan(base_dim=16, z_dim=16).eval()
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)).eval()
+    vae = cast(nn.Module, AutoencoderKLWan(base_dim=16, z_dim=16)).eval()
     return {"text_encoder": te, "transformer": transformer, "vae": vae}
 
 
-def write_demo_files(folder: str, parts: dict[str, nn.Module] | None = None,
+def write_demo_files(folder: str, parts: DemoParts | None = None,
                      qtype: str = "Q8_0") -> dict[str, str]:
     """The demo parts written as GGUF files in ``folder`` (role -> path): the text encoder with
     llama.cpp's names and vocabulary, the transformer with the original release's names."""
@@ -151,7 +164,8 @@ def run_generate_demo(folder: str, *, qtype: str = "Q8_0", frames: int = 5, size
         write_video(video, out, fps=8)
         wrote = f"{os.path.basename(out)} and {os.path.basename(sheet)}"
     except ImportError:
-        out, wrote = "", f"{os.path.basename(sheet)} (no video writer: pip install 'ggufvideo[video]')"
+        out = ""
+        wrote = f"{os.path.basename(sheet)} (no video writer: pip install 'ggufvideo[video]')"
     log(f"generated {video.shape[0]} frames of {size}x{size} in {steps} steps "
         f"({seconds:.1f} s): {wrote}")
     return {"paths": paths, "video": out, "sheet": sheet, "frames": video,

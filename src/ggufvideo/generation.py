@@ -7,6 +7,7 @@ The video goes through diffusers' ``export_to_video`` (imageio + imageio-ffmpeg:
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from collections.abc import Sequence
@@ -82,7 +83,7 @@ def write_video(frames: np.ndarray, path: str | os.PathLike[str], fps: int = 16)
     """
     try:
         import imageio  # noqa: F401
-        import imageio_ffmpeg  # noqa: F401
+        importlib.import_module("imageio_ffmpeg")  # only present or not: it has no type stubs
     except ImportError:
         raise ImportError("writing a video needs imageio and imageio-ffmpeg: pip install "
                           "'ggufvideo[video]' (the contact sheet PNG was written)") from None

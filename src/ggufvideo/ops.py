@@ -150,7 +150,6 @@ def _dequantize_rows_of(weight: torch.Tensor, rows: torch.Tensor, dtype: torch.d
 
 # -- low-rank adapters beside a layer's weight (LoRA, unmerged) --------------------------------------
 _ADAPTER_IDS = itertools.count()
-_CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _lora_fusion: bool | None = None  # None: follow GGUFVIDEO_LORA_FUSED (default on)
 
 
@@ -206,16 +205,15 @@ class LoraAdapter:
             return F.linear(x, up) * self.scale
         return F.linear(F.linear(x, down), up) * self.scale
 
-    def conv_delta(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def conv_delta(self, layer: _QuantConvNd, x: torch.Tensor) -> torch.Tensor:
         """The adapter's term for a conv layer: ``down`` as a conv with the layer's geometry (stride,
         padding, dilation, padding mode), then ``up`` as a 1x1 conv."""
-        torch_conv = next(c for c in type(layer).__mro__ if c in _CONV_LAYERS)
         w_shape = tuple(layer.weight.shape)
         down, up = self.tensors(x.device, x.dtype)
         if down is None:
-            return torch_conv._conv_forward(layer, x, up.reshape(w_shape), None) * self.scale
+            return layer._torch_conv_forward(x, up.reshape(w_shape), None) * self.scale
         down = down.reshape(down.shape[0], *w_shape[1:])
-        h = torch_conv._conv_forward(layer, x, down, None)
+        h = layer._torch_conv_forward(x, down, None)
         n = x.dim() - 2
         conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
         return conv(h, up.reshape(up.shape[0], -1, *([1] * n))) * self.scale
@@ -275,7 +273,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     layer are packed into one ``down``/``up`` pair, so three LoRAs cost one of their summed rank.
     The output is then a view with a row stride of ``out_features + rank``.
     """
-    if owner is not None and _fusable(x, weight, adapters):
+    if owner is not None and isinstance(weight, GGMLTensor) and _fusable(x, weight, adapters):
         return _fused_lora_linear(x, weight, bias, adapters, owner)
     y = quant_linear(x, weight, bias)
     for a in adapters:
@@ -283,8 +281,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y
 
 
-def _fusable(x: torch.Tensor, weight: torch.Tensor, adapters: list[LoraAdapter]) -> bool:
-    if not (isinstance(weight, GGMLTensor) and weight.dim() == 2 and _fusion_on()
+def _fusable(x: torch.Tensor, weight: GGMLTensor, adapters: list[LoraAdapter]) -> bool:
+    if not (weight.dim() == 2 and _fusion_on()
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
         return False
     if any(a.down is None or a.down.dim() != 2 for a in adapters):
@@ -333,11 +331,13 @@ def _linear_with_rows(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_featur
 
     k = x.shape[-1]
     n, r = out_features, rows.shape[0]
-    w = kernels._workspace(x.device, x.dtype, (n + r) * k)
-    kernels._decode_into(raw.reshape(n, -1).contiguous(), qtype, w[:n * k])
-    w[n * k:].view(r, k).copy_(rows)
     b = None if bias is None else torch.cat([bias.to(x.dtype), bias.new_zeros(r, dtype=x.dtype)])
-    return F.linear(x, w.view(n + r, k), b)
+    key = kernels._workspace_key(x.device, x.dtype)
+    with kernels._workspace_lock(key):  # decode and GEMM enqueued with no other decode in between
+        w = kernels._workspace(key, (n + r) * k)
+        kernels._decode_into(raw.reshape(n, -1).contiguous(), qtype, w[:n * k])
+        w[n * k:].view(r, k).copy_(rows)
+        return F.linear(x, w.view(n + r, k), b)
 
 
 @_linear_with_rows.register_fake
@@ -401,6 +401,8 @@ class QuantLinear(QuantLayer, nn.Linear):
 
 
 class _QuantConvNd(QuantLayer):
+    weight: torch.Tensor  # mixed in under nn.Conv{1,2,3}d, which sets it
+
     # nn.Conv{1,2,3}d.forward calls self._conv_forward(input, self.weight, self.bias): decoding
     # there also covers subclasses whose own forward ends in super().forward (WanCausalConv3d).
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor,
@@ -408,10 +410,16 @@ class _QuantConvNd(QuantLayer):
         x, dtype = self._cast_input(input)
         w = dequantize_weight(weight, dtype)
         b = None if bias is None else dequantize_weight(bias, dtype)
-        y = super()._conv_forward(x, w, b)  # type: ignore[misc]
+        y = self._torch_conv_forward(x, w, b)
         for a in self.__dict__.get("lora_adapters") or ():
             y = y + a.conv_delta(self, x)
         return y
+
+    def _torch_conv_forward(self, x: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor | None) -> torch.Tensor:
+        """The torch conv class's own ``_conv_forward``: no decoding, no adapters."""
+        # mypy cannot see the torch conv class this mixin is placed before in the MRO.
+        return super()._conv_forward(x, weight, bias)  # type: ignore[misc]
 
 
 class QuantConv1d(_QuantConvNd, nn.Conv1d):

@@ -189,7 +189,7 @@ def _load(part: Part, source: PartSource, dtype: torch.dtype | None,
         cls = getattr(diffusers, part.class_name, None)
         if cls is None:
             raise PipelineError(f"diffusers has no class {part.class_name!r}", path=part.source)
-    model = cls.from_pretrained(part.source, **kwargs)
+    model: nn.Module = cls.from_pretrained(part.source, **kwargs)
     return model.to(device) if device is not None else model
 
 
@@ -267,8 +267,10 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
     want = resolve_dtype(dtype, dev) if dtype is not None else (
         torch.bfloat16 if dev.type == "cuda" else torch.float32)
     vdtype = resolve_dtype(vae_dtype, dev)
-    sources = {"transformer": transformer, "text_encoder": text_encoder, "vae": vae,
-               "transformer_2": transformer_2}
+    sources: dict[str, PartSource] = {"transformer": transformer, "text_encoder": text_encoder,
+                                      "vae": vae}
+    if transformer_2 is not None:
+        sources["transformer_2"] = transformer_2
     loaded = {role: _load(part, sources[role], vdtype if role == "vae" else want, device)
               for role, part in parts.items()}
     scheduler = UniPCMultistepScheduler(**scheduler_config(flow_shift))

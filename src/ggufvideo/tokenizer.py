@@ -65,12 +65,15 @@ def _backend(path: str) -> tuple[Any, dict[str, Any]]:
     try:  # transformers >= 5.x: integrations.gguf
         from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
     except ImportError:  # transformers 4.x: integrations.ggml
-        from transformers.integrations.ggml import convert_gguf_tokenizer
+        # (the type stubs are those of the installed transformers 5.x, which moved it to .gguf)
+        from transformers.integrations.ggml import (  # type: ignore[attr-defined]
+            convert_gguf_tokenizer as convert_v4,
+        )
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
         parsed = load_gguf_checkpoint(path, return_tensors=False)
         tok = parsed["tokenizer"]
-        backend, extra = convert_gguf_tokenizer(parsed["config"]["model_type"], tok)
+        backend, extra = convert_v4(parsed["config"]["model_type"], tok)
         config = dict(parsed.get("tokenizer_config", {}))
         for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
                           ("unk_token", "unk_token_id"), ("pad_token", "pad_token_id")):

@@ -10,8 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .paths import (DIFFUSION_FOLDERS, TEXT_ENCODER_FOLDERS, VAE_FOLDERS, ModelFileError,
-                    list_gguf, resolve)
+from .paths import (
+    DIFFUSION_FOLDERS,
+    TEXT_ENCODER_FOLDERS,
+    VAE_FOLDERS,
+    ModelFileError,
+    list_gguf,
+    resolve,
+)
 
 __all__ = ["GGUFVideoModelLoader", "GGUFVideoVAELoader", "GGUFVideoTextEncoderLoader",
            "GGUFVideoInspect",

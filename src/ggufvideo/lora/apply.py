@@ -18,15 +18,14 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import LoraError, _safe
-from ..ops import QuantLayer, LoraAdapter, lora_adapters, quant_class_for
+from ..ops import LoraAdapter, QuantLayer, lora_adapters, quant_class_for
 from ..tensor import GGMLTensor
-from .formats import LoraEntry, LoraFile, read_lora
+from .formats import LoraFile, read_lora
 from .targets import Piece, Resolution, resolve
 
 __all__ = ["LoraHandle", "apply_lora", "fuse_lora", "adapter_for", "dense_delta"]
@@ -158,7 +157,7 @@ class _DenseDeltas:
     """Per module: the original of each replaced small parameter and the deltas on it."""
 
     def __init__(self) -> None:
-        self.params: dict[str, tuple[torch.Tensor, dict[int, tuple[torch.Tensor, float]]]] = {}
+        self.params: dict[str, tuple[nn.Parameter, dict[int, tuple[torch.Tensor, float]]]] = {}
 
     @staticmethod
     def of(module: nn.Module) -> _DenseDeltas:
@@ -167,9 +166,12 @@ class _DenseDeltas:
             found = module.__dict__["_lora_dense"] = _DenseDeltas()
         return found
 
-    def add(self, module: nn.Module, pname: str, uid: int, delta: torch.Tensor, scale: float) -> None:
+    def add(self, module: nn.Module, pname: str, uid: int, delta: torch.Tensor,
+            scale: float) -> None:
         if pname not in self.params:
-            self.params[pname] = (module._parameters[pname], {})  # type: ignore[assignment]
+            original = module._parameters[pname]
+            assert original is not None  # a name of the state dict: a set parameter
+            self.params[pname] = (original, {})
         self.params[pname][1][uid] = (delta, scale)
         self._rebuild(module, pname)
 
@@ -200,12 +202,13 @@ class _DenseDeltas:
 def _layer_for_adapters(module: nn.Module, key: str, source: str) -> nn.Module:
     if isinstance(module, QuantLayer) and isinstance(module, _ADAPTABLE):
         return module
-    if isinstance(module, _ADAPTABLE) and not isinstance(module, QuantLayer):
-        cls = quant_class_for(type(module))
+    kind = type(module)  # (tested as a class: ``module`` keeps its type for the swap below)
+    if issubclass(kind, _ADAPTABLE) and not issubclass(kind, QuantLayer):
+        cls = quant_class_for(kind)
         if cls is None:
-            raise LoraError(f"layer {_safe(key)} ({type(module).__name__}) cannot take adapters",
+            raise LoraError(f"layer {_safe(key)} ({kind.__name__}) cannot take adapters",
                             path=source)
-        module.__dict__["_lora_swapped_from"] = type(module)
+        module.__dict__["_lora_swapped_from"] = kind
         module.__class__ = cls
         return module
     raise LoraError(f"a low-rank LoRA targets {_safe(key)}, a {type(module).__name__}; only "
@@ -214,7 +217,7 @@ def _layer_for_adapters(module: nn.Module, key: str, source: str) -> nn.Module:
 
 def apply_lora(model: nn.Module, lora: LoraLike, scale: float = 1.0, *, strict: bool = True
                ) -> LoraHandle:
-    """Apply a LoRA to ``model`` unmerged; returns a handle with ``.set_scale(s)`` and ``.remove()``.
+    """Apply a LoRA to ``model`` unmerged; returns a handle with ``.set_scale(s)``, ``.remove()``.
 
     Works on any torch model (quantized by ggufvideo or not, diffusers' or the original release's
     naming): the LoRA's names -- kohya/musubi (``lora_unet_blocks_0_self_attn_q``), ComfyUI/

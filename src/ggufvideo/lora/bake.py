@@ -44,9 +44,9 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
 
 def merged_tensor(old: torch.Tensor, delta: torch.Tensor, *, name: str = "",
                   qtype: Any = None) -> torch.Tensor:
-    """``old`` + ``delta`` (float32), encoded as ``old`` was: a quantized ``old`` is decoded exactly,
-    the delta added in float32 and requantized to ``qtype`` (default: its own type) with the exact
-    quantizer; a plain one is rounded once to its dtype."""
+    """``old`` + ``delta`` (float32), encoded as ``old`` was: a quantized ``old`` is decoded
+    exactly, the delta added in float32 and requantized to ``qtype`` (default: its own type) with
+    the exact quantizer; a plain one is rounded once to its dtype."""
     if isinstance(old, GGMLTensor):
         q = get_quant_type(qtype if qtype is not None else old.qtype).qtype
         w = old.dequantize(torch.float32) + delta.to(torch.float32)

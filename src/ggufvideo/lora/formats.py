@@ -3,20 +3,24 @@
 A LoRA file is a flat state dict. Its keys are ``<target><suffix>``: the target names a layer of
 the model, the suffix says which part of the adapter the tensor is. The schemes in use:
 
-==========================  ==========================================  ===========================
-scheme                      down / up                                   target names
-==========================  ==========================================  ===========================
-kohya, musubi-tuner         ``.lora_down.weight`` / ``.lora_up.weight``  ``lora_unet_blocks_0_self_attn_q``
-                            + ``.alpha``                                 (dots as underscores)
-LyCORIS LoCon               the same (+ ``.lora_mid.weight``: Tucker,    idem
-                            refused)
-ComfyUI / original          ``.lora_A.weight`` / ``.lora_B.weight``      ``diffusion_model.blocks.0.self_attn.q``
-diffusers / peft            ``.lora_A.weight`` / ``.lora_B.weight``      ``transformer.blocks.0.attn1.to_q``
-                            (also ``.lora_A.default.weight``,
-                            ``.lora.down.weight``, ``.lora_linear_layer
-                            .down.weight``, bare ``.lora_A``)
-full deltas                 ``.diff`` (weight), ``.diff_b`` (bias)       any of the above
-==========================  ==========================================  ===========================
+===================  ====================================  =========================================
+scheme               down / up                             target names
+===================  ====================================  =========================================
+kohya, musubi-tuner  ``.lora_down.weight`` /               ``lora_unet_blocks_0_self_attn_q``
+                     ``.lora_up.weight`` + ``.alpha``      (dots as underscores)
+LyCORIS LoCon        the same (+ ``.lora_mid.weight``:     idem
+                     Tucker, refused)
+ComfyUI / original   ``.lora_A.weight`` /                  ``diffusion_model.blocks.0.self_attn.q``
+                     ``.lora_B.weight``
+diffusers / peft     ``.lora_A.weight`` /                  ``transformer.blocks.0.attn1.to_q``
+                     ``.lora_B.weight`` (also
+                     ``.lora_A.default.weight``,
+                     ``.lora.down.weight``,
+                     ``.lora_linear_layer.down.weight``,
+                     bare ``.lora_A``)
+full deltas          ``.diff`` (weight), ``.diff_b``       any of the above
+                     (bias)
+===================  ====================================  =========================================
 
 The scale of an adapter is ``alpha / rank`` when the file has an ``.alpha`` (kohya's
 convention), else 1 (peft's files fold it in). Targets keep their prefix here
