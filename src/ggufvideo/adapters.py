@@ -1,0 +1,236 @@
+"""Low-rank adapters beside a quant-aware layer's weight (LoRA, unmerged): the layer-side math.
+
+A :class:`LoraAdapter` lives in a layer's ``lora_adapters`` list;
+:class:`~ggufvideo.ops.QuantLinear` and the quant-aware convs add each adapter's term to their
+output, so the quantized base weight is never merged or re-decoded for it (peft's idea: adapters
+are data beside the base). Reading LoRA files and attaching adapters to a model is
+:mod:`ggufvideo.lora`'s job.
+
+This module sits beside :mod:`ggufvideo.ops` and reaches its hooks (``quant_linear``,
+``dequantize_weight``, the GPU kernels) through the module at call time, so it imports nothing
+from it at load time (``ops`` re-exports the names here).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .tensor import GGMLTensor
+
+if TYPE_CHECKING:
+    from .ops import _QuantConvNd
+
+__all__ = ["LoraAdapter", "lora_adapters", "lora_linear", "set_lora_fusion"]
+
+
+# -- low-rank adapters beside a layer's weight (LoRA, unmerged) -----------------------------------
+_ADAPTER_IDS = itertools.count()
+_lora_fusion: bool | None = None  # None: follow GGUFVIDEO_LORA_FUSED (default on)
+
+
+@dataclass(eq=False)
+class LoraAdapter:
+    """One adapter beside a layer's weight: the layer adds ``scale * up @ (down @ x)`` to its
+    output.
+
+    The base weight is never merged, copied or re-decoded for it (peft's ``LoraLayer`` idea:
+    adapters are data beside the base). A layer holds any number of them in its
+    ``lora_adapters`` list (see :func:`lora_adapters`); :mod:`ggufvideo.lora` builds them from
+    LoRA files.
+
+    Attributes:
+        up: ``(out_features, rank)`` -- peft's ``lora_B``, kohya's ``lora_up``. With ``down`` set to
+            ``None`` it is instead the full delta of the weight (a LoRA file's ``diff``), of the
+            weight's shape.
+        down: ``(rank, in_features)`` -- ``lora_A``/``lora_down``; for a conv layer
+            ``(rank, in_channels, *kernel)`` (or flattened to 2-D); ``None`` for a full delta.
+        scale: the factor applied to the product (user strength x alpha / rank).
+        name: where it came from (LoRA file and key), for messages.
+    """
+
+    up: torch.Tensor
+    down: torch.Tensor | None = None
+    scale: float = 1.0
+    name: str = ""
+    uid: int = field(default_factory=lambda: next(_ADAPTER_IDS), repr=False)
+    _cast: dict[tuple[torch.device, torch.dtype], tuple[Any, torch.Tensor]] = field(
+        default_factory=dict, repr=False)
+
+    @property
+    def rank(self) -> int:
+        """The adapter's rank (rows of ``down``; the full width for a full delta)."""
+        return int(self.down.shape[0]) if self.down is not None else int(self.up.shape[-1])
+
+    def tensors(self, device: torch.device, dtype: torch.dtype
+                ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(down, up) on ``device`` in ``dtype`` (cached: moved and cast once per device/dtype)."""
+        key = (device, dtype)
+        got = self._cast.get(key)
+        if got is None:
+            down = None if self.down is None else self.down.to(device=device, dtype=dtype)
+            got = (down, self.up.to(device=device, dtype=dtype))
+            if not (torch.is_grad_enabled() and (self.up.requires_grad or (
+                    self.down is not None and self.down.requires_grad))):
+                self._cast[key] = got
+        return got
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``scale * up @ (down @ x)`` for a linear layer, in ``x.dtype`` (peft's order of ops)."""
+        down, up = self.tensors(x.device, x.dtype)
+        if down is None:
+            return F.linear(x, up) * self.scale
+        return F.linear(F.linear(x, down), up) * self.scale
+
+    def conv_delta(self, layer: _QuantConvNd, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's term for a conv layer: ``down`` as a conv with the layer's geometry
+        (stride, padding, dilation, padding mode), then ``up`` as a 1x1 conv."""
+        w_shape = tuple(layer.weight.shape)
+        down, up = self.tensors(x.device, x.dtype)
+        if down is None:
+            return layer._torch_conv_forward(x, up.reshape(w_shape), None) * self.scale
+        down = down.reshape(down.shape[0], *w_shape[1:])
+        h = layer._torch_conv_forward(x, down, None)
+        n = x.dim() - 2
+        conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+        return conv(h, up.reshape(up.shape[0], -1, *([1] * n))) * self.scale
+
+    def delta_weight(self, shape: tuple[int, ...] | torch.Size,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The adapter as a dense weight delta of ``shape``: ``scale * up @ down`` (in float32)."""
+        up = self.up.detach().to(torch.float32)
+        if self.down is None:
+            d = up.reshape(shape) * self.scale
+        else:
+            d = (up.reshape(up.shape[0], -1) @ self.down.detach().to(torch.float32).flatten(1))
+            d = d.reshape(shape) * self.scale
+        return d.to(dtype)
+
+
+def lora_adapters(module: nn.Module) -> list[LoraAdapter]:
+    """The (mutable) list of adapters of a quant-aware linear or conv layer (created if absent).
+
+    A per-instance list: appending a :class:`LoraAdapter` makes the layer add its term in every
+    ``forward``; removing it restores the layer's exact output.
+    """
+    from .ops import QuantLinear, _QuantConvNd
+
+    if not isinstance(module, (QuantLinear, _QuantConvNd)):
+        raise TypeError(f"LoRA adapters go on quant-aware Linear/Conv layers, not "
+                        f"{type(module).__name__}")
+    found = module.__dict__.get("lora_adapters")
+    if found is None:
+        found = module.__dict__["lora_adapters"] = []
+    return found
+
+
+def set_lora_fusion(flag: bool | None) -> None:
+    """Force the fused CUDA LoRA path on/off (``None``: follow ``GGUFVIDEO_LORA_FUSED``, on by
+    default)."""
+    global _lora_fusion
+    _lora_fusion = flag
+
+
+def _fusion_on() -> bool:
+    if _lora_fusion is not None:
+        return _lora_fusion
+    return os.environ.get("GGUFVIDEO_LORA_FUSED", "1").strip().lower() not in ("0", "false", "no")
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                adapters: list[LoraAdapter], *, owner: nn.Module | None = None) -> torch.Tensor:
+    """``quant_linear(x, weight, bias) + sum(a.scale * a.up @ (a.down @ x))``, in ``x.dtype``.
+
+    Reference path (CPU, small batches, training): the base product exactly as without adapters,
+    then each adapter's two small products added in peft's order (so an fp32 model with these
+    adapters gives the same bits as the fp32 model with peft's). Fast path (CUDA, a quantized
+    weight taking the decode + GEMM path, inference): the adapters' ``down`` rows are appended to
+    the weight decoded in the workspace, so one GEMM gives both ``W x`` and every ``down @ x``
+    (the activations are read once), then one more GEMM adds ``(scale * up) @ h`` into the output
+    in place (its epilogue's ``beta = 1``). The decoded weight is the same bits; all adapters of a
+    layer are packed into one ``down``/``up`` pair, so three LoRAs cost one of their summed rank.
+    The output is then a view with a row stride of ``out_features + rank``.
+    """
+    if owner is not None and isinstance(weight, GGMLTensor) and _fusable(x, weight, adapters):
+        return _fused_lora_linear(x, weight, bias, adapters, owner)
+    from . import ops
+
+    y = ops.quant_linear(x, weight, bias)
+    for a in adapters:
+        y = y + a.delta(x)
+    return y
+
+
+def _fusable(x: torch.Tensor, weight: GGMLTensor, adapters: list[LoraAdapter]) -> bool:
+    if not (weight.dim() == 2 and _fusion_on()
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        return False
+    if any(a.down is None or a.down.dim() != 2 for a in adapters):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(
+            a.up.requires_grad or a.down.requires_grad for a in adapters)):  # type: ignore[union-attr]
+        return False
+    from . import ops
+
+    kernels = ops._gpu_kernels(weight)
+    if kernels is None:
+        return False
+    # Few rows go through the fused small-M kernel, which has no workspace to append rows to.
+    return x.numel() // max(1, x.shape[-1]) > kernels.FUSED_MAX_M
+
+
+def _lora_pack(adapters: list[LoraAdapter], dtype: torch.dtype, device: torch.device,
+               owner: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """All adapters of a layer as one ``down`` (R, K) and one ``(scale * up).T`` (R, N)."""
+    key = (dtype, device, tuple((a.uid, a.scale) for a in adapters))
+    cached = owner.__dict__.get("_lora_pack")
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    down = torch.cat([a.down.to(device=device, dtype=dtype) for a in adapters], 0)  # type: ignore[union-attr]
+    up_t = torch.cat([a.up.to(device=device, dtype=torch.float32) * a.scale for a in adapters], 1)
+    pack = (down.contiguous(), up_t.t().to(dtype).contiguous())
+    owner.__dict__["_lora_pack"] = (key, *pack)
+    return pack
+
+
+def _fused_lora_linear(x: torch.Tensor, weight: GGMLTensor, bias: torch.Tensor | None,
+                       adapters: list[LoraAdapter], owner: nn.Module) -> torch.Tensor:
+    down, up_t = _lora_pack(adapters, x.dtype, x.device, owner)
+    n, r = int(weight.shape[0]), int(down.shape[0])
+    from . import ops
+
+    b = None if bias is None else ops.dequantize_weight(bias, x.dtype)
+    out = torch.ops.ggufvideo.linear_with_rows(x, weight.raw, int(weight.qtype), n, b, down)
+    flat = out.view(-1, n + r)
+    flat[:, :n].addmm_(flat[:, n:], up_t)
+    return out[..., :n]
+
+
+@torch.library.custom_op("ggufvideo::linear_with_rows", mutates_args=())
+def _linear_with_rows(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int,
+                      bias: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, cat([W, rows]))`` for the quantized ``W``: ``rows`` appended to the weight as
+    decoded in the kernels' workspace (the decoded ``W`` is the same bits as without them)."""
+    from . import kernels
+
+    k = x.shape[-1]
+    n, r = out_features, rows.shape[0]
+    b = None if bias is None else torch.cat([bias.to(x.dtype), bias.new_zeros(r, dtype=x.dtype)])
+    key = kernels._workspace_key(x.device, x.dtype)
+    with kernels._workspace_lock(key):  # decode and GEMM enqueued with no other decode in between
+        w = kernels._workspace(key, (n + r) * k)
+        kernels._decode_into(raw.reshape(n, -1).contiguous(), qtype, w[:n * k])
+        w[n * k:].view(r, k).copy_(rows)
+        return F.linear(x, w.view(n + r, k), b)
+
+
+@_linear_with_rows.register_fake
+def _(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int,
+      bias: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features + rows.shape[0]))
