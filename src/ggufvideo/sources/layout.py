@@ -12,14 +12,14 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ..errors import ModelLoadError, _safe
 from ..models import CANONICAL, Detection, detect, known_families
-from ..models.tensors import cat_rows, split_rows, swap_halves
+from ..models.tensors import cat_rows, permute_rows, split_rows, swap_halves
 from ..writer import SourceTensor
 
 __all__ = ["SourceOps", "relayout", "LAYOUTS", "source_config"]
@@ -72,10 +72,19 @@ class SourceOps:
     def swap_halves(self, v: SourceTensor) -> SourceTensor:
         return dataclasses.replace(v, load=lambda: swap_halves(v.load()), tie=None)
 
+    def permute_rows(self, v: SourceTensor, order: Callable[[], Sequence[int]]) -> SourceTensor:
+        p = list(order())  # now, so that a missing head count is reported before writing
+        keep = v.qtype is None or _keeps_qtype(tuple(v.shape))
+        return dataclasses.replace(v, load=lambda: permute_rows(v.load(), p), tie=None,
+                                   **({} if keep else {"qtype": None, "dtype": torch.float32}))
+
 
 def relayout(tensors: list[SourceTensor], layout: str, architecture: str | None,
-             path: str) -> tuple[list[SourceTensor], Detection, list[str]]:
+             path: str, context: Mapping[str, Any] | None = None
+             ) -> tuple[list[SourceTensor], Detection, list[str]]:
     """``tensors`` renamed into ``layout`` of their family.
+
+    ``context``: the source's metadata, which row orders read (llama.cpp's q/k rows: the heads).
 
     Returns:
         the renamed tensors, the source's detection, and notes for the summary.
@@ -94,7 +103,7 @@ def relayout(tensors: list[SourceTensor], layout: str, architecture: str | None,
     n = len(det.prefix)
     values = {t.name[n:]: t for t in tensors if t.name.startswith(det.prefix)}
     others = [t for t in tensors if not t.name.startswith(det.prefix)]
-    converted = fam.convert(values, det.layout, layout, SourceOps())
+    converted = fam.convert(values, det.layout, layout, SourceOps(), context)
     prefix = fam.original_prefix if layout != CANONICAL else ""
     out = [dataclasses.replace(t, name=prefix + name) for name, t in converted.items()]
     out += others
