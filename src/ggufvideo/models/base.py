@@ -32,6 +32,7 @@ from ..errors import ModelLoadError, _safe
 __all__ = [
     "CANONICAL",
     "Rule",
+    "RowOrder",
     "Family",
     "Shapes",
     "ValueOps",
