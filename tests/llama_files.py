@@ -14,7 +14,6 @@ import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
-
 from model_files import quantize_rows
 
 MERGES = ("Ġ c", "a t", "Ġc at", "Ġ d", "o g", "Ġd og", "Ġ t", "h e", "Ġt he", "Ġ a")

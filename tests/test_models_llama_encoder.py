@@ -10,11 +10,13 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 transformers = pytest.importorskip("transformers")
+from llama_files import VOCAB, build_llama, llama_cpp_permute, llama_cpp_state_dict, write_llama  # noqa: E402
 from transformers import LlamaModel  # noqa: E402
 
 import ggufvideo  # noqa: E402
 from ggufvideo import GGMLTensor, ModelLoadError, empty_weights, load_model, save_state_dict  # noqa: E402
 from ggufvideo.building import describe_file  # noqa: E402
+from ggufvideo.loader import read_tensors  # noqa: E402
 from ggufvideo.lora.targets import SegmentOps  # noqa: E402
 from ggufvideo.model import assign_state_dict, parameter_bytes  # noqa: E402
 from ggufvideo.models import CANONICAL, ShapeOps, describe, get_family  # noqa: E402
@@ -22,9 +24,6 @@ from ggufvideo.models.llama_encoder import rope_order  # noqa: E402
 from ggufvideo.models.tensors import TensorOps, permute_rows  # noqa: E402
 from ggufvideo.ops import QuantEmbedding  # noqa: E402
 from ggufvideo.reader import GGUFFile  # noqa: E402
-from ggufvideo.loader import read_tensors  # noqa: E402
-from llama_files import (VOCAB, build_llama, llama_cpp_permute, llama_cpp_state_dict,  # noqa: E402
-                         write_llama)
 
 FAMILY = get_family("llama-text-encoder")
 IDS = torch.tensor([[256, 116, 263, 258, 265, 261, 5, 7], [256, 40, 41, 42, 43, 267, 267, 267]])

@@ -77,9 +77,10 @@ class SourceOps:
 
     def permute_rows(self, v: SourceTensor, order: Callable[[], Sequence[int]]) -> SourceTensor:
         p = list(order())  # now, so that a missing head count is reported before writing
-        keep = v.qtype is None or _keeps_qtype(tuple(v.shape))
-        return dataclasses.replace(v, load=lambda: permute_rows(v.load(), p), tie=None,
-                                   **({} if keep else {"qtype": None, "dtype": torch.float32}))
+        out = dataclasses.replace(v, load=lambda: permute_rows(v.load(), p), tie=None)
+        if v.qtype is not None and not _keeps_qtype(tuple(v.shape)):
+            out = dataclasses.replace(out, qtype=None, dtype=torch.float32)  # rows decoded
+        return out
 
 
 def _decoded(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
