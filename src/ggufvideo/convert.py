@@ -149,7 +149,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     tensors = source.tensors
     notes: list[str] = []
     if layout is not None:
-        tensors, _, notes = relayout(tensors, layout, source.architecture, srcp)
+        tensors, _, notes = relayout(tensors, layout, source.architecture, srcp,
+                                    source.metadata)
     lora_changed: dict[str, list[str]] = {}
     if loras:
         from .lora.bake import bake_sources

@@ -25,7 +25,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -222,13 +222,15 @@ def assign_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
                       strict: bool = True, prefix: str | None = None, lazy: bool = True,
                       dtype: DTypeLike = None, device: torch.device | str | None = None,
                       path: str | os.PathLike[str] | None = None,
-                      architecture: str | None = None) -> IncompatibleKeys:
+                      architecture: str | None = None,
+                      metadata: Mapping[str, Any] | None = None) -> IncompatibleKeys:
     """Make ``state_dict``'s tensors the model's parameters and persistent buffers.
 
     Tensors are *assigned* (not copied into existing storage), so the model may be on the meta
     device, and quantized tensors stay :class:`GGMLTensor`. This is the step of :func:`load_model`
     after reading the file; see it for the arguments. ``path`` only names the file in errors;
-    ``architecture`` (the file's ``general.architecture``) helps tell its model family.
+    ``architecture`` (the file's ``general.architecture``) helps tell its model family;
+    ``metadata`` (the file's) is what some renamings read (llama.cpp's q/k row order: the heads).
 
     Returns:
         the keys that did not match (after the strict check) and how names were fitted.
@@ -244,7 +246,8 @@ def assign_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
     entries = _entries(model)
     model_shapes = {k: tuple((m._parameters if p else m._buffers)[n].shape)  # type: ignore[union-attr]
                     for k, (m, n, p) in entries.items()}
-    sd, fit = match_layout(state_dict, model_shapes, prefix=prefix, architecture=architecture)
+    sd, fit = match_layout(state_dict, model_shapes, prefix=prefix, architecture=architecture,
+                           context=metadata)
     prefix = fit.prefix
     ties = _tie_groups(entries)
     sd = _fill_tied(sd, ties)
@@ -382,7 +385,8 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], *, lazy: bool = T
     if lazy:
         swap_quant_layers(model)
     report = assign_state_dict(model, sd, strict=strict, prefix=prefix, lazy=lazy, dtype=dtype,
-                               device=device, path=path, architecture=file_architecture(file))
+                               device=device, path=path, architecture=file_architecture(file),
+                               metadata=file.metadata)
     if not strict and (report.missing_keys or report.unexpected_keys or report.meta_buffers):
         warnings.warn(f"load_model({_safe(os.fspath(path))}): {len(report.missing_keys)} missing keys "
                       f"[{_format_keys(report.missing_keys, 10)}], {len(report.unexpected_keys)} "

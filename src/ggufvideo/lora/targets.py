@@ -16,7 +16,7 @@ Output: per model tensor, the pieces of LoRA rows that land on it (:class:`Piece
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..models import CONTAINER_PREFIXES, detect
@@ -62,6 +62,17 @@ class SegmentOps:
         n = self.rows(v)
         a, b = self.split(v, [n // 2, n - n // 2])
         return b + a
+
+    def permute_rows(self, v: list[Segment], order: Callable[[], Sequence[int]]) -> list[Segment]:
+        rows = [(key, r) for key, start, stop in v for r in range(start, stop)]
+        out: list[Segment] = []
+        for i in order():
+            key, r = rows[i]
+            if out and out[-1][0] == key and out[-1][2] == r:
+                out[-1] = (key, out[-1][1], r + 1)  # runs of consecutive rows stay one segment
+            else:
+                out.append((key, r, r + 1))
+        return out
 
 
 @dataclass(frozen=True)

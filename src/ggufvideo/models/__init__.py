@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ModelLoadError, UnknownModelError
-from .base import CANONICAL, Family, Rule, Shapes, ShapeOps, ValueOps, convert_layout, rename
+from .base import (CANONICAL, Family, Rule, Shapes, ShapeOps, ValueOps, convert_layout,
+                   inverse_permutation, rename)
 
 __all__ = [
     "CANONICAL",
@@ -32,6 +33,7 @@ __all__ = [
     "detect",
     "families",
     "get_family",
+    "inverse_permutation",
     "rename",
 ]
 

@@ -15,6 +15,9 @@ directions, so one table serves reading and writing.
 The conversion is generic over what it moves (:class:`ValueOps`): tensors when loading, shapes when
 inferring a config, lazy source tensors when converting a file. For quantized tensors a row split
 or concatenation moves raw ggml blocks (each row is whole blocks), so it is exact and never decodes.
+A rule may also reorder rows (:attr:`Rule.rows`: llama.cpp's per-head q/k row order for its rotary
+layout); the order can depend on the file's metadata (head counts), passed as ``context``. For
+quantized tensors that too is a gather of whole rows of blocks.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from ..errors import ModelLoadError, _safe
 __all__ = [
     "CANONICAL",
     "Rule",
+    "RowOrder",
     "Family",
     "Shapes",
     "ValueOps",
     "ShapeOps",
     "convert_layout",
+    "inverse_permutation",
     "rename",
 ]
 
@@ -79,6 +84,10 @@ class _Template:
         return out[:-1] + captures["_rest"] if out.endswith("*") else out
 
 
+#: A rule's row order: (rows of the other layout's tensor, the conversion's context -- the file's
+#: metadata) -> ``p`` such that diffusers' tensor is ``other[p]`` (rows of dim 0).
+RowOrder = Callable[[int, Mapping[str, Any]], Sequence[int]]
+
 #: ``sizes`` of a split: proportions of the rows, or a function of (total rows, captures, rows of
 #: any source key by name -- ``None`` when absent) giving the row counts.
 SplitSizes = tuple[int, ...] | Callable[[int, Mapping[str, str], Callable[[str], int | None]],
@@ -98,6 +107,12 @@ class Rule:
             vs scale/shift modulation, gate/value of a gated FFN). Applied to the fused tensor.
         when: only applies when converting *from* the other layout and this returns true for
             (captures, the source keys) -- e.g. "the last block", told by a tensor it lacks.
+        rows: the rows of dim 0 are in another order on the other side: a :data:`RowOrder`
+            giving ``p`` with ``diffusers = other[p]`` (the inverse permutation is applied the
+            other way). Applied to the other side's (fused) tensor, before ``swap_halves`` when
+            converting to diffusers' layout. Evaluated only when values are moved (not for
+            shapes), so describing a file needs no context. It raises :class:`ModelLoadError`
+            when the context lacks what it needs (a head count).
     """
 
     other: tuple[str, ...]
@@ -105,6 +120,7 @@ class Rule:
     sizes: SplitSizes | None = None
     swap_halves: bool = False
     when: Callable[[Mapping[str, str], Mapping[str, Any]], bool] | None = None
+    rows: RowOrder | None = None
     _compiled: dict[str, tuple[_Template, ...]] = field(default_factory=dict, compare=False,
                                                         repr=False)
 
@@ -133,6 +149,21 @@ class ValueOps(Protocol[V]):
     def split(self, v: V, sizes: Sequence[int]) -> list[V]: ...
     def cat(self, vs: Sequence[V]) -> V: ...
     def swap_halves(self, v: V) -> V: ...
+    def permute_rows(self, v: V, order: Callable[[], Sequence[int]]) -> V:
+        """``v``'s rows of dim 0 reordered: row ``i`` of the result is row ``order()[i]``.
+
+        ``order`` is called only by values that need it (shapes do not change)."""
+        ...
+
+
+def inverse_permutation(order: Sequence[int]) -> list[int]:
+    """``q`` with ``q[order[i]] == i`` (an error unless ``order`` is a permutation)."""
+    inv = [-1] * len(order)
+    for i, j in enumerate(order):
+        if not 0 <= j < len(order) or inv[j] != -1:
+            raise ValueError(f"row order is not a permutation of {len(order)} rows")
+        inv[j] = i
+    return inv
 
 
 class ShapeOps:
@@ -149,6 +180,25 @@ class ShapeOps:
 
     def swap_halves(self, v: tuple[int, ...]) -> tuple[int, ...]:
         return v
+
+    def permute_rows(self, v: tuple[int, ...], order: Callable[[], Sequence[int]]
+                     ) -> tuple[int, ...]:
+        return v
+
+
+def _row_order(rule: Rule, n: int, context: Mapping[str, Any], inverse: bool, what: str
+               ) -> Callable[[], Sequence[int]]:
+    def order() -> Sequence[int]:
+        assert rule.rows is not None
+        p = [int(i) for i in rule.rows(n, context)]
+        if len(p) != n:
+            raise ModelLoadError(f"row order of {len(p)} rows for a tensor of {n} rows",
+                                 tensor=what)
+        try:
+            return inverse_permutation(p) if inverse else p
+        except ValueError as exc:
+            raise ModelLoadError(str(exc), tensor=what) from None
+    return order
 
 
 def _split_sizes(rule: Rule, total: int, captures: Mapping[str, str], parts: int,
@@ -168,15 +218,18 @@ def _split_sizes(rule: Rule, total: int, captures: Mapping[str, str], parts: int
 
 
 def convert_layout(values: Mapping[str, V], rules: Iterable[Rule], *, to_canonical: bool,
-                   ops: ValueOps[V]) -> tuple[dict[str, V], list[str]]:
+                   ops: ValueOps[V], context: Mapping[str, Any] | None = None
+                   ) -> tuple[dict[str, V], list[str]]:
     """Rename (and split/fuse) ``values`` between a layout and diffusers'.
 
     ``to_canonical``: from the rules' other layout to diffusers' (else the reverse). The first rule
     whose source-side template matches a key wins; keys no rule matches pass through unchanged
     (names both layouts share). Returns the converted mapping (source order) and the keys that
-    a rule matched but could not convert because a part of their group is missing.
+    a rule matched but could not convert because a part of their group is missing. ``context``
+    (the file's metadata) is what rules' row orders read (:attr:`Rule.rows`).
     """
     rules = list(rules)
+    ctx: Mapping[str, Any] = context if context is not None else {}
     out: dict[str, V] = {}
     consumed: set[str] = set()
     incomplete: list[str] = []
@@ -203,8 +256,12 @@ def convert_layout(values: Mapping[str, V], rules: Iterable[Rule], *, to_canonic
                 consumed.add(key)
                 break
             v = values[group[0]] if len(group) == 1 else ops.cat([values[k] for k in group])
+            if rule.rows is not None and to_canonical:
+                v = ops.permute_rows(v, _row_order(rule, ops.rows(v), ctx, False, key))
             if rule.swap_halves:
                 v = ops.swap_halves(v)
+            if rule.rows is not None and not to_canonical:
+                v = ops.permute_rows(v, _row_order(rule, ops.rows(v), ctx, True, key))
             targets = [t.fill(captures) for t in dst_side]
             if len(targets) == 1:
                 parts = [v]
@@ -336,13 +393,16 @@ class Family(Generic[V]):
                 return layout
         return None
 
-    def convert(self, values: Mapping[str, V], src: str, dst: str, ops: ValueOps[V]
-                ) -> dict[str, V]:
-        """``values`` named in layout ``src`` renamed (split, fused) into layout ``dst``.
+    def convert(self, values: Mapping[str, V], src: str, dst: str, ops: ValueOps[V],
+                context: Mapping[str, Any] | None = None) -> dict[str, V]:
+        """``values`` named in layout ``src`` renamed (split, fused, reordered) into layout ``dst``.
+
+        ``context``: the file's metadata (GGUF key -> value), which rules' row orders read
+        (:attr:`Rule.rows`: llama.cpp's q/k order needs the head counts); ``None``: empty.
 
         Raises:
-            ModelLoadError: an unknown layout, or a tensor group one layout fuses whose parts are
-                not all present.
+            ModelLoadError: an unknown layout, a tensor group one layout fuses whose parts are
+                not all present, or a row order the context cannot give (named).
         """
         for layout in (src, dst):
             if layout not in self.layouts:
@@ -352,10 +412,12 @@ class Family(Generic[V]):
             return dict(values)
         out: Mapping[str, V] = values
         if src != CANONICAL:
-            out, bad = convert_layout(out, self.rules[src], to_canonical=True, ops=ops)
+            out, bad = convert_layout(out, self.rules[src], to_canonical=True, ops=ops,
+                                      context=context)
             _check_complete(bad, self, src)
         if dst != CANONICAL:
-            out, bad = convert_layout(out, self.rules[dst], to_canonical=False, ops=ops)
+            out, bad = convert_layout(out, self.rules[dst], to_canonical=False, ops=ops,
+                                      context=context)
             _check_complete(bad, self, CANONICAL)
         return dict(out)
 

@@ -9,9 +9,9 @@ templates its model has, and gguf-py says what llama.cpp calls each -- no name i
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-from .base import Rule
+from .base import RowOrder, Rule
 
 __all__ = ["llama_cpp_name", "llama_cpp_rules"]
 
@@ -44,8 +44,8 @@ def llama_cpp_name(arch_name: str, hf_template: str) -> str | None:
     return gguf.TENSOR_NAMES[tensor].replace("{bid}", "{i}")
 
 
-def llama_cpp_rules(arch_name: str, hf_templates: Iterable[str | tuple[str, object]]
-                    ) -> tuple[Rule, ...]:
+def llama_cpp_rules(arch_name: str, hf_templates: Iterable[str | tuple[str, object]],
+                    rows: Mapping[str, RowOrder] | None = None) -> tuple[Rule, ...]:
     """Rules from llama.cpp's names (``arch_name``'s table in gguf-py) to transformers' ones.
 
     Args:
@@ -53,6 +53,8 @@ def llama_cpp_rules(arch_name: str, hf_templates: Iterable[str | tuple[str, obje
         hf_templates: transformers module templates (``"encoder.block.{i}.layer.0.SelfAttention.q"``),
             each optionally paired with a ``when`` predicate for the rule (two transformers names
             that llama.cpp stores under one name: T5's ``wi`` / ``wi_1``).
+        rows: transformers template -> the row order llama.cpp's converter wrote it in
+            (:attr:`Rule.rows`; Llama's q/k, permuted for its rotary layout).
 
     Raises:
         KeyError: gguf-py does not map a template (a family table out of step with gguf-py).
@@ -63,5 +65,6 @@ def llama_cpp_rules(arch_name: str, hf_templates: Iterable[str | tuple[str, obje
         gguf_name = llama_cpp_name(arch_name, template)
         if gguf_name is None:
             raise KeyError(f"gguf-py's {arch_name!r} table has no name for {template!r}")
-        rules.append(Rule((f"{gguf_name}.*",), (f"{template}.*",), when=when))  # type: ignore[arg-type]
+        rules.append(Rule((f"{gguf_name}.*",), (f"{template}.*",), when=when,  # type: ignore[arg-type]
+                          rows=(rows or {}).get(template)))
     return tuple(rules)

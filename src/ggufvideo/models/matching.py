@@ -84,7 +84,8 @@ def _score(keys: Iterable[str], shapes: Mapping[str, tuple[int, ...]],
 
 
 def match_layout(state_dict: Mapping[str, torch.Tensor], model_shapes: Mapping[str, tuple[int, ...]],
-                 *, prefix: str | None = None, architecture: str | None = None
+                 *, prefix: str | None = None, architecture: str | None = None,
+                 context: Mapping[str, Any] | None = None
                  ) -> tuple[dict[str, torch.Tensor], LayoutMatch]:
     """Rename ``state_dict`` to fit ``model_shapes`` (model key -> shape) as well as possible.
 
@@ -93,6 +94,8 @@ def match_layout(state_dict: Mapping[str, torch.Tensor], model_shapes: Mapping[s
         model_shapes: the model's parameter and persistent-buffer shapes.
         prefix: strip exactly this prefix (``None``: the best one; ``""``: none).
         architecture: the file's ``general.architecture`` (helps detection).
+        context: the file's metadata, for rules whose row order depends on it (llama.cpp's q/k
+            rows need the head counts; :attr:`Rule.rows`).
 
     Returns:
         The renamed state dict and how it was fitted.
@@ -122,7 +125,7 @@ def match_layout(state_dict: Mapping[str, torch.Tensor], model_shapes: Mapping[s
     assert best.family is not None and best.source is not None and best.target is not None
     inner_sd = _strip({k: v for k, v in state_dict.items() if k.startswith(best.prefix)},
                       best.prefix)
-    return best.family.convert(inner_sd, best.source, best.target, TensorOps()), best
+    return best.family.convert(inner_sd, best.source, best.target, TensorOps(), context), best
 
 
 def describe_keys(keys: Iterable[str], architecture: str | None = None) -> str:

@@ -1,21 +1,22 @@
-"""Row splits and concatenations of tensors, exact for quantized ones (raw blocks are moved).
+"""Row splits, concatenations and permutations of tensors, exact for quantized ones (raw blocks are
+moved).
 
 A quantized 2-D+ weight stores each row (the last dim) as whole ggml blocks, so the rows of dim 0
-are consecutive byte ranges of its raw data: cutting or joining them is a byte copy of blocks and
-the decoded values are the same bits. Tensors whose raw data is not row-aligned (a >4-D tensor a
+are consecutive byte ranges of its raw data: cutting, joining or reordering them is a byte copy of
+blocks and the decoded values are the same bits. Tensors whose raw data is not row-aligned (a >4-D tensor a
 file stored flattened, or a quantized 1-D tensor cut inside a block) and joins of parts of
 different types are decoded to float32 instead -- the exact values, in more memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..tensor import GGMLTensor
 
-__all__ = ["TensorOps", "split_rows", "cat_rows", "swap_halves"]
+__all__ = ["TensorOps", "split_rows", "cat_rows", "swap_halves", "permute_rows"]
 
 
 def _row_aligned(t: GGMLTensor) -> bool:
@@ -75,6 +76,24 @@ def swap_halves(t: torch.Tensor) -> torch.Tensor:
     return cat_rows([b, a])
 
 
+def permute_rows(t: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
+    """``t``'s rows of dim 0 reordered: row ``i`` of the result is row ``order[i]`` of ``t``.
+
+    A quantized tensor's rows are gathered as whole rows of raw blocks (same type, exact)."""
+    index = torch.as_tensor(list(order), dtype=torch.long)
+    n = int(t.shape[0])
+    if index.numel() != n or (n and not torch.equal(torch.sort(index).values, torch.arange(n))):
+        raise ValueError(f"row order is not a permutation of {n} rows")
+    if isinstance(t, GGMLTensor):
+        rows = _block_rows(t)
+        if rows is not None:
+            raw, _ = rows
+            moved = raw.index_select(0, index.to(raw.device)).reshape(t.raw.shape)
+            return GGMLTensor(moved, t.qtype, tuple(t.shape), t.dtype)
+        t = t.dequantize(torch.float32)
+    return t.index_select(0, index.to(t.device))
+
+
 class TensorOps:
     """:class:`~ggufvideo.models.base.ValueOps` over tensors (plain or :class:`GGMLTensor`)."""
 
@@ -89,3 +108,6 @@ class TensorOps:
 
     def swap_halves(self, v: torch.Tensor) -> torch.Tensor:
         return swap_halves(v)
+
+    def permute_rows(self, v: torch.Tensor, order: Callable[[], Sequence[int]]) -> torch.Tensor:
+        return permute_rows(v, order())

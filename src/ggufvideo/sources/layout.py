@@ -12,14 +12,17 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from gguf import GGUFValueType
 
 from ..errors import ModelLoadError, _safe
 from ..models import CANONICAL, Detection, detect, known_families
-from ..models.tensors import cat_rows, split_rows, swap_halves
+from ..models.tensors import cat_rows, permute_rows, split_rows, swap_halves
+from ..serialize import _SCALAR_FMT, RawValue
 from ..writer import SourceTensor
 
 __all__ = ["SourceOps", "relayout", "LAYOUTS", "source_config"]
@@ -72,10 +75,35 @@ class SourceOps:
     def swap_halves(self, v: SourceTensor) -> SourceTensor:
         return dataclasses.replace(v, load=lambda: swap_halves(v.load()), tie=None)
 
+    def permute_rows(self, v: SourceTensor, order: Callable[[], Sequence[int]]) -> SourceTensor:
+        p = list(order())  # now, so that a missing head count is reported before writing
+        out = dataclasses.replace(v, load=lambda: permute_rows(v.load(), p), tie=None)
+        if v.qtype is not None and not _keeps_qtype(tuple(v.shape)):
+            out = dataclasses.replace(out, qtype=None, dtype=torch.float32)  # rows decoded
+        return out
+
+
+def _decoded(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Metadata with the scalars and strings a GGUF source copies encoded (:class:`RawValue`)
+    decoded, for rules that read them (head counts); other values as they are."""
+    out: dict[str, Any] = {}
+    for key, value in (metadata or {}).items():
+        if isinstance(value, RawValue):
+            fmt = _SCALAR_FMT.get(value.type)
+            if fmt is not None and len(value.payload) == struct.calcsize(fmt):
+                value = struct.unpack(fmt, value.payload)[0]
+            elif value.type == GGUFValueType.STRING and len(value.payload) >= 8:
+                value = value.payload[8:].decode("utf-8", "replace")
+        out[key] = value
+    return out
+
 
 def relayout(tensors: list[SourceTensor], layout: str, architecture: str | None,
-             path: str) -> tuple[list[SourceTensor], Detection, list[str]]:
+             path: str, context: Mapping[str, Any] | None = None
+             ) -> tuple[list[SourceTensor], Detection, list[str]]:
     """``tensors`` renamed into ``layout`` of their family.
+
+    ``context``: the source's metadata, which row orders read (llama.cpp's q/k rows: the heads).
 
     Returns:
         the renamed tensors, the source's detection, and notes for the summary.
@@ -94,7 +122,7 @@ def relayout(tensors: list[SourceTensor], layout: str, architecture: str | None,
     n = len(det.prefix)
     values = {t.name[n:]: t for t in tensors if t.name.startswith(det.prefix)}
     others = [t for t in tensors if not t.name.startswith(det.prefix)]
-    converted = fam.convert(values, det.layout, layout, SourceOps())
+    converted = fam.convert(values, det.layout, layout, SourceOps(), _decoded(context))
     prefix = fam.original_prefix if layout != CANONICAL else ""
     out = [dataclasses.replace(t, name=prefix + name) for name, t in converted.items()]
     out += others
