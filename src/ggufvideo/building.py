@@ -157,5 +157,5 @@ def from_gguf(path: str | os.PathLike[str], *, lazy: bool = True, dtype: DTypeLi
         n = len(desc.detection.prefix)
         sd = {k: v for k, v in sd.items() if not family.is_unused(k[n:])}
     assign_state_dict(model, sd, strict=True, lazy=lazy, dtype=dtype, device=device,
-                      path=file.path, architecture=file_architecture(file))
+                      path=file.path, architecture=file_architecture(file), source=file)
     return model.eval()
