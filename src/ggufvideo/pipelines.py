@@ -291,6 +291,7 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
                                                   else 0.875 if transformer_2 is not None
                                                   else None),
                                   expand_timesteps=mode == "ti2v")
+    pipe: Any
     if mode == "i2v":
         if needs_clip and isinstance(image_encoder, (str, os.PathLike)):
             from transformers import CLIPImageProcessor, CLIPVisionModel

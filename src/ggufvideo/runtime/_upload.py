@@ -1,5 +1,5 @@
-"""``load_model(..., device="cuda")`` at host-to-device bandwidth: a file's tensors copied to the GPU
-through page-locked staging instead of one pageable ``.to(device)`` per tensor.
+"""``load_model(..., device="cuda")`` at host-to-device bandwidth: a file's tensors copied to the
+GPU through page-locked staging instead of one pageable ``.to(device)`` per tensor.
 
 A pageable copy goes through the driver's own small bounce buffer, one tensor at a time, at a
 fraction of the link's speed. Two ways around it, chosen by :data:`MODE` (environment variable
@@ -141,7 +141,7 @@ def _rebuild(t: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
 
 
 def _read_into(fd: int, offset: int, out: np.ndarray, path: str) -> None:
-    view = memoryview(out)
+    view = out.data  # a memoryview of the pinned buffer
     got = 0
     while got < len(view):
         n = os.preadv(fd, [view[got:]], offset + got)

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..tensor import GGMLTensor
-from ._groups import Group, TensorSlot, choose_resident, parse_budget, plan_groups, tensor_bytes
 from ._backends import CudaBackend, SyncBackend
+from ._groups import Group, TensorSlot, choose_resident, parse_budget, plan_groups, tensor_bytes
 from ._staging import HostRegistration, register_host
 
 __all__ = ["offload", "OffloadHandle", "StreamScheduler", "CudaBackend", "SyncBackend"]
