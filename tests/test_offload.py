@@ -298,3 +298,27 @@ def test_remove_restores_the_original_tensors():
     m(torch.randn(1, 64))
     h.remove()
     assert all(p is before[n] for n, p in m.named_parameters())
+
+
+# -- torch.compile inside streamed groups ------------------------------------------------------------
+def test_compiled_block_forwards_run_under_offload_without_recompiling():
+    """Compiling each block's forward (the offload hooks stay outside, on the module call) gives
+    one graph for all blocks: the streamed weights are graph inputs, so pointing them at another
+    slot each pass does not recompile."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    m = Net()
+    x = torch.randn(3, 64)
+    ref = m(x)
+    h = ggufvideo.offload(m, "cpu", budget=_model_bytes(m) // 3, backend=RecordingBackend())
+    assert h.scheduler is not None and not any(g.resident for g in h.groups)
+    for b in m.blocks:
+        b.forward = torch.compile(b.forward, backend="aot_eager")
+    for _ in range(4):
+        assert torch.equal(m(x), ref)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["frames"]["total"] == 1  # compiled once, not per block or per pass
+    torch._dynamo.reset()

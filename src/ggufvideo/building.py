@@ -158,5 +158,5 @@ def from_gguf(path: str | os.PathLike[str], *, lazy: bool = True, dtype: DTypeLi
         sd = {k: v for k, v in sd.items() if not family.is_unused(k[n:])}
     assign_state_dict(model, sd, strict=True, lazy=lazy, dtype=dtype, device=device,
                       path=file.path, architecture=file_architecture(file),
-                      metadata=file.metadata)
+                      metadata=file.metadata, source=file)
     return model.eval()

@@ -145,6 +145,10 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--fps", type=int, default=16)
     g.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    g.add_argument("--vram-budget", default=None, metavar="SIZE",
+                   help="GPU memory for weights, e.g. 8GiB: each part (text encoder, transformer, "
+                        "each Wan 2.2 expert, VAE) is streamed under it in turn, one at a time; "
+                        "needs CUDA")
     g.add_argument("--dtype", default=None,
                    help="compute dtype (default bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--output", "-o", required=True, metavar="OUT.mp4",
@@ -234,7 +238,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .pipelines import pipeline
 
     check_video_size(args.frames, args.height, args.width)  # before anything is loaded
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or ("cuda" if torch.cuda.is_available() or args.vram_budget else "cpu")
     shift = args.flow_shift if args.flow_shift is not None else (
         5.0 if args.height * args.width >= 720 * 1280 else 3.0)
     image = None
@@ -245,7 +249,8 @@ def _generate(args: argparse.Namespace) -> int:
     pipe = pipeline(transformer=args.model, text_encoder=args.text_encoder, vae=args.vae,
                     transformer_2=args.model_2, tokenizer=args.tokenizer,
                     image_encoder=args.image_encoder, boundary_ratio=args.boundary_ratio,
-                    flow_shift=shift, dtype=args.dtype, device=device)
+                    flow_shift=shift, dtype=args.dtype, device=device,
+                    vram_budget=args.vram_budget)
     if image is None and type(pipe).__name__ == "WanImageToVideoPipeline":
         raise ValueError(f"{args.model} is an image-to-video model: pass --image FIRST_FRAME.png")
     frames = generate(pipe, args.prompt, negative_prompt=args.negative_prompt,

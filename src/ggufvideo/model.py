@@ -223,7 +223,8 @@ def assign_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
                       dtype: DTypeLike = None, device: torch.device | str | None = None,
                       path: str | os.PathLike[str] | None = None,
                       architecture: str | None = None,
-                      metadata: Mapping[str, Any] | None = None) -> IncompatibleKeys:
+                      metadata: Mapping[str, Any] | None = None,
+                      source: GGUFFile | None = None) -> IncompatibleKeys:
     """Make ``state_dict``'s tensors the model's parameters and persistent buffers.
 
     Tensors are *assigned* (not copied into existing storage), so the model may be on the meta
@@ -231,6 +232,9 @@ def assign_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
     after reading the file; see it for the arguments. ``path`` only names the file in errors;
     ``architecture`` (the file's ``general.architecture``) helps tell its model family;
     ``metadata`` (the file's) is what some renamings read (llama.cpp's q/k row order: the heads).
+    ``source``: the open file ``state_dict`` was read from; with a CUDA ``device`` and ``lazy``
+    its tensors are copied to the GPU in one pass through pinned staging
+    (:mod:`ggufvideo.runtime._upload`) instead of one pageable ``.to()`` each.
 
     Returns:
         the keys that did not match (after the strict check) and how names were fitted.
@@ -274,6 +278,12 @@ def assign_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
         if tuple(t.shape) != tuple(old.shape):
             raise ModelLoadError(f"shape mismatch: the model expects {list(old.shape)}, the file has "
                                  f"{list(t.shape)}", path=path, tensor=prefix + key)
+
+    if dev is not None and lazy and source is not None:
+        from .runtime._upload import upload_state, use_fast_upload
+
+        if use_fast_upload(dev):
+            sd = upload_state(sd, [k for k in entries if k in sd], dev, source)
 
     missing = []
     assigned: dict[int, nn.Parameter] = {}  # tied parameters stay one object
@@ -349,7 +359,11 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], *, lazy: bool = T
             In lazy mode the layers compute in their *input's* dtype unless a compute dtype is set
             (:func:`ggufvideo.ops.set_compute_dtype`).
         device: where the weights go; raw blocks are moved, not decoded. ``None``: where the
-            model's parameter is, or CPU for parameters on meta.
+            model's parameter is, or CPU for parameters on meta. To a CUDA device (``lazy``)
+            the file's tensors are copied in one pass through pinned staging buffers filled
+            from the file by reader threads while the previous chunk's copy runs
+            (:mod:`ggufvideo.runtime._upload`; ``GGUFVIDEO_UPLOAD=register`` page-locks the
+            mapping in place instead, ``=plain`` copies each tensor with ``.to()``).
         strict: raise :class:`ModelLoadError` naming every missing and unexpected key (and every
             buffer left on meta). With ``False`` they are reported by a warning.
         prefix: removed from the file's keys that start with it (``"model.diffusion_model."``).
@@ -386,7 +400,7 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], *, lazy: bool = T
         swap_quant_layers(model)
     report = assign_state_dict(model, sd, strict=strict, prefix=prefix, lazy=lazy, dtype=dtype,
                                device=device, path=path, architecture=file_architecture(file),
-                               metadata=file.metadata)
+                               metadata=file.metadata, source=file)
     if not strict and (report.missing_keys or report.unexpected_keys or report.meta_buffers):
         warnings.warn(f"load_model({_safe(os.fspath(path))}): {len(report.missing_keys)} missing keys "
                       f"[{_format_keys(report.missing_keys, 10)}], {len(report.unexpected_keys)} "

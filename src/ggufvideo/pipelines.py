@@ -220,7 +220,8 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
              image_encoder: Any = None, image_processor: Any = None,
              boundary_ratio: float | None = None, flow_shift: float = 3.0,
              dtype: DTypeLike = None, vae_dtype: DTypeLike = torch.float32,
-             device: torch.device | str | None = None) -> Any:
+             device: torch.device | str | None = None,
+             vram_budget: int | str | None = None) -> Any:
     """A diffusers Wan pipeline whose parts come from .gguf files or diffusers folders.
 
     Args:
@@ -238,7 +239,12 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
         flow_shift: the scheduler's shift (3.0 for 480p, 5.0 for 720p).
         dtype: compute dtype of the transformer(s) and text encoder (``None``: bfloat16 on CUDA,
             float32 on CPU); ``vae_dtype`` the VAE's.
-        device: where the weights go (``None``: CPU).
+        device: where the weights go (``None``: CPU; ``"cuda"`` when ``vram_budget`` is given).
+        vram_budget: device bytes for weights (``"8GiB"``): the weights stay on the host and each
+            part -- text encoder, image encoder, transformer, each Wan 2.2 expert, VAE -- is
+            streamed to the GPU with :func:`ggufvideo.offload` under this budget while it runs,
+            one part at a time (:func:`ggufvideo.runtime.stream_pipeline`;
+            ``pipe._ggufvideo_stream`` is the sequence). Activations are not counted.
 
     Returns:
         ``WanPipeline``, or ``WanImageToVideoPipeline`` for an image-to-video transformer.
@@ -247,6 +253,7 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
         PipelineError: the parts do not go together (checked before any weight is read), or a
             needed piece (tokenizer, image encoder) is missing.
         FileNotFoundError: a part's path does not exist.
+        RuntimeError: ``vram_budget`` without a CUDA device (checked before any weight is read).
     """
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 
@@ -263,6 +270,9 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
                             "needs image_encoder= (a CLIP vision model or its folder)")
     tok = _tokenizer(parts["text_encoder"], tokenizer)
 
+    if vram_budget is not None:
+        _check_budget_device(vram_budget, device)
+        device = device if device is not None else "cuda"
     dev = torch.device(device) if device is not None else torch.device("cpu")
     want = resolve_dtype(dtype, dev) if dtype is not None else (
         torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -271,7 +281,8 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
                                       "vae": vae}
     if transformer_2 is not None:
         sources["transformer_2"] = transformer_2
-    loaded = {role: _load(part, sources[role], vdtype if role == "vae" else want, device)
+    place = None if vram_budget is not None else device  # streamed parts stay on the host
+    loaded = {role: _load(part, sources[role], vdtype if role == "vae" else want, place)
               for role, part in parts.items()}
     scheduler = UniPCMultistepScheduler(**scheduler_config(flow_shift))
     kwargs: dict[str, Any] = dict(tokenizer=tok, text_encoder=loaded["text_encoder"],
@@ -282,6 +293,7 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
                                                   else 0.875 if transformer_2 is not None
                                                   else None),
                                   expand_timesteps=mode == "ti2v")
+    pipe: Any
     if mode == "i2v":
         if needs_clip and isinstance(image_encoder, (str, os.PathLike)):
             from transformers import CLIPImageProcessor, CLIPVisionModel
@@ -290,6 +302,26 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
             image_processor = image_processor or CLIPImageProcessor.from_pretrained(
                 folder, local_files_only=True)
             image_encoder = CLIPVisionModel.from_pretrained(folder, local_files_only=True)
-        return WanImageToVideoPipeline(image_encoder=image_encoder,
+        pipe = WanImageToVideoPipeline(image_encoder=image_encoder,
                                        image_processor=image_processor, **kwargs)
-    return WanPipeline(**kwargs)
+    else:
+        pipe = WanPipeline(**kwargs)
+    if vram_budget is not None:
+        from .runtime import stream_pipeline
+
+        stream_pipeline(pipe, dev, vram_budget)
+    return pipe
+
+
+def _check_budget_device(budget: int | str, device: torch.device | str | None) -> None:
+    """A VRAM budget needs a CUDA device; say so before anything is loaded."""
+    from .runtime import parse_budget
+
+    parse_budget(budget)  # a malformed budget fails here too
+    dev = torch.device(device) if device is not None else torch.device("cuda")
+    if dev.type != "cuda":
+        raise PipelineError(f"vram_budget={budget!r} streams weights to a CUDA GPU, but the device "
+                            f"is {str(dev)!r}: drop the budget or use device='cuda'")
+    if not torch.cuda.is_available():
+        raise PipelineError(f"vram_budget={budget!r} streams weights to a CUDA GPU, but CUDA is "
+                            "not available in this PyTorch: drop the budget (and run on the CPU)")

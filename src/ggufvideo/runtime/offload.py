@@ -26,67 +26,11 @@ import torch
 from torch import nn
 
 from ..tensor import GGMLTensor
+from ._backends import CudaBackend, SyncBackend
 from ._groups import Group, TensorSlot, choose_resident, parse_budget, plan_groups, tensor_bytes
 from ._staging import HostRegistration, register_host
 
 __all__ = ["offload", "OffloadHandle", "StreamScheduler", "CudaBackend", "SyncBackend"]
-
-
-# -- backends: how bytes move and how streams order ----------------------------------------------
-class SyncBackend:
-    """Copies at once on the calling thread; events are no-ops. CPU "devices" and tests."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def empty(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        dst.copy_(src)
-
-    def copy_done(self) -> Any:
-        """An event marking the copies issued so far (on the side stream)."""
-        return None
-
-    def wait_copy(self, event: Any) -> None:
-        """Make the compute stream wait for ``event``."""
-
-    def compute_done(self) -> Any:
-        """An event marking the compute issued so far (on the compute stream)."""
-        return None
-
-    def wait_compute(self, event: Any) -> None:
-        """Make the side stream wait for ``event`` before its next copy."""
-
-
-class CudaBackend(SyncBackend):
-    """Copies on a side CUDA stream; the streams order each other through events only."""
-
-    def __init__(self, device: torch.device) -> None:
-        super().__init__(device)
-        self.side = torch.cuda.Stream(device)
-
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        with torch.cuda.stream(self.side):
-            dst.copy_(src, non_blocking=True)
-
-    def copy_done(self) -> Any:
-        ev = torch.cuda.Event()
-        ev.record(self.side)
-        return ev
-
-    def wait_copy(self, event: Any) -> None:
-        torch.cuda.current_stream(self.device).wait_event(event)
-
-    def compute_done(self) -> Any:
-        ev = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(self.device))
-        return ev
-
-    def wait_compute(self, event: Any) -> None:
-        if event is not None:
-            self.side.wait_event(event)
 
 
 # -- the scheduler ---------------------------------------------------------------------------------
@@ -325,6 +269,9 @@ def offload(model: nn.Module, device: torch.device | str = "cuda",
             says how much it needs).
     """
     device = torch.device(device)
+    if device.type == "cuda" and backend is None and not torch.cuda.is_available():
+        raise RuntimeError(f"ggufvideo.offload: device {str(device)!r} but CUDA is not available "
+                           "in this PyTorch (weight streaming needs a CUDA GPU)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     nbudget = parse_budget(budget)

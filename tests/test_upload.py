@@ -1,0 +1,197 @@
+"""load_model(device="cuda")'s staged upload (ggufvideo.runtime._upload): chunk planning, the
+order of reads, copies and buffer reuse, byte identity and the fallbacks, on CPU with a fake
+device side; the real thing on a GPU (marked gpu)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from test_offload import Net, _q8
+
+import ggufvideo
+from ggufvideo import GGMLTensor
+from ggufvideo.loader import read_tensors
+from ggufvideo.reader import GGUFFile
+from ggufvideo.runtime import _upload
+from ggufvideo.runtime._upload import plan_chunks, upload, upload_state
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+class FakeStaging:
+    """CPU "device": pinned buffers are plain, copies happen at once, events are numbers; the log
+    says in which order reads, copies, records and waits happened."""
+
+    def __init__(self) -> None:
+        self.device = torch.device("cpu")
+        self.log: list[tuple] = []
+        self.buffers: list[torch.Tensor] = []
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def pinned(self, n):
+        b = torch.empty(n, dtype=torch.uint8)
+        self.buffers.append(b)
+        return b
+
+    def empty(self, n):
+        return torch.full((n,), 0xAA, dtype=torch.uint8)  # unwritten bytes show
+
+    def copy(self, dst, src):
+        dst.copy_(src)
+        buf = next((i for i, b in enumerate(self.buffers)
+                    if b.data_ptr() <= src.data_ptr() < b.data_ptr() + b.numel()), None)
+        self.log.append(("copy", buf))
+
+    def record(self):
+        with self._lock:
+            self._n += 1
+            self.log.append(("record", self._n))
+            return self._n
+
+    def wait(self, ev):
+        self.log.append(("wait", ev))
+
+    def finish(self):
+        self.log.append(("finish",))
+
+
+def _file(tmp_path, n=6):
+    sd = {f"w{i}": _q8(64, 32 * (i + 1), seed=i) for i in range(n)}
+    sd["bias"] = torch.randn(17)
+    path = tmp_path / "t.gguf"
+    ggufvideo.save_state_dict(sd, path)
+    return str(path)
+
+
+def test_chunks_cover_every_byte_once_in_file_order():
+    spans = [(0, 100), (100, 50), (4000, 300), (4100, 20), (10**6, 0), (200_000, 1000)]
+    chunks = plan_chunks(spans, chunk_bytes=128, max_gap=1000)
+    assert [c.offset for c in chunks] == sorted(c.offset for c in chunks)
+    assert all(0 < c.nbytes <= 128 for c in chunks)
+    for i, (s, n) in enumerate(spans):
+        got = sorted((c.offset + at, into, m) for c in chunks for at, j, into, m in c.pieces
+                     if j == i)
+        assert sum(m for _, _, m in got) == n  # each byte once (overlapping spans included)
+        assert all(file_at == s + into for file_at, into, _ in got)
+    # 0..150 is one run (adjacent), 4000..4300 another (4100 lies inside), 200000.. a third
+    assert {c.offset for c in chunks if c.offset < 150} == {0, 128}
+    assert chunks[-1].offset >= 200_000
+
+
+def test_staged_read_is_byte_identical_and_refills_a_buffer_only_after_its_copies(
+        tmp_path, monkeypatch):
+    path = _file(tmp_path)
+    monkeypatch.setattr(_upload, "BUFFERS", 2)
+    monkeypatch.setattr(_upload, "MAX_GAP", 0)
+    file = GGUFFile(path)
+    sd = read_tensors(file, lazy=True)
+    st = FakeStaging()
+    reads: list[int] = []
+    real = _upload._read_into
+
+    def read(fd, offset, out, p):
+        st.log.append(("read", offset))
+        reads.append(offset)
+        real(fd, offset, out, p)
+    monkeypatch.setattr(_upload, "_read_into", read)
+    monkeypatch.setattr(_upload, "CHUNK_BYTES", 1000)
+    p, base, size = _upload.file_span(file)
+    tensors = list(sd.values())
+    spans = [(t.raw.data_ptr() - base if isinstance(t, GGMLTensor) else t.data_ptr() - base,
+              (t.raw if isinstance(t, GGMLTensor) else t).nbytes) for t in tensors]
+    out = upload(tensors, torch.device("cpu"), path=p, base=base, size=size, mode="read",
+                 staging=st)
+    for a, b in zip(tensors, out):
+        assert type(a) is type(b) and a.shape == b.shape and a.dtype == b.dtype
+        ra, rb = (a.raw, b.raw) if isinstance(a, GGMLTensor) else (a, b)
+        assert torch.equal(ra.view(torch.uint8), rb.view(torch.uint8))
+        assert rb.data_ptr() != ra.data_ptr()  # a copy, not a view of the mapping
+    chunks = plan_chunks(spans, 1000, 0)
+    assert len(chunks) > 4 and sorted(reads) == [c.offset for c in chunks]
+    # chunk k >= 2 reuses chunk k-2's buffer: read only after waiting for that chunk's event,
+    # which was recorded after the copies out of it
+    log = st.log
+    records = [e[1] for e in log if e[0] == "record"]
+    for k in range(2, len(chunks)):
+        read_at = log.index(("read", chunks[k].offset))
+        wait_at = log.index(("wait", records[k - 2]))
+        assert log.index(("record", records[k - 2])) < wait_at < read_at
+    assert log[-1] == ("finish",)
+
+
+def _bytes(m):
+    return {n: (p.raw if isinstance(p, GGMLTensor) else p).reshape(-1).view(torch.uint8).clone()
+            for n, p in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("mode", ["read", "register", "plain"])
+def test_load_model_through_the_staged_path_matches_the_plain_load(tmp_path, monkeypatch, mode):
+    src = Net()
+    path = tmp_path / "net.gguf"
+    ggufvideo.save_state_dict(src.state_dict(), path)
+    with ggufvideo.empty_weights():
+        plain = Net()
+    ggufvideo.load_model(plain, path, device="cpu")
+    calls = []
+    monkeypatch.setattr(_upload, "use_fast_upload", lambda dev: True)
+    monkeypatch.setattr(_upload, "MODE", mode)
+    monkeypatch.setattr(_upload, "CudaStaging", lambda dev: calls.append(dev) or FakeStaging())
+    monkeypatch.setattr(_upload, "CHUNK_BYTES", 4096)
+    with ggufvideo.empty_weights():
+        staged = Net()
+    ggufvideo.load_model(staged, path, device="cpu")
+    a, b = _bytes(staged), _bytes(plain)
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(calls) == (0 if mode == "plain" else 1)
+    x = torch.randn(2, 64)
+    assert torch.equal(staged(x), plain(x))
+
+
+def test_tensors_outside_the_file_and_tied_keys_fall_back_and_dedupe(tmp_path):
+    path = _file(tmp_path, n=2)
+    file = GGUFFile(path)
+    sd = read_tensors(file, lazy=True)
+    sd["joined"] = torch.cat([sd["bias"], sd["bias"]])  # not in the mapping: plain .to()
+    sd["tied"] = sd["w0"]
+    st = FakeStaging()
+    out = upload_state(sd, list(sd), torch.device("cpu"), file, staging=st)
+    assert out["tied"] is out["w0"] and torch.equal(out["joined"], sd["joined"])
+    assert torch.equal(out["w1"].raw, sd["w1"].raw) and out["w1"].raw.data_ptr() != sd["w1"].raw.data_ptr()
+    copied = sum(1 for e in st.log if e[0] == "copy")
+    assert copied >= 3  # w0, w1, bias (once each at least; w0 not twice for its tied key)
+
+
+def test_unknown_mode_names_the_variable(tmp_path):
+    t = torch.ones(4)
+    with pytest.raises(ValueError, match="GGUFVIDEO_UPLOAD must be read, register or plain"):
+        upload([t], torch.device("cpu"), mode="fast", staging=FakeStaging())
+
+
+def test_without_cuda_load_model_does_not_stage(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not _upload.use_fast_upload(torch.device("cuda"))
+    assert not _upload.use_fast_upload(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("mode", ["read", "register", "plain"])
+def test_gpu_load_model_staged_is_byte_identical(tmp_path, monkeypatch, mode):
+    src = Net(dim=256)
+    path = tmp_path / "net.gguf"
+    ggufvideo.save_state_dict(src.state_dict(), path)
+    monkeypatch.setattr(_upload, "MODE", mode)
+    monkeypatch.setattr(_upload, "CHUNK_BYTES", 64 << 10)  # many chunks, buffers reused
+    with ggufvideo.empty_weights():
+        host = Net(dim=256)
+    ggufvideo.load_model(host, path, device="cpu")
+    with ggufvideo.empty_weights():
+        dev = Net(dim=256)
+    ggufvideo.load_model(dev, path, device="cuda")
+    for (n, a), b in zip(_bytes(host).items(), _bytes(dev).values()):
+        assert b.device.type == "cuda" and torch.equal(a, b.cpu()), n
+    x = torch.randn(2, 256)
+    assert torch.equal(dev(x.cuda()).cpu(), host.cuda()(x.cuda()).cpu())
