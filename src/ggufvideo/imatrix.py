@@ -25,11 +25,12 @@ Legacy binary format (``.dat``; little-endian)
     0), as llama.cpp's quantizer computes them. Merged experts are stored flattened
     (``nval = n_per_row * n_mat``).
 
-Entries are keyed by the weight's name in the model the matrix was computed on; :meth:`Imatrix.renamed`
-maps them onto another naming (a prefix, say) with regular-expression substitutions. llama.cpp
-names them as its GGUF does (``blk.0.attn_q.weight``); stable-diffusion.cpp, which computes them for
-diffusion models in the legacy format, uses its own names with a ``model.diffusion_model.`` prefix,
-which ``[(r"^model\\.diffusion_model\\.", "")]`` removes for a checkpoint named without it.
+Entries are keyed by the weight's name in the model the matrix was computed on;
+:meth:`Imatrix.renamed` maps them onto another naming (a prefix, say) with regular-expression
+substitutions. llama.cpp names them as its GGUF does (``blk.0.attn_q.weight``);
+stable-diffusion.cpp, which computes them for diffusion models in the legacy format, uses its own
+names with a ``model.diffusion_model.`` prefix, which ``[(r"^model\\.diffusion_model\\.", "")]``
+removes for a checkpoint named without it.
 """
 
 from __future__ import annotations

@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError, _safe
+from .loader import DTypeLike, file_architecture, read_tensors, resolve_dtype
 from .models import CONTAINER_PREFIXES
 from .models.matching import LayoutMatch, describe_keys, match_layout
-from .loader import DTypeLike, file_architecture, read_tensors, resolve_dtype
-from .reader import GGUFFile
 from .ops import QuantLayer, dequantize_weight, swap_quant_layers
+from .reader import GGUFFile
 from .tensor import GGMLTensor
 
 __all__ = [
@@ -276,8 +276,8 @@ def assign_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
         old = (mod._parameters if is_param else mod._buffers)[name]
         assert old is not None
         if tuple(t.shape) != tuple(old.shape):
-            raise ModelLoadError(f"shape mismatch: the model expects {list(old.shape)}, the file has "
-                                 f"{list(t.shape)}", path=path, tensor=prefix + key)
+            raise ModelLoadError(f"shape mismatch: the model expects {list(old.shape)}, the file "
+                                 f"has {list(t.shape)}", path=path, tensor=prefix + key)
 
     if dev is not None and lazy and source is not None:
         from .runtime._upload import upload_state, use_fast_upload
@@ -300,7 +300,8 @@ def assign_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
         new = _convert(t, old, lazy=lazy, dtype=want, device=dev,
                        keep_dtype=is_param and isinstance(mod, QuantLayer))
         if is_param:
-            trainable = old.requires_grad and new.is_floating_point() and not isinstance(new, GGMLTensor)
+            trainable = (old.requires_grad and new.is_floating_point()
+                         and not isinstance(new, GGMLTensor))
             param = nn.Parameter(new, requires_grad=trainable)
             if any(key in g for g in ties):
                 assigned[id(old)] = param
@@ -346,16 +347,18 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], *, lazy: bool = T
     Args:
         model: any ``nn.Module``; on the meta device or not (see :func:`empty_weights`).
         path: the .gguf file.
-        lazy: ``True`` makes the supported layers quant-aware (:func:`ggufvideo.ops.swap_quant_layers`)
-            and keeps quantized weights as :class:`GGMLTensor` (raw blocks; on CPU, zero-copy views
-            of the memory-mapped file), decoded layer by layer in ``forward``. ``False`` leaves the
-            layers as they are and gives them plain tensors holding the decoded weights (decoded
-            one tensor at a time, on ``device``).
+        lazy: ``True`` makes the supported layers quant-aware
+            (:func:`ggufvideo.ops.swap_quant_layers`) and keeps quantized weights as
+            :class:`GGMLTensor` (raw blocks; on CPU, zero-copy views of the memory-mapped file),
+            decoded layer by layer in ``forward``. ``False`` leaves the layers as they are and
+            gives them plain tensors holding the decoded weights (decoded one tensor at a time,
+            on ``device``).
         dtype: ``None``: each tensor takes the dtype of the parameter it replaces (the compute dtype
             for quantized ones). In lazy mode the unquantized weights of quant-aware layers keep
             their stored bytes (an F16 file stays 16-bit in memory, as an F16 ``GGMLTensor`` whose
-            ``.dtype`` is the model's). A dtype or name (``"bfloat16"``, ``"auto"``, ...): every floating
-            tensor from the file takes it. Buffers the file does not hold are left as they are.
+            ``.dtype`` is the model's). A dtype or name (``"bfloat16"``, ``"auto"``, ...): every
+            floating tensor from the file takes it. Buffers the file does not hold are left as
+            they are.
             In lazy mode the layers compute in their *input's* dtype unless a compute dtype is set
             (:func:`ggufvideo.ops.set_compute_dtype`).
         device: where the weights go; raw blocks are moved, not decoded. ``None``: where the
@@ -402,8 +405,9 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], *, lazy: bool = T
                                device=device, path=path, architecture=file_architecture(file),
                                metadata=file.metadata, source=file)
     if not strict and (report.missing_keys or report.unexpected_keys or report.meta_buffers):
-        warnings.warn(f"load_model({_safe(os.fspath(path))}): {len(report.missing_keys)} missing keys "
-                      f"[{_format_keys(report.missing_keys, 10)}], {len(report.unexpected_keys)} "
+        warnings.warn(f"load_model({_safe(os.fspath(path))}): {len(report.missing_keys)} "
+                      f"missing keys [{_format_keys(report.missing_keys, 10)}], "
+                      f"{len(report.unexpected_keys)} "
                       f"unexpected keys [{_format_keys(report.unexpected_keys, 10)}], "
                       f"{len(report.meta_buffers)} buffers on meta "
                       f"[{_format_keys(report.meta_buffers, 10)}]", stacklevel=2)

@@ -3,8 +3,8 @@
 Every torch layer type a video model is built from has a quant-aware subclass here
 (:class:`QuantLinear`, :class:`QuantConv1d`/``2d``/``3d``, :class:`QuantConvTranspose1d`/``2d``/
 ``3d``, :class:`QuantEmbedding`, :class:`QuantLayerNorm`, :class:`QuantGroupNorm`,
-:class:`QuantRMSNorm`). Each one's weight and bias may be a :class:`~ggufvideo.GGMLTensor` or a plain
-tensor; ``forward`` decodes them to the compute dtype and calls the functional op.
+:class:`QuantRMSNorm`). Each one's weight and bias may be a :class:`~ggufvideo.GGMLTensor` or a
+plain tensor; ``forward`` decodes them to the compute dtype and calls the functional op.
 
 Why the layers are *inserted under* a model's own classes rather than replacing them: real
 architectures subclass the torch layers with forwards of their own (diffusers' ``WanCausalConv3d``
@@ -26,8 +26,8 @@ Code that bypasses the layer's forward and uses ``self.weight`` directly (diffus
 
 Compute dtype: by default a layer decodes its weights to the dtype of its input, so a model runs
 in whatever precision its inputs have. A layer's ``compute_dtype`` attribute (set per instance with
-:func:`set_compute_dtype`, never on a class) fixes it instead: the input is cast to it and the output
-comes back in it, as under autocast.
+:func:`set_compute_dtype`, never on a class) fixes it instead: the input is cast to it and the
+output comes back in it, as under autocast.
 
 Where a GPU fast path plugs in: every weight decode goes through :func:`dequantize_weight` and every
 quantized linear through :func:`quant_linear`. Fused dequant+matmul kernels replace the body of
@@ -125,7 +125,8 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def _gpu_kernels(weight: GGMLTensor) -> Any:
-    """:mod:`ggufvideo.kernels` if its Triton path runs for this CUDA weight's type, else ``None``."""
+    """:mod:`ggufvideo.kernels` if its Triton path runs for this CUDA weight's type, else
+    ``None``."""
     if weight.device.type != "cuda":
         return None
     from . import kernels  # torch-only import; triton loads when a kernel first runs
@@ -133,7 +134,8 @@ def _gpu_kernels(weight: GGMLTensor) -> Any:
     return kernels if kernels.is_available(weight.device, weight.qtype) else None
 
 
-def _dequantize_rows_of(weight: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _dequantize_rows_of(weight: torch.Tensor, rows: torch.Tensor,
+                        dtype: torch.dtype) -> torch.Tensor:
     if not isinstance(weight, GGMLTensor):
         picked = weight[rows]
         return picked if picked.dtype == dtype else picked.to(dtype)
@@ -248,7 +250,8 @@ class _QuantConvTransposeNd(QuantLayer):
         output_padding = self._output_padding(  # type: ignore[attr-defined,operator]
             x, output_size, self.stride, self.padding, self.kernel_size, self._spatial_dims,
             self.dilation)
-        return type(self)._functional(x, self._decoded("weight", dtype), self._decoded("bias", dtype),
+        return type(self)._functional(x, self._decoded("weight", dtype),
+                                      self._decoded("bias", dtype),
                                       self.stride, output_padding=output_padding,
                                       padding=self.padding, groups=self.groups,
                                       dilation=self.dilation)

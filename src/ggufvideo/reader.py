@@ -155,7 +155,8 @@ def _value_type(raw: int, cur: _Cursor, what: str) -> GGUFValueType:
     try:
         return GGUFValueType(raw)
     except ValueError:
-        raise InvalidHeaderError(f"{what}: unknown metadata value type {raw}", path=cur.path) from None
+        raise InvalidHeaderError(f"{what}: unknown metadata value type {raw}",
+                                 path=cur.path) from None
 
 
 class _LazyMetadata(Mapping[str, Any]):
@@ -201,8 +202,8 @@ class GGUFFile:
 
     Raises:
         FileNotFoundError: no such file.
-        InvalidHeaderError / TensorLayoutError / UnsupportedTypeError: the header is not a valid GGUF
-            header for this file (each message names the file and what was wrong).
+        InvalidHeaderError / TensorLayoutError / UnsupportedTypeError: the header is not a valid
+            GGUF header for this file (each message names the file and what was wrong).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -235,8 +236,8 @@ class GGUFFile:
             pass
 
     def __repr__(self) -> str:
-        return (f"GGUFFile({_safe(self.path, 300)!r}, v{self.version}, {len(self.tensors)} tensors, "
-                f"{len(self.fields)} metadata keys)")
+        return (f"GGUFFile({_safe(self.path, 300)!r}, v{self.version}, "
+                f"{len(self.tensors)} tensors, {len(self.fields)} metadata keys)")
 
     # -- parsing ----------------------------------------------------------------------------
     def _parse(self) -> None:
@@ -262,12 +263,13 @@ class GGUFFile:
             raise InvalidHeaderError(f"metadata count {n_kv} cannot fit in a {self.size}-byte file",
                                      path=self.path)
         if n_tensors > (self.size - cur.pos) // 25:
-            raise InvalidHeaderError(f"tensor count {n_tensors} cannot fit in a {self.size}-byte file",
-                                     path=self.path)
+            raise InvalidHeaderError(
+                f"tensor count {n_tensors} cannot fit in a {self.size}-byte file", path=self.path)
 
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
-            vtype = _value_type(cur.u32(f"type of metadata {_safe(key)!r}"), cur, f"metadata {_safe(key)}")
+            vtype = _value_type(cur.u32(f"type of metadata {_safe(key)!r}"), cur,
+                                f"metadata {_safe(key)}")
             start = cur.pos
             item_type, count = self._skip_value(cur, vtype, key)
             if key in self.fields:
@@ -305,8 +307,8 @@ class GGUFFile:
         """Advance past one value; return (item type, count) for arrays, (None, 1) otherwise."""
         what = f"metadata {_safe(key)!r}"
         if depth > MAX_ARRAY_NESTING:
-            raise InvalidHeaderError(f"{what}: arrays nested deeper than {MAX_ARRAY_NESTING} levels",
-                                     path=self.path)
+            raise InvalidHeaderError(
+                f"{what}: arrays nested deeper than {MAX_ARRAY_NESTING} levels", path=self.path)
         if vtype == GGUFValueType.STRING:
             cur.skip_string(what)
             return None, 1
@@ -439,7 +441,8 @@ class GGUFFile:
 
     # -- tensor data ------------------------------------------------------------------------
     def tensor_data(self, name: str | TensorInfo) -> torch.Tensor:
-        """The stored bytes of a tensor as a zero-copy uint8 view, shape ``(*shape[:-1], row_bytes)``."""
+        """The stored bytes of a tensor as a zero-copy uint8 view, shape
+        ``(*shape[:-1], row_bytes)``."""
         info = name if isinstance(name, TensorInfo) else self.tensors[name]
         shape = info.shape or (1,)
         row_bytes = get_quant_type(info.qtype).row_bytes(shape[-1]) if shape[-1] else 0

@@ -78,8 +78,8 @@ class GGMLTensor(torch.Tensor):
         if qtype is None:  # GGMLTensor(other, requires_grad=...): see __init__
             if not isinstance(data, GGMLTensor):
                 raise TensorOperationError(
-                    f"GGMLTensor(data) without a qtype needs a GGMLTensor, got a plain {data.dtype} "
-                    "tensor; pass the raw uint8 blocks with qtype= and shape=")
+                    "GGMLTensor(data) without a qtype needs a GGMLTensor, got a plain "
+                    f"{data.dtype} tensor; pass the raw uint8 blocks with qtype= and shape=")
             shape, dtype = data.shape, dtype or data.dtype
         if shape is None:
             raise TensorOperationError("GGMLTensor(raw, qtype) needs the logical shape= as well")
@@ -88,8 +88,8 @@ class GGMLTensor(torch.Tensor):
             requires_grad=requires_grad)
 
     def __init__(self, data: torch.Tensor, qtype: GGMLQuantizationType | str | int | None = None,
-                 shape: torch.Size | tuple[int, ...] | None = None, dtype: torch.dtype | None = None,
-                 requires_grad: bool = False) -> None:
+                 shape: torch.Size | tuple[int, ...] | None = None,
+                 dtype: torch.dtype | None = None, requires_grad: bool = False) -> None:
         if qtype is None:
             # ``type(param)(value, requires_grad=...)``: the nn.Parameter-style constructor that
             # accelerate (``set_module_tensor_to_device``) and others call on a parameter's class.
@@ -103,9 +103,11 @@ class GGMLTensor(torch.Tensor):
         q = to_qtype(qtype)
         qt = get_quant_type(q)
         if data.dtype != torch.uint8:
-            raise QuantizationError(f"GGMLTensor({q.name}): raw data must be uint8, got {data.dtype}")
+            raise QuantizationError(
+                f"GGMLTensor({q.name}): raw data must be uint8, got {data.dtype}")
         if not dtype.is_floating_point:
-            raise QuantizationError(f"GGMLTensor({q.name}): compute dtype must be floating, got {dtype}")
+            raise QuantizationError(
+                f"GGMLTensor({q.name}): compute dtype must be floating, got {dtype}")
         assert shape is not None  # __new__ raised otherwise
         shape = torch.Size(shape)
         n = shape.numel()
@@ -165,11 +167,12 @@ class GGMLTensor(torch.Tensor):
         # moves a weight. The C-level setter would only swap the outer wrapper, leaving the raw
         # blocks where they were (a "cuda" weight read from host memory); swap them here.
         if not isinstance(new, GGMLTensor) or new.shape != self.shape:
-            found = (f"a {new.qtype.name} GGMLTensor {list(new.shape)}" if isinstance(new, GGMLTensor)
+            found = (f"a {new.qtype.name} GGMLTensor {list(new.shape)}"
+                     if isinstance(new, GGMLTensor)
                      else f"a plain {new.dtype} tensor {list(new.shape)}")
             raise TensorOperationError(
-                f"cannot set .data of a {self.qtype.name} GGMLTensor {list(self.shape)} to {found}: "
-                "only a GGMLTensor of the same logical shape can replace its raw blocks")
+                f"cannot set .data of a {self.qtype.name} GGMLTensor {list(self.shape)} to "
+                f"{found}: only a GGMLTensor of the same logical shape can replace its raw blocks")
         if new.device == self.device and new.dtype == self.dtype:
             self._data = new._data
             self.qtype = new.qtype
@@ -278,7 +281,8 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def _rebuild(data: torch.Tensor, qtype: int, shape: tuple[int, ...], dtype: torch.dtype) -> GGMLTensor:
+def _rebuild(data: torch.Tensor, qtype: int, shape: tuple[int, ...],
+             dtype: torch.dtype) -> GGMLTensor:
     """Unpickle a GGMLTensor. Checked like any construction (type id, sizes), so it is safe to
     allow under ``torch.load(weights_only=True)``: it builds nothing but a GGMLTensor from a uint8
     tensor, an int, a tuple of ints and a dtype."""
@@ -350,7 +354,8 @@ def _copy(func: Any, args: Any, kwargs: Any) -> GGMLTensor:
         raise TensorOperationError(
             f"cannot copy {found} into a {dst.qtype.name} GGMLTensor {list(dst.shape)}: only raw "
             "blocks of the same type and shape can be copied (re-quantizing is not implicit)")
-    dst._data.copy_(src._data.reshape(dst._data.shape), non_blocking=kwargs.get("non_blocking", False))
+    dst._data.copy_(src._data.reshape(dst._data.shape),
+                    non_blocking=kwargs.get("non_blocking", False))
     return dst
 
 

@@ -221,14 +221,16 @@ class _LinearMixin(ComfyQuantLayer):
             if adapters:
                 return lora_linear(x, w, b, adapters, owner=self)
             return quant_linear(x, w, b)
-        y = F.linear(x, self._fetch("weight", dtype, x.device), self._fetch("bias", dtype, x.device))
+        y = F.linear(x, self._fetch("weight", dtype, x.device),
+                     self._fetch("bias", dtype, x.device))
         for a in adapters or ():
             y = y + a.delta(x)
         return y
 
 
 class _ConvMixin(ComfyQuantLayer):
-    def forward_comfy_cast_weights(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: D102
+    def forward_comfy_cast_weights(self, input: torch.Tensor,  # noqa: D102
+                                   *args: Any, **kwargs: Any) -> torch.Tensor:
         x, w, b = self._fetch_all(input)
         # ComfyUI's Conv3d._conv_forward takes ``autopad`` (the Wan VAE's causal fast path slices
         # the decoded weight); torch's takes none.

@@ -12,8 +12,9 @@
   raw blocks.
 
 * A T5/UMT5 text encoder (llama.cpp's GGUFs) is renamed to ComfyUI's (transformers') names by the
-  model-family layer and built by ``comfy.sd.load_text_encoder_state_dicts`` with :func:`operations`,
-  like a diffusion model: the quantized token embedding included, nothing is decoded at load.
+  model-family layer and built by ``comfy.sd.load_text_encoder_state_dicts`` with
+  :func:`operations`, like a diffusion model: the quantized token embedding included, nothing is
+  decoded at load.
 
 In every case the returned ``ModelPatcher`` is switched to the adapter's
 (:mod:`ggufvideo.comfy.patcher`): LoRA on quantized layers, sizes counted in raw bytes.

@@ -1,4 +1,5 @@
-"""The ComfyUI nodes: GGUF loaders for a video diffusion model, a VAE and a text encoder; an inspector.
+"""The ComfyUI nodes: GGUF loaders for a video diffusion model, a VAE and a text encoder; an
+inspector.
 
 Classic ComfyUI node classes (``INPUT_TYPES`` / ``RETURN_TYPES`` / ``FUNCTION``). Importing this
 module imports neither ComfyUI nor the loaders: the folder listing and the loading happen when
@@ -53,7 +54,8 @@ class GGUFVideoModelLoader:
         return {"required": {
             "model_name": (list_gguf(DIFFUSION_FOLDERS), {"tooltip": "a .gguf diffusion model"}),
             "precision": (list(PRECISIONS), {"default": "auto", "tooltip":
-                          "compute dtype; auto: bfloat16 where the device supports it, else float16"}),
+                          "compute dtype; auto: bfloat16 where the device supports it, "
+                          "else float16"}),
         }}
 
     def load(self, model_name: str, precision: str = "auto") -> tuple[Any]:

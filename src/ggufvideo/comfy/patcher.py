@@ -157,7 +157,8 @@ def _patch_weight_to_device(self: Any, base: type, key: str, device_to: torch.de
     if (key not in self.patches or not isinstance(weight, GGMLTensor)
             or not isinstance(module, ComfyQuantLayer)):
         return base.patch_weight_to_device(self, key, device_to=device_to,
-                                           inplace_update=inplace_update, return_weight=return_weight)
+                                           inplace_update=inplace_update,
+                                           return_weight=return_weight)
     calculate = _calculate_weight()
     if return_weight:
         # A caller that wants the patched values themselves (merging, saving): decode this one
@@ -207,8 +208,10 @@ def patcher_class(base: type) -> type:
     cls = _PATCHER_CLASSES.get(base)
     if cls is None:
         def patch_weight_to_device(self: Any, key: str, device_to: torch.device | None = None,
-                                   inplace_update: bool = False, return_weight: bool = False) -> Any:
-            return _patch_weight_to_device(self, base, key, device_to, inplace_update, return_weight)
+                                   inplace_update: bool = False,
+                                   return_weight: bool = False) -> Any:
+            return _patch_weight_to_device(self, base, key, device_to, inplace_update,
+                                           return_weight)
 
         cls = type(f"GGUFVideo{base.__name__}", (base,),
                    {"__module__": __name__, "_ggufvideo_patcher": True,

@@ -144,7 +144,8 @@ _enabled: bool | None = None  # None: follow the environment variable
 
 
 def set_enabled(flag: bool | None) -> None:
-    """Force the fast path on (``True``) or off (``False``); ``None`` follows ``GGUFVIDEO_NO_TRITON``."""
+    """Force the fast path on (``True``) or off (``False``); ``None`` follows
+    ``GGUFVIDEO_NO_TRITON``."""
     global _enabled
     _enabled = flag
 
@@ -256,7 +257,8 @@ def _name(qtype: int) -> str:
 
 
 def _decode_into(raw: torch.Tensor, qtype: int, out: torch.Tensor) -> torch.Tensor:
-    """Decode contiguous ``raw`` into the flat ``out``: Triton where it runs, else the torch path."""
+    """Decode contiguous ``raw`` into the flat ``out``: Triton where it runs, else the torch
+    path."""
     name = _name(qtype)
     if name in DEQUANT_TYPES and is_available(raw.device):
         from ._dequant import dequantize_into
@@ -379,5 +381,6 @@ def linear(x: torch.Tensor, raw: torch.Tensor, qtype: object, out_features: int,
     """
     q = _check(raw, qtype, out_features * x.shape[-1], "kernels.linear")
     if not x.dtype.is_floating_point:
-        raise QuantizationError(f"kernels.linear({q.name}): activations must be floating, got {x.dtype}")
+        raise QuantizationError(
+            f"kernels.linear({q.name}): activations must be floating, got {x.dtype}")
     return torch.ops.ggufvideo.quant_linear(x, raw, int(q), out_features, bias)

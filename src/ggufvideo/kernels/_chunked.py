@@ -17,7 +17,7 @@ from ._fused_common import _finish_split, _half, _k4_affine, _k4_head, _to_f32
 __all__ = ["FUSED_TYPES"]
 
 
-# -- one chunk of weights: ``D * u + MB`` -------------------------------------------------------------
+# -- one chunk of weights: ``D * u + MB`` ----------------------------------------------------------
 
 @triton.jit
 def _accum(acc, u, D, MB, xrow, xmask, magic, COL0: tl.constexpr, UMAX: tl.constexpr,
@@ -62,7 +62,7 @@ def _accum(acc, u, D, MB, xrow, xmask, magic, COL0: tl.constexpr, UMAX: tl.const
     return acc + D * r + mb * xs
 
 
-# -- one step (256 elements of K) per type -------------------------------------------------------------
+# -- one step (256 elements of K) per type ---------------------------------------------------------
 # ``wp`` (BN,) byte pointers to this step's first block of each weight row; F0..F4 the fields'
 # byte offsets in the registry's layout order (see _dequant.SPECS); TS the block's byte size.
 
@@ -76,8 +76,8 @@ def _step_q4_0(acc, wp, xrow, xmask, magic, F_D, F_QS, F2, F3, F4, TS: tl.conste
         d = _half(bp + F_D)
         q = _u8(bp + F_QS + l)
         for p in tl.static_range(2):
-            acc = _accum(acc, (q >> (4 * p)) & 15, d, -8.0 * d, xrow, xmask, magic, kb * 32 + 16 * p,
-                         15, 0, OUT, SOFT)
+            acc = _accum(acc, (q >> (4 * p)) & 15, d, -8.0 * d, xrow, xmask, magic,
+                         kb * 32 + 16 * p, 15, 0, OUT, SOFT)
     return acc
 
 

@@ -6,7 +6,7 @@ Imports triton at the top: reached only through :mod:`ggufvideo.kernels`, never 
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -49,7 +49,7 @@ class KernelSpec:
                     F0=f0, F1=f1, F2=f2, F3=f3, F4=f4)
 
 
-@lru_cache(maxsize=None)
+@cache
 def kernel_spec(name: str) -> KernelSpec:
     """The :class:`KernelSpec` of a type name; :class:`UnsupportedTypeError` if no kernel."""
     if name not in SPECS:
@@ -135,8 +135,8 @@ def dequantize_into(raw: torch.Tensor, name: str, out: torch.Tensor, *,
     n_blocks = raw.numel() // spec.type_size
     if raw.numel() != n_blocks * spec.type_size or out.numel() != n_blocks * spec.block_size:
         raise QuantizationError(
-            f"dequantize({name}): {raw.numel()} bytes / {out.numel()} outputs are not a whole number "
-            f"of {spec.type_size}-byte, {spec.block_size}-element blocks")
+            f"dequantize({name}): {raw.numel()} bytes / {out.numel()} outputs are not a whole "
+            f"number of {spec.type_size}-byte, {spec.block_size}-element blocks")
     if n_blocks == 0:
         return out
     bb = max(1, (tile_elements or TILE_ELEMENTS) // spec.block_size)
@@ -150,8 +150,8 @@ def dequantize_into(raw: torch.Tensor, name: str, out: torch.Tensor, *,
                                     SOFT_BF16=soft_bf16(), num_warps=num_warps or NUM_WARPS,
                                     enable_fp_fusion=False)
         return out
-    _dequant_kernel[grid](raw, out, iq4_table(raw.device), n_blocks, BB=bb, OUT=TL_DTYPES[out.dtype],
-                          SOFT_BF16=soft_bf16(),
+    _dequant_kernel[grid](raw, out, iq4_table(raw.device), n_blocks, BB=bb,
+                          OUT=TL_DTYPES[out.dtype], SOFT_BF16=soft_bf16(),
                           num_warps=num_warps or NUM_WARPS, enable_fp_fusion=False,
                           **spec.constexprs())
     return out

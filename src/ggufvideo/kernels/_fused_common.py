@@ -1,4 +1,5 @@
-"""Pieces shared by the fused small-M matmul kernels (:mod:`._chunked`, :mod:`._gemv`, :mod:`._row`).
+"""Pieces shared by the fused small-M matmul kernels (:mod:`._chunked`, :mod:`._gemv`,
+:mod:`._row`).
 
 Loads of 16/32-bit units and float16 scales, codes to floats by their bit patterns, the Q4_K/Q5_K
 super-block head, and the end of a kernel: storing one-row / few-row tiles and adding K-split
@@ -63,7 +64,8 @@ def _k4_head(bp, F_D: tl.constexpr, F_SC: tl.constexpr):
 
 @triton.jit
 def _k4_affine(d, dmin, s0, s1, s2, s: tl.constexpr, magic):
-    """Sub-block ``s``'s weights as ``D * code + MB``: returns ``(D, MB)`` = (d * scale, -dmin * min).
+    """Sub-block ``s``'s weights as ``D * code + MB``: returns ``(D, MB)`` =
+    (d * scale, -dmin * min).
 
     The six-bit scale and min are packed in 12 bytes (words ``s0..s2``): s < 4 takes bytes s and
     s+4; s >= 4 takes the nibbles of byte s+4 and the top two bits of bytes s-4 (scale) and s (min).

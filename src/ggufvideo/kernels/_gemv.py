@@ -13,7 +13,7 @@ from ._fused_common import _half, _k4_affine, _k4_head, _row_offsets, _store_row
 __all__ = ["GEMV_STEPS"]
 
 
-# -- one activation row: the GEMV kernel ------------------------------------------------------------
+# -- one activation row: the GEMV kernel -----------------------------------------------------------
 # Each step adds ``(D * u + MB) * x`` element by element into a per-thread float32 tile ``acc``
 # (BN, A, B) that is summed once at the end: per weight that is one code extraction, one
 # subtraction (the bit-pattern trick), two FMAs and the activation's widening, with no per-chunk

@@ -24,7 +24,8 @@ bf16). In practice the per-element work limits it, so the loop is built to do li
   loads (the fastest to load by far, see :func:`._row._rows_kernel`); for the types in
   :data:`GEMV_STEPS` in a GEMV kernel that applies the scale per weight and sums once at the end.
   :mod:`.settings` says for which row counts they are the default on each GPU (where they
-  measured faster on an H100; on GPUs nobody tuned, ``linear`` never takes a fused kernel). Otherwise one row takes the chunked kernel's one-row branch, and more rows go through
+  measured faster on an H100; on GPUs nobody tuned, ``linear`` never takes a fused kernel).
+  Otherwise one row takes the chunked kernel's one-row branch, and more rows go through
   ``tl.dot`` with the activations padded to a 16/32/64-row tile.
 * Each step covers 256 elements of K (one super-block, or eight 32-element blocks), so K must be
   a multiple of 256; K is split across programs to fill the GPU and the float32 partial sums are
@@ -110,16 +111,17 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor | None:
 def fused_linear(x2d: torch.Tensor, raw: torch.Tensor, name: str, n: int, *,
                  rule: Rule | None = None,
                  gemv: bool | None = None, fixup: bool | None = None) -> torch.Tensor:
-    """``x2d (M, K) @ W.T`` for ``W`` the ``(n, K)`` weight of type ``name`` in ``raw`` (n, row_bytes).
+    """``x2d (M, K) @ W.T`` for ``W`` the ``(n, K)`` weight of type ``name`` in ``raw``
+    (n, row_bytes).
 
     ``x2d`` is float16 or bfloat16 with unit stride along K, M <= 64; ``K`` a multiple of 256.
     The output is ``(M, n)`` of ``x2d``'s dtype. ``rule`` = (BN, waves, num_warps, num_stages)
     overrides the device's settings (:func:`.settings.settings_for`; the benchmarks tune with it).
-    ``gemv`` picks the CUDA-core kernel (``None``: the device's ``cuda_core_rows`` -- the row kernel for
-    :data:`ROW_STEPS`, the GEMV kernel for :data:`GEMV_STEPS`, decoding each weight once for all
-    rows; ``True``: those kernels for any 1..:data:`ROW_MAX_M` rows; ``False``: the chunked /
-    tensor-core kernel). For the row kernel ``rule`` is (weight rows per program, waves,
-    num_warps, num_stages).
+    ``gemv`` picks the CUDA-core kernel (``None``: the device's ``cuda_core_rows`` -- the row
+    kernel for :data:`ROW_STEPS`, the GEMV kernel for :data:`GEMV_STEPS`, decoding each weight
+    once for all rows; ``True``: those kernels for any 1..:data:`ROW_MAX_M` rows; ``False``: the
+    chunked / tensor-core kernel). For the row kernel ``rule`` is (weight rows per program,
+    waves, num_warps, num_stages).
 
     When K is split across programs, the float32 partial sums are added either by the last
     program of each column tile (``fixup=True``; :func:`arrival_counters`) or by a second kernel

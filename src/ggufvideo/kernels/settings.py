@@ -41,9 +41,10 @@ class KernelSettings:
     ``fused_rows``: :func:`ggufvideo.kernels.linear` takes the fused kernels for 1..fused_rows
     activation rows (0: decode + vendor GEMM for every M). ``cuda_core_rows`` = (fewest, most):
     the row counts for which :func:`._matmul.fused_linear` takes the type's CUDA-core kernel (the
-    row kernel or the GEMV kernel) by default; (0, 0): never. ``one_row_rule`` / ``few_rows_rule``:
-    that kernel's launch rule for one row / for 2+ rows (``None``: the one-row rule). ``tile_rules``:
-    the chunked / tensor-core kernel's rule per activation-tile height (1, 16, 32, 64).
+    row kernel or the GEMV kernel) by default; (0, 0): never. ``one_row_rule`` /
+    ``few_rows_rule``: that kernel's launch rule for one row / for 2+ rows (``None``: the one-row
+    rule). ``tile_rules``: the chunked / tensor-core kernel's rule per activation-tile height
+    (1, 16, 32, 64).
     ``fixup_tiles``: the tile heights where the K-split partial sums are added by the tile's last
     program rather than by a second kernel (same bits either way).
     """
@@ -111,7 +112,8 @@ SM90: dict[str, KernelSettings] = {
 #: A GPU nobody tuned: decode + vendor GEMM for every M; direct fused-kernel calls default to the
 #: chunked / tensor-core kernel with the H100's launch rules and the second kernel for split-K sums.
 UNTUNED: dict[str, KernelSettings] = {
-    name: replace(s, fused_rows=0, cuda_core_rows=(0, 0), fixup_tiles=()) for name, s in SM90.items()}
+    name: replace(s, fused_rows=0, cuda_core_rows=(0, 0), fixup_tiles=())
+    for name, s in SM90.items()}
 
 #: The per-type row limit of the fused path on sm_90 (``ggufvideo.kernels.FUSED_ROWS``); other
 #: GPUs: :func:`settings_for`.

@@ -15,8 +15,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ModelLoadError, UnknownModelError
-from .base import (CANONICAL, Family, Rule, Shapes, ShapeOps, ValueOps, convert_layout,
-                   inverse_permutation, rename)
+from .base import (
+    CANONICAL,
+    Family,
+    Rule,
+    ShapeOps,
+    Shapes,
+    ValueOps,
+    convert_layout,
+    inverse_permutation,
+    rename,
+)
 
 __all__ = [
     "CANONICAL",
@@ -37,7 +46,8 @@ __all__ = [
     "rename",
 ]
 
-#: Prefixes checkpoints put before a single model's keys (ComfyUI files: ``model.diffusion_model.``).
+#: Prefixes checkpoints put before a single model's keys (ComfyUI files:
+#: ``model.diffusion_model.``).
 CONTAINER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "transformer.",
                       "vae.", "first_stage_model.", "net.", "module.")
 

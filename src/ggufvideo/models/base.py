@@ -51,7 +51,8 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class _Template:
-    """A key pattern: literal text, ``{name}`` indices, and an optional trailing ``*`` (the rest)."""
+    """A key pattern: literal text, ``{name}`` indices, and an optional trailing ``*`` (the
+    rest)."""
 
     __slots__ = ("text", "names", "regex", "literal_prefix")
 
@@ -233,8 +234,10 @@ def convert_layout(values: Mapping[str, V], rules: Iterable[Rule], *, to_canonic
     out: dict[str, V] = {}
     consumed: set[str] = set()
     incomplete: list[str] = []
-    rows_of: Callable[[str], int | None] = (
-        lambda k: ops.rows(values[k]) if k in values else None)
+
+    def rows_of(k: str) -> int | None:
+        return ops.rows(values[k]) if k in values else None
+
     for key in values:
         if key in consumed:
             continue
@@ -308,7 +311,8 @@ class Shapes(Mapping[str, tuple[int, ...]]):
         return shape
 
     def indices(self, template: str) -> list[int]:
-        """Sorted distinct values of ``{i}`` over keys matching ``template`` (``"blocks.{i}.*"``)."""
+        """Sorted distinct values of ``{i}`` over keys matching ``template``
+        (``"blocks.{i}.*"``)."""
         tpl = _Template(template)
         found = set()
         for k in self._shapes:
@@ -425,6 +429,6 @@ class Family(Generic[V]):
 def _check_complete(incomplete: list[str], family: Family[Any], layout: str) -> None:
     if incomplete:
         shown = ", ".join(_safe(k) for k in incomplete[:5])
-        raise ModelLoadError(f"{family.title}, {layout} layout: tensor(s) {shown} belong to a group "
-                             "that the other layout stores as one tensor, but the group's other "
-                             "parts are missing")
+        raise ModelLoadError(f"{family.title}, {layout} layout: tensor(s) {shown} belong to a "
+                             "group that the other layout stores as one tensor, but the group's "
+                             "other parts are missing")

@@ -50,9 +50,10 @@ def llama_cpp_rules(arch_name: str, hf_templates: Iterable[str | tuple[str, obje
 
     Args:
         arch_name: gguf-py's architecture name (``"t5encoder"``, ``"llama"``).
-        hf_templates: transformers module templates (``"encoder.block.{i}.layer.0.SelfAttention.q"``),
-            each optionally paired with a ``when`` predicate for the rule (two transformers names
-            that llama.cpp stores under one name: T5's ``wi`` / ``wi_1``).
+        hf_templates: transformers module templates
+            (``"encoder.block.{i}.layer.0.SelfAttention.q"``), each optionally paired with a
+            ``when`` predicate for the rule (two transformers names that llama.cpp stores under
+            one name: T5's ``wi`` / ``wi_1``).
         rows: transformers template -> the row order llama.cpp's converter wrote it in
             (:attr:`Rule.rows`; Llama's q/k, permuted for its rotary layout).
 

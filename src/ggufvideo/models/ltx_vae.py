@@ -162,7 +162,8 @@ FAMILY: Family[Any] = Family(
     architectures=("ltxv-vae", "ltx-video-vae"),
     signatures={
         "diffusers": (("encoder.conv_in.conv.weight", "latents_mean", "latents_std"),
-                      ("encoder.conv_in.conv.weight", "encoder.down_blocks.0.conv_out.norm3.weight"),
+                      ("encoder.conv_in.conv.weight",
+                       "encoder.down_blocks.0.conv_out.norm3.weight"),
                       ("decoder.conv_in.conv.weight", "decoder.timestep_scale_multiplier",
                        "decoder.time_embedder.timestep_embedder.linear_1.weight")),
         # the first match wins: the 0.9.0/0.9.1 encoders have a lone resnet at index 2, the

@@ -83,7 +83,8 @@ def _score(keys: Iterable[str], shapes: Mapping[str, tuple[int, ...]],
     return sum(1 for k in keys if k in model and tuple(shapes[k]) == model[k])
 
 
-def match_layout(state_dict: Mapping[str, torch.Tensor], model_shapes: Mapping[str, tuple[int, ...]],
+def match_layout(state_dict: Mapping[str, torch.Tensor],
+                 model_shapes: Mapping[str, tuple[int, ...]],
                  *, prefix: str | None = None, architecture: str | None = None,
                  context: Mapping[str, Any] | None = None
                  ) -> tuple[dict[str, torch.Tensor], LayoutMatch]:

@@ -3,9 +3,9 @@ moved).
 
 A quantized 2-D+ weight stores each row (the last dim) as whole ggml blocks, so the rows of dim 0
 are consecutive byte ranges of its raw data: cutting, joining or reordering them is a byte copy of
-blocks and the decoded values are the same bits. Tensors whose raw data is not row-aligned (a >4-D tensor a
-file stored flattened, or a quantized 1-D tensor cut inside a block) and joins of parts of
-different types are decoded to float32 instead -- the exact values, in more memory.
+blocks and the decoded values are the same bits. Tensors whose raw data is not row-aligned (a
+>4-D tensor a file stored flattened, or a quantized 1-D tensor cut inside a block) and joins of
+parts of different types are decoded to float32 instead -- the exact values, in more memory.
 """
 
 from __future__ import annotations

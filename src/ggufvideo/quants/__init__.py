@@ -75,7 +75,8 @@ def dequantize(data: torch.Tensor, qtype: GGMLQuantizationType | str | int, *,
     """
     qt = get_quant_type(qtype)
     if data.dtype != torch.uint8:
-        raise QuantizationError(f"dequantize({qt.qtype.name}): expected uint8 data, got {data.dtype}")
+        raise QuantizationError(
+            f"dequantize({qt.qtype.name}): expected uint8 data, got {data.dtype}")
     if data.dim() == 0:
         raise QuantizationError(f"dequantize({qt.qtype.name}): expected shape (..., row_bytes), "
                                 "got a 0-d tensor")

@@ -113,11 +113,13 @@ class Layout:
         missing = set(self._by_name) - set(values)
         extra = set(values) - set(self._by_name)
         if missing or extra:
-            raise ValueError(f"Layout.pack: missing fields {sorted(missing)}, unknown {sorted(extra)}")
+            raise ValueError(
+                f"Layout.pack: missing fields {sorted(missing)}, unknown {sorted(extra)}")
         parts = []
         for f in self.fields:
             v = values[f.name].to(f.dtype).contiguous()
-            parts.append(v.reshape(v.shape[0], f.count).view(torch.uint8).reshape(v.shape[0], f.nbytes))
+            as_bytes = v.reshape(v.shape[0], f.count).view(torch.uint8)
+            parts.append(as_bytes.reshape(v.shape[0], f.nbytes))
         return torch.cat(parts, dim=1)
 
 
@@ -180,8 +182,8 @@ class QuantType:
         """Elements held by ``n_bytes`` of blocks (must be a whole number of blocks)."""
         if n_bytes % cls.type_size():
             raise QuantizationError(
-                f"{cls.qtype.name}: {n_bytes} bytes is not a whole number of {cls.type_size()}-byte "
-                f"blocks")
+                f"{cls.qtype.name}: {n_bytes} bytes is not a whole number of "
+                f"{cls.type_size()}-byte blocks")
         return n_bytes // cls.type_size() * cls.block_size
 
     @classmethod

@@ -39,7 +39,7 @@ IQ1_DELTA = 0.125
 # reinterpretation as int8, rather than a gather of float rows, which is several times slower on
 # a GPU. (Bytes in memory are little-endian on every device torch runs on.)
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _grid(qtype: T, device: torch.device) -> torch.Tensor:
     """The lattice codebook of ``qtype`` packed one point per word, on ``device``.
 
@@ -55,7 +55,7 @@ def _grid(qtype: T, device: torch.device) -> torch.Tensor:
     return packed.to(device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _signs(with_parity: bool, device: torch.device) -> torch.Tensor:
     """Sign patterns as int64 words whose byte j is ±1 (int8): bit j of the sign byte → element j.
 
@@ -72,7 +72,7 @@ def _signs(with_parity: bool, device: torch.device) -> torch.Tensor:
     return pm1.view(torch.int64).reshape(-1).to(device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shifts(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """A small int64 constant (bit shifts) on ``device``, made once rather than per call."""
     return torch.tensor(values, dtype=torch.int64, device=device)

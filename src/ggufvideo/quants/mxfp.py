@@ -20,7 +20,7 @@ from .iquants import times_scale
 __all__ = ["MXFP4", "e8m0_to_fp32_half"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _byte_values(device: torch.device) -> torch.Tensor:
     """Both doubled E2M1 values of every ``qs`` byte, int16 ``(256,)``: byte 0 (int8) is
     ``kvalues[b & 15]``, byte 1 ``kvalues[b >> 4]`` (``kvalues_mxfp4`` from gguf-py)."""

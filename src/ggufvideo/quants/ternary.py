@@ -19,7 +19,7 @@ from .iquants import times_scale
 __all__ = ["TQ1_0", "TQ2_0"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tq1_trits(device: torch.device) -> torch.Tensor:
     """Every byte's five trits, int64 ``(256,)`` whose bytes 0-4 are trits 0-4 as int8 in {-1,0,1}.
 
@@ -33,7 +33,7 @@ def _tq1_trits(device: torch.device) -> torch.Tensor:
     return trits.contiguous().view(torch.int64).reshape(-1).to(device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tq2_codes(device: torch.device) -> torch.Tensor:
     """Every byte's four 2-bit codes minus 1: int32 ``(256,)`` whose byte l (int8) is
     ``((b >> 2l) & 3) - 1``."""
