@@ -177,3 +177,21 @@ def test_inspect_of_an_unknown_model_says_why(tmp_path, capsys):
     assert main(["inspect", "--json", str(path)]) == 0
     model = json.loads(capsys.readouterr().out)["model"]
     assert model["family"] is None and "known families" in model["error"]
+
+
+def test_missing_library_names_the_extra_to_install(wan, tmp_path, monkeypatch):
+    import importlib
+
+    from ggufvideo import building
+
+    path = save(wan, tmp_path / "w.gguf", "original")
+    real = importlib.import_module
+
+    def no_diffusers(name, *args, **kwargs):
+        if name == "diffusers":
+            raise ImportError("no diffusers here")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(building.importlib, "import_module", no_diffusers)
+    with pytest.raises(ImportError, match=r"WanTransformer3DModel.*needs diffusers.*ggufvideo\[demo\]"):
+        from_gguf(path)

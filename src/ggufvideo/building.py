@@ -12,6 +12,7 @@ matters for the few settings no shape tells (a Wan model whose heads are not 128
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from typing import Any
@@ -79,21 +80,26 @@ def describe_file(path: str | os.PathLike[str] | GGUFFile) -> Description:
     return desc
 
 
+#: library -> the extra that installs it (and what to do without it)
+_EXTRAS = {"diffusers": "'ggufvideo[demo]' (or load the weights into your own module with "
+                        "ggufvideo.load_model)",
+           "transformers": "'ggufvideo[text-encoders]'"}
+
+
 def _model_class(name: str, library: str, path: str) -> type[nn.Module]:
-    """The class ``name`` of ``library`` (``"diffusers"`` or ``"transformers"``)."""
-    if library == "diffusers":
-        return _diffusers_class(name, path)
-    if library != "transformers":
+    """The class ``name`` of ``library`` (``"diffusers"`` or ``"transformers"``), imported only
+    now: neither is a dependency of the core package."""
+    if library not in _EXTRAS:
         raise ModelLoadError(f"unknown model library {library!r} for class {name}", path=path)
     try:
-        import transformers
+        module = importlib.import_module(library)
     except ImportError:
-        raise ImportError(f"{_safe(path, 300)} holds a {name}; building it needs transformers: "
-                          "pip install 'ggufvideo[text-encoders]'") from None
-    cls = getattr(transformers, name, None)
+        raise ImportError(f"{_safe(path, 300)} holds a {name}; building it needs {library}: "
+                          f"pip install {_EXTRAS[library]}") from None
+    cls = getattr(module, name, None)
     if cls is None:
-        raise ImportError(f"{_safe(path, 300)} holds a {name}, which transformers "
-                          f"{transformers.__version__} does not have; upgrade transformers")
+        raise ImportError(f"{_safe(path, 300)} holds a {name}, which {library} "
+                          f"{module.__version__} does not have; upgrade {library}")
     return cls  # type: ignore[no-any-return]
 
 
@@ -103,20 +109,6 @@ def _build(cls: type[nn.Module], library: str, config: dict[str, Any]) -> nn.Mod
         if library == "transformers":
             return cls(cls.config_class(**config))  # type: ignore[attr-defined,call-arg]
         return cls.from_config(config)  # type: ignore[attr-defined,no-any-return]
-
-
-def _diffusers_class(name: str, path: str) -> type[nn.Module]:
-    try:
-        import diffusers
-    except ImportError:
-        raise ImportError(f"{_safe(path, 300)} holds a {name}; building it needs diffusers: "
-                          "pip install 'ggufvideo[diffusers]' (or load the weights into your own "
-                          "module with ggufvideo.load_model)") from None
-    cls = getattr(diffusers, name, None)
-    if cls is None:
-        raise ImportError(f"{_safe(path, 300)} holds a {name}, which diffusers "
-                          f"{diffusers.__version__} does not have; upgrade diffusers")
-    return cls  # type: ignore[no-any-return]
 
 
 def from_gguf(path: str | os.PathLike[str], *, lazy: bool = True, dtype: DTypeLike = None,
