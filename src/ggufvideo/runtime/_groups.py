@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..summary import format_bytes
 from ..tensor import GGMLTensor
 
 __all__ = ["Group", "TensorSlot", "parse_budget", "plan_groups", "choose_resident", "tensor_bytes"]
@@ -178,9 +179,9 @@ def choose_resident(groups: list[Group], budget: int, *, slots: int, fixed_bytes
     room = budget - fixed_bytes - slots * slot
     if room < 0:
         raise ValueError(
-            f"budget of {budget / 2**30:.2f} GiB is too small: the always-resident tensors take "
-            f"{fixed_bytes / 2**30:.2f} GiB and {slots} streaming slots of the largest group "
-            f"({slot / 2**30:.3f} GiB each) need {(fixed_bytes + slots * slot) / 2**30:.2f} GiB; "
+            f"budget of {format_bytes(budget)} is too small: the always-resident tensors take "
+            f"{format_bytes(fixed_bytes)} and {slots} streaming slots of the largest group "
+            f"({format_bytes(slot)} each) need {format_bytes(fixed_bytes + slots * slot)}; "
             "raise the budget or lower prefetch")
     # Spread: walk the groups in order, keeping a running share of bytes that may stay.
     share = room / total
