@@ -195,3 +195,29 @@ def test_missing_library_names_the_extra_to_install(wan, tmp_path, monkeypatch):
     monkeypatch.setattr(building.importlib, "import_module", no_diffusers)
     with pytest.raises(ImportError, match=r"WanTransformer3DModel.*needs diffusers.*ggufvideo\[demo\]"):
         from_gguf(path)
+
+
+def test_a_single_file_safetensors_checkpoint_builds_too(tmp_path):
+    """ComfyUI setups hold VAEs (wan_2.1_vae.safetensors) and text encoders as safetensors."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16).eval()
+    original = get_family("wan-vae").convert(vae.state_dict(), "diffusers", "original",
+                                             TensorOps())
+    assert set(convert_wan_vae_to_diffusers(dict(original))) == set(vae.state_dict())
+    path = tmp_path / "wan_2.1_vae.safetensors"
+    save_file({k: v.contiguous() for k, v in original.items()}, path)
+    assert describe_file(path).class_name == "AutoencoderKLWan"
+    loaded = from_gguf(path)
+    for k, v in vae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_other_kinds_of_file_are_refused_by_name(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, path)
+    with pytest.raises(ModelLoadError, match=r"model.pt.*expected a .gguf file or a single "
+                                             r".safetensors checkpoint"):
+        from_gguf(path)

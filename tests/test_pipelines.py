@@ -188,3 +188,19 @@ def test_generate_cli_names_mismatched_parts(files, tmp_path, capsys):
     rc = main(["generate", "--model", files["transformer"], "--text-encoder", files["vae"],
                "--vae", files["vae"], "--prompt", "p", "-o", str(tmp_path / "o.mp4")])
     assert rc == 1 and "text_encoder must be a t5-encoder model" in capsys.readouterr().err
+
+
+def test_vae_may_be_a_comfyui_style_safetensors_file(parts, files, tmp_path):
+    """The VAE most setups hold is a single safetensors file in the original release's names."""
+    from safetensors.torch import save_file
+
+    from ggufvideo.models import get_family
+    from ggufvideo.models.tensors import TensorOps
+
+    sd = {k: v.detach().contiguous() for k, v in parts["vae"].state_dict().items()}
+    vae_file = tmp_path / "wan_2.1_vae.safetensors"
+    save_file(get_family("wan-vae").convert(sd, "diffusers", "original", TensorOps()), vae_file)
+    pipe = pipeline(transformer=files["transformer"], text_encoder=files["text_encoder"],
+                    vae=vae_file)
+    for k, v in sd.items():
+        assert torch.equal(pipe.vae.state_dict()[k], v), k

@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,36 +50,79 @@ def _stored_config(file: GGUFFile) -> dict[str, Any]:
     return {k: v for k, v in value.items() if not k.startswith("_")}
 
 
-def _metadata_config(file: GGUFFile, desc: Description) -> dict[str, Any]:
+def _metadata_config(ckpt: _Checkpoint, desc: Description) -> dict[str, Any]:
     """Config values the family reads from the file's metadata (``<arch>.<key>``)."""
     fam = desc.detection.family
-    arch = file_architecture(file)
+    arch = ckpt.architecture
     if not fam.metadata_config or not arch:
         return {}
     out = {}
     for suffix, key in fam.metadata_config.items():
-        value = file.metadata.get(f"{arch}.{suffix}")
+        value = ckpt.metadata.get(f"{arch}.{suffix}")
         if isinstance(value, (int, float, str, bool)):
             out[key] = value
     return out
 
 
-def describe_file(path: str | os.PathLike[str] | GGUFFile) -> Description:
-    """Family, layout, variant and config of a GGUF file (names and shapes, metadata; no data).
+@dataclass
+class _Checkpoint:
+    """A model file opened by its header: a GGUF file, or a single-file safetensors checkpoint
+    (what ComfyUI setups hold for VAEs and text encoders), read the same way from here on."""
 
-    Raises:
-        FileNotFoundError: no such file.
-        UnknownModelError: no known family matches (the message lists them).
-        ModelLoadError: a tensor the config needs is missing or malformed (named).
-    """
-    file = path if isinstance(path, GGUFFile) else GGUFFile(path)
-    shapes = {name: tuple(logical_shape(file, info)) for name, info in file.tensors.items()}
-    desc = describe(shapes, file_architecture(file), source=file.path)
-    stored = {**_metadata_config(file, desc), **_stored_config(file)}
+    path: str
+    shapes: dict[str, tuple[int, ...]]
+    architecture: str | None
+    metadata: Mapping[str, Any]
+    config: dict[str, Any]  # stored config: ggufvideo.config metadata, or a config.json beside
+    tensors: Callable[[], dict[str, torch.Tensor]]
+    gguf: GGUFFile | None = None
+
+
+def _is_gguf(path: str) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"GGUF"
+
+
+def _open(path: str | os.PathLike[str] | GGUFFile) -> _Checkpoint:
+    if isinstance(path, GGUFFile) or _is_gguf(os.fspath(path)):
+        file = path if isinstance(path, GGUFFile) else GGUFFile(path)
+        shapes = {name: tuple(logical_shape(file, info)) for name, info in file.tensors.items()}
+        return _Checkpoint(file.path, shapes, file_architecture(file), file.metadata,
+                           _stored_config(file), lambda: read_tensors(file, lazy=True), file)
+    from .sources import open_source
+    from .sources.layout import source_config
+
+    p = os.fspath(path)
+    if os.path.isdir(p) or not p.lower().endswith(".safetensors"):
+        raise ModelLoadError("expected a .gguf file or a single .safetensors checkpoint (for a "
+                             "diffusers/transformers folder use the library's from_pretrained)",
+                             path=p)
+    src = open_source(p)
+    stored = {k: v for k, v in (source_config(p) or {}).items() if not k.startswith("_")}
+    return _Checkpoint(p, {t.name: tuple(t.shape) for t in src.tensors}, None, {}, stored,
+                       lambda: {t.name: t.load() for t in src.tensors})
+
+
+def _describe(ckpt: _Checkpoint) -> Description:
+    desc = describe(ckpt.shapes, ckpt.architecture, source=ckpt.path)
+    stored = {**_metadata_config(ckpt, desc), **ckpt.config}
     if stored:
         desc = Description(desc.detection, {**desc.config, **stored}, desc.class_name,
                            desc.variant)
     return desc
+
+
+def describe_file(path: str | os.PathLike[str] | GGUFFile) -> Description:
+    """Family, layout, variant and config of a model file (names, shapes, metadata; no data): a
+    GGUF file, or a single-file ``.safetensors`` checkpoint.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnknownModelError: no known family matches (the message lists them).
+        ModelLoadError: a tensor the config needs is missing or malformed (named), or a file of
+            another kind.
+    """
+    return _describe(_open(path))
 
 
 #: library -> the extra that installs it (and what to do without it)
@@ -117,9 +162,12 @@ def from_gguf(path: str | os.PathLike[str], *, lazy: bool = True, dtype: DTypeLi
     """Build and load the model a GGUF file holds.
 
     Args:
-        path: the .gguf file (a Wan, HunyuanVideo, LTX-Video, CogVideoX or Mochi transformer, a
-            Wan, HunyuanVideo or LTX-Video VAE, original or diffusers tensor names; or a T5/UMT5
-            text encoder, llama.cpp's or transformers' names).
+        path: the .gguf file -- a Wan, HunyuanVideo, LTX-Video, CogVideoX or Mochi transformer,
+            a Wan, HunyuanVideo or LTX-Video VAE (original or diffusers tensor names), a T5/UMT5
+            or Llama text encoder (llama.cpp's or transformers' names) -- or a single-file
+            ``.safetensors`` checkpoint of one (weights as stored, not quantized; a
+            ``config.json`` beside it counts as the stored config), such as the VAE files
+            ComfyUI setups hold.
         lazy: keep quantized weights quantized (see :func:`ggufvideo.load_model`).
         dtype: compute dtype / dtype of floating tensors (``"bfloat16"``, ``"auto"``, ...).
         device: where the weights go (``None``: CPU).
@@ -136,19 +184,20 @@ def from_gguf(path: str | os.PathLike[str], *, lazy: bool = True, dtype: DTypeLi
         ImportError: diffusers (transformers, for a text encoder) is not installed or lacks the
             class.
     """
-    file = GGUFFile(path)
-    desc = describe_file(file)
+    ckpt = _open(path)
+    desc = _describe(ckpt)
     cfg = {**desc.config, **(config or {})}
     family = desc.detection.family
-    cls = _model_class(desc.class_name, family.library, file.path)
+    cls = _model_class(desc.class_name, family.library, ckpt.path)
     model = _build(cls, family.library, cfg)
     if lazy:
         swap_quant_layers(model)
-    sd = read_tensors(file, lazy=True)
+    sd = ckpt.tensors()
     if family.unused:
         n = len(desc.detection.prefix)
         sd = {k: v for k, v in sd.items() if not family.is_unused(k[n:])}
     assign_state_dict(model, sd, strict=True, lazy=lazy, dtype=dtype, device=device,
-                      path=file.path, architecture=file_architecture(file),
-                      metadata=file.metadata, source=file)
+                      path=ckpt.path, architecture=ckpt.architecture,
+                      metadata=ckpt.metadata if ckpt.gguf is not None else None,
+                      source=ckpt.gguf)
     return model.eval()

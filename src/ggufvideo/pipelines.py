@@ -200,8 +200,9 @@ def _tokenizer(text_encoder: Part, tokenizer: Any) -> Any:
         from .tokenizer import has_tokenizer, tokenizer_from_gguf
 
         if not has_tokenizer(text_encoder.source):
-            raise PipelineError("the text-encoder file has no tokenizer (tokenizer.ggml.* "
-                                "metadata); pass tokenizer= a tokenizer folder",
+            raise PipelineError("the text-encoder file has no tokenizer (a GGUF file carries one "
+                                "in tokenizer.ggml.* metadata; a safetensors checkpoint never "
+                                "does); pass tokenizer= (--tokenizer) a tokenizer folder",
                                 path=text_encoder.source)
         return tokenizer_from_gguf(text_encoder.source)
     from transformers import AutoTokenizer

@@ -21,9 +21,13 @@ TOKENS_KEY = "tokenizer.ggml.tokens"
 
 
 def has_tokenizer(path: str | os.PathLike[str]) -> bool:
-    """Whether the file carries a vocabulary (``tokenizer.ggml.tokens``)."""
+    """Whether the file is a GGUF file carrying a vocabulary (``tokenizer.ggml.tokens``); a
+    safetensors checkpoint never does."""
     from .reader import GGUFFile
 
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            return False
     return TOKENS_KEY in GGUFFile(path).metadata
 
 
