@@ -240,8 +240,9 @@ def block_bench(device: torch.device, n_blocks: int, tokens: int, qtype: str, re
             print(json.dumps(res), flush=True)
         for rank in (32, 128):
             try:
-                names = sorted({n.split(".")[-1] if not n.endswith(".0") else n.split(".")[-2] + ".0"
-                                for n, m in blocks.named_modules() if isinstance(m, nn.Linear)})
+                # full module names: a short suffix such as "2" (of ffn.net.2) would also match
+                # the block "2" itself, which peft refuses to wrap
+                names = [n for n, m in blocks.named_modules() if isinstance(m, nn.Linear)]
                 peft_blocks = with_peft(build(), rank, names)
                 res[f"peft_r{rank}x1_ms"] = timed(fwd(peft_blocks), reps, sync)
                 del peft_blocks
