@@ -697,3 +697,24 @@ def test_two_loras_stack_and_other_patch_types_keep_the_merge_path(fake_comfy_lo
     patcher.patch_weight_to_device("q.weight")
     assert not isinstance(model.q.ggufvideo_patches["weight"], DeferredLora)
     assert torch.allclose(model.q(x), F.linear(x, w.dequantize() + delta, bias), atol=1e-6)
+
+
+def test_umt5_tokenizer_for_comfyui_is_rebuilt_from_the_files_vocabulary(tmp_path):
+    """ComfyUI's wan text encoder reads its tokenizer from a serialized sentencepiece model stored
+    with the weights; a GGUF file carries the vocabulary as tokenizer.ggml.* metadata instead."""
+    pytest.importorskip("transformers")
+    spm = pytest.importorskip("sentencepiece")
+    from ggufvideo import save_state_dict, tokenizer_from_gguf
+    from ggufvideo.comfy.loading import _spiece_model
+    from ggufvideo.demo_generate import write_demo_files
+
+    path = write_demo_files(str(tmp_path))["text_encoder"]
+    blob = _spiece_model(path)
+    assert blob is not None and blob.dtype == torch.uint8
+    sp = spm.SentencePieceProcessor(model_proto=blob.numpy().tobytes())
+    ref = tokenizer_from_gguf(path)
+    for text in ("a cat walks on the beach", "Sunset, 2 dogs!"):
+        assert sp.encode(text) + [sp.eos_id()] == ref(text)["input_ids"], text
+    vae = tmp_path / "vae.gguf"
+    save_state_dict({"conv.weight": torch.randn(8, 4, 3, 3, 3)}, vae)
+    assert _spiece_model(str(vae)) is None  # no vocabulary: nothing to rebuild

@@ -261,6 +261,49 @@ def _text_encoder_state_dict(path: str, sd: dict[str, torch.Tensor]) -> dict[str
     return det.family.convert(inner, det.layout, CANONICAL, TensorOps())
 
 
+def _spiece_model(path: str) -> torch.Tensor | None:
+    """The serialized sentencepiece (unigram) model of the file's ``tokenizer.ggml.*`` vocabulary,
+    as ComfyUI stores a UMT5 tokenizer (``spiece_model``, a uint8 tensor); None without one."""
+    from ..reader import GGUFFile
+
+    md = GGUFFile(path).metadata
+    name = os.path.basename(path)
+    if md.get("tokenizer.ggml.model") != "t5" or "tokenizer.ggml.tokens" not in md:
+        return None
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+    except ImportError as e:  # ComfyUI depends on sentencepiece; protobuf may be missing
+        raise ComfyLoadError(f"{name}: rebuilding the tokenizer needs sentencepiece and "
+                             f"protobuf ({e})") from e
+    tokens = list(md["tokenizer.ggml.tokens"])
+    n = len(tokens)
+    scores = [float(x) for x in md.get("tokenizer.ggml.scores", [0.0] * n)]
+    types = [int(x) for x in md.get("tokenizer.ggml.token_type", [1] * n)]
+    proto = pb.ModelProto()
+    for piece, score, kind in zip(tokens, scores, types):
+        # llama.cpp's token types use sentencepiece's numbering (1 normal ... 6 byte)
+        proto.pieces.add(piece=piece, score=score, type=kind)
+    spec = proto.trainer_spec
+    spec.model_type = pb.TrainerSpec.UNIGRAM
+    spec.vocab_size = n
+    spec.unk_id = int(md.get("tokenizer.ggml.unknown_token_id", 2))
+    spec.eos_id = int(md.get("tokenizer.ggml.eos_token_id", 1))
+    spec.pad_id = int(md.get("tokenizer.ggml.padding_token_id", 0))
+    spec.bos_id = int(md.get("tokenizer.ggml.bos_token_id", -1))
+    spec.byte_fallback = 6 in types
+    norm = proto.normalizer_spec
+    norm.add_dummy_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
+    norm.remove_extra_whitespaces = bool(md.get("tokenizer.ggml.remove_extra_whitespaces", True))
+    norm.escape_whitespaces = True
+    charsmap = md.get("tokenizer.ggml.precompiled_charsmap")
+    if charsmap is not None and len(charsmap):
+        norm.name = "nmt_nfkc"
+        norm.precompiled_charsmap = bytes(bytearray(int(b) & 0xFF for b in charsmap))
+    else:
+        norm.name = "identity"
+    return torch.frombuffer(bytearray(proto.SerializeToString()), dtype=torch.uint8)
+
+
 def load_text_encoder(path: str, clip_type: str = "wan", precision: str = "auto") -> Any:
     """A ComfyUI CLIP for a GGUF T5/UMT5 text encoder, built by ComfyUI's own text-encoder code.
 
@@ -286,6 +329,19 @@ def load_text_encoder(path: str, clip_type: str = "wan", precision: str = "auto"
                              f"{', '.join(TEXT_ENCODER_TYPES)}")
     dtype = precision_dtype(precision)
     sd = _text_encoder_state_dict(path, _read(path, dtype))
+    if dtype is not None:
+        # ComfyUI takes the encoder's dtype from encoder.final_layer_norm.weight (sd3_clip's
+        # t5_xxl_detect), which llama.cpp's files keep F32: cast the plain tensors (norms,
+        # relative-attention biases) too, or the chosen precision is ignored (always float32).
+        sd = {k: (v.to(dtype) if not isinstance(v, GGMLTensor) and v.is_floating_point() else v)
+              for k, v in sd.items()}
+    if clip_type == "wan":
+        # ComfyUI's UMT5 tokenizer is the sentencepiece model stored with the weights
+        # ("spiece_model"); without it the CLIP cannot be built. A GGUF file carries the
+        # vocabulary as tokenizer.ggml.* metadata instead: rebuild the model from it.
+        spiece = _spiece_model(path)
+        if spiece is not None:  # (without one ComfyUI fails: "invalid tokenizer .../sd1_tokenizer")
+            sd["spiece_model"] = spiece
     kind = getattr(comfy.sd.CLIPType, clip_type.upper())
     options: dict[str, Any] = {"custom_operations": operations()}
     if dtype is not None:
