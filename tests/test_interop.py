@@ -105,3 +105,28 @@ def test_unknown_layout_and_unknown_family_are_clear_errors(folder, tmp_path):
     with pytest.raises(ggufvideo.ModelLoadError, match="no known model family"):
         ggufvideo.convert(plain, tmp_path / "y.gguf", layout="original")
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
+
+
+@pytest.mark.parametrize("module,variant,release", [
+    ("test_models_wan_vae", "2.1", "original"), ("test_models_wan_vae", "2.2", "original-2.2"),
+    ("test_models_ltx_vae", "0.9.0", "original-0.9.0"),
+    ("test_models_ltx_vae", "0.9.1", "original-0.9.1"), ("test_models_ltx_vae", "0.9.5", "original")])
+def test_layout_original_writes_the_names_of_the_models_own_release(module, variant, release,
+                                                                     tmp_path):
+    """VAEs whose releases changed their names: --layout original picks this model's release."""
+    import importlib
+
+    from safetensors.torch import save_file
+
+    from ggufvideo.building import describe_file
+
+    model = importlib.import_module(module).build(variant)
+    src = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, src)
+    dst = tmp_path / "vae.gguf"
+    summary = ggufvideo.convert(src, dst, qtype=None, layout="original")
+    assert f"in the {release} layout" in " ".join(summary.notes)
+    assert describe_file(dst).detection.layout == release
+    loaded = ggufvideo.from_gguf(dst, config={"norm_num_groups": 4} if "hunyuan" in module else None)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k

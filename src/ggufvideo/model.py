@@ -275,6 +275,10 @@ def assign_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
             continue
         old = (mod._parameters if is_param else mod._buffers)[name]
         assert old is not None
+        if old.dim() == 0 and tuple(t.shape) == (1,) and not isinstance(t, GGMLTensor):
+            # GGUF has no 0-d tensors: writers store a scalar parameter (LTX-Video's
+            # timestep_scale_multiplier) as one element
+            sd[key] = t = t.reshape(())
         if tuple(t.shape) != tuple(old.shape):
             raise ModelLoadError(f"shape mismatch: the model expects {list(old.shape)}, the file "
                                  f"has {list(t.shape)}", path=path, tensor=prefix + key)

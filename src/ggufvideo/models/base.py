@@ -365,6 +365,10 @@ class Family(Generic[V]):
             win over the inferred ones.
         unused: templates of tensors files of this family may carry that the built model does not
             use (a text-encoder file's decoder); :func:`ggufvideo.from_gguf` leaves them out.
+        release_layout: for a family whose releases changed their names (one layout per
+            release: ``original-0.9.0``, ``original-2.2``...), the layout of the release a model
+            with this config belongs to; ``"original"`` means that one (``convert --layout
+            original``). ``None``: ``"original"`` is a single layout.
     """
 
     name: str
@@ -380,6 +384,14 @@ class Family(Generic[V]):
     library: str = "diffusers"
     metadata_config: Mapping[str, str] = field(default_factory=dict)
     unused: tuple[str, ...] = ()
+    release_layout: Callable[[Mapping[str, Any]], str] | None = None
+
+    def resolve_layout(self, layout: str, config: Mapping[str, Any]) -> str:
+        """``layout`` as asked by a user: ``"original"`` becomes the release layout of a model
+        with ``config`` where the family has several; any other name is returned as is."""
+        if layout == "original" and self.release_layout is not None:
+            return self.release_layout(config)
+        return layout
 
     @property
     def layouts(self) -> tuple[str, ...]:

@@ -155,6 +155,13 @@ def variant(config: Mapping[str, Any], s: Shapes) -> str:
     return f"{version}-style VAE ({config['latent_channels']} latent channels{timestep})"
 
 
+def release_layout(config: Mapping[str, Any]) -> str:
+    """The release whose names a VAE of this config was published with (as :func:`variant`)."""
+    if config["down_block_types"][0] == "LTXVideo095DownBlock3D":
+        return "original"
+    return "original-0.9.1" if config["timestep_conditioning"] else "original-0.9.0"
+
+
 FAMILY: Family[Any] = Family(
     name="ltx-video-vae",
     title="LTX-Video VAE",
@@ -180,4 +187,5 @@ FAMILY: Family[Any] = Family(
     class_name=class_name,
     variant=variant,
     original_prefix="vae.",
+    release_layout=release_layout,
 )

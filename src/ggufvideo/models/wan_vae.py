@@ -186,6 +186,11 @@ def variant(config: Mapping[str, Any], s: Shapes) -> str:
     return f"{name}, z{z}, {factors} compression"
 
 
+def release_layout(config: Mapping[str, Any]) -> str:
+    """Wan 2.2's VAE (residual blocks) was released with other names than Wan 2.1's."""
+    return "original-2.2" if config.get("is_residual") else "original"
+
+
 FAMILY: Family[Any] = Family(
     name="wan-vae",
     title="Wan 2.1/2.2 VAE",
@@ -206,4 +211,5 @@ FAMILY: Family[Any] = Family(
     infer_config=infer_config,
     class_name=class_name,
     variant=variant,
+    release_layout=release_layout,
 )

@@ -20,7 +20,7 @@ import torch
 from gguf import GGUFValueType
 
 from ..errors import ModelLoadError, _safe
-from ..models import CANONICAL, Detection, detect, known_families
+from ..models import CANONICAL, Detection, ShapeOps, Shapes, detect, known_families
 from ..models.tensors import cat_rows, permute_rows, split_rows, swap_halves
 from ..serialize import _SCALAR_FMT, RawValue
 from ..writer import SourceTensor
@@ -121,6 +121,11 @@ def relayout(tensors: list[SourceTensor], layout: str, architecture: str | None,
                              f"{', '.join(fam.layouts)}", path=path)
     n = len(det.prefix)
     values = {t.name[n:]: t for t in tensors if t.name.startswith(det.prefix)}
+    if fam.release_layout is not None and layout == "original":
+        # "original" of a family whose releases differ in naming: that of this model's release
+        shapes = fam.convert({k: tuple(v.shape) for k, v in values.items()}, det.layout,
+                             CANONICAL, ShapeOps(), _decoded(context))
+        layout = fam.resolve_layout(layout, fam.infer_config(Shapes(shapes, path)))
     others = [t for t in tensors if not t.name.startswith(det.prefix)]
     converted = fam.convert(values, det.layout, layout, SourceOps(), _decoded(context))
     prefix = fam.original_prefix if layout != CANONICAL else ""
