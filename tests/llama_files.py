@@ -11,10 +11,9 @@ from __future__ import annotations
 import os
 
 import gguf
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
-from model_files import quantize_rows
+from model_files import add_gguf_tensor, close_gguf
 
 MERGES = ("Ġ c", "a t", "Ġc at", "Ġ d", "o g", "Ġd og", "Ġ t", "h e", "Ġt he", "Ġ a")
 SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>")
@@ -121,15 +120,5 @@ def write_llama(path: str | os.PathLike[str], model: torch.nn.Module, qtype: T =
         if key in skip:
             continue
         arr = t.detach().float().numpy()
-        if arr.ndim == 1 or qtype == T.F32:
-            w.add_tensor(key, arr.astype(np.float32))
-        elif qtype == T.F16:
-            w.add_tensor(key, arr.astype(np.float16))
-        else:
-            raw = quantize_rows(arr.reshape(-1, arr.shape[-1]), qtype)
-            w.add_tensor(key, raw.reshape(arr.shape[0], -1), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return os.fspath(path)
+        add_gguf_tensor(w, key, arr, T.F32 if arr.ndim == 1 else qtype)
+    return close_gguf(w, path)

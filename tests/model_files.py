@@ -91,3 +91,22 @@ def tensor_bytes(path: str | os.PathLike[str]) -> int:
 
     with GGUFFile(path) as f:
         return sum(info.nbytes for info in f.tensors.values())
+
+
+def add_gguf_tensor(writer: gguf.GGUFWriter, key: str, arr: np.ndarray, qtype: T) -> None:
+    """Add ``arr`` to a gguf-py writer as ``qtype``: F32/F16 as values, a quantized type as the
+    blocks of its rows (the last dim)."""
+    if qtype in PLAIN:
+        writer.add_tensor(key, np.ascontiguousarray(arr.astype(PLAIN[qtype])))
+        return
+    raw = quantize_rows(arr.reshape(-1, arr.shape[-1]), qtype)
+    writer.add_tensor(key, raw.reshape(arr.shape[0], -1), raw_dtype=qtype)
+
+
+def close_gguf(writer: gguf.GGUFWriter, path: str | os.PathLike[str]) -> str:
+    """Write the header, metadata and tensors of a gguf-py writer; returns the path."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return os.fspath(path)

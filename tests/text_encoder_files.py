@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 
 import gguf
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
-from model_files import quantize_rows
+from model_files import add_gguf_tensor, close_gguf
 
 WORDS = ("a", "cat", "dog", "walks", "on", "the", "beach", "at", "sunset", "red", "car", "in",
          "rain", "blurry", "low", "quality", "video", "of", "city", "night", "bright")
@@ -109,14 +108,9 @@ def write_text_encoder(path: str | os.PathLike[str], model: torch.nn.Module, qty
     for key, t in llama_cpp_state_dict(model).items():
         arr = t.detach().float().numpy()
         if arr.ndim == 1 or "norm" in key:
-            w.add_tensor(key, arr.astype(np.float32))
+            add_gguf_tensor(w, key, arr, T.F32)
         elif "attn_rel_b" in key:
-            w.add_tensor(key, arr.astype(np.float16))
+            add_gguf_tensor(w, key, arr, T.F16)
         else:
-            raw = quantize_rows(arr.reshape(-1, arr.shape[-1]), qtype)
-            w.add_tensor(key, raw.reshape(arr.shape[0], -1), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return os.fspath(path)
+            add_gguf_tensor(w, key, arr, qtype)
+    return close_gguf(w, path)
