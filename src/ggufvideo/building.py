@@ -27,7 +27,7 @@ from .loader import DTypeLike, file_architecture, read_tensors
 from .model import assign_state_dict, empty_weights
 from .models import Description, describe
 from .ops import swap_quant_layers
-from .reader import GGUFFile
+from .reader import GGUFFile, is_gguf
 from .shapes import logical_shape
 
 __all__ = ["from_gguf", "describe_file", "CONFIG_KEY"]
@@ -78,13 +78,8 @@ class _Checkpoint:
     gguf: GGUFFile | None = None
 
 
-def _is_gguf(path: str) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(4) == b"GGUF"
-
-
 def _open(path: str | os.PathLike[str] | GGUFFile) -> _Checkpoint:
-    if isinstance(path, GGUFFile) or _is_gguf(os.fspath(path)):
+    if isinstance(path, GGUFFile) or is_gguf(path):
         file = path if isinstance(path, GGUFFile) else GGUFFile(path)
         shapes = {name: tuple(logical_shape(file, info)) for name, info in file.tensors.items()}
         return _Checkpoint(file.path, shapes, file_architecture(file), file.metadata,

@@ -32,7 +32,7 @@ from torch import nn
 
 from .errors import ModelLoadError, _safe
 from .loader import DTypeLike, file_architecture, read_tensors, resolve_dtype
-from .models import CONTAINER_PREFIXES
+from .models import CONTAINER_PREFIXES, strip_prefix
 from .models.matching import LayoutMatch, describe_keys, match_layout
 from .ops import QuantLayer, dequantize_weight, swap_quant_layers
 from .reader import GGUFFile
@@ -103,12 +103,6 @@ def empty_weights() -> Iterator[None]:
 
 
 # -- keys ----------------------------------------------------------------------------------------
-def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """Remove ``prefix`` from every key that starts with it; other keys are kept as they are."""
-    n = len(prefix)
-    return {(k[n:] if prefix and k.startswith(prefix) else k): v for k, v in state_dict.items()}
-
-
 def _format_keys(keys: list[str], limit: int = 20) -> str:
     shown = ", ".join(_safe(k) for k in keys[:limit])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")

@@ -32,7 +32,7 @@ from gguf import GGMLQuantizationType, GGUFValueType
 from .errors import InvalidHeaderError, TensorLayoutError, UnsupportedTypeError, _safe
 from .quants import get_quant_type
 
-__all__ = ["GGUFFile", "TensorInfo", "MetadataField", "GGUF_MAGIC", "DEFAULT_ALIGNMENT"]
+__all__ = ["GGUFFile", "TensorInfo", "MetadataField", "GGUF_MAGIC", "DEFAULT_ALIGNMENT", "is_gguf"]
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -67,6 +67,13 @@ _NUMPY: dict[GGUFValueType, str] = {
     GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8",
 }
 _KNOWN_QTYPES = {int(t) for t in GGMLQuantizationType}
+
+
+def is_gguf(path: str | os.PathLike[str]) -> bool:
+    """Whether the file starts with GGUF's magic (a cheap test of which kind of file it is; the
+    header is validated only by :class:`GGUFFile`)."""
+    with open(path, "rb") as fh:
+        return fh.read(4) == GGUF_MAGIC
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,9 @@ TOKENS_KEY = "tokenizer.ggml.tokens"
 def has_tokenizer(path: str | os.PathLike[str]) -> bool:
     """Whether the file is a GGUF file carrying a vocabulary (``tokenizer.ggml.tokens``); a
     safetensors checkpoint never does."""
-    from .reader import GGUFFile
+    from .reader import GGUFFile, is_gguf
 
-    with open(path, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            return False
-    return TOKENS_KEY in GGUFFile(path).metadata
+    return is_gguf(path) and TOKENS_KEY in GGUFFile(path).metadata
 
 
 def tokenizer_from_gguf(path: str | os.PathLike[str], **kwargs: Any) -> Any:

@@ -137,9 +137,7 @@ def _to_original_layout(sd: dict[str, torch.Tensor], path: str) -> dict[str, tor
     det = detect(list(sd))
     if det is None or det.layout == "original" or "original" not in det.family.layouts:
         return sd
-    n = len(det.prefix)
-    inner = {k[n:]: v for k, v in sd.items() if k.startswith(det.prefix)}
-    others = {k: v for k, v in sd.items() if not k.startswith(det.prefix)}
+    inner, others = det.split(sd)
     try:
         return {**det.family.convert(inner, det.layout, "original", TensorOps()), **others}
     except GGUFError as e:
@@ -255,9 +253,7 @@ def _text_encoder_state_dict(path: str, sd: dict[str, torch.Tensor]) -> dict[str
         raise ComfyLoadError(f"{os.path.basename(path)}: expected a T5/UMT5 text encoder "
                              f"(llama.cpp's 'enc.blk.0.attn_q.weight' or transformers' "
                              f"'encoder.block.0.layer.0.SelfAttention.q.weight'), found {what}")
-    n = len(det.prefix)
-    inner = {k[n:]: v for k, v in sd.items()
-             if k.startswith(det.prefix) and not det.family.is_unused(k[n:])}
+    inner = {k: v for k, v in det.split(sd)[0].items() if not det.family.is_unused(k)}
     return det.family.convert(inner, det.layout, CANONICAL, TensorOps())
 
 

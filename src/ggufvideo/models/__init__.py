@@ -12,9 +12,9 @@ import importlib
 import pkgutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from ..errors import ModelLoadError, UnknownModelError
+from ..errors import UnknownModelError
 from .base import (
     CANONICAL,
     Family,
@@ -44,7 +44,10 @@ __all__ = [
     "get_family",
     "inverse_permutation",
     "rename",
+    "strip_prefix",
 ]
+
+V = TypeVar("V")
 
 #: Prefixes checkpoints put before a single model's keys (ComfyUI files:
 #: ``model.diffusion_model.``).
@@ -85,6 +88,12 @@ def known_families() -> str:
                      f"{'/'.join(f.architectures) or '-'})" for f in families().values())
 
 
+def strip_prefix(values: Mapping[str, V], prefix: str) -> dict[str, V]:
+    """Remove ``prefix`` from every key that starts with it; other keys are kept as they are."""
+    n = len(prefix)
+    return {(k[n:] if prefix and k.startswith(prefix) else k): v for k, v in values.items()}
+
+
 @dataclass(frozen=True)
 class Detection:
     """A file's (or model's) family and layout.
@@ -100,6 +109,13 @@ class Detection:
     layout: str
     prefix: str
     architecture: str | None = None
+
+    def split(self, values: Mapping[str, V]) -> tuple[dict[str, V], dict[str, V]]:
+        """The entries under :attr:`prefix` keyed by the family's own names (prefix removed),
+        and the entries outside it as they are."""
+        n = len(self.prefix)
+        inner = {k[n:]: v for k, v in values.items() if k.startswith(self.prefix)}
+        return inner, {k: v for k, v in values.items() if not k.startswith(self.prefix)}
 
 
 def _candidates(keys: Iterable[str]) -> list[tuple[str, set[str]]]:
@@ -175,16 +191,9 @@ def describe(shapes: Mapping[str, tuple[int, ...]], architecture: str | None = N
         raise UnknownModelError(f"no known model family matches this file ({arch}, "
                                 f"{len(shapes)} tensors); known families: {known_families()}",
                                 path=source)
-    n = len(det.prefix)
-    inner = {k[n:]: v for k, v in shapes.items() if k.startswith(det.prefix)}
+    inner, _ = det.split(shapes)
     canonical = det.family.convert(inner, det.layout, CANONICAL, ShapeOps())
     view = Shapes(canonical, source)
     config = det.family.infer_config(view)
     return Description(det, config, det.family.class_name(config),
                        det.family.variant(config, view))
-
-
-def _check_registry() -> None:  # pragma: no cover - import-time sanity for family authors
-    for fam in families().values():
-        if CANONICAL not in fam.signatures:
-            raise ModelLoadError(f"family {fam.name} declares no diffusers signature")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import CONTAINER_PREFIXES, Detection, Family, ShapeOps, detect
+from . import CONTAINER_PREFIXES, Detection, Family, ShapeOps, detect, strip_prefix
 from .tensors import TensorOps
 
 __all__ = ["LayoutMatch", "match_layout", "best_prefix", "describe_keys"]
@@ -73,11 +73,6 @@ class LayoutMatch:
         return what + (f" (prefix {self.prefix!r} removed)" if self.prefix else "")
 
 
-def _strip(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    n = len(prefix)
-    return {(k[n:] if prefix and k.startswith(prefix) else k): v for k, v in d.items()}
-
-
 def _score(keys: Iterable[str], shapes: Mapping[str, tuple[int, ...]],
            model: Mapping[str, tuple[int, ...]]) -> int:
     return sum(1 for k in keys if k in model and tuple(shapes[k]) == model[k])
@@ -106,11 +101,11 @@ def match_layout(state_dict: Mapping[str, torch.Tensor],
     det = detect(shapes, architecture)
     if prefix is None:
         prefix = best_prefix(shapes, model_keys)
-    plain = _strip(shapes, prefix)
+    plain = strip_prefix(shapes, prefix)
     best = LayoutMatch(prefix, det.family if det else None, det.layout if det else None,
                        det.layout if det else None, _score(plain, plain, model_shapes))
     if det is not None:
-        inner = _strip({k: v for k, v in shapes.items() if k.startswith(det.prefix)}, det.prefix)
+        inner, _ = det.split(shapes)
         for layout in det.family.layouts:
             if layout == det.layout:
                 continue
@@ -122,10 +117,10 @@ def match_layout(state_dict: Mapping[str, torch.Tensor],
             if score > best.matched:
                 best = LayoutMatch(det.prefix, det.family, det.layout, layout, score)
     if not best.renamed:
-        return _strip(state_dict, best.prefix), best
+        return strip_prefix(state_dict, best.prefix), best
     assert best.family is not None and best.source is not None and best.target is not None
-    inner_sd = _strip({k: v for k, v in state_dict.items() if k.startswith(best.prefix)},
-                      best.prefix)
+    assert det is not None  # a renaming is one of the detected family's layouts
+    inner_sd, _ = det.split(state_dict)
     return best.family.convert(inner_sd, best.source, best.target, TensorOps(), context), best
 
 

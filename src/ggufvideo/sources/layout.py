@@ -119,14 +119,13 @@ def relayout(tensors: list[SourceTensor], layout: str, architecture: str | None,
     if layout not in fam.layouts:
         raise ModelLoadError(f"unknown layout {layout!r}: {fam.title} has the layouts "
                              f"{', '.join(fam.layouts)}", path=path)
-    n = len(det.prefix)
-    values = {t.name[n:]: t for t in tensors if t.name.startswith(det.prefix)}
+    values, rest = det.split({t.name: t for t in tensors})
     if fam.release_layout is not None and layout == "original":
         # "original" of a family whose releases differ in naming: that of this model's release
         shapes = fam.convert({k: tuple(v.shape) for k, v in values.items()}, det.layout,
                              CANONICAL, ShapeOps(), _decoded(context))
         layout = fam.resolve_layout(layout, fam.infer_config(Shapes(shapes, path)))
-    others = [t for t in tensors if not t.name.startswith(det.prefix)]
+    others = list(rest.values())
     converted = fam.convert(values, det.layout, layout, SourceOps(), _decoded(context))
     prefix = fam.original_prefix if layout != CANONICAL else ""
     out = [dataclasses.replace(t, name=prefix + name) for name, t in converted.items()]
