@@ -20,10 +20,12 @@ Run: ``python benchmarks/gpu_lora.py [--blocks 2] [--tokens 32760] [--json out.j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ggufvideo import GGMLTensor  # noqa: E402
+from ggufvideo import adapters as ggv_adapters  # noqa: E402
 from ggufvideo.ops import (  # noqa: E402
     LoraAdapter,
     QuantLinear,
@@ -107,6 +110,16 @@ def with_peft(model: nn.Module, rank: int, names: list[str]) -> nn.Module:
     return model.to(torch.bfloat16)
 
 
+@contextlib.contextmanager
+def cublas_up() -> Iterator[None]:
+    """The fused path with the up-projection added by cuBLAS' ``addmm_`` (not the Triton kernel)."""
+    ggv_adapters._UP_WITH_CUBLAS = True
+    try:
+        yield
+    finally:
+        ggv_adapters._UP_WITH_CUBLAS = False
+
+
 def timed(fn, reps: int, sync) -> float:  # noqa: ANN001
     fn()
     sync()
@@ -158,6 +171,8 @@ def _layer_rows(device: torch.device, tokens: int, k: int, n: int, qtype: str, r
             set_lora_fusion(True)
             res["ours_ms"] = timed(lambda: lin(x), reps, sync)
             yf = lin(x)
+            with cublas_up():
+                res["ours_cublas_up_ms"] = timed(lambda: lin(x), reps, sync)
             set_lora_fusion(False)
             res["ours_unfused_ms"] = timed(lambda: lin(x), reps, sync)
             yr = lin(x)
@@ -230,6 +245,8 @@ def block_bench(device: torch.device, n_blocks: int, tokens: int, qtype: str, re
             add_loras(blocks, rank, count, device)
             set_lora_fusion(True)
             res[f"ours_{tag}_ms"] = timed(fwd(blocks), reps, sync)
+            with cublas_up():
+                res[f"ours_cublas_up_{tag}_ms"] = timed(fwd(blocks), reps, sync)
             set_lora_fusion(False)
             res[f"ours_unfused_{tag}_ms"] = timed(fwd(blocks), reps, sync)
             set_lora_fusion(True)
@@ -254,25 +271,28 @@ def block_bench(device: torch.device, n_blocks: int, tokens: int, qtype: str, re
 
 def table(layers: list[dict], block: dict | None) -> str:
     lines = ["per layer (time ratio vs no LoRA; ms of no LoRA):",
-             "| K x N | rank x LoRAs | none ms | ours | ours unfused | merge per call | peft | "
-             "base bit-identical | fused-ref max|d| |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| K x N | rank x LoRAs | none ms | ours | ours, cuBLAS up | ours unfused | merge per call | "
+             "peft | base bit-identical | fused-ref max|d| |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in layers:
         b = r["none_ms"]
         peft = f"{r['peft_ms'] / b:.3f}" if "peft_ms" in r else "-"
         lines.append(f"| {r['K']}x{r['N']} | {r['rank']}x{r['loras']} | {b:.2f} | "
-                     f"{r['ours_ms'] / b:.3f} | {r['ours_unfused_ms'] / b:.3f} | "
+                     f"{r['ours_ms'] / b:.3f} | {r['ours_cublas_up_ms'] / b:.3f} | "
+                     f"{r['ours_unfused_ms'] / b:.3f} | "
                      f"{r['merge_ms'] / b:.3f} | {peft} | {r['base_bit_identical_at_scale_0']} | "
                      f"{r['fused_vs_reference_max_abs']:.3g} |")
     if block:
         b = block["none_ms"]
         lines += ["", f"{block['blocks']} diffusers WanTransformerBlock(s), {block['tokens']} tokens, "
                   f"{block['qtype']} (no LoRA: {b:.1f} ms):",
-                  "| LoRA | ours | ours unfused | merge per call | peft |", "|---|---|---|---|---|"]
+                  "| LoRA | ours | ours, cuBLAS up | ours unfused | merge per call | peft |",
+                  "|---|---|---|---|---|---|"]
         for tag in ("r32x1", "r128x1", "r32x3"):
             def ratio(key: str) -> str:
                 return f"{block[key] / b:.3f}" if key in block else "-"
-            lines.append(f"| {tag} | {ratio(f'ours_{tag}_ms')} | {ratio(f'ours_unfused_{tag}_ms')} | "
+            lines.append(f"| {tag} | {ratio(f'ours_{tag}_ms')} | {ratio(f'ours_cublas_up_{tag}_ms')} | "
+                         f"{ratio(f'ours_unfused_{tag}_ms')} | "
                          f"{ratio(f'merge_{tag}_ms')} | {ratio(f'peft_{tag}_ms')} |")
     return "\n".join(lines)
 

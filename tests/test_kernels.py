@@ -597,3 +597,33 @@ def test_split_k_linear_replays_in_cuda_graph() -> None:
     finally:
         if saved is not None:
             _matmul._RINGS[x.device] = saved
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("rank", [4, 32, 96])
+def test_lora_up_add_kernel_adds_the_up_projection_in_place(rank: int, dtype: torch.dtype) -> None:
+    """``out += h @ up_t`` on a strided view (h as extra columns of the same buffer, as the fused
+    LoRA path lays them out): float32 accumulation, one rounding -- what addmm_ computes."""
+    torch.manual_seed(rank)
+    m, n = 70, 300  # partial tiles in both directions
+    buf = torch.randn(m, n + rank, device=DEVICE).to(dtype)
+    up_t = (torch.randn(rank, n, device=DEVICE) * 0.1).to(dtype)
+    expected = (buf[:, :n].float() + buf[:, n:].float() @ up_t.float()).to(dtype)
+    h_before = buf[:, n:].clone()
+    kernels.lora_up_add(buf[:, :n], buf[:, n:], up_t)
+    assert torch.equal(buf[:, n:], h_before)  # only the output columns change
+    diff = (buf[:, :n].float() - expected.float()).abs()
+    # one rounding of the float32 sum: at most one unit in the last place of the result
+    ulp = expected.float().abs() * (2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7)
+    assert bool((diff <= ulp + 1e-6).all())
+
+
+def test_lora_up_add_falls_back_to_addmm_outside_the_kernel() -> None:
+    """float32 (or a rank past LORA_MAX_RANK) takes ``addmm_``: the same values."""
+    torch.manual_seed(0)
+    out = torch.randn(5, 7)
+    h, up_t = torch.randn(5, 3), torch.randn(3, 7)
+    expected = out.addmm(h, up_t)
+    kernels.lora_up_add(out, h, up_t)
+    assert torch.equal(out, expected)

@@ -206,10 +206,19 @@ def _fused_lora_linear(x: torch.Tensor, weight: GGMLTensor, bias: torch.Tensor |
     from . import ops
 
     b = None if bias is None else ops.dequantize_weight(bias, x.dtype)
+    from . import kernels
+
     out = torch.ops.ggufvideo.linear_with_rows(x, weight.raw, int(weight.qtype), n, b, down)
     flat = out.view(-1, n + r)
-    flat[:, :n].addmm_(flat[:, n:], up_t)
+    if _UP_WITH_CUBLAS:
+        flat[:, :n].addmm_(flat[:, n:], up_t)
+    else:
+        kernels.lora_up_add(flat[:, :n], flat[:, n:], up_t)
     return out[..., :n]
+
+
+#: The up-projection through cuBLAS' ``addmm_`` instead of the Triton kernel (benchmarks compare).
+_UP_WITH_CUBLAS = False
 
 
 @torch.library.custom_op("ggufvideo::linear_with_rows", mutates_args=())

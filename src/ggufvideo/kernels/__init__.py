@@ -58,6 +58,8 @@ __all__ = [
     "dequantize",
     "linear",
     "release_workspace",
+    "lora_up_add",
+    "LORA_MAX_RANK",
 ]
 
 #: Types with a Triton dequantization kernel.
@@ -339,6 +341,32 @@ def _linear_backward(ctx, grad):  # noqa: ANN001, ANN202
 
 
 _quant_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+#: The largest summed LoRA rank :func:`lora_up_add` takes in its kernel (larger: cuBLAS).
+LORA_MAX_RANK = 256
+
+
+@torch.library.custom_op("ggufvideo::lora_up_add", mutates_args=("out",))
+def _lora_up_add_op(out: torch.Tensor, h: torch.Tensor, up_t: torch.Tensor) -> None:
+    from ._lora import up_add
+
+    up_add(out, h, up_t)
+
+
+def lora_up_add(out: torch.Tensor, h: torch.Tensor, up_t: torch.Tensor) -> None:
+    """``out += h @ up_t`` in place: the LoRA up-projection added into a layer's output.
+
+    ``out`` (M, N) and ``h`` (M, r) may have strided rows (``h`` is often extra columns of the
+    same buffer as ``out``). The Triton kernel runs for float16/bfloat16 on a device where
+    :func:`is_available` and r <= :data:`LORA_MAX_RANK`; otherwise ``out.addmm_(h, up_t)``. Both
+    accumulate in float32 and round once.
+    """
+    if (out.dtype in (torch.float16, torch.bfloat16) and h.dtype == out.dtype == up_t.dtype
+            and out.dim() == 2 and h.shape[1] <= LORA_MAX_RANK and out.stride(-1) == 1
+            and h.stride(-1) == 1 and is_available(out.device)):
+        torch.ops.ggufvideo.lora_up_add(out, h, up_t.contiguous())
+    else:
+        out.addmm_(h, up_t)
 
 
 # -- public wrappers -----------------------------------------------------------------------------
