@@ -247,6 +247,9 @@ def block_bench(device: torch.device, n_blocks: int, tokens: int, qtype: str, re
             res[f"ours_{tag}_ms"] = timed(fwd(blocks), reps, sync)
             with cublas_up():
                 res[f"ours_cublas_up_{tag}_ms"] = timed(fwd(blocks), reps, sync)
+            ggv_adapters._H_FROM_ROWS = False
+            res[f"ours_h_gemm_{tag}_ms"] = timed(fwd(blocks), reps, sync)
+            ggv_adapters._H_FROM_ROWS = True
             set_lora_fusion(False)
             res[f"ours_unfused_{tag}_ms"] = timed(fwd(blocks), reps, sync)
             set_lora_fusion(True)

@@ -208,6 +208,11 @@ def _fused_lora_linear(x: torch.Tensor, weight: GGMLTensor, bias: torch.Tensor |
     b = None if bias is None else ops.dequantize_weight(bias, x.dtype)
     from . import kernels
 
+    if not _H_FROM_ROWS:
+        out = kernels.linear(x, weight.raw, weight.qtype, n, b)
+        h = F.linear(x, down)
+        kernels.lora_up_add(out.view(-1, n), h.view(-1, r), up_t)
+        return out
     out = torch.ops.ggufvideo.linear_with_rows(x, weight.raw, int(weight.qtype), n, b, down)
     flat = out.view(-1, n + r)
     if _UP_WITH_CUBLAS:
@@ -219,6 +224,8 @@ def _fused_lora_linear(x: torch.Tensor, weight: GGMLTensor, bias: torch.Tensor |
 
 #: The up-projection through cuBLAS' ``addmm_`` instead of the Triton kernel (benchmarks compare).
 _UP_WITH_CUBLAS = False
+#: ``h = down @ x`` as rows appended to the base GEMM (else a GEMM of its own; benchmarks compare).
+_H_FROM_ROWS = True
 
 
 @torch.library.custom_op("ggufvideo::linear_with_rows", mutates_args=())

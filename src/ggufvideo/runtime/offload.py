@@ -66,6 +66,7 @@ class StreamScheduler:
         # The device tensors of a group in a slot are views of that slot, built once: a pass then
         # only re-points parameters (building the wrappers cost ~10 us each, per tensor per pass).
         self._views: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._pairs: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.log: list[tuple[str, str, int]] = []  # (what, group name, slot): for tests and tracing
         self.bytes_copied = 0
 
@@ -96,10 +97,14 @@ class StreamScheduler:
             self._slot_of.pop(id(old), None)
             self._copied.pop(id(old), None)
         self.backend.wait_compute(self._released[slot])  # the slot's last reader is done
-        buf = self.slots[slot]
-        for t in g.tensors:
-            src = t.host.raw if isinstance(t.host, GGMLTensor) else t.host
-            self.backend.copy(buf[t.offset:t.offset + t.nbytes], src.reshape(-1).view(torch.uint8))
+        pairs = self._pairs.get((id(g), slot))
+        if pairs is None:  # built once per (group, slot), like the views
+            buf = self.slots[slot]
+            pairs = self._pairs[(id(g), slot)] = [
+                (buf[t.offset:t.offset + t.nbytes],
+                 (t.host.raw if isinstance(t.host, GGMLTensor) else t.host).reshape(-1)
+                 .view(torch.uint8)) for t in g.tensors]
+        self.backend.copy(pairs)
         self._copied[id(g)] = self.backend.copy_done()
         self._holder[slot] = g
         self._slot_of[id(g)] = slot
