@@ -232,10 +232,15 @@ def test_a_diffusers_named_lora_applies_to_a_model_with_the_original_names():
     assert torch.equal(model(x), base)
 
 
-def test_fused_cuda_path_logic_matches_the_reference_on_cpu(monkeypatch):
-    """The fused path (down rows appended to the decoded weight, up added in place) run on the CPU
-    through the torch decoder: the same values as the reference path."""
+@pytest.mark.parametrize("h_from_rows", [True, False], ids=["rows", "h-gemm"])
+def test_fused_cuda_path_logic_matches_the_reference_on_cpu(monkeypatch, h_from_rows):
+    """The fused path (down rows appended to the decoded weight -- or ``down @ x`` by a GEMM of its
+    own -- then the up-projection added in place) run on the CPU through the torch decoder: the
+    same values as the reference path."""
+    from ggufvideo import adapters as adapters_module
     from ggufvideo import kernels, ops
+
+    monkeypatch.setattr(adapters_module, "_H_FROM_ROWS", h_from_rows)
 
     torch.manual_seed(0)
     layer = _quantize_linears(nn.Linear(256, 64))
