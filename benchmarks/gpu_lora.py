@@ -3,9 +3,10 @@ peft's adapters vs no LoRA -- per linear layer and for a stack of diffusers ``Wa
 
 Variants (each on the same Q4_K base weights, bf16 activations, CUDA-event medians):
   * ``none``: no LoRA (our quant-aware layers, decode into the workspace + cuBLAS).
-  * ``ours``: :func:`ggufvideo.apply_lora`-style adapters, fused path: the LoRA ``down`` rows ride
-    in the base GEMM (appended to the decoded weight in the workspace), the ``up`` GEMM adds into
-    the output in place (``beta = 1``). All LoRAs of a layer are packed into one pair.
+  * ``ours``: :func:`ggufvideo.apply_lora`-style adapters, fused path: the base product as without
+    a LoRA, one GEMM for ``down @ x`` of all the layer's LoRAs (packed into one pair), and a
+    Triton kernel that adds ``(scale * up) @ h`` into the output in place (``ours, cuBLAS up``:
+    the same with cuBLAS' ``addmm_`` for the last step).
   * ``ours-unfused``: the same adapters on the reference path (base GEMM + two small GEMMs + add).
   * ``merge``: what ComfyUI-GGUF does: decode to float32, add ``s * up @ down``, cast, ``F.linear``.
   * ``peft``: peft's ``LoraLayer`` wrapping our quant-aware layer (``inject_adapter_in_model``).
@@ -247,9 +248,6 @@ def block_bench(device: torch.device, n_blocks: int, tokens: int, qtype: str, re
             res[f"ours_{tag}_ms"] = timed(fwd(blocks), reps, sync)
             with cublas_up():
                 res[f"ours_cublas_up_{tag}_ms"] = timed(fwd(blocks), reps, sync)
-            ggv_adapters._H_FROM_ROWS = False
-            res[f"ours_h_gemm_{tag}_ms"] = timed(fwd(blocks), reps, sync)
-            ggv_adapters._H_FROM_ROWS = True
             set_lora_fusion(False)
             res[f"ours_unfused_{tag}_ms"] = timed(fwd(blocks), reps, sync)
             set_lora_fusion(True)

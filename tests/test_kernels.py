@@ -603,8 +603,8 @@ def test_split_k_linear_replays_in_cuda_graph() -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("rank", [4, 32, 96])
 def test_lora_up_add_kernel_adds_the_up_projection_in_place(rank: int, dtype: torch.dtype) -> None:
-    """``out += h @ up_t`` on a strided view (h as extra columns of the same buffer, as the fused
-    LoRA path lays them out): float32 accumulation, one rounding -- what addmm_ computes."""
+    """``out += h @ up_t`` on strided views (``out`` and ``h`` columns of one buffer, rows further
+    apart than their width): float32 accumulation, one rounding -- what addmm_ computes."""
     torch.manual_seed(rank)
     m, n = 70, 300  # partial tiles in both directions
     buf = torch.randn(m, n + rank, device=DEVICE).to(dtype)

@@ -150,12 +150,11 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     Reference path (CPU, small batches, training): the base product exactly as without adapters,
     then each adapter's two small products added in peft's order (so an fp32 model with these
     adapters gives the same bits as the fp32 model with peft's). Fast path (CUDA, a quantized
-    weight taking the decode + GEMM path, inference): the adapters' ``down`` rows are appended to
-    the weight decoded in the workspace, so one GEMM gives both ``W x`` and every ``down @ x``
-    (the activations are read once), then one more GEMM adds ``(scale * up) @ h`` into the output
-    in place (its epilogue's ``beta = 1``). The decoded weight is the same bits; all adapters of a
-    layer are packed into one ``down``/``up`` pair, so three LoRAs cost one of their summed rank.
-    The output is then a view with a row stride of ``out_features + rank``.
+    weight taking the decode + GEMM path, inference): the base product exactly as without
+    adapters (same kernel, same bits), then one GEMM gives ``h = down @ x`` for all adapters of
+    the layer at once (packed into one ``down``/``up`` pair, so three LoRAs cost one of their
+    summed rank) and one Triton kernel adds ``(scale * up) @ h`` into the output in place,
+    reading and writing it once (:func:`ggufvideo.kernels.lora_up_add`).
     """
     if owner is not None and isinstance(weight, GGMLTensor) and _fusable(x, weight, adapters):
         return _fused_lora_linear(x, weight, bias, adapters, owner)
@@ -181,7 +180,7 @@ def _fusable(x: torch.Tensor, weight: GGMLTensor, adapters: list[LoraAdapter]) -
     kernels = ops._gpu_kernels(weight)
     if kernels is None:
         return False
-    # Few rows go through the fused small-M kernel, which has no workspace to append rows to.
+    # Few rows: the reference path's small products cost no more than the packed ones.
     return x.numel() // max(1, x.shape[-1]) > kernels.FUSED_MAX_M
 
 
@@ -208,45 +207,17 @@ def _fused_lora_linear(x: torch.Tensor, weight: GGMLTensor, bias: torch.Tensor |
     b = None if bias is None else ops.dequantize_weight(bias, x.dtype)
     from . import kernels
 
-    if not _H_FROM_ROWS:
-        out = kernels.linear(x, weight.raw, weight.qtype, n, b)
-        h = F.linear(x, down)
-        kernels.lora_up_add(out.view(-1, n), h.view(-1, r), up_t)
-        return out
-    out = torch.ops.ggufvideo.linear_with_rows(x, weight.raw, int(weight.qtype), n, b, down)
-    flat = out.view(-1, n + r)
+    # Measured on an H200 (README, LoRA): appending ``down``'s rows to the decoded weight so one
+    # GEMM also yields ``h`` cost more than re-reading ``x`` in a GEMM of its own -- N + r
+    # columns leave a mostly idle tile column (+4% on 5120 x 5120, +12% at K = 13824).
+    out = kernels.linear(x, weight.raw, weight.qtype, n, b)
+    h = F.linear(x, down)
     if _UP_WITH_CUBLAS:
-        flat[:, :n].addmm_(flat[:, n:], up_t)
+        out.view(-1, n).addmm_(h.view(-1, r), up_t)
     else:
-        kernels.lora_up_add(flat[:, :n], flat[:, n:], up_t)
-    return out[..., :n]
+        kernels.lora_up_add(out.view(-1, n), h.view(-1, r), up_t)
+    return out
 
 
 #: The up-projection through cuBLAS' ``addmm_`` instead of the Triton kernel (benchmarks compare).
 _UP_WITH_CUBLAS = False
-#: ``h = down @ x`` as rows appended to the base GEMM (else a GEMM of its own; benchmarks compare).
-_H_FROM_ROWS = True
-
-
-@torch.library.custom_op("ggufvideo::linear_with_rows", mutates_args=())
-def _linear_with_rows(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int,
-                      bias: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, cat([W, rows]))`` for the quantized ``W``: ``rows`` appended to the weight as
-    decoded in the kernels' workspace (the decoded ``W`` is the same bits as without them)."""
-    from . import kernels
-
-    k = x.shape[-1]
-    n, r = out_features, rows.shape[0]
-    b = None if bias is None else torch.cat([bias.to(x.dtype), bias.new_zeros(r, dtype=x.dtype)])
-    key = kernels._workspace_key(x.device, x.dtype)
-    with kernels._workspace_lock(key):  # decode and GEMM enqueued with no other decode in between
-        w = kernels._workspace(key, (n + r) * k)
-        kernels._decode_into(raw.reshape(n, -1).contiguous(), qtype, w[:n * k])
-        w[n * k:].view(r, k).copy_(rows)
-        return F.linear(x, w.view(n + r, k), b)
-
-
-@_linear_with_rows.register_fake
-def _(x: torch.Tensor, raw: torch.Tensor, qtype: int, out_features: int,
-      bias: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], out_features + rows.shape[0]))

@@ -1,12 +1,12 @@
 """The LoRA up-projection added into a layer's output in place: ``out += h @ up_t``.
 
 ``h`` is (M, r) with r the (summed) LoRA rank, ``up_t`` is (r, N) -- the scaled up-projections,
-transposed -- and ``out`` is the (M, N) base product, possibly a strided view (the fused LoRA path
-writes ``h`` as extra columns of the base GEMM's output). The product has a tiny inner dimension,
-so the work is reading and writing ``out`` once: each program loads one (BM, r) tile of ``h``,
-one (r, BN) tile of ``up_t``, does one ``tl.dot`` and adds it into its (BM, BN) tile of ``out``
-in float32, rounding once. cuBLAS picks its usual GEMM tiling for such a call and moves
-``out`` at well under the memory's bandwidth (README: LoRA results).
+transposed -- and ``out`` is the (M, N) base product, possibly a strided view. The product has
+a tiny inner dimension, so the work is reading and writing ``out`` once: each program loads one
+(BM, r) tile of ``h``, one (r, BN) tile of ``up_t``, does one ``tl.dot`` and adds it into its
+(BM, BN) tile of ``out`` in float32, rounding once. cuBLAS' ``addmm_`` picks its usual GEMM
+tiling for such a call and moves ``out`` at well under the memory's bandwidth (0.29 ms against
+0.20 ms here for 32,760 x 5120, rank 32, on an H200).
 
 Imports triton at the top: reached only through :mod:`ggufvideo.kernels`.
 """
@@ -69,12 +69,13 @@ def up_add(out: torch.Tensor, h: torch.Tensor, up_t: torch.Tensor) -> None:
     m, n = out.shape
     r = h.shape[1]
     rank_tile = max(16, triton.next_power_of_2(r))
-    # Wide tiles of ``out`` for small ranks (each program's loads are long rows); narrower ones
-    # for large ranks keep the ``h`` and ``up_t`` tiles in registers.
-    bm, bn, warps = (64, 256, 8) if rank_tile <= 64 else (64, 128, 8)
+    # 64 x 128 tiles of ``out``: the fastest of six shapes tried at M = 32,760, rank 32 on an
+    # H200 (1.0-1.25x faster than 64 x 256 with 8 warps); 8 warps for large ranks keep the
+    # ``h`` and ``up_t`` tiles in registers.
+    bm, bn, warps = (64, 128, 4) if rank_tile <= 64 else (64, 128, 8)
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
     bits = out.dtype == torch.bfloat16 and soft_bf16()
     if bits:
         out, h, up_t = out.view(torch.int16), h.view(torch.int16), up_t.view(torch.int16)
     _up_add_kernel[grid](out, h, up_t, m, n, r, out.stride(0), h.stride(0), R=rank_tile,
-                         BM=bm, BN=bn, BF16_BITS=bits, num_warps=warps)
+                         BM=bm, BN=bn, BF16_BITS=bits, num_warps=warps, num_stages=1)
