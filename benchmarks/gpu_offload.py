@@ -34,8 +34,11 @@ import sys
 import time
 
 # Before torch initialises CUDA: segments that grow in place, so the memory cap below measures
-# what is allocated rather than what the caching allocator strands between block sizes.
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+# what is allocated rather than what the caching allocator strands between block sizes. Not for
+# --load, which ran with the default allocator before (its runs since have not finished: see
+# the progress lines it prints).
+if "--load" not in sys.argv:
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -228,12 +231,20 @@ def load_bandwidth(args: argparse.Namespace) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     sd = {f"l.{i}.weight": GGMLTensor(random_blocks("Q4_K", 5120 * 20, "cuda", gen).view(5120, -1).cpu(),
                                      "Q4_K", (5120, 5120), torch.bfloat16) for i in range(int(n_layers))}
+    t_start = time.perf_counter()
+
+    def progress(what: str) -> None:  # one line per stage, so a run cut short shows where it was
+        print(f"[load {time.perf_counter() - t_start:7.1f} s] {what}", flush=True)
+
+    if os.path.exists(path):  # left by a run that was cut short
+        os.remove(path)
     ggufvideo.save_state_dict(sd, path)
     del sd
     size = os.path.getsize(path)
     with open(path, "rb") as fh:  # into the page cache
         while fh.read(1 << 26):
             pass
+    progress(f"{size / 2**30:.2f} GiB file written and read into the page cache")
 
     class M(nn.Module):
         def __init__(self) -> None:
@@ -264,6 +275,7 @@ def load_bandwidth(args: argparse.Namespace) -> None:
     torch.cuda.synchronize()
     res["pageable_h2d_gbs"] = round(size / (time.perf_counter() - t0) / 1e9, 1)
     del pinned, dst, pageable
+    progress(f"pinned {res['pinned_h2d_gbs']} GB/s, pageable {res['pageable_h2d_gbs']} GB/s")
     from ggufvideo.runtime import _upload
 
     def timed_load(mode: str, **knobs: int) -> float:
@@ -282,6 +294,7 @@ def load_bandwidth(args: argparse.Namespace) -> None:
                 torch.cuda.synchronize()
                 best = max(best, size / (time.perf_counter() - t0) / 1e9)
                 del mm
+            progress(f"load_model, mode {mode} {knobs or ''}: {best:.2f} GB/s")
             return round(best, 2)
         finally:
             _upload.MODE = "read"
