@@ -139,8 +139,11 @@ def run(args: argparse.Namespace) -> list[dict]:
                    peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
         rows.append(row)
         print(json.dumps(row), flush=True)
-        with open(out_path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        save()
+
+    def save() -> None:  # all rows again: ratios and output differences are added after emit
+        with open(out_path, "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
 
     def measure(name: str, model: nn.Module, **extra: object) -> tuple[float, torch.Tensor]:
         torch.cuda.reset_peak_memory_stats()
@@ -219,6 +222,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 rows[-1]["go_ratio_vs_bf16_go_ratio"] = round((ms_g / ms_q) / ref["bf16_go"], 3)
         except Exception as e:  # noqa: BLE001
             emit(dict(variant="q4k group_offload", error=f"{type(e).__name__}: {e}"[:500]))
+    save()
     return rows
 
 

@@ -602,9 +602,11 @@ def test_split_k_linear_replays_in_cuda_graph() -> None:
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("rank", [4, 32, 96])
-def test_lora_up_add_kernel_adds_the_up_projection_in_place(rank: int, dtype: torch.dtype) -> None:
+def test_lora_up_add_kernel_adds_the_up_projection_in_place(rank: int, dtype: torch.dtype,
+                                                            monkeypatch) -> None:
     """``out += h @ up_t`` on strided views (``out`` and ``h`` columns of one buffer, rows further
     apart than their width): float32 accumulation, one rounding -- what addmm_ computes."""
+    monkeypatch.setattr(kernels, "LORA_MAX_RANK", 256)  # the kernel for every rank here
     torch.manual_seed(rank)
     m, n = 70, 300  # partial tiles in both directions
     buf = torch.randn(m, n + rank, device=DEVICE).to(dtype)
@@ -624,6 +626,12 @@ def test_lora_up_add_falls_back_to_addmm_outside_the_kernel() -> None:
     torch.manual_seed(0)
     out = torch.randn(5, 7)
     h, up_t = torch.randn(5, 3), torch.randn(3, 7)
+    expected = out.addmm(h, up_t)
+    kernels.lora_up_add(out, h, up_t)
+    assert torch.equal(out, expected)
+    rank = kernels.LORA_MAX_RANK + 1
+    out = torch.randn(9, 40).to(torch.bfloat16)
+    h, up_t = torch.randn(9, rank).to(torch.bfloat16), torch.randn(rank, 40).to(torch.bfloat16)
     expected = out.addmm(h, up_t)
     kernels.lora_up_add(out, h, up_t)
     assert torch.equal(out, expected)
