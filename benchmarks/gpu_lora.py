@@ -35,7 +35,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ggufvideo import GGMLTensor  # noqa: E402
-from ggufvideo import adapters as ggv_adapters  # noqa: E402
+from ggufvideo import kernels as ggv_kernels  # noqa: E402
 from ggufvideo.ops import (  # noqa: E402
     LoraAdapter,
     QuantLinear,
@@ -113,12 +113,14 @@ def with_peft(model: nn.Module, rank: int, names: list[str]) -> nn.Module:
 
 @contextlib.contextmanager
 def cublas_up() -> Iterator[None]:
-    """The fused path with the up-projection added by cuBLAS' ``addmm_`` (not the Triton kernel)."""
-    ggv_adapters._UP_WITH_CUBLAS = True
+    """The fused path with the up-projection added by cuBLAS' ``addmm_`` (not the Triton kernel):
+    no rank is small enough for the kernel."""
+    saved = ggv_kernels.LORA_MAX_RANK
+    ggv_kernels.LORA_MAX_RANK = 0
     try:
         yield
     finally:
-        ggv_adapters._UP_WITH_CUBLAS = False
+        ggv_kernels.LORA_MAX_RANK = saved
 
 
 def timed(fn, reps: int, sync) -> float:  # noqa: ANN001

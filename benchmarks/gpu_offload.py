@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             emit(dict(variant=f"q4k offload {pct}%", error=str(e)))
             continue
         # Headroom over budget + activations for the allocator's rounding (expandable segments,
-        # set below, keep fragmentation from counting against the cap).
+        # set at the top of this file, keep fragmentation from counting against the cap).
         cap(int((budget + act) * 1.15) + 512 * 2**20)
         ms_s, out_s = measure(f"q4k offload {pct}%", m, budget_gib=round(budget / 2**30, 2),
                               device_weight_gib=round(h.device_bytes / 2**30, 2),
@@ -240,9 +240,7 @@ def load_bandwidth(args: argparse.Namespace) -> None:
     def progress(what: str) -> None:  # one line per stage, so a run cut short shows where it was
         print(f"[load {time.perf_counter() - t_start:7.1f} s] {what}", flush=True)
 
-    if os.path.exists(path):  # left by a run that was cut short
-        os.remove(path)
-    ggufvideo.save_state_dict(sd, path)
+    ggufvideo.save_state_dict(sd, path, overwrite=True)  # a run cut short leaves its file
     del sd
     size = os.path.getsize(path)
     with open(path, "rb") as fh:  # into the page cache

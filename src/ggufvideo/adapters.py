@@ -212,12 +212,5 @@ def _fused_lora_linear(x: torch.Tensor, weight: GGMLTensor, bias: torch.Tensor |
     # columns leave a mostly idle tile column (+4% on 5120 x 5120, +12% at K = 13824).
     out = kernels.linear(x, weight.raw, weight.qtype, n, b)
     h = F.linear(x, down)
-    if _UP_WITH_CUBLAS:
-        out.view(-1, n).addmm_(h.view(-1, r), up_t)
-    else:
-        kernels.lora_up_add(out.view(-1, n), h.view(-1, r), up_t)
+    kernels.lora_up_add(out.view(-1, n), h.view(-1, r), up_t)
     return out
-
-
-#: The up-projection through cuBLAS' ``addmm_`` instead of the Triton kernel (benchmarks compare).
-_UP_WITH_CUBLAS = False
