@@ -209,7 +209,7 @@ def _fused_lora_linear(x: torch.Tensor, weight: GGMLTensor, bias: torch.Tensor |
 
     # Measured on an H200 (README, LoRA): appending ``down``'s rows to the decoded weight so one
     # GEMM also yields ``h`` cost more than re-reading ``x`` in a GEMM of its own (four Wan-14B
-    # blocks, rank 32: +9.6% against +5.2%) -- N + r columns slow the base GEMM down.
+    # blocks, rank 32: +9.6% against +5.1%) -- N + r columns slow the base GEMM down.
     out = kernels.linear(x, weight.raw, weight.qtype, n, b)
     h = F.linear(x, down)
     kernels.lora_up_add(out.view(-1, n), h.view(-1, r), up_t)
