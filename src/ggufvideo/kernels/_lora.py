@@ -71,7 +71,8 @@ def up_add(out: torch.Tensor, h: torch.Tensor, up_t: torch.Tensor) -> None:
     # 64 x 128 tiles of ``out``, 4 warps: picked from six tile shapes timed on the Wan-14B
     # outputs (M = 32,760, rank 32, an H200); 8 warps for large ranks keep the ``h`` and
     # ``up_t`` tiles in registers.
-    bm, bn, warps = (64, 128, 4) if rank_tile <= 64 else (64, 128, 8)
+    bm, bn = 64, 128
+    warps = 4 if rank_tile <= 64 else 8
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
     bits = out.dtype == torch.bfloat16 and soft_bf16()
     if bits:
