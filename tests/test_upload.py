@@ -21,15 +21,21 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 class FakeStaging:
-    """CPU "device": pinned buffers are plain, copies happen at once, events are numbers; the log
-    says in which order reads, copies, records and waits happened."""
+    """CPU "device": pinned memory is plain, copies happen at once; the log says in which order
+    reads, copies, records and waits happened, each tagged with the lane (reader) whose thread
+    made it (None outside a reader)."""
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")
         self.log: list[tuple] = []
         self.buffers: list[torch.Tensor] = []
-        self._n = 0
+        self.lanes: list[FakeLane] = []
         self._lock = threading.Lock()
+        self._current = threading.local()  # the lane a reader thread works for
+
+    def note(self, *event) -> None:
+        with self._lock:
+            self.log.append((getattr(self._current, "lane", None), *event))
 
     def pinned(self, n):
         b = torch.empty(n, dtype=torch.uint8)
@@ -41,21 +47,38 @@ class FakeStaging:
 
     def copy(self, dst, src):
         dst.copy_(src)
-        buf = next((i for i, b in enumerate(self.buffers)
-                    if b.data_ptr() <= src.data_ptr() < b.data_ptr() + b.numel()), None)
-        self.log.append(("copy", buf))
+        self.note("copy", None)
 
-    def record(self):
+    def lane(self, slots):
+        lane = FakeLane(self, slots)
         with self._lock:
-            self._n += 1
-            self.log.append(("record", self._n))
-            return self._n
-
-    def wait(self, ev):
-        self.log.append(("wait", ev))
+            lane.id = len(self.lanes)
+            self.lanes.append(lane)
+        self._current.lane = lane.id
+        return lane
 
     def finish(self):
-        self.log.append(("finish",))
+        self.note("finish")
+
+
+class FakeLane:
+    def __init__(self, st, slots):
+        self.st, self.slots, self.closed = st, slots, False
+
+    def copy(self, dst, dst_at, src, src_at, n):
+        dst[dst_at:dst_at + n].copy_(src[src_at:src_at + n])
+        self.st.note("copy", src_at)
+
+    def record(self, slot):
+        self.st.note("record", slot)
+
+    def wait(self, slot):
+        self.st.note("wait", slot)
+
+    def close(self):
+        self.closed = True
+        self.st.note("close")
+        self.st._current.lane = None
 
 
 def _file(tmp_path, n=6):
@@ -81,23 +104,24 @@ def test_chunks_cover_every_byte_once_in_file_order():
     assert chunks[-1].offset >= 200_000
 
 
+@pytest.mark.parametrize("readers", [1, 3])
 def test_staged_read_is_byte_identical_and_refills_a_buffer_only_after_its_copies(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, readers):
     path = _file(tmp_path)
     monkeypatch.setattr(_upload, "BUFFERS", 2)
+    monkeypatch.setattr(_upload, "READERS", readers)
     monkeypatch.setattr(_upload, "MAX_GAP", 0)
+    monkeypatch.setattr(_upload, "CHUNK_BYTES", 1000)
     file = GGUFFile(path)
     sd = read_tensors(file, lazy=True)
     st = FakeStaging()
-    reads: list[int] = []
     real = _upload._read_into
 
     def read(fd, offset, out, p):
-        st.log.append(("read", offset))
-        reads.append(offset)
+        (ring,) = st.buffers
+        st.note("read", offset, (out.ctypes.data - ring.data_ptr()) // 1000)
         real(fd, offset, out, p)
     monkeypatch.setattr(_upload, "_read_into", read)
-    monkeypatch.setattr(_upload, "CHUNK_BYTES", 1000)
     p, base, size = _upload.file_span(file)
     tensors = list(sd.values())
     spans = [(t.raw.data_ptr() - base if isinstance(t, GGMLTensor) else t.data_ptr() - base,
@@ -110,16 +134,51 @@ def test_staged_read_is_byte_identical_and_refills_a_buffer_only_after_its_copie
         assert torch.equal(ra.view(torch.uint8), rb.view(torch.uint8))
         assert rb.data_ptr() != ra.data_ptr()  # a copy, not a view of the mapping
     chunks = plan_chunks(spans, 1000, 0)
-    assert len(chunks) > 4 and sorted(reads) == [c.offset for c in chunks]
-    # chunk k >= 2 reuses chunk k-2's buffer: read only after waiting for that chunk's event,
-    # which was recorded after the copies out of it
-    log = st.log
-    records = [e[1] for e in log if e[0] == "record"]
-    for k in range(2, len(chunks)):
-        read_at = log.index(("read", chunks[k].offset))
-        wait_at = log.index(("wait", records[k - 2]))
-        assert log.index(("record", records[k - 2])) < wait_at < read_at
-    assert log[-1] == ("finish",)
+    assert len(chunks) > 2 * readers * 2
+    reads = [e for e in st.log if e[1] == "read"]
+    assert sorted(e[2] for e in reads) == [c.offset for c in chunks]
+    # one ring of readers x 2 buffers; each reader thread takes every readers-th chunk in file
+    # order, alternating its two buffers
+    assert len(st.buffers) == 1 and st.buffers[0].numel() == readers * 2 * 1000
+    assert {e[0] for e in reads} == set(range(readers)) and len(st.lanes) == readers
+    for tid in range(readers):
+        mine = [e for e in st.log if e[0] == tid]
+        offsets = [e[2] for e in mine if e[1] == "read"]
+        assert offsets == sorted(offsets)
+        k0 = [c.offset for c in chunks].index(offsets[0])
+        assert offsets == [c.offset for c in chunks[k0::readers]]
+        slots = [e[3] for e in mine if e[1] == "read"]
+        assert len(set(slots)) == 2 and slots[0] != slots[1] and slots[::2] == [slots[0]] * len(slots[::2])
+        # before every read into a buffer: a wait on that buffer, and (after its first use) the
+        # record made after the copies out of it came before the wait
+        events = [e[1:] for e in mine]
+        for j, at in enumerate(i for i, e in enumerate(events) if e[0] == "read"):
+            slot = j % 2
+            assert events[at - 1] == ("wait", slot)
+            if j >= 2:
+                prev = max(i for i, e in enumerate(events[:at - 1]) if e == ("record", slot))
+                between = [e[0] for e in events[prev - 1:prev]]
+                assert between == ["copy"]  # the copies out of it came before its record
+        assert events[-1] == ("close",)
+    assert all(lane.closed for lane in st.lanes) and st.log[-1][1] == "finish"
+
+
+def test_a_failed_read_stops_the_readers_and_closes_every_lane(tmp_path, monkeypatch):
+    path = _file(tmp_path)
+    monkeypatch.setattr(_upload, "READERS", 3)
+    monkeypatch.setattr(_upload, "MAX_GAP", 0)
+    monkeypatch.setattr(_upload, "CHUNK_BYTES", 1000)
+    file = GGUFFile(path)
+    sd = read_tensors(file, lazy=True)
+    p, base, size = _upload.file_span(file)
+    tensors = list(sd.values())
+    (tmp_path / "t.gguf").write_bytes((tmp_path / "t.gguf").read_bytes()[:size // 2])
+    st = FakeStaging()
+    with pytest.raises(OSError, match=r"t\.gguf: short read at offset \d+ while loading to the GPU"):
+        upload(tensors, torch.device("cpu"), path=p, base=base, size=size, mode="read",
+               staging=st)
+    assert st.lanes and all(lane.closed for lane in st.lanes)
+    assert not any(e[1] == "finish" for e in st.log)
 
 
 def _bytes(m):
@@ -160,7 +219,7 @@ def test_tensors_outside_the_file_and_tied_keys_fall_back_and_dedupe(tmp_path):
     out = upload_state(sd, list(sd), torch.device("cpu"), file, staging=st)
     assert out["tied"] is out["w0"] and torch.equal(out["joined"], sd["joined"])
     assert torch.equal(out["w1"].raw, sd["w1"].raw) and out["w1"].raw.data_ptr() != sd["w1"].raw.data_ptr()
-    copied = sum(1 for e in st.log if e[0] == "copy")
+    copied = sum(1 for e in st.log if e[1] == "copy")
     assert copied >= 3  # w0, w1, bias (once each at least; w0 not twice for its tied key)
 
 
@@ -178,12 +237,16 @@ def test_without_cuda_load_model_does_not_stage(monkeypatch):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("mode", ["read", "register", "plain"])
+@pytest.mark.parametrize("mode", ["read", "read-torch", "register", "plain"])
 def test_gpu_load_model_staged_is_byte_identical(tmp_path, monkeypatch, mode):
     src = Net(dim=256)
     path = tmp_path / "net.gguf"
     ggufvideo.save_state_dict(src.state_dict(), path)
-    monkeypatch.setattr(_upload, "MODE", mode)
+    if mode == "read":
+        from ggufvideo.runtime._cudart import lib
+        assert lib() is not None  # the libcudart path is what runs
+    monkeypatch.setattr(_upload, "USE_CUDART", mode != "read-torch")
+    monkeypatch.setattr(_upload, "MODE", mode.split("-")[0])
     monkeypatch.setattr(_upload, "CHUNK_BYTES", 64 << 10)  # many chunks, buffers reused
     with ggufvideo.empty_weights():
         host = Net(dim=256)

@@ -48,15 +48,13 @@ class HostRegistration:
 
 
 def _clear_cuda_error() -> None:
-    """``cudaGetLastError()`` through the libcudart this process loaded (torch has no binding)."""
-    import ctypes
+    """``cudaGetLastError()`` (torch has no binding), else the next kernel-launch check reports
+    the failed registration."""
+    from ._cudart import lib
 
-    try:
-        with open("/proc/self/maps") as fh:
-            path = next(line.split()[-1] for line in fh if "libcudart" in line)
-        ctypes.CDLL(path).cudaGetLastError()
-    except (StopIteration, OSError, AttributeError):
-        pass
+    rt = lib()
+    if rt is not None:
+        rt.cudaGetLastError()
 
 
 def _merged_ranges(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:

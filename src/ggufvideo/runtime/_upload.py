@@ -6,11 +6,15 @@ fraction of the link's speed. Two ways around it, chosen by :data:`MODE` (enviro
 ``GGUFVIDEO_UPLOAD``; ``benchmarks/gpu_offload.py --load`` times each):
 
 ``"read"`` (default)
-    A ring of :data:`BUFFERS` pinned buffers of :data:`CHUNK_BYTES`. Reader threads fill them
-    straight from the file (``os.preadv`` from the page cache: no page faults on the memory map)
-    while the GPU copies the chunks filled before, asynchronously, on a side stream; a buffer is
-    refilled once the copy out of it has completed (its event). The file is read in offset order,
-    neighbouring tensors in one run.
+    :data:`READERS` threads each own :data:`BUFFERS` pinned buffers of :data:`CHUNK_BYTES` and
+    take every READERS-th chunk of the file (in offset order, neighbouring tensors in one run).
+    A reader fills a buffer straight from the file (``os.preadv`` from the page cache: no page
+    faults on the memory map), queues the copies out of it on one side stream and records an
+    event; it refills that buffer once the event has passed. Small buffers (4 MiB, 2 per reader)
+    stay in the CPU's cache between the read into them and the GPU's read out of them, which is
+    worth more than longer transfers; many readers because one thread copies out of the page
+    cache at ~5 GB/s. Copies and events go through ``libcudart`` (:mod:`._cudart`) when it is
+    loaded, so issuing them does not hold the GIL the other readers need.
 ``"register"``
     The memory-mapped ranges are page-locked in place with ``cudaHostRegister`` (read-only, the
     staging :func:`ggufvideo.offload` uses), copied asynchronously, then unregistered.
@@ -24,6 +28,7 @@ with ``.to(device)``. The bytes are the file's: results are identical whichever 
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -38,9 +43,15 @@ from ..tensor import GGMLTensor
 __all__ = ["MODE", "Chunk", "plan_chunks", "upload", "upload_state", "use_fast_upload"]
 
 MODE = os.environ.get("GGUFVIDEO_UPLOAD", "read")
-CHUNK_BYTES = 32 << 20
-BUFFERS = 4
-READERS = 4
+CHUNK_BYTES = 4 << 20
+#: Pinned buffers per reader thread.
+BUFFERS = 2
+#: Reader threads (one per core, at most 16: a pinned H2D copy runs at ~50 GB/s, reached with
+#: 16 readers on an H100 host).
+READERS = max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                     else os.cpu_count() or 1))
+#: Issue "read" mode's copies through libcudart when it is loaded (else torch's calls).
+USE_CUDART = True
 #: Tensors closer than this in the file are read as one run (the alignment padding is read too).
 MAX_GAP = 1 << 16
 
@@ -94,12 +105,15 @@ def plan_chunks(spans: list[tuple[int, int]], chunk_bytes: int | None = None,
 
 
 class CudaStaging:
-    """The device side: pinned buffers, async copies on a side stream, events. Tests replace it
-    with one that copies on the CPU and records the order of events."""
+    """The device side: pinned memory, device buffers, copies on one side stream, and per-reader
+    :meth:`lane` objects. Tests replace it with one that copies on the CPU and records the order
+    of events."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device)
+        # resolved here: a reader thread's current device is 0, not this thread's
+        self.index = device.index if device.index is not None else torch.cuda.current_device()
 
     def pinned(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
@@ -111,17 +125,89 @@ class CudaStaging:
         with torch.cuda.stream(self.stream):
             dst.copy_(src, non_blocking=True)
 
-    def record(self) -> Any:
-        ev = torch.cuda.Event()
-        ev.record(self.stream)
-        return ev
+    def lane(self, slots: int) -> Any:
+        """A reader thread's copies and ``slots`` buffer events (made in that thread)."""
+        from . import _cudart
 
-    def wait(self, event: Any) -> None:
-        """The host waits for ``event`` (a staging buffer is free again)."""
-        event.synchronize()
+        rt = _cudart.lib() if USE_CUDART else None
+        if rt is not None:
+            return _CudartLane(rt, self.stream, self.index, slots)
+        return _TorchLane(self.stream, self.index, slots)
 
     def finish(self) -> None:
         self.stream.synchronize()
+
+
+class _TorchLane:
+    """A reader's copies and events through torch (no shared libcudart)."""
+
+    def __init__(self, stream: Any, index: int, slots: int) -> None:
+        torch.cuda.set_device(index)  # this thread's current device
+        self.stream = stream
+        self.events: list[Any] = [None] * slots
+
+    def copy(self, dst: torch.Tensor, dst_at: int, src: torch.Tensor, src_at: int, n: int) -> None:
+        with torch.cuda.stream(self.stream):
+            dst[dst_at:dst_at + n].copy_(src[src_at:src_at + n], non_blocking=True)
+
+    def record(self, slot: int) -> None:
+        ev = torch.cuda.Event()
+        ev.record(self.stream)
+        self.events[slot] = ev
+
+    def wait(self, slot: int) -> None:
+        if self.events[slot] is not None:
+            self.events[slot].synchronize()
+
+    def close(self) -> None:
+        for slot in range(len(self.events)):
+            self.wait(slot)
+
+
+class _CudartLane:
+    """A reader's copies and events through libcudart: the GIL is released while they are issued."""
+
+    def __init__(self, rt: Any, stream: Any, index: int, slots: int) -> None:
+        import ctypes
+
+        from ._cudart import EVENT_DISABLE_TIMING, H2D, check
+
+        self.rt, self.check, self.h2d = rt, check, H2D
+        self.stream = stream.cuda_stream
+        self.events: list[Any] = []
+        self.used = [False] * slots
+        check(rt.cudaSetDevice(index), "cudaSetDevice")
+        try:
+            for _ in range(slots):
+                ev = ctypes.c_void_p()
+                check(rt.cudaEventCreateWithFlags(ctypes.byref(ev), EVENT_DISABLE_TIMING),
+                      "cudaEventCreateWithFlags")
+                self.events.append(ev)
+        except BaseException:
+            self.close()
+            raise
+
+    def copy(self, dst: torch.Tensor, dst_at: int, src: torch.Tensor, src_at: int, n: int) -> None:
+        rc = self.rt.cudaMemcpyAsync(dst.data_ptr() + dst_at, src.data_ptr() + src_at, n,
+                                     self.h2d, self.stream)
+        self.check(rc, "cudaMemcpyAsync (host to device)")
+
+    def record(self, slot: int) -> None:
+        self.check(self.rt.cudaEventRecord(self.events[slot], self.stream), "cudaEventRecord")
+        self.used[slot] = True
+
+    def wait(self, slot: int) -> None:
+        if self.used[slot]:
+            self.check(self.rt.cudaEventSynchronize(self.events[slot]), "cudaEventSynchronize")
+            self.used[slot] = False
+
+    def close(self) -> None:
+        """Wait for the copies out of every buffer, then free the events."""
+        events, self.events = self.events, []
+        for slot, ev in enumerate(events):
+            if slot < len(self.used) and self.used[slot]:
+                self.rt.cudaEventSynchronize(ev)
+            self.rt.cudaEventDestroy(ev)
 
 
 def use_fast_upload(device: torch.device) -> bool:
@@ -194,32 +280,46 @@ def _read_staged(chunks: list[Chunk], flats: list[torch.Tensor | None], st: Any,
                  path: str) -> None:
     if not chunks:
         return
-    nbuf = min(BUFFERS, len(chunks))
+    readers = max(1, min(READERS, len(chunks)))
+    slots = max(1, BUFFERS)
     size = max(c.nbytes for c in chunks)
-    bufs = [st.pinned(size) for _ in range(nbuf)]
-    arrays = [b.numpy() for b in bufs]
-    freed: list[Any] = [None] * nbuf  # event after the last copy out of each buffer
+    ring = st.pinned(readers * slots * size)
+    ring_np = ring.numpy()
+    stop = threading.Event()  # a reader failed: the others stop at their next chunk
     fd = os.open(path, os.O_RDONLY)
-    try:
-        with ThreadPoolExecutor(max_workers=READERS) as pool:
-            def fill(k: int, wait_for: Any) -> None:
-                if wait_for is not None:
-                    st.wait(wait_for)  # the copies out of this buffer are done
-                c = chunks[k]
-                _read_into(fd, c.offset, arrays[k % nbuf][:c.nbytes], path)
 
-            pending = {k: pool.submit(fill, k, None) for k in range(nbuf)}
-            for k, c in enumerate(chunks):
-                pending.pop(k).result()
-                buf = bufs[k % nbuf]
-                for at, i, into, n in c.pieces:
+    def work(r: int) -> None:
+        try:
+            lane = st.lane(slots)
+        except BaseException:
+            stop.set()
+            raise
+        try:
+            for j, k in enumerate(range(r, len(chunks), readers)):
+                if stop.is_set():
+                    return
+                slot = j % slots
+                lane.wait(slot)  # the copies out of this buffer are done
+                at = (r * slots + slot) * size
+                c = chunks[k]
+                _read_into(fd, c.offset, ring_np[at:at + c.nbytes], path)
+                for piece_at, i, into, n in c.pieces:
                     dst = flats[i]
                     assert dst is not None
-                    st.copy(dst[into:into + n], buf[at:at + n])
-                freed[k % nbuf] = st.record()
-                if k + nbuf < len(chunks):
-                    pending[k + nbuf] = pool.submit(fill, k + nbuf, freed[k % nbuf])
-            st.finish()
+                    lane.copy(dst, into, ring, at + piece_at, n)
+                lane.record(slot)
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            lane.close()  # the ring is not released while copies out of it may be pending
+
+    try:
+        with ThreadPoolExecutor(max_workers=readers) as pool:
+            futures = [pool.submit(work, r) for r in range(readers)]
+            for f in futures:
+                f.result()
+        st.finish()
     finally:
         os.close(fd)
 

@@ -1,0 +1,57 @@
+"""The few CUDA runtime calls torch has no Python binding for, made through the ``libcudart``
+this process already loaded (``ctypes``).
+
+Why not torch's ``copy_`` and ``torch.cuda.Event``: the staged upload's reader threads each issue
+one copy and one event per few MiB, and through the dispatcher that is tens of microseconds with
+the GIL held, which serialises sixteen readers. A ``ctypes`` call releases the GIL for the call's
+duration, so the copies are issued in parallel with the reads. Where no shared ``libcudart`` is
+loaded (a static build, a platform without ``/proc/self/maps``) :func:`lib` is ``None`` and the
+callers use torch's own calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+__all__ = ["CudaError", "check", "lib"]
+
+H2D = 1  # cudaMemcpyHostToDevice
+EVENT_DISABLE_TIMING = 2  # cudaEventDisableTiming
+
+
+class CudaError(RuntimeError):
+    """A CUDA runtime call made through :func:`lib` failed."""
+
+
+@functools.lru_cache(maxsize=1)
+def lib() -> ctypes.CDLL | None:
+    """The loaded ``libcudart`` with argument types set, or ``None`` where there is none."""
+    try:
+        with open("/proc/self/maps") as fh:
+            path = next(line.split()[-1] for line in fh if "libcudart" in line.split()[-1])
+        rt = ctypes.CDLL(path)
+    except (StopIteration, OSError, IndexError):
+        return None
+    vp, size = ctypes.c_void_p, ctypes.c_size_t
+    try:
+        rt.cudaMemcpyAsync.argtypes = [vp, vp, size, ctypes.c_int, vp]
+        rt.cudaEventCreateWithFlags.argtypes = [ctypes.POINTER(vp), ctypes.c_uint]
+        rt.cudaEventRecord.argtypes = [vp, vp]
+        rt.cudaEventSynchronize.argtypes = [vp]
+        rt.cudaEventDestroy.argtypes = [vp]
+        rt.cudaSetDevice.argtypes = [ctypes.c_int]
+        rt.cudaGetErrorString.argtypes = [ctypes.c_int]
+        rt.cudaGetErrorString.restype = ctypes.c_char_p
+        rt.cudaGetLastError.argtypes = []
+    except AttributeError:  # not the runtime library after all
+        return None
+    return rt
+
+
+def check(rc: int, what: str) -> None:
+    """Raise :class:`CudaError` naming ``what`` and the runtime's message when ``rc`` is not 0."""
+    if rc:
+        rt = lib()
+        msg = rt.cudaGetErrorString(rc).decode() if rt is not None else "unknown error"
+        raise CudaError(f"{what} failed: {msg} (cudaError {rc})")

@@ -1,0 +1,23 @@
+"""ggufvideo.runtime._cudart: the libcudart lookup and its error messages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ggufvideo.runtime import _cudart
+
+
+def test_lib_is_the_loaded_runtime_or_none():
+    rt = _cudart.lib()
+    if torch.version.cuda is None:
+        assert rt is None  # a CPU build of torch loads no libcudart
+    if rt is not None:
+        assert rt.cudaMemcpyAsync.argtypes and rt.cudaGetErrorString.restype is not None
+
+
+def test_check_names_the_call_and_the_error():
+    _cudart.check(0, "cudaEventRecord")  # success: nothing
+    with pytest.raises(_cudart.CudaError, match=r"cudaMemcpyAsync \(host to device\) failed: .+ "
+                                                r"\(cudaError 1\)"):
+        _cudart.check(1, "cudaMemcpyAsync (host to device)")
