@@ -276,7 +276,7 @@ def load_bandwidth(args: argparse.Namespace) -> None:
     pinned = torch.empty(size, dtype=torch.uint8).pin_memory()
     dst = torch.empty(size, dtype=torch.uint8, device="cuda")
     best = 0.0
-    for _ in range(3):  # best of three, as the loads below
+    for _ in range(3):  # best of three
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         dst.copy_(pinned, non_blocking=True)
@@ -294,7 +294,8 @@ def load_bandwidth(args: argparse.Namespace) -> None:
     progress(f"pinned {res['pinned_h2d_gbs']} GB/s, pageable {res['pageable_h2d_gbs']} GB/s")
     from ggufvideo.runtime import _upload
 
-    def timed_load(mode: str, **knobs: int) -> float:
+    def timed_load(mode: str, reps: int = 5, **knobs: int) -> tuple[float, float]:
+        """(best, median) GB/s of ``reps`` loads after a warm-up one (allocator, pinned pool)."""
         saved = {k: getattr(_upload, k) for k in knobs}
         _upload.MODE = mode
         for k, v in knobs.items():
@@ -302,36 +303,61 @@ def load_bandwidth(args: argparse.Namespace) -> None:
         try:
             gc.collect()
             torch.cuda.empty_cache()
-            best = 0.0
-            for _ in range(3):  # the first also warms allocator and pinned pool
+            rates = []
+            for _ in range(reps + 1):
                 m = model()  # the caller's model, built before: load_model is what is timed
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 ggufvideo.load_model(m, path, device="cuda")
                 torch.cuda.synchronize()
-                best = max(best, size / (time.perf_counter() - t0) / 1e9)
+                rates.append(size / (time.perf_counter() - t0) / 1e9)
                 del m
-            progress(f"load_model, mode {mode} {knobs or ''}: {best:.2f} GB/s")
-            return round(best, 2)
+            rates = sorted(rates[1:])
+            best, median = round(rates[-1], 2), round(rates[len(rates) // 2], 2)
+            progress(f"load_model, mode {mode} {knobs or ''}: best {best} median {median} GB/s")
+            return best, median
         finally:
             _upload.MODE = "read"
             for k, v in saved.items():
                 setattr(_upload, k, v)
 
-    res["load_model_plain_gbs"] = timed_load("plain")
-    res["load_model_register_gbs"] = timed_load("register")
+    res["load_model_plain_gbs"] = timed_load("plain", reps=2)[0]
+    res["load_model_register_gbs"] = timed_load("register", reps=2)[0]
     res["readers_default"] = _upload.READERS
-    res["load_model_read_default_gbs"] = timed_load("read")
+    res["load_model_read_default_gbs"], res["load_model_read_default_median_gbs"] = \
+        timed_load("read")
     # (chunk MiB, buffers per reader, readers, through libcudart)
     for chunk_mib, buffers, readers, cudart in [(4, 2, 16, 0), (2, 2, 16, 1), (8, 2, 16, 1),
                                                 (4, 3, 16, 1), (4, 2, 8, 1), (4, 2, 12, 1),
                                                 (16, 2, 16, 1)]:
         key = (f"load_model_read_{chunk_mib}MiB_{buffers}buf_{readers}thr"
                f"{'' if cudart else '_torchcalls'}_gbs")
-        res[key] = timed_load("read", CHUNK_BYTES=chunk_mib << 20, BUFFERS=buffers,
-                              READERS=readers, USE_CUDART=cudart)
+        res[key], res[key.replace("_gbs", "_median_gbs")] = timed_load(
+            "read", CHUNK_BYTES=chunk_mib << 20, BUFFERS=buffers, READERS=readers,
+            USE_CUDART=cudart)
+    # the staged copy alone (what load_model adds on top: reading the header, building and
+    # assigning the tensors)
+    from ggufvideo.loader import read_tensors
+    from ggufvideo.reader import GGUFFile
+
+    file = GGUFFile(path)
+    lazy = read_tensors(file, lazy=True)
+    rates = []
+    for _ in range(6):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        moved = _upload.upload_state(lazy, list(lazy), torch.device("cuda"), file)
+        torch.cuda.synchronize()
+        rates.append(size / (time.perf_counter() - t0) / 1e9)
+        del moved
+    rates = sorted(rates[1:])
+    res["upload_only_default_gbs"] = round(rates[-1], 2)
+    res["upload_only_default_median_gbs"] = round(rates[len(rates) // 2], 2)
+    del lazy, file
     res["load_model_read_default_vs_pinned"] = round(
         res["load_model_read_default_gbs"] / res["pinned_h2d_gbs"], 3)
+    res["load_model_read_default_median_vs_pinned"] = round(
+        res["load_model_read_default_median_gbs"] / res["pinned_h2d_gbs"], 3)
     res["load_model_register_vs_pinned"] = round(
         res["load_model_register_gbs"] / res["pinned_h2d_gbs"], 3)
     # registered staging of the mapped file (what offload uses), then one async copy per tensor
