@@ -228,6 +228,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _rss_anon() -> int:
+    """This process's anonymous resident memory in bytes (Linux), 0 where unknown."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("RssAnon"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def load_bandwidth(args: argparse.Namespace) -> None:
     """load_model(device='cuda') from the page cache vs pinned H2D, same file."""
     from ggufvideo.runtime._staging import register_host
@@ -364,12 +373,17 @@ def load_bandwidth(args: argparse.Namespace) -> None:
     sd = ggufvideo.load_state_dict(path, lazy=True)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    reg, locked = register_host([t.raw for t in sd.values()])
+    anon0 = _rss_anon()
+    reg, sources = register_host([t.raw for t in sd.values()])
     t1 = time.perf_counter()
-    outs = [t.to("cuda", non_blocking=True) for t in sd.values()]
+    anon1 = _rss_anon()
+    outs = [torch.empty(src.numel(), dtype=torch.uint8, device="cuda").copy_(src, non_blocking=True)
+            for src in sources if src is not None]
     torch.cuda.synchronize()
     t2 = time.perf_counter()
-    res.update(registered_all=all(locked), register_s=round(t1 - t0, 3),
+    res.update(registered_all=all(src is not None for src in sources),
+               registered_through_shared_mapping_gib=round(reg.remapped_bytes / 2**30, 2),
+               register_s=round(t1 - t0, 3), register_anon_growth_gib=round((anon1 - anon0) / 2**30, 2),
                registered_copy_gbs=round(size / (t2 - t1) / 1e9, 1),
                register_plus_copy_gbs=round(size / (t2 - t0) / 1e9, 1))
     reg.release()

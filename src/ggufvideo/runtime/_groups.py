@@ -56,6 +56,9 @@ class TensorSlot:
     offset: int  # byte offset in the group's device slot
     nbytes: int
     home: torch.Tensor | None = None  # the original tensor, restored by OffloadHandle.remove()
+    #: flat uint8 page-locked bytes to copy from, when not ``host``'s own memory (a shared
+    #: mapping of its file: see runtime/_staging.py)
+    source: torch.Tensor | None = None
 
 
 @dataclass

@@ -2,11 +2,12 @@
 
 Host-to-device copies run at full speed (and off the compute stream) only from page-locked
 memory. Instead of pinning a *copy* of every streamed weight (twice the file in RAM), the host
-tensors themselves are registered with ``cudaHostRegister``: page-aligned ranges covering them are
-merged and locked in place. For weights memory-mapped from a GGUF file that is the page cache
-itself (registered read-only, so the private mapping's pages are not copied on write). Where
-registration fails (an old driver, a locked-memory limit), the host tensor is replaced by a pinned
-copy, and :attr:`HostRegistration.copied_bytes` says how much was copied.
+memory is registered with ``cudaHostRegister``: page-aligned ranges are merged and locked. For
+weights memory-mapped from a GGUF file that is the page cache itself, locked through a shared
+read-only mapping of the file (locking the private mapping the tensors view would give the
+process a copy of every page: :mod:`._filemap`); other host tensors are locked in place. Where
+registration fails (an old driver, a locked-memory limit), the host tensor is replaced by a
+pinned copy, and :attr:`HostRegistration.copied_bytes` says how much was copied.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ class HostRegistration:
     def __init__(self) -> None:
         self.ranges: list[tuple[int, int]] = []
         self.registered_bytes = 0
+        #: of those, bytes locked through a shared mapping of their file (not in place)
+        self.remapped_bytes = 0
         self.copied_bytes = 0
-        self._keep: list[torch.Tensor] = []
+        self._keep: list[object] = []
 
     def release(self) -> None:
         if not self.ranges:
@@ -77,39 +80,53 @@ def _merged_ranges(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
     return merged
 
 
-def register_host(tensors: list[torch.Tensor]) -> tuple[HostRegistration, list[bool]]:
-    """Page-lock the memory of plain CPU ``tensors`` in place.
+def register_host(tensors: list[torch.Tensor]
+                  ) -> tuple[HostRegistration, list[torch.Tensor | None]]:
+    """Page-lock the memory of plain CPU ``tensors`` without copying them.
+
+    A tensor privately mapped from a file (a GGUF file's weights) whose pages are still the
+    file's is locked through a shared read-only mapping of the same bytes (see
+    :mod:`._filemap`: locking the private mapping would copy every page); any other tensor is
+    locked in place.
 
     Returns:
-        the registration, and per tensor whether it is now page-locked (already pinned tensors
-        count as locked; the caller pins a copy of the others).
+        the registration, and per tensor a flat uint8 tensor holding its bytes in page-locked
+        memory, to copy from (the tensor itself when it was locked in place or already pinned,
+        a device tensor itself), or ``None`` where locking failed (the caller pins a copy).
     """
+    from ._filemap import shared_views
+
     reg = HostRegistration()
-    todo = [t for t in tensors if t.device.type == "cpu" and not t.is_pinned()]
+    flat = [t.reshape(-1).view(torch.uint8) for t in tensors]
+    sources: list[torch.Tensor | None] = [
+        f if t.device.type != "cpu" or t.is_pinned() else None for t, f in zip(tensors, flat)]
+    todo = [i for i, s in enumerate(sources) if s is None]
+    if not todo or not torch.cuda.is_available():
+        return reg, sources
+    views, files = shared_views([tensors[i] for i in todo])
+    candidates = {i: v if v is not None else flat[i] for i, v in zip(todo, views)}
+    rt = torch.cuda.cudart()
     ok_ranges: list[tuple[int, int]] = []
-    if todo and torch.cuda.is_available():
-        rt = torch.cuda.cudart()
-        for start, end in _merged_ranges(todo):
-            ok = False
-            for flags in (_READ_ONLY, _DEFAULT):
-                ok = int(rt.cudaHostRegister(start, end - start, flags)) == 0
-                if ok:
-                    break
-                _clear_cuda_error()  # else the next kernel-launch check reports it
+    for start, end in _merged_ranges(list(candidates.values())):
+        ok = False
+        for flags in (_READ_ONLY, _DEFAULT):
+            ok = int(rt.cudaHostRegister(start, end - start, flags)) == 0
             if ok:
-                ok_ranges.append((start, end))
-                reg.registered_bytes += end - start
-        reg.ranges = ok_ranges
-        reg._keep = todo  # registered memory must outlive the registration
-    locked = []
-    for t in tensors:
-        if t.device.type != "cpu" or t.is_pinned():
-            locked.append(True)
-            continue
-        p, n = t.data_ptr(), t.numel() * t.element_size()
-        locked.append(any(s <= p and p + n <= e for s, e in ok_ranges))
-    if todo and not all(locked):
+                break
+            _clear_cuda_error()  # else the next kernel-launch check reports it
+        if ok:
+            ok_ranges.append((start, end))
+            reg.registered_bytes += end - start
+    reg.ranges = ok_ranges
+    for i, c in candidates.items():
+        p, n = c.data_ptr(), c.numel()
+        if any(s <= p and p + n <= e for s, e in ok_ranges):
+            sources[i] = c
+    # registered memory must outlive the registration: the tensors, the shared mappings
+    reg._keep = [*tensors, *candidates.values(), *files]
+    reg.remapped_bytes = sum(v.numel() for v in views if v is not None)
+    if any(s is None for s in sources):
         warnings.warn("ggufvideo.offload: cudaHostRegister failed for some host weights; "
                       "pinning copies of them instead (host memory grows by their size)",
                       stacklevel=3)
-    return reg, locked
+    return reg, sources

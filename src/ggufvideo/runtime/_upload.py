@@ -16,8 +16,9 @@ fraction of the link's speed. Two ways around it, chosen by :data:`MODE` (enviro
     cache at ~5 GB/s. Copies and events go through ``libcudart`` (:mod:`._cudart`) when it is
     loaded, so issuing them does not hold the GIL the other readers need.
 ``"register"``
-    The memory-mapped ranges are page-locked in place with ``cudaHostRegister`` (read-only, the
-    staging :func:`ggufvideo.offload` uses), copied asynchronously, then unregistered.
+    The file's ranges are page-locked with ``cudaHostRegister`` (through a shared read-only
+    mapping: the staging :func:`ggufvideo.offload` uses), copied asynchronously, then
+    unregistered.
 ``"plain"``
     ``.to(device)`` per tensor (what ``load_model`` did before).
 
@@ -327,14 +328,14 @@ def _read_staged(chunks: list[Chunk], flats: list[torch.Tensor | None], st: Any,
 def _copy_registered(raws: list[torch.Tensor], flats: list[torch.Tensor | None], st: Any) -> None:
     from ._staging import register_host
 
-    todo = [r for r, f in zip(raws, flats) if f is not None]
+    todo = [(r, f) for r, f in zip(raws, flats) if f is not None]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unregistered ones are copied from pageable memory
-        reg, _ = register_host([r.reshape(-1).view(torch.uint8) for r in todo])
+        reg, sources = register_host([r for r, _ in todo])
     try:
-        for r, f in zip(raws, flats):
-            if f is not None:
-                st.copy(f, r.reshape(-1).view(torch.uint8))
+        for (r, f), src in zip(todo, sources):
+            assert f is not None
+            st.copy(f, src if src is not None else r.reshape(-1).view(torch.uint8))
         st.finish()
     finally:
         reg.release()

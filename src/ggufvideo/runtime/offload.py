@@ -101,7 +101,7 @@ class StreamScheduler:
         if pairs is None:  # built once per (group, slot), like the views
             buf = self.slots[slot]
             pairs = self._pairs[(id(g), slot)] = [
-                (buf[t.offset:t.offset + t.nbytes],
+                (buf[t.offset:t.offset + t.nbytes], t.source if t.source is not None else
                  (t.host.raw if isinstance(t.host, GGMLTensor) else t.host).reshape(-1)
                  .view(torch.uint8)) for t in g.tensors]
         self.backend.copy(pairs)
@@ -306,10 +306,10 @@ def offload(model: nn.Module, device: torch.device | str = "cuda",
                     t.host = t.host.to("cpu")
                 _put(t, t.host)
         if device.type == "cuda" and backend is None:
-            raws = [t.host.raw if isinstance(t.host, GGMLTensor) else t.host
-                    for g in streamed for t in g.tensors]
-            registration, _ = register_host(raws)
-            _pin_unlocked(streamed, registration)
+            slots_ = [t for g in streamed for t in g.tensors]
+            registration, sources = register_host(
+                [t.host.raw if isinstance(t.host, GGMLTensor) else t.host for t in slots_])
+            _pin_unlocked(slots_, sources, registration)
         slots = [be.empty(slot_bytes) for _ in range(prefetch + 1)]
         scheduler = StreamScheduler(streamed, slots, be, prefetch=prefetch)
         for g in streamed:
@@ -322,20 +322,19 @@ def offload(model: nn.Module, device: torch.device | str = "cuda",
     return OffloadHandle(model, groups, pinned, scheduler, registration, nbudget, slot_bytes, hooks)
 
 
-def _pin_unlocked(streamed: list[Group], registration: HostRegistration) -> None:
-    """Host tensors that registration did not lock get a pinned copy (counted in the handle)."""
-    ranges = registration.ranges
-    for g in streamed:
-        for t in g.tensors:
+def _pin_unlocked(tensors: list[TensorSlot], sources: list[torch.Tensor | None],
+                  registration: HostRegistration) -> None:
+    """Each host tensor copies from its page-locked source; those registration did not lock get
+    a pinned copy (counted in the handle)."""
+    for t, src in zip(tensors, sources):
+        if src is not None:
             raw = t.host.raw if isinstance(t.host, GGMLTensor) else t.host
-            if raw.is_pinned():
-                continue
-            p, n = raw.data_ptr(), raw.numel() * raw.element_size()
-            if any(s <= p and p + n <= e for s, e in ranges):
-                continue
-            t.host = t.host.pin_memory()
-            registration.copied_bytes += tensor_bytes(t.host)
-            _put(t, t.host)
+            t.source = None if src.data_ptr() == raw.data_ptr() else src
+            continue
+        t.host = t.host.pin_memory()
+        t.source = None
+        registration.copied_bytes += tensor_bytes(t.host)
+        _put(t, t.host)
 
 
 def _move_rest(model: nn.Module, device: torch.device, exclude: set[int]) -> None:

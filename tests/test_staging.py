@@ -1,0 +1,139 @@
+"""Page-locking host weights without a second copy (ggufvideo.runtime._staging, ._filemap):
+file-mapped tensors are locked through a shared read-only mapping of their file, on CPU with a
+fake ``cudaHostRegister``; written-to pages and plain memory are locked in place."""
+
+from __future__ import annotations
+
+import mmap
+import warnings
+
+import pytest
+import torch
+from test_offload import Net
+
+import ggufvideo
+from ggufvideo import GGMLTensor
+from ggufvideo.runtime import _filemap, _staging
+from ggufvideo.runtime._filemap import file_mappings, shared_views
+from ggufvideo.runtime._staging import register_host
+
+linux = pytest.mark.skipif(not file_mappings(), reason="needs /proc/self/maps (Linux)")
+
+
+def _raws(tmp_path):
+    path = tmp_path / "net.gguf"
+    ggufvideo.save_state_dict(Net().state_dict(), path)
+    sd = ggufvideo.load_state_dict(path, lazy=True)
+    return sd, [t.raw if isinstance(t, GGMLTensor) else t for t in sd.values()]
+
+
+def _perms_at(addr: int) -> str:
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= addr < hi:
+                return line.split()[1]
+    return ""
+
+
+def test_file_mappings_keeps_private_mappings_of_regular_files(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text(
+        "7f0000000000-7f0000100000 r--p 00001000 fd:01 1234 /models/wan.gguf\n"
+        "7f0000100000-7f0000200000 r--s 00000000 fd:01 1234 /models/wan.gguf\n"
+        "7f0000200000-7f0000300000 rw-p 00000000 00:00 0 \n"
+        "7f0000300000-7f0000400000 r--p 00000000 fd:01 99 /models/old.gguf (deleted)\n"
+        "7e0000000000-7e0000001000 rw-p 00002000 08:10 77 /lib/with space.so\n")
+    got = file_mappings(str(maps))
+    assert [(m.start, m.offset, m.dev, m.inode, m.path) for m in got] == [
+        (0x7e0000000000, 0x2000, (8, 16), 77, "/lib/with space.so"),
+        (0x7f0000000000, 0x1000, (0xfd, 1), 1234, "/models/wan.gguf")]
+    assert file_mappings(str(tmp_path / "missing")) == []
+
+
+@linux
+def test_shared_views_hold_the_files_bytes_in_a_shared_mapping(tmp_path):
+    _, raws = _raws(tmp_path)
+    views, files = shared_views(raws)
+    assert files and all(v is not None for v in views)
+    for r, v in zip(raws, views):
+        assert torch.equal(r.reshape(-1).view(torch.uint8), v)
+        assert v.data_ptr() != r.data_ptr()
+        assert _perms_at(v.data_ptr()) == "r--s" and _perms_at(r.data_ptr())[3] == "p"
+
+
+@linux
+def test_a_tensor_written_to_or_not_from_a_file_has_no_shared_view(tmp_path):
+    _, raws = _raws(tmp_path)
+    raws[0].view(torch.uint8).reshape(-1)[:1] += 1  # copy-on-write: no longer the file's page
+    plain = torch.randn(1000)
+    views, _ = shared_views([*raws, plain])
+    assert views[0] is None and views[-1] is None
+    page = mmap.PAGESIZE
+    written = raws[0].data_ptr() // page
+    for r, v in zip(raws[1:], views[1:-1]):  # tensors off the written page still have views
+        pages = range(r.data_ptr() // page, (r.data_ptr() + r.numel() * r.element_size() - 1)
+                      // page + 1)
+        assert (v is None) == (written in pages)
+    assert any(v is not None for v in views[1:-1])
+
+
+class FakeCudart:
+    def __init__(self, ok=True):
+        self.ok, self.calls, self.unregistered = ok, [], []
+
+    def cudaHostRegister(self, start, n, flags):  # noqa: N802 (the CUDA name)
+        self.calls.append((start, n, flags))
+        return 0 if self.ok else 1
+
+    def cudaHostUnregister(self, start):  # noqa: N802
+        self.unregistered.append(start)
+        return 0
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    rt = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: rt)
+    return rt
+
+
+@linux
+def test_register_host_locks_the_shared_mapping_and_plain_memory_in_place(tmp_path, fake_cuda):
+    _, raws = _raws(tmp_path)
+    plain = torch.randn(4096)
+    reg, sources = register_host([*raws, plain])
+    assert all(s is not None for s in sources)
+    assert sources[-1].data_ptr() == plain.data_ptr()  # in place
+    assert all(s.data_ptr() != r.data_ptr() for s, r in zip(sources, raws))  # remapped
+    assert reg.remapped_bytes == sum(r.numel() * r.element_size() for r in raws)
+    locked = [(s, s + n) for s, n, _ in fake_cuda.calls]
+    assert all(flags == 8 for *_, flags in fake_cuda.calls)  # read-only
+    for src in sources:
+        assert any(lo <= src.data_ptr() and src.data_ptr() + src.numel() <= hi for lo, hi in locked)
+    for r in raws:  # the private mapping itself is never locked
+        assert not any(lo <= r.data_ptr() < hi for lo, hi in locked)
+    reg.release()
+    assert sorted(fake_cuda.unregistered) == sorted(lo for lo, _ in locked)
+
+
+def test_failed_registration_leaves_none_and_warns(monkeypatch, fake_cuda):
+    fake_cuda.ok = False
+    monkeypatch.setattr(_staging, "_clear_cuda_error", lambda: None)
+    t = torch.randn(1000)
+    with pytest.warns(UserWarning, match="cudaHostRegister failed for some host weights; "
+                                         "pinning copies"):
+        reg, sources = register_host([t])
+    assert sources == [None] and reg.registered_bytes == 0
+    assert [f for *_, f in fake_cuda.calls] == [8, 0]  # read-only first, then default
+
+
+def test_without_proc_nothing_is_remapped(tmp_path, monkeypatch, fake_cuda):
+    monkeypatch.setattr(_filemap, "file_mappings", lambda: [])
+    _, raws = _raws(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reg, sources = register_host(raws)
+    assert [s.data_ptr() for s in sources] == [r.data_ptr() for r in raws]  # in place
+    assert reg.remapped_bytes == 0
