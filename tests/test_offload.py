@@ -251,6 +251,28 @@ def test_gpu_streamed_matches_resident(prefetch):
 
 @pytest.mark.gpu
 @cuda
+def test_gpu_streaming_a_mapped_file_copies_from_the_page_cache(tmp_path):
+    src = Net(dim=256)
+    path = tmp_path / "net.gguf"
+    ggufvideo.save_state_dict(src.state_dict(), path)
+    with ggufvideo.empty_weights():
+        m = Net(dim=256)
+    ggufvideo.load_model(m, path, device="cpu")
+    x = torch.randn(4, 256, device="cuda")
+    with ggufvideo.empty_weights():
+        resident = Net(dim=256)
+    ref = ggufvideo.load_model(resident, path, device="cuda")(x)
+    h = ggufvideo.offload(m, "cuda", budget=_model_bytes(m) // 3)
+    reg = h.registration
+    # the quantized blocks are copied from a shared mapping of the file, nothing pinned twice
+    assert reg.remapped_bytes > 0 and reg.copied_bytes == 0
+    for _ in range(2):
+        assert torch.equal(m(x), ref)
+    h.remove()
+
+
+@pytest.mark.gpu
+@cuda
 @pytest.mark.parametrize("offload_type,use_stream", [("block_level", True), ("block_level", False),
                                                      ("leaf_level", True), ("leaf_level", False)])
 def test_gpu_diffusers_group_offload_matches(offload_type, use_stream):

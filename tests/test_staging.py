@@ -137,3 +137,28 @@ def test_without_proc_nothing_is_remapped(tmp_path, monkeypatch, fake_cuda):
         reg, sources = register_host(raws)
     assert [s.data_ptr() for s in sources] == [r.data_ptr() for r in raws]  # in place
     assert reg.remapped_bytes == 0
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("RssAnon"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@linux
+def test_gpu_registering_a_mapped_file_copies_no_page(tmp_path):
+    path = tmp_path / "big.gguf"
+    ggufvideo.save_state_dict({"w": torch.randn(64 << 18)}, path)  # 64 MiB
+    sd = ggufvideo.load_state_dict(path, lazy=True)
+    raws = list(sd.values())
+    torch.zeros(1, device="cuda")
+    before = _rss_anon()
+    reg, sources = register_host(raws)
+    grew = _rss_anon() - before
+    assert reg.remapped_bytes == 64 << 20 and reg.registered_bytes >= 64 << 20
+    assert grew < 16 << 20  # registering the private mapping grew it by the whole 64 MiB
+    dev = sources[0].to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(dev.cpu(), raws[0].reshape(-1).view(torch.uint8))
+    reg.release()
