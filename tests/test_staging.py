@@ -129,6 +129,14 @@ def test_failed_registration_leaves_none_and_warns(monkeypatch, fake_cuda):
     assert [f for *_, f in fake_cuda.calls] == [8, 0]  # read-only first, then default
 
 
+def test_a_non_contiguous_tensor_is_left_to_a_pinned_copy(fake_cuda):
+    t = torch.randn(64, 64).t()
+    with pytest.warns(UserWarning, match="pinning copies"):
+        _, sources = register_host([t, torch.randn(64)])
+    assert sources[0] is None and sources[1] is not None
+    assert all(n == mmap.PAGESIZE or n % mmap.PAGESIZE == 0 for _, n, _ in fake_cuda.calls)
+
+
 def test_without_proc_nothing_is_remapped(tmp_path, monkeypatch, fake_cuda):
     monkeypatch.setattr(_filemap, "file_mappings", lambda: [])
     _, raws = _raws(tmp_path)

@@ -100,7 +100,8 @@ def register_host(tensors: list[torch.Tensor]
     flat = [t.reshape(-1).view(torch.uint8) for t in tensors]
     sources: list[torch.Tensor | None] = [
         f if t.device.type != "cpu" or t.is_pinned() else None for t, f in zip(tensors, flat)]
-    todo = [i for i, s in enumerate(sources) if s is None]
+    # a non-contiguous host tensor has no one range to lock: left to the caller's pinned copy
+    todo = [i for i, s in enumerate(sources) if s is None and tensors[i].is_contiguous()]
     if not todo or not torch.cuda.is_available():
         return reg, sources
     views, files = shared_views([tensors[i] for i in todo])
