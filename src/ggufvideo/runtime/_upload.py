@@ -10,11 +10,12 @@ fraction of the link's speed. Two ways around it, chosen by :data:`MODE` (enviro
     take every READERS-th chunk of the file (in offset order, neighbouring tensors in one run).
     A reader fills a buffer straight from the file (``os.preadv`` from the page cache: no page
     faults on the memory map), queues the copies out of it on one side stream and records an
-    event; it refills that buffer once the event has passed. Small buffers (4 MiB, 2 per reader)
-    stay in the CPU's cache between the read into them and the GPU's read out of them, which is
-    worth more than longer transfers; many readers because one thread copies out of the page
-    cache at ~5 GB/s. Copies and events go through ``libcudart`` (:mod:`._cudart`) when it is
-    loaded, so issuing them does not hold the GIL the other readers need.
+    event; it refills that buffer once the event has passed. Small buffers (4 MiB, 2 per reader:
+    faster than 16-32 MiB ones on an H100 host, likely because they stay in the CPU's cache
+    between the read into them and the GPU's read out of them); many readers because one thread
+    copies out of the page cache at ~5 GB/s. Copies and events go through ``libcudart``
+    (:mod:`._cudart`) when it is loaded, so issuing them does not hold the GIL the other readers
+    need.
 ``"register"``
     The file's ranges are page-locked with ``cudaHostRegister`` (through a shared read-only
     mapping: the staging :func:`ggufvideo.offload` uses), copied asynchronously, then
@@ -47,8 +48,8 @@ MODE = os.environ.get("GGUFVIDEO_UPLOAD", "read")
 CHUNK_BYTES = 4 << 20
 #: Pinned buffers per reader thread.
 BUFFERS = 2
-#: Reader threads (one per core, at most 16: a pinned H2D copy runs at ~50 GB/s, reached with
-#: 16 readers on an H100 host).
+#: Reader threads (one per core, at most 16: one reader copies ~5 GB/s out of the page cache,
+#: 16 came closest to the ~55 GB/s of a pinned copy on an H100 host).
 READERS = max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                      else os.cpu_count() or 1))
 #: Issue "read" mode's copies through libcudart when it is loaded (else torch's calls).
