@@ -231,6 +231,29 @@ def test_diffusers_group_offload_without_stream_runs_and_matches(offload_type):
 
 
 # -- GPU --------------------------------------------------------------------------------------------
+def test_a_host_weight_written_after_offload_is_copied_from_its_new_bytes():
+    from ggufvideo.runtime.offload import _host_state
+
+    torch.manual_seed(0)
+    m = Net()
+    x = torch.randn(3, 64)
+    h = ggufvideo.offload(m, "cpu", budget=_model_bytes(m) // 3, backend=RecordingBackend())
+    streamed = [t for g in h.groups if not g.resident for t in g.tensors]
+    assert streamed
+    for t in streamed:  # as a remapped file would: the same bytes at another address
+        raw = t.host.raw if isinstance(t.host, GGMLTensor) else t.host
+        t.source, t.source_of = raw.reshape(-1).view(torch.uint8).clone(), _host_state(t)
+    ref = m(x)
+    t = next(t for t in streamed if isinstance(t.host, GGMLTensor))
+    t.host.raw.zero_()  # an in-place write to the host weight (load_state_dict, a merge...)
+    with pytest.warns(UserWarning, match=rf"host weight {t.name!r} of group .* changed after "
+                                         "offload"):
+        out = m(x)
+    assert t.source is None and not torch.equal(out, ref)
+    h.remove()
+    assert torch.equal(m(x), out)  # what the model computes with its weights as they are now
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("prefetch", [1, 2])

@@ -5,6 +5,7 @@ fake ``cudaHostRegister``; written-to pages and plain memory are locked in place
 from __future__ import annotations
 
 import mmap
+import os
 import warnings
 
 import pytest
@@ -17,7 +18,8 @@ from ggufvideo.runtime import _filemap, _staging
 from ggufvideo.runtime._filemap import file_mappings, shared_views
 from ggufvideo.runtime._staging import register_host
 
-linux = pytest.mark.skipif(not file_mappings(), reason="needs /proc/self/maps (Linux)")
+linux = pytest.mark.skipif(not file_mappings() or not os.access("/proc/self/pagemap", os.R_OK),
+                           reason="needs /proc/self/maps and /proc/self/pagemap (Linux)")
 
 
 def _raws(tmp_path):

@@ -178,7 +178,32 @@ def test_a_failed_read_stops_the_readers_and_closes_every_lane(tmp_path, monkeyp
         upload(tensors, torch.device("cpu"), path=p, base=base, size=size, mode="read",
                staging=st)
     assert st.lanes and all(lane.closed for lane in st.lanes)
-    assert not any(e[1] == "finish" for e in st.log)
+    # the side stream is drained after every lane closed, before the ring is let go
+    kinds = [e[1] for e in st.log]
+    assert kinds[-1] == "finish" and "close" not in kinds[kinds.index("finish"):]
+
+
+def test_a_failed_registered_copy_drains_the_stream_before_unregistering(monkeypatch):
+    from ggufvideo.runtime import _staging
+
+    order = []
+
+    class Reg:
+        def release(self):
+            order.append("release")
+
+    monkeypatch.setattr(_staging, "register_host", lambda ts: (Reg(), [None] * len(ts)))
+
+    class Failing(FakeStaging):
+        def copy(self, dst, src):
+            raise RuntimeError("copy failed")
+
+        def finish(self):
+            order.append("finish")
+
+    with pytest.raises(RuntimeError, match="copy failed"):
+        upload([torch.ones(4)], torch.device("cpu"), mode="register", staging=Failing())
+    assert order == ["finish", "release"]
 
 
 def _bytes(m):

@@ -88,8 +88,9 @@ class _SharedFile:
         fd = os.open(m.path, os.O_RDONLY)
         try:
             st = os.fstat(fd)
-            if (st.st_ino != m.inode or (os.major(st.st_dev), os.minor(st.st_dev)) != m.dev
-                    or st.st_size == 0):
+            # inode only: /proc/self/maps shows the superblock's device, which stat's st_dev
+            # differs from on btrfs subvolumes and overlayfs
+            if st.st_ino != m.inode or st.st_size == 0:
                 raise OSError(f"{m.path}: not the file that is mapped (replaced since?)")
             self.mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ)  # MAP_SHARED
         finally:
@@ -112,7 +113,7 @@ def shared_views(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor | None]
     if not maps:
         return views, []
     starts = [m.start for m in maps]
-    shared: dict[tuple[tuple[int, int], int], _SharedFile | None] = {}
+    shared: dict[tuple[str, int], _SharedFile | None] = {}
     try:
         pagemap = open("/proc/self/pagemap", "rb", buffering=0)
     except OSError:
@@ -129,7 +130,7 @@ def shared_views(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor | None]
             m = maps[j]
             if not _unmodified(p, n, pagemap):
                 continue
-            key = (m.dev, m.inode)
+            key = (m.path, m.inode)
             if key not in shared:
                 try:
                     shared[key] = _SharedFile(m)

@@ -59,6 +59,9 @@ class TensorSlot:
     #: flat uint8 page-locked bytes to copy from, when not ``host``'s own memory (a shared
     #: mapping of its file: see runtime/_staging.py)
     source: torch.Tensor | None = None
+    #: (data_ptr, _version) of ``host``'s raw bytes when ``source`` was taken: a write to the host
+    #: tensor since (or new bytes swapped in) makes ``source`` stale
+    source_of: tuple[int, int] | None = None
 
 
 @dataclass

@@ -97,15 +97,20 @@ def register_host(tensors: list[torch.Tensor]
     from ._filemap import shared_views
 
     reg = HostRegistration()
-    flat = [t.reshape(-1).view(torch.uint8) for t in tensors]
+    # a non-contiguous tensor has no one range to lock (nor a flat view): the caller copies it
+    flat = [t.reshape(-1).view(torch.uint8) if t.is_contiguous() else None for t in tensors]
     sources: list[torch.Tensor | None] = [
-        f if t.device.type != "cpu" or t.is_pinned() else None for t, f in zip(tensors, flat)]
-    # a non-contiguous host tensor has no one range to lock: left to the caller's pinned copy
-    todo = [i for i, s in enumerate(sources) if s is None and tensors[i].is_contiguous()]
+        f if f is not None and (t.device.type != "cpu" or t.is_pinned()) else None
+        for t, f in zip(tensors, flat)]
+    todo = [i for i, s in enumerate(sources) if s is None and flat[i] is not None]
     if not todo or not torch.cuda.is_available():
         return reg, sources
     views, files = shared_views([tensors[i] for i in todo])
-    candidates = {i: v if v is not None else flat[i] for i, v in zip(todo, views)}
+    candidates: dict[int, torch.Tensor] = {}
+    for i, v in zip(todo, views):
+        f = flat[i]
+        assert f is not None
+        candidates[i] = v if v is not None else f
     rt = torch.cuda.cudart()
     ok_ranges: list[tuple[int, int]] = []
     for start, end in _merged_ranges(list(candidates.values())):
@@ -125,7 +130,8 @@ def register_host(tensors: list[torch.Tensor]
             sources[i] = c
     # registered memory must outlive the registration: the tensors, the shared mappings
     reg._keep = [*tensors, *candidates.values(), *files]
-    reg.remapped_bytes = sum(v.numel() for v in views if v is not None)
+    reg.remapped_bytes = sum(s.numel() for i, s in candidates.items()
+                             if sources[i] is s and s.data_ptr() != tensors[i].data_ptr())
     if any(s is None for s in sources):
         warnings.warn("ggufvideo.offload: cudaHostRegister failed for some host weights; "
                       "pinning copies of them instead (host memory grows by their size)",

@@ -319,11 +319,27 @@ def _read_staged(chunks: list[Chunk], flats: list[torch.Tensor | None], st: Any,
     try:
         with ThreadPoolExecutor(max_workers=readers) as pool:
             futures = [pool.submit(work, r) for r in range(readers)]
-            for f in futures:
-                f.result()
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:  # a reader failed, or Ctrl-C here: the others stop too
+                stop.set()
+                raise
         st.finish()
+    except BaseException:
+        _drain(st)  # copies queued after a lane's last event may still read the ring
+        raise
     finally:
         os.close(fd)
+
+
+def _drain(st: Any) -> None:
+    """Wait for every queued copy on the way out of an error (its own error is not the one to
+    report)."""
+    try:
+        st.finish()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _copy_registered(raws: list[torch.Tensor], flats: list[torch.Tensor | None], st: Any) -> None:
@@ -338,6 +354,9 @@ def _copy_registered(raws: list[torch.Tensor], flats: list[torch.Tensor | None],
             assert f is not None
             st.copy(f, src if src is not None else r.reshape(-1).view(torch.uint8))
         st.finish()
+    except BaseException:
+        _drain(st)  # the registered memory is released below: no copy may still read it
+        raise
     finally:
         reg.release()
 

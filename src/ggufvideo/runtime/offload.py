@@ -19,6 +19,7 @@ cannot capture across groups; ``torch.compile`` of the whole model graph-breaks 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -97,6 +98,10 @@ class StreamScheduler:
             self._slot_of.pop(id(old), None)
             self._copied.pop(id(old), None)
         self.backend.wait_compute(self._released[slot])  # the slot's last reader is done
+        if any(t.source is not None and _host_state(t) != t.source_of for t in g.tensors):
+            _drop_stale_sources(g)
+            for k in [k for k in self._pairs if k[0] == id(g)]:
+                del self._pairs[k]
         pairs = self._pairs.get((id(g), slot))
         if pairs is None:  # built once per (group, slot), like the views
             buf = self.slots[slot]
@@ -163,6 +168,27 @@ def _device_view(t: Any, buf: torch.Tensor) -> torch.Tensor:
     if t.is_param:
         dev = nn.Parameter(dev, requires_grad=False)
     return dev
+
+
+def _host_raw(t: TensorSlot) -> torch.Tensor:
+    return t.host.raw if isinstance(t.host, GGMLTensor) else t.host
+
+
+def _host_state(t: TensorSlot) -> tuple[int, int]:
+    raw = _host_raw(t)
+    return raw.data_ptr(), raw._version
+
+
+def _drop_stale_sources(g: Group) -> None:
+    """Host tensors written to (or given new bytes) since offload: copy from them again, not
+    from the file's shared mapping, which no longer holds their bytes."""
+    for t in g.tensors:
+        if t.source is not None and _host_state(t) != t.source_of:
+            t.source, t.source_of = None, None
+            warnings.warn(f"ggufvideo.offload: host weight {t.name!r} of group {g.name!r} changed "
+                          "after offload(); it is now copied from pageable memory (slower). "
+                          "Call handle.remove() and offload() again after changing weights",
+                          stacklevel=4)
 
 
 def _put(t: TensorSlot, value: torch.Tensor | None) -> None:
@@ -328,11 +354,12 @@ def _pin_unlocked(tensors: list[TensorSlot], sources: list[torch.Tensor | None],
     a pinned copy (counted in the handle)."""
     for t, src in zip(tensors, sources):
         if src is not None:
-            raw = t.host.raw if isinstance(t.host, GGMLTensor) else t.host
-            t.source = None if src.data_ptr() == raw.data_ptr() else src
+            remapped = src.data_ptr() != _host_raw(t).data_ptr()
+            t.source = src if remapped else None
+            t.source_of = _host_state(t) if remapped else None
             continue
         t.host = t.host.pin_memory()
-        t.source = None
+        t.source, t.source_of = None, None
         registration.copied_bytes += tensor_bytes(t.host)
         _put(t, t.host)
 
