@@ -131,6 +131,29 @@ def test_failed_registration_leaves_none_and_warns(monkeypatch, fake_cuda):
     assert [f for *_, f in fake_cuda.calls] == [8, 0]  # read-only first, then default
 
 
+def test_registration_is_made_on_the_target_device(monkeypatch, fake_cuda):
+    current = []
+
+    class Device:  # torch.cuda.device without CUDA: records which device is current
+        def __init__(self, d):
+            self.d = d
+
+        def __enter__(self):
+            current.append(self.d)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    seen = []
+    register = fake_cuda.cudaHostRegister
+    fake_cuda.cudaHostRegister = lambda *a: seen.append(list(current)) or register(*a)
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    register_host([torch.randn(4096)], torch.device("cuda", 1))
+    assert seen == [[torch.device("cuda", 1)]]
+    register_host([torch.randn(4096)])  # no device: the current one
+    assert seen[-1] == []
+
+
 def test_a_non_contiguous_tensor_is_left_to_a_pinned_copy(fake_cuda):
     t = torch.randn(64, 64).t()
     with pytest.warns(UserWarning, match="pinning copies"):

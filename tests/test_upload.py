@@ -192,7 +192,8 @@ def test_a_failed_registered_copy_drains_the_stream_before_unregistering(monkeyp
         def release(self):
             order.append("release")
 
-    monkeypatch.setattr(_staging, "register_host", lambda ts: (Reg(), [None] * len(ts)))
+    monkeypatch.setattr(_staging, "register_host",
+                        lambda ts, device=None: (Reg(), [None] * len(ts)))
 
     class Failing(FakeStaging):
         def copy(self, dst, src):

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 
-__all__ = ["CudaError", "check", "lib"]
+__all__ = ["CudaError", "check", "lib", "prefer_torchs"]
 
 H2D = 1  # cudaMemcpyHostToDevice
 EVENT_DISABLE_TIMING = 2  # cudaEventDisableTiming
@@ -29,9 +30,18 @@ def lib() -> ctypes.CDLL | None:
     """The loaded ``libcudart`` with argument types set, or ``None`` where there is none."""
     try:
         with open("/proc/self/maps") as fh:
-            path = next(line.split()[-1] for line in fh if "libcudart" in line.split()[-1])
-        rt = ctypes.CDLL(path)
-    except (StopIteration, OSError, IndexError):
+            paths = list(dict.fromkeys(
+                parts[-1] for parts in (line.split() for line in fh)
+                if len(parts) >= 6 and "libcudart" in parts[-1].rsplit("/", 1)[-1]))
+    except OSError:
+        return None
+    if not paths:
+        return None
+    import torch
+
+    try:
+        rt = ctypes.CDLL(prefer_torchs(paths, os.path.dirname(torch.__file__)))
+    except OSError:
         return None
     vp, size = ctypes.c_void_p, ctypes.c_size_t
     try:
@@ -47,6 +57,12 @@ def lib() -> ctypes.CDLL | None:
     except AttributeError:  # not the runtime library after all
         return None
     return rt
+
+
+def prefer_torchs(paths: list[str], torch_dir: str) -> str:
+    """Of the loaded ``libcudart`` files, torch's own (bundled, or from the nvidia-* wheel it
+    depends on): another package may have loaded its runtime too."""
+    return sorted(paths, key=lambda p: not (p.startswith(torch_dir) or "/nvidia/" in p))[0]
 
 
 def check(rc: int, what: str) -> None:

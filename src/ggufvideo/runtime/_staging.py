@@ -12,8 +12,10 @@ pinned copy, and :attr:`HostRegistration.copied_bytes` says how much was copied.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import warnings
+from typing import Any
 
 import torch
 
@@ -80,7 +82,21 @@ def _merged_ranges(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
     return merged
 
 
-def register_host(tensors: list[torch.Tensor]
+def _register(rt: Any, ranges: list[tuple[int, int]], ok_ranges: list[tuple[int, int]],
+              reg: HostRegistration) -> None:
+    for start, end in ranges:
+        ok = False
+        for flags in (_READ_ONLY, _DEFAULT):
+            ok = int(rt.cudaHostRegister(start, end - start, flags)) == 0
+            if ok:
+                break
+            _clear_cuda_error()  # else the next kernel-launch check reports it
+        if ok:
+            ok_ranges.append((start, end))
+            reg.registered_bytes += end - start
+
+
+def register_host(tensors: list[torch.Tensor], device: torch.device | None = None
                   ) -> tuple[HostRegistration, list[torch.Tensor | None]]:
     """Page-lock the memory of plain CPU ``tensors`` without copying them.
 
@@ -88,6 +104,9 @@ def register_host(tensors: list[torch.Tensor]
     file's is locked through a shared read-only mapping of the same bytes (see
     :mod:`._filemap`: locking the private mapping would copy every page); any other tensor is
     locked in place.
+
+    ``device``: the CUDA device the copies will go to (registration belongs to the context
+    current while it is made; default: the current device).
 
     Returns:
         the registration, and per tensor a flat uint8 tensor holding its bytes in page-locked
@@ -113,16 +132,10 @@ def register_host(tensors: list[torch.Tensor]
         candidates[i] = v if v is not None else f
     rt = torch.cuda.cudart()
     ok_ranges: list[tuple[int, int]] = []
-    for start, end in _merged_ranges(list(candidates.values())):
-        ok = False
-        for flags in (_READ_ONLY, _DEFAULT):
-            ok = int(rt.cudaHostRegister(start, end - start, flags)) == 0
-            if ok:
-                break
-            _clear_cuda_error()  # else the next kernel-launch check reports it
-        if ok:
-            ok_ranges.append((start, end))
-            reg.registered_bytes += end - start
+    on_device = (torch.cuda.device(device) if device is not None and device.type == "cuda"
+                 and device.index is not None else contextlib.nullcontext())
+    with on_device:
+        _register(rt, _merged_ranges(list(candidates.values())), ok_ranges, reg)
     reg.ranges = ok_ranges
     for i, c in candidates.items():
         p, n = c.data_ptr(), c.numel()

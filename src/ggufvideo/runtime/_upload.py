@@ -348,7 +348,7 @@ def _copy_registered(raws: list[torch.Tensor], flats: list[torch.Tensor | None],
     todo = [(r, f) for r, f in zip(raws, flats) if f is not None]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unregistered ones are copied from pageable memory
-        reg, sources = register_host([r for r, _ in todo])
+        reg, sources = register_host([r for r, _ in todo], getattr(st, "device", None))
     try:
         for (r, f), src in zip(todo, sources):
             assert f is not None

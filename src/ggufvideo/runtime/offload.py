@@ -334,7 +334,7 @@ def offload(model: nn.Module, device: torch.device | str = "cuda",
         if device.type == "cuda" and backend is None:
             slots_ = [t for g in streamed for t in g.tensors]
             registration, sources = register_host(
-                [t.host.raw if isinstance(t.host, GGMLTensor) else t.host for t in slots_])
+                [t.host.raw if isinstance(t.host, GGMLTensor) else t.host for t in slots_], device)
             _pin_unlocked(slots_, sources, registration)
         slots = [be.empty(slot_bytes) for _ in range(prefetch + 1)]
         scheduler = StreamScheduler(streamed, slots, be, prefetch=prefetch)
