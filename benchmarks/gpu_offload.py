@@ -303,6 +303,10 @@ def load_bandwidth(args: argparse.Namespace) -> None:
     progress(f"pinned {res['pinned_h2d_gbs']} GB/s, pageable {res['pageable_h2d_gbs']} GB/s")
     from ggufvideo.runtime import _upload
 
+    def best_median(rates: list[float]) -> tuple[float, float]:
+        rates = sorted(rates)
+        return round(rates[-1], 2), round(rates[len(rates) // 2], 2)
+
     def timed_load(mode: str, reps: int = 5, **knobs: int) -> tuple[float, float]:
         """(best, median) GB/s of ``reps`` loads after a warm-up one (allocator, pinned pool)."""
         saved = {k: getattr(_upload, k) for k in knobs}
@@ -321,8 +325,7 @@ def load_bandwidth(args: argparse.Namespace) -> None:
                 torch.cuda.synchronize()
                 rates.append(size / (time.perf_counter() - t0) / 1e9)
                 del m
-            rates = sorted(rates[1:])
-            best, median = round(rates[-1], 2), round(rates[len(rates) // 2], 2)
+            best, median = best_median(rates[1:])
             progress(f"load_model, mode {mode} {knobs or ''}: best {best} median {median} GB/s")
             return best, median
         finally:
@@ -359,9 +362,7 @@ def load_bandwidth(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         rates.append(size / (time.perf_counter() - t0) / 1e9)
         del moved
-    rates = sorted(rates[1:])
-    res["upload_only_default_gbs"] = round(rates[-1], 2)
-    res["upload_only_default_median_gbs"] = round(rates[len(rates) // 2], 2)
+    res["upload_only_default_gbs"], res["upload_only_default_median_gbs"] = best_median(rates[1:])
     del lazy, file
     res["load_model_read_default_vs_pinned"] = round(
         res["load_model_read_default_gbs"] / res["pinned_h2d_gbs"], 3)

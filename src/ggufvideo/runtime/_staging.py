@@ -82,8 +82,8 @@ def _merged_ranges(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
     return merged
 
 
-def _register(rt: Any, ranges: list[tuple[int, int]], ok_ranges: list[tuple[int, int]],
-              reg: HostRegistration) -> None:
+def _register(rt: Any, ranges: list[tuple[int, int]], reg: HostRegistration) -> None:
+    """Lock each range (read-only first), recording those that locked in ``reg``."""
     for start, end in ranges:
         ok = False
         for flags in (_READ_ONLY, _DEFAULT):
@@ -92,7 +92,7 @@ def _register(rt: Any, ranges: list[tuple[int, int]], ok_ranges: list[tuple[int,
                 break
             _clear_cuda_error()  # else the next kernel-launch check reports it
         if ok:
-            ok_ranges.append((start, end))
+            reg.ranges.append((start, end))
             reg.registered_bytes += end - start
 
 
@@ -130,16 +130,13 @@ def register_host(tensors: list[torch.Tensor], device: torch.device | None = Non
         f = flat[i]
         assert f is not None
         candidates[i] = v if v is not None else f
-    rt = torch.cuda.cudart()
-    ok_ranges: list[tuple[int, int]] = []
     on_device = (torch.cuda.device(device) if device is not None and device.type == "cuda"
                  and device.index is not None else contextlib.nullcontext())
     with on_device:
-        _register(rt, _merged_ranges(list(candidates.values())), ok_ranges, reg)
-    reg.ranges = ok_ranges
+        _register(torch.cuda.cudart(), _merged_ranges(list(candidates.values())), reg)
     for i, c in candidates.items():
         p, n = c.data_ptr(), c.numel()
-        if any(s <= p and p + n <= e for s, e in ok_ranges):
+        if any(s <= p and p + n <= e for s, e in reg.ranges):
             sources[i] = c
     # registered memory must outlive the registration: the tensors, the shared mappings
     reg._keep = [*tensors, *candidates.values(), *files]

@@ -207,7 +207,7 @@ class _CudartLane:
         """Wait for the copies out of every buffer, then free the events."""
         events, self.events = self.events, []
         for slot, ev in enumerate(events):
-            if slot < len(self.used) and self.used[slot]:
+            if self.used[slot]:
                 self.rt.cudaEventSynchronize(ev)
             self.rt.cudaEventDestroy(ev)
 
@@ -291,12 +291,9 @@ def _read_staged(chunks: list[Chunk], flats: list[torch.Tensor | None], st: Any,
     fd = os.open(path, os.O_RDONLY)
 
     def work(r: int) -> None:
+        lane = None
         try:
             lane = st.lane(slots)
-        except BaseException:
-            stop.set()
-            raise
-        try:
             for j, k in enumerate(range(r, len(chunks), readers)):
                 if stop.is_set():
                     return
@@ -314,7 +311,8 @@ def _read_staged(chunks: list[Chunk], flats: list[torch.Tensor | None], st: Any,
             stop.set()
             raise
         finally:
-            lane.close()  # the ring is not released while copies out of it may be pending
+            if lane is not None:
+                lane.close()  # the ring is not released while copies out of it may be pending
 
     try:
         with ThreadPoolExecutor(max_workers=readers) as pool:
@@ -348,7 +346,7 @@ def _copy_registered(raws: list[torch.Tensor], flats: list[torch.Tensor | None],
     todo = [(r, f) for r, f in zip(raws, flats) if f is not None]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unregistered ones are copied from pageable memory
-        reg, sources = register_host([r for r, _ in todo], getattr(st, "device", None))
+        reg, sources = register_host([r for r, _ in todo], st.device)
     try:
         for (r, f), src in zip(todo, sources):
             assert f is not None

@@ -98,8 +98,7 @@ class StreamScheduler:
             self._slot_of.pop(id(old), None)
             self._copied.pop(id(old), None)
         self.backend.wait_compute(self._released[slot])  # the slot's last reader is done
-        if any(t.source is not None and _host_state(t) != t.source_of for t in g.tensors):
-            _drop_stale_sources(g)
+        if _drop_stale_sources(g):
             for k in [k for k in self._pairs if k[0] == id(g)]:
                 del self._pairs[k]
         pairs = self._pairs.get((id(g), slot))
@@ -107,8 +106,7 @@ class StreamScheduler:
             buf = self.slots[slot]
             pairs = self._pairs[(id(g), slot)] = [
                 (buf[t.offset:t.offset + t.nbytes], t.source if t.source is not None else
-                 (t.host.raw if isinstance(t.host, GGMLTensor) else t.host).reshape(-1)
-                 .view(torch.uint8)) for t in g.tensors]
+                 _host_raw(t).reshape(-1).view(torch.uint8)) for t in g.tensors]
         self.backend.copy(pairs)
         self._copied[id(g)] = self.backend.copy_done()
         self._holder[slot] = g
@@ -179,16 +177,19 @@ def _host_state(t: TensorSlot) -> tuple[int, int]:
     return raw.data_ptr(), raw._version
 
 
-def _drop_stale_sources(g: Group) -> None:
+def _drop_stale_sources(g: Group) -> bool:
     """Host tensors written to (or given new bytes) since offload: copy from them again, not
-    from the file's shared mapping, which no longer holds their bytes."""
+    from the file's shared mapping, which no longer holds their bytes. Whether any was."""
+    dropped = False
     for t in g.tensors:
         if t.source is not None and _host_state(t) != t.source_of:
             t.source, t.source_of = None, None
+            dropped = True
             warnings.warn(f"ggufvideo.offload: host weight {t.name!r} of group {g.name!r} changed "
                           "after offload(); it is now copied from pageable memory (slower). "
                           "Call handle.remove() and offload() again after changing weights",
                           stacklevel=4)
+    return dropped
 
 
 def _put(t: TensorSlot, value: torch.Tensor | None) -> None:
@@ -333,8 +334,7 @@ def offload(model: nn.Module, device: torch.device | str = "cuda",
                 _put(t, t.host)
         if device.type == "cuda" and backend is None:
             slots_ = [t for g in streamed for t in g.tensors]
-            registration, sources = register_host(
-                [t.host.raw if isinstance(t.host, GGMLTensor) else t.host for t in slots_], device)
+            registration, sources = register_host([_host_raw(t) for t in slots_], device)
             _pin_unlocked(slots_, sources, registration)
         slots = [be.empty(slot_bytes) for _ in range(prefetch + 1)]
         scheduler = StreamScheduler(streamed, slots, be, prefetch=prefetch)
