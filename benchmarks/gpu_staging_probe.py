@@ -16,10 +16,11 @@ Run on a CUDA machine: ``python benchmarks/gpu_staging_probe.py --gib 8 --out DI
   range, copy it, unregister it once the copy passed), meeting in the middle.
 
 What one H100 host (16 cores, torch 2.11.0+cu130, pinned copy 55 GB/s) gave, 8 GiB:
-registration does not scale with threads (~20-25 GB/s at 1-8 threads, 64 MiB ranges; 16 MiB
-ranges 10 GB/s on one thread); register-copy-unregister 12-18 GB/s, and mixed with readers it
-slows them (17-21 GB/s in all, the readers alone 44-50), so the library's readers do not
-register. Claiming: 48-51 GB/s, fixed shares 44-49, three alternating rounds of four copies.
+registration does not scale with threads (20-25 GB/s at 1-8 threads in 64-256 MiB ranges;
+16 MiB ranges 10 GB/s on one thread); register-copy-unregister 12-18 GB/s, and mixed with
+readers it slows them (13-21 GB/s in all, the readers alone 44-50), so the library's readers do
+not register. Claiming: 48-51 GB/s, fixed shares 46-49 (three alternating rounds, best three of
+four copies each).
 """
 
 from __future__ import annotations

@@ -325,7 +325,7 @@ class _Cursor:
     Not a fixed share per reader: a reader that the scheduler holds back (sixteen readers on
     sixteen cores share them with the caller and the driver's threads) would leave its share
     to finish alone at the end. On an H100 host (8 GiB from /dev/shm, 16 readers, 4 MiB chunks)
-    claiming gave 48-51 GB/s where fixed shares gave 44-49.
+    claiming gave 48-51 GB/s where fixed shares gave 46-49 (benchmarks/gpu_staging_probe.py).
     """
 
     def __init__(self, n: int) -> None:
