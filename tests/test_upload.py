@@ -90,6 +90,20 @@ def _file(tmp_path, n=6):
     return str(path)
 
 
+def _raw(t):
+    return t.raw if isinstance(t, GGMLTensor) else t
+
+
+def _staged_file(tmp_path, monkeypatch, *, readers=3, chunk=1000):
+    """A small GGUF's tensors (lazy views of its mapping) and its span, with ``readers`` readers
+    and ``chunk``-byte chunks."""
+    monkeypatch.setattr(_upload, "READERS", readers)
+    monkeypatch.setattr(_upload, "MAX_GAP", 0)
+    monkeypatch.setattr(_upload, "CHUNK_BYTES", chunk)
+    file = GGUFFile(_file(tmp_path))
+    return list(read_tensors(file, lazy=True).values()), _upload.file_span(file)
+
+
 def test_chunks_cover_every_byte_once_in_file_order():
     spans = [(0, 100), (100, 50), (4000, 300), (4100, 20), (10**6, 0), (200_000, 1000)]
     chunks = plan_chunks(spans, chunk_bytes=128, max_gap=1000)
@@ -167,20 +181,14 @@ def test_staged_read_is_byte_identical_and_refills_a_buffer_only_after_its_copie
 
 
 def test_each_buffer_is_made_once_by_the_reader_that_first_copies_into_it(tmp_path, monkeypatch):
-    path = _file(tmp_path)
-    monkeypatch.setattr(_upload, "READERS", 3)
-    monkeypatch.setattr(_upload, "MAX_GAP", 0)
-    monkeypatch.setattr(_upload, "CHUNK_BYTES", 700)  # tensors span chunks, so readers share them
-    file = GGUFFile(path)
-    sd = read_tensors(file, lazy=True)
-    sd["empty"] = torch.empty(0)  # not in the file: copied with .to()
-    tensors = list(sd.values())
-    p, base, size = _upload.file_span(file)
+    # 700-byte chunks: tensors span chunks, so readers share them
+    tensors, (p, base, size) = _staged_file(tmp_path, monkeypatch, chunk=700)
+    tensors.append(torch.empty(0))  # not in the file: copied with .to()
     st = FakeStaging()
     out = upload(tensors, torch.device("cpu"), path=p, base=base, size=size, mode="read",
                  staging=st)
     made = [e for e in st.log if e[1] == "empty"]
-    sizes = sorted((t.raw if isinstance(t, GGMLTensor) else t).nbytes for t in tensors[:-1])
+    sizes = sorted(_raw(t).nbytes for t in tensors[:-1])
     assert sorted(e[2] for e in made) == sizes  # once per tensor
     assert all(e[0] is not None for e in made)  # in a reader thread
     assert out[-1].numel() == 0 and len(out) == len(tensors)
@@ -189,16 +197,9 @@ def test_each_buffer_is_made_once_by_the_reader_that_first_copies_into_it(tmp_pa
 def test_a_reader_held_back_does_not_keep_its_share_of_the_file(tmp_path, monkeypatch):
     """Chunks go to whichever reader is free: one reader stuck on its first chunk until all
     the others are read finishes (a fixed share per reader would wait forever)."""
-    path = _file(tmp_path)
-    monkeypatch.setattr(_upload, "READERS", 3)
-    monkeypatch.setattr(_upload, "MAX_GAP", 0)
-    monkeypatch.setattr(_upload, "CHUNK_BYTES", 1000)
-    file = GGUFFile(path)
-    sd = read_tensors(file, lazy=True)
-    p, base, size = _upload.file_span(file)
-    tensors = list(sd.values())
-    n_chunks = len(plan_chunks([(t.raw.data_ptr() - base, t.raw.nbytes) if isinstance(t, GGMLTensor)
-                                else (t.data_ptr() - base, t.nbytes) for t in tensors], 1000, 0))
+    tensors, (p, base, size) = _staged_file(tmp_path, monkeypatch)
+    n_chunks = len(plan_chunks([(_raw(t).data_ptr() - base, _raw(t).nbytes) for t in tensors],
+                               1000, 0))
     real = _upload._read_into
     lock, done, rest = threading.Lock(), [0], threading.Event()
     first = []
@@ -217,20 +218,12 @@ def test_a_reader_held_back_does_not_keep_its_share_of_the_file(tmp_path, monkey
     monkeypatch.setattr(_upload, "_read_into", read)
     out = upload(tensors, torch.device("cpu"), path=p, base=base, size=size, mode="read",
                  staging=FakeStaging())
-    assert all(torch.equal((a.raw if isinstance(a, GGMLTensor) else a).view(torch.uint8),
-                           (b.raw if isinstance(b, GGMLTensor) else b).view(torch.uint8))
+    assert all(torch.equal(_raw(a).view(torch.uint8), _raw(b).view(torch.uint8))
                for a, b in zip(tensors, out))
 
 
 def test_a_failed_read_stops_the_readers_and_closes_every_lane(tmp_path, monkeypatch):
-    path = _file(tmp_path)
-    monkeypatch.setattr(_upload, "READERS", 3)
-    monkeypatch.setattr(_upload, "MAX_GAP", 0)
-    monkeypatch.setattr(_upload, "CHUNK_BYTES", 1000)
-    file = GGUFFile(path)
-    sd = read_tensors(file, lazy=True)
-    p, base, size = _upload.file_span(file)
-    tensors = list(sd.values())
+    tensors, (p, base, size) = _staged_file(tmp_path, monkeypatch)
     (tmp_path / "t.gguf").write_bytes((tmp_path / "t.gguf").read_bytes()[:size // 2])
     st = FakeStaging()
     with pytest.raises(OSError, match=r"t\.gguf: short read at offset \d+ while loading to the GPU"):
