@@ -138,6 +138,18 @@ def test_truncated_file_raises_clear_error(tmp_path):
             GGUFFile(p)
 
 
+@pytest.mark.parametrize("into, part", [(2, "n_dims"), (6, "dims, type and offset")])
+def test_a_tensor_info_cut_short_names_the_tensor_and_its_field(tmp_path, into, part):
+    name = "blk.0.a_long_enough_tensor_name.weight"  # so the count check passes
+    full = GGUFBuilder().tensor(name, T.F32, (4,), b"\0" * 16).build()
+    end_of_name = full.index(name.encode()) + len(name)
+    p = tmp_path / "cut.gguf"
+    p.write_bytes(full[:end_of_name + into])
+    with pytest.raises(InvalidHeaderError,
+                       match=rf"truncated file: {part} of tensor '{name}' needs \d+ bytes"):
+        GGUFFile(p)
+
+
 def test_tensor_data_outside_the_file_raises_clear_error(tmp_path):
     data = GGUFBuilder().tensor("w", T.F32, (64,), b"\0" * 256).build()
     p = tmp_path / "short.gguf"

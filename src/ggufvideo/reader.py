@@ -21,7 +21,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +66,7 @@ _NUMPY: dict[GGUFValueType, str] = {
     GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "<u1", GGUFValueType.UINT64: "<u8",
     GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8",
 }
-_KNOWN_QTYPES = {int(t) for t in GGMLQuantizationType}
+_KNOWN_QTYPES = {int(t): t for t in GGMLQuantizationType}
 
 
 def is_gguf(path: str | os.PathLike[str]) -> bool:
@@ -126,36 +126,42 @@ class _Cursor:
         self.size = len(buf)
         self.path = path
 
-    def need(self, n: int, what: str) -> None:
+    def need(self, n: int, what: str | Callable[[], str]) -> None:
+        """Raise unless ``n`` more bytes are in the file. ``what`` names the field; a callable is
+        formatted only for the message (a 14B model's header has ~1,100 tensor names to quote)."""
         if n < 0 or self.pos + n > self.size:
             raise InvalidHeaderError(
-                f"truncated file: {what} needs {n} bytes at offset {self.pos}, but the file has "
-                f"{self.size} bytes", path=self.path)
+                f"truncated file: {_describe(what)} needs {n} bytes at offset "
+                f"{self.pos}, but the file has {self.size} bytes", path=self.path)
 
-    def unpack(self, fmt: str, width: int, what: str) -> Any:
+    def unpack(self, fmt: str, width: int, what: str | Callable[[], str]) -> Any:
         self.need(width, what)
         v = struct.unpack_from(fmt, self.buf, self.pos)[0]
         self.pos += width
         return v
 
-    def u32(self, what: str) -> int:
+    def u32(self, what: str | Callable[[], str]) -> int:
         return self.unpack("<I", 4, what)
 
-    def u64(self, what: str) -> int:
+    def u64(self, what: str | Callable[[], str]) -> int:
         return self.unpack("<Q", 8, what)
 
-    def string(self, what: str) -> str:
-        n = self.u64(f"length of {what}")
+    def string(self, what: str | Callable[[], str]) -> str:
+        n = self.u64(lambda: f"length of {_describe(what)}")
         self.need(n, what)
         raw = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
         # Invalid UTF-8 is data, not a crash: keep it visible but harmless.
         return raw.decode("utf-8", errors="backslashreplace")
 
-    def skip_string(self, what: str) -> None:
-        n = self.u64(f"length of {what}")
+    def skip_string(self, what: str | Callable[[], str]) -> None:
+        n = self.u64(lambda: f"length of {_describe(what)}")
         self.need(n, what)
         self.pos += n
+
+
+def _describe(what: str | Callable[[], str]) -> str:
+    return what() if callable(what) else what
 
 
 def _value_type(raw: int, cur: _Cursor, what: str) -> GGUFValueType:
@@ -287,22 +293,21 @@ class GGUFFile:
 
         infos: list[tuple[str, tuple[int, ...], int, int]] = []
         for i in range(n_tensors):
-            name = cur.string(f"name of tensor #{i}")
-            n_dims = cur.u32(f"n_dims of tensor {_safe(name)!r}")
+            name = cur.string(lambda: f"name of tensor #{i}")
+            n_dims = cur.u32(lambda: f"n_dims of tensor {_safe(name)!r}")
             if n_dims > MAX_DIMS:
                 raise InvalidHeaderError(f"n_dims {n_dims} exceeds the maximum {MAX_DIMS}",
                                          path=self.path, tensor=name)
-            cur.need(8 * n_dims, f"dims of tensor {_safe(name)!r}")
+            cur.need(8 * n_dims + 12, lambda: f"dims, type and offset of tensor {_safe(name)!r}")
             dims = struct.unpack_from(f"<{n_dims}Q", self._mm, cur.pos)
-            cur.pos += 8 * n_dims
+            raw_type, offset = struct.unpack_from("<IQ", self._mm, cur.pos + 8 * n_dims)
+            cur.pos += 8 * n_dims + 12
             # torch sizes and strides are int64: refuse dims whose product could overflow them
             # (zero-sized dims included) before anything is shaped by these numbers.
             nonzero = math.prod(d for d in dims if d)
             if nonzero > MAX_ELEMENTS:
                 raise InvalidHeaderError(f"dims {list(reversed(dims))} are too large",
                                          path=self.path, tensor=name)
-            raw_type = cur.u32(f"type of tensor {_safe(name)!r}")
-            offset = cur.u64(f"offset of tensor {_safe(name)!r}")
             infos.append((name, tuple(reversed(dims)), raw_type, offset))
 
         pad = (-cur.pos) % self.alignment
@@ -376,10 +381,10 @@ class GGUFFile:
         for name, shape, raw_type, rel in infos:
             if name in self.tensors:
                 raise TensorLayoutError("duplicate tensor name", path=self.path, tensor=name)
-            if raw_type not in _KNOWN_QTYPES:
+            qtype = _KNOWN_QTYPES.get(raw_type)
+            if qtype is None:
                 raise UnsupportedTypeError(f"unknown ggml type id {raw_type}", path=self.path,
                                            tensor=name)
-            qtype = GGMLQuantizationType(raw_type)
             try:
                 qt = get_quant_type(qtype)
             except UnsupportedTypeError:
