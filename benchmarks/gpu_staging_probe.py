@@ -32,6 +32,7 @@ import mmap
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -45,6 +46,15 @@ PAGE = mmap.PAGESIZE
 def _check(rc: int, what: str) -> None:
     if rc:
         raise RuntimeError(f"{what} failed: cudaError {rc}")
+
+
+def _run_threads(work: list[tuple[Callable[[int], None], int]]) -> None:
+    """Run ``fn(r)`` for each ``(fn, r)`` in a thread of its own; wait for them all."""
+    pool = [threading.Thread(target=fn, args=(r,)) for fn, r in work]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
 
 
 class Probe:
@@ -86,21 +96,20 @@ class Probe:
 
     def register(self, threads: int, chunk: int) -> tuple[float, float]:
         """GB/s of registering, then of unregistering, the whole file in ``chunk`` ranges."""
-        n = self.size // chunk
+        starts = [self.base + k * chunk for k in range(self.size // chunk)]
+
+        def register(r: int) -> None:
+            for p in starts[r::threads]:
+                _check(self.rt.cudaHostRegister(p, chunk, READ_ONLY), "cudaHostRegister")
+
+        def unregister(r: int) -> None:
+            for p in starts[r::threads]:
+                _check(self.rt.cudaHostUnregister(p), "cudaHostUnregister")
+
         rates = []
-        for call, what in ((lambda k: self.rt.cudaHostRegister(self.base + k * chunk, chunk,
-                                                                READ_ONLY), "register"),
-                           (lambda k: self.rt.cudaHostUnregister(self.base + k * chunk),
-                            "unregister")):
-            def work(r: int, call=call, what=what) -> None:
-                for k in range(r, n, threads):
-                    _check(call(k), what)
+        for fn in (register, unregister):
             t0 = time.perf_counter()
-            pool = [threading.Thread(target=work, args=(r,)) for r in range(threads)]
-            for t in pool:
-                t.start()
-            for t in pool:
-                t.join()
+            _run_threads([(fn, r) for r in range(threads)])
             rates.append(round(self.size / (time.perf_counter() - t0) / 1e9, 1))
         return rates[0], rates[1]
 
@@ -187,12 +196,8 @@ class Probe:
                     _check(rt.cudaHostUnregister(held[s]), "cudaHostUnregister")
 
         t0 = time.perf_counter()
-        pool = [threading.Thread(target=reader, args=(r,)) for r in range(readers)]
-        pool += [threading.Thread(target=registrar, args=(r,)) for r in range(registrars)]
-        for t in pool:
-            t.start()
-        for t in pool:
-            t.join()
+        _run_threads([(reader, r) for r in range(readers)]
+                     + [(registrar, r) for r in range(registrars)])
         self.stream.synchronize()
         return (round(size / (time.perf_counter() - t0) / 1e9, 1),
                 round(moved[1] / size, 2))

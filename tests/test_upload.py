@@ -94,6 +94,11 @@ def _raw(t):
     return t.raw if isinstance(t, GGMLTensor) else t
 
 
+def _spans(tensors, base):
+    """(offset in the file, bytes) of each tensor mapped from a file mapped at ``base``."""
+    return [(_raw(t).data_ptr() - base, _raw(t).nbytes) for t in tensors]
+
+
 def _staged_file(tmp_path, monkeypatch, *, readers=3, chunk=1000):
     """A small GGUF's tensors (lazy views of its mapping) and its span, with ``readers`` readers
     and ``chunk``-byte chunks."""
@@ -122,13 +127,8 @@ def test_chunks_cover_every_byte_once_in_file_order():
 @pytest.mark.parametrize("readers", [1, 3])
 def test_staged_read_is_byte_identical_and_refills_a_buffer_only_after_its_copies(
         tmp_path, monkeypatch, readers):
-    path = _file(tmp_path)
     monkeypatch.setattr(_upload, "BUFFERS", 2)
-    monkeypatch.setattr(_upload, "READERS", readers)
-    monkeypatch.setattr(_upload, "MAX_GAP", 0)
-    monkeypatch.setattr(_upload, "CHUNK_BYTES", 1000)
-    file = GGUFFile(path)
-    sd = read_tensors(file, lazy=True)
+    tensors, (p, base, size) = _staged_file(tmp_path, monkeypatch, readers=readers)
     st = FakeStaging()
     real = _upload._read_into
 
@@ -137,18 +137,14 @@ def test_staged_read_is_byte_identical_and_refills_a_buffer_only_after_its_copie
         st.note("read", offset, (out.ctypes.data - ring.data_ptr()) // 1000)
         real(fd, offset, out, p)
     monkeypatch.setattr(_upload, "_read_into", read)
-    p, base, size = _upload.file_span(file)
-    tensors = list(sd.values())
-    spans = [(t.raw.data_ptr() - base if isinstance(t, GGMLTensor) else t.data_ptr() - base,
-              (t.raw if isinstance(t, GGMLTensor) else t).nbytes) for t in tensors]
     out = upload(tensors, torch.device("cpu"), path=p, base=base, size=size, mode="read",
                  staging=st)
     for a, b in zip(tensors, out):
         assert type(a) is type(b) and a.shape == b.shape and a.dtype == b.dtype
-        ra, rb = (a.raw, b.raw) if isinstance(a, GGMLTensor) else (a, b)
+        ra, rb = _raw(a), _raw(b)
         assert torch.equal(ra.view(torch.uint8), rb.view(torch.uint8))
         assert rb.data_ptr() != ra.data_ptr()  # a copy, not a view of the mapping
-    chunks = plan_chunks(spans, 1000, 0)
+    chunks = plan_chunks(_spans(tensors, base), 1000, 0)
     assert len(chunks) > 2 * readers * 2
     reads = [e for e in st.log if e[1] == "read"]
     assert sorted(e[2] for e in reads) == [c.offset for c in chunks]
@@ -198,8 +194,7 @@ def test_a_reader_held_back_does_not_keep_its_share_of_the_file(tmp_path, monkey
     """Chunks go to whichever reader is free: one reader stuck on its first chunk until all
     the others are read finishes (a fixed share per reader would wait forever)."""
     tensors, (p, base, size) = _staged_file(tmp_path, monkeypatch)
-    n_chunks = len(plan_chunks([(_raw(t).data_ptr() - base, _raw(t).nbytes) for t in tensors],
-                               1000, 0))
+    n_chunks = len(plan_chunks(_spans(tensors, base), 1000, 0))
     real = _upload._read_into
     lock, done, rest = threading.Lock(), [0], threading.Event()
     first = []
