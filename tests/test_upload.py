@@ -270,7 +270,7 @@ def test_load_model_through_the_staged_path_matches_the_plain_load(tmp_path, mon
     calls = []
     monkeypatch.setattr(_upload, "use_fast_upload", lambda dev: True)
     monkeypatch.setattr(_upload, "MODE", mode)
-    monkeypatch.setattr(_upload, "CudaStaging", lambda dev: calls.append(dev) or FakeStaging())
+    monkeypatch.setattr(_upload, "CudaStaging", lambda dev, **kw: calls.append(dev) or FakeStaging())
     monkeypatch.setattr(_upload, "CHUNK_BYTES", 4096)
     with ggufvideo.empty_weights():
         staged = Net()
