@@ -7,8 +7,10 @@ import torch
 from gguf import GGMLQuantizationType as T
 from model_files import policy, tensor_bytes, write_gguf
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ggufvideo import GGMLTensor, GGUFError, ModelLoadError, empty_weights, load_model
+from ggufvideo.loader import resolve_device
 from ggufvideo.model import assign_state_dict, parameter_bytes
 from ggufvideo.ops import QuantConv3d, QuantEmbedding, QuantLayer, QuantLinear
 
@@ -220,6 +222,48 @@ def test_f16_weights_of_quant_layers_stay_16_bit(original, tmp_path):
 def test_missing_file_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_model(build_empty(), tmp_path / "nope.gguf")
+
+
+class _Copies(TorchDispatchMode):
+    """Counts the tensor copies (``aten._to_copy``) made under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.copies += func is torch.ops.aten._to_copy.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu:0", torch.device("cpu", 0)])
+def test_a_device_named_with_or_without_index_moves_nothing_already_there(path, device):
+    # tensors report "cpu" (and "cuda:0"): compared against the name as given, every tensor
+    # would be "moved" to where it already is, a dispatch each (~30 ms for a 14B model)
+    model = build_empty()
+    with _Copies() as mode:
+        load_model(model, path, device=device)
+    assert mode.copies == 0
+    assert model.proj.weight.device == torch.device("cpu")
+
+
+def test_resolve_device_gives_the_device_tensors_report():
+    assert resolve_device("cpu:0") == torch.device("cpu") == torch.empty(0, device="cpu:0").device
+    assert resolve_device("meta") == torch.device("meta")
+    if not torch.cuda.is_available():  # unreachable: given back as it was, for the caller to report
+        assert resolve_device("cuda") == torch.device("cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_load_to_cuda_without_index_copies_each_tensor_once(path):
+    model = build_empty()
+    with _Copies() as mode:
+        load_model(model, path, device="cuda")
+    assert model.proj.weight.device == torch.device("cuda", torch.cuda.current_device())
+    assert resolve_device("cuda") == model.proj.weight.device
+    # the file's tensors go through the staged upload (its own copy calls, in its threads); the
+    # one copy here is the buffer no file holds ("table"), following the model to the GPU
+    assert mode.copies <= 1
 
 
 @pytest.mark.gpu

@@ -39,7 +39,9 @@ class FakeStaging:
 
     def pinned(self, n):
         b = torch.empty(n, dtype=torch.uint8)
-        self.buffers.append(b)
+        with self._lock:
+            self.buffers.append(b)
+        self.note("pinned", n)
         return b
 
     def empty(self, n):
@@ -133,8 +135,9 @@ def test_staged_read_is_byte_identical_and_refills_a_buffer_only_after_its_copie
     real = _upload._read_into
 
     def read(fd, offset, out, p):
-        (ring,) = st.buffers
-        st.note("read", offset, (out.ctypes.data - ring.data_ptr()) // 1000)
+        at = out.ctypes.data
+        buf = next(k for k, b in enumerate(st.buffers) if 0 <= at - b.data_ptr() < b.numel())
+        st.note("read", offset, (buf, (at - st.buffers[buf].data_ptr()) // 1000))
         real(fd, offset, out, p)
     monkeypatch.setattr(_upload, "_read_into", read)
     out = upload(tensors, torch.device("cpu"), path=p, base=base, size=size, mode="read",
@@ -148,9 +151,12 @@ def test_staged_read_is_byte_identical_and_refills_a_buffer_only_after_its_copie
     assert len(chunks) > 2 * readers * 2
     reads = [e for e in st.log if e[1] == "read"]
     assert sorted(e[2] for e in reads) == [c.offset for c in chunks]
-    # one ring of readers x 2 buffers; the readers claim chunks in file order (each one's reads
-    # ascend; which reader gets which is the scheduler's), each alternating its own two buffers
-    assert len(st.buffers) == 1 and st.buffers[0].numel() == readers * 2 * 1000
+    # each reader page-locks its own 2 buffers, in its thread; the readers claim chunks in file
+    # order (each one's reads ascend; which reader gets which is the scheduler's), each
+    # alternating its own two buffers
+    assert len(st.buffers) == readers and all(b.numel() == 2 * 1000 for b in st.buffers)
+    made = [e for e in st.log if e[1] == "pinned"]
+    assert sorted(e[0] for e in made) == list(range(readers))  # one in each reader's thread
     assert len(st.lanes) == readers and {e[0] for e in reads} <= set(range(readers))
     owned = {tid: {e[3] for e in reads if e[0] == tid} for tid in range(readers)}
     assert all(not (owned[a] & owned[b]) for a in owned for b in owned if a < b)

@@ -11,7 +11,8 @@ from .reader import GGUFFile, TensorInfo
 from .shapes import logical_shape
 from .tensor import GGMLTensor
 
-__all__ = ["load_state_dict", "read_tensors", "file_architecture", "resolve_dtype", "DTypeLike"]
+__all__ = ["load_state_dict", "read_tensors", "file_architecture", "resolve_dtype",
+           "resolve_device", "DTypeLike"]
 
 DTypeLike = torch.dtype | str | None
 
@@ -50,6 +51,26 @@ def resolve_dtype(dtype: DTypeLike, device: torch.device | str | None = None) ->
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}: expected 'auto', 'float32', 'float16' or "
                          "'bfloat16' (or a torch.dtype)") from None
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """``device`` as the tensors on it report it: an accelerator without an index gets the current
+    one (``"cuda"`` -> ``cuda:0``), the CPU none (``"cpu:0"`` -> ``cpu``).
+
+    ``torch.device("cuda") != torch.device("cuda:0")``, and a tensor on the GPU reports the
+    latter: a check "is it there yet?" against the index-less one moves every tensor to where it
+    already is (a dispatch per tensor, ~30 ms for 582 tensors on a GPU host). Where the device
+    cannot be reached (no CUDA in this PyTorch) it is returned as given, for the caller to report.
+    """
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return torch.device("cpu")  # "cpu:0" too: CPU tensors report no index
+    if dev.index is not None or dev.type == "meta":
+        return dev
+    try:
+        return torch.empty(0, device=dev).device
+    except (RuntimeError, AssertionError):  # not compiled in, no such device: caller's error
+        return dev
 
 
 def _plain_tensor(file: GGUFFile, info: TensorInfo, shape: torch.Size) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError, _safe
-from .loader import DTypeLike, file_architecture, read_tensors, resolve_dtype
+from .loader import DTypeLike, file_architecture, read_tensors, resolve_device, resolve_dtype
 from .models import CONTAINER_PREFIXES, strip_prefix
 from .models.matching import LayoutMatch, describe_keys, match_layout
 from .ops import QuantLayer, dequantize_weight, swap_quant_layers
@@ -126,8 +126,8 @@ def _convert(t: torch.Tensor, like: torch.Tensor, *, lazy: bool, dtype: torch.dt
     if isinstance(t, GGMLTensor):
         target = dtype or (like.dtype if like.is_floating_point() else t.dtype)
         if lazy:
-            if t.dtype != target:
-                t = t.to(target)  # compute dtype only; the raw blocks are shared
+            if t.dtype != target:  # compute dtype only, the raw blocks shared (no dispatch)
+                t = GGMLTensor(t.raw, t.qtype, t.shape, target)
             return t if t.device == device else t.to(device)
         # Eager: decode on the target device, straight to the target dtype (one rounding).
         return dequantize_weight(t.to(device), target)
@@ -240,7 +240,7 @@ def assign_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
             model's best-matching family and layout.
     """
     want = resolve_dtype(dtype, device)
-    dev = torch.device(device) if device is not None else None
+    dev = resolve_device(device) if device is not None else None
     entries = _entries(model)
     model_shapes = {k: tuple((m._parameters if p else m._buffers)[n].shape)  # type: ignore[union-attr]
                     for k, (m, n, p) in entries.items()}

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from ..loader import resolve_device
+
 __all__ = ["CudaStaging"]
 
 
@@ -24,8 +26,8 @@ class CudaStaging:
         self.cudart = cudart  # issue copies and events through libcudart when it is loaded
         self.stream = torch.cuda.Stream(device)
         # resolved here: a reader thread's current device is 0, not this thread's
-        self.index = device.index if device.index is not None else torch.cuda.current_device()
-        self.device = torch.device("cuda", self.index)
+        self.device = resolve_device(device)
+        self.index: int = self.device.index
 
     def pinned(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)

@@ -96,7 +96,8 @@ def plan_chunks(spans: list[tuple[int, int]], chunk_bytes: int | None = None,
             chunk = Chunk(pos, stop - pos)
             while first < len(idx) and sum(spans[idx[first]]) <= pos:
                 first += 1  # everything before ``first`` ended before this chunk
-            for i in idx[first:]:
+            for j in range(first, len(idx)):  # (no idx[first:]: a copy per chunk)
+                i = idx[j]
                 s, n = spans[i]
                 if s >= stop:
                     break
@@ -241,8 +242,11 @@ def _read_staged(chunks: list[Chunk], targets: _Targets, st: Any, path: str) -> 
     readers = max(1, min(READERS, len(chunks)))
     slots = max(1, BUFFERS)
     size = max(c.nbytes for c in chunks)
-    ring = st.pinned(readers * slots * size)
-    ring_np = ring.numpy()
+    # Each reader page-locks its own buffers, in its own thread: the first read starts after
+    # one reader's few MiB are locked, not after all of them (128 MiB for 16 readers, tens of
+    # milliseconds on a first load, before the host allocator caches them). Held here, not in
+    # the reader, until every queued copy out of them has passed (see _drain).
+    rings: list[torch.Tensor | None] = [None] * readers
     stop = threading.Event()  # a reader failed: the others stop at their next chunk
     fd = os.open(path, os.O_RDONLY)
     claim = _Cursor(len(chunks))
@@ -251,6 +255,8 @@ def _read_staged(chunks: list[Chunk], targets: _Targets, st: Any, path: str) -> 
         lane = None
         try:
             lane = st.lane(slots)
+            ring = rings[r] = st.pinned(slots * size)
+            ring_np = ring.numpy()
             j = 0
             while (k := claim.next()) is not None:
                 if stop.is_set():
@@ -258,7 +264,7 @@ def _read_staged(chunks: list[Chunk], targets: _Targets, st: Any, path: str) -> 
                 slot = j % slots
                 j += 1
                 lane.wait(slot)  # the copies out of this buffer are done
-                at = (r * slots + slot) * size
+                at = slot * size
                 c = chunks[k]
                 _read_into(fd, c.offset, ring_np[at:at + c.nbytes], path)
                 for piece_at, i, into, n in c.pieces:
@@ -269,7 +275,7 @@ def _read_staged(chunks: list[Chunk], targets: _Targets, st: Any, path: str) -> 
             raise
         finally:
             if lane is not None:
-                lane.close()  # the ring is not released while copies out of it may be pending
+                lane.close()  # wait for the copies out of this reader's buffers
 
     try:
         with ThreadPoolExecutor(max_workers=readers) as pool:
@@ -282,7 +288,7 @@ def _read_staged(chunks: list[Chunk], targets: _Targets, st: Any, path: str) -> 
                 raise
         st.finish()
     except BaseException:
-        _drain(st)  # copies queued after a lane's last event may still read the ring
+        _drain(st)  # copies queued after a lane's last event may still read a buffer
         raise
     finally:
         os.close(fd)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..loader import resolve_device
 from ..tensor import GGMLTensor
 from ._backends import CudaBackend, SyncBackend
 from ._groups import Group, TensorSlot, choose_resident, parse_budget, plan_groups, tensor_bytes
@@ -306,8 +307,7 @@ def offload(model: nn.Module, device: torch.device | str = "cuda",
     if device.type == "cuda" and backend is None and not torch.cuda.is_available():
         raise RuntimeError(f"ggufvideo.offload: device {str(device)!r} but CUDA is not available "
                            "in this PyTorch (weight streaming needs a CUDA GPU)")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = resolve_device(device)
     nbudget = parse_budget(budget)
     groups, pinned = plan_groups(model, target_bytes=target_group_bytes)
     fixed = sum(g.nbytes for g in pinned)

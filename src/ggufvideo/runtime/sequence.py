@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..loader import resolve_device
 from ._backends import SyncBackend
 from ._groups import parse_budget
 from .offload import OffloadHandle, offload
@@ -121,8 +122,7 @@ class PartSequence:
             raise RuntimeError(f"ggufvideo.runtime.sequence: a VRAM budget streams weights to a "
                                f"CUDA GPU, but {why}; drop the budget (vram_budget / "
                                "--vram-budget) or run on a CUDA device")
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
+        dev = resolve_device(dev)
         self.device = dev
         self.budget = parse_budget(budget)
         self.prefetch = prefetch
