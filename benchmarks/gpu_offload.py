@@ -31,6 +31,7 @@ import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +40,7 @@ import time
 # what is allocated rather than what the caching allocator strands between block sizes. Not for
 # --load, which ran with the default allocator before (its runs since have not finished: see
 # the progress lines it prints).
-if "--load" not in sys.argv:
+if "--load" not in sys.argv and "--first-load" not in sys.argv:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
@@ -282,6 +283,13 @@ def load_bandwidth(args: argparse.Namespace) -> None:
             return M()
 
     res = {"variant": "load", "file_gib": round(size / 2**30, 2)}
+    firsts = []
+    for _ in range(3):  # a fresh process each: nothing cached, as for a user's one load
+        child = subprocess.run([sys.executable, __file__, "--first-load", path, str(int(n_layers))],
+                               capture_output=True, text=True, timeout=300, check=True)
+        firsts.append(json.loads(child.stdout.strip().splitlines()[-1])["first_load_gbs"])
+    res["load_model_first_in_process_gbs"] = firsts
+    progress(f"load_model, first in a fresh process: {firsts} GB/s")
     pinned = torch.empty(size, dtype=torch.uint8).pin_memory()
     dst = torch.empty(size, dtype=torch.uint8, device="cuda")
     best = 0.0
@@ -339,9 +347,9 @@ def load_bandwidth(args: argparse.Namespace) -> None:
     res["load_model_read_default_gbs"], res["load_model_read_default_median_gbs"] = \
         timed_load("read")
     # (chunk MiB, buffers per reader, readers, through libcudart)
-    for chunk_mib, buffers, readers, cudart in [(4, 2, 16, 0), (2, 2, 16, 1), (8, 2, 16, 1),
-                                                (4, 3, 16, 1), (4, 2, 8, 1), (4, 2, 12, 1),
-                                                (16, 2, 16, 1)]:
+    sweep = [(4, 2, 16, 0), (2, 2, 16, 1), (8, 2, 16, 1), (4, 3, 16, 1), (4, 2, 8, 1),
+             (4, 2, 12, 1), (16, 2, 16, 1)]
+    for chunk_mib, buffers, readers, cudart in sweep if args.load_sweep else []:
         key = (f"load_model_read_{chunk_mib}MiB_{buffers}buf_{readers}thr"
                f"{'' if cudart else '_torchcalls'}_gbs")
         res[key], res[key.replace("_gbs", "_median_gbs")] = timed_load(
@@ -395,6 +403,26 @@ def load_bandwidth(args: argparse.Namespace) -> None:
     os.remove(path)
 
 
+def first_load(path: str, n_layers: int) -> None:
+    """One ``load_model`` in this fresh process (its CUDA context made first, not timed): what a
+    user's single load costs, pinned-memory and allocator caches empty, one-time imports included.
+    Prints JSON."""
+    torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = nn.ModuleList(nn.Linear(5120, 5120, bias=False) for _ in range(n_layers))
+
+    with ggufvideo.empty_weights():
+        m = M()
+    t0 = time.perf_counter()
+    ggufvideo.load_model(m, path, device="cuda")
+    torch.cuda.synchronize()
+    print(json.dumps({"first_load_gbs": round(os.path.getsize(path) / (time.perf_counter() - t0) / 1e9, 2)}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="14b", choices=sorted(SHAPES))
@@ -405,10 +433,16 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=["bf16", "q4k_go"])
     ap.add_argument("--load", action="store_true", help="only the load bandwidth test")
     ap.add_argument("--load-gib", type=int, default=4)
+    ap.add_argument("--no-load-sweep", dest="load_sweep", action="store_false",
+                    help="--load without the sweep of chunk/buffer/reader settings")
     ap.add_argument("--tmp", default="auto",
                     help="folder for --load's file (auto: /dev/shm when it has room)")
     ap.add_argument("--out", default=".")
+    ap.add_argument("--first-load", nargs=2, metavar=("PATH", "N_LAYERS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.first_load:  # the child process of --load's first-load measurement
+        first_load(args.first_load[0], int(args.first_load[1]))
+        return
     os.makedirs(args.out, exist_ok=True)
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__}), flush=True)
     if args.load:
