@@ -421,6 +421,15 @@ def _patched_model():
     return model, w, bias
 
 
+def test_patching_a_weight_for_the_device_it_is_on_keeps_its_parameter(fake_comfy_lora):
+    model, _, _ = _patched_model()
+    patcher = make_quant_patcher(FakeModelPatcher(model))
+    patcher.patches = {"q.weight": [("diff", torch.zeros(8, 64), 1.0)]}
+    before = model.q.weight
+    patcher.patch_weight_to_device("q.weight", device_to="cpu:0")  # the tensor reports "cpu"
+    assert model.q.weight is before
+
+
 def test_lora_on_a_quantized_layer_is_deferred_to_forward_without_decoding(fake_comfy_lora, monkeypatch):
     model, w, bias = _patched_model()
     patcher = make_quant_patcher(FakeModelPatcher(model))

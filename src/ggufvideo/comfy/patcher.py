@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..loader import resolve_device
 from ..ops import LoraAdapter
 from ..tensor import GGMLTensor
 from .layers import ComfyQuantLayer, raw_state_bytes
@@ -166,7 +167,7 @@ def _patch_weight_to_device(self: Any, base: type, key: str, device_to: torch.de
         w = weight.to(device_to) if device_to is not None else weight
         return calculate(self.patches[key], w.dequantize(torch.float32), key,
                          intermediate_dtype=torch.float32)
-    if device_to is not None and weight.device != torch.device(device_to):
+    if device_to is not None and weight.device != resolve_device(device_to):
         module._parameters[param] = nn.Parameter(weight.to(device_to), requires_grad=False)
     token = self.backup.get(key)
     if token is None:
