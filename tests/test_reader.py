@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import struct
+import weakref
 
 import gguf
 import numpy as np
@@ -80,6 +82,22 @@ def test_numeric_metadata_array_is_read_only(tmp_path):
     path = GGUFBuilder().add("xs", V.ARRAY, [1.0, 2.0], V.FLOAT32).write(tmp_path / "a.gguf")
     arr = GGUFFile(path).metadata["xs"]
     assert arr.dtype == np.float32 and not arr.flags.writeable
+
+
+def test_an_unreferenced_file_is_released_at_once_and_its_metadata_outlives_it(tmp_path):
+    # no reference cycle: the mapping and descriptor go with the last reference, not at the next
+    # garbage collection (after a load to the GPU nothing else holds them)
+    path = GGUFBuilder().add("general.architecture", V.STRING, "wan") \
+        .tensor("w", T.F32, (4,), np.zeros(4, np.float32).tobytes()).write(tmp_path / "r.gguf")
+    gc.disable()
+    try:
+        f = GGUFFile(path)
+        md, gone = f.metadata, weakref.ref(f)
+        del f
+        assert gone() is None
+        assert md["general.architecture"] == "wan"
+    finally:
+        gc.enable()
 
 
 def test_version_2_is_supported(tmp_path):

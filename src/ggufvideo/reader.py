@@ -172,26 +172,68 @@ def _value_type(raw: int, cur: _Cursor, what: str) -> GGUFValueType:
                                  path=cur.path) from None
 
 
-class _LazyMetadata(Mapping[str, Any]):
-    """``key -> value`` decoding each value on first access (and caching it)."""
+def _decode(mm: mmap.mmap, f: MetadataField) -> Any:
+    """A metadata value, read from the mapping at the field's position."""
+    if f.type == GGUFValueType.ARRAY:
+        return _decode_array(mm, f.offset)[0]
+    return _decode_scalar(mm, f.type, f.offset)[0]
 
-    def __init__(self, file: GGUFFile) -> None:
-        self._file = file
+
+def _decode_scalar(mm: mmap.mmap, vtype: GGUFValueType, pos: int) -> tuple[Any, int]:
+    if vtype == GGUFValueType.STRING:
+        n = struct.unpack_from("<Q", mm, pos)[0]
+        raw = bytes(mm[pos + 8:pos + 8 + n])
+        return raw.decode("utf-8", errors="backslashreplace"), pos + 8 + n
+    fmt, width = _SCALAR[vtype]
+    return struct.unpack_from(fmt, mm, pos)[0], pos + width
+
+
+def _decode_array(mm: mmap.mmap, pos: int) -> tuple[Any, int]:
+    item = GGUFValueType(struct.unpack_from("<I", mm, pos)[0])
+    count = struct.unpack_from("<Q", mm, pos + 4)[0]
+    pos += 12
+    if item in _NUMPY:
+        width = _SCALAR[item][1]
+        arr = np.frombuffer(mm, dtype=_NUMPY[item], count=count, offset=pos).copy()
+        if item == GGUFValueType.BOOL:
+            arr = arr.astype(bool)
+        arr.flags.writeable = False
+        return arr, pos + count * width
+    out = []
+    for _ in range(count):
+        if item == GGUFValueType.ARRAY:
+            v, pos = _decode_array(mm, pos)
+        else:
+            v, pos = _decode_scalar(mm, item, pos)
+        out.append(v)
+    return out, pos
+
+
+class _LazyMetadata(Mapping[str, Any]):
+    """``key -> value`` decoding each value on first access (and caching it).
+
+    Holds the mapping and the fields, not the file: a reference back to the file would make a
+    cycle, and the file's mapping (and descriptor) would outlive the last use until a garbage
+    collection, after a load to the GPU too, where nothing views the mapping any more.
+    """
+
+    def __init__(self, mm: mmap.mmap, fields: dict[str, MetadataField]) -> None:
+        self._mm, self._fields = mm, fields
         self._cache: dict[str, Any] = {}
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._cache:
-            self._cache[key] = self._file._decode(self._file.fields[key])
+            self._cache[key] = _decode(self._mm, self._fields[key])
         return self._cache[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._file.fields)
+        return iter(self._fields)
 
     def __len__(self) -> int:
-        return len(self._file.fields)
+        return len(self._fields)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._file.fields
+        return key in self._fields
 
     def __repr__(self) -> str:
         return f"<GGUF metadata: {len(self)} keys>"
@@ -230,7 +272,7 @@ class GGUFFile:
         self.size = size
         self.fields: dict[str, MetadataField] = {}
         self.tensors: dict[str, TensorInfo] = {}
-        self.metadata: Mapping[str, Any] = _LazyMetadata(self)
+        self.metadata: Mapping[str, Any] = _LazyMetadata(self._mm, self.fields)
         self._parse()
 
     # -- context manager --------------------------------------------------------------------
@@ -367,7 +409,7 @@ class GGUFFile:
         f = self.fields.get("general.alignment")
         if f is None:
             return DEFAULT_ALIGNMENT
-        value = self._decode(f)
+        value = _decode(self._mm, f)
         if f.type not in (GGUFValueType.UINT8, GGUFValueType.UINT16, GGUFValueType.UINT32,
                           GGUFValueType.UINT64, GGUFValueType.INT32, GGUFValueType.INT64) \
                 or value <= 0 or value & (value - 1):
@@ -416,40 +458,6 @@ class GGUFFile:
                 raise TensorLayoutError(
                     f"data [{s1}, ...) overlaps tensor {_safe(n0)!r} at [{s0}, {e0})",
                     path=self.path, tensor=n1)
-
-    # -- values -----------------------------------------------------------------------------
-    def _decode(self, f: MetadataField) -> Any:
-        if f.type == GGUFValueType.ARRAY:
-            return self._decode_array(f.offset)[0]
-        return self._decode_scalar(f.type, f.offset)[0]
-
-    def _decode_scalar(self, vtype: GGUFValueType, pos: int) -> tuple[Any, int]:
-        if vtype == GGUFValueType.STRING:
-            n = struct.unpack_from("<Q", self._mm, pos)[0]
-            raw = bytes(self._mm[pos + 8:pos + 8 + n])
-            return raw.decode("utf-8", errors="backslashreplace"), pos + 8 + n
-        fmt, width = _SCALAR[vtype]
-        return struct.unpack_from(fmt, self._mm, pos)[0], pos + width
-
-    def _decode_array(self, pos: int) -> tuple[Any, int]:
-        item = GGUFValueType(struct.unpack_from("<I", self._mm, pos)[0])
-        count = struct.unpack_from("<Q", self._mm, pos + 4)[0]
-        pos += 12
-        if item in _NUMPY:
-            width = _SCALAR[item][1]
-            arr = np.frombuffer(self._mm, dtype=_NUMPY[item], count=count, offset=pos).copy()
-            if item == GGUFValueType.BOOL:
-                arr = arr.astype(bool)
-            arr.flags.writeable = False
-            return arr, pos + count * width
-        out = []
-        for _ in range(count):
-            if item == GGUFValueType.ARRAY:
-                v, pos = self._decode_array(pos)
-            else:
-                v, pos = self._decode_scalar(item, pos)
-            out.append(v)
-        return out, pos
 
     # -- tensor data ------------------------------------------------------------------------
     def tensor_data(self, name: str | TensorInfo) -> torch.Tensor:
