@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 import torch
 
@@ -57,6 +58,20 @@ def copy_bandwidth(nbytes: int, device: torch.device) -> float:
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src))
     return 2 * nbytes / ms / 1e6
+
+
+def pinned_h2d_bandwidth(dst: torch.Tensor) -> float:
+    """GB/s of a host-to-device copy into the uint8 device tensor ``dst`` from pinned memory of
+    the same size (one ``copy_``, best of three): the baseline the staged loads are held to."""
+    src = torch.empty(dst.numel(), dtype=torch.uint8).pin_memory()
+    best = 0.0
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        best = max(best, dst.numel() / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def diffusers_dequant():

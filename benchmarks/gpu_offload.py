@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_dequant import random_blocks  # noqa: E402
+from gpu_dequant import pinned_h2d_bandwidth, random_blocks  # noqa: E402
 
 import ggufvideo  # noqa: E402
 from ggufvideo import GGMLTensor  # noqa: E402
@@ -238,6 +238,23 @@ def _rss_anon() -> int:
         return 0
 
 
+class _Linears(nn.Module):
+    """The model --load fills: ``n`` 5120x5120 linears, the file's ``l.{i}.weight``."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.l = nn.ModuleList(nn.Linear(5120, 5120, bias=False) for _ in range(n))
+
+    def forward(self, x):  # pragma: no cover
+        return x
+
+
+def _load_model_shell(n: int) -> nn.Module:
+    """``_Linears(n)`` with its parameters on the meta device, built before a timed load."""
+    with ggufvideo.empty_weights():
+        return _Linears(n)
+
+
 def load_bandwidth(args: argparse.Namespace) -> None:
     """load_model(device='cuda') from the page cache vs pinned H2D, same file."""
     from ggufvideo.runtime._staging import register_host
@@ -270,17 +287,8 @@ def load_bandwidth(args: argparse.Namespace) -> None:
             pass
     progress("read back into the page cache")
 
-    class M(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.l = nn.ModuleList(nn.Linear(5120, 5120, bias=False) for _ in range(int(n_layers)))
-
-        def forward(self, x):  # pragma: no cover
-            return x
-
     def model() -> nn.Module:
-        with ggufvideo.empty_weights():
-            return M()
+        return _load_model_shell(int(n_layers))
 
     res = {"variant": "load", "file_gib": round(size / 2**30, 2)}
     firsts = []
@@ -290,16 +298,8 @@ def load_bandwidth(args: argparse.Namespace) -> None:
         firsts.append(json.loads(child.stdout.strip().splitlines()[-1])["first_load_gbs"])
     res["load_model_first_in_process_gbs"] = firsts
     progress(f"load_model, first in a fresh process: {firsts} GB/s")
-    pinned = torch.empty(size, dtype=torch.uint8).pin_memory()
     dst = torch.empty(size, dtype=torch.uint8, device="cuda")
-    best = 0.0
-    for _ in range(3):  # best of three
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        dst.copy_(pinned, non_blocking=True)
-        torch.cuda.synchronize()
-        best = max(best, size / (time.perf_counter() - t0) / 1e9)
-    res["pinned_h2d_gbs"] = round(best, 1)
+    res["pinned_h2d_gbs"] = round(pinned_h2d_bandwidth(dst), 1)
     pageable = torch.empty(size, dtype=torch.uint8)
     pageable.fill_(1)
     torch.cuda.synchronize()
@@ -307,7 +307,7 @@ def load_bandwidth(args: argparse.Namespace) -> None:
     dst.copy_(pageable)
     torch.cuda.synchronize()
     res["pageable_h2d_gbs"] = round(size / (time.perf_counter() - t0) / 1e9, 1)
-    del pinned, dst, pageable
+    del dst, pageable
     progress(f"pinned {res['pinned_h2d_gbs']} GB/s, pageable {res['pageable_h2d_gbs']} GB/s")
     from ggufvideo.runtime import _upload
 
@@ -410,13 +410,7 @@ def first_load(path: str, n_layers: int) -> None:
     torch.zeros(1, device="cuda")
     torch.cuda.synchronize()
 
-    class M(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.l = nn.ModuleList(nn.Linear(5120, 5120, bias=False) for _ in range(n_layers))
-
-    with ggufvideo.empty_weights():
-        m = M()
+    m = _load_model_shell(n_layers)
     t0 = time.perf_counter()
     ggufvideo.load_model(m, path, device="cuda")
     torch.cuda.synchronize()

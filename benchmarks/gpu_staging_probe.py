@@ -30,6 +30,7 @@ import ctypes
 import json
 import mmap
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -37,7 +38,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ggufvideo.runtime import _cudart
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_dequant import pinned_h2d_bandwidth  # noqa: E402
+
+from ggufvideo.runtime import _cudart  # noqa: E402
 
 READ_ONLY = 8  # cudaHostRegisterReadOnly
 PAGE = mmap.PAGESIZE
@@ -84,15 +88,7 @@ class Probe:
         os.remove(self.path)
 
     def pinned(self) -> float:
-        src = torch.empty(self.size, dtype=torch.uint8).pin_memory()
-        best = 0.0
-        for _ in range(3):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            self.dst.copy_(src, non_blocking=True)
-            torch.cuda.synchronize()
-            best = max(best, self.size / (time.perf_counter() - t0) / 1e9)
-        return round(best, 1)
+        return round(pinned_h2d_bandwidth(self.dst), 1)
 
     def register(self, threads: int, chunk: int) -> tuple[float, float]:
         """GB/s of registering, then of unregistering, the whole file in ``chunk`` ranges."""
