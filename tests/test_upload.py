@@ -15,7 +15,7 @@ from ggufvideo import GGMLTensor
 from ggufvideo.loader import read_tensors
 from ggufvideo.reader import GGUFFile
 from ggufvideo.runtime import _upload
-from ggufvideo.runtime._upload import plan_chunks, upload, upload_state
+from ggufvideo.runtime._upload import _raw, plan_chunks, upload, upload_state
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -90,10 +90,6 @@ def _file(tmp_path, n=6):
     path = tmp_path / "t.gguf"
     ggufvideo.save_state_dict(sd, path)
     return str(path)
-
-
-def _raw(t):
-    return t.raw if isinstance(t, GGMLTensor) else t
 
 
 def _spans(tensors, base):
