@@ -15,7 +15,7 @@ from ggufvideo import GGMLTensor
 from ggufvideo.loader import read_tensors
 from ggufvideo.reader import GGUFFile
 from ggufvideo.runtime import _upload
-from ggufvideo.runtime._upload import _raw, plan_chunks, upload, upload_state
+from ggufvideo.runtime._upload import ChunkPlan, _raw, plan_chunks, upload, upload_state
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -120,6 +120,10 @@ def test_chunks_cover_every_byte_once_in_file_order():
     # 0..150 is one run (adjacent), 4000..4300 another (4100 lies inside), 200000.. a third
     assert {c.offset for c in chunks if c.offset < 150} == {0, 128}
     assert chunks[-1].offset >= 200_000
+    plan = ChunkPlan(spans, chunk_bytes=128, max_gap=1000)  # what the readers size and start by
+    assert (plan.count, plan.largest) == (len(chunks), max(c.nbytes for c in chunks))
+    assert ChunkPlan([(0, 50), (10**6, 0)], 128).largest == 50  # a buffer no larger than needed
+    assert ChunkPlan([(0, 0)]).count == 0
 
 
 @pytest.mark.parametrize("readers", [1, 3])

@@ -96,7 +96,9 @@ def _load_one(file: GGUFFile, info: TensorInfo, *, lazy: bool, dtype: torch.dtyp
         return out.clone() if out.data_ptr() == t.data_ptr() else out
     raw = file.tensor_data(info)
     if lazy:
-        return GGMLTensor(raw, info.qtype, shape, dtype or torch.float32).to(device)
+        q = GGMLTensor(raw, info.qtype, shape, dtype or torch.float32)
+        # (the raw view is on the CPU already: no ``.to`` round trip through dispatch for it)
+        return q if device.type == "cpu" else q.to(device)
     return dequantize(raw.to(device), info.qtype, dtype=dtype or torch.float32).reshape(shape)
 
 

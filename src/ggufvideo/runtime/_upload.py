@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +44,7 @@ import torch
 from ..tensor import GGMLTensor
 from ._lanes import CudaStaging
 
-__all__ = ["MODE", "Chunk", "plan_chunks", "upload", "upload_state", "use_fast_upload"]
+__all__ = ["MODE", "Chunk", "ChunkPlan", "plan_chunks", "upload", "upload_state", "use_fast_upload"]
 
 MODE = os.environ.get("GGUFVIDEO_UPLOAD", "read")
 CHUNK_BYTES = 4 << 20
@@ -70,43 +70,65 @@ class Chunk:
     pieces: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
+class ChunkPlan:
+    """The file ranges ``spans`` (``(offset, nbytes)`` per tensor) cut into chunks of at most
+    ``chunk_bytes``, in file order; ranges closer than ``max_gap`` are read as one run. A tensor
+    may span chunks (it gets a piece in each); ranges that overlap (views of one another) each
+    get their pieces.
+
+    The runs are found here (a sort of the tensors); the chunks are cut as they are iterated, so
+    the readers of :func:`upload` cut them as they claim them: the first read does not wait for
+    the whole plan (~2,000 chunks for 8 GiB, a few milliseconds of Python).
+    """
+
+    def __init__(self, spans: list[tuple[int, int]], chunk_bytes: int | None = None,
+                 max_gap: int | None = None) -> None:
+        self.spans = spans
+        self.chunk_bytes = cb = chunk_bytes or CHUNK_BYTES
+        gap = MAX_GAP if max_gap is None else max_gap
+        order = sorted((i for i, (_, n) in enumerate(spans) if n > 0), key=lambda i: spans[i][0])
+        self.runs: list[tuple[int, int, list[int]]] = []  # (start, end, tensors by offset)
+        for i in order:
+            s, n = spans[i]
+            if self.runs and s <= self.runs[-1][1] + gap:
+                start, end, idx = self.runs[-1]
+                idx.append(i)
+                self.runs[-1] = (start, max(end, s + n), idx)
+            else:
+                self.runs.append((s, s + n, [i]))
+        #: How many chunks there are, and the largest one's bytes (a staging buffer's size).
+        self.count = sum(-(-(end - start) // cb) for start, end, _ in self.runs)
+        self.largest = min(cb, max((end - start for start, end, _ in self.runs), default=0))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Chunk]:
+        spans, cb = self.spans, self.chunk_bytes
+        for start, end, idx in self.runs:
+            first = 0
+            pos = start
+            while pos < end:
+                stop = min(end, pos + cb)
+                chunk = Chunk(pos, stop - pos)
+                while first < len(idx) and sum(spans[idx[first]]) <= pos:
+                    first += 1  # everything before ``first`` ended before this chunk
+                for j in range(first, len(idx)):  # (no idx[first:]: a copy per chunk)
+                    i = idx[j]
+                    s, n = spans[i]
+                    if s >= stop:
+                        break
+                    lo, hi = max(s, pos), min(s + n, stop)
+                    if lo < hi:
+                        chunk.pieces.append((lo - pos, i, lo - s, hi - lo))
+                yield chunk
+                pos = stop
+
+
 def plan_chunks(spans: list[tuple[int, int]], chunk_bytes: int | None = None,
                 max_gap: int | None = None) -> list[Chunk]:
-    """Cut the file ranges ``spans`` (``(offset, nbytes)`` per tensor) into chunks of at most
-    ``chunk_bytes``, in file order. A tensor may span chunks (it gets a piece in each); ranges
-    that overlap (views of one another) each get their pieces."""
-    chunk_bytes = chunk_bytes or CHUNK_BYTES
-    max_gap = MAX_GAP if max_gap is None else max_gap
-    order = sorted((i for i, (_, n) in enumerate(spans) if n > 0), key=lambda i: spans[i][0])
-    runs: list[tuple[int, int, list[int]]] = []
-    for i in order:
-        s, n = spans[i]
-        if runs and s <= runs[-1][1] + max_gap:
-            start, end, idx = runs[-1]
-            idx.append(i)
-            runs[-1] = (start, max(end, s + n), idx)
-        else:
-            runs.append((s, s + n, [i]))
-    chunks: list[Chunk] = []
-    for start, end, idx in runs:
-        first = 0
-        pos = start
-        while pos < end:
-            stop = min(end, pos + chunk_bytes)
-            chunk = Chunk(pos, stop - pos)
-            while first < len(idx) and sum(spans[idx[first]]) <= pos:
-                first += 1  # everything before ``first`` ended before this chunk
-            for j in range(first, len(idx)):  # (no idx[first:]: a copy per chunk)
-                i = idx[j]
-                s, n = spans[i]
-                if s >= stop:
-                    break
-                lo, hi = max(s, pos), min(s + n, stop)
-                if lo < hi:
-                    chunk.pieces.append((lo - pos, i, lo - s, hi - lo))
-            chunks.append(chunk)
-            pos = stop
-    return chunks
+    """Every chunk of :class:`ChunkPlan` ``(spans, chunk_bytes, max_gap)``, as a list."""
+    return list(ChunkPlan(spans, chunk_bytes, max_gap))
 
 
 def use_fast_upload(device: torch.device) -> bool:
@@ -161,7 +183,7 @@ def upload(tensors: list[torch.Tensor], device: torch.device, *, path: str | Non
                 fast[i] = False
             spans.append((off, n) if fast[i] else (0, 0))
         targets = _Targets(st, tensors, [n for _, n in spans])
-        _read_staged(plan_chunks(spans), targets, st, path)
+        _read_staged(ChunkPlan(spans), targets, st, path)
         for i in range(len(tensors)):
             if fast[i]:
                 out[i] = targets.output(i)  # (an empty tensor has no chunk: made here)
@@ -215,8 +237,9 @@ class _Targets:
         return out
 
 
-class _Cursor:
-    """Hands out chunk indices in file order, each once, to whichever reader asks next.
+class _Feed:
+    """Hands out the plan's chunks in file order, each once, to whichever reader asks next (and
+    cuts each as it is asked for).
 
     Not a fixed share per reader: a reader that the scheduler holds back (sixteen readers on
     sixteen cores share them with the caller and the driver's threads) would leave its share
@@ -224,24 +247,21 @@ class _Cursor:
     claiming gave 48-51 GB/s where fixed shares gave 46-49 (benchmarks/gpu_staging_probe.py).
     """
 
-    def __init__(self, n: int) -> None:
-        self.n, self.at = n, 0
+    def __init__(self, plan: ChunkPlan) -> None:
+        self.chunks = iter(plan)
         self.lock = threading.Lock()
 
-    def next(self) -> int | None:
+    def next(self) -> Chunk | None:
         with self.lock:
-            if self.at >= self.n:
-                return None
-            self.at += 1
-            return self.at - 1
+            return next(self.chunks, None)
 
 
-def _read_staged(chunks: list[Chunk], targets: _Targets, st: Any, path: str) -> None:
-    if not chunks:
+def _read_staged(plan: ChunkPlan, targets: _Targets, st: Any, path: str) -> None:
+    if not plan.count:
         return
-    readers = max(1, min(READERS, len(chunks)))
+    readers = max(1, min(READERS, plan.count))
     slots = max(1, BUFFERS)
-    size = max(c.nbytes for c in chunks)
+    size = plan.largest
     # Each reader page-locks its own buffers, in its own thread: the first read starts after
     # one reader's few MiB are locked, not after all of them (128 MiB for 16 readers, tens of
     # milliseconds on a first load, before the host allocator caches them). Held here, not in
@@ -249,7 +269,7 @@ def _read_staged(chunks: list[Chunk], targets: _Targets, st: Any, path: str) -> 
     rings: list[torch.Tensor | None] = [None] * readers
     stop = threading.Event()  # a reader failed: the others stop at their next chunk
     fd = os.open(path, os.O_RDONLY)
-    claim = _Cursor(len(chunks))
+    claim = _Feed(plan)
 
     def work(r: int) -> None:
         lane = None
@@ -258,14 +278,13 @@ def _read_staged(chunks: list[Chunk], targets: _Targets, st: Any, path: str) -> 
             ring = rings[r] = st.pinned(slots * size)
             ring_np = ring.numpy()
             j = 0
-            while (k := claim.next()) is not None:
+            while (c := claim.next()) is not None:
                 if stop.is_set():
                     return
                 slot = j % slots
                 j += 1
                 lane.wait(slot)  # the copies out of this buffer are done
                 at = slot * size
-                c = chunks[k]
                 _read_into(fd, c.offset, ring_np[at:at + c.nbytes], path)
                 for piece_at, i, into, n in c.pieces:
                     lane.copy(targets.flat(i), into, ring, at + piece_at, n)
