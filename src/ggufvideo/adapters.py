@@ -27,12 +27,28 @@ from .tensor import GGMLTensor
 if TYPE_CHECKING:
     from .ops import _QuantConvNd
 
-__all__ = ["LoraAdapter", "lora_adapters", "lora_linear", "set_lora_fusion"]
+__all__ = ["Adapter", "KronAdapter", "LoraAdapter", "lora_adapters", "lora_linear",
+           "set_lora_fusion"]
 
 
 # -- low-rank adapters beside a layer's weight (LoRA, unmerged) -----------------------------------
 _ADAPTER_IDS = itertools.count()
 _lora_fusion: bool | None = None  # None: follow GGUFVIDEO_LORA_FUSED (default on)
+
+
+def _cast_cached(cache: dict[tuple[torch.device, torch.dtype], Any],
+                 tensors: tuple[torch.Tensor | None, ...], device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
+    """``tensors`` on ``device`` in ``dtype``, moved and cast once per device/dtype (not cached
+    while they are being trained: a cached copy would not follow their updates)."""
+    key = (device, dtype)
+    got = cache.get(key)
+    if got is None:
+        got = tuple(None if t is None else t.to(device=device, dtype=dtype) for t in tensors)
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in tensors)):
+            cache[key] = got
+    return got  # type: ignore[no-any-return]
 
 
 @dataclass(eq=False)
@@ -71,15 +87,7 @@ class LoraAdapter:
     def tensors(self, device: torch.device, dtype: torch.dtype
                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(down, up) on ``device`` in ``dtype`` (cached: moved and cast once per device/dtype)."""
-        key = (device, dtype)
-        got = self._cast.get(key)
-        if got is None:
-            down = None if self.down is None else self.down.to(device=device, dtype=dtype)
-            got = (down, self.up.to(device=device, dtype=dtype))
-            if not (torch.is_grad_enabled() and (self.up.requires_grad or (
-                    self.down is not None and self.down.requires_grad))):
-                self._cast[key] = got
-        return got
+        return _cast_cached(self._cast, (self.down, self.up), device, dtype)  # type: ignore[return-value]
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """``scale * up @ (down @ x)`` for a linear layer, in ``x.dtype`` (peft's order of ops)."""
@@ -113,11 +121,70 @@ class LoraAdapter:
         return d.to(dtype)
 
 
-def lora_adapters(module: nn.Module) -> list[LoraAdapter]:
+@dataclass(eq=False)
+class KronAdapter:
+    """A Kronecker-product adapter (LyCORIS's LoKr) beside a layer's weight: the layer adds
+    ``scale * kron(w1, w2) @ x`` to its output, without ever forming ``kron(w1, w2)``.
+
+    ``kron(w1, w2)`` with ``w1`` of shape ``(a, b)`` and ``w2`` of ``(c, d)`` is the
+    ``(a*c, b*d)`` matrix whose block ``(i, j)`` is ``w1[i, j] * w2``. Applied to ``x`` (its last
+    axis viewed as ``(b, d)``) that is ``w1 @ (x_bd @ w2.T)``: two small products, so an adapter
+    that would be a full-size matrix (LoKr deltas have full rank) costs the memory of its two
+    factors and ``b*d*c + a*b*c`` multiply-adds per token. Conv layers form the delta weight
+    (``kron`` of ``w1`` with ``w2`` flattened past its first axis, reshaped to the weight's shape).
+
+    Attributes:
+        w1: ``(a, b)``.
+        w2: ``(c, d)``; ``a*c`` is the layer's output width, ``b*d`` its input width (times the
+            kernel's elements for a conv).
+        scale: the factor applied to the product (user strength x alpha / rank).
+        name: where it came from (LoRA file and key), for messages.
+    """
+
+    w1: torch.Tensor
+    w2: torch.Tensor
+    scale: float = 1.0
+    name: str = ""
+    uid: int = field(default_factory=lambda: next(_ADAPTER_IDS), repr=False)
+    _cast: dict[tuple[torch.device, torch.dtype], tuple[Any, torch.Tensor]] = field(
+        default_factory=dict, repr=False)
+
+    def tensors(self, device: torch.device, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w1, w2) on ``device`` in ``dtype`` (cached per device/dtype)."""
+        return _cast_cached(self._cast, (self.w1, self.w2), device, dtype)  # type: ignore[return-value]
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``scale * kron(w1, w2) @ x`` for a linear layer, in ``x.dtype``."""
+        w1, w2 = self.tensors(x.device, x.dtype)
+        z = x.unflatten(-1, (w1.shape[1], w2.shape[1])) @ w2.t()  # (..., b, c)
+        return torch.matmul(w1, z).flatten(-2) * self.scale  # (..., a, c) -> (..., a*c)
+
+    def conv_delta(self, layer: _QuantConvNd, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's term for a conv layer: its delta weight as a conv of the layer's
+        geometry."""
+        w1, w2 = self.tensors(x.device, x.dtype)
+        w = torch.kron(w1, w2.flatten(1)).reshape(layer.weight.shape)
+        return layer._torch_conv_forward(x, w, None) * self.scale
+
+    def delta_weight(self, shape: tuple[int, ...] | torch.Size,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The adapter as a dense weight delta of ``shape``: ``scale * kron(w1, w2)``
+        (in float32)."""
+        w1 = self.w1.detach().to(torch.float32)
+        w2 = self.w2.detach().to(torch.float32).flatten(1)
+        return (torch.kron(w1, w2).reshape(shape) * self.scale).to(dtype)
+
+
+#: What a layer's ``lora_adapters`` list holds.
+Adapter = LoraAdapter | KronAdapter
+
+
+def lora_adapters(module: nn.Module) -> list[Adapter]:
     """The (mutable) list of adapters of a quant-aware linear or conv layer (created if absent).
 
-    A per-instance list: appending a :class:`LoraAdapter` makes the layer add its term in every
-    ``forward``; removing it restores the layer's exact output.
+    A per-instance list: appending a :class:`LoraAdapter` (or :class:`KronAdapter`) makes the
+    layer add its term in every ``forward``; removing it restores the layer's exact output.
     """
     from .ops import QuantLinear, _QuantConvNd
 
@@ -144,7 +211,7 @@ def _fusion_on() -> bool:
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                adapters: list[LoraAdapter], *, owner: nn.Module | None = None) -> torch.Tensor:
+                adapters: list[Adapter], *, owner: nn.Module | None = None) -> torch.Tensor:
     """``quant_linear(x, weight, bias) + sum(a.scale * a.up @ (a.down @ x))``, in ``x.dtype``.
 
     Reference path (CPU, small batches, training): the base product exactly as without adapters,
@@ -154,10 +221,20 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     adapters (same kernel, same bits), then one GEMM gives ``h = down @ x`` for all adapters of
     the layer at once (packed into one ``down``/``up`` pair, so three LoRAs cost one of their
     summed rank) and one Triton kernel adds ``(scale * up) @ h`` into the output in place,
-    reading and writing it once (:func:`ggufvideo.kernels.lora_up_add`).
+    reading and writing it once (:func:`ggufvideo.kernels.lora_up_add`). Adapters that are not
+    low-rank pairs (full deltas, :class:`KronAdapter`) add their own term on either path.
     """
-    if owner is not None and isinstance(weight, GGMLTensor) and _fusable(x, weight, adapters):
-        return _fused_lora_linear(x, weight, bias, adapters, owner)
+    if owner is not None and isinstance(weight, GGMLTensor):
+        # Low-rank pairs go through the fused path; the others (full deltas, Kronecker
+        # products) add their own terms after it.
+        pairs = [a for a in adapters
+                 if isinstance(a, LoraAdapter) and a.down is not None and a.down.dim() == 2]
+        if pairs and _fusable(x, weight, pairs):
+            y = _fused_lora_linear(x, weight, bias, pairs, owner)
+            for a in adapters:
+                if not any(a is p for p in pairs):
+                    y = y + a.delta(x)
+            return y
     from . import ops
 
     y = ops.quant_linear(x, weight, bias)
@@ -167,10 +244,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def _fusable(x: torch.Tensor, weight: GGMLTensor, adapters: list[LoraAdapter]) -> bool:
+    """Whether the low-rank pairs ``adapters`` take the fused CUDA path for ``x``."""
     if not (weight.dim() == 2 and _fusion_on()
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
-        return False
-    if any(a.down is None or a.down.dim() != 2 for a in adapters):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(
             a.up.requires_grad or a.down.requires_grad for a in adapters)):  # type: ignore[union-attr]

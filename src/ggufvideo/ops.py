@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import LoraAdapter, lora_adapters, lora_linear, set_lora_fusion
+from .adapters import Adapter, KronAdapter, LoraAdapter, lora_adapters, lora_linear, set_lora_fusion
 from .quants import dequantize as _dequantize_rows
 from .quants import get_quant_type
 from .tensor import GGMLTensor
@@ -71,6 +71,8 @@ __all__ = [
     "quant_class_for",
     "swap_quant_layers",
     "set_compute_dtype",
+    "Adapter",
+    "KronAdapter",
     "LoraAdapter",
     "lora_adapters",
     "lora_linear",

@@ -7,10 +7,12 @@
   each weight's own type with the exact quantizer).
 * ``ggufvideo convert SRC DST --lora FILE[:SCALE]`` -- bake LoRAs into a new file
   (:mod:`ggufvideo.lora.bake`).
-* :func:`read_lora` -- parse kohya/musubi, LyCORIS LoCon, ComfyUI/original and diffusers/peft files
-  (:mod:`ggufvideo.lora.formats`).
+* :func:`read_lora` -- parse kohya/musubi, LyCORIS (LoCon, LoHa, LoKr), ComfyUI/original and
+  diffusers/peft files (:mod:`ggufvideo.lora.formats`); what LoHa/LoKr factors become on a layer
+  is :mod:`ggufvideo.lora.lycoris`.
 
-The layer-side math is :class:`ggufvideo.ops.LoraAdapter` / :func:`ggufvideo.ops.lora_linear`.
+The layer-side math is :class:`ggufvideo.ops.LoraAdapter` / :class:`ggufvideo.ops.KronAdapter` /
+:func:`ggufvideo.ops.lora_linear`.
 """
 
 from __future__ import annotations

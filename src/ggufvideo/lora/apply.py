@@ -1,7 +1,8 @@
 """``apply_lora``: LoRAs on a model without peft, unmerged, removable, rescalable, stackable.
 
-Each low-rank pair (and each full ``diff`` of a 2-D+ weight) becomes a
-:class:`~ggufvideo.ops.LoraAdapter` in the target layer's ``lora_adapters`` list: the layer computes
+Each low-rank pair (a LoHa too, or each full ``diff`` of a 2-D+ weight) becomes a
+:class:`~ggufvideo.ops.LoraAdapter`, each LoKr a :class:`~ggufvideo.ops.KronAdapter`, in the
+target layer's ``lora_adapters`` list: the layer computes
 ``W_q x + sum(s_i * B_i (A_i x))`` with its quantized weight untouched (see
 :func:`ggufvideo.ops.lora_linear`). A plain ``nn.Linear``/``nn.ConvNd`` (an unquantized model) is
 switched to its quant-aware class first -- same parameters, same outputs -- and switched back when
@@ -23,9 +24,10 @@ import torch
 from torch import nn
 
 from ..errors import LoraError, _safe
-from ..ops import LoraAdapter, QuantLayer, lora_adapters, quant_class_for
+from ..ops import Adapter, KronAdapter, LoraAdapter, QuantLayer, lora_adapters, quant_class_for
 from ..tensor import GGMLTensor
 from .formats import LoraFile, read_lora
+from .lycoris import loha_pair, loha_weight, lokr_factors
 from .targets import Piece, Resolution, resolve
 
 __all__ = ["LoraHandle", "apply_lora", "fuse_lora", "adapter_for", "dense_delta"]
@@ -49,31 +51,75 @@ def _padded(part: torch.Tensor, piece: Piece) -> torch.Tensor:
     return full
 
 
-def adapter_for(piece: Piece, weight_shape: tuple[int, ...], source: str) -> LoraAdapter:
-    """The adapter a LoRA piece puts on a weight of ``weight_shape`` (scale: alpha / rank)."""
+def adapter_for(piece: Piece, weight_shape: tuple[int, ...], source: str) -> Adapter:
+    """The adapter a LoRA piece puts on a weight of ``weight_shape`` (scale: alpha / rank).
+
+    A LoRA pair stays a pair; a LoHa becomes one too (rank ``r1 * r2``) while that is smaller
+    than the weight, else its dense delta; a LoKr becomes a :class:`KronAdapter` (its factors,
+    never the full product) unless the piece is a part of the rows that its Kronecker blocks do
+    not line up with, then the dense delta of those rows; a ``diff`` is its own dense delta.
+    """
     e = piece.entry
     where = e.keys[0]
+    name = f"{source}: {e.target}"
+    rows = piece.name_rows
     inner = 1
     for d in weight_shape[1:]:
         inner *= int(d)
-    if e.down is not None:
-        assert e.up is not None
+
+    def misfit(what: str) -> LoraError:
+        return LoraError(f"{what} does not fit the weight {_safe(piece.key)} of shape "
+                         f"{list(weight_shape)}", path=source, tensor=where)
+
+    def pair(down: torch.Tensor, up: torch.Tensor, what: str) -> LoraAdapter:
+        if down[0].numel() != inner or up.shape[0] != rows:
+            raise misfit(what)
+        up = _padded(_rows_of(up.reshape(up.shape[0], -1), piece.lora_rows), piece)
+        return LoraAdapter(up=up, down=down.reshape(down.shape[0], -1), scale=e.scale, name=name)
+
+    def dense(delta: torch.Tensor, what: str, scale: float) -> LoraAdapter:
+        if delta.shape[0] != rows or delta[0].numel() != inner:
+            raise misfit(what)
+        part = _padded(_rows_of(delta, piece.lora_rows), piece).reshape(weight_shape)
+        return LoraAdapter(up=part, down=None, scale=scale, name=name)
+
+    f = e.factors
+    if e.kind == "lora":
+        assert e.down is not None and e.up is not None
         if e.down[0].numel() != inner:
-            raise LoraError(f"down {list(e.down.shape)} does not fit the weight "
-                            f"{_safe(piece.key)} of shape {list(weight_shape)}", path=source,
-                            tensor=where)
-        if e.up.shape[0] != piece.name_rows:
-            raise LoraError(f"up {list(e.up.shape)} does not fit the weight {_safe(piece.key)} of "
-                            f"shape {list(weight_shape)}", path=source, tensor=where)
-        up = _padded(_rows_of(e.up.reshape(e.up.shape[0], -1), piece.lora_rows), piece)
-        return LoraAdapter(up=up, down=e.down.reshape(e.down.shape[0], -1), scale=e.scale,
-                           name=f"{source}: {e.target}")
+            raise misfit(f"down {list(e.down.shape)}")
+        return pair(e.down, e.up, f"up {list(e.up.shape)}")
+    if e.kind == "loha":
+        what = (f"LoHa hada_w1_a {list(f['hada_w1_a'].shape)} / hada_w1_b "
+                f"{list(f['hada_w1_b'].shape)}")
+        if not _loha_products_agree(f):
+            raise misfit(f"{what} (its two products differ in shape)")
+        lowrank = loha_pair(f)
+        if lowrank is not None and lowrank[0].shape[0] * (rows + inner) < rows * inner:
+            return pair(*lowrank, what)
+        return dense(loha_weight(f), what, e.scale)
+    if e.kind == "lokr":
+        w1, w2 = lokr_factors(f)
+        what = f"LoKr factors {list(w1.shape)} (x) {list(w2.shape)}"
+        if w1.shape[0] * w2.shape[0] != rows or w1.shape[1] * w2.shape[1] != inner:
+            raise misfit(what)
+        (lo, hi), c = piece.lora_rows, int(w2.shape[0])
+        if piece.rows == (0, piece.total_rows) and lo % c == 0 and hi % c == 0:
+            # whole Kronecker blocks of rows: the rows of kron(w1, w2) are kron(w1's rows, w2)
+            return KronAdapter(w1=w1[lo // c:hi // c], w2=w2, scale=e.scale, name=name)
+        return dense(torch.kron(w1, w2), what, e.scale)
     assert e.diff is not None
-    if e.diff.shape[0] != piece.name_rows or e.diff[0].numel() != inner:
-        raise LoraError(f"diff {list(e.diff.shape)} does not fit the weight {_safe(piece.key)} "
-                        f"of shape {list(weight_shape)}", path=source, tensor=where)
-    diff = _padded(_rows_of(e.diff, piece.lora_rows), piece).reshape(weight_shape)
-    return LoraAdapter(up=diff, down=None, scale=1.0, name=f"{source}: {e.target}")
+    return dense(e.diff, f"diff {list(e.diff.shape)}", 1.0)
+
+
+def _loha_products_agree(f: Mapping[str, torch.Tensor]) -> bool:
+    """LoHa's two products have one shape (checked against the layer afterwards)."""
+    def shape(i: str) -> tuple[int, int]:
+        a, b = f[f"hada_w{i}_a"], f[f"hada_w{i}_b"]
+        if f"hada_t{i}" in f:  # Tucker: a (rank, out), b (rank, in)
+            return int(a.shape[1]), int(b.shape[1]) * int(f[f"hada_t{i}"][0, 0].numel())
+        return int(a.shape[0]), int(b[0].numel())
+    return shape("1") == shape("2")
 
 
 def dense_delta(pieces: list[Piece], shape: tuple[int, ...], source: str, *,
@@ -114,7 +160,7 @@ class LoraHandle:
         self.unmatched = list(resolution.unmatched)
         self.layout = resolution.layout
         self.targets: list[str] = []
-        self._adapters: list[tuple[nn.Module, LoraAdapter, float]] = []  # (layer, adapter, base)
+        self._adapters: list[tuple[nn.Module, Adapter, float]] = []  # (layer, adapter, base)
         self._dense: list[tuple[nn.Module, str]] = []
         self._removed = False
 
@@ -223,7 +269,8 @@ def apply_lora(model: nn.Module, lora: LoraLike, scale: float = 1.0, *, strict: 
     naming): the LoRA's names -- kohya/musubi (``lora_unet_blocks_0_self_attn_q``), ComfyUI/
     original (``diffusion_model.blocks.0.self_attn.q``) or diffusers/peft
     (``transformer.blocks.0.attn1.to_q``) -- are mapped onto the model's through its model family
-    (:mod:`ggufvideo.lora.targets`). Several LoRAs stack (apply each; remove in any order).
+    (:mod:`ggufvideo.lora.targets`). LoRA pairs, LyCORIS LoHa/LoKr and full diffs all run
+    unmerged (:func:`adapter_for`). Several LoRAs stack (apply each; remove in any order).
 
     Args:
         model: the model.
@@ -264,7 +311,7 @@ def apply_lora(model: nn.Module, lora: LoraLike, scale: float = 1.0, *, strict: 
                     lora_adapters(layer).append(a)
                     handle._adapters.append((layer, a, base))
             else:
-                if any(p.entry.down is not None for p in pieces):
+                if any(p.entry.low_rank for p in pieces):
                     raise LoraError(f"a low-rank LoRA targets {_safe(key)} of "
                                     f"{type(module).__name__}; only Linear and Conv layers take "
                                     "adapters", path=lf.source, tensor=pieces[0].entry.keys[0])

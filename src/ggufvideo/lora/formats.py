@@ -19,17 +19,26 @@ diffusers / peft     ``.lora_A.weight`` /                  ``transformer.blocks.
                      ``.lora_linear_layer.down.weight``,
                      bare ``.lora_A``)
 full deltas          ``.diff`` (weight), ``.diff_b``       any of the above
-                     (bias)
+                     (bias); LyCORIS's ``.w_norm`` /
+                     ``.b_norm`` are the same
+LyCORIS LoHa         ``.hada_w1_a/_b``, ``.hada_w2_a/_b``  any of the above (SimpleTuner's:
+                     (+ ``.hada_t1/_t2``: Tucker)          ``lycoris_blocks_0_attn1_to_q``)
+LyCORIS LoKr         ``.lokr_w1`` or ``.lokr_w1_a/_b``,    idem
+                     ``.lokr_w2`` or ``.lokr_w2_a/_b``
+                     (+ ``.lokr_t2``: Tucker)
 ===================  ====================================  =========================================
 
 The scale of an adapter is ``alpha / rank`` when the file has an ``.alpha`` (kohya's
-convention), else 1 (peft's files fold it in). Targets keep their prefix here
-(``diffusion_model.``, ``transformer.``, ``lora_unet_``): :mod:`ggufvideo.lora.targets` strips and
-maps them against the model's own names.
+convention), else 1 (peft's files fold it in). LoHa's rank is that of its first pair
+(``hada_w1_b``'s rows); LoKr's that of its factorised factor (``lokr_w2_b``'s rows, else
+``lokr_w1_b``'s), and a LoKr with both factors whole ignores its alpha (scale 1), as LyCORIS
+does. What the LyCORIS products become on a layer is :mod:`ggufvideo.lora.lycoris`. Targets
+keep their prefix here (``diffusion_model.``, ``transformer.``, ``lora_unet_``):
+:mod:`ggufvideo.lora.targets` strips and maps them against the model's own names.
 
 Refused with a :class:`~ggufvideo.errors.LoraError` naming the file and key: DoRA
-(``.dora_scale``), LoHa/LoKr (``hada_``/``lokr_``), Tucker mid weights, a down without an up,
-ranks that disagree, and keys of no known scheme.
+(``.dora_scale``), OFT, LoCon Tucker mid weights, a down without an up, ranks that disagree,
+incomplete or mixed LoHa/LoKr factor sets, and keys of no known scheme.
 """
 
 from __future__ import annotations
@@ -56,10 +65,14 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_A", "down"), (".lora_B", "up"),
     (".dora_scale", "dora"),
     (".diff_b", "diff_b"), (".diff", "diff"),
+    # LyCORIS's trained norms: a full new weight/bias delta, the same as diff / diff_b
+    (".w_norm", "diff"), (".b_norm", "diff_b"),
     (".alpha", "alpha"),
+    *((f".{f}", f) for f in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1",
+                             "hada_t2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b",
+                             "lokr_w1", "lokr_w2", "lokr_t2")),
 )
-_UNSUPPORTED = ("hada_w1", "hada_w2", "hada_t1", "hada_t2", "lokr_w1", "lokr_w2", "lokr_t2",
-                "oft_blocks", "oft_diag", ".w_norm", ".b_norm")
+_UNSUPPORTED = ("oft_blocks", "oft_diag", "oft_R")
 #: Prefixes of kohya-style names, whose dots are written as underscores.
 KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_", "lora_te_")
 
@@ -75,6 +88,7 @@ class LoraEntry:
         alpha: the file's ``alpha`` (``None``: absent).
         diff: a full delta of the weight (``None``: absent).
         diff_b: a full delta of the bias (``None``: absent).
+        factors: LyCORIS LoHa (``hada_*``) or LoKr (``lokr_*``) tensors by name (empty: none).
         keys: the file keys this entry was read from.
     """
 
@@ -84,16 +98,45 @@ class LoraEntry:
     alpha: float | None = None
     diff: torch.Tensor | None = None
     diff_b: torch.Tensor | None = None
+    factors: dict[str, torch.Tensor] = field(default_factory=dict)
     keys: list[str] = field(default_factory=list)
 
     @property
+    def kind(self) -> str:
+        """``"lora"`` (a down/up pair), ``"loha"``, ``"lokr"`` or ``"diff"`` (full deltas only)."""
+        if self.down is not None:
+            return "lora"
+        if self.factors:
+            return "loha" if next(iter(self.factors)).startswith("hada_") else "lokr"
+        return "diff"
+
+    @property
+    def low_rank(self) -> bool:
+        """The entry is a factorised adapter (LoRA pair, LoHa, LoKr), not a full delta."""
+        return self.down is not None or bool(self.factors)
+
+    @property
+    def has_weight(self) -> bool:
+        """The entry changes its target's weight (not only its bias)."""
+        return self.low_rank or self.diff is not None
+
+    @property
     def rank(self) -> int:
-        return 0 if self.down is None else int(self.down.shape[0])
+        """The rank ``alpha`` is divided by (0: none, the alpha is not applied)."""
+        f = self.factors
+        if self.down is not None:
+            return int(self.down.shape[0])
+        if "hada_w1_b" in f:
+            return int(f["hada_w1_b"].shape[0])
+        for name in ("lokr_w2_b", "lokr_w1_b"):  # LyCORIS: the factorised factor's rank
+            if name in f:
+                return int(f[name].shape[0])
+        return 0
 
     @property
     def scale(self) -> float:
-        """``alpha / rank`` (kohya), or 1 without an alpha."""
-        if self.alpha is None or self.down is None:
+        """``alpha / rank`` (kohya, LyCORIS), or 1 without an alpha (or a rank to divide by)."""
+        if self.alpha is None or not self.rank:
             return 1.0
         return float(self.alpha) / self.rank
 
@@ -128,9 +171,10 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
     """Group a LoRA state dict's keys by target layer, checking shapes.
 
     Raises:
-        LoraError: a key of no known scheme, an unsupported adapter type (DoRA, LoHa, LoKr,
-            Tucker), a down without its up (or the reverse), or ranks that do not agree. The
-            message names ``source`` and the key.
+        LoraError: a key of no known scheme, an unsupported adapter type (DoRA, OFT, LoCon
+            Tucker mid weights), a down without its up (or the reverse), ranks that do not agree,
+            an incomplete or mixed LoHa/LoKr factor set. The message names ``source`` and the
+            key.
     """
     entries: dict[str, LoraEntry] = {}
     for key, value in state_dict.items():
@@ -138,8 +182,8 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
             raise LoraError(f"expected a tensor, found {type(value).__name__}", path=source,
                             tensor=key)
         if any(u in key for u in _UNSUPPORTED):
-            raise LoraError("LoHa/LoKr/OFT adapters are not supported (only LoRA/LoCon "
-                            "down/up pairs and full diffs)", path=source, tensor=key)
+            raise LoraError("OFT adapters are not supported (LoRA/LoCon pairs, LoHa, LoKr and "
+                            "full diffs are)", path=source, tensor=key)
         split = _split_key(key)
         if split is None:
             raise LoraError("not a LoRA key of any known scheme (expected a suffix such as "
@@ -159,6 +203,8 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
                 raise LoraError(f"alpha must be a scalar, found shape {list(value.shape)}",
                                 path=source, tensor=key)
             e.alpha = float(value.reshape(()).item())
+        elif role.startswith(("hada_", "lokr_")):
+            e.factors[role] = value
         else:
             setattr(e, role, value)
     for e in entries.values():
@@ -166,7 +212,9 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
         if (e.down is None) != (e.up is None):
             raise LoraError(f"has a {'down' if e.down is not None else 'up'} matrix but no "
                             f"{'up' if e.down is not None else 'down'}", path=source, tensor=first)
-        if e.down is None and e.diff is None and e.diff_b is None:
+        if e.factors:
+            _check_lycoris(e, source)
+        if not e.has_weight and e.diff_b is None:
             raise LoraError("an alpha without a LoRA pair or diff", path=source, tensor=first)
         if e.down is not None and e.up is not None:
             if e.down.dim() < 2 or e.up.dim() < 2 or e.up.shape[1] != e.down.shape[0] \
@@ -175,6 +223,51 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
                                 "a rank-r pair (up's columns must equal down's rows)",
                                 path=source, tensor=first)
     return LoraFile(source, entries)
+
+
+def _check_lycoris(e: LoraEntry, source: str) -> None:
+    """A LoHa/LoKr entry has a complete factor set whose inner sizes agree (the layer's own
+    shape is checked when it is applied)."""
+    f, first = e.factors, e.keys[0]
+    kinds = {name[:4] for name in f}
+    if len(kinds) > 1 or e.down is not None or e.diff is not None:
+        raise LoraError("mixes adapter types on one layer (LoHa, LoKr, LoRA pair or diff)",
+                        path=source, tensor=first)
+
+    def need(*names: str) -> None:
+        missing = [n for n in names if n not in f]
+        if missing:
+            kind = "LoHa" if e.kind == "loha" else "LoKr"
+            raise LoraError(f"{kind} adapter without its {', '.join(missing)}", path=source,
+                            tensor=first)
+
+    def agree(a: str, b: str, dim_a: int, dim_b: int) -> None:
+        if f[a].dim() < 2 or f[b].dim() < 2 or f[a].shape[dim_a] != f[b].shape[dim_b]:
+            raise LoraError(f"{a} {list(f[a].shape)} and {b} {list(f[b].shape)} do not agree on "
+                            "their rank", path=source, tensor=first)
+
+    if e.kind == "loha":
+        need("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+        tucker = "hada_t1" in f or "hada_t2" in f
+        if tucker:
+            need("hada_t1", "hada_t2")
+        for i in ("1", "2"):
+            # Tucker: w_a is (rank, out) and w_b (rank, in); else w_a (out, rank), w_b (rank, in)
+            agree(f"hada_w{i}_a", f"hada_w{i}_b", 0 if tucker else 1, 0)
+        return
+    for i in ("1", "2"):
+        if f"lokr_w{i}" not in f:
+            need(f"lokr_w{i}_a", f"lokr_w{i}_b")
+            agree(f"lokr_w{i}_a", f"lokr_w{i}_b", 0 if (i == "2" and "lokr_t2" in f) else 1, 0)
+        elif f"lokr_w{i}_a" in f or f"lokr_w{i}_b" in f:
+            raise LoraError(f"has both lokr_w{i} and its factors lokr_w{i}_a/_b", path=source,
+                            tensor=first)
+    if "lokr_w1" in f and f["lokr_w1"].dim() != 2:
+        raise LoraError(f"lokr_w1 must be a matrix, found shape {list(f['lokr_w1'].shape)}",
+                        path=source, tensor=first)
+    if "lokr_t2" in f and "lokr_w2" in f:
+        raise LoraError("lokr_t2 (Tucker) needs lokr_w2_a/_b, not lokr_w2", path=source,
+                        tensor=first)
 
 
 def read_lora(lora: str | os.PathLike[str] | Mapping[str, torch.Tensor] | LoraFile) -> LoraFile:

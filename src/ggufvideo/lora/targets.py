@@ -167,8 +167,7 @@ def resolve(lora: LoraFile, shapes: Mapping[str, tuple[int, ...]], *,
         idx = _underscore_index(table)
         found = {}
         for e in lora:
-            w = _lookup(e, table, idx, ".weight") if (e.down is not None or e.diff is not None) \
-                else None
+            w = _lookup(e, table, idx, ".weight") if e.has_weight else None
             b = _lookup(e, table, idx, ".bias") if e.diff_b is not None else None
             found[e.target] = (w, b)
         score = sum((w is not None) + (b is not None) for w, b in found.values())
@@ -182,7 +181,7 @@ def resolve(lora: LoraFile, shapes: Mapping[str, tuple[int, ...]], *,
     unmatched: list[str] = []
     for e in lora:
         w, b = found[e.target]
-        if (e.down is not None or e.diff is not None) and w is None:
+        if e.has_weight and w is None:
             unmatched.extend(k for k in e.keys if not k.endswith(".diff_b"))
         if e.diff_b is not None and b is None:
             unmatched.extend(k for k in e.keys if k.endswith(".diff_b"))
