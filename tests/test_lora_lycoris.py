@@ -368,3 +368,27 @@ def test_a_lokr_beside_a_fused_lora_pair_on_cuda_matches_the_reference_path():
         finally:
             ops.set_lora_fusion(None)
     assert torch.allclose(fused.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_convert_bakes_a_simpletuner_lokr_into_an_original_named_gguf(tmp_path):
+    import ggufvideo
+    from ggufvideo import GGUFFile, convert, dequantize
+    from ggufvideo.models import get_family
+    from ggufvideo.models.tensors import TensorOps
+
+    torch.manual_seed(0)
+    sd = diffusers.WanTransformer3DModel(**CONFIG).state_dict()
+    orig = get_family("wan").convert(sd, "diffusers", "original", TensorOps())
+    src, dst = tmp_path / "wan.gguf", tmp_path / "baked.gguf"
+    ggufvideo.save_state_dict(orig, src, policy=ggufvideo.QuantPolicy.from_type("Q8_0"))
+    lora, deltas = _lokr_file(_g(27))
+    summary = convert(src, dst, qtype=None, loras=[(lora, 0.7)])
+    names = {"blocks.0.attn1.to_q.weight": "blocks.0.self_attn.q.weight",
+             "blocks.1.ffn.net.0.proj.weight": "blocks.1.ffn.0.weight"}
+    assert sorted(summary.lora_changed) == sorted(names.values())
+    with GGUFFile(src) as a, GGUFFile(dst) as b:
+        for key, name in names.items():
+            info = a.tensors[name]
+            w = dequantize(a.tensor_data(info), info.qtype).reshape(deltas[key].shape)
+            expected = quantize(w + 0.7 * deltas[key], info.qtype)
+            assert torch.equal(b.tensor_data(b.tensors[name]).reshape(expected.shape), expected)
