@@ -708,6 +708,69 @@ def test_two_loras_stack_and_other_patch_types_keep_the_merge_path(fake_comfy_lo
     assert torch.allclose(model.q(x), F.linear(x, w.dequantize() + delta, bias), atol=1e-6)
 
 
+class FakeWeightAdapter:
+    """ComfyUI's LoHaAdapter / LoKrAdapter: ``name`` and the ``weights`` tuple."""
+
+    def __init__(self, name, weights):
+        self.name, self.weights = name, weights
+
+
+def _lycoris_patch(kind, strength, f, alpha):
+    if kind == "loha":
+        weights = (f["a1"], f["b1"], alpha, f["a2"], f["b2"], None, None, None)
+    else:
+        weights = (f["w1"], None, alpha, None, None, f["a2"], f["b2"], None, None)
+    return (strength, FakeWeightAdapter(kind, weights), 1.0, None, None)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_loha_and_lokr_patches_run_unmerged_too(fake_comfy_lora, kind):
+    from ggufvideo.comfy.patcher import DeferredLora
+    from ggufvideo.ops import KronAdapter
+
+    model, w, bias = _patched_model()
+    patcher = make_quant_patcher(FakeModelPatcher(model))
+    g = torch.Generator().manual_seed(1)
+    if kind == "loha":  # rank 2 x 2: one rank-4 pair
+        f = {"a1": torch.randn(8, 2, generator=g), "b1": torch.randn(2, 64, generator=g),
+             "a2": torch.randn(8, 2, generator=g), "b2": torch.randn(2, 64, generator=g)}
+        delta = (f["a1"] @ f["b1"]) * (f["a2"] @ f["b2"]) * (3.0 / 2)
+    else:  # w1 (2, 4) whole, w2 = a2 @ b2 (4, 16) of rank 2
+        f = {"w1": torch.randn(2, 4, generator=g), "a2": torch.randn(4, 2, generator=g),
+             "b2": torch.randn(2, 16, generator=g)}
+        delta = torch.kron(f["w1"], f["a2"] @ f["b2"]) * (3.0 / 2)
+    patcher.patches = {"q.weight": [_lycoris_patch(kind, 0.5, f, 3.0)]}
+    patcher.patch_weight_to_device("q.weight")
+    deferred = model.q.ggufvideo_patches["weight"]
+    assert isinstance(deferred, DeferredLora)
+    (adapter,) = deferred.adapters()
+    assert isinstance(adapter, KronAdapter) == (kind == "lokr")
+    x = torch.randn(3, 64)
+    # never merged: the fake calculate_weight only knows "diff" patches and would fail on these
+    expected = F.linear(x, w.dequantize() + 0.5 * delta, bias)
+    assert torch.allclose(model.q(x), expected, rtol=1e-5, atol=1e-4)
+    patcher.backup.pop("q.weight")
+    assert torch.equal(model.q(x), F.linear(x, w.dequantize(), bias))
+
+
+def test_lycoris_patches_that_cannot_run_unmerged_keep_comfyuis_path():
+    from ggufvideo.comfy.patcher import patch_adapter
+
+    f = {"w1": torch.randn(2, 4), "a2": torch.randn(4, 2), "b2": torch.randn(2, 16)}
+    assert patch_adapter(_lycoris_patch("lokr", 1.0, f, None), (8, 64)) is not None
+    assert patch_adapter(_lycoris_patch("lokr", 1.0, f, None), (16, 32)) is None  # other shape
+    dora = FakeWeightAdapter("lokr", (f["w1"], None, None, None, None, f["a2"], f["b2"], None,
+                                      torch.ones(8)))
+    assert patch_adapter((1.0, dora, 1.0, None, None), (8, 64)) is None
+    narrowed = FakeWeightAdapter("lokr", _lycoris_patch("lokr", 1.0, f, None)[1].weights)
+    narrowed.row_offset = 8  # ComfyUI's LoKr cut to some rows of a fused product
+    assert patch_adapter((1.0, narrowed, 1.0, None, None), (8, 64)) is None
+    big = {"a1": torch.randn(8, 8), "b1": torch.randn(8, 64), "a2": torch.randn(8, 8),
+           "b2": torch.randn(8, 64)}  # rank 64 > what a dense 8 x 64 weight costs
+    assert patch_adapter(_lycoris_patch("loha", 1.0, big, None), (8, 64)) is None
+    assert patch_adapter((1.0, FakeWeightAdapter("oft", ()), 1.0, None, None), (8, 64)) is None
+
+
 def test_umt5_tokenizer_for_comfyui_is_rebuilt_from_the_files_vocabulary(tmp_path):
     """ComfyUI's wan text encoder reads its tokenizer from a serialized sentencepiece model stored
     with the weights; a GGUF file carries the vocabulary as tokenizer.ggml.* metadata instead."""

@@ -19,10 +19,12 @@ twice.
 
 LoRA patches are not merged at all: when every patch on a quantized *linear* weight is a plain
 LoRA pair (ComfyUI's ``LoRAAdapter``, or the older ``("lora", (up, down, alpha, ...))`` tuple --
-what its LoRA loader makes of kohya, diffusers and ComfyUI files -- with no DoRA, Tucker mid,
-offset, function or ``strength_model``), a :class:`DeferredLora` is installed instead: the layer
+what its LoRA loader makes of kohya, diffusers and ComfyUI files), a LoHa or a LoKr (its
+``LoHaAdapter``/``LoKrAdapter``, what it makes of LyCORIS files), with no DoRA, Tucker factors,
+offset, function or ``strength_model``, a :class:`DeferredLora` is installed instead: the layer
 computes ``W_q x + sum(strength * alpha / rank * up (down x))`` (see
-:func:`ggufvideo.ops.lora_linear`), so the base weight is neither decoded for the LoRA nor merged.
+:func:`ggufvideo.ops.lora_linear`; a LoHa as one low-rank pair, a LoKr factor by factor, as
+:mod:`ggufvideo.lora.lycoris` says), so the base weight is neither decoded for the LoRA nor merged.
 The adapters are rebuilt from ``patches[key]`` whenever its entries change, so a strength change
 (a new patch list from ComfyUI) takes effect and an unpatch (backup dropped) turns them off
 exactly. Any other patch type keeps the decode-and-patch path.
@@ -39,13 +41,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import LoraError
 from ..loader import resolve_device
-from ..ops import LoraAdapter
+from ..lora.formats import LoraEntry, check_lycoris
+from ..lora.lycoris import loha_pair, lokr_factors
+from ..ops import Adapter, KronAdapter, LoraAdapter
 from ..tensor import GGMLTensor
 from .layers import ComfyQuantLayer, raw_state_bytes
 
-__all__ = ["DeferredPatch", "DeferredLora", "lora_pair", "patcher_class", "make_quant_patcher",
-           "Backup"]
+__all__ = ["DeferredPatch", "DeferredLora", "lora_pair", "patch_adapter", "patcher_class",
+           "make_quant_patcher", "Backup"]
 
 #: The shape of ComfyUI's backup records (``weight``, ``inplace_update``).
 Backup = namedtuple("Backup", ["weight", "inplace_update"])
@@ -80,26 +85,37 @@ class DeferredPatch:
                               intermediate_dtype=weight.dtype)
 
 
-def lora_pair(patch: Any) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """``(up, down, scale)`` of a ComfyUI patch entry that is a plain LoRA pair, else ``None``.
+def _patch_value(patch: Any) -> tuple[float, str, tuple[Any, ...]] | None:
+    """``(strength, kind, weights)`` of a ComfyUI patch entry of a plain kind, else ``None``.
 
     A patch entry is ``(strength, value, strength_model, offset, function)``; ``value`` is a
-    ``LoRAAdapter`` (``.name == "lora"``, ``.weights = (up, down, alpha, mid, dora_scale,
-    reshape)``) or, in older ComfyUI, ``("lora", weights)``. The scale is
-    ``strength * alpha / rank`` (``strength`` alone without an alpha), as ComfyUI computes it.
+    weight adapter (``.name``: ``"lora"``, ``"loha"``, ``"lokr"``, ...; ``.weights``: its tensors)
+    or, in older ComfyUI, ``(name, weights)``.
     """
     p = tuple(patch) + (None,) * 5
     strength, value, strength_model, offset, function = p[:5]
     if strength_model not in (None, 1.0) or offset is not None or function is not None:
         return None
-    weights = None
-    if getattr(value, "name", None) == "lora" and hasattr(value, "weights"):
-        weights = value.weights
-    elif isinstance(value, tuple) and len(value) == 2 and value[0] == "lora":
-        weights = value[1]
-    if weights is None:
+    if isinstance(getattr(value, "name", None), str) and hasattr(value, "weights"):
+        if getattr(value, "row_offset", None) is not None:  # a LoKr narrowed to some rows
+            return None
+        return float(strength), value.name, tuple(value.weights)
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
+        return float(strength), value[0], tuple(value[1])
+    return None
+
+
+def lora_pair(patch: Any) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """``(up, down, scale)`` of a ComfyUI patch entry that is a plain LoRA pair, else ``None``.
+
+    A ``"lora"`` adapter's weights are ``(up, down, alpha, mid, dora_scale, reshape)``. The scale
+    is ``strength * alpha / rank`` (``strength`` alone without an alpha), as ComfyUI computes it.
+    """
+    got = _patch_value(patch)
+    if got is None or got[1] != "lora":
         return None
-    up, down, alpha, mid, dora, reshape = (tuple(weights) + (None,) * 6)[:6]
+    strength, _, weights = got
+    up, down, alpha, mid, dora, reshape = (weights + (None,) * 6)[:6]
     if mid is not None or dora is not None or reshape is not None:
         return None
     if not (isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor)):
@@ -107,43 +123,96 @@ def lora_pair(patch: Any) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     up, down = up.flatten(1), down.flatten(1)
     if up.shape[1] != down.shape[0]:
         return None
-    scale = float(strength) * (float(alpha) / down.shape[0] if alpha is not None else 1.0)
+    scale = strength * (float(alpha) / down.shape[0] if alpha is not None else 1.0)
     return up, down, scale
+
+
+#: ComfyUI's weights tuples of its LoHa and LoKr adapters, by position.
+_LOHA = ("hada_w1_a", "hada_w1_b", "alpha", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+         "dora")
+_LOKR = ("lokr_w1", "lokr_w2", "alpha", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b",
+         "lokr_t2", "dora")
+
+
+def patch_adapter(patch: Any, shape: tuple[int, ...]) -> Adapter | None:
+    """The adapter that runs a ComfyUI patch entry unmerged on a linear weight of ``shape``:
+    a LoRA pair, a LoHa (as one low-rank pair, while that is smaller than the weight) or a LoKr
+    (:class:`~ggufvideo.ops.KronAdapter`); ``None`` for any other patch (then the layer decodes
+    and patches as ComfyUI would). Scales as ComfyUI computes them."""
+    pair = lora_pair(patch)
+    if pair is not None:
+        up, down, scale = pair
+        if up.shape[0] != shape[0] or down.shape[1] != shape[1]:
+            return None
+        return LoraAdapter(up=up, down=down, scale=scale)
+    got = _patch_value(patch)
+    if got is None or got[1] not in ("loha", "lokr") or len(shape) != 2:
+        return None
+    strength, kind, weights = got
+    names = _LOHA if kind == "loha" else _LOKR
+    values = dict(zip(names, weights + (None,) * len(names)))
+    alpha = values.pop("alpha")
+    if values.pop("dora") is not None or values.get("hada_t1") is not None \
+            or values.get("lokr_t2") is not None:
+        return None
+    f = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    entry = LoraEntry("", alpha=None if alpha is None else float(alpha), factors=f,
+                      keys=[kind])
+    try:
+        check_lycoris(entry, "")
+    except LoraError:
+        return None
+    scale = strength * entry.scale
+    out, inner = int(shape[0]), int(shape[1])
+    if kind == "loha":
+        lowrank = loha_pair(f)
+        if lowrank is None:
+            return None
+        down, up = lowrank
+        if up.shape[0] != out or down.shape[1] != inner \
+                or down.shape[0] * (out + inner) >= out * inner:
+            return None  # (a rank above the weight's: ComfyUI's dense patch is the cheaper)
+        return LoraAdapter(up=up, down=down, scale=scale)
+    w1, w2 = lokr_factors(f)
+    if w1.shape[0] * w2.shape[0] != out or w1.shape[1] * w2.shape[1] != inner:
+        return None
+    return KronAdapter(w1=w1, w2=w2, scale=scale)
 
 
 class DeferredLora(DeferredPatch):
     """LoRA patches on a quantized linear weight, run unmerged as adapters beside it.
 
-    Same validity as :class:`DeferredPatch`; :meth:`adapters` builds one
-    :class:`~ggufvideo.ops.LoraAdapter` per patch from ``patches[key]`` at call time (cached while
-    the entries -- strengths and patch objects -- stay the same).
+    Same validity as :class:`DeferredPatch`; :meth:`adapters` builds one adapter per patch
+    (:func:`patch_adapter`) from ``patches[key]`` at call time (cached while the entries --
+    strengths and patch objects -- stay the same).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, shape: tuple[int, ...] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._cache: tuple[Any, list[LoraAdapter]] | None = None
+        self.shape = shape  # the weight's
+        self._cache: tuple[Any, list[Adapter]] | None = None
 
-    def adapters(self) -> list[LoraAdapter] | None:
-        """The adapters, or ``None`` when a patch is no longer a plain LoRA pair (then the layer
-        decodes and patches as for any other patch)."""
+    def adapters(self) -> list[Adapter] | None:
+        """The adapters, or ``None`` when a patch is no longer one that runs unmerged (then the
+        layer decodes and patches as for any other patch)."""
         entries = self.patches[self.key]
         key = tuple((p[0], id(p[1])) + tuple(p[2:]) for p in entries)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         built = []
         for p in entries:
-            pair = lora_pair(p)
-            if pair is None:
+            a = patch_adapter(p, self.shape)
+            if a is None:
                 return None
-            up, down, scale = pair
-            built.append(LoraAdapter(up=up, down=down, scale=scale, name=self.key))
+            a.name = self.key
+            built.append(a)
         self._cache = (key, built)
         return built
 
 
 def _all_lora(entries: Any, module: nn.Module) -> bool:
     return bool(entries) and isinstance(module, nn.Linear) and all(
-        lora_pair(p) is not None for p in entries)
+        patch_adapter(p, tuple(module.weight.shape)) is not None for p in entries)
 
 
 def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
@@ -174,9 +243,12 @@ def _patch_weight_to_device(self: Any, base: type, key: str, device_to: torch.de
         # The unchanged weight is its own backup: no copy, nothing decoded.
         token = Backup(weight, False)
         self.backup[key] = token
-    kind = DeferredLora if param == "weight" and _all_lora(self.patches[key], module) \
-        else DeferredPatch
-    module.ggufvideo_patches[param] = kind(self.patches, key, self.backup, token, calculate)
+    if param == "weight" and _all_lora(self.patches[key], module):
+        patch: DeferredPatch = DeferredLora(self.patches, key, self.backup, token, calculate,
+                                            shape=tuple(weight.shape))
+    else:
+        patch = DeferredPatch(self.patches, key, self.backup, token, calculate)
+    module.ggufvideo_patches[param] = patch
     return None
 
 

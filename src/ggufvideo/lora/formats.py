@@ -51,7 +51,7 @@ import torch
 
 from ..errors import LoraError, _safe
 
-__all__ = ["LoraEntry", "LoraFile", "parse_lora", "read_lora", "KOHYA_PREFIXES"]
+__all__ = ["LoraEntry", "LoraFile", "parse_lora", "read_lora", "check_lycoris", "KOHYA_PREFIXES"]
 
 #: (suffix, role), longest first within each family of suffixes.
 _SUFFIXES: tuple[tuple[str, str], ...] = (
@@ -213,7 +213,7 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
             raise LoraError(f"has a {'down' if e.down is not None else 'up'} matrix but no "
                             f"{'up' if e.down is not None else 'down'}", path=source, tensor=first)
         if e.factors:
-            _check_lycoris(e, source)
+            check_lycoris(e, source)
         if not e.has_weight and e.diff_b is None:
             raise LoraError("an alpha without a LoRA pair or diff", path=source, tensor=first)
         if e.down is not None and e.up is not None:
@@ -225,9 +225,10 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
     return LoraFile(source, entries)
 
 
-def _check_lycoris(e: LoraEntry, source: str) -> None:
-    """A LoHa/LoKr entry has a complete factor set whose inner sizes agree (the layer's own
-    shape is checked when it is applied)."""
+def check_lycoris(e: LoraEntry, source: str) -> None:
+    """Raise a :class:`~ggufvideo.errors.LoraError` (naming ``source`` and the entry's first key)
+    unless the LoHa/LoKr entry ``e`` has a complete factor set whose inner sizes agree (the
+    layer's own shape is checked when it is applied)."""
     f, first = e.factors, e.keys[0]
     kinds = {name[:4] for name in f}
     if len(kinds) > 1 or e.down is not None or e.diff is not None:
