@@ -68,7 +68,7 @@ def test_original_layout_matches_diffusers_converter(name):
                                       reference_converter(hidden), prefix="")
 
 
-@pytest.mark.parametrize("layout", ["diffusers", "original"])
+@pytest.mark.parametrize("layout", ["diffusers", "original", "comfyui"])
 @pytest.mark.parametrize("name", VARIANTS)
 def test_config_inferred_from_shapes(name, layout):
     model = build(name)
@@ -78,9 +78,10 @@ def test_config_inferred_from_shapes(name, layout):
     assert label in describe(shapes).variant
 
 
-def test_quantized_weights_convert_exactly_both_ways():
+@pytest.mark.parametrize("layout", ["original", "comfyui"])
+def test_quantized_weights_convert_exactly_both_ways(layout):
     sd = random_state_dict(build("t2v"))
-    assert check_exact_row_splits(HY, "original", sd) > 10
+    assert check_exact_row_splits(HY, layout, sd) > 10
 
 
 def test_single_block_linear1_splits_by_linear2_rows():
@@ -139,3 +140,80 @@ def test_framepack_config_inferred_from_shapes(extra):
     model = HunyuanVideoFramepackTransformer3DModel(**BASE, **extra)
     check_config_inference(HY, model, "diffusers", "hyvid")
     assert "FramePack" in describe({k: tuple(v.shape) for k, v in model.state_dict().items()}).variant
+
+
+def _comfyui_name(key: str) -> str:
+    """The release name ``key`` as ComfyUI's loader renames it for its own HunyuanVideo module
+    (the substitutions it applies to every key, in its order)."""
+    for a, b in (("txt_in.t_embedder.mlp.0.", "txt_in.t_embedder.in_layer."),
+                 ("txt_in.t_embedder.mlp.2.", "txt_in.t_embedder.out_layer."),
+                 ("txt_in.c_embedder.linear_1.", "txt_in.c_embedder.in_layer."),
+                 ("txt_in.c_embedder.linear_2.", "txt_in.c_embedder.out_layer."),
+                 ("_mod.linear.", "_mod.lin."), ("_attn_qkv.", "_attn.qkv."),
+                 ("mlp.fc1.", "mlp.0."), ("mlp.fc2.", "mlp.2."),
+                 ("_attn_q_norm.weight", "_attn.norm.query_norm.scale"),
+                 ("_attn_k_norm.weight", "_attn.norm.key_norm.scale"),
+                 (".q_norm.weight", ".norm.query_norm.scale"),
+                 (".k_norm.weight", ".norm.key_norm.scale"),
+                 ("_attn_proj.", "_attn.proj."), (".modulation.linear.", ".modulation.lin."),
+                 ("_in.mlp.2.", "_in.out_layer."), ("_in.mlp.0.", "_in.in_layer.")):
+        key = key.replace(a, b)
+    return key
+
+
+@pytest.mark.parametrize("name", ["t2v", "i2v-33ch"])
+def test_comfyuis_own_names_are_a_layout(name):
+    from ggufvideo.models.tensors import TensorOps
+
+    sd = random_state_dict(build(name))
+    orig = HY.convert(sd, "diffusers", "original", TensorOps())
+    comfy = {_comfyui_name(k): v for k, v in orig.items()}
+    assert comfy.keys() != orig.keys()
+    assert HY.layout_of(set(comfy)) == "comfyui" and HY.layout_of(set(orig)) == "original"
+    mine = HY.convert(sd, "diffusers", "comfyui", TensorOps())
+    assert mine.keys() == comfy.keys() and all(torch.equal(mine[k], comfy[k]) for k in comfy)
+    back = HY.convert(comfy, "comfyui", "diffusers", TensorOps())
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    shapes = {k: tuple(v.shape) for k, v in comfy.items()}
+    assert describe(shapes, "hyvid").detection.layout == "comfyui"
+
+
+def test_a_lora_saved_from_comfyui_lands_on_diffusers_split_projections():
+    from ggufvideo.lora import parse_lora
+    from ggufvideo.lora.targets import resolve
+
+    model = build("t2v")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    hidden = shapes["transformer_blocks.0.attn.to_q.weight"][0]
+    lora = parse_lora({
+        "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight": torch.randn(4, hidden),
+        "diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight": torch.randn(3 * hidden, 4),
+        "diffusion_model.single_blocks.1.modulation.lin.lora_down.weight": torch.randn(4, hidden),
+        "diffusion_model.single_blocks.1.modulation.lin.lora_up.weight":
+            torch.randn(3 * hidden, 4)})
+    res = resolve(lora, shapes)
+    assert res.layout == "hunyuan-video:comfyui" and not res.unmatched
+    assert {p.key for ps in res.weights.values() for p in ps} == {
+        "transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.attn.to_k.weight",
+        "transformer_blocks.0.attn.to_v.weight", "single_transformer_blocks.1.norm.linear.weight"}
+    (k_piece,) = res.weights["transformer_blocks.0.attn.to_k.weight"]
+    assert k_piece.lora_rows == (hidden, 2 * hidden)
+
+
+def test_convert_writes_the_comfyui_layout_and_from_gguf_reads_it(tmp_path):
+    import ggufvideo
+    from ggufvideo import GGUFFile, convert
+
+    model = build("t2v")
+    src, dst = tmp_path / "hy.gguf", tmp_path / "hy_comfy.gguf"
+    ggufvideo.save_state_dict(model.state_dict(), src, metadata={"general.architecture": "hyvid"})
+    convert(src, dst, qtype=None, layout="comfyui")
+    with GGUFFile(dst) as f:
+        names = set(f.tensors)
+    assert "double_blocks.0.img_attn.qkv.weight" in names
+    assert "single_blocks.0.norm.query_norm.scale" in names
+    back = ggufvideo.from_gguf(dst)
+    assert type(back).__name__ == "HunyuanVideoTransformer3DModel"
+    sd = model.state_dict()
+    for k, v in back.state_dict().items():
+        assert torch.equal(v.float(), sd[k].float()), k

@@ -3,7 +3,10 @@ token replace), and checkpoints without a guidance embedder (SkyReels-style fine
 
 Layouts: diffusers' (``HunyuanVideoTransformer3DModel``) and the release's, which the shared GGUFs
 (``general.architecture = hyvid``) use: ``double_blocks`` / ``single_blocks``, ``txt_in`` with its
-``individual_token_refiner``, ``img_in``/``time_in``/``vector_in``/``guidance_in``, ``final_layer``.
+``individual_token_refiner``, ``img_in``/``time_in``/``vector_in``/``guidance_in``, ``final_layer``;
+and ``"comfyui"``, the release's names as ComfyUI's own module spells them (``img_attn.qkv``,
+``img_mod.lin``, ``img_mlp.0``, ``norm.query_norm.scale``...), which checkpoints and LoRAs saved
+from ComfyUI carry.
 The release fuses what diffusers keeps apart:
 
 * ``img_attn_qkv`` / ``txt_attn_qkv`` / the refiner's ``self_attn_qkv``: q, k, v as three equal row
@@ -38,7 +41,8 @@ def _single_linear1_sizes(total: int, c: Mapping[str, str], rows_of: Any) -> Seq
     """q, k, v, mlp rows of ``single_blocks.{i}.linear1``: hidden = rows of the block's linear2."""
     hidden = rows_of(f"single_blocks.{c['i']}.linear2.weight")
     if hidden is None:
-        mod = rows_of(f"single_blocks.{c['i']}.modulation.linear.weight")
+        mod = (rows_of(f"single_blocks.{c['i']}.modulation.linear.weight")
+               or rows_of(f"single_blocks.{c['i']}.modulation.lin.weight"))  # (ComfyUI's name)
         hidden = mod // 3 if mod is not None else None
     if hidden is None:  # no way to tell: let the split report it
         return (total, 0, 0, 0)
@@ -106,6 +110,52 @@ RULES: tuple[Rule, ...] = (
     Rule(("final_layer.adaLN_modulation.1.*",), ("norm_out.linear.*",), swap_halves=True),
     rename("final_layer.linear.*", "proj_out.*"),
 )
+
+
+#: The release's names as ComfyUI's own HunyuanVideo module writes them (it reuses Flux's
+#: blocks): what a checkpoint or LoRA saved from ComfyUI carries. ComfyUI renames the release's
+#: names into these on load, by these substitutions on the key; q/k norm weights become
+#: ``.norm.query_norm.scale`` / ``.norm.key_norm.scale`` (see :func:`_comfyui_rule`).
+_COMFYUI_SUBSTITUTIONS = (
+    ("txt_in.t_embedder.mlp.0.", "txt_in.t_embedder.in_layer."),
+    ("txt_in.t_embedder.mlp.2.", "txt_in.t_embedder.out_layer."),
+    ("_mod.linear.", "_mod.lin."),
+    ("_attn_qkv.", "_attn.qkv."),
+    ("mlp.fc1.", "mlp.0."),
+    ("mlp.fc2.", "mlp.2."),
+    ("_attn_proj.", "_attn.proj."),
+    (".modulation.linear.", ".modulation.lin."),
+    ("_in.mlp.0.", "_in.in_layer."),
+    ("_in.mlp.2.", "_in.out_layer."),
+)
+_COMFYUI_NORMS = (("_attn_q_norm.*", "_attn.norm.query_norm.scale"),
+                  ("_attn_k_norm.*", "_attn.norm.key_norm.scale"),
+                  (".q_norm.*", ".norm.query_norm.scale"),
+                  (".k_norm.*", ".norm.key_norm.scale"))
+
+
+def _comfyui_rule(rule: Rule) -> tuple[Rule, ...]:
+    """``rule`` (release names <-> diffusers') with the release side in ComfyUI's names."""
+    (other, *more) = rule.other
+    for tail, spelled in _COMFYUI_NORMS:
+        if other.endswith(tail) and not more:  # a norm's one weight, renamed "scale"
+            base = other[:-len(tail)] + spelled
+            return (Rule((base,), tuple(d[:-1] + "weight" for d in rule.diffusers)),)
+    if other == "txt_in.c_embedder.*":  # linear_1/_2 in the release, in_layer/out_layer here
+        d = "context_embedder.time_text_embed.text_embedder"
+        return (rename("txt_in.c_embedder.in_layer.*", f"{d}.linear_1.*"),
+                rename("txt_in.c_embedder.out_layer.*", f"{d}.linear_2.*"))
+
+    def comfy(t: str) -> str:
+        for a, b in _COMFYUI_SUBSTITUTIONS:
+            t = t.replace(a, b)
+        return t
+
+    return (Rule(tuple(comfy(t) for t in rule.other), rule.diffusers, sizes=rule.sizes,
+                 swap_halves=rule.swap_halves, when=rule.when, rows=rule.rows),)
+
+
+COMFYUI_RULES: tuple[Rule, ...] = tuple(r for rule in RULES for r in _comfyui_rule(rule))
 
 
 def infer_config(s: Shapes) -> dict[str, Any]:
@@ -186,11 +236,14 @@ FAMILY: Family[Any] = Family(
     signatures={
         "diffusers": (("x_embedder.proj.weight", "context_embedder.proj_in.weight",
                        "time_text_embed.timestep_embedder.linear_1.weight"),),
+        # (before "original": ComfyUI's names share the release's embedders)
+        "comfyui": (("double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_mod.lin.weight"),
+                    ("single_blocks.0.modulation.lin.weight",)),
         "original": (("img_in.proj.weight", "txt_in.input_embedder.weight"),
                      ("double_blocks.0.img_attn_qkv.weight",
                       "double_blocks.0.img_mod.linear.weight")),
     },
-    rules={"original": RULES},
+    rules={"original": RULES, "comfyui": COMFYUI_RULES},
     infer_config=infer_config,
     class_name=class_name,
     variant=variant,
