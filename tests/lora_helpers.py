@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
+from torch import nn
+
+from ggufvideo import GGMLTensor, quantize
+from ggufvideo.ops import swap_quant_layers
 
 CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16,
               out_channels=16, text_dim=64, freq_dim=32, ffn_dim=512, num_layers=2,
@@ -68,3 +74,39 @@ def merged_delta(p: dict[str, tuple[torch.Tensor, torch.Tensor, float]], scale: 
     """diffusers weight key -> float32 delta ``scale * alpha / rank * up @ down``."""
     return {d + ".weight": scale * (alpha / down.shape[0]) * (up @ down)
             for d, (down, up, alpha) in p.items()}
+
+
+def quantize_linears(model: nn.Module, qtype: str = "Q8_0") -> nn.Module:
+    """``model`` with every Linear weight whose rows fit ``qtype``'s blocks quantized, and its
+    layers made quant-aware."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and m.in_features % 32 == 0:
+            w = m.weight.detach()
+            m._parameters["weight"] = nn.Parameter(
+                GGMLTensor(quantize(w, qtype), qtype, tuple(w.shape), torch.float32),
+                requires_grad=False)
+    return swap_quant_layers(model)
+
+
+def with_dense_twin(q: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(``q``, a copy of it whose quantized weights are their decoded float32 values)."""
+    dense = copy.deepcopy(q)
+    for m in dense.modules():
+        w = m._parameters.get("weight")
+        if isinstance(w, GGMLTensor):
+            m._parameters["weight"] = nn.Parameter(w.dequantize(torch.float32), requires_grad=False)
+    return q, dense
+
+
+def quantized_wan() -> tuple[nn.Module, nn.Module]:
+    """(a tiny diffusers Wan model with Q8_0 linears, its float32 twin); needs diffusers."""
+    import diffusers
+
+    torch.manual_seed(0)
+    return with_dense_twin(quantize_linears(diffusers.WanTransformer3DModel(**CONFIG).eval()))
+
+
+def run_wan(model: nn.Module) -> torch.Tensor:
+    """The Wan model's output on :func:`wan_inputs`."""
+    with torch.no_grad():
+        return model(**wan_inputs(), return_dict=False)[0]

@@ -7,43 +7,29 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from lora_helpers import CONFIG, TARGETS, as_format, merged_delta, pairs, wan_inputs
+from lora_helpers import (
+    TARGETS,
+    as_format,
+    merged_delta,
+    pairs,
+    quantize_linears,
+    quantized_wan,
+    run_wan,
+)
 from torch import nn
 
 import ggufvideo
 from ggufvideo import GGMLTensor, TensorOperationError, apply_lora, fuse_lora, quantize
 from ggufvideo.errors import LoraError
-from ggufvideo.ops import LoraAdapter, lora_adapters, swap_quant_layers
+from ggufvideo.ops import LoraAdapter, lora_adapters
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def _quantize_linears(model: nn.Module, qtype: str = "Q8_0") -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, nn.Linear) and m.in_features % 32 == 0:
-            w = m.weight.detach()
-            m._parameters["weight"] = nn.Parameter(
-                GGMLTensor(quantize(w, qtype), qtype, tuple(w.shape), torch.float32),
-                requires_grad=False)
-    return swap_quant_layers(model)
 
 
 @pytest.fixture(scope="module")
 def models():
     """(quantized Wan model, the same with its decoded weights as plain fp32 tensors)."""
-    torch.manual_seed(0)
-    q = _quantize_linears(diffusers.WanTransformer3DModel(**CONFIG).eval())
-    dense = copy.deepcopy(q)
-    for m in dense.modules():
-        w = m._parameters.get("weight")
-        if isinstance(w, GGMLTensor):
-            m._parameters["weight"] = nn.Parameter(w.dequantize(torch.float32), requires_grad=False)
-    return q, dense
-
-
-def _run(model):
-    with torch.no_grad():
-        return model(**wan_inputs(), return_dict=False)[0]
+    return quantized_wan()
 
 
 def _shapes(model):
@@ -62,24 +48,24 @@ def _merged_reference(dense, deltas):
 def test_each_format_matches_the_fp32_merged_reference(models, fmt):
     q, dense = models
     p = pairs(_shapes(q))
-    base = _run(q)
+    base = run_wan(q)
     handle = apply_lora(q, as_format(p, fmt), scale=0.8)
     try:
         assert sorted(handle.targets) == sorted(d + ".weight" for _, d in TARGETS)
-        out = _run(q)
-        ref = _run(_merged_reference(dense, merged_delta(p, 0.8)))
+        out = run_wan(q)
+        ref = run_wan(_merged_reference(dense, merged_delta(p, 0.8)))
         assert not torch.allclose(out, base, atol=1e-4)  # the LoRA does something
         assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
         # the quantized weights were never touched
         assert all(isinstance(q.get_submodule(d).weight, GGMLTensor) for _, d in TARGETS)
     finally:
         handle.remove()
-    assert torch.equal(_run(q), base)
+    assert torch.equal(run_wan(q), base)
 
 
 def test_layer_output_is_the_base_product_plus_the_low_rank_terms_bit_for_bit():
     torch.manual_seed(0)
-    layer = _quantize_linears(nn.Linear(64, 32))
+    layer = quantize_linears(nn.Linear(64, 32))
     x = torch.randn(5, 64)
     a = LoraAdapter(up=torch.randn(32, 4), down=torch.randn(4, 64), scale=0.3)
     b = LoraAdapter(up=torch.randn(32, 2), down=torch.randn(2, 64), scale=-1.5)
@@ -104,7 +90,7 @@ def test_peft_adapters_on_our_layers_match_ours_bit_for_bit(device):
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 32))
-    _quantize_linears(net)
+    quantize_linears(net)
     net = net.to(device)
     ours = copy.deepcopy(net)
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False)
@@ -131,15 +117,15 @@ def test_peft_adapters_on_our_layers_match_ours_bit_for_bit(device):
 def test_remove_restores_bit_exactly_and_set_scale_rescales(models):
     q, dense = models
     p = pairs(_shapes(q))
-    base = _run(q)
+    base = run_wan(q)
     h = apply_lora(q, as_format(p, "comfy"))
     h.set_scale(0.0)
-    assert torch.equal(_run(q), base)
+    assert torch.equal(run_wan(q), base)
     h.set_scale(2.0)
-    ref = _run(_merged_reference(dense, merged_delta(p, 2.0)))
-    assert torch.allclose(_run(q), ref, rtol=1e-4, atol=1e-5)
+    ref = run_wan(_merged_reference(dense, merged_delta(p, 2.0)))
+    assert torch.allclose(run_wan(q), ref, rtol=1e-4, atol=1e-5)
     h.remove()
-    assert torch.equal(_run(q), base)
+    assert torch.equal(run_wan(q), base)
     assert all(not q.get_submodule(d).__dict__.get("lora_adapters") for _, d in TARGETS)
     with pytest.raises(RuntimeError, match="already removed"):
         h.remove()
@@ -149,21 +135,21 @@ def test_loras_stack_and_come_off_in_any_order(models):
     q, dense = models
     shapes = _shapes(q)
     p1, p2 = pairs(shapes, seed=1), pairs(shapes, rank=8, seed=2)
-    base = _run(q)
+    base = run_wan(q)
     h1 = apply_lora(q, as_format(p1, "kohya"), scale=0.5)
     h2 = apply_lora(q, as_format(p2, "diffusers"), scale=1.0)
     both = {k: merged_delta(p1, 0.5)[k] + merged_delta(p2)[k] for k in merged_delta(p1)}
-    assert torch.allclose(_run(q), _run(_merged_reference(dense, both)), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(run_wan(q), run_wan(_merged_reference(dense, both)), rtol=1e-4, atol=1e-5)
     h1.remove()
-    assert torch.allclose(_run(q), _run(_merged_reference(dense, merged_delta(p2))), rtol=1e-4,
+    assert torch.allclose(run_wan(q), run_wan(_merged_reference(dense, merged_delta(p2))), rtol=1e-4,
                           atol=1e-5)
     h2.remove()
-    assert torch.equal(_run(q), base)
+    assert torch.equal(run_wan(q), base)
 
 
 def test_diff_and_diff_b_apply_and_restore_exactly(models):
     q, dense = models
-    base = _run(q)
+    base = run_wan(q)
     g = torch.Generator().manual_seed(3)
     norm = q.blocks[0].norm2.weight
     sd = {"diffusion_model.blocks.0.norm3.diff": torch.randn(norm.shape, generator=g) * 0.1,
@@ -176,10 +162,10 @@ def test_diff_and_diff_b_apply_and_restore_exactly(models):
         ref.blocks[0].norm2.weight += 0.5 * sd["diffusion_model.blocks.0.norm3.diff"]
         ref.blocks[0].attn1.to_q.bias += 0.5 * sd["diffusion_model.blocks.0.self_attn.q.diff_b"]
         ref.blocks[0].attn1.to_k.weight += 0.5 * sd["diffusion_model.blocks.0.self_attn.k.diff"]
-    assert torch.allclose(_run(q), _run(ref), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(run_wan(q), run_wan(ref), rtol=1e-4, atol=1e-5)
     h.remove()
     assert q.blocks[0].norm2.weight is original_norm
-    assert torch.equal(_run(q), base)
+    assert torch.equal(run_wan(q), base)
 
 
 def test_unmatched_keys_are_an_error_naming_file_and_key_unless_not_strict(models, tmp_path):
@@ -190,11 +176,11 @@ def test_unmatched_keys_are_an_error_naming_file_and_key_unless_not_strict(model
     sd["diffusion_model.blocks.7.self_attn.q.lora_B.weight"] = torch.zeros(256, 4)
     path = tmp_path / "style.safetensors"
     st.save_file(sd, path)
-    base = _run(q)
+    base = run_wan(q)
     with pytest.raises(LoraError, match="match no tensor") as info:
         apply_lora(q, path)
     assert "style.safetensors" in str(info.value) and "blocks.7.self_attn.q" in str(info.value)
-    assert torch.equal(_run(q), base)  # nothing was applied
+    assert torch.equal(run_wan(q), base)  # nothing was applied
     h = apply_lora(q, path, strict=False)
     assert len(h.unmatched) == 2 and len(h.targets) == len(TARGETS)
     h.remove()
@@ -256,7 +242,7 @@ def test_fused_cuda_path_logic_matches_the_reference_on_cpu(monkeypatch):
     from ggufvideo import kernels, ops
 
     torch.manual_seed(0)
-    layer = _quantize_linears(nn.Linear(256, 64))
+    layer = quantize_linears(nn.Linear(256, 64))
     adapters = [LoraAdapter(up=torch.randn(64, 4), down=torch.randn(4, 256), scale=0.5),
                 LoraAdapter(up=torch.randn(64, 8), down=torch.randn(8, 256), scale=2.0)]
     lora_adapters(layer).extend(adapters)
@@ -313,7 +299,7 @@ def test_fused_cuda_path_keeps_the_base_product_and_matches_the_reference(monkey
 
     monkeypatch.setattr(kernels, "lora_up_add", counting)  # the reference path does not call it
     torch.manual_seed(0)
-    layer = _quantize_linears(nn.Linear(512, 384), "Q4_K").to(torch.bfloat16).cuda()
+    layer = quantize_linears(nn.Linear(512, 384), "Q4_K").to(torch.bfloat16).cuda()
     x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         base = layer(x)

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from lora_helpers import CONFIG, wan_inputs
+from lora_helpers import CONFIG, quantized_wan, run_wan
 from torch import nn
 
 from ggufvideo import GGMLTensor, apply_lora, fuse_lora, quantize
@@ -156,29 +156,6 @@ def test_lycoris_norm_keys_are_full_deltas():
 
 
 # -- on a real model ------------------------------------------------------------------------------
-def _quantized_wan():
-    torch.manual_seed(0)
-    model = diffusers.WanTransformer3DModel(**CONFIG).eval()
-    for m in model.modules():
-        if isinstance(m, nn.Linear) and m.in_features % 32 == 0:
-            w = m.weight.detach()
-            m._parameters["weight"] = nn.Parameter(
-                GGMLTensor(quantize(w, "Q8_0"), "Q8_0", tuple(w.shape), torch.float32),
-                requires_grad=False)
-    q = swap_quant_layers(model)
-    dense = copy.deepcopy(q)
-    for m in dense.modules():
-        w = m._parameters.get("weight")
-        if isinstance(w, GGMLTensor):
-            m._parameters["weight"] = nn.Parameter(w.dequantize(torch.float32), requires_grad=False)
-    return q, dense
-
-
-def _run(model):
-    with torch.no_grad():
-        return model(**wan_inputs(), return_dict=False)[0]
-
-
 #: (SimpleTuner's LyCORIS name, kohya's original name, diffusers weight, its shape)
 LAYERS = [("lycoris_blocks_0_attn1_to_q", "lora_unet_blocks_0_self_attn_q",
            "blocks.0.attn1.to_q.weight", (256, 256)),
@@ -207,9 +184,9 @@ def _loha_file(g):
 
 @pytest.mark.parametrize("kind", ["lokr", "loha"])
 def test_applied_unmerged_matches_the_merged_reference_and_comes_off_exactly(kind):
-    q, dense = _quantized_wan()
+    q, dense = quantized_wan()
     sd, deltas = (_lokr_file if kind == "lokr" else _loha_file)(_g(21))
-    base = _run(q)
+    base = run_wan(q)
     handle = apply_lora(q, sd, scale=0.8)
     try:
         assert sorted(handle.targets) == sorted(deltas)
@@ -221,19 +198,19 @@ def test_applied_unmerged_matches_the_merged_reference_and_comes_off_exactly(kin
         ref = copy.deepcopy(dense)
         for k, d in deltas.items():
             ref.state_dict(keep_vars=True)[k].data += 0.8 * d
-        out = _run(q)
+        out = run_wan(q)
         assert not torch.allclose(out, base, atol=1e-4)
-        assert torch.allclose(out, _run(ref), rtol=1e-4, atol=1e-5)
+        assert torch.allclose(out, run_wan(ref), rtol=1e-4, atol=1e-5)
         handle.set_scale(0.0)
-        assert torch.allclose(_run(q), base, atol=1e-6)
+        assert torch.allclose(run_wan(q), base, atol=1e-6)
     finally:
         handle.remove()
-    assert torch.equal(_run(q), base)
+    assert torch.equal(run_wan(q), base)
     assert isinstance(q.get_submodule("blocks.0.attn1.to_q").weight, GGMLTensor)
 
 
 def test_fuse_lora_bakes_a_lokr_with_the_exact_quantizer():
-    q, _ = _quantized_wan()
+    q, _ = quantized_wan()
     sd, deltas = _lokr_file(_g(22))
     before = {k: q.state_dict(keep_vars=True)[k] for k in deltas}
     assert sorted(fuse_lora(q, sd, scale=0.5)) == sorted(deltas)
