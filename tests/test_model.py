@@ -276,3 +276,36 @@ def test_load_to_cuda_moves_raw_blocks_and_runs(path):
     cpu = load_model(build_empty(), path).to("cuda")
     assert isinstance(cpu.proj.weight, GGMLTensor) and cpu.proj.weight.raw.is_cuda
     assert torch.equal(cpu(ids, video), eager(ids, video))
+
+
+def test_loading_pauses_the_garbage_collector_and_restores_it(tmp_path, monkeypatch):
+    """Full collections would find nothing to free among the objects a load makes, and cost in
+    proportion to everything the process holds: load_model runs with the collector off and
+    puts it back as it was, also when the load fails."""
+    import gc
+
+    import ggufvideo
+    import ggufvideo.model as gm
+
+    path = tmp_path / "m.gguf"
+    ggufvideo.save_state_dict({"weight": torch.randn(4, 32)}, path)
+    seen = []
+    real = gm.assign_state_dict
+
+    def spy(*a, **k):
+        seen.append(gc.isenabled())
+        return real(*a, **k)
+
+    monkeypatch.setattr(gm, "assign_state_dict", spy)
+    assert gc.isenabled()
+    ggufvideo.load_model(nn.Linear(32, 4, bias=False), path)
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(ggufvideo.ModelLoadError):
+        ggufvideo.load_model(nn.Linear(16, 4, bias=False), path)
+    assert gc.isenabled()
+    gc.disable()
+    try:  # nested or already off: left off
+        ggufvideo.load_model(nn.Linear(32, 4, bias=False), path)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

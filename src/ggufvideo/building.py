@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import ModelLoadError, _safe
 from .loader import DTypeLike, file_architecture, read_tensors
-from .model import assign_state_dict, empty_weights
+from .model import assign_state_dict, empty_weights, paused_gc
 from .models import Description, describe
 from .ops import swap_quant_layers
 from .reader import GGUFFile, is_gguf
@@ -179,20 +179,21 @@ def from_gguf(path: str | os.PathLike[str], *, lazy: bool = True, dtype: DTypeLi
         ImportError: diffusers (transformers, for a text encoder) is not installed or lacks the
             class.
     """
-    ckpt = _open(path)
-    desc = _describe(ckpt)
-    cfg = {**desc.config, **(config or {})}
-    family = desc.detection.family
-    cls = _model_class(desc.class_name, family.library, ckpt.path)
-    model = _build(cls, family.library, cfg)
-    if lazy:
-        swap_quant_layers(model)
-    sd = ckpt.tensors()
-    if family.unused:
-        n = len(desc.detection.prefix)
-        sd = {k: v for k, v in sd.items() if not family.is_unused(k[n:])}
-    assign_state_dict(model, sd, strict=True, lazy=lazy, dtype=dtype, device=device,
-                      path=ckpt.path, architecture=ckpt.architecture,
-                      metadata=ckpt.metadata if ckpt.gguf is not None else None,
-                      source=ckpt.gguf)
+    with paused_gc():  # (see there: full collections would find nothing to free here)
+        ckpt = _open(path)
+        desc = _describe(ckpt)
+        cfg = {**desc.config, **(config or {})}
+        family = desc.detection.family
+        cls = _model_class(desc.class_name, family.library, ckpt.path)
+        model = _build(cls, family.library, cfg)
+        if lazy:
+            swap_quant_layers(model)
+        sd = ckpt.tensors()
+        if family.unused:
+            n = len(desc.detection.prefix)
+            sd = {k: v for k, v in sd.items() if not family.is_unused(k[n:])}
+        assign_state_dict(model, sd, strict=True, lazy=lazy, dtype=dtype, device=device,
+                          path=ckpt.path, architecture=ckpt.architecture,
+                          metadata=ckpt.metadata if ckpt.gguf is not None else None,
+                          source=ckpt.gguf)
     return model.eval()

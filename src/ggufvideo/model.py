@@ -21,6 +21,7 @@ raises an error naming the buffers, asking for the model to be built with :func:
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import warnings
@@ -100,6 +101,24 @@ def empty_weights() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """The cyclic garbage collector off inside the block, as it was after it (nestable).
+
+    Loading makes tens of thousands of objects that all stay alive, enough to set off full
+    collections, whose cost grows with everything the process holds (~270 ms each in a process
+    with diffusers imported and a few models loaded: ``benchmarks/load_pauses.py --keep``), for
+    nothing to collect. :func:`load_model` and :func:`ggufvideo.from_gguf` run under it.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 # -- keys ----------------------------------------------------------------------------------------
@@ -399,13 +418,15 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], *, lazy: bool = T
         load_model(model, path, lazy=lazy, dtype=dtype, device="cpu", strict=strict, prefix=prefix)
         model._ggufvideo_offload = offload(model, device or "cuda", budget=vram_budget)  # type: ignore[assignment]
         return model
-    file = GGUFFile(path)
-    sd = read_tensors(file, lazy=True)  # zero-copy views; decoded (eager) one tensor at a time
-    if lazy:
-        swap_quant_layers(model)
-    report = assign_state_dict(model, sd, strict=strict, prefix=prefix, lazy=lazy, dtype=dtype,
-                               device=device, path=path, architecture=file_architecture(file),
-                               metadata=file.metadata, source=file)
+    with paused_gc():
+        file = GGUFFile(path)
+        sd = read_tensors(file, lazy=True)  # zero-copy views; decoded (eager) one at a time
+        if lazy:
+            swap_quant_layers(model)
+        report = assign_state_dict(model, sd, strict=strict, prefix=prefix, lazy=lazy,
+                                   dtype=dtype, device=device, path=path,
+                                   architecture=file_architecture(file), metadata=file.metadata,
+                                   source=file)
     if not strict and (report.missing_keys or report.unexpected_keys or report.meta_buffers):
         warnings.warn(f"load_model({_safe(os.fspath(path))}): {len(report.missing_keys)} "
                       f"missing keys [{_format_keys(report.missing_keys, 10)}], "
