@@ -182,7 +182,7 @@ def test_staged_read_is_byte_identical_and_refills_a_buffer_only_after_its_copie
     assert all(lane.closed for lane in st.lanes) and st.log[-1][1] == "finish"
 
 
-def test_each_buffer_is_made_once_by_the_reader_that_first_copies_into_it(tmp_path, monkeypatch):
+def test_each_buffer_is_made_once_before_the_readers_start(tmp_path, monkeypatch):
     # 700-byte chunks: tensors span chunks, so readers share them
     tensors, (p, base, size) = _staged_file(tmp_path, monkeypatch, chunk=700)
     tensors.append(torch.empty(0))  # not in the file: copied with .to()
@@ -192,7 +192,9 @@ def test_each_buffer_is_made_once_by_the_reader_that_first_copies_into_it(tmp_pa
     made = [e for e in st.log if e[1] == "empty"]
     sizes = sorted(_raw(t).nbytes for t in tensors[:-1])
     assert sorted(e[2] for e in made) == sizes  # once per tensor
-    assert all(e[0] is not None for e in made)  # in a reader thread
+    assert all(e[0] is None for e in made)  # in the calling thread...
+    first_read = next(i for i, e in enumerate(st.log) if e[1] in ("pinned", "copy"))
+    assert st.log.index(made[-1]) < first_read  # ...before any reader started
     assert out[-1].numel() == 0 and len(out) == len(tensors)
 
 
