@@ -11,12 +11,13 @@ import warnings
 import pytest
 import torch
 from test_offload import Net
+from torch import nn
 
 import ggufvideo
 from ggufvideo import GGMLTensor
 from ggufvideo.runtime import _filemap, _staging
 from ggufvideo.runtime._filemap import file_mappings, shared_views
-from ggufvideo.runtime._staging import register_host
+from ggufvideo.runtime._staging import HostRegistration, locked_storage, register_host
 
 linux = pytest.mark.skipif(not file_mappings() or not os.access("/proc/self/pagemap", os.R_OK),
                            reason="needs /proc/self/maps and /proc/self/pagemap (Linux)")
@@ -102,31 +103,55 @@ def fake_cuda(monkeypatch):
 
 
 @linux
-def test_register_host_locks_the_shared_mapping_and_plain_memory_in_place(tmp_path, fake_cuda):
+def test_register_host_locks_the_shared_mapping_and_never_heap_memory(tmp_path, fake_cuda):
     _, raws = _raws(tmp_path)
     plain = torch.randn(4096)
     reg, sources = register_host([*raws, plain])
-    assert all(s is not None for s in sources)
-    assert sources[-1].data_ptr() == plain.data_ptr()  # in place
+    assert sources[-1] is None  # heap memory: its pages are shared with other allocations
+    assert all(s is not None for s in sources[:-1])
     assert all(s.data_ptr() != r.data_ptr() for s, r in zip(sources, raws))  # remapped
     assert reg.remapped_bytes == sum(r.numel() * r.element_size() for r in raws)
     locked = [(s, s + n) for s, n, _ in fake_cuda.calls]
     assert all(flags == 8 for *_, flags in fake_cuda.calls)  # read-only
-    for src in sources:
+    for src in sources[:-1]:
         assert any(lo <= src.data_ptr() and src.data_ptr() + src.numel() <= hi for lo, hi in locked)
-    for r in raws:  # the private mapping itself is never locked
-        assert not any(lo <= r.data_ptr() < hi for lo, hi in locked)
+    for r in [*raws, plain]:  # neither the private mapping nor the heap is ever locked
+        assert not any(lo < r.data_ptr() + r.numel() * r.element_size() and r.data_ptr() < hi
+                       for lo, hi in locked)
     reg.release()
     assert sorted(fake_cuda.unregistered) == sorted(lo for lo, _ in locked)
 
 
-def test_failed_registration_leaves_none_and_warns(monkeypatch, fake_cuda):
+def test_heap_tensors_move_into_locked_memory_of_their_own(fake_cuda):
+    """A heap tensor's first and last pages hold other allocations: locking them in place makes
+    any copy of those straddle a locked range (CUDA: "invalid argument"). Its bytes move into a
+    mapping of their own instead, locked whole; the tensor object stays the same."""
+    neighbour = torch.randn(7)
+    t = nn.Parameter(torch.randn(300, 5), requires_grad=False)
+    want, addr = t.detach().clone(), t.data_ptr()
+    reg = HostRegistration()
+    assert locked_storage(t, reg) is t
+    assert t.data_ptr() != addr and torch.equal(t, want)  # same object, same values, moved
+    ((start, n, flags),) = fake_cuda.calls
+    assert start % mmap.PAGESIZE == 0 and n % mmap.PAGESIZE == 0 and flags == 8
+    assert start <= t.data_ptr() and t.data_ptr() + t.numel() * 4 <= start + n
+    assert not start <= neighbour.data_ptr() < start + n
+    assert reg.moved_bytes == n and reg.registered_bytes == n
+    reg.release()
+    assert fake_cuda.unregistered == [start] and torch.equal(t, want)  # still its memory
+    fake_cuda.ok = False
+    other = torch.randn(10)
+    before = other.data_ptr()
+    assert locked_storage(other, HostRegistration()) is None and other.data_ptr() == before
+
+
+def test_failed_registration_leaves_none_and_warns(tmp_path, monkeypatch, fake_cuda):
     fake_cuda.ok = False
     monkeypatch.setattr(_staging, "_clear_cuda_error", lambda: None)
-    t = torch.randn(1000)
+    _, raws = _raws(tmp_path)
     with pytest.warns(UserWarning, match="cudaHostRegister failed for some host weights; "
                                          "pinning copies"):
-        reg, sources = register_host([t])
+        reg, sources = register_host(raws[:1])
     assert sources == [None] and reg.registered_bytes == 0
     assert [f for *_, f in fake_cuda.calls] == [8, 0]  # read-only first, then default
 
@@ -148,18 +173,17 @@ def test_registration_is_made_on_the_target_device(monkeypatch, fake_cuda):
     register = fake_cuda.cudaHostRegister
     fake_cuda.cudaHostRegister = lambda *a: seen.append(list(current)) or register(*a)
     monkeypatch.setattr(torch.cuda, "device", Device)
-    register_host([torch.randn(4096)], torch.device("cuda", 1))
+    locked_storage(torch.randn(4096), HostRegistration(), torch.device("cuda", 1))
     assert seen == [[torch.device("cuda", 1)]]
-    register_host([torch.randn(4096)])  # no device: the current one
+    locked_storage(torch.randn(4096), HostRegistration())  # no device: the current one
     assert seen[-1] == []
 
 
 def test_a_non_contiguous_tensor_is_left_to_a_pinned_copy(fake_cuda):
     t = torch.randn(64, 64).t()
-    with pytest.warns(UserWarning, match="pinning copies"):
-        _, sources = register_host([t, torch.randn(64)])
-    assert sources[0] is None and sources[1] is not None
-    assert all(n == mmap.PAGESIZE or n % mmap.PAGESIZE == 0 for _, n, _ in fake_cuda.calls)
+    _, sources = register_host([t, torch.randn(64)])
+    assert sources == [None, None] and not fake_cuda.calls
+    assert locked_storage(t, HostRegistration()) is None and not fake_cuda.calls
 
 
 def test_without_proc_nothing_is_remapped(tmp_path, monkeypatch, fake_cuda):
@@ -168,7 +192,7 @@ def test_without_proc_nothing_is_remapped(tmp_path, monkeypatch, fake_cuda):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         reg, sources = register_host(raws)
-    assert [s.data_ptr() for s in sources] == [r.data_ptr() for r in raws]  # in place
+    assert sources == [None] * len(raws) and not fake_cuda.calls  # left to the caller
     assert reg.remapped_bytes == 0
 
 
@@ -195,3 +219,24 @@ def test_gpu_registering_a_mapped_file_copies_no_page(tmp_path):
     torch.cuda.synchronize()
     assert torch.equal(dev.cpu(), raws[0].reshape(-1).view(torch.uint8))
     reg.release()
+
+
+def test_offload_moves_heap_weights_into_locked_memory_keeping_their_objects(fake_cuda):
+    """What offload does with the weights registration leaves (heap memory): the same parameter
+    objects, their bytes now in locked memory of their own; nothing pinned twice."""
+    from ggufvideo.runtime._groups import plan_groups
+    from ggufvideo.runtime.offload import _pin_unlocked
+
+    m = Net(dim=64)
+    groups, _ = plan_groups(m)
+    slots = [t for g in groups for t in g.tensors]
+    params = [t.host for t in slots]
+    values = [p.detach().clone() for p in params]
+    reg, sources = register_host([t.host for t in slots])
+    assert all(s is None for s in sources)
+    _pin_unlocked(slots, sources, reg, torch.device("cuda"))
+    assert [t.host for t in slots] == params  # the same objects
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+    assert reg.copied_bytes == 0 and len(fake_cuda.calls) == len(slots)
+    for p in params:
+        assert any(lo <= p.data_ptr() < lo + n for lo, n, _ in fake_cuda.calls)

@@ -5,9 +5,16 @@ memory. Instead of pinning a *copy* of every streamed weight (twice the file in 
 memory is registered with ``cudaHostRegister``: page-aligned ranges are merged and locked. For
 weights memory-mapped from a GGUF file that is the page cache itself, locked through a shared
 read-only mapping of the file (locking the private mapping the tensors view would give the
-process a copy of every page: :mod:`._filemap`); other host tensors are locked in place. Where
-registration fails (an old driver, a locked-memory limit), the host tensor is replaced by a
-pinned copy, and :attr:`HostRegistration.copied_bytes` says how much was copied.
+process a copy of every page: :mod:`._filemap`).
+
+Other host tensors are *not* locked in place: locking works on whole pages, and the first and
+last page of a tensor from the heap hold other allocations too -- any later copy of one of those
+(an input moved to the GPU with ``.cuda()``) would then straddle the edge of a locked range,
+which CUDA refuses ("invalid argument"; seen on an H100 host as an intermittent failure of a
+streamed forward). :func:`locked_storage` instead moves such a tensor's bytes into an anonymous
+mapping of its own, locked whole; the tensor keeps its identity, its old memory is freed. Where
+locking fails (an old driver, a locked-memory limit), the caller pins a copy, and
+:attr:`HostRegistration.copied_bytes` says how much was copied.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["HostRegistration", "register_host"]
+__all__ = ["HostRegistration", "register_host", "locked_storage"]
 
 _READ_ONLY = 8  # cudaHostRegisterReadOnly
 _DEFAULT = 0
@@ -33,6 +40,8 @@ class HostRegistration:
         self.registered_bytes = 0
         #: of those, bytes locked through a shared mapping of their file (not in place)
         self.remapped_bytes = 0
+        #: of those, bytes moved into mappings of their own (:func:`locked_storage`)
+        self.moved_bytes = 0
         self.copied_bytes = 0
         self._keep: list[object] = []
 
@@ -110,8 +119,10 @@ def register_host(tensors: list[torch.Tensor], device: torch.device | None = Non
 
     Returns:
         the registration, and per tensor a flat uint8 tensor holding its bytes in page-locked
-        memory, to copy from (the tensor itself when it was locked in place or already pinned,
-        a device tensor itself), or ``None`` where locking failed (the caller pins a copy).
+        memory, to copy from (the tensor itself when it is already pinned, a device tensor
+        itself), or ``None`` where it was not locked: memory that is not a file's (see the
+        module: the caller moves it with :func:`locked_storage` or pins a copy), or where locking
+        failed (a warning says so).
     """
     from ._filemap import shared_views
 
@@ -125,14 +136,11 @@ def register_host(tensors: list[torch.Tensor], device: torch.device | None = Non
     if not todo or not torch.cuda.is_available():
         return reg, sources
     views, files = shared_views([tensors[i] for i in todo])
-    candidates: dict[int, torch.Tensor] = {}
-    for i, v in zip(todo, views):
-        f = flat[i]
-        assert f is not None
-        candidates[i] = v if v is not None else f
-    on_device = (torch.cuda.device(device) if device is not None and device.type == "cuda"
-                 and device.index is not None else contextlib.nullcontext())
-    with on_device:
+    # only a file's pages, through our own shared mapping of it: no other allocation shares them
+    candidates = {i: v for i, v in zip(todo, views) if v is not None}
+    if not candidates:
+        return reg, sources
+    with _on(device):
         _register(torch.cuda.cudart(), _merged_ranges(list(candidates.values())), reg)
     for i, c in candidates.items():
         p, n = c.data_ptr(), c.numel()
@@ -142,8 +150,43 @@ def register_host(tensors: list[torch.Tensor], device: torch.device | None = Non
     reg._keep = [*tensors, *candidates.values(), *files]
     reg.remapped_bytes = sum(s.numel() for i, s in candidates.items()
                              if sources[i] is s and s.data_ptr() != tensors[i].data_ptr())
-    if any(s is None for s in sources):
+    if any(sources[i] is None for i in candidates):
         warnings.warn("ggufvideo.offload: cudaHostRegister failed for some host weights; "
                       "pinning copies of them instead (host memory grows by their size)",
                       stacklevel=3)
     return reg, sources
+
+
+def _on(device: torch.device | None) -> Any:
+    """The context that makes ``device`` current (registration belongs to the current one)."""
+    if device is not None and device.type == "cuda" and device.index is not None:
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def locked_storage(raw: torch.Tensor, reg: HostRegistration,
+                   device: torch.device | None = None) -> torch.Tensor | None:
+    """Move the contiguous CPU tensor ``raw``'s bytes into page-locked memory of its own.
+
+    The bytes are copied into an anonymous mapping made for them (whole pages no other
+    allocation uses), which is locked and recorded in ``reg``; ``raw`` is then set to that
+    memory (``raw.data = ...``: the same tensor object, so whoever holds it sees the move; its
+    old memory is freed with its last other reference). After :meth:`HostRegistration.release`
+    the memory is ordinary memory that ``raw`` owns. Returns ``raw``, or ``None`` (``raw``
+    untouched) when the memory could not be locked.
+    """
+    nbytes = raw.numel() * raw.element_size()
+    if nbytes == 0 or not raw.is_contiguous() or raw.device.type != "cpu":
+        return None
+    arena = mmap.mmap(-1, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
+    buf = torch.frombuffer(arena, dtype=torch.uint8)  # holds the mapping for its lifetime
+    buf[:nbytes].copy_(raw.reshape(-1).view(torch.uint8))
+    start = buf.data_ptr()
+    before = len(reg.ranges)
+    with _on(device):
+        _register(torch.cuda.cudart(), [(start, start + len(arena))], reg)
+    if len(reg.ranges) == before:
+        return None
+    reg.moved_bytes += len(arena)
+    raw.data = buf[:nbytes].view(raw.dtype).view(raw.shape)
+    return raw

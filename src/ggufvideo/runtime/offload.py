@@ -30,7 +30,7 @@ from ..loader import resolve_device
 from ..tensor import GGMLTensor
 from ._backends import CudaBackend, SyncBackend
 from ._groups import Group, TensorSlot, choose_resident, parse_budget, plan_groups, tensor_bytes
-from ._staging import HostRegistration, register_host
+from ._staging import HostRegistration, locked_storage, register_host
 
 __all__ = ["offload", "OffloadHandle", "StreamScheduler", "CudaBackend", "SyncBackend"]
 
@@ -279,8 +279,9 @@ def offload(model: nn.Module, device: torch.device | str = "cuda",
     """Run ``model`` on ``device`` with at most ``budget`` bytes of its weights there.
 
     Groups that fit the budget are moved to ``device`` and stay; the others stay in host memory
-    (registered page-locked in place: no second copy; raw GGUF blocks are copied, never decoded
-    on the host) and are copied in on a side stream just before their forward, ``prefetch``
+    (page-locked without a second copy: a GGUF file's pages through a shared mapping of it, other
+    tensors' bytes moved into locked memory of their own; raw GGUF blocks are copied, never
+    decoded on the host) and are copied in on a side stream just before their forward, ``prefetch``
     groups ahead, then released. Works for any ``nn.Module`` whose weights sit on the host (or
     the device: they are brought back); quantized or not, LoRA layers included (their tensors
     travel with their group).
@@ -335,7 +336,7 @@ def offload(model: nn.Module, device: torch.device | str = "cuda",
         if device.type == "cuda" and backend is None:
             slots_ = [t for g in streamed for t in g.tensors]
             registration, sources = register_host([_host_raw(t) for t in slots_], device)
-            _pin_unlocked(slots_, sources, registration)
+            _pin_unlocked(slots_, sources, registration, device)
         slots = [be.empty(slot_bytes) for _ in range(prefetch + 1)]
         scheduler = StreamScheduler(streamed, slots, be, prefetch=prefetch)
         for g in streamed:
@@ -349,15 +350,19 @@ def offload(model: nn.Module, device: torch.device | str = "cuda",
 
 
 def _pin_unlocked(tensors: list[TensorSlot], sources: list[torch.Tensor | None],
-                  registration: HostRegistration) -> None:
-    """Each host tensor copies from its page-locked source; those registration did not lock get
-    a pinned copy (counted in the handle)."""
+                  registration: HostRegistration, device: torch.device) -> None:
+    """Each host tensor copies from its page-locked source; one registration did not lock has its
+    bytes moved into locked memory of its own (:func:`._staging.locked_storage`), else gets a
+    pinned copy (counted in the handle)."""
     for t, src in zip(tensors, sources):
         if src is not None:
             remapped = src.data_ptr() != _host_raw(t).data_ptr()
             t.source = src if remapped else None
             t.source_of = _host_state(t) if remapped else None
             continue
+        t.source, t.source_of = None, None
+        if locked_storage(_host_raw(t), registration, device) is not None:
+            continue  # (the same tensor objects, their bytes now in locked memory)
         t.host = t.host.pin_memory()
         t.source, t.source_of = None, None
         registration.copied_bytes += tensor_bytes(t.host)
