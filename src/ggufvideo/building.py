@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError, _safe
-from .loader import DTypeLike, file_architecture, read_tensors
-from .model import assign_state_dict, empty_weights, paused_gc
+from .loader import DTypeLike, file_architecture, paused_gc, read_tensors
+from .model import assign_state_dict, empty_weights
 from .models import Description, describe
 from .ops import swap_quant_layers
 from .reader import GGUFFile, is_gguf

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -141,3 +144,21 @@ def file_architecture(file: GGUFFile) -> str | None:
     """The file's ``general.architecture`` when it is a string, else ``None``."""
     arch = file.metadata.get("general.architecture")
     return arch if isinstance(arch, str) else None
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """The cyclic garbage collector off inside the block, as it was after it (nestable).
+
+    Loading makes tens of thousands of objects that all stay alive, enough to set off full
+    collections, whose cost grows with everything the process holds (~270 ms each in a process
+    with diffusers imported and a few models loaded: ``benchmarks/load_pauses.py --keep``), for
+    nothing to collect. :func:`ggufvideo.load_model` and :func:`ggufvideo.from_gguf` run under it.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()

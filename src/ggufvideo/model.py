@@ -21,7 +21,6 @@ raises an error naming the buffers, asking for the model to be built with :func:
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import os
 import warnings
@@ -32,7 +31,14 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError, _safe
-from .loader import DTypeLike, file_architecture, read_tensors, resolve_device, resolve_dtype
+from .loader import (
+    DTypeLike,
+    file_architecture,
+    paused_gc,
+    read_tensors,
+    resolve_device,
+    resolve_dtype,
+)
 from .models import CONTAINER_PREFIXES, strip_prefix
 from .models.matching import LayoutMatch, describe_keys, match_layout
 from .ops import QuantLayer, dequantize_weight, swap_quant_layers
@@ -101,24 +107,6 @@ def empty_weights() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """The cyclic garbage collector off inside the block, as it was after it (nestable).
-
-    Loading makes tens of thousands of objects that all stay alive, enough to set off full
-    collections, whose cost grows with everything the process holds (~270 ms each in a process
-    with diffusers imported and a few models loaded: ``benchmarks/load_pauses.py --keep``), for
-    nothing to collect. :func:`load_model` and :func:`ggufvideo.from_gguf` run under it.
-    """
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 # -- keys ----------------------------------------------------------------------------------------
