@@ -391,7 +391,9 @@ def swap_quant_layers(module: nn.Module, *, compute_dtype: torch.dtype | None = 
     for m in module.modules():
         cls = quant_class_for(type(m))
         if cls is not None and type(m) is not cls:
-            m.__class__ = cls
+            # (past nn.Module.__setattr__, whose parameter/buffer/module checks cost ~3 us
+            # each and have nothing to check here: ~580 layers in a Wan-14B-sized load)
+            object.__setattr__(m, "__class__", cls)
     if compute_dtype is not None:
         set_compute_dtype(module, compute_dtype)
     return module
