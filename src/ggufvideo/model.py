@@ -307,11 +307,17 @@ def assign_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
         if is_param:
             trainable = (old.requires_grad and new.is_floating_point()
                          and not isinstance(new, GGMLTensor))
-            # GGMLTensor's parameter constructor shares the raw blocks and marks the parameter,
-            # as nn.Parameter does, without a detach through __torch_dispatch__ (a few us each,
-            # ~1,100 times in a 14B model)
-            param = (cast(nn.Parameter, GGMLTensor(new, requires_grad=False))
-                     if isinstance(new, GGMLTensor) else nn.Parameter(new, requires_grad=trainable))
+            if isinstance(new, GGMLTensor) and new is not t:
+                # made for this parameter by _convert: marked as one, not wrapped again
+                new._is_param = True
+                param = cast(nn.Parameter, new)
+            elif isinstance(new, GGMLTensor):
+                # the state dict's own tensor: GGMLTensor's parameter constructor shares its raw
+                # blocks and marks the parameter, as nn.Parameter does, without a detach through
+                # __torch_dispatch__ (a few us each, ~1,100 times in a 14B model)
+                param = cast(nn.Parameter, GGMLTensor(new, requires_grad=False))
+            else:
+                param = nn.Parameter(new, requires_grad=trainable)
             if any(key in g for g in ties):
                 assigned[id(old)] = param
             mod._parameters[name] = param
