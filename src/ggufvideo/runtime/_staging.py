@@ -178,7 +178,13 @@ def locked_storage(raw: torch.Tensor, reg: HostRegistration,
     nbytes = raw.numel() * raw.element_size()
     if nbytes == 0 or not raw.is_contiguous() or raw.device.type != "cpu":
         return None
-    arena = mmap.mmap(-1, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
+    # anonymous memory, whole pages of its own (private where the platform has the flag: what
+    # malloc hands out for big blocks)
+    size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    private = getattr(mmap, "MAP_PRIVATE", None)
+    anonymous = getattr(mmap, "MAP_ANONYMOUS", None)
+    arena = (mmap.mmap(-1, size, flags=private | anonymous)
+             if private is not None and anonymous is not None else mmap.mmap(-1, size))
     buf = torch.frombuffer(arena, dtype=torch.uint8)  # holds the mapping for its lifetime
     buf[:nbytes].copy_(raw.reshape(-1).view(torch.uint8))
     start = buf.data_ptr()
