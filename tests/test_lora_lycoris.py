@@ -273,6 +273,11 @@ def test_kron_adapters_ride_beside_the_fused_low_rank_path(monkeypatch):
     ({"a.hada_w1_a": torch.ones(4, 2), "a.hada_w1_b": torch.ones(2, 4),
       "a.hada_w2_a": torch.ones(4, 2), "a.hada_w2_b": torch.ones(2, 4),
       "a.lora_down.weight": torch.ones(2, 4), "a.lora_up.weight": torch.ones(4, 2)}, "mixes"),
+    ({"a.lokr_w1": torch.ones(2, 2), "a.lokr_t2": torch.ones(3, 3, 3, 3),
+      "a.lokr_w2_a": torch.ones(2, 4), "a.lokr_w2_b": torch.ones(2, 4)}, "Tucker core"),
+    ({"a.hada_w1_a": torch.ones(2, 4), "a.hada_w1_b": torch.ones(2, 4),
+      "a.hada_w2_a": torch.ones(2, 4), "a.hada_w2_b": torch.ones(2, 4),
+      "a.hada_t1": torch.ones(2), "a.hada_t2": torch.ones(2, 2, 1, 1)}, "Tucker core"),
 ])
 def test_malformed_factor_sets_name_the_file_and_key(sd, message):
     with pytest.raises(LoraError, match=message) as info:

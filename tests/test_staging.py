@@ -137,6 +137,7 @@ def test_heap_tensors_move_into_locked_memory_of_their_own(fake_cuda):
     assert start <= t.data_ptr() and t.data_ptr() + t.numel() * 4 <= start + n
     assert not start <= neighbour.data_ptr() < start + n
     assert reg.moved_bytes == n and reg.registered_bytes == n
+    assert locked_storage(t, reg) is t and len(fake_cuda.calls) == 1  # moved once only
     reg.release()
     assert fake_cuda.unregistered == [start] and torch.equal(t, want)  # still its memory
     fake_cuda.ok = False

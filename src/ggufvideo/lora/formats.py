@@ -247,6 +247,12 @@ def check_lycoris(e: LoraEntry, source: str) -> None:
             raise LoraError(f"{a} {list(f[a].shape)} and {b} {list(f[b].shape)} do not agree on "
                             "their rank", path=source, tensor=first)
 
+    def core(t: str, a: str, b: str) -> None:  # Tucker: (rank_a, rank_b, *kernel)
+        if f[t].dim() < 3 or f[t].shape[0] != f[a].shape[0] or f[t].shape[1] != f[b].shape[0]:
+            raise LoraError(f"{t} {list(f[t].shape)} does not fit {a} {list(f[a].shape)} and "
+                            f"{b} {list(f[b].shape)} (a Tucker core is (rank, rank, *kernel))",
+                            path=source, tensor=first)
+
     if e.kind == "loha":
         need("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
         tucker = "hada_t1" in f or "hada_t2" in f
@@ -255,6 +261,8 @@ def check_lycoris(e: LoraEntry, source: str) -> None:
         for i in ("1", "2"):
             # Tucker: w_a is (rank, out) and w_b (rank, in); else w_a (out, rank), w_b (rank, in)
             agree(f"hada_w{i}_a", f"hada_w{i}_b", 0 if tucker else 1, 0)
+            if tucker:
+                core(f"hada_t{i}", f"hada_w{i}_a", f"hada_w{i}_b")
         return
     for i in ("1", "2"):
         if f"lokr_w{i}" not in f:
@@ -269,6 +277,8 @@ def check_lycoris(e: LoraEntry, source: str) -> None:
     if "lokr_t2" in f and "lokr_w2" in f:
         raise LoraError("lokr_t2 (Tucker) needs lokr_w2_a/_b, not lokr_w2", path=source,
                         tensor=first)
+    if "lokr_t2" in f:
+        core("lokr_t2", "lokr_w2_a", "lokr_w2_b")
 
 
 def read_lora(lora: str | os.PathLike[str] | Mapping[str, torch.Tensor] | LoraFile) -> LoraFile:

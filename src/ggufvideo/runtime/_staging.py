@@ -178,6 +178,9 @@ def locked_storage(raw: torch.Tensor, reg: HostRegistration,
     nbytes = raw.numel() * raw.element_size()
     if nbytes == 0 or not raw.is_contiguous() or raw.device.type != "cpu":
         return None
+    p = raw.data_ptr()
+    if any(s <= p and p + nbytes <= e for s, e in reg.ranges):
+        return raw  # moved already (a second parameter over the same blocks)
     # anonymous memory, whole pages of its own (private where the platform has the flag: what
     # malloc hands out for big blocks)
     size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
@@ -194,5 +197,6 @@ def locked_storage(raw: torch.Tensor, reg: HostRegistration,
     if len(reg.ranges) == before:
         return None
     reg.moved_bytes += len(arena)
+    reg._keep.append(buf)  # locked memory outlives its registration, whatever becomes of raw
     raw.data = buf[:nbytes].view(raw.dtype).view(raw.shape)
     return raw
