@@ -174,57 +174,32 @@ def upload(tensors: list[torch.Tensor], device: torch.device, *, path: str | Non
     st = staging or CudaStaging(device, cudart=USE_CUDART)
     raws = [_raw(t) for t in tensors]
     fast = [r.device.type == "cpu" and r.is_contiguous() for r in raws]
-    out: list[torch.Tensor | None] = [None] * len(tensors)
-    if mode == "read" and path is not None and base is not None and size is not None:
-        spans: list[tuple[int, int]] = []
+    staged = mode == "read" and path is not None and base is not None and size is not None
+    spans: list[tuple[int, int]] = []
+    if staged:
+        assert base is not None and size is not None
         for i, r in enumerate(raws):
             off, n = r.data_ptr() - base, r.numel() * r.element_size()
             if not (fast[i] and 0 <= off and off + n <= size):
                 fast[i] = False
             spans.append((off, n) if fast[i] else (0, 0))
-        targets = _Targets(st, tensors, [n if fast[i] else None for i, (_, n) in enumerate(spans)])
-        _read_staged(ChunkPlan(spans), targets, st, path)
-        for i in range(len(tensors)):
-            if fast[i]:
-                out[i] = targets.output(i)
-    elif mode in ("read", "register"):
-        flats = [st.empty(r.numel() * r.element_size()) if fast[i] else None
-                 for i, r in enumerate(raws)]
-        _copy_registered(raws, flats, st)
-        for i, t in enumerate(tensors):
-            flat = flats[i]
-            if flat is not None:
-                out[i] = _rebuild(t, flat)
-    else:
+    elif mode not in ("read", "register"):
         raise ValueError(f"ggufvideo.runtime._upload: unknown mode {mode!r} (GGUFVIDEO_UPLOAD "
                          "must be read, register or plain)")
-    return [o if o is not None else t.to(device) for o, t in zip(out, tensors)]
-
-
-class _Targets:
-    """Each tensor's device buffer, made before the readers start, and the tensor rebuilt on it
-    once they are done.
-
-    Not made by the readers as they reach a tensor: a reader making a buffer and its tensor
-    (Python under a lock) held up the others. Side by side in one process on an H100 host
-    (8 GiB, 582 tensors of 5120x5120 Q4_K): the staged copy moved 32 GB/s with the buffers made
-    in the readers (their summed wait to make them: 1.3-1.5 s), 47 with them made up front (the
-    ~3 ms of allocations included), where bare readers with one preallocated buffer moved 51.
-    """
-
-    def __init__(self, st: Any, tensors: list[torch.Tensor], sizes: list[int | None]) -> None:
-        self.tensors = tensors
-        self.flats = [None if n is None else st.empty(n) for n in sizes]
-
-    def flat(self, i: int) -> torch.Tensor:
-        """Tensor ``i``'s buffer (uint8, on the device)."""
-        f = self.flats[i]
-        assert f is not None, "a tensor outside the file has no staged buffer"
-        return f
-
-    def output(self, i: int) -> torch.Tensor:
-        """Tensor ``i`` on the device (its bytes there once the copies finished)."""
-        return _rebuild(self.tensors[i], self.flat(i))
+    # Every device buffer is made before any copy starts. Not by the readers as they reach a
+    # tensor: a reader making a buffer and its tensor (Python under a lock) held up the others.
+    # Side by side in one process on an H100 host (8 GiB, 582 tensors of 5120x5120 Q4_K): the
+    # staged copy moved 32 GB/s with the buffers made in the readers (their summed wait to make
+    # them: 1.3-1.5 s), 47 with them made up front (the ~3 ms of allocations included), where
+    # bare readers with one preallocated buffer moved 51.
+    flats = [st.empty(r.numel() * r.element_size()) if fast[i] else None
+             for i, r in enumerate(raws)]
+    if staged:
+        assert path is not None
+        _read_staged(ChunkPlan(spans), flats, st, path)
+    else:
+        _copy_registered(raws, flats, st)
+    return [t.to(device) if f is None else _rebuild(t, f) for t, f in zip(tensors, flats)]
 
 
 class _Feed:
@@ -246,7 +221,9 @@ class _Feed:
             return next(self.chunks, None)
 
 
-def _read_staged(plan: ChunkPlan, targets: _Targets, st: Any, path: str) -> None:
+def _read_staged(plan: ChunkPlan, flats: list[torch.Tensor | None], st: Any, path: str) -> None:
+    """Copy the plan's chunks of the file at ``path`` into the device buffers ``flats`` (by
+    tensor index)."""
     if not plan.count:
         return
     readers = max(1, min(READERS, plan.count))
@@ -277,7 +254,7 @@ def _read_staged(plan: ChunkPlan, targets: _Targets, st: Any, path: str) -> None
                 at = slot * size
                 _read_into(fd, c.offset, ring_np[at:at + c.nbytes], path)
                 for piece_at, i, into, n in c.pieces:
-                    lane.copy(targets.flat(i), into, ring, at + piece_at, n)
+                    lane.copy(flats[i], into, ring, at + piece_at, n)
                 lane.record(slot)
         except BaseException:
             stop.set()

@@ -364,7 +364,6 @@ def _pin_unlocked(tensors: list[TensorSlot], sources: list[torch.Tensor | None],
         if locked_storage(_host_raw(t), registration, device) is not None:
             continue  # (the same tensor objects, their bytes now in locked memory)
         t.host = t.host.pin_memory()
-        t.source, t.source_of = None, None
         registration.copied_bytes += tensor_bytes(t.host)
         _put(t, t.host)
 
