@@ -44,7 +44,7 @@ from torch import nn
 from ..errors import LoraError
 from ..loader import resolve_device
 from ..lora.formats import LoraEntry, check_lycoris
-from ..lora.lycoris import loha_pair, lokr_factors
+from ..lora.lycoris import loha_pair, lokr_factors, pair_is_smaller
 from ..ops import Adapter, KronAdapter, LoraAdapter
 from ..tensor import GGMLTensor
 from .layers import ComfyQuantLayer, raw_state_bytes
@@ -170,8 +170,8 @@ def patch_adapter(patch: Any, shape: tuple[int, ...]) -> Adapter | None:
             return None
         down, up = lowrank
         if up.shape[0] != out or down.shape[1] != inner \
-                or down.shape[0] * (out + inner) >= out * inner:
-            return None  # (a rank above the weight's: ComfyUI's dense patch is the cheaper)
+                or not pair_is_smaller(down.shape[0], out, inner):
+            return None  # (ComfyUI's dense patch is the cheaper)
         return LoraAdapter(up=up, down=down, scale=scale)
     w1, w2 = lokr_factors(f)
     if w1.shape[0] * w2.shape[0] != out or w1.shape[1] * w2.shape[1] != inner:
@@ -187,32 +187,43 @@ class DeferredLora(DeferredPatch):
     strengths and patch objects -- stay the same).
     """
 
-    def __init__(self, *args: Any, shape: tuple[int, ...] = (), **kwargs: Any) -> None:
+    def __init__(self, *args: Any, shape: tuple[int, ...] = (),
+                 built: list[Adapter] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.shape = shape  # the weight's
         self._cache: tuple[Any, list[Adapter]] | None = None
+        if built is not None:  # the adapters of the current entries, made by the caller
+            self._cache = (_entries_key(self.patches[self.key]), built)
 
     def adapters(self) -> list[Adapter] | None:
         """The adapters, or ``None`` when a patch is no longer one that runs unmerged (then the
         layer decodes and patches as for any other patch)."""
         entries = self.patches[self.key]
-        key = tuple((p[0], id(p[1])) + tuple(p[2:]) for p in entries)
+        key = _entries_key(entries)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        built = []
-        for p in entries:
-            a = patch_adapter(p, self.shape)
-            if a is None:
-                return None
-            a.name = self.key
-            built.append(a)
+        built = _unmerged(entries, self.shape, self.key)
+        if built is None:
+            return None
         self._cache = (key, built)
         return built
 
 
-def _all_lora(entries: Any, module: nn.Module) -> bool:
-    return bool(entries) and isinstance(module, nn.Linear) and all(
-        patch_adapter(p, tuple(module.weight.shape)) is not None for p in entries)
+def _entries_key(entries: Any) -> tuple[Any, ...]:
+    """What identifies a patch list: each entry's strength, patch object and other fields."""
+    return tuple((p[0], id(p[1])) + tuple(p[2:]) for p in entries)
+
+
+def _unmerged(entries: Any, shape: tuple[int, ...], key: str) -> list[Adapter] | None:
+    """One adapter per entry, or ``None`` if an entry does not run unmerged."""
+    built = []
+    for p in entries:
+        a = patch_adapter(p, shape)
+        if a is None:
+            return None
+        a.name = key
+        built.append(a)
+    return built
 
 
 def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
@@ -243,9 +254,12 @@ def _patch_weight_to_device(self: Any, base: type, key: str, device_to: torch.de
         # The unchanged weight is its own backup: no copy, nothing decoded.
         token = Backup(weight, False)
         self.backup[key] = token
-    if param == "weight" and _all_lora(self.patches[key], module):
+    entries = self.patches[key]
+    built = (_unmerged(entries, tuple(weight.shape), key)
+             if param == "weight" and entries and isinstance(module, nn.Linear) else None)
+    if built is not None:  # (built once here, kept as the patch's first adapters)
         patch: DeferredPatch = DeferredLora(self.patches, key, self.backup, token, calculate,
-                                            shape=tuple(weight.shape))
+                                            shape=tuple(weight.shape), built=built)
     else:
         patch = DeferredPatch(self.patches, key, self.backup, token, calculate)
     module.ggufvideo_patches[param] = patch

@@ -27,7 +27,7 @@ from ..errors import LoraError, _safe
 from ..ops import Adapter, KronAdapter, LoraAdapter, QuantLayer, lora_adapters, quant_class_for
 from ..tensor import GGMLTensor
 from .formats import LoraFile, read_lora
-from .lycoris import loha_pair, loha_weight, lokr_factors
+from .lycoris import loha_pair, loha_weight, lokr_factors, pair_is_smaller
 from .targets import Piece, Resolution, resolve
 
 __all__ = ["LoraHandle", "apply_lora", "fuse_lora", "adapter_for", "dense_delta"]
@@ -95,7 +95,7 @@ def adapter_for(piece: Piece, weight_shape: tuple[int, ...], source: str) -> Ada
         if not _loha_products_agree(f):
             raise misfit(f"{what} (its two products differ in shape)")
         lowrank = loha_pair(f)
-        if lowrank is not None and lowrank[0].shape[0] * (rows + inner) < rows * inner:
+        if lowrank is not None and pair_is_smaller(lowrank[0].shape[0], rows, inner):
             return pair(*lowrank, what)
         return dense(loha_weight(f), what, e.scale)
     if e.kind == "lokr":

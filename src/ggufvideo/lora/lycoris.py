@@ -33,7 +33,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["loha_pair", "loha_weight", "lokr_factors"]
+__all__ = ["loha_pair", "loha_weight", "lokr_factors", "pair_is_smaller"]
 
 Factors = Mapping[str, torch.Tensor]
 
@@ -74,6 +74,13 @@ def loha_pair(f: Factors) -> tuple[torch.Tensor, torch.Tensor] | None:
     up = (a1[:, :, None] * a2[:, None, :]).flatten(1)
     down = (b1[:, None, :] * b2[None, :, :]).flatten(0, 1)
     return down, up
+
+
+def pair_is_smaller(rank: int, rows: int, inner: int) -> bool:
+    """Whether a rank-``rank`` pair on a ``(rows, inner)`` weight holds (and multiplies) fewer
+    numbers than the weight's dense delta: the choice between :func:`loha_pair` and
+    :func:`loha_weight` on a layer."""
+    return rank * (rows + inner) < rows * inner
 
 
 def _lokr_factor(f: Factors, i: str) -> torch.Tensor:
