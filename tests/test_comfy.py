@@ -769,6 +769,9 @@ def test_lycoris_patches_that_cannot_run_unmerged_keep_comfyuis_path():
            "b2": torch.randn(8, 64)}  # rank 64 > what a dense 8 x 64 weight costs
     assert patch_adapter(_lycoris_patch("loha", 1.0, big, None), (8, 64)) is None
     assert patch_adapter((1.0, FakeWeightAdapter("oft", ()), 1.0, None, None), (8, 64)) is None
+    odd = {"a1": torch.randn(8, 2), "b1": torch.randn(2, 64), "a2": torch.randn(4, 2),
+           "b2": torch.randn(2, 64)}  # products of different shapes: ComfyUI's path reports it
+    assert patch_adapter(_lycoris_patch("loha", 1.0, odd, None), (8, 64)) is None
 
 
 def test_umt5_tokenizer_for_comfyui_is_rebuilt_from_the_files_vocabulary(tmp_path):

@@ -44,7 +44,7 @@ from torch import nn
 from ..errors import LoraError
 from ..loader import resolve_device
 from ..lora.formats import LoraEntry, check_lycoris
-from ..lora.lycoris import loha_pair, lokr_factors, pair_is_smaller
+from ..lora.lycoris import loha_pair, loha_products_agree, lokr_factors, pair_is_smaller
 from ..ops import Adapter, KronAdapter, LoraAdapter
 from ..tensor import GGMLTensor
 from .layers import ComfyQuantLayer, raw_state_bytes
@@ -165,7 +165,7 @@ def patch_adapter(patch: Any, shape: tuple[int, ...]) -> Adapter | None:
     scale = strength * entry.scale
     out, inner = int(shape[0]), int(shape[1])
     if kind == "loha":
-        lowrank = loha_pair(f)
+        lowrank = loha_pair(f) if loha_products_agree(f) else None
         if lowrank is None:
             return None
         down, up = lowrank

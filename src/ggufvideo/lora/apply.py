@@ -27,7 +27,7 @@ from ..errors import LoraError, _safe
 from ..ops import Adapter, KronAdapter, LoraAdapter, QuantLayer, lora_adapters, quant_class_for
 from ..tensor import GGMLTensor
 from .formats import LoraFile, read_lora
-from .lycoris import loha_pair, loha_weight, lokr_factors, pair_is_smaller
+from .lycoris import loha_pair, loha_products_agree, loha_weight, lokr_factors, pair_is_smaller
 from .targets import Piece, Resolution, resolve
 
 __all__ = ["LoraHandle", "apply_lora", "fuse_lora", "adapter_for", "dense_delta"]
@@ -92,7 +92,7 @@ def adapter_for(piece: Piece, weight_shape: tuple[int, ...], source: str) -> Ada
     if e.kind == "loha":
         what = (f"LoHa hada_w1_a {list(f['hada_w1_a'].shape)} / hada_w1_b "
                 f"{list(f['hada_w1_b'].shape)}")
-        if not _loha_products_agree(f):
+        if not loha_products_agree(f):
             raise misfit(f"{what} (its two products differ in shape)")
         lowrank = loha_pair(f)
         if lowrank is not None and pair_is_smaller(lowrank[0].shape[0], rows, inner):
@@ -110,16 +110,6 @@ def adapter_for(piece: Piece, weight_shape: tuple[int, ...], source: str) -> Ada
         return dense(torch.kron(w1, w2), what, e.scale)
     assert e.diff is not None
     return dense(e.diff, f"diff {list(e.diff.shape)}", 1.0)
-
-
-def _loha_products_agree(f: Mapping[str, torch.Tensor]) -> bool:
-    """LoHa's two products have one shape (checked against the layer afterwards)."""
-    def shape(i: str) -> tuple[int, int]:
-        a, b = f[f"hada_w{i}_a"], f[f"hada_w{i}_b"]
-        if f"hada_t{i}" in f:  # Tucker: a (rank, out), b (rank, in)
-            return int(a.shape[1]), int(b.shape[1]) * int(f[f"hada_t{i}"][0, 0].numel())
-        return int(a.shape[0]), int(b[0].numel())
-    return shape("1") == shape("2")
 
 
 def dense_delta(pieces: list[Piece], shape: tuple[int, ...], source: str, *,

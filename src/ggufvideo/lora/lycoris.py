@@ -33,7 +33,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["loha_pair", "loha_weight", "lokr_factors", "pair_is_smaller"]
+__all__ = ["loha_pair", "loha_products_agree", "loha_weight", "lokr_factors", "pair_is_smaller"]
 
 Factors = Mapping[str, torch.Tensor]
 
@@ -59,6 +59,17 @@ def loha_weight(f: Factors) -> torch.Tensor:
     """The LoHa delta (unscaled, float32), ``(out, in_flat)`` or with Tucker
     ``(out, in, *kernel)``."""
     return _loha_factor(f, "1") * _loha_factor(f, "2")
+
+
+def loha_products_agree(f: Factors) -> bool:
+    """Whether LoHa's two products have one shape (what :func:`loha_pair` and
+    :func:`loha_weight` need; the layer's own shape is checked by their callers)."""
+    def shape(i: str) -> tuple[int, int]:
+        a, b = f[f"hada_w{i}_a"], f[f"hada_w{i}_b"]
+        if f"hada_t{i}" in f:  # Tucker: a (rank, out), b (rank, in)
+            return int(a.shape[1]), int(b.shape[1]) * int(f[f"hada_t{i}"][0, 0].numel())
+        return int(a.shape[0]), int(b[0].numel())
+    return shape("1") == shape("2")
 
 
 def loha_pair(f: Factors) -> tuple[torch.Tensor, torch.Tensor] | None:
