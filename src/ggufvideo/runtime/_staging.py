@@ -111,8 +111,8 @@ def register_host(tensors: list[torch.Tensor], device: torch.device | None = Non
 
     A tensor privately mapped from a file (a GGUF file's weights) whose pages are still the
     file's is locked through a shared read-only mapping of the same bytes (see
-    :mod:`._filemap`: locking the private mapping would copy every page); any other tensor is
-    locked in place.
+    :mod:`._filemap`: locking the private mapping would copy every page); no other tensor is
+    locked here (see the module).
 
     ``device``: the CUDA device the copies will go to (registration belongs to the context
     current while it is made; default: the current device).
@@ -148,8 +148,7 @@ def register_host(tensors: list[torch.Tensor], device: torch.device | None = Non
             sources[i] = c
     # registered memory must outlive the registration: the tensors, the shared mappings
     reg._keep = [*tensors, *candidates.values(), *files]
-    reg.remapped_bytes = sum(s.numel() for i, s in candidates.items()
-                             if sources[i] is s and s.data_ptr() != tensors[i].data_ptr())
+    reg.remapped_bytes = sum(s.numel() for i, s in candidates.items() if sources[i] is s)
     if any(sources[i] is None for i in candidates):
         warnings.warn("ggufvideo.offload: cudaHostRegister failed for some host weights; "
                       "pinning copies of them instead (host memory grows by their size)",
