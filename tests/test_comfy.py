@@ -31,7 +31,7 @@ from ggufvideo.comfy.layers import (
     quantize_module_classes,
     raw_state_bytes,
 )
-from ggufvideo.comfy.loading import ComfyLoadError, precision_dtype
+from ggufvideo.comfy.loading import ComfyLoadError, chosen_dtype, precision_dtype
 from ggufvideo.comfy.patcher import Backup, DeferredPatch, make_quant_patcher
 from ggufvideo.loader import resolve_dtype
 
@@ -233,7 +233,11 @@ def test_inspect_node_reports_types_and_restored_shapes(tmp_path, monkeypatch):
 
 
 def test_precision_choice_maps_to_dtypes_and_rejects_unknown_names():
-    # "auto" means what ggufvideo.loader.resolve_dtype("auto", device) means
+    # "auto" means what ggufvideo.loader.resolve_dtype("auto", device) means; for the model and
+    # VAE loaders it means ComfyUI's own choice (chosen_dtype -> None)
+    assert chosen_dtype("auto") is None and chosen_dtype("float16") is torch.float16
+    with pytest.raises(ComfyLoadError, match="unknown precision 'half'"):
+        chosen_dtype("half")
     assert precision_dtype("auto") is torch.bfloat16
     assert precision_dtype("auto", "cpu") is resolve_dtype("auto", "cpu")
     assert precision_dtype("float32") is torch.float32
@@ -643,6 +647,114 @@ def test_text_encoder_node_refuses_other_models_and_types(tmp_path, fake_comfy_s
     save_state_dict({"conv.weight": torch.randn(8, 4, 3, 3, 3)}, vae)
     with pytest.raises(ComfyLoadError, match="vae.gguf: expected a T5/UMT5 text encoder"):
         load_text_encoder(str(vae), "wan")
+
+
+# -- the model and VAE loaders' precision ---------------------------------------------------------
+@pytest.fixture
+def fake_comfy_models(monkeypatch):
+    """comfy.sd stand-ins for the model and VAE loaders that pick a dtype the way ComfyUI does
+    when none is given (``picks``: what "ComfyUI" chooses) and record what they were given."""
+    from ggufvideo.comfy import loading
+
+    calls: dict = {}
+    picks = {"unet": torch.float16, "manual_cast": None, "vae": torch.float32}
+    comfy = types.ModuleType("comfy")
+    ops = types.ModuleType("comfy.ops")
+    ops.disable_weight_init = type("disable_weight_init", (), {
+        "Linear": FakeLinear, "Conv3d": FakeConv3d})
+    sd_mod = types.ModuleType("comfy.sd")
+
+    def load_diffusion_model_state_dict(sd, model_options):
+        calls["options"] = dict(model_options)
+        model = nn.Module()
+        model.q = model_options["custom_operations"].Linear(64, 64, bias=False)
+        model.norm = nn.LayerNorm(64)
+        model.load_state_dict({"q.weight": sd["blocks.0.q.weight"], "norm.weight": sd["norm.weight"],
+                               "norm.bias": sd["norm.bias"]})
+        dtype = model_options.get("dtype") or picks["unet"]
+        model.get_dtype = lambda: dtype
+        model.manual_cast_dtype = picks["manual_cast"]
+        return FakeModelPatcher(model)
+
+    class VAE:
+        def __init__(self, sd, dtype):
+            calls["vae_dtype"] = dtype
+            self.vae_dtype = dtype or picks["vae"]
+            m = nn.Module()
+            m.conv = FakeConv3d(4, 32, 3, bias=False)
+            m.conv.weight = nn.Parameter(sd["conv.weight"].clone().to(self.vae_dtype))
+            self.first_stage_model, self.patcher = m, FakeModelPatcher(m)
+
+    sd_mod.load_diffusion_model_state_dict = load_diffusion_model_state_dict
+    sd_mod.VAE = VAE
+    comfy.ops, comfy.sd = ops, sd_mod
+    for name, mod in (("comfy", comfy), ("comfy.ops", ops), ("comfy.sd", sd_mod)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(loading, "_OPERATIONS", None)
+    return calls, picks
+
+
+def _tiny_model_file(path):
+    from ggufvideo.writer import save_state_dict
+
+    g = torch.Generator().manual_seed(0)
+    save_state_dict({"blocks.0.q.weight": quantized(torch.randn(64, 64, generator=g)),
+                     "norm.weight": torch.ones(64), "norm.bias": torch.zeros(64)}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("manual_cast", [None, torch.bfloat16])
+def test_model_loader_auto_leaves_the_dtype_to_comfyui(tmp_path, fake_comfy_models, manual_cast):
+    from ggufvideo.comfy.loading import load_diffusion_model
+
+    calls, picks = fake_comfy_models
+    picks["manual_cast"] = manual_cast
+    patcher = load_diffusion_model(_tiny_model_file(tmp_path / "m.gguf"), "auto")
+    assert "dtype" not in calls["options"]  # ComfyUI picks it, as for its own checkpoints
+    w = patcher.model.q.weight
+    assert isinstance(w, GGMLTensor)
+    # the quantized weight reports the dtype ComfyUI computes in: its manual-cast dtype if any
+    assert w.dtype == (manual_cast or torch.float16)
+    assert patcher.model.norm.weight.dtype == torch.float32  # plain tensors: ComfyUI's business
+
+
+def test_model_loader_passes_an_explicit_precision_and_keeps_fp8_picks_as_they_are(
+        tmp_path, fake_comfy_models):
+    from ggufvideo.comfy.loading import load_diffusion_model
+
+    calls, picks = fake_comfy_models
+    path = _tiny_model_file(tmp_path / "m.gguf")
+    patcher = load_diffusion_model(path, "bfloat16")
+    assert calls["options"]["dtype"] is torch.bfloat16
+    assert patcher.model.q.weight.dtype == torch.bfloat16
+    picks["manual_cast"] = torch.float32  # ComfyUI on a CPU: stored bfloat16, computed in float32
+    patcher = load_diffusion_model(path, "bfloat16")
+    assert patcher.model.q.weight.dtype == torch.float32
+    picks["manual_cast"] = None
+    picks["unet"] = torch.float8_e4m3fn  # ComfyUI's --fp8_e4m3fn-unet: not a decode dtype
+    patcher = load_diffusion_model(path, "auto")
+    assert patcher.model.q.weight.dtype == torch.float32  # left as read
+    with pytest.raises(ComfyLoadError, match="unknown precision 'fp64'"):
+        load_diffusion_model(path, "fp64")
+
+
+def test_vae_loader_auto_takes_comfyuis_vae_dtype(tmp_path, fake_comfy_models):
+    from ggufvideo.comfy.loading import load_vae
+    from ggufvideo.writer import save_state_dict
+
+    calls, picks = fake_comfy_models
+    path = tmp_path / "vae.gguf"
+    w = torch.randn(32, 4, 3, 3, 3, generator=torch.Generator().manual_seed(1))
+    save_state_dict({"conv.weight": quantized(w)}, path)
+    vae = load_vae(str(path), "auto")
+    assert calls["vae_dtype"] is None  # ComfyUI's vae_dtype() decides
+    assert vae.first_stage_model.conv.weight.dtype == torch.float32
+    picks["vae"] = torch.bfloat16
+    vae = load_vae(str(path), "auto")
+    assert vae.first_stage_model.conv.weight.dtype == torch.bfloat16
+    vae = load_vae(str(path), "float16")
+    assert calls["vae_dtype"] is torch.float16
+    assert vae.first_stage_model.conv.weight.dtype == torch.float16
 
 
 # -- LoRA patches run unmerged ----------------------------------------------------------------------

@@ -68,8 +68,10 @@ class ComfyLoadError(GGUFError):
 def precision_dtype(precision: str, device: torch.device | str | None = None) -> torch.dtype:
     """The dtype for a node's precision choice on ``device``.
 
-    ``"auto"`` means what it means everywhere in ggufvideo (:func:`ggufvideo.loader.resolve_dtype`):
-    bfloat16 where ``device`` supports it, else float16.
+    ``"auto"`` here means what it means everywhere in ggufvideo
+    (:func:`ggufvideo.loader.resolve_dtype`): bfloat16 where ``device`` supports it, else float16.
+    The model and VAE loaders do not call this for ``"auto"``: they leave the choice to ComfyUI
+    (see :func:`chosen_dtype`).
 
     Raises:
         ComfyLoadError: not one of :data:`PRECISIONS`.
@@ -80,6 +82,36 @@ def precision_dtype(precision: str, device: torch.device | str | None = None) ->
     dtype = resolve_dtype(precision, device)
     assert dtype is not None
     return dtype
+
+
+def chosen_dtype(precision: str) -> torch.dtype | None:
+    """The dtype a node's precision choice names, or ``None`` for ``"auto"``: ComfyUI's own choice.
+
+    For a diffusion model or a VAE, ComfyUI picks the dtype from the model's supported dtypes,
+    the compute device and its command-line options (``--bf16-unet``, ``--fp32-vae``, ...);
+    ``"auto"`` leaves it that choice, so a GGUF model computes in the dtype ComfyUI would give the
+    same model from its own checkpoint (float32 on a CPU, where ggufvideo's own "auto" would say
+    bfloat16).
+
+    Raises:
+        ComfyLoadError: not one of :data:`PRECISIONS`.
+    """
+    if precision not in PRECISIONS:
+        raise ComfyLoadError(f"unknown precision {_safe(precision)!r}: expected one of "
+                             f"{', '.join(PRECISIONS)}")
+    return None if precision == "auto" else precision_dtype(precision)
+
+
+def _follow_model_dtype(model: torch.nn.Module, dtype: Any) -> None:
+    """Give ``model``'s quantized parameters the compute dtype ComfyUI chose for it (what they
+    report: the blocks are shared, nothing is decoded). A dtype they cannot decode to (an fp8
+    storage dtype chosen by ``--fp8_e4m3fn-unet``) leaves them as they are."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if isinstance(p, GGMLTensor) and p.dtype != dtype:
+                m._parameters[name] = torch.nn.Parameter(p.to(dtype), requires_grad=False)
 
 
 def _compute_device() -> torch.device | None:
@@ -155,15 +187,15 @@ def load_diffusion_model(path: str, precision: str = "auto") -> Any:
 
     Args:
         path: the .gguf file (ComfyUI's key names, with or without ``model.diffusion_model.``).
-        precision: one of :data:`PRECISIONS`; the model's dtype (``"auto"``: bfloat16 where
-            ComfyUI's compute device supports it, else float16; see :func:`precision_dtype`).
+        precision: one of :data:`PRECISIONS`; the model's compute dtype (``"auto"``: ComfyUI's
+            own choice for the detected model, see :func:`chosen_dtype`).
 
     Raises:
         ComfyLoadError: unreadable file, or ComfyUI's model detection does not recognise it.
     """
     import comfy.sd
 
-    dtype = precision_dtype(precision, _compute_device())
+    dtype = chosen_dtype(precision)  # None: ComfyUI picks it below, as for its own checkpoints
     sd = _read(path, dtype)
     if not sd:
         raise ComfyLoadError(f"{os.path.basename(path)}: the file holds no tensors")
@@ -180,6 +212,10 @@ def load_diffusion_model(path: str, precision: str = "auto") -> Any:
             "encoder) with the tensor names ComfyUI's own checkpoints use (for Wan: "
             "'blocks.0.self_attn.q.weight', 'patch_embedding.weight', 'head.head.weight'...); "
             "re-convert it with `ggufvideo convert SRC DST --layout original`.")
+    # ComfyUI computes in its manual-cast dtype where it has one (bfloat16 asked for on a CPU:
+    # float32), else in the model's dtype; the quantized weights report that.
+    model = patcher.model
+    _follow_model_dtype(model, getattr(model, "manual_cast_dtype", None) or model.get_dtype())
     return make_quant_patcher(patcher)
 
 
@@ -195,8 +231,8 @@ def load_vae(path: str, precision: str = "auto") -> Any:
     Args:
         path: the .gguf file (ComfyUI's VAE key names: ``encoder.conv1.weight``,
             ``decoder.middle.0.residual.0.gamma``...).
-        precision: one of :data:`PRECISIONS` (``"auto"``: bfloat16 where ComfyUI's compute device
-            supports it, else float16; see :func:`precision_dtype`).
+        precision: one of :data:`PRECISIONS` (``"auto"``: ComfyUI's own choice for its VAE, see
+            :func:`chosen_dtype`).
 
     Raises:
         ComfyLoadError: unreadable file, not recognised as a VAE, or a quantized tensor that
@@ -204,7 +240,7 @@ def load_vae(path: str, precision: str = "auto") -> Any:
     """
     import comfy.sd
 
-    dtype = precision_dtype(precision, _compute_device())
+    dtype = chosen_dtype(precision)  # None: ComfyUI's VAE picks it (vae_dtype), as for its own
     sd = _read(path, dtype)
     quantized = {k: v for k, v in sd.items() if isinstance(v, GGMLTensor)}
     stand_in = {k: (_placeholder(v) if k in quantized else v) for k, v in sd.items()}
@@ -312,7 +348,9 @@ def load_text_encoder(path: str, clip_type: str = "wan", precision: str = "auto"
     Args:
         path: the .gguf file (llama.cpp's ``t5encoder``/``t5`` names, or transformers').
         clip_type: one of :data:`TEXT_ENCODER_TYPES` (ComfyUI's ``CLIPType``, lower case).
-        precision: one of :data:`PRECISIONS`.
+        precision: one of :data:`PRECISIONS` (``"auto"``: bfloat16 where ComfyUI's compute device
+            supports it, else float16, see :func:`precision_dtype`; ComfyUI's own choice would be
+            float32 for a GGUF encoder, taken from its F32 norms).
 
     Raises:
         ComfyLoadError: unreadable file, not a T5/UMT5 encoder, an unknown type, or ComfyUI did
@@ -323,7 +361,7 @@ def load_text_encoder(path: str, clip_type: str = "wan", precision: str = "auto"
     if clip_type not in TEXT_ENCODER_TYPES:
         raise ComfyLoadError(f"unknown text-encoder type {_safe(clip_type)!r}: expected one of "
                              f"{', '.join(TEXT_ENCODER_TYPES)}")
-    dtype = precision_dtype(precision)
+    dtype = precision_dtype(precision, _compute_device())
     sd = _text_encoder_state_dict(path, _read(path, dtype))
     if dtype is not None:
         # ComfyUI takes the encoder's dtype from encoder.final_layer_norm.weight (sd3_clip's

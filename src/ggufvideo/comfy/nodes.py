@@ -54,8 +54,8 @@ class GGUFVideoModelLoader:
         return {"required": {
             "model_name": (list_gguf(DIFFUSION_FOLDERS), {"tooltip": "a .gguf diffusion model"}),
             "precision": (list(PRECISIONS), {"default": "auto", "tooltip":
-                          "compute dtype; auto: bfloat16 where the device supports it, "
-                          "else float16"}),
+                          "compute dtype; auto: ComfyUI's own choice for this model "
+                          "(device and --*-unet options)"}),
         }}
 
     def load(self, model_name: str, precision: str = "auto") -> tuple[Any]:
@@ -78,7 +78,9 @@ class GGUFVideoVAELoader:
         """The node's inputs: a .gguf file and the precision."""
         return {"required": {
             "vae_name": (list_gguf(VAE_FOLDERS), {"tooltip": "a .gguf VAE"}),
-            "precision": (list(PRECISIONS), {"default": "auto"}),
+            "precision": (list(PRECISIONS), {"default": "auto", "tooltip":
+                          "compute dtype; auto: ComfyUI's own choice for its VAE "
+                          "(device and --*-vae options)"}),
         }}
 
     def load(self, vae_name: str, precision: str = "auto") -> tuple[Any]:
@@ -106,7 +108,9 @@ class GGUFVideoTextEncoderLoader:
             "clip_name": (list_gguf(TEXT_ENCODER_FOLDERS), {"tooltip": "a .gguf text encoder"}),
             "type": (list(TEXT_ENCODER_TYPES), {"default": "wan", "tooltip":
                      "the video model the encoder serves (picks ComfyUI's tokenizer)"}),
-            "precision": (list(PRECISIONS), {"default": "auto"}),
+            "precision": (list(PRECISIONS), {"default": "auto", "tooltip":
+                          "compute dtype; auto: bfloat16 where the device supports it, "
+                          "else float16"}),
         }}
 
     def load(self, clip_name: str, type: str = "wan", precision: str = "auto") -> tuple[Any]:  # noqa: A002
