@@ -304,6 +304,18 @@ def test_tensors_outside_the_file_and_tied_keys_fall_back_and_dedupe(tmp_path):
     assert copied >= 3  # w0, w1, bias (once each at least; w0 not twice for its tied key)
 
 
+def test_a_staging_whose_lanes_wait_per_chunk_gets_one_buffer_per_reader(tmp_path, monkeypatch):
+    tensors, (path, base, size) = _staged_file(tmp_path, monkeypatch, readers=2, chunk=1000)
+    monkeypatch.setattr(_upload, "BUFFERS", 3)
+    st = FakeStaging()
+    st.sync = True  # what CudaStaging(sync=True) says: its lanes wait in record()
+    out = upload(tensors, torch.device("cpu"), path=path, base=base, size=size, staging=st)
+    assert [e[2] for e in st.log if e[1] == "pinned"] == [1000, 1000]  # one chunk each
+    assert {e[2] for e in st.log if e[1] in ("record", "wait")} == {0}
+    for a, b in zip(tensors, out):
+        assert torch.equal(_raw(a), _raw(b))
+
+
 def test_unknown_mode_names_the_variable(tmp_path):
     t = torch.ones(4)
     with pytest.raises(ValueError, match="GGUFVIDEO_UPLOAD must be read, register or plain"):
@@ -318,15 +330,16 @@ def test_without_cuda_load_model_does_not_stage(monkeypatch):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("mode", ["read", "read-torch", "register", "plain"])
+@pytest.mark.parametrize("mode", ["read", "read-sync", "read-torch", "register", "plain"])
 def test_gpu_load_model_staged_is_byte_identical(tmp_path, monkeypatch, mode):
     src = Net(dim=256)
     path = tmp_path / "net.gguf"
     ggufvideo.save_state_dict(src.state_dict(), path)
-    if mode == "read":
+    if mode in ("read", "read-sync"):
         from ggufvideo.runtime._cudart import lib
         assert lib() is not None  # the libcudart path is what runs
     monkeypatch.setattr(_upload, "USE_CUDART", mode != "read-torch")
+    monkeypatch.setattr(_upload, "SYNC_LANES", mode == "read-sync")
     monkeypatch.setattr(_upload, "MODE", mode.split("-")[0])
     monkeypatch.setattr(_upload, "CHUNK_BYTES", 64 << 10)  # many chunks, buffers reused
     with ggufvideo.empty_weights():

@@ -19,6 +19,7 @@ __all__ = ["CudaError", "check", "lib", "prefer_torchs"]
 
 H2D = 1  # cudaMemcpyHostToDevice
 EVENT_DISABLE_TIMING = 2  # cudaEventDisableTiming
+STREAM_NON_BLOCKING = 1  # cudaStreamNonBlocking: no implicit sync with the legacy default stream
 
 
 class CudaError(RuntimeError):
@@ -50,6 +51,9 @@ def lib() -> ctypes.CDLL | None:
         rt.cudaEventRecord.argtypes = [vp, vp]
         rt.cudaEventSynchronize.argtypes = [vp]
         rt.cudaEventDestroy.argtypes = [vp]
+        rt.cudaStreamCreateWithFlags.argtypes = [ctypes.POINTER(vp), ctypes.c_uint]
+        rt.cudaStreamSynchronize.argtypes = [vp]
+        rt.cudaStreamDestroy.argtypes = [vp]
         rt.cudaSetDevice.argtypes = [ctypes.c_int]
         rt.cudaGetErrorString.argtypes = [ctypes.c_int]
         rt.cudaGetErrorString.restype = ctypes.c_char_p

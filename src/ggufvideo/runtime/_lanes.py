@@ -22,8 +22,9 @@ class CudaStaging:
     :meth:`lane` objects. Tests replace it with one that copies on the CPU and records the order
     of events."""
 
-    def __init__(self, device: torch.device, *, cudart: bool = True) -> None:
+    def __init__(self, device: torch.device, *, cudart: bool = True, sync: bool = False) -> None:
         self.cudart = cudart  # issue copies and events through libcudart when it is loaded
+        self.sync = sync  # libcudart lanes: a stream per reader, waited on after each chunk
         self.stream = torch.cuda.Stream(device)
         # resolved here: a reader thread's current device is 0, not this thread's
         self.device = resolve_device(device)
@@ -44,6 +45,8 @@ class CudaStaging:
         from . import _cudart
 
         rt = _cudart.lib() if self.cudart else None
+        if rt is not None and self.sync:
+            return _CudartSyncLane(rt, self.index)
         if rt is not None:
             return _CudartLane(rt, self.stream, self.index, slots)
         return _TorchLane(self.stream, self.index, slots)
@@ -122,3 +125,42 @@ class _CudartLane:
             if self.used[slot]:
                 self.rt.cudaEventSynchronize(ev)
             self.rt.cudaEventDestroy(ev)
+
+
+class _CudartSyncLane:
+    """A reader's copies on a stream of its own, waited for as soon as a chunk's are queued.
+
+    One buffer per reader is enough (the reader refills it only after its copies are done), and
+    a chunk costs one runtime call less than with events (a stream wait instead of an event
+    record and a later event wait): fewer times a reader gives up and takes back the GIL.
+    """
+
+    def __init__(self, rt: Any, index: int) -> None:
+        import ctypes
+
+        from ._cudart import H2D, STREAM_NON_BLOCKING, check
+
+        self.rt, self.check, self.h2d = rt, check, H2D
+        check(rt.cudaSetDevice(index), "cudaSetDevice")
+        stream = ctypes.c_void_p()
+        check(rt.cudaStreamCreateWithFlags(ctypes.byref(stream), STREAM_NON_BLOCKING),
+              "cudaStreamCreateWithFlags")
+        self.stream: Any = stream
+
+    def copy(self, dst: torch.Tensor, dst_at: int, src: torch.Tensor, src_at: int, n: int) -> None:
+        rc = self.rt.cudaMemcpyAsync(dst.data_ptr() + dst_at, src.data_ptr() + src_at, n,
+                                     self.h2d, self.stream)
+        self.check(rc, "cudaMemcpyAsync (host to device)")
+
+    def record(self, slot: int) -> None:
+        self.check(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+    def wait(self, slot: int) -> None:
+        return None  # record() already waited
+
+    def close(self) -> None:
+        """Wait for this reader's copies, then free its stream."""
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            self.rt.cudaStreamSynchronize(stream)
+            self.rt.cudaStreamDestroy(stream)

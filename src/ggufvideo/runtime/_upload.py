@@ -56,6 +56,9 @@ READERS = max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_geta
                      else os.cpu_count() or 1))
 #: Issue "read" mode's copies through libcudart when it is loaded (else torch's calls).
 USE_CUDART = True
+#: libcudart lanes: each reader copies on a stream of its own and waits for a chunk's copies
+#: right after queuing them (one buffer per reader), instead of events on one shared stream.
+SYNC_LANES = False
 #: Tensors closer than this in the file are read as one run (the alignment padding is read too).
 MAX_GAP = 1 << 16
 
@@ -171,7 +174,7 @@ def upload(tensors: list[torch.Tensor], device: torch.device, *, path: str | Non
     mode = mode or MODE
     if mode == "plain":
         return [t.to(device) for t in tensors]
-    st = staging or CudaStaging(device, cudart=USE_CUDART)
+    st = staging or CudaStaging(device, cudart=USE_CUDART, sync=SYNC_LANES)
     raws = [_raw(t) for t in tensors]
     fast = [r.device.type == "cpu" and r.is_contiguous() for r in raws]
     staged = mode == "read" and path is not None and base is not None and size is not None
@@ -227,7 +230,8 @@ def _read_staged(plan: ChunkPlan, flats: list[torch.Tensor | None], st: Any, pat
     if not plan.count:
         return
     readers = max(1, min(READERS, plan.count))
-    slots = max(1, BUFFERS)
+    # a lane that waits for each chunk's copies (SYNC_LANES) refills one buffer
+    slots = 1 if getattr(st, "sync", False) else max(1, BUFFERS)
     size = plan.largest
     # Each reader page-locks its own buffers, in its own thread: the first read starts after
     # one reader's few MiB are locked, not after all of them (128 MiB for 16 readers, tens of
