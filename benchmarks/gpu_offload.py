@@ -15,7 +15,7 @@ compute. Variants, side by side in one process:
 Also ``--load``: bandwidth of ``load_model(..., device="cuda")`` from a GGUF file in the page
 cache in each upload mode (``plain`` ``.to()`` per tensor; ``register``: the mapping page-locked in
 place; ``read``: pinned staging buffers filled by reader threads, at the default and several other
-chunk/buffer/thread settings, and with torch's calls instead of libcudart's), against pinned and pageable host-to-device copies of the same size
+chunk/buffer/thread settings, with one stream per reader (SYNC_LANES), and with torch's calls instead of libcudart's), against pinned and pageable host-to-device copies of the same size
 (``python benchmarks/gpu_offload.py --load --load-gib 8 --out DIR``; the issue's goal is
 ``load_model_read_default_vs_pinned >= 0.7``).
 
@@ -346,15 +346,20 @@ def load_bandwidth(args: argparse.Namespace) -> None:
     res["readers_default"] = _upload.READERS
     res["load_model_read_default_gbs"], res["load_model_read_default_median_gbs"] = \
         timed_load("read")
-    # (chunk MiB, buffers per reader, readers, through libcudart)
-    sweep = [(4, 2, 16, 0), (2, 2, 16, 1), (8, 2, 16, 1), (4, 3, 16, 1), (4, 2, 8, 1),
-             (4, 2, 12, 1), (16, 2, 16, 1)]
-    for chunk_mib, buffers, readers, cudart in sweep if args.load_sweep else []:
-        key = (f"load_model_read_{chunk_mib}MiB_{buffers}buf_{readers}thr"
-               f"{'' if cudart else '_torchcalls'}_gbs")
-        res[key], res[key.replace("_gbs", "_median_gbs")] = timed_load(
-            "read", CHUNK_BYTES=chunk_mib << 20, BUFFERS=buffers, READERS=readers,
-            USE_CUDART=cudart)
+    # other settings: chunk MiB, buffers per reader, readers, through libcudart, and SYNC_LANES
+    # (a stream per reader, waited on after each chunk: one buffer each)
+    sweep = [dict(CHUNK_BYTES=4, USE_CUDART=0), dict(CHUNK_BYTES=2), dict(CHUNK_BYTES=8),
+             dict(CHUNK_BYTES=16), dict(BUFFERS=3), dict(READERS=8), dict(READERS=12),
+             dict(SYNC_LANES=1), dict(SYNC_LANES=1, CHUNK_BYTES=8),
+             dict(SYNC_LANES=1, CHUNK_BYTES=16)]
+    for knobs in sweep if args.load_sweep else []:
+        knobs = {"CHUNK_BYTES": _upload.CHUNK_BYTES >> 20, "BUFFERS": _upload.BUFFERS,
+                 "READERS": _upload.READERS, "USE_CUDART": 1, "SYNC_LANES": 0, **knobs}
+        key = (f"load_model_read_{knobs['CHUNK_BYTES']}MiB_{knobs['BUFFERS']}buf_"
+               f"{knobs['READERS']}thr{'' if knobs['USE_CUDART'] else '_torchcalls'}"
+               f"{'_sync' if knobs['SYNC_LANES'] else ''}_gbs")
+        knobs["CHUNK_BYTES"] <<= 20
+        res[key], res[key.replace("_gbs", "_median_gbs")] = timed_load("read", **knobs)
     # the staged copy alone (what load_model adds on top: reading the header, building and
     # assigning the tensors)
     from ggufvideo.loader import read_tensors
