@@ -348,13 +348,14 @@ def load_bandwidth(args: argparse.Namespace) -> None:
         timed_load("read")
     # other settings: chunk MiB, buffers per reader, readers, through libcudart, and SYNC_LANES
     # (a stream per reader, waited on after each chunk: one buffer each)
-    sweep = [dict(CHUNK_BYTES=4, USE_CUDART=0), dict(CHUNK_BYTES=2), dict(CHUNK_BYTES=8),
-             dict(CHUNK_BYTES=16), dict(BUFFERS=3), dict(READERS=8), dict(READERS=12),
-             dict(SYNC_LANES=1), dict(SYNC_LANES=1, CHUNK_BYTES=8),
-             dict(SYNC_LANES=1, CHUNK_BYTES=16)]
+    # over a base of event lanes with 2 x 4 MiB buffers per reader (the default before 8 MiB
+    # chunks and a stream per reader)
+    sweep = [dict(), dict(USE_CUDART=0), dict(CHUNK_BYTES=8), dict(CHUNK_BYTES=16),
+             dict(READERS=12), dict(SYNC_LANES=1), dict(SYNC_LANES=1, CHUNK_BYTES=16),
+             dict(SYNC_LANES=1, CHUNK_BYTES=8, READERS=12)]
     for knobs in sweep if args.load_sweep else []:
-        knobs = {"CHUNK_BYTES": _upload.CHUNK_BYTES >> 20, "BUFFERS": _upload.BUFFERS,
-                 "READERS": _upload.READERS, "USE_CUDART": 1, "SYNC_LANES": 0, **knobs}
+        knobs = {"CHUNK_BYTES": 4, "BUFFERS": 2, "READERS": _upload.READERS, "USE_CUDART": 1,
+                 "SYNC_LANES": 0, **knobs}
         key = (f"load_model_read_{knobs['CHUNK_BYTES']}MiB_{knobs['BUFFERS']}buf_"
                f"{knobs['READERS']}thr{'' if knobs['USE_CUDART'] else '_torchcalls'}"
                f"{'_sync' if knobs['SYNC_LANES'] else ''}_gbs")

@@ -47,7 +47,7 @@ from ._lanes import CudaStaging
 __all__ = ["MODE", "Chunk", "ChunkPlan", "plan_chunks", "upload", "upload_state", "use_fast_upload"]
 
 MODE = os.environ.get("GGUFVIDEO_UPLOAD", "read")
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 8 << 20
 #: Pinned buffers per reader thread.
 BUFFERS = 2
 #: Reader threads (one per core, at most 16: one reader copies ~5 GB/s out of the page cache,
@@ -58,7 +58,7 @@ READERS = max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_geta
 USE_CUDART = True
 #: libcudart lanes: each reader copies on a stream of its own and waits for a chunk's copies
 #: right after queuing them (one buffer per reader), instead of events on one shared stream.
-SYNC_LANES = False
+SYNC_LANES = True
 #: Tensors closer than this in the file are read as one run (the alignment padding is read too).
 MAX_GAP = 1 << 16
 
