@@ -292,7 +292,7 @@ def load_bandwidth(args: argparse.Namespace) -> None:
 
     res = {"variant": "load", "file_gib": round(size / 2**30, 2)}
     firsts = []
-    for _ in range(3):  # a fresh process each: nothing cached, as for a user's one load
+    for _ in range(3 if args.first_loads else 0):  # a fresh process each: nothing cached
         child = subprocess.run([sys.executable, __file__, "--first-load", path, str(int(n_layers))],
                                capture_output=True, text=True, timeout=300, check=True)
         firsts.append(json.loads(child.stdout.strip().splitlines()[-1])["first_load_gbs"])
@@ -433,6 +433,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=["bf16", "q4k_go"])
     ap.add_argument("--load", action="store_true", help="only the load bandwidth test")
     ap.add_argument("--load-gib", type=int, default=4)
+    ap.add_argument("--no-first-load", dest="first_loads", action="store_false",
+                    help="--load without the three loads in fresh processes")
     ap.add_argument("--no-load-sweep", dest="load_sweep", action="store_false",
                     help="--load without the sweep of chunk/buffer/reader settings")
     ap.add_argument("--tmp", default="auto",

@@ -6,17 +6,19 @@ fraction of the link's speed. Two ways around it, chosen by :data:`MODE` (enviro
 ``GGUFVIDEO_UPLOAD``; ``benchmarks/gpu_offload.py --load`` times each):
 
 ``"read"`` (default)
-    :data:`READERS` threads each own :data:`BUFFERS` pinned buffers of :data:`CHUNK_BYTES` and
-    claim the file's chunks in offset order, the next one to whichever reader is free
-    (neighbouring tensors in one run).
-    A reader fills a buffer straight from the file (``os.preadv`` from the page cache: no page
-    faults on the memory map), queues the copies out of it on one side stream and records an
-    event; it refills that buffer once the event has passed. Small buffers (4 MiB, 2 per reader:
-    faster than 16-32 MiB ones on an H100 host, likely because they stay in the CPU's cache
-    between the read into them and the GPU's read out of them); many readers because one thread
-    copies out of the page cache at ~5 GB/s. Copies and events go through ``libcudart``
-    (:mod:`._cudart`) when it is loaded, so issuing them does not hold the GIL the other readers
-    need.
+    :data:`READERS` threads each own pinned buffers of :data:`CHUNK_BYTES` and claim the file's
+    chunks in offset order, the next one to whichever reader is free (neighbouring tensors in
+    one run). A reader fills a buffer straight from the file (``os.preadv`` from the page
+    cache: no page faults on the memory map) and queues the copies out of it. By default
+    (:data:`SYNC_LANES`) each reader copies on a stream of its own and waits for a chunk's
+    copies before reading the next into its one buffer; otherwise the readers share one side
+    stream, own :data:`BUFFERS` buffers each and record an event per chunk, refilling a buffer
+    once its event has passed. Many readers because one thread copies out of the page cache at
+    ~5-7 GB/s. Copies, events and waits go through ``libcudart`` (:mod:`._cudart`) when it is
+    loaded, so issuing them does not hold the GIL the other readers need; each such call still
+    gives the GIL up and takes it back, which is why fewer, larger chunks (8 MiB) and one call
+    less per chunk (a stream wait instead of an event record and a later event wait) did better
+    on the H100 hosts measured (README, "Loading straight to the GPU").
 ``"register"``
     The file's ranges are page-locked with ``cudaHostRegister`` (through a shared read-only
     mapping: the staging :func:`ggufvideo.offload` uses), copied asynchronously, then
