@@ -23,8 +23,12 @@ class CudaStaging:
     of events."""
 
     def __init__(self, device: torch.device, *, cudart: bool = True, sync: bool = False) -> None:
+        from . import _cudart
+
         self.cudart = cudart  # issue copies and events through libcudart when it is loaded
-        self.sync = sync  # libcudart lanes: a stream per reader, waited on after each chunk
+        # lanes with a stream per reader, waited on after each chunk (libcudart only: torch's
+        # lanes keep events and the buffers they need); _upload reads this to size the buffers
+        self.sync = sync and cudart and _cudart.lib() is not None
         self.stream = torch.cuda.Stream(device)
         # resolved here: a reader thread's current device is 0, not this thread's
         self.device = resolve_device(device)
@@ -45,7 +49,7 @@ class CudaStaging:
         from . import _cudart
 
         rt = _cudart.lib() if self.cudart else None
-        if rt is not None and self.sync:
+        if self.sync:
             return _CudartSyncLane(rt, self.index)
         if rt is not None:
             return _CudartLane(rt, self.stream, self.index, slots)
