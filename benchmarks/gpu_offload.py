@@ -315,41 +315,45 @@ def load_bandwidth(args: argparse.Namespace) -> None:
         rates = sorted(rates)
         return round(rates[-1], 2), round(rates[len(rates) // 2], 2)
 
-    def timed_load(mode: str, reps: int = 5, **knobs: int) -> tuple[float, float]:
-        """(best, median) GB/s of ``reps`` loads after a warm-up one (allocator, pinned pool)."""
+    def one_load(mode: str, knobs: dict[str, int]) -> float:
+        """GB/s of one ``load_model`` in upload mode ``mode`` with ``_upload``'s ``knobs`` set."""
         saved = {k: getattr(_upload, k) for k in knobs}
         _upload.MODE = mode
         for k, v in knobs.items():
             setattr(_upload, k, v)
         try:
-            gc.collect()
-            torch.cuda.empty_cache()
-            rates = []
-            for _ in range(reps + 1):
-                m = model()  # the caller's model, built before: load_model is what is timed
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                ggufvideo.load_model(m, path, device="cuda")
-                torch.cuda.synchronize()
-                rates.append(size / (time.perf_counter() - t0) / 1e9)
-                del m
-            best, median = best_median(rates[1:])
-            progress(f"load_model, mode {mode} {knobs or ''}: best {best} median {median} GB/s")
-            return best, median
+            m = model()  # the caller's model, built before: load_model is what is timed
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            ggufvideo.load_model(m, path, device="cuda")
+            torch.cuda.synchronize()
+            rate = size / (time.perf_counter() - t0) / 1e9
+            del m
+            return rate
         finally:
             _upload.MODE = "read"
             for k, v in saved.items():
                 setattr(_upload, k, v)
 
+    def timed_load(mode: str, reps: int) -> tuple[float, float]:
+        """(best, median) GB/s of ``reps`` loads after a warm-up one (allocator, pinned pool)."""
+        gc.collect()
+        torch.cuda.empty_cache()
+        rates = [one_load(mode, {}) for _ in range(reps + 1)][1:]
+        best, median = best_median(rates)
+        progress(f"load_model, mode {mode}: best {best} median {median} GB/s")
+        return best, median
+
     res["load_model_plain_gbs"] = timed_load("plain", reps=2)[0]
     res["load_model_register_gbs"] = timed_load("register", reps=2)[0]
     res["readers_default"] = _upload.READERS
-    res["load_model_read_default_gbs"], res["load_model_read_default_median_gbs"] = \
-        timed_load("read")
-    # other settings: chunk MiB, buffers per reader, readers, through libcudart, and SYNC_LANES
-    # (a stream per reader, waited on after each chunk: one buffer each)
-    # over a base of event lanes with 2 x 4 MiB buffers per reader (the default before 8 MiB
-    # chunks and a stream per reader)
+    # "read" at the defaults and at other settings (chunk MiB, buffers per reader, readers,
+    # through libcudart, SYNC_LANES: a stream per reader, waited on after each chunk), over a
+    # base of event lanes with 2 x 4 MiB buffers per reader (the default before a86bbb1). Timed
+    # in a round robin, one load of each setting per round after a warm-up load of each: a lent
+    # host's bandwidth drifts during a run, and consecutive loads per setting turned that drift
+    # into differences between settings.
+    settings: dict[str, dict[str, int]] = {"load_model_read_default_gbs": {}}
     sweep = [dict(), dict(USE_CUDART=0), dict(CHUNK_BYTES=8), dict(CHUNK_BYTES=16),
              dict(READERS=12), dict(SYNC_LANES=1), dict(SYNC_LANES=1, CHUNK_BYTES=16),
              dict(SYNC_LANES=1, CHUNK_BYTES=8, READERS=12)]
@@ -360,7 +364,19 @@ def load_bandwidth(args: argparse.Namespace) -> None:
                f"{knobs['READERS']}thr{'' if knobs['USE_CUDART'] else '_torchcalls'}"
                f"{'_sync' if knobs['SYNC_LANES'] else ''}_gbs")
         knobs["CHUNK_BYTES"] <<= 20
-        res[key], res[key.replace("_gbs", "_median_gbs")] = timed_load("read", **knobs)
+        settings[key] = knobs
+    gc.collect()
+    torch.cuda.empty_cache()
+    for knobs in settings.values():
+        one_load("read", knobs)  # warm-up: allocator, pinned pool
+    rounds: dict[str, list[float]] = {key: [] for key in settings}
+    for _ in range(args.load_rounds):
+        for key, knobs in settings.items():
+            rounds[key].append(one_load("read", knobs))
+    for key, rates in rounds.items():
+        res[key], res[key.replace("_gbs", "_median_gbs")] = best_median(rates)
+        progress(f"load_model, read {settings[key] or '(defaults)'}: best {res[key]} median "
+                 f"{res[key.replace('_gbs', '_median_gbs')]} GB/s")
     # the staged copy alone (what load_model adds on top: reading the header, building and
     # assigning the tensors)
     from ggufvideo.loader import read_tensors
@@ -433,6 +449,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=["bf16", "q4k_go"])
     ap.add_argument("--load", action="store_true", help="only the load bandwidth test")
     ap.add_argument("--load-gib", type=int, default=4)
+    ap.add_argument("--load-rounds", type=int, default=7,
+                    help="--load: rounds of the round robin over staging settings")
     ap.add_argument("--no-first-load", dest="first_loads", action="store_false",
                     help="--load without the three loads in fresh processes")
     ap.add_argument("--no-load-sweep", dest="load_sweep", action="store_false",
@@ -442,6 +460,8 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--first-load", nargs=2, metavar=("PATH", "N_LAYERS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.load_rounds < 1:
+        ap.error("--load-rounds must be at least 1")
     if args.first_load:  # the child process of --load's first-load measurement
         first_load(args.first_load[0], int(args.first_load[1]))
         return
