@@ -39,6 +39,21 @@ def _perms_at(addr: int) -> str:
     return ""
 
 
+def test_registration_answers_which_spans_a_locked_range_covers():
+    from ggufvideo.runtime._staging import HostRegistration
+
+    reg = HostRegistration()
+    for start, end in [(0x9000, 0xA000), (0x1000, 0x3000), (0x5000, 0x6000)]:  # any order
+        reg.add(start, end)
+    assert reg.registered_bytes == 0x1000 + 0x2000 + 0x1000
+    assert reg.covers(0x1000, 0x2000) and reg.covers(0x2FFF, 1) and reg.covers(0x9800, 0x800)
+    assert not reg.covers(0x0FFF, 2)  # starts before the first range
+    assert not reg.covers(0x2800, 0x1000)  # runs past the end of its range
+    assert not reg.covers(0x3000, 1) and not reg.covers(0x4000, 0x1000)  # in a gap
+    assert not reg.covers(0xA000, 1)
+    assert not HostRegistration().covers(0x1000, 1)
+
+
 def test_file_mappings_keeps_private_mappings_of_regular_files(tmp_path):
     maps = tmp_path / "maps"
     maps.write_text(

@@ -19,6 +19,7 @@ locking fails (an old driver, a locked-memory limit), the caller pins a copy, an
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import mmap
 import warnings
@@ -44,6 +45,19 @@ class HostRegistration:
         self.moved_bytes = 0
         self.copied_bytes = 0
         self._keep: list[object] = []
+        self._sorted: list[tuple[int, int]] = []  # ranges by start (they never overlap)
+
+    def add(self, start: int, end: int) -> None:
+        """Record the locked range ``[start, end)``."""
+        self.ranges.append((start, end))
+        bisect.insort(self._sorted, (start, end))
+        self.registered_bytes += end - start
+
+    def covers(self, ptr: int, nbytes: int) -> bool:
+        """Whether ``[ptr, ptr + nbytes)`` lies in one locked range (a binary search: offload
+        asks this once per streamed tensor)."""
+        i = bisect.bisect_right(self._sorted, (ptr, 1 << 64)) - 1  # the last range starting <= ptr
+        return i >= 0 and ptr + nbytes <= self._sorted[i][1]
 
     def release(self) -> None:
         if not self.ranges:
@@ -52,6 +66,7 @@ class HostRegistration:
         for start, _ in self.ranges:
             rt.cudaHostUnregister(start)
         self.ranges = []
+        self._sorted = []
         self._keep = []
 
     def __del__(self) -> None:  # noqa: D105
@@ -101,8 +116,7 @@ def _register(rt: Any, ranges: list[tuple[int, int]], reg: HostRegistration) -> 
                 break
             _clear_cuda_error()  # else the next kernel-launch check reports it
         if ok:
-            reg.ranges.append((start, end))
-            reg.registered_bytes += end - start
+            reg.add(start, end)
 
 
 def register_host(tensors: list[torch.Tensor], device: torch.device | None = None
@@ -143,8 +157,7 @@ def register_host(tensors: list[torch.Tensor], device: torch.device | None = Non
     with _on(device):
         _register(torch.cuda.cudart(), _merged_ranges(list(candidates.values())), reg)
     for i, c in candidates.items():
-        p, n = c.data_ptr(), c.numel()
-        if any(s <= p and p + n <= e for s, e in reg.ranges):
+        if reg.covers(c.data_ptr(), c.numel()):
             sources[i] = c
     # registered memory must outlive the registration: the tensors, the shared mappings
     reg._keep = [*tensors, *candidates.values(), *files]
@@ -177,8 +190,7 @@ def locked_storage(raw: torch.Tensor, reg: HostRegistration,
     nbytes = raw.numel() * raw.element_size()
     if nbytes == 0 or not raw.is_contiguous() or raw.device.type != "cpu":
         return None
-    p = raw.data_ptr()
-    if any(s <= p and p + nbytes <= e for s, e in reg.ranges):
+    if reg.covers(raw.data_ptr(), nbytes):
         return raw  # moved already (a second parameter over the same blocks)
     # anonymous memory, whole pages of its own (private where the platform has the flag: what
     # malloc hands out for big blocks)
