@@ -4,12 +4,15 @@ copies on the CPU (the CUDA runs are the ``gpu`` tests of test_upload.py)."""
 from __future__ import annotations
 
 import ctypes
+import types
 
 import pytest
 import torch
 
 from ggufvideo.runtime import _cudart
-from ggufvideo.runtime._lanes import _CudartSyncLane
+from ggufvideo.runtime._lanes import _CudartLane, _CudartSyncLane
+
+SHARED = 0x77  # the side stream the event lanes share
 
 
 class FakeRuntime:
@@ -34,9 +37,24 @@ class FakeRuntime:
         return self._rc("create")
 
     def cudaMemcpyAsync(self, dst, src, n, kind, stream):  # noqa: N802
-        assert kind == _cudart.H2D and stream.value == 0x1000 + self.streams
+        assert kind == _cudart.H2D
+        assert stream == SHARED or stream.value == 0x1000 + self.streams
         ctypes.memmove(dst, src, n)
         return self._rc("copy")
+
+    def cudaEventCreateWithFlags(self, out, flags):  # noqa: N802
+        assert flags == _cudart.EVENT_DISABLE_TIMING
+        return self._rc("event")
+
+    def cudaEventRecord(self, event, stream):  # noqa: N802
+        assert stream == SHARED
+        return self._rc("record")
+
+    def cudaEventSynchronize(self, event):  # noqa: N802
+        return self._rc("wait")
+
+    def cudaEventDestroy(self, event):  # noqa: N802
+        return self._rc("free event")
 
     def cudaStreamSynchronize(self, stream):  # noqa: N802
         return self._rc("sync")
@@ -72,3 +90,21 @@ def test_sync_lane_errors_name_the_call():
     lane = _CudartSyncLane(FakeRuntime(fail="sync"), 0)
     with pytest.raises(_cudart.CudaError, match="cudaStreamSynchronize failed"):
         lane.record(0)
+
+
+def test_event_lane_records_per_buffer_and_waits_before_reuse():
+    rt = FakeRuntime()
+    lane = _CudartLane(rt, types.SimpleNamespace(cuda_stream=SHARED), 0, slots=2)
+    src = torch.arange(16, dtype=torch.uint8)
+    dst = torch.zeros(16, dtype=torch.uint8)
+    lane.wait(0)  # never recorded: nothing to wait for
+    lane.copy(dst, 0, src, 8, 8)
+    lane.record(0)
+    lane.wait(0)
+    lane.wait(0)  # waited once only
+    assert torch.equal(dst[:8], src[8:])
+    lane.record(1)
+    lane.close()
+    # close: the unwaited buffer's copies are waited for before its event goes
+    assert rt.calls == ["set", "event", "event", "copy", "record", "wait", "record",
+                        "free event", "wait", "free event"]

@@ -85,15 +85,32 @@ class _TorchLane:
             self.wait(slot)
 
 
-class _CudartLane:
+class _CudartCopies:
+    """Copies through libcudart on ``self.stream`` (set by the lane): the GIL is released while
+    each is issued."""
+
+    def __init__(self, rt: Any) -> None:
+        from ._cudart import H2D, check
+
+        # bound once: copy() runs once per piece of every chunk
+        self.rt, self.check, self.h2d = rt, check, H2D
+        self.stream: Any = None
+
+    def copy(self, dst: torch.Tensor, dst_at: int, src: torch.Tensor, src_at: int, n: int) -> None:
+        rc = self.rt.cudaMemcpyAsync(dst.data_ptr() + dst_at, src.data_ptr() + src_at, n,
+                                     self.h2d, self.stream)
+        self.check(rc, "cudaMemcpyAsync (host to device)")
+
+
+class _CudartLane(_CudartCopies):
     """A reader's copies and events through libcudart: the GIL is released while they are issued."""
 
     def __init__(self, rt: Any, stream: Any, index: int, slots: int) -> None:
         import ctypes
 
-        from ._cudart import EVENT_DISABLE_TIMING, H2D, check
+        from ._cudart import EVENT_DISABLE_TIMING, check
 
-        self.rt, self.check, self.h2d = rt, check, H2D
+        super().__init__(rt)
         self.stream = stream.cuda_stream
         self.events: list[Any] = []
         self.used = [False] * slots
@@ -107,11 +124,6 @@ class _CudartLane:
         except BaseException:
             self.close()
             raise
-
-    def copy(self, dst: torch.Tensor, dst_at: int, src: torch.Tensor, src_at: int, n: int) -> None:
-        rc = self.rt.cudaMemcpyAsync(dst.data_ptr() + dst_at, src.data_ptr() + src_at, n,
-                                     self.h2d, self.stream)
-        self.check(rc, "cudaMemcpyAsync (host to device)")
 
     def record(self, slot: int) -> None:
         self.check(self.rt.cudaEventRecord(self.events[slot], self.stream), "cudaEventRecord")
@@ -131,7 +143,7 @@ class _CudartLane:
             self.rt.cudaEventDestroy(ev)
 
 
-class _CudartSyncLane:
+class _CudartSyncLane(_CudartCopies):
     """A reader's copies on a stream of its own, waited for as soon as a chunk's are queued.
 
     One buffer per reader is enough (the reader refills it only after its copies are done), and
@@ -142,19 +154,14 @@ class _CudartSyncLane:
     def __init__(self, rt: Any, index: int) -> None:
         import ctypes
 
-        from ._cudart import H2D, STREAM_NON_BLOCKING, check
+        from ._cudart import STREAM_NON_BLOCKING, check
 
-        self.rt, self.check, self.h2d = rt, check, H2D
+        super().__init__(rt)
         check(rt.cudaSetDevice(index), "cudaSetDevice")
         stream = ctypes.c_void_p()
         check(rt.cudaStreamCreateWithFlags(ctypes.byref(stream), STREAM_NON_BLOCKING),
               "cudaStreamCreateWithFlags")
-        self.stream: Any = stream
-
-    def copy(self, dst: torch.Tensor, dst_at: int, src: torch.Tensor, src_at: int, n: int) -> None:
-        rc = self.rt.cudaMemcpyAsync(dst.data_ptr() + dst_at, src.data_ptr() + src_at, n,
-                                     self.h2d, self.stream)
-        self.check(rc, "cudaMemcpyAsync (host to device)")
+        self.stream = stream
 
     def record(self, slot: int) -> None:
         self.check(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
