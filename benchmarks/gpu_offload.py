@@ -14,8 +14,10 @@ compute. Variants, side by side in one process:
 
 Also ``--load``: bandwidth of ``load_model(..., device="cuda")`` from a GGUF file in the page
 cache in each upload mode (``plain`` ``.to()`` per tensor; ``register``: the mapping page-locked in
-place; ``read``: pinned staging buffers filled by reader threads, at the default and several other
-chunk/buffer/thread settings, with one stream per reader (SYNC_LANES), and with torch's calls instead of libcudart's), against pinned and pageable host-to-device copies of the same size
+place; ``read``: pinned staging buffers filled by reader threads, at the defaults and at other
+chunk/buffer/thread/lane settings, the previous defaults among them, timed in a round robin of
+``--load-rounds`` rounds), against pinned and pageable host-to-device copies of the same size, and
+as the first load of three fresh processes (``--no-first-load`` skips those)
 (``python benchmarks/gpu_offload.py --load --load-gib 8 --out DIR``; the issue's goal is
 ``load_model_read_default_vs_pinned >= 0.7``).
 
