@@ -37,7 +37,7 @@ class HostRegistration:
     """Page-locked host ranges; :meth:`release` unregisters them (also on garbage collection)."""
 
     def __init__(self) -> None:
-        self.ranges: list[tuple[int, int]] = []
+        self.ranges: list[tuple[int, int]] = []  # locked, by start (see add)
         self.registered_bytes = 0
         #: of those, bytes locked through a shared mapping of their file (not in place)
         self.remapped_bytes = 0
@@ -45,19 +45,17 @@ class HostRegistration:
         self.moved_bytes = 0
         self.copied_bytes = 0
         self._keep: list[object] = []
-        self._sorted: list[tuple[int, int]] = []  # ranges by start (they never overlap)
 
     def add(self, start: int, end: int) -> None:
         """Record the locked range ``[start, end)``."""
-        self.ranges.append((start, end))
-        bisect.insort(self._sorted, (start, end))
+        bisect.insort(self.ranges, (start, end))  # kept by start (ranges never overlap)
         self.registered_bytes += end - start
 
     def covers(self, ptr: int, nbytes: int) -> bool:
         """Whether ``[ptr, ptr + nbytes)`` lies in one locked range (a binary search: offload
         asks this once per streamed tensor)."""
-        i = bisect.bisect_right(self._sorted, (ptr, 1 << 64)) - 1  # the last range starting <= ptr
-        return i >= 0 and ptr + nbytes <= self._sorted[i][1]
+        i = bisect.bisect_right(self.ranges, (ptr, 1 << 64)) - 1  # the last range starting <= ptr
+        return i >= 0 and ptr + nbytes <= self.ranges[i][1]
 
     def release(self) -> None:
         if not self.ranges:
@@ -66,7 +64,6 @@ class HostRegistration:
         for start, _ in self.ranges:
             rt.cudaHostUnregister(start)
         self.ranges = []
-        self._sorted = []
         self._keep = []
 
     def __del__(self) -> None:  # noqa: D105
