@@ -196,7 +196,9 @@ def load_diffusion_model(path: str, precision: str = "auto") -> Any:
     import comfy.sd
 
     dtype = chosen_dtype(precision)  # None: ComfyUI picks it below, as for its own checkpoints
-    sd = _read(path, dtype)
+    # read as stored: the quantized weights get their compute dtype once ComfyUI has settled it
+    # (_follow_model_dtype below)
+    sd = _read(path, None)
     if not sd:
         raise ComfyLoadError(f"{os.path.basename(path)}: the file holds no tensors")
     sd = _to_original_layout(sd, path)
