@@ -562,18 +562,30 @@ def test_diffusers_named_files_are_renamed_to_comfyuis_names_as_raw_blocks():
 
 
 # -- the text-encoder loader ----------------------------------------------------------------------
+def _install_fake_comfy(monkeypatch, layers: dict) -> types.ModuleType:
+    """Stand-ins for ``comfy``, ``comfy.ops`` (``disable_weight_init`` with ``layers``) and
+    ``comfy.sd`` in ``sys.modules``, the adapter's cached operations dropped; returns the
+    ``comfy.sd`` module for the caller to give its loaders."""
+    from ggufvideo.comfy import loading
+
+    comfy = types.ModuleType("comfy")
+    ops = types.ModuleType("comfy.ops")
+    ops.disable_weight_init = type("disable_weight_init", (), layers)
+    sd_mod = types.ModuleType("comfy.sd")
+    comfy.ops, comfy.sd = ops, sd_mod
+    for name, mod in (("comfy", comfy), ("comfy.ops", ops), ("comfy.sd", sd_mod)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(loading, "_OPERATIONS", None)
+    return sd_mod
+
+
 @pytest.fixture
 def fake_comfy_sd(monkeypatch):
     """comfy.ops / comfy.sd stand-ins: load_text_encoder_state_dicts builds a T5-like module from
     the custom operations and loads the state dict into it, as ComfyUI's T5 does."""
-    from ggufvideo.comfy import loading
-
     calls = {}
-    comfy = types.ModuleType("comfy")
-    ops = types.ModuleType("comfy.ops")
-    ops.disable_weight_init = type("disable_weight_init", (), {
+    sd_mod = _install_fake_comfy(monkeypatch, {
         "Linear": FakeLinear, "Embedding": FakeEmbedding, "RMSNorm": FakeRMSNorm})
-    sd_mod = types.ModuleType("comfy.sd")
     sd_mod.CLIPType = types.SimpleNamespace(WAN="WAN", LTXV="LTXV", MOCHI="MOCHI", COSMOS="COSMOS")
 
     def load_text_encoder_state_dicts(state_dicts, clip_type, model_options, embedding_directory):
@@ -589,10 +601,6 @@ def fake_comfy_sd(monkeypatch):
         return types.SimpleNamespace(patcher=FakeModelPatcher(model), model=model)
 
     sd_mod.load_text_encoder_state_dicts = load_text_encoder_state_dicts
-    comfy.ops, comfy.sd = ops, sd_mod
-    for name, mod in (("comfy", comfy), ("comfy.ops", ops), ("comfy.sd", sd_mod)):
-        monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.setattr(loading, "_OPERATIONS", None)
     return calls
 
 
@@ -654,15 +662,9 @@ def test_text_encoder_node_refuses_other_models_and_types(tmp_path, fake_comfy_s
 def fake_comfy_models(monkeypatch):
     """comfy.sd stand-ins for the model and VAE loaders that pick a dtype the way ComfyUI does
     when none is given (``picks``: what "ComfyUI" chooses) and record what they were given."""
-    from ggufvideo.comfy import loading
-
     calls: dict = {}
     picks = {"unet": torch.float16, "manual_cast": None, "vae": torch.float32}
-    comfy = types.ModuleType("comfy")
-    ops = types.ModuleType("comfy.ops")
-    ops.disable_weight_init = type("disable_weight_init", (), {
-        "Linear": FakeLinear, "Conv3d": FakeConv3d})
-    sd_mod = types.ModuleType("comfy.sd")
+    sd_mod = _install_fake_comfy(monkeypatch, {"Linear": FakeLinear, "Conv3d": FakeConv3d})
 
     def load_diffusion_model_state_dict(sd, model_options):
         calls["options"] = dict(model_options)
@@ -687,10 +689,6 @@ def fake_comfy_models(monkeypatch):
 
     sd_mod.load_diffusion_model_state_dict = load_diffusion_model_state_dict
     sd_mod.VAE = VAE
-    comfy.ops, comfy.sd = ops, sd_mod
-    for name, mod in (("comfy", comfy), ("comfy.ops", ops), ("comfy.sd", sd_mod)):
-        monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.setattr(loading, "_OPERATIONS", None)
     return calls, picks
 
 
