@@ -1,20 +1,16 @@
-"""Low-rank adapters beside a quant-aware layer's weight (LoRA, unmerged): the layer-side math.
+"""Adapters beside a quant-aware layer's weight (LoRA, unmerged): what each one adds.
 
-A :class:`LoraAdapter` lives in a layer's ``lora_adapters`` list;
-:class:`~ggufvideo.ops.QuantLinear` and the quant-aware convs add each adapter's term to their
-output, so the quantized base weight is never merged or re-decoded for it (peft's idea: adapters
-are data beside the base). Reading LoRA files and attaching adapters to a model is
-:mod:`ggufvideo.lora`'s job.
-
-This module sits beside :mod:`ggufvideo.ops` and reaches its hooks (``quant_linear``,
-``dequantize_weight``, the GPU kernels) through the module at call time, so it imports nothing
-from it at load time (``ops`` re-exports the names here).
+A :class:`LoraAdapter` (or :class:`KronAdapter`, :class:`DoraAdapter`) lives in a layer's
+``lora_adapters`` list; :class:`~ggufvideo.ops.QuantLinear` and the quant-aware convs add each
+adapter's term to their output (:mod:`ggufvideo.adapted`), so the quantized base weight is never
+merged or re-decoded for it (peft's idea: adapters are data beside the base). Reading LoRA files
+and attaching adapters to a model is :mod:`ggufvideo.lora`'s job. ``ops`` re-exports the names
+here.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,18 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tensor import GGMLTensor
-
 if TYPE_CHECKING:
     from .ops import _QuantConvNd
 
-__all__ = ["Adapter", "KronAdapter", "LoraAdapter", "lora_adapters", "lora_linear",
-           "set_lora_fusion"]
+__all__ = ["Adapter", "DoraAdapter", "KronAdapter", "LoraAdapter", "lora_adapters"]
 
 
 # -- low-rank adapters beside a layer's weight (LoRA, unmerged) -----------------------------------
 _ADAPTER_IDS = itertools.count()
-_lora_fusion: bool | None = None  # None: follow GGUFVIDEO_LORA_FUSED (default on)
 
 
 def _cast_cached(cache: dict[tuple[torch.device, torch.dtype], Any],
@@ -176,8 +168,92 @@ class KronAdapter:
         return (torch.kron(w1, w2).reshape(shape) * self.scale).to(dtype)
 
 
+@dataclass(eq=False)
+class DoraAdapter:
+    """A DoRA adapter (weight-decomposed LoRA) beside a layer's weight, kept unmerged.
+
+    DoRA rescales the adapted weight ``W + D`` (``D``: the ``inner`` adapter's delta, alpha /
+    rank applied) to a learned magnitude: ``W'' = g * (W + D)`` with ``g = m / ||W + D||``, one
+    factor per output row (``axis`` 0: peft, LyCORIS >= 3.2) or per input feature / channel
+    (``axis`` 1: older LyCORIS files). At strength ``s`` the layer computes
+    ``W + s * (W'' - W)`` -- off at 0, the trained weight at 1, linear in between like every
+    other adapter here -- without forming it::
+
+        axis 0:  y = c * (W x) + b + s * g * (D x)      with c = 1 + s * (g - 1)
+        axis 1:  y = W (c * x) + b + s * D (g * x)
+
+    The bias is not rescaled (as in peft and LyCORIS). ``g`` is computed once, when the adapter
+    is made (:mod:`ggufvideo.lora.dora`); rows a DoRA does not cover (a part of a fused weight)
+    have ``g = 1`` there and a zero delta.
+
+    Attributes:
+        inner: the low-rank pair (or LoHa pair, LoKr, full delta) whose delta is ``D``; its own
+            ``scale`` is the file's alpha / rank.
+        ratio: ``g`` (float32, one per output row or input feature).
+        axis: 0 (output rows) or 1 (input features / channels).
+        scale: the strength ``s``.
+        rows: the output rows it covers (axis 0), for telling where two DoRAs would overlap.
+        name: where it came from (LoRA file and key), for messages.
+    """
+
+    inner: LoraAdapter | KronAdapter
+    ratio: torch.Tensor
+    axis: int = 0
+    scale: float = 1.0
+    rows: tuple[int, int] | None = None
+    name: str = ""
+    uid: int = field(default_factory=lambda: next(_ADAPTER_IDS), repr=False)
+    _cast: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor]] = field(
+        default_factory=dict, repr=False)
+
+    @property
+    def rank(self) -> int:
+        """The inner adapter's rank."""
+        inner = self.inner
+        return inner.rank if isinstance(inner, LoraAdapter) else int(inner.w1.shape[0])
+
+    def _g(self, device: torch.device) -> torch.Tensor:
+        return _cast_cached(self._cast, (self.ratio,), device, torch.float32)[0]  # type: ignore[return-value]
+
+    def factor(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``c = 1 + s * (g - 1)``, the base product's factor (rounded once to ``dtype``)."""
+        return (1.0 + self.scale * (self._g(device) - 1.0)).to(dtype)
+
+    def _along(self, g: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+        shape = [1] * like.dim()
+        shape[dim] = -1
+        return g.to(like.dtype).reshape(shape)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's term for a linear layer: ``s * g * (D x)`` or ``s * D (g * x)``."""
+        g = self._g(x.device)
+        if self.axis == 1:
+            return self.inner.delta(x * self._along(g, x, -1)) * self.scale
+        d = self.inner.delta(x)
+        return d * self._along(g, d, -1) * self.scale
+
+    def conv_delta(self, layer: _QuantConvNd, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's term for a conv layer (``g`` along the channel axis)."""
+        g = self._g(x.device)
+        if self.axis == 1:
+            return self.inner.conv_delta(layer, x * self._along(g, x, 1)) * self.scale
+        d = self.inner.conv_delta(layer, x)
+        return d * self._along(g, d, 1) * self.scale
+
+    def merged_delta(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W_s - W`` for the float32 weight ``weight``: ``(c - 1) * W + s * g * D`` (axis 0;
+        along the input axis for axis 1), in float32."""
+        w = weight.detach().to(torch.float32)
+        g = self._g(w.device)
+        shape = [1] * w.dim()
+        shape[self.axis] = -1
+        g = g.reshape(shape)
+        d = self.inner.delta_weight(tuple(w.shape)).to(w.device)
+        return self.scale * ((g - 1.0) * w + g * d)
+
+
 #: What a layer's ``lora_adapters`` list holds.
-Adapter = LoraAdapter | KronAdapter
+Adapter = LoraAdapter | KronAdapter | DoraAdapter
 
 
 def lora_adapters(module: nn.Module) -> list[Adapter]:
@@ -195,98 +271,3 @@ def lora_adapters(module: nn.Module) -> list[Adapter]:
     if found is None:
         found = module.__dict__["lora_adapters"] = []
     return found
-
-
-def set_lora_fusion(flag: bool | None) -> None:
-    """Force the fused CUDA LoRA path on/off (``None``: follow ``GGUFVIDEO_LORA_FUSED``, on by
-    default)."""
-    global _lora_fusion
-    _lora_fusion = flag
-
-
-def _fusion_on() -> bool:
-    if _lora_fusion is not None:
-        return _lora_fusion
-    return os.environ.get("GGUFVIDEO_LORA_FUSED", "1").strip().lower() not in ("0", "false", "no")
-
-
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                adapters: list[Adapter], *, owner: nn.Module | None = None) -> torch.Tensor:
-    """``quant_linear(x, weight, bias) + sum(a.scale * a.up @ (a.down @ x))``, in ``x.dtype``.
-
-    Reference path (CPU, small batches, training): the base product exactly as without adapters,
-    then each adapter's two small products added in peft's order (so an fp32 model with these
-    adapters gives the same bits as the fp32 model with peft's). Fast path (CUDA, a quantized
-    weight taking the decode + GEMM path, inference): the base product exactly as without
-    adapters (same kernel, same bits), then one GEMM gives ``h = down @ x`` for all adapters of
-    the layer at once (packed into one ``down``/``up`` pair, so three LoRAs cost one of their
-    summed rank) and one Triton kernel adds ``(scale * up) @ h`` into the output in place,
-    reading and writing it once (:func:`ggufvideo.kernels.lora_up_add`). Adapters that are not
-    low-rank pairs (full deltas, :class:`KronAdapter`) add their own term on either path.
-    """
-    if owner is not None and isinstance(weight, GGMLTensor):
-        # Low-rank pairs go through the fused path; the others (full deltas, Kronecker
-        # products) add their own terms after it.
-        pairs = [a for a in adapters
-                 if isinstance(a, LoraAdapter) and a.down is not None and a.down.dim() == 2]
-        if pairs and _fusable(x, weight, pairs):
-            y = _fused_lora_linear(x, weight, bias, pairs, owner)
-            for a in adapters:
-                if not any(a is p for p in pairs):
-                    y = y + a.delta(x)
-            return y
-    from . import ops
-
-    y = ops.quant_linear(x, weight, bias)
-    for a in adapters:
-        y = y + a.delta(x)
-    return y
-
-
-def _fusable(x: torch.Tensor, weight: GGMLTensor, adapters: list[LoraAdapter]) -> bool:
-    """Whether the low-rank pairs ``adapters`` take the fused CUDA path for ``x``."""
-    if not (weight.dim() == 2 and _fusion_on()
-            and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(
-            a.up.requires_grad or a.down.requires_grad for a in adapters)):  # type: ignore[union-attr]
-        return False
-    from . import ops
-
-    kernels = ops._gpu_kernels(weight)
-    if kernels is None:
-        return False
-    # Few rows: the reference path's small products cost no more than the packed ones.
-    return x.numel() // max(1, x.shape[-1]) > kernels.FUSED_MAX_M
-
-
-def _lora_pack(adapters: list[LoraAdapter], dtype: torch.dtype, device: torch.device,
-               owner: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """All adapters of a layer as one ``down`` (R, K) and one ``(scale * up).T`` (R, N)."""
-    key = (dtype, device, tuple((a.uid, a.scale) for a in adapters))
-    cached = owner.__dict__.get("_lora_pack")
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
-    down = torch.cat([a.down.to(device=device, dtype=dtype) for a in adapters], 0)  # type: ignore[union-attr]
-    up_t = torch.cat([a.up.to(device=device, dtype=torch.float32) * a.scale for a in adapters], 1)
-    pack = (down.contiguous(), up_t.t().to(dtype).contiguous())
-    owner.__dict__["_lora_pack"] = (key, *pack)
-    return pack
-
-
-def _fused_lora_linear(x: torch.Tensor, weight: GGMLTensor, bias: torch.Tensor | None,
-                       adapters: list[LoraAdapter], owner: nn.Module) -> torch.Tensor:
-    down, up_t = _lora_pack(adapters, x.dtype, x.device, owner)
-    n, r = int(weight.shape[0]), int(down.shape[0])
-    from . import ops
-
-    b = None if bias is None else ops.dequantize_weight(bias, x.dtype)
-    from . import kernels
-
-    # Measured on an H200 (README, LoRA): appending ``down``'s rows to the decoded weight so one
-    # GEMM also yields ``h`` cost more than re-reading ``x`` in a GEMM of its own (four Wan-14B
-    # blocks, rank 32: +9.6% against +5.1%) -- N + r columns slow the base GEMM down.
-    out = kernels.linear(x, weight.raw, weight.qtype, n, b)
-    h = F.linear(x, down)
-    kernels.lora_up_add(out.view(-1, n), h.view(-1, r), up_t)
-    return out

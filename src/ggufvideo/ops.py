@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import Adapter, KronAdapter, LoraAdapter, lora_adapters, lora_linear, set_lora_fusion
+from .adapted import lora_conv, lora_linear, set_lora_fusion
+from .adapters import Adapter, DoraAdapter, KronAdapter, LoraAdapter, lora_adapters
 from .quants import dequantize as _dequantize_rows
 from .quants import get_quant_type
 from .tensor import GGMLTensor
@@ -72,9 +73,11 @@ __all__ = [
     "swap_quant_layers",
     "set_compute_dtype",
     "Adapter",
+    "DoraAdapter",
     "KronAdapter",
     "LoraAdapter",
     "lora_adapters",
+    "lora_conv",
     "lora_linear",
     "set_lora_fusion",
 ]
@@ -216,10 +219,10 @@ class _QuantConvNd(QuantLayer):
         x, dtype = self._cast_input(input)
         w = dequantize_weight(weight, dtype)
         b = None if bias is None else dequantize_weight(bias, dtype)
-        y = self._torch_conv_forward(x, w, b)
-        for a in self.__dict__.get("lora_adapters") or ():
-            y = y + a.conv_delta(self, x)
-        return y
+        adapters = self.__dict__.get("lora_adapters")
+        if adapters:
+            return lora_conv(self, x, w, b, adapters)
+        return self._torch_conv_forward(x, w, b)
 
     def _torch_conv_forward(self, x: torch.Tensor, weight: torch.Tensor,
                             bias: torch.Tensor | None) -> torch.Tensor:

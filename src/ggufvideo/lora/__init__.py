@@ -9,10 +9,10 @@
   (:mod:`ggufvideo.lora.bake`).
 * :func:`read_lora` -- parse kohya/musubi, LyCORIS (LoCon, LoHa, LoKr), ComfyUI/original and
   diffusers/peft files (:mod:`ggufvideo.lora.formats`); what LoHa/LoKr factors become on a layer
-  is :mod:`ggufvideo.lora.lycoris`.
+  is :mod:`ggufvideo.lora.lycoris`, what a DoRA magnitude does :mod:`ggufvideo.lora.dora`.
 
 The layer-side math is :class:`ggufvideo.ops.LoraAdapter` / :class:`ggufvideo.ops.KronAdapter` /
-:func:`ggufvideo.ops.lora_linear`.
+:class:`ggufvideo.ops.DoraAdapter` / :func:`ggufvideo.ops.lora_linear`.
 """
 
 from __future__ import annotations

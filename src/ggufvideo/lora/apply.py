@@ -4,9 +4,10 @@ Each low-rank pair (a LoHa too, or each full ``diff`` of a 2-D+ weight) becomes 
 :class:`~ggufvideo.ops.LoraAdapter`, each LoKr a :class:`~ggufvideo.ops.KronAdapter`, in the
 target layer's ``lora_adapters`` list: the layer computes
 ``W_q x + sum(s_i * B_i (A_i x))`` with its quantized weight untouched (see
-:func:`ggufvideo.ops.lora_linear`). A plain ``nn.Linear``/``nn.ConvNd`` (an unquantized model) is
-switched to its quant-aware class first -- same parameters, same outputs -- and switched back when
-its last adapter goes.
+:func:`ggufvideo.ops.lora_linear`). One with a DoRA magnitude is wrapped in a
+:class:`~ggufvideo.ops.DoraAdapter` (:mod:`ggufvideo.lora.dora`). A plain
+``nn.Linear``/``nn.ConvNd`` (an unquantized model) is switched to its quant-aware class first --
+same parameters, same outputs -- and switched back when its last adapter goes.
 
 Small dense tensors a LoRA changes wholesale (``diff_b`` of a bias, ``diff`` of a norm's weight)
 are replaced by ``original + sum(s_i * delta_i)`` computed in float32 and rounded once; the
@@ -24,13 +25,23 @@ import torch
 from torch import nn
 
 from ..errors import LoraError, _safe
-from ..ops import Adapter, KronAdapter, LoraAdapter, QuantLayer, lora_adapters, quant_class_for
+from ..ops import (
+    Adapter,
+    DoraAdapter,
+    KronAdapter,
+    LoraAdapter,
+    QuantLayer,
+    lora_adapters,
+    quant_class_for,
+)
 from ..tensor import GGMLTensor
+from .dora import check_stackable, dora_adapter, dora_axis, float32_weight
 from .formats import LoraFile, read_lora
 from .lycoris import loha_pair, loha_products_agree, loha_weight, lokr_factors, pair_is_smaller
 from .targets import Piece, Resolution, resolve
 
-__all__ = ["LoraHandle", "apply_lora", "fuse_lora", "adapter_for", "dense_delta"]
+__all__ = ["LoraHandle", "apply_lora", "fuse_lora", "adapter_for", "check_piece", "dense_delta",
+           "needs_weight"]
 
 _HANDLE_IDS = itertools.count()
 _ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -51,14 +62,36 @@ def _padded(part: torch.Tensor, piece: Piece) -> torch.Tensor:
     return full
 
 
-def adapter_for(piece: Piece, weight_shape: tuple[int, ...], source: str) -> Adapter:
+def adapter_for(piece: Piece, weight_shape: tuple[int, ...], source: str,
+                weight: torch.Tensor | None = None) -> Adapter:
     """The adapter a LoRA piece puts on a weight of ``weight_shape`` (scale: alpha / rank).
 
     A LoRA pair stays a pair; a LoHa becomes one too (rank ``r1 * r2``) while that is smaller
     than the weight, else its dense delta; a LoKr becomes a :class:`KronAdapter` (its factors,
     never the full product) unless the piece is a part of the rows that its Kronecker blocks do
-    not line up with, then the dense delta of those rows; a ``diff`` is its own dense delta.
+    not line up with, then the dense delta of those rows; a ``diff`` is its own dense delta. A
+    piece with a DoRA magnitude wraps that in a :class:`~ggufvideo.ops.DoraAdapter`, whose norms
+    need the model's ``weight`` itself (:mod:`ggufvideo.lora.dora`).
     """
+    inner = _inner_adapter(piece, weight_shape, source)
+    if piece.entry.magnitude is None:
+        return inner
+    if weight is None:
+        raise ValueError("a DoRA piece needs the weight it applies to")
+    assert not isinstance(inner, DoraAdapter)
+    return dora_adapter(piece, inner, weight, source)
+
+
+def check_piece(piece: Piece, weight_shape: tuple[int, ...], source: str) -> None:
+    """Raise the :class:`~ggufvideo.errors.LoraError` :func:`adapter_for` would, without the
+    weight (shapes only)."""
+    _inner_adapter(piece, weight_shape, source)
+    if piece.entry.magnitude is not None:
+        dora_axis(piece, weight_shape, source)
+
+
+def _inner_adapter(piece: Piece, weight_shape: tuple[int, ...], source: str
+                   ) -> LoraAdapter | KronAdapter:
     e = piece.entry
     where = e.keys[0]
     name = f"{source}: {e.target}"
@@ -113,8 +146,9 @@ def adapter_for(piece: Piece, weight_shape: tuple[int, ...], source: str) -> Ada
 
 
 def dense_delta(pieces: list[Piece], shape: tuple[int, ...], source: str, *,
-                bias: bool = False) -> torch.Tensor:
-    """The summed float32 delta the pieces make to a tensor of ``shape`` (scales applied)."""
+                bias: bool = False, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The summed float32 delta the pieces make to a tensor of ``shape`` (scales applied);
+    ``weight``, the tensor itself, is needed by DoRA pieces (their delta depends on it)."""
     total = torch.zeros(shape, dtype=torch.float32)
     for p in pieces:
         if bias:
@@ -127,8 +161,18 @@ def dense_delta(pieces: list[Piece], shape: tuple[int, ...], source: str, *,
                                 f"shape {list(shape)}", path=source, tensor=e.keys[0])
             total += d
         else:
-            total += adapter_for(p, shape, source).delta_weight(shape)
+            a = adapter_for(p, shape, source, weight)
+            if isinstance(a, DoraAdapter):
+                assert weight is not None
+                total += a.merged_delta(float32_weight(weight)).cpu()
+            else:
+                total += a.delta_weight(shape)
     return total
+
+
+def needs_weight(pieces: list[Piece]) -> bool:
+    """Whether :func:`dense_delta` of ``pieces`` needs the weight (a DoRA among them)."""
+    return any(p.entry.magnitude is not None for p in pieces)
 
 
 class LoraHandle:
@@ -259,8 +303,10 @@ def apply_lora(model: nn.Module, lora: LoraLike, scale: float = 1.0, *, strict: 
     naming): the LoRA's names -- kohya/musubi (``lora_unet_blocks_0_self_attn_q``), ComfyUI/
     original (``diffusion_model.blocks.0.self_attn.q``) or diffusers/peft
     (``transformer.blocks.0.attn1.to_q``) -- are mapped onto the model's through its model family
-    (:mod:`ggufvideo.lora.targets`). LoRA pairs, LyCORIS LoHa/LoKr and full diffs all run
-    unmerged (:func:`adapter_for`). Several LoRAs stack (apply each; remove in any order).
+    (:mod:`ggufvideo.lora.targets`). LoRA pairs, LyCORIS LoHa/LoKr, full diffs and DoRA all run
+    unmerged (:func:`adapter_for`; a DoRA decodes each weight it targets once, to take its
+    norms). Several LoRAs stack (apply each; remove in any order; one DoRA per layer, or
+    several on disjoint rows of a fused weight).
 
     Args:
         model: the model.
@@ -270,8 +316,8 @@ def apply_lora(model: nn.Module, lora: LoraLike, scale: float = 1.0, *, strict: 
             ``handle.unmatched``).
 
     Raises:
-        LoraError: unmatched keys (strict), an unreadable file, shapes that do not fit; the message
-            names the LoRA file and the key.
+        LoraError: unmatched keys (strict), an unreadable file, shapes that do not fit, a second
+            DoRA on a layer's rows; the message names the LoRA file and the key.
     """
     lf = read_lora(lora)
     state = model.state_dict(keep_vars=True)
@@ -293,9 +339,12 @@ def apply_lora(model: nn.Module, lora: LoraLike, scale: float = 1.0, *, strict: 
                 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups != 1:
                     raise LoraError(f"LoRA on grouped conv {_safe(key)} is not supported",
                                     path=lf.source, tensor=pieces[0].entry.keys[0])
-                adapters = [adapter_for(p, shape, lf.source) for p in pieces]
+                weight = state[key]
+                adapters = [adapter_for(p, shape, lf.source, weight) for p in pieces]
                 layer = _layer_for_adapters(module, key, lf.source)
                 for a in adapters:
+                    if isinstance(a, DoraAdapter):
+                        check_stackable(lora_adapters(layer), a, key, lf.source)
                     base = a.scale
                     a.scale = handle.scale * base
                     lora_adapters(layer).append(a)
@@ -305,7 +354,8 @@ def apply_lora(model: nn.Module, lora: LoraLike, scale: float = 1.0, *, strict: 
                     raise LoraError(f"a low-rank LoRA targets {_safe(key)} of "
                                     f"{type(module).__name__}; only Linear and Conv layers take "
                                     "adapters", path=lf.source, tensor=pieces[0].entry.keys[0])
-                delta = dense_delta(pieces, shape, lf.source)
+                delta = dense_delta(pieces, shape, lf.source,
+                                    weight=state[key] if needs_weight(pieces) else None)
                 _DenseDeltas.of(module).add(module, pname, handle.uid, delta, handle.scale)
                 handle._dense.append((module, pname))
             handle.targets.append(key)
@@ -347,7 +397,8 @@ def fuse_lora(model: nn.Module, lora: LoraLike, scale: float = 1.0, *, strict: b
             module = model.get_submodule(module_name) if module_name else model
             old = module._parameters[pname]
             assert old is not None
-            delta = dense_delta(pieces, shapes[key], lf.source, bias=bias) * scale
+            delta = dense_delta(pieces, shapes[key], lf.source, bias=bias,
+                                weight=old if needs_weight(pieces) else None) * scale
             new = merged_tensor(old, delta, name=key)
             module._parameters[pname] = nn.Parameter(new, requires_grad=False)
             changed.append(key)

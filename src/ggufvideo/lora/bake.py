@@ -2,11 +2,11 @@
 
 Used by ``ggufvideo convert SRC DST --lora FILE[:SCALE]`` (:func:`ggufvideo.convert`'s ``loras``)
 and by :func:`ggufvideo.fuse_lora`. Each tensor a LoRA touches is decoded to float32, the LoRA
-deltas (``scale * alpha / rank * up @ down``, ``diff``, ``diff_b``) are added in float32, and the
-sum is encoded again -- to the tensor's own type unless a type was asked for -- with
-:func:`ggufvideo.quantize` (byte-identical to ggml's quantizer). Tensors no LoRA touches are not
-decoded: a GGUF source's are copied byte for byte. The work stays streaming: a touched tensor is
-merged when the writer reaches it.
+deltas (``scale * alpha / rank * up @ down``, ``diff``, ``diff_b``, a DoRA's rescaling) are
+added in float32, and the sum is encoded again -- to the tensor's own type unless a type was
+asked for -- with :func:`ggufvideo.quantize` (byte-identical to ggml's quantizer). Tensors no
+LoRA touches are not decoded: a GGUF source's are copied byte for byte. The work stays
+streaming: a touched tensor is merged when the writer reaches it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ..policy import QuantPolicy
 from ..quants import get_quant_type, quantize
 from ..tensor import GGMLTensor
 from ..writer import SourceTensor
-from .apply import dense_delta
+from .apply import check_piece, dense_delta, needs_weight
 from .formats import LoraFile, read_lora
 from .targets import Piece, resolve
 
@@ -102,8 +102,12 @@ def bake_sources(tensors: Sequence[SourceTensor],
             out.append(s)
             continue
         # Check every delta's shape now, before anything is written.
-        deltas_ok = [dense_delta(p, tuple(s.shape), src, bias=b).shape for p, _, b, src in todo]
-        del deltas_ok
+        for pieces, _, bias, src in todo:
+            if bias:
+                dense_delta(pieces, tuple(s.shape), src, bias=True)
+            else:
+                for piece in pieces:
+                    check_piece(piece, tuple(s.shape), src)
         changed[s.name] = [src for *_, src in todo]
         if own_types and s.qtype is not None:
             qt = get_quant_type(s.qtype)
@@ -129,8 +133,10 @@ def _merged_loader(s: SourceTensor, todo: list[tuple[list[Piece], float, bool, s
             out = t.dequantize(torch.float32)
         else:
             out = t.detach().to(torch.float32, copy=True)  # never add into the source's memory
+        # A DoRA's delta depends on the weight: the source's own, not one another LoRA changed.
+        base = out.clone() if any(needs_weight(p) for p, *_ in todo) else None
         for pieces, scale, bias, src in todo:
-            out += scale * dense_delta(pieces, tuple(s.shape), src, bias=bias)
+            out += scale * dense_delta(pieces, tuple(s.shape), src, bias=bias, weight=base)
         return out
 
     return load

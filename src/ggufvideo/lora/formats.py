@@ -26,6 +26,11 @@ LyCORIS LoHa         ``.hada_w1_a/_b``, ``.hada_w2_a/_b``  any of the above (Sim
 LyCORIS LoKr         ``.lokr_w1`` or ``.lokr_w1_a/_b``,    idem
                      ``.lokr_w2`` or ``.lokr_w2_a/_b``
                      (+ ``.lokr_t2``: Tucker)
+DoRA                 any of the above, plus a magnitude:   any of the above
+                     ``.dora_scale`` (LyCORIS, kohya),
+                     ``.lora_magnitude_vector`` (peft,
+                     diffusers), ``.magnitude``
+                     (ai-toolkit)
 ===================  ====================================  =========================================
 
 The scale of an adapter is ``alpha / rank`` when the file has an ``.alpha`` (kohya's
@@ -36,9 +41,10 @@ does. What the LyCORIS products become on a layer is :mod:`ggufvideo.lora.lycori
 keep their prefix here (``diffusion_model.``, ``transformer.``, ``lora_unet_``):
 :mod:`ggufvideo.lora.targets` strips and maps them against the model's own names.
 
-Refused with a :class:`~ggufvideo.errors.LoraError` naming the file and key: DoRA
-(``.dora_scale``), OFT, LoCon Tucker mid weights, a down without an up, ranks that disagree,
-incomplete or mixed LoHa/LoKr factor sets, and keys of no known scheme.
+What a DoRA magnitude does to its layer is :mod:`ggufvideo.lora.dora`. Refused with a
+:class:`~ggufvideo.errors.LoraError` naming the file and key: OFT, LoCon Tucker mid weights, a
+down without an up, ranks that disagree, incomplete or mixed LoHa/LoKr factor sets, a DoRA
+magnitude without an adapter, and keys of no known scheme.
 """
 
 from __future__ import annotations
@@ -63,7 +69,10 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),
     (".lora_A", "down"), (".lora_B", "up"),
-    (".dora_scale", "dora"),
+    # DoRA magnitudes: LyCORIS/kohya/ComfyUI, peft/diffusers (as saved, and in memory), ai-toolkit
+    (".lora_magnitude_vector.default.weight", "magnitude"),
+    (".lora_magnitude_vector.weight", "magnitude"), (".lora_magnitude_vector", "magnitude"),
+    (".dora_scale", "dora_scale"), (".magnitude", "magnitude"),
     (".diff_b", "diff_b"), (".diff", "diff"),
     # LyCORIS's trained norms: a full new weight/bias delta, the same as diff / diff_b
     (".w_norm", "diff"), (".b_norm", "diff_b"),
@@ -89,6 +98,10 @@ class LoraEntry:
         diff: a full delta of the weight (``None``: absent).
         diff_b: a full delta of the bias (``None``: absent).
         factors: LyCORIS LoHa (``hada_*``) or LoKr (``lokr_*``) tensors by name (empty: none).
+        magnitude: a DoRA magnitude (``None``: a plain adapter); see :mod:`ggufvideo.lora.dora`.
+        magnitude_axis: ``"out"`` (peft's ``lora_magnitude_vector``, ai-toolkit's ``magnitude``:
+            always one per output row) or ``"shape"`` (LyCORIS's ``dora_scale``: its shape says
+            whether it is per output row or per input feature).
         keys: the file keys this entry was read from.
     """
 
@@ -99,6 +112,8 @@ class LoraEntry:
     diff: torch.Tensor | None = None
     diff_b: torch.Tensor | None = None
     factors: dict[str, torch.Tensor] = field(default_factory=dict)
+    magnitude: torch.Tensor | None = None
+    magnitude_axis: str = "out"
     keys: list[str] = field(default_factory=list)
 
     @property
@@ -171,10 +186,10 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
     """Group a LoRA state dict's keys by target layer, checking shapes.
 
     Raises:
-        LoraError: a key of no known scheme, an unsupported adapter type (DoRA, OFT, LoCon
-            Tucker mid weights), a down without its up (or the reverse), ranks that do not agree,
-            an incomplete or mixed LoHa/LoKr factor set. The message names ``source`` and the
-            key.
+        LoraError: a key of no known scheme, an unsupported adapter type (OFT, LoCon Tucker mid
+            weights), a DoRA magnitude without an adapter, a down without its up (or the
+            reverse), ranks that do not agree, an incomplete or mixed LoHa/LoKr factor set. The
+            message names ``source`` and the key.
     """
     entries: dict[str, LoraEntry] = {}
     for key, value in state_dict.items():
@@ -192,9 +207,6 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
         target, role = split
         e = entries.setdefault(target, LoraEntry(target))
         e.keys.append(key)
-        if role == "dora":
-            raise LoraError("DoRA (.dora_scale) is not supported: its scale depends on the merged "
-                            "weight's norm", path=source, tensor=key)
         if role == "mid":
             raise LoraError("LoCon Tucker mid weights (.lora_mid) are not supported", path=source,
                             tensor=key)
@@ -205,6 +217,10 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
             e.alpha = float(value.reshape(()).item())
         elif role.startswith(("hada_", "lokr_")):
             e.factors[role] = value
+        elif role in ("magnitude", "dora_scale"):
+            if e.magnitude is not None:
+                raise LoraError("two DoRA magnitudes for one layer", path=source, tensor=key)
+            e.magnitude, e.magnitude_axis = value, "out" if role == "magnitude" else "shape"
         else:
             setattr(e, role, value)
     for e in entries.values():
@@ -214,6 +230,9 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
                             f"{'up' if e.down is not None else 'down'}", path=source, tensor=first)
         if e.factors:
             check_lycoris(e, source)
+        if e.magnitude is not None and not e.has_weight:
+            raise LoraError("a DoRA magnitude without the LoRA pair (or LoHa, LoKr, diff) it "
+                            "rescales", path=source, tensor=first)
         if not e.has_weight and e.diff_b is None:
             raise LoraError("an alpha without a LoRA pair or diff", path=source, tensor=first)
         if e.down is not None and e.up is not None:

@@ -1,0 +1,131 @@
+"""DoRA: a LoRA file's magnitudes, turned into :class:`~ggufvideo.ops.DoraAdapter` s.
+
+A DoRA layer stores, beside its adapter (a LoRA pair, or a LyCORIS LoHa/LoKr/diff), a magnitude
+``m``; the trained weight is the adapted weight ``W + D`` rescaled to that magnitude,
+``m * (W + D) / ||W + D||``. The files differ in where the norm is taken and how they store
+``m``:
+
+========================================  ==================================  ================
+key                                       shape                               norm per
+========================================  ==================================  ================
+``.lora_magnitude_vector`` (peft,         ``(out,)``; a conv's                output row
+diffusers, SimpleTuner), ``.magnitude``   ``(1, out, 1, ...)``
+(ai-toolkit)
+``.dora_scale`` (LyCORIS >= 3.2, kohya)   ``(out, 1, ...)``                   output row
+``.dora_scale`` (older LyCORIS)           ``(1, in, ...)``                    input feature /
+                                                                              channel
+========================================  ==================================  ================
+
+(A ``dora_scale`` whose first axis is the layer's output width is per output row, as ComfyUI
+decides it.) The norm is that of the base weight plus this adapter's own delta at full strength
+(alpha / rank applied, as peft and LyCORIS take it), in float32, without an epsilon: a row whose
+adapted weight is zero stays zero. Computing it decodes the layer's weight once, when the LoRA is
+applied or baked.
+
+Strength ``s`` blends linearly between the base weight and the trained one, ``W + s * (W'' -
+W)``: 0 is off and 1 the trained weight, as for every other adapter (ComfyUI's reading of a DoRA
+strength). peft (which puts ``s`` inside the norm and always applies the magnitude) and LyCORIS
+(which scales only the magnitude's correction) agree with it at ``s = 1`` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import LoraError, _safe
+from ..ops import DoraAdapter, KronAdapter, LoraAdapter
+from ..tensor import GGMLTensor
+from .targets import Piece
+
+__all__ = ["dora_axis", "dora_adapter", "check_stackable", "float32_weight"]
+
+
+def dora_axis(piece: Piece, weight_shape: tuple[int, ...], source: str) -> int:
+    """Which axis the magnitude of ``piece`` (a LoRA piece with one) rescales on a weight of
+    ``weight_shape``: 0 (output rows) or 1 (input features / channels).
+
+    Raises:
+        LoraError: the magnitude fits neither axis, or it is per input feature while the piece
+            covers only some rows of the weight (a part of a fused weight: its norm would need the
+            rows the LoRA does not target).
+    """
+    e = piece.entry
+    m = e.magnitude
+    assert m is not None
+    key = next((k for k in e.keys if "magnitude" in k or "dora_scale" in k), e.keys[0])
+    out_rows, n = piece.name_rows, m.numel()
+    inputs = int(weight_shape[1]) if len(weight_shape) > 1 else 0
+    if e.magnitude_axis == "out":
+        if n == out_rows:
+            return 0
+    elif m.dim() and m.shape[0] == out_rows and n == out_rows:
+        return 0
+    elif m.dim() >= 2 and m.shape[0] == 1 and m.shape[1] == inputs and n == inputs:
+        whole = piece.rows == (0, piece.total_rows) and piece.name_rows == piece.total_rows
+        if not whole:
+            raise LoraError(f"a DoRA magnitude per input feature {list(m.shape)} on a part (rows "
+                            f"{piece.rows[0]}:{piece.rows[1]}) of {_safe(piece.key)} is not "
+                            "supported: its norm spans rows the LoRA does not target",
+                            path=source, tensor=key)
+        return 1
+    per = "one per output row" if e.magnitude_axis == "out" else \
+        "one per output row, or (1, in) for one per input feature"
+    raise LoraError(f"DoRA magnitude of shape {list(m.shape)} does not fit the weight "
+                    f"{_safe(piece.key)} of shape {list(weight_shape)} (expected {per}: "
+                    f"{out_rows} output rows, {inputs} inputs)", path=source, tensor=key)
+
+
+def float32_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as float32 values (a quantized one decoded exactly)."""
+    if isinstance(weight, GGMLTensor):
+        return weight.dequantize(torch.float32)
+    return weight.detach().to(torch.float32)
+
+
+def dora_adapter(piece: Piece, inner: LoraAdapter | KronAdapter, weight: torch.Tensor,
+                 source: str) -> DoraAdapter:
+    """The DoRA adapter of ``piece`` on ``weight`` (the model's whole tensor, quantized or not):
+    ``inner`` is the piece's own adapter (alpha / rank in its scale), whose delta the norms
+    include; they are taken in float32 on the weight's device.
+
+    Raises:
+        LoraError: the magnitude fits no axis of the weight (see :func:`dora_axis`).
+    """
+    shape = tuple(int(d) for d in weight.shape)
+    axis = dora_axis(piece, shape, source)
+    assert piece.entry.magnitude is not None
+    m = piece.entry.magnitude.detach().to(torch.float32).reshape(-1)
+    w = float32_weight(weight)
+    d = inner.delta_weight(shape).to(w.device)
+    start, stop = piece.rows
+    if axis == 0:
+        lo, hi = piece.lora_rows
+        adapted = (w[start:stop] + d[start:stop]).flatten(1)
+        norm = torch.linalg.vector_norm(adapted, dim=1)
+        part = torch.where(norm > 0, m[lo:hi].to(w.device) / norm, torch.zeros_like(norm))
+        ratio = torch.ones(shape[0], dtype=torch.float32)
+        ratio[start:stop] = part.cpu()
+    else:
+        adapted = (w + d).transpose(0, 1).flatten(1)
+        norm = torch.linalg.vector_norm(adapted, dim=1)
+        ratio = torch.where(norm > 0, m.to(w.device) / norm, torch.zeros_like(norm)).cpu()
+    return DoraAdapter(inner=inner, ratio=ratio, axis=axis, rows=piece.rows if axis == 0 else None,
+                       name=inner.name)
+
+
+def check_stackable(existing: Sequence[object], new: DoraAdapter, key: str, source: str) -> None:
+    """Raise unless ``new`` can join a layer's adapters ``existing``: DoRAs on one layer must
+    cover disjoint output rows (each one's norm is taken against the weight without the other, so
+    two on the same rows would not be what either was trained as)."""
+    for a in existing:
+        if not isinstance(a, DoraAdapter):
+            continue
+        overlap = a.axis == 1 or new.axis == 1 or (
+            a.rows is not None and new.rows is not None
+            and a.rows[0] < new.rows[1] and new.rows[0] < a.rows[1])
+        if overlap:
+            raise LoraError(f"{_safe(key)} already carries a DoRA adapter ({_safe(a.name)}); a "
+                            "layer takes one DoRA at a time (remove that LoRA first)",
+                            path=source)
