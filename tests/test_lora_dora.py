@@ -359,3 +359,31 @@ def test_convert_with_a_dora_bakes_the_exact_quantizer_of_the_merged_weight(tmp_
         expected = quantize(dora_weight(weights[touched[n]], d, m, axis, 0.6), qtype)
         assert after[n][0] == qtype, n
         assert torch.equal(after[n][1].reshape(expected.shape), expected), n
+
+
+@pytest.mark.gpu
+def test_a_dora_on_a_cuda_model_matches_the_cpu_one():
+    """On CUDA (weights there, norms taken there, bf16 compute): the CPU float32 output, to bf16
+    rounding; at strength 0 the base bits."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    cpu = quantize_linears(nn.Sequential(nn.Linear(512, 384), nn.GELU(), nn.Linear(384, 256)),
+                           "Q4_K")
+    gpu = copy.deepcopy(cpu).to(torch.bfloat16).cuda()
+    g = torch.Generator().manual_seed(2)
+    sd = {}
+    for i, (n, k) in ((0, (384, 512)), (2, (256, 384))):
+        sd.update({f"{i}.lora_down.weight": torch.randn(8, k, generator=g) * 0.05,
+                   f"{i}.lora_up.weight": torch.randn(n, 8, generator=g) * 0.05,
+                   f"{i}.dora_scale": (1 + 0.3 * torch.rand(n, 1, generator=g)) * 0.6})
+    x = torch.randn(300, 512, generator=g)
+    with torch.no_grad():
+        base = gpu(x.cuda().bfloat16())
+        h_cpu, h_gpu = apply_lora(cpu, sd), apply_lora(gpu, sd)
+        ref, out = cpu(x), gpu(x.cuda().bfloat16()).float().cpu()
+        assert torch.allclose(out, ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
+        h_gpu.set_scale(0.0)
+        assert torch.equal(gpu(x.cuda().bfloat16()), base)
+        h_cpu.remove()
+        h_gpu.remove()
