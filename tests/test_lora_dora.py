@@ -387,3 +387,13 @@ def test_a_dora_on_a_cuda_model_matches_the_cpu_one():
         assert torch.equal(gpu(x.cuda().bfloat16()), base)
         h_cpu.remove()
         h_gpu.remove()
+
+
+def test_a_magnitude_on_a_one_dimensional_tensor_is_an_error():
+    """A magnitude beside a ``diff`` of a norm's weight (1-D): DoRA rescales rows of a matrix."""
+    model = nn.Sequential(nn.LayerNorm(32))
+    sd = {"0.diff": torch.ones(32), "0.dora_scale": torch.ones(32)}
+    with pytest.raises(LoraError, match="DoRA rescales the rows of a Linear or Conv weight") as info:
+        apply_lora(model, sd, strict=True)
+    assert "0.dora_scale" in str(info.value)
+    assert torch.equal(model[0].weight, torch.ones(32))

@@ -102,13 +102,16 @@ class LoraAdapter:
         return conv(h, up.reshape(up.shape[0], -1, *([1] * n))) * self.scale
 
     def delta_weight(self, shape: tuple[int, ...] | torch.Size,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The adapter as a dense weight delta of ``shape``: ``scale * up @ down`` (in float32)."""
-        up = self.up.detach().to(torch.float32)
+                     dtype: torch.dtype = torch.float32, device: torch.device | None = None
+                     ) -> torch.Tensor:
+        """The adapter as a dense weight delta of ``shape``: ``scale * up @ down`` (in float32,
+        on ``device``: where its factors are unless given)."""
+        up = self.up.detach().to(device=device, dtype=torch.float32)
         if self.down is None:
             d = up.reshape(shape) * self.scale
         else:
-            d = (up.reshape(up.shape[0], -1) @ self.down.detach().to(torch.float32).flatten(1))
+            down = self.down.detach().to(device=device, dtype=torch.float32)
+            d = (up.reshape(up.shape[0], -1) @ down.flatten(1))
             d = d.reshape(shape) * self.scale
         return d.to(dtype)
 
@@ -160,11 +163,12 @@ class KronAdapter:
         return layer._torch_conv_forward(x, w, None) * self.scale
 
     def delta_weight(self, shape: tuple[int, ...] | torch.Size,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                     dtype: torch.dtype = torch.float32, device: torch.device | None = None
+                     ) -> torch.Tensor:
         """The adapter as a dense weight delta of ``shape``: ``scale * kron(w1, w2)``
-        (in float32)."""
-        w1 = self.w1.detach().to(torch.float32)
-        w2 = self.w2.detach().to(torch.float32).flatten(1)
+        (in float32, on ``device``: where its factors are unless given)."""
+        w1 = self.w1.detach().to(device=device, dtype=torch.float32)
+        w2 = self.w2.detach().to(device=device, dtype=torch.float32).flatten(1)
         return (torch.kron(w1, w2).reshape(shape) * self.scale).to(dtype)
 
 
@@ -248,7 +252,7 @@ class DoraAdapter:
         shape = [1] * w.dim()
         shape[self.axis] = -1
         g = g.reshape(shape)
-        d = self.inner.delta_weight(tuple(w.shape)).to(w.device)
+        d = self.inner.delta_weight(tuple(w.shape), device=w.device)
         return self.scale * ((g - 1.0) * w + g * d)
 
 

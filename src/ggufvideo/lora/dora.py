@@ -47,16 +47,20 @@ def dora_axis(piece: Piece, weight_shape: tuple[int, ...], source: str) -> int:
     ``weight_shape``: 0 (output rows) or 1 (input features / channels).
 
     Raises:
-        LoraError: the magnitude fits neither axis, or it is per input feature while the piece
-            covers only some rows of the weight (a part of a fused weight: its norm would need the
-            rows the LoRA does not target).
+        LoraError: the weight is not 2-D or more, the magnitude fits neither axis, or it is per
+            input feature while the piece covers only some rows of the weight (a part of a fused
+            weight: its norm would need the rows the LoRA does not target).
     """
     e = piece.entry
     m = e.magnitude
     assert m is not None
     key = next((k for k in e.keys if "magnitude" in k or "dora_scale" in k), e.keys[0])
+    if len(weight_shape) < 2:
+        raise LoraError(f"a DoRA magnitude on {_safe(piece.key)} of shape {list(weight_shape)}: "
+                        "DoRA rescales the rows of a Linear or Conv weight", path=source,
+                        tensor=key)
     out_rows, n = piece.name_rows, m.numel()
-    inputs = int(weight_shape[1]) if len(weight_shape) > 1 else 0
+    inputs = int(weight_shape[1])
     if e.magnitude_axis == "out":
         if n == out_rows:
             return 0
@@ -98,7 +102,7 @@ def dora_adapter(piece: Piece, inner: LoraAdapter | KronAdapter, weight: torch.T
     assert piece.entry.magnitude is not None
     m = piece.entry.magnitude.detach().to(torch.float32).reshape(-1)
     w = float32_weight(weight)
-    d = inner.delta_weight(shape).to(w.device)
+    d = inner.delta_weight(shape, device=w.device)
     start, stop = piece.rows
     if axis == 0:
         lo, hi = piece.lora_rows
