@@ -397,3 +397,47 @@ def test_a_magnitude_on_a_one_dimensional_tensor_is_an_error():
         apply_lora(model, sd, strict=True)
     assert "0.dora_scale" in str(info.value)
     assert torch.equal(model[0].weight, torch.ones(32))
+
+
+def test_doras_on_the_rows_of_a_fused_weight_rescale_only_their_rows():
+    """q/k/v DoRAs landing on rows of a fused QKV (and a fused-QKV DoRA landing on one of q/k/v):
+    each row's factor comes from its own LoRA rows; the three share the layer; a per-input
+    magnitude on a part of the fused weight is refused."""
+    from ggufvideo.lora.apply import adapter_for, check_piece
+    from ggufvideo.lora.dora import check_stackable
+    from ggufvideo.lora.targets import Piece
+
+    g = torch.Generator().manual_seed(5)
+    layer = quantize_linears(nn.Linear(32, 24))  # the fused QKV: rows 0:8 q, 8:16 k, 16:24 v
+    w = layer.weight.dequantize(torch.float32)
+    merged = w.clone()
+    for i, name in enumerate("qkv"):
+        down, up = torch.randn(4, 32, generator=g) * 0.1, torch.randn(8, 4, generator=g) * 0.1
+        rows = slice(8 * i, 8 * i + 8)
+        m = magnitude(w[rows], up @ down, 0, g)
+        (e,) = parse_lora({f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up,
+                           f"{name}.lora_magnitude_vector": m})
+        a = adapter_for(Piece(e, "qkv.weight", (8 * i, 8 * i + 8), (0, 8), 24, 8), (24, 32), "f",
+                        layer.weight)
+        check_stackable(lora_adapters(layer), a, "qkv.weight", "f")
+        lora_adapters(layer).append(a)
+        merged[rows] = dora_weight(w[rows], up @ down, m, 0, 1.0)
+    x = torch.randn(5, 32, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), F.linear(x, merged, layer.bias), **_CLOSE)
+    # a fused-QKV LoRA's k rows on a model with a separate k
+    down, up = torch.randn(4, 32, generator=g) * 0.1, torch.randn(24, 4, generator=g) * 0.1
+    k = quantize_linears(nn.Linear(32, 8))
+    wk = k.weight.dequantize(torch.float32)
+    m = torch.rand(24, generator=g) + 0.5
+    (e,) = parse_lora({"qkv.lora_A.weight": down, "qkv.lora_B.weight": up, "qkv.dora_scale":
+                       m.reshape(24, 1)})
+    lora_adapters(k).append(adapter_for(Piece(e, "k.weight", (0, 8), (8, 16), 8, 24), (8, 32),
+                                        "f", k.weight))
+    with torch.no_grad():
+        expected = F.linear(x, dora_weight(wk, (up @ down)[8:16], m[8:16], 0, 1.0), k.bias)
+        assert torch.allclose(k(x), expected, **_CLOSE)
+    (e,) = parse_lora({"qkv.lora_A.weight": down, "qkv.lora_B.weight": up, "qkv.dora_scale":
+                       torch.ones(1, 32)})
+    with pytest.raises(LoraError, match="per input feature .* on a part"):
+        check_piece(Piece(e, "k.weight", (0, 8), (8, 16), 8, 24), (8, 32), "f")
