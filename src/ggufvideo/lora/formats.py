@@ -56,6 +56,15 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LoraError, _safe
+from .config import (
+    METADATA_KEY,
+    AdapterConfig,
+    config_for,
+    config_from_file,
+    configs_from_metadata,
+    sibling_config,
+    weights_in,
+)
 
 __all__ = ["LoraEntry", "LoraFile", "parse_lora", "read_lora", "check_lycoris", "KOHYA_PREFIXES"]
 
@@ -102,6 +111,8 @@ class LoraEntry:
         magnitude_axis: ``"out"`` (peft's ``lora_magnitude_vector``, ai-toolkit's ``magnitude``:
             always one per output row) or ``"shape"`` (LyCORIS's ``dora_scale``: its shape says
             whether it is per output row or per input feature).
+        config_scale: the scale a peft config beside the tensors gives the pair when the file
+            has no ``alpha`` for it (``None``: no config; see :mod:`ggufvideo.lora.config`).
         keys: the file keys this entry was read from.
     """
 
@@ -114,6 +125,7 @@ class LoraEntry:
     factors: dict[str, torch.Tensor] = field(default_factory=dict)
     magnitude: torch.Tensor | None = None
     magnitude_axis: str = "out"
+    config_scale: float | None = None
     keys: list[str] = field(default_factory=list)
 
     @property
@@ -150,9 +162,9 @@ class LoraEntry:
 
     @property
     def scale(self) -> float:
-        """``alpha / rank`` (kohya, LyCORIS), or 1 without an alpha (or a rank to divide by)."""
+        """``alpha / rank`` (kohya, LyCORIS); without an alpha the peft config's scale, else 1."""
         if self.alpha is None or not self.rank:
-            return 1.0
+            return self.config_scale if self.config_scale is not None else 1.0
         return float(self.alpha) / self.rank
 
     @property
@@ -182,8 +194,12 @@ def _split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dict>") -> LoraFile:
+def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dict>",
+               configs: Mapping[str, AdapterConfig] | None = None) -> LoraFile:
     """Group a LoRA state dict's keys by target layer, checking shapes.
+
+    ``configs`` (component prefix -> peft config, :mod:`ggufvideo.lora.config`) give the scale
+    of LoRA pairs the file has no ``alpha`` for.
 
     Raises:
         LoraError: a key of no known scheme, an unsupported adapter type (OFT, LoCon Tucker mid
@@ -241,6 +257,9 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
                 raise LoraError(f"down {list(e.down.shape)} and up {list(e.up.shape)} do not form "
                                 "a rank-r pair (up's columns must equal down's rows)",
                                 path=source, tensor=first)
+            config = config_for(e.target, configs or {})
+            if config is not None and e.alpha is None:
+                e.config_scale = config.scale(e.target, e.rank)
     return LoraFile(source, entries)
 
 
@@ -302,7 +321,10 @@ def check_lycoris(e: LoraEntry, source: str) -> None:
 
 def read_lora(lora: str | os.PathLike[str] | Mapping[str, torch.Tensor] | LoraFile) -> LoraFile:
     """A LoRA from a ``.safetensors`` file, a ``.pt``/``.pth``/``.bin`` state dict
-    (``torch.load(weights_only=True)``), an in-memory state dict, or an already parsed file."""
+    (``torch.load(weights_only=True)``), a peft/diffusers folder (its ``adapter_model`` or
+    ``pytorch_lora_weights`` file), an in-memory state dict, or an already parsed file. A peft
+    config in the safetensors header or beside ``adapter_model.*`` gives the scale of pairs
+    without an ``alpha`` (:mod:`ggufvideo.lora.config`)."""
     if isinstance(lora, LoraFile):
         return lora
     if isinstance(lora, Mapping):
@@ -310,8 +332,16 @@ def read_lora(lora: str | os.PathLike[str] | Mapping[str, torch.Tensor] | LoraFi
     path = os.fspath(lora)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such LoRA file")
+    if os.path.isdir(path):
+        path = weights_in(path)
+    configs: dict[str, AdapterConfig] = {}
+    beside = sibling_config(path)
+    if beside is not None:
+        configs[""] = config_from_file(beside)
     if path.lower().endswith(".safetensors"):
-        sd = _read_safetensors(path)
+        sd, header = _read_safetensors(path)
+        if METADATA_KEY in header:
+            configs = configs_from_metadata(header[METADATA_KEY], path)
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -319,15 +349,19 @@ def read_lora(lora: str | os.PathLike[str] | Mapping[str, torch.Tensor] | LoraFi
             raise LoraError(f"cannot read as a torch state dict: {_safe(exc)}", path=path) from None
         if not isinstance(sd, Mapping):
             raise LoraError(f"expected a state dict, found {type(sd).__name__}", path=path)
-    return parse_lora(sd, path)
+    return parse_lora(sd, path, configs)
 
 
-def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """The file's tensors, read with the package's own safetensors reader (no extra needed)."""
-    from ..sources import open_source
+def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The file's tensors and its header's text metadata, read with the package's own
+    safetensors reader (no extra needed)."""
+    from ..sources import SOURCE_METADATA_PREFIX, open_source
 
     src = open_source(path)
     try:
-        return {t.name: t.load() for t in src.tensors}
+        n = len(SOURCE_METADATA_PREFIX)
+        header = {k[n:]: str(v) for k, v in src.metadata.items()
+                  if k.startswith(SOURCE_METADATA_PREFIX)}
+        return {t.name: t.load() for t in src.tensors}, header
     finally:
         src._keep_open.clear()

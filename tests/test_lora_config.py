@@ -1,0 +1,141 @@
+"""peft/diffusers LoRA scales kept outside the tensors: the safetensors header's
+``lora_adapter_metadata`` and peft's ``adapter_config.json`` (``lora_alpha``, ``alpha_pattern``,
+rsLoRA). The reference is peft itself (and diffusers' loader) running the same adapter."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from lora_helpers import CONFIG, run_wan
+from torch import nn
+
+from ggufvideo import apply_lora
+from ggufvideo.errors import LoraError
+from ggufvideo.lora import read_lora
+from ggufvideo.lora.config import AdapterConfig, configs_from_metadata
+
+peft = pytest.importorskip("peft")
+st = pytest.importorskip("safetensors.torch")
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _randomize(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_a_peft_folder_applies_with_its_adapter_config(tmp_path, rslora):
+    """``save_pretrained``'s folder (``adapter_model.safetensors`` + ``adapter_config.json``,
+    ``lora_alpha`` 16 at rank 4, ``fc2`` at alpha 2 by pattern): peft's own output."""
+    torch.manual_seed(0)
+    base = _Net().eval()
+    plain = copy.deepcopy(base)
+    cfg = peft.LoraConfig(r=4, lora_alpha=16, alpha_pattern={"fc2": 2}, use_rslora=rslora,
+                          target_modules=["fc1", "fc2"])
+    wrapped = peft.get_peft_model(base, cfg)
+    _randomize(wrapped)
+    wrapped.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_config.json").exists()
+    x = torch.randn(3, 32)
+    for where in (tmp_path, tmp_path / "adapter_model.safetensors"):
+        h = apply_lora(plain, where)
+        with torch.no_grad():
+            assert torch.allclose(plain(x), wrapped(x), rtol=1e-5, atol=1e-6)
+        h.remove()
+    lf = read_lora(tmp_path)
+    scales = {e.target.rpartition(".")[2]: e.scale for e in lf}
+    root = 2.0 if rslora else 4.0
+    assert scales == {"fc1": 16 / root, "fc2": 2 / root}
+
+
+def test_a_diffusers_saved_lora_applies_with_the_alpha_in_its_header(tmp_path):
+    """diffusers' ``save_lora_adapter`` (the config in the header's ``lora_adapter_metadata``;
+    ``lora_alpha`` 8 at rank 4): diffusers' own model with the adapter loaded."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(**CONFIG).eval()
+    plain = copy.deepcopy(model)
+    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k"]))
+    _randomize(model)
+    model.save_lora_adapter(tmp_path)
+    (saved,) = tmp_path.glob("*.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(saved, "pt") as f:
+        assert "lora_adapter_metadata" in (f.metadata() or {})
+    h = apply_lora(plain, saved)
+    assert all(e.scale == 2.0 for e in read_lora(saved))
+    assert torch.allclose(run_wan(plain), run_wan(model), rtol=1e-4, atol=1e-5)
+    h.remove()
+
+
+def test_an_explicit_alpha_wins_and_prefixed_metadata_picks_by_component(tmp_path):
+    """A pipeline's header (``transformer.lora_alpha``...) scales the ``transformer.`` pairs only;
+    a pair with its own ``.alpha`` keeps alpha / rank."""
+    meta = {"transformer.r": 4, "transformer.lora_alpha": 2, "text_encoder.r": 4,
+            "text_encoder.lora_alpha": 12}
+    sd = {"transformer.a.lora_A.weight": torch.ones(4, 8), "transformer.a.lora_B.weight":
+          torch.ones(8, 4), "text_encoder.b.lora_A.weight": torch.ones(4, 8),
+          "text_encoder.b.lora_B.weight": torch.ones(8, 4), "transformer.c.lora_A.weight":
+          torch.ones(4, 8), "transformer.c.lora_B.weight": torch.ones(8, 4),
+          "transformer.c.alpha": torch.tensor(1.0)}
+    path = tmp_path / "lora.safetensors"
+    st.save_file(sd, path, metadata={"lora_adapter_metadata": json.dumps(meta)})
+    scales = {e.target: e.scale for e in read_lora(path)}
+    assert scales == {"transformer.a": 0.5, "text_encoder.b": 3.0, "transformer.c": 0.25}
+
+
+def test_alpha_patterns_match_as_peft_matches_them():
+    c = AdapterConfig(8.0, {"blocks.0.attn1.to_q": 2.0, r"blocks\.1\..*": 4.0})
+    assert c.alpha_for("transformer.blocks.0.attn1.to_q") == 2.0
+    assert c.alpha_for("blocks.0.attn1.to_q") == 2.0
+    assert c.alpha_for("transformer.blocks.10.attn1.to_q") == 8.0  # no partial name matches
+    assert c.alpha_for("transformer.blocks.1.ffn.net.2") == 4.0
+
+
+def test_a_header_config_that_is_not_json_names_the_file(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    st.save_file({"a.lora_A.weight": torch.ones(4, 8), "a.lora_B.weight": torch.ones(8, 4)}, path,
+                 metadata={"lora_adapter_metadata": "{not json"})
+    with pytest.raises(LoraError, match="lora_adapter_metadata .* not JSON") as info:
+        read_lora(path)
+    assert "bad.safetensors" in str(info.value)
+    with pytest.raises(LoraError, match="not readable"):
+        configs_from_metadata(json.dumps({"lora_alpha": "many"}), "x.safetensors")
+
+
+def test_a_peft_config_of_another_adapter_type_is_an_error(tmp_path):
+    st.save_file({"a.lora_A.weight": torch.ones(4, 8), "a.lora_B.weight": torch.ones(8, 4)},
+                 tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    with pytest.raises(LoraError, match="IA3 adapter, not a LoRA") as info:
+        read_lora(tmp_path)
+    assert "adapter_config.json" in str(info.value)
+
+
+def test_a_folder_without_weights_names_what_it_looked_for(tmp_path):
+    with pytest.raises(LoraError, match="adapter_model.safetensors, pytorch_lora_weights"):
+        read_lora(tmp_path)
+
+
+def test_a_config_beside_a_file_of_another_name_is_not_used(tmp_path):
+    """Only peft's own ``adapter_model.*`` takes the ``adapter_config.json`` beside it: a folder
+    of LoRAs may hold a config that is not theirs."""
+    st.save_file({"a.lora_A.weight": torch.ones(4, 8), "a.lora_B.weight": torch.ones(8, 4)},
+                 tmp_path / "style.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 16}))
+    assert next(iter(read_lora(tmp_path / "style.safetensors"))).scale == 1.0
