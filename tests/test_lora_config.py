@@ -139,3 +139,33 @@ def test_a_config_beside_a_file_of_another_name_is_not_used(tmp_path):
                  tmp_path / "style.safetensors")
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 16}))
     assert next(iter(read_lora(tmp_path / "style.safetensors"))).scale == 1.0
+
+
+def test_anchored_patterns_and_renamed_keys_scale_as_diffusers_does(tmp_path):
+    """diffusers writes anchored patterns (``^blocks.0.attn1.to_v``) for a mixed-rank file;
+    they match the name inside the component. A file renamed to the original or kohya names after
+    diffusers saved it keeps the ``transformer`` config (diffusers' Wan loader reads it so)."""
+    meta = {"transformer.r": 4, "transformer.lora_alpha": 4,
+            "transformer.alpha_pattern": {"^blocks.0.attn1.to_v": 16}}
+    sd = {}
+    for name, r in (("blocks.0.attn1.to_q", 4), ("blocks.0.attn1.to_v", 16)):
+        sd[f"transformer.{name}.lora_A.weight"] = torch.ones(r, 8)
+        sd[f"transformer.{name}.lora_B.weight"] = torch.ones(8, r)
+    path = tmp_path / "mixed.safetensors"
+    st.save_file(sd, path, metadata={"lora_adapter_metadata": json.dumps(meta)})
+    assert {e.target: e.scale for e in read_lora(path)} == {
+        "transformer.blocks.0.attn1.to_q": 1.0, "transformer.blocks.0.attn1.to_v": 1.0}
+    renamed = {"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.ones(8, 8),
+               "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.ones(8, 8)}
+    path = tmp_path / "renamed.safetensors"
+    st.save_file(renamed, path, metadata={"lora_adapter_metadata": json.dumps(
+        {"transformer.r": 8, "transformer.lora_alpha": 16})})
+    assert next(iter(read_lora(path))).scale == 2.0
+
+
+def test_a_header_without_scales_keeps_the_folders_config(tmp_path):
+    st.save_file({"a.lora_A.weight": torch.ones(4, 8), "a.lora_B.weight": torch.ones(8, 4)},
+                 tmp_path / "adapter_model.safetensors",
+                 metadata={"lora_adapter_metadata": json.dumps({"task_type": None})})
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 12}))
+    assert next(iter(read_lora(tmp_path))).scale == 3.0

@@ -441,3 +441,59 @@ def test_doras_on_the_rows_of_a_fused_weight_rescale_only_their_rows():
                        torch.ones(1, 32)})
     with pytest.raises(LoraError, match="per input feature .* on a part"):
         check_piece(Piece(e, "k.weight", (0, 8), (8, 16), 8, 24), (8, 32), "f")
+
+
+def test_a_small_magnitude_change_survives_bfloat16_compute():
+    """Magnitudes 0.3% off the weight's norms in a bfloat16 model: each row's gain is 1.003 /
+    0.997 (a factor rounded to bfloat16 itself would be 1 or 1.0078)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 64, bias=False).to(torch.bfloat16)
+    w = layer.weight.detach().float()  # the norms of the weights the model holds
+    sign = torch.where(torch.arange(64) % 2 == 0, 1.0, -1.0)
+    m = torch.linalg.vector_norm(w, dim=1) * (1 + 0.003 * sign)
+    sd = {"0.lora_down.weight": torch.zeros(4, 256), "0.lora_up.weight": torch.zeros(64, 4),
+          "0.dora_scale": m.reshape(64, 1)}
+    model = nn.Sequential(layer)
+    x = torch.randn(20000, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        base = model(x).float()
+        h = apply_lora(model, sd)
+        out = model(x).float()
+        h.remove()
+    gain = (out * base).sum(0) / (base * base).sum(0)
+    assert torch.allclose(gain, 1 + 0.003 * sign, atol=5e-4)
+
+
+def test_two_doras_on_one_tensor_in_one_conversion_are_an_error(models, tmp_path):
+    """``convert --lora a --lora b`` with two DoRAs on the same weight is refused before anything
+    is written, naming the second file and its magnitude key."""
+    from ggufvideo.lora.bake import bake_sources
+
+    q, dense = models
+    p = pairs(_shapes(q))
+    first, _ = dora_lora(_weights(dense), p, "kohya")
+    second, _ = dora_lora(_weights(dense), p, "kohya", seed=1)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    st.save_file(first, a)
+    st.save_file(second, b)
+    from ggufvideo.writer import SourceTensor
+
+    sd = dense.state_dict()
+    tensors = [SourceTensor(name=k, shape=tuple(v.shape), dtype=v.dtype, load=lambda v=v: v)
+               for k, v in sd.items()]
+    with pytest.raises(LoraError, match="one DoRA at a time") as info:
+        bake_sources(tensors, [(a, 1.0), (b, 1.0)], ggufvideo.QuantPolicy.from_type("Q8_0"),
+                     own_types=True)
+    msg = str(info.value)
+    assert "b.safetensors" in msg and "a.safetensors" in msg and ".dora_scale" in msg
+
+
+def test_a_dora_on_a_model_without_values_names_the_file_and_key(tmp_path):
+    """A model built on the meta device has no norms to take: a clear error, not a torch one."""
+    with ggufvideo.empty_weights():
+        model = nn.Sequential(nn.Linear(32, 16))
+    sd = {"0.lora_down.weight": torch.ones(4, 32), "0.lora_up.weight": torch.ones(16, 4),
+          "0.dora_scale": torch.ones(16, 1)}
+    with pytest.raises(LoraError, match="meta device") as info:
+        apply_lora(model, sd)
+    assert "0.dora_scale" in str(info.value)

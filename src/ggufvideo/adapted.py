@@ -32,9 +32,12 @@ _lora_fusion: bool | None = None  # None: follow GGUFVIDEO_LORA_FUSED (default o
 
 def _dora_factors(adapters: list[Adapter], device: torch.device, dtype: torch.dtype
                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(input factor, output factor) the layer's DoRA adapters put on its base product (``None``:
-    none on that side). Several DoRAs on one layer cover disjoint output rows (checked when they
-    are applied), so their factors multiply without interacting."""
+    """``c - 1`` on the input side and on the output side of the base product, for the layer's
+    DoRA adapters (``None``: none on that side), in ``dtype``. Several DoRAs on one layer cover
+    disjoint output rows (checked when they are applied), so their factors multiply without
+    interacting. Kept as ``c - 1`` because ``c`` is near 1: rounded to bfloat16 itself, a
+    magnitude's change of a few tenths of a percent would be lost, where ``y + y * (c - 1)``
+    keeps it."""
     c_in: torch.Tensor | None = None
     c_out: torch.Tensor | None = None
     for a in adapters:
@@ -44,7 +47,17 @@ def _dora_factors(adapters: list[Adapter], device: torch.device, dtype: torch.dt
                 c_in = c if c_in is None else c_in * c
             else:
                 c_out = c if c_out is None else c_out * c
-    return (None if c_in is None else c_in.to(dtype)), (None if c_out is None else c_out.to(dtype))
+    return ((None if c_in is None else (c_in - 1.0).to(dtype)),
+            (None if c_out is None else (c_out - 1.0).to(dtype)))
+
+
+def _rescaled(t: torch.Tensor, c1: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """``t * c`` along ``dim`` given ``c1 = c - 1``: ``t + t * c1``."""
+    if c1 is None:
+        return t
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    return t + t * c1.reshape(shape)
 
 
 def set_lora_fusion(flag: bool | None) -> None:
@@ -110,11 +123,11 @@ def _dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     from . import ops
 
     c_in, c_out = _dora_factors(adapters, x.device, x.dtype)
-    xb = x if c_in is None else x * c_in
+    xb = _rescaled(x, c_in, -1)
     if c_out is None:
         y = ops.quant_linear(xb, weight, bias)
     else:
-        y = ops.quant_linear(xb, weight, None) * c_out
+        y = _rescaled(ops.quant_linear(xb, weight, None), c_out, -1)
         if bias is not None:
             y = y + ops.dequantize_weight(bias, y.dtype)
     for a in adapters:
@@ -135,10 +148,9 @@ def lora_conv(layer: _QuantConvNd, x: torch.Tensor, weight: torch.Tensor,
         return y
     c_in, c_out = _dora_factors(adapters, x.device, x.dtype)
     n = x.dim() - 2
-    xb = x if c_in is None else x * c_in.reshape(1, -1, *([1] * n))
+    xb = _rescaled(x, c_in, 1)
     y = layer._torch_conv_forward(xb, weight, None)
-    if c_out is not None:
-        y = y * c_out.reshape(1, -1, *([1] * n))
+    y = _rescaled(y, c_out, 1)
     if bias is not None:
         y = y + bias.reshape(1, -1, *([1] * n))
     for a in adapters:

@@ -35,7 +35,7 @@ from ..ops import (
     quant_class_for,
 )
 from ..tensor import GGMLTensor
-from .dora import check_stackable, dora_adapter, dora_axis, float32_weight
+from .dora import check_stackable, dora_adapter, dora_axis, float32_weight, magnitude_key
 from .formats import LoraFile, read_lora
 from .lycoris import loha_pair, loha_products_agree, loha_weight, lokr_factors, pair_is_smaller
 from .targets import Piece, Resolution, resolve
@@ -77,7 +77,7 @@ def adapter_for(piece: Piece, weight_shape: tuple[int, ...], source: str,
     if piece.entry.magnitude is None:
         return inner
     if weight is None:
-        raise ValueError("a DoRA piece needs the weight it applies to")
+        raise ValueError(f"{piece.key}: a DoRA piece needs the weight it applies to")
     assert not isinstance(inner, DoraAdapter)
     return dora_adapter(piece, inner, weight, source)
 
@@ -150,6 +150,7 @@ def dense_delta(pieces: list[Piece], shape: tuple[int, ...], source: str, *,
     """The summed float32 delta the pieces make to a tensor of ``shape`` (scales applied);
     ``weight``, the tensor itself, is needed by DoRA pieces (their delta depends on it)."""
     total = torch.zeros(shape, dtype=torch.float32)
+    w32: torch.Tensor | None = None
     for p in pieces:
         if bias:
             e = p.entry
@@ -161,10 +162,12 @@ def dense_delta(pieces: list[Piece], shape: tuple[int, ...], source: str, *,
                                 f"shape {list(shape)}", path=source, tensor=e.keys[0])
             total += d
         else:
-            a = adapter_for(p, shape, source, weight)
+            if p.entry.magnitude is not None and weight is not None and w32 is None:
+                w32 = float32_weight(weight)  # decoded once for all the DoRA pieces
+            a = adapter_for(p, shape, source, w32)
             if isinstance(a, DoraAdapter):
-                assert weight is not None
-                total += a.merged_delta(float32_weight(weight)).cpu()
+                assert w32 is not None
+                total += a.merged_delta(w32).cpu()
             else:
                 total += a.delta_weight(shape)
     return total
@@ -342,9 +345,9 @@ def apply_lora(model: nn.Module, lora: LoraLike, scale: float = 1.0, *, strict: 
                 weight = state[key]
                 adapters = [adapter_for(p, shape, lf.source, weight) for p in pieces]
                 layer = _layer_for_adapters(module, key, lf.source)
-                for a in adapters:
+                for p, a in zip(pieces, adapters):
                     if isinstance(a, DoraAdapter):
-                        check_stackable(lora_adapters(layer), a, key, lf.source)
+                        check_stackable(lora_adapters(layer), a, key, lf.source, magnitude_key(p))
                     base = a.scale
                     a.scale = handle.scale * base
                     lora_adapters(layer).append(a)

@@ -25,6 +25,7 @@ from ..quants import get_quant_type, quantize
 from ..tensor import GGMLTensor
 from ..writer import SourceTensor
 from .apply import check_piece, dense_delta, needs_weight
+from .dora import check_plan
 from .formats import LoraFile, read_lora
 from .targets import Piece, resolve
 
@@ -108,6 +109,7 @@ def bake_sources(tensors: Sequence[SourceTensor],
             else:
                 for piece in pieces:
                     check_piece(piece, tuple(s.shape), src)
+        check_plan(s.name, tuple(s.shape), [(p, src) for p, _, b, src in todo if not b])
         changed[s.name] = [src for *_, src in todo]
         if own_types and s.qtype is not None:
             qt = get_quant_type(s.qtype)

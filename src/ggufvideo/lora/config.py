@@ -34,6 +34,8 @@ __all__ = ["METADATA_KEY", "CONFIG_FILE", "WEIGHT_FILES", "AdapterConfig", "conf
 METADATA_KEY = "lora_adapter_metadata"
 #: peft's config file, beside ``adapter_model.safetensors``.
 CONFIG_FILE = "adapter_config.json"
+#: What peft puts before the names of the model it wraps.
+_PEFT_ROOT = "base_model.model."
 #: The keys of a LoraConfig that decide a layer's scale.
 _SCALE_KEYS = ("r", "lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora")
 
@@ -53,7 +55,7 @@ class AdapterConfig:
     use_rslora: bool = False
 
     def alpha_for(self, target: str) -> float:
-        """The alpha of the layer named ``target`` (any container prefix kept)."""
+        """The alpha of the layer named ``target`` (its name in the model peft wrapped)."""
         for pattern, alpha in self.alpha_pattern.items():
             if re.match(rf"(.*\.)?({pattern})$", target):
                 return alpha
@@ -119,13 +121,27 @@ def config_from_file(path: str) -> AdapterConfig:
     return _config(values, path)
 
 
-def config_for(target: str, configs: Mapping[str, AdapterConfig]) -> AdapterConfig | None:
-    """The config of the layer ``target`` (its name as the file writes it): the one whose
-    component prefix it starts with, else the unprefixed one, else ``None``."""
+def config_for(target: str, configs: Mapping[str, AdapterConfig]
+               ) -> tuple[AdapterConfig, str] | None:
+    """The config of the layer ``target`` (its name as the file writes it) and the layer's name as
+    peft knew it (what ``alpha_pattern`` keys are matched against: without the component prefix
+    and peft's ``base_model.model.``), else ``None``.
+
+    The config is the one whose component prefix ``target`` starts with; for a name with none of
+    them (a file renamed to the original release's or kohya's names after diffusers saved it,
+    as diffusers' own Wan loader reads such files) the unprefixed config, else the
+    ``transformer`` one, else the only one.
+    """
+    def relative(name: str) -> str:
+        return name[len(_PEFT_ROOT):] if name.startswith(_PEFT_ROOT) else name
+
     for prefix, config in configs.items():
-        if prefix and (target == prefix or target.startswith(prefix + ".")):
-            return config
-    return configs.get("")
+        if prefix and target.startswith(prefix + "."):
+            return config, relative(target[len(prefix) + 1:])
+    fallback = configs.get("") or configs.get("transformer")
+    if fallback is None and len(configs) == 1:
+        fallback = next(iter(configs.values()))
+    return None if fallback is None else (fallback, relative(target))
 
 
 #: Weights file names of a LoRA folder, in the order they are looked for (peft's, diffusers').

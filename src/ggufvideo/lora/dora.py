@@ -39,7 +39,8 @@ from ..ops import DoraAdapter, KronAdapter, LoraAdapter
 from ..tensor import GGMLTensor
 from .targets import Piece
 
-__all__ = ["dora_axis", "dora_adapter", "check_stackable", "float32_weight"]
+__all__ = ["dora_axis", "dora_adapter", "check_stackable", "check_plan", "float32_weight",
+           "magnitude_key"]
 
 
 def dora_axis(piece: Piece, weight_shape: tuple[int, ...], source: str) -> int:
@@ -54,7 +55,7 @@ def dora_axis(piece: Piece, weight_shape: tuple[int, ...], source: str) -> int:
     e = piece.entry
     m = e.magnitude
     assert m is not None
-    key = next((k for k in e.keys if "magnitude" in k or "dora_scale" in k), e.keys[0])
+    key = magnitude_key(piece)
     if len(weight_shape) < 2:
         raise LoraError(f"a DoRA magnitude on {_safe(piece.key)} of shape {list(weight_shape)}: "
                         "DoRA rescales the rows of a Linear or Conv weight", path=source,
@@ -95,11 +96,16 @@ def dora_adapter(piece: Piece, inner: LoraAdapter | KronAdapter, weight: torch.T
     include; they are taken in float32 on the weight's device.
 
     Raises:
-        LoraError: the magnitude fits no axis of the weight (see :func:`dora_axis`).
+        LoraError: the magnitude fits no axis of the weight (see :func:`dora_axis`), or the
+            weight is on the meta device.
     """
     shape = tuple(int(d) for d in weight.shape)
     axis = dora_axis(piece, shape, source)
     assert piece.entry.magnitude is not None
+    if weight.device.type == "meta":
+        raise LoraError(f"{_safe(piece.key)} holds no values yet (a model built on the meta "
+                        "device): a DoRA's norms need the weights, so load them first",
+                        path=source, tensor=magnitude_key(piece))
     m = piece.entry.magnitude.detach().to(torch.float32).reshape(-1)
     w = float32_weight(weight)
     d = inner.delta_weight(shape, device=w.device)
@@ -119,17 +125,47 @@ def dora_adapter(piece: Piece, inner: LoraAdapter | KronAdapter, weight: torch.T
                        name=inner.name)
 
 
-def check_stackable(existing: Sequence[object], new: DoraAdapter, key: str, source: str) -> None:
-    """Raise unless ``new`` can join a layer's adapters ``existing``: DoRAs on one layer must
-    cover disjoint output rows (each one's norm is taken against the weight without the other, so
-    two on the same rows would not be what either was trained as)."""
+def magnitude_key(piece: Piece) -> str:
+    """The file key of ``piece``'s magnitude (for messages)."""
+    keys = piece.entry.keys
+    return next((k for k in keys if "magnitude" in k or "dora_scale" in k), keys[0])
+
+
+def _overlap(a: tuple[int, tuple[int, int] | None], b: tuple[int, tuple[int, int] | None]) -> bool:
+    (axis_a, rows_a), (axis_b, rows_b) = a, b
+    if axis_a == 1 or axis_b == 1 or rows_a is None or rows_b is None:
+        return True
+    return rows_a[0] < rows_b[1] and rows_b[0] < rows_a[1]
+
+
+def _refuse(key: str, earlier: str, source: str, tensor: str) -> LoraError:
+    return LoraError(f"{_safe(key)} already carries a DoRA ({_safe(earlier)}) on the same rows; a "
+                     "layer takes one DoRA at a time (its norm is taken against the weight "
+                     "without the other, so two would be neither what was trained)",
+                     path=source, tensor=tensor)
+
+
+def check_stackable(existing: Sequence[object], new: DoraAdapter, key: str, source: str,
+                    tensor: str = "") -> None:
+    """Raise unless the DoRA ``new`` can join a layer's adapters ``existing``: DoRAs on one layer
+    must cover disjoint output rows (parts of a fused weight)."""
     for a in existing:
-        if not isinstance(a, DoraAdapter):
-            continue
-        overlap = a.axis == 1 or new.axis == 1 or (
-            a.rows is not None and new.rows is not None
-            and a.rows[0] < new.rows[1] and new.rows[0] < a.rows[1])
-        if overlap:
-            raise LoraError(f"{_safe(key)} already carries a DoRA adapter ({_safe(a.name)}); a "
-                            "layer takes one DoRA at a time (remove that LoRA first)",
-                            path=source)
+        if isinstance(a, DoraAdapter) and _overlap((a.axis, a.rows), (new.axis, new.rows)):
+            raise _refuse(key, a.name, source, tensor)
+
+
+def check_plan(key: str, shape: tuple[int, ...], todo: Sequence[tuple[Sequence[Piece], str]]
+               ) -> None:
+    """The same rule for LoRAs merged into one tensor together (``convert --lora A --lora B``):
+    ``todo`` holds each LoRA's pieces on the tensor ``key`` and its source."""
+    seen: list[tuple[tuple[int, tuple[int, int] | None], int, str]] = []
+    for i, (pieces, source) in enumerate(todo):
+        for p in pieces:
+            if p.entry.magnitude is None:
+                continue
+            axis = dora_axis(p, shape, source)
+            span = (axis, p.rows if axis == 0 else None)
+            for other, j, where in seen:
+                if j != i and _overlap(other, span):
+                    raise _refuse(key, where, source, magnitude_key(p))
+            seen.append((span, i, source))

@@ -257,9 +257,9 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
                 raise LoraError(f"down {list(e.down.shape)} and up {list(e.up.shape)} do not form "
                                 "a rank-r pair (up's columns must equal down's rows)",
                                 path=source, tensor=first)
-            config = config_for(e.target, configs or {})
-            if config is not None and e.alpha is None:
-                e.config_scale = config.scale(e.target, e.rank)
+            found = config_for(e.target, configs or {})
+            if found is not None and e.alpha is None:  # an explicit alpha tensor wins
+                e.config_scale = found[0].scale(found[1], e.rank)
     return LoraFile(source, entries)
 
 
@@ -340,8 +340,8 @@ def read_lora(lora: str | os.PathLike[str] | Mapping[str, torch.Tensor] | LoraFi
         configs[""] = config_from_file(beside)
     if path.lower().endswith(".safetensors"):
         sd, header = _read_safetensors(path)
-        if METADATA_KEY in header:
-            configs = configs_from_metadata(header[METADATA_KEY], path)
+        if METADATA_KEY in header:  # the file's own config, over a folder's
+            configs.update(configs_from_metadata(header[METADATA_KEY], path))
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
