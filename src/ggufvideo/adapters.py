@@ -187,8 +187,10 @@ class DoraAdapter:
         axis 1:  y = W (c * x) + b + s * D (g * x)
 
     The bias is not rescaled (as in peft and LyCORIS). ``g`` is computed once, when the adapter
-    is made (:mod:`ggufvideo.lora.dora`); rows a DoRA does not cover (a part of a fused weight)
-    have ``g = 1`` there and a zero delta.
+    is made (:mod:`ggufvideo.lora.dora`), and does not follow later changes of the weight or of
+    ``inner`` (an adapter for inference; peft's DoRA recomputes the norm in every forward, for
+    training); rows a DoRA does not cover (a part of a fused weight) have ``g = 1`` there and a
+    zero delta.
 
     Attributes:
         inner: the low-rank pair (or LoHa pair, LoKr, full delta) whose delta is ``D``; its own

@@ -382,7 +382,9 @@ def fuse_lora(model: nn.Module, lora: LoraLike, scale: float = 1.0, *, strict: b
     ``ggufvideo convert --lora`` writes to a file); plain weights get the delta rounded once.
 
     Irreversible (requantization loses what the original blocks held beyond the new blocks); use
-    :func:`apply_lora` to run a LoRA unmerged and removable. Returns the changed tensor names.
+    :func:`apply_lora` to run a LoRA unmerged and removable. A DoRA's norms are taken of the
+    weights as they are now (with any LoRA fused before merged in). Returns the changed tensor
+    names.
     """
     from .bake import merged_tensor
 
