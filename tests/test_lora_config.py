@@ -169,3 +169,37 @@ def test_a_header_without_scales_keeps_the_folders_config(tmp_path):
                  metadata={"lora_adapter_metadata": json.dumps({"task_type": None})})
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 12}))
     assert next(iter(read_lora(tmp_path))).scale == 3.0
+
+
+@pytest.mark.filterwarnings("ignore:.*invalid shape")  # peft's own check misreads the 1-D bias
+def test_peft_lora_bias_applies_scaled_like_peft(tmp_path):
+    """peft's ``lora_bias=True`` (a bias on ``lora_B``, scaled with the pair): peft's output."""
+    torch.manual_seed(0)
+    base = _Net().eval()
+    plain = copy.deepcopy(base)
+    wrapped = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, lora_bias=True,
+                                                        target_modules=["fc1", "fc2"]))
+    _randomize(wrapped)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name and name.endswith("bias"):
+                p.normal_(0, 0.3)
+    wrapped.save_pretrained(tmp_path)
+    h = apply_lora(plain, tmp_path)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), wrapped(x), rtol=1e-5, atol=1e-6)
+    assert sorted(h.targets) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+
+
+def test_bias_keys_that_match_nothing_are_reported():
+    """A ``lora_B`` bias or a LyCORIS ``b_norm`` on a layer without a bias: listed as unmatched
+    (strict raises), never dropped in silence."""
+    model = nn.Sequential(nn.Linear(8, 8, bias=False))
+    sd = {"0.lora_A.weight": torch.ones(4, 8), "0.lora_B.weight": torch.ones(8, 4),
+          "0.lora_B.bias": torch.ones(8)}
+    h = apply_lora(model, sd, strict=False)
+    assert h.unmatched == ["0.lora_B.bias"]
+    h.remove()
+    with pytest.raises(LoraError, match="match no tensor"):
+        apply_lora(model, {"0.w_norm": torch.ones(8, 8), "0.b_norm": torch.ones(8)})

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..models import CONTAINER_PREFIXES, detect
-from .formats import KOHYA_PREFIXES, LoraEntry, LoraFile
+from .formats import KOHYA_PREFIXES, LoraEntry, LoraFile, is_bias_key
 
 __all__ = ["Piece", "Resolution", "resolve"]
 
@@ -182,9 +182,9 @@ def resolve(lora: LoraFile, shapes: Mapping[str, tuple[int, ...]], *,
     for e in lora:
         w, b = found[e.target]
         if e.has_weight and w is None:
-            unmatched.extend(k for k in e.keys if not k.endswith(".diff_b"))
+            unmatched.extend(k for k in e.keys if not is_bias_key(k))
         if e.diff_b is not None and b is None:
-            unmatched.extend(k for k in e.keys if k.endswith(".diff_b"))
+            unmatched.extend(k for k in e.keys if is_bias_key(k))
         for name, out in ((w, weights), (b, biases)):
             if name is None:
                 continue
