@@ -204,3 +204,69 @@ def test_vae_may_be_a_comfyui_style_safetensors_file(parts, files, tmp_path):
                     vae=vae_file)
     for k, v in sd.items():
         assert torch.equal(pipe.vae.state_dict()[k], v), k
+
+
+def _lora_file(transformer, path, seed, prefix="diffusion_model.blocks.0.self_attn.q"):
+    """A kohya-style LoRA on the first block's query projection, in the original names."""
+    from safetensors.torch import save_file
+
+    n, k = transformer.blocks[0].attn1.to_q.weight.shape
+    g = torch.Generator().manual_seed(seed)
+    save_file({f"{prefix}.lora_down.weight": torch.randn(4, k, generator=g),
+               f"{prefix}.lora_up.weight": torch.randn(n, 4, generator=g),
+               f"{prefix}.alpha": torch.tensor(4.0)}, path)
+    return str(path)
+
+
+def test_loras_go_on_their_expert_and_come_off(parts, files, tmp_path):
+    """``loras`` on the transformer (the high-noise expert), ``loras_2`` on the low-noise one,
+    unmerged; the handles on the pipeline take them off again."""
+    hi = _lora_file(parts["transformer"], tmp_path / "hi.safetensors", 1)
+    lo = _lora_file(parts["transformer"], tmp_path / "lo.safetensors", 2)
+    pipe = pipeline(transformer=files["transformer"], text_encoder=files["text_encoder"],
+                    vae=files["vae"], transformer_2=files["transformer"],
+                    loras=[(hi, 0.5)], loras_2=[(lo, 1.0)])
+    a, b = pipe.ggufvideo_loras
+    assert (a.source, a.scale, b.source, b.scale) == (hi, 0.5, lo, 1.0)
+    (on_hi,) = pipe.transformer.blocks[0].attn1.to_q.lora_adapters
+    (on_lo,) = pipe.transformer_2.blocks[0].attn1.to_q.lora_adapters
+    assert on_hi.scale == 0.5 and on_lo.scale == 1.0 and not torch.equal(on_hi.up, on_lo.up)
+    run = dict(frames=5, height=32, width=32, steps=2, progress=False)
+    with_loras = generate(pipe, "a cat", **run)
+    for h in pipe.ggufvideo_loras:
+        h.remove()
+    plain = pipeline(transformer=files["transformer"], text_encoder=files["text_encoder"],
+                     vae=files["vae"], transformer_2=files["transformer"])
+    assert (generate(pipe, "a cat", **run) == generate(plain, "a cat", **run)).all()
+    assert not (with_loras == generate(plain, "a cat", **run)).all()
+
+
+def test_a_bad_lora_is_named_before_any_weight_is_read(files, tmp_path, monkeypatch):
+    from ggufvideo.errors import LoraError
+
+    bad = tmp_path / "bad.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"blocks.0.q.weight": torch.ones(2, 2)}, bad)
+    no_loading(monkeypatch)
+    with pytest.raises(LoraError, match="bad.safetensors"):
+        pipeline(transformer=files["transformer"], text_encoder=files["text_encoder"],
+                 vae=files["vae"], loras=[(bad, 1.0)])
+    with pytest.raises(PipelineError, match="loras_2 are for the low-noise expert"):
+        pipeline(transformer=files["transformer"], text_encoder=files["text_encoder"],
+                 vae=files["vae"], loras_2=[(bad, 1.0)])
+
+
+def test_generate_cli_takes_loras(parts, files, tmp_path, capsys):
+    from ggufvideo.cli import main
+
+    lora = _lora_file(parts["transformer"], tmp_path / "style.safetensors", 3)
+    common = ["generate", "--model", files["transformer"], "--text-encoder",
+              files["text_encoder"], "--vae", files["vae"], "--prompt", "a dog", "--frames", "5",
+              "--height", "32", "--width", "32", "--steps", "2", "-q"]
+    assert main([*common, "--lora", f"{lora}:0.7", "-o", str(tmp_path / "a.mp4")]) == 0
+    rc = main([*common, "--lora", str(tmp_path / "missing.safetensors"),
+               "-o", str(tmp_path / "b.mp4")])
+    assert rc == 1 and "missing.safetensors" in capsys.readouterr().err
+    rc = main([*common, "--lora-2", lora, "-o", str(tmp_path / "c.mp4")])
+    assert rc == 1 and "low-noise expert" in capsys.readouterr().err

@@ -149,6 +149,11 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
                    help="GPU memory for weights, e.g. 8GiB: each part (text encoder, transformer, "
                         "each Wan 2.2 expert, VAE) is streamed under it in turn, one at a time; "
                         "needs CUDA")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA on the transformer (with --model-2: the high-noise expert), "
+                        "applied unmerged; repeat to stack")
+    g.add_argument("--lora-2", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA on --model-2, the low-noise expert")
     g.add_argument("--dtype", default=None,
                    help="compute dtype (default bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--output", "-o", required=True, metavar="OUT.mp4",
@@ -235,6 +240,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from .generation import check_video_size, contact_sheet, generate, write_video
+    from .lora.bake import parse_lora_arg
     from .pipelines import pipeline
 
     check_video_size(args.frames, args.height, args.width)  # before anything is loaded
@@ -250,7 +256,9 @@ def _generate(args: argparse.Namespace) -> int:
                     transformer_2=args.model_2, tokenizer=args.tokenizer,
                     image_encoder=args.image_encoder, boundary_ratio=args.boundary_ratio,
                     flow_shift=shift, dtype=args.dtype, device=device,
-                    vram_budget=args.vram_budget)
+                    vram_budget=args.vram_budget,
+                    loras=[parse_lora_arg(a) for a in args.lora],
+                    loras_2=[parse_lora_arg(a) for a in args.lora_2])
     if image is None and type(pipe).__name__ == "WanImageToVideoPipeline":
         raise ValueError(f"{args.model} is an image-to-video model: pass --image FIRST_FRAME.png")
     frames = generate(pipe, args.prompt, negative_prompt=args.negative_prompt,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import GGUFError, _safe
 from .loader import DTypeLike, resolve_dtype
+from .lora.apply import LoraLike
 
 __all__ = ["pipeline", "check_parts", "PipelineError", "Part", "scheduler_config"]
 
@@ -222,7 +223,9 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
              boundary_ratio: float | None = None, flow_shift: float = 3.0,
              dtype: DTypeLike = None, vae_dtype: DTypeLike = torch.float32,
              device: torch.device | str | None = None,
-             vram_budget: int | str | None = None) -> Any:
+             vram_budget: int | str | None = None,
+             loras: Sequence[tuple[LoraLike, float]] = (),
+             loras_2: Sequence[tuple[LoraLike, float]] = ()) -> Any:
     """A diffusers Wan pipeline whose parts come from .gguf files or diffusers folders.
 
     Args:
@@ -246,6 +249,10 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
             streamed to the GPU with :func:`ggufvideo.offload` under this budget while it runs,
             one part at a time (:func:`ggufvideo.runtime.stream_pipeline`;
             ``pipe._ggufvideo_stream`` is the sequence). Activations are not counted.
+        loras: ``(LoRA, strength)`` pairs put on the transformer with
+            :func:`ggufvideo.apply_lora` (unmerged; read before any weight is); ``loras_2`` on
+            the low-noise expert (Wan 2.2 LoRAs come as a high-noise and a low-noise file).
+            ``pipe.ggufvideo_loras`` holds their handles (``.set_scale``, ``.remove``).
 
     Returns:
         ``WanPipeline``, or ``WanImageToVideoPipeline`` for an image-to-video transformer.
@@ -255,8 +262,17 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
             needed piece (tokenizer, image encoder) is missing.
         FileNotFoundError: a part's path does not exist.
         RuntimeError: ``vram_budget`` without a CUDA device (checked before any weight is read).
+        LoraError: a LoRA file that cannot be read, or whose keys match no layer of its
+            transformer (names the file and key).
     """
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+
+    from .lora import apply_lora, read_lora
+
+    if loras_2 and transformer_2 is None:
+        raise PipelineError("loras_2 are for the low-noise expert: pass transformer_2 too")
+    lora_files = [(read_lora(f), float(w)) for f, w in loras]  # bad files fail before loading
+    lora_files_2 = [(read_lora(f), float(w)) for f, w in loras_2]
 
     parts = {"transformer": describe_part("transformer", transformer),
              "text_encoder": describe_part("text_encoder", text_encoder),
@@ -285,6 +301,8 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
     place = None if vram_budget is not None else device  # streamed parts stay on the host
     loaded = {role: _load(part, sources[role], vdtype if role == "vae" else want, place)
               for role, part in parts.items()}
+    handles = [apply_lora(loaded[role], lf, w) for role, files in
+               (("transformer", lora_files), ("transformer_2", lora_files_2)) for lf, w in files]
     scheduler = UniPCMultistepScheduler(**scheduler_config(flow_shift))
     kwargs: dict[str, Any] = dict(tokenizer=tok, text_encoder=loaded["text_encoder"],
                                   vae=loaded["vae"], scheduler=scheduler,
@@ -307,6 +325,7 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
                                        image_processor=image_processor, **kwargs)
     else:
         pipe = WanPipeline(**kwargs)
+    pipe.ggufvideo_loras = handles
     if vram_budget is not None:
         from .runtime import stream_pipeline
 
