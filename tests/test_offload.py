@@ -193,6 +193,32 @@ def test_budget_accounting_reports_device_bytes_within_budget():
     assert "streamed" in h.summary() and "resident" in h.summary()
 
 
+def test_loras_run_under_offload_and_their_device_copies_count_as_resident():
+    """apply_lora's adapters (a LoRA pair, a DoRA) on streamed blocks: the same output as without
+    offload; their device copies (rank x (in + out) per layer, in the compute dtype, a DoRA's
+    factors in float32) are counted as resident, within the budget."""
+    torch.manual_seed(0)
+    m = Net()
+    g = torch.Generator().manual_seed(1)
+    sd = {}
+    for i in range(6):
+        sd[f"blocks.{i}.up.lora_down.weight"] = torch.randn(4, 64, generator=g) * 0.1
+        sd[f"blocks.{i}.up.lora_up.weight"] = torch.randn(128, 4, generator=g) * 0.1
+    sd["blocks.2.up.dora_scale"] = torch.rand(128, 1, generator=g) + 1
+    ggufvideo.apply_lora(m, sd)
+    x = torch.randn(3, 64)
+    ref = m(x)
+    expected = 6 * (4 * 64 + 128 * 4) * 4 + 128 * 4  # float32 compute; the DoRA's g
+    budget = _model_bytes(m) // 2
+    h = ggufvideo.offload(m, "cpu", budget=budget, backend=RecordingBackend())
+    assert h.scheduler is not None and h.adapter_bytes == expected
+    assert h.device_bytes <= budget and "LoRA adapters" in h.summary()
+    assert h.resident_bytes == expected + sum(gr.nbytes for gr in [*h.groups, *h.pinned]
+                                              if gr.resident)
+    assert torch.equal(m(x), ref)
+    h.remove()
+
+
 def test_everything_fits_means_no_hooks():
     m = Net()
     h = ggufvideo.offload(m, "cpu", budget="1GiB", backend=RecordingBackend())
@@ -252,6 +278,30 @@ def test_a_host_weight_written_after_offload_is_copied_from_its_new_bytes():
     assert t.source is None and not torch.equal(out, ref)
     h.remove()
     assert torch.equal(m(x), out)  # what the model computes with its weights as they are now
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_loras_under_offload_match_resident():
+    """apply_lora's adapters on streamed blocks on the GPU: the resident model's output."""
+    m = Net(dim=256)
+    g = torch.Generator().manual_seed(1)
+    sd = {f"blocks.{i}.down.lora_{w}.weight": torch.randn(*shape, generator=g) * 0.05
+          for i in range(6) for w, shape in (("down", (8, 512)), ("up", (256, 8)))}
+    sd["blocks.3.down.dora_scale"] = torch.rand(256, 1, generator=g) + 1
+    ggufvideo.apply_lora(m, sd)
+    x = torch.randn(4, 256)
+    ref = m.to("cuda")(x.cuda())
+    m = m.to("cpu")
+    from ggufvideo.adapters import adapter_nbytes
+
+    room = sum(adapter_nbytes(a, torch.float32) for mod in m.modules()
+               for a in mod.__dict__.get("lora_adapters") or ())
+    h = ggufvideo.offload(m, "cuda", budget=_model_bytes(m) // 3 + room)
+    assert h.scheduler is not None and h.adapter_bytes > 0
+    for _ in range(2):
+        assert torch.allclose(m(x.cuda()), ref, rtol=1e-5, atol=1e-5)
+    h.remove()
 
 
 @pytest.mark.gpu

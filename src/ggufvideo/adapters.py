@@ -21,7 +21,8 @@ from torch import nn
 if TYPE_CHECKING:
     from .ops import _QuantConvNd
 
-__all__ = ["Adapter", "DoraAdapter", "KronAdapter", "LoraAdapter", "lora_adapters"]
+__all__ = ["Adapter", "DoraAdapter", "KronAdapter", "LoraAdapter", "adapter_nbytes",
+           "lora_adapters"]
 
 
 # -- low-rank adapters beside a layer's weight (LoRA, unmerged) -----------------------------------
@@ -260,6 +261,15 @@ class DoraAdapter:
 
 #: What a layer's ``lora_adapters`` list holds.
 Adapter = LoraAdapter | KronAdapter | DoraAdapter
+
+
+def adapter_nbytes(a: Adapter, dtype: torch.dtype) -> int:
+    """Device bytes an adapter's copies take once it has run in ``dtype`` (its factors cast
+    to it; a DoRA's ``g`` stays float32). Weight streaming counts them as resident."""
+    if isinstance(a, DoraAdapter):
+        return adapter_nbytes(a.inner, dtype) + a.ratio.numel() * 4
+    parts = (a.up, a.down) if isinstance(a, LoraAdapter) else (a.w1, a.w2)
+    return sum(t.numel() for t in parts if t is not None) * dtype.itemsize
 
 
 def lora_adapters(module: nn.Module) -> list[Adapter]:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters import adapter_nbytes
 from ..loader import resolve_device
 from ..tensor import GGMLTensor
 from ._backends import CudaBackend, SyncBackend
@@ -228,15 +229,18 @@ class OffloadHandle:
 
     def __init__(self, model: nn.Module, groups: list[Group], pinned: list[Group],
                  scheduler: StreamScheduler | None, registration: HostRegistration | None,
-                 budget: int, slot_bytes: int, hooks: list[Any]) -> None:
+                 budget: int, slot_bytes: int, hooks: list[Any], adapter_bytes: int = 0) -> None:
         self.model, self.groups, self.pinned, self.scheduler = model, groups, pinned, scheduler
         self.registration, self.budget, self.slot_bytes = registration, budget, slot_bytes
+        self.adapter_bytes = adapter_bytes
         self._hooks = hooks
 
     @property
     def resident_bytes(self) -> int:
-        """Device bytes of weights that stay (resident groups and always-resident tensors)."""
-        return sum(g.nbytes for g in [*self.groups, *self.pinned] if g.resident)
+        """Device bytes of weights that stay (resident groups, always-resident tensors, and the
+        device copies of ``apply_lora``'s adapters)."""
+        return sum(g.nbytes for g in [*self.groups, *self.pinned] if g.resident) + \
+            self.adapter_bytes
 
     @property
     def streamed_bytes(self) -> int:
@@ -256,6 +260,8 @@ class OffloadHandle:
                  f"{self.streamed_bytes / 2**30:.2f} GiB streamed through "
                  f"{len(self.scheduler.slots) if self.scheduler else 0} slots of "
                  f"{self.slot_bytes / 2**20:.1f} MiB"]
+        if self.adapter_bytes:
+            lines.append(f"  resident {self.adapter_bytes / 2**20:9.1f} MiB  LoRA adapters")
         for g in [*self.pinned, *self.groups]:
             where = "resident" if g.resident else "streamed"
             lines.append(f"  {where} {g.nbytes / 2**20:9.1f} MiB  {g.name}")
@@ -283,8 +289,11 @@ def offload(model: nn.Module, device: torch.device | str = "cuda",
     tensors' bytes moved into locked memory of their own; raw GGUF blocks are copied, never
     decoded on the host) and are copied in on a side stream just before their forward, ``prefetch``
     groups ahead, then released. Works for any ``nn.Module`` whose weights sit on the host (or
-    the device: they are brought back); quantized or not, LoRA layers included (their tensors
-    travel with their group).
+    the device: they are brought back); quantized or not, LoRA layers included: peft's adapter
+    weights are parameters of their layer and travel with its group; the adapters of
+    :func:`ggufvideo.apply_lora` (small beside the weights: rank x (in + out) per layer) are
+    copied to the device when first run and stay there, counted as resident here (apply them
+    before ``offload``: ones applied later are not counted).
 
     Args:
         model: the model, weights on the host (``load_model(..., device=None)``).
@@ -311,7 +320,8 @@ def offload(model: nn.Module, device: torch.device | str = "cuda",
     device = resolve_device(device)
     nbudget = parse_budget(budget)
     groups, pinned = plan_groups(model, target_bytes=target_group_bytes)
-    fixed = sum(g.nbytes for g in pinned)
+    adapters = _adapter_bytes(model)
+    fixed = sum(g.nbytes for g in pinned) + adapters
     slot_bytes = choose_resident(groups, nbudget, slots=prefetch + 1, fixed_bytes=fixed)
     for g in [*pinned, *groups]:
         for t in g.tensors:
@@ -346,7 +356,23 @@ def offload(model: nn.Module, device: torch.device | str = "cuda",
                                                         always_call=True))
     # Whatever the groups did not cover (buffers on modules split further, e.g. rope tables).
     _move_rest(model, device, exclude={id(t.host) for g in streamed for t in g.tensors})
-    return OffloadHandle(model, groups, pinned, scheduler, registration, nbudget, slot_bytes, hooks)
+    return OffloadHandle(model, groups, pinned, scheduler, registration, nbudget, slot_bytes, hooks,
+                         adapters)
+
+
+def _adapter_bytes(model: nn.Module) -> int:
+    """Device bytes the adapters on ``model``'s layers take once run, in each layer's compute
+    dtype (the dtype its weight reports)."""
+    total = 0
+    for m in model.modules():
+        adapters = m.__dict__.get("lora_adapters")
+        if not adapters:
+            continue
+        weight = getattr(m, "weight", None)
+        dtype = getattr(m, "compute_dtype", None) or (
+            weight.dtype if isinstance(weight, torch.Tensor) else torch.float32)
+        total += sum(adapter_nbytes(a, dtype) for a in adapters)
+    return total
 
 
 def _pin_unlocked(tensors: list[TensorSlot], sources: list[torch.Tensor | None],
