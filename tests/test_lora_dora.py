@@ -403,8 +403,8 @@ def test_doras_on_the_rows_of_a_fused_weight_rescale_only_their_rows():
     """q/k/v DoRAs landing on rows of a fused QKV (and a fused-QKV DoRA landing on one of q/k/v):
     each row's factor comes from its own LoRA rows; the three share the layer; a per-input
     magnitude on a part of the fused weight is refused."""
-    from ggufvideo.lora.apply import adapter_for, check_piece
     from ggufvideo.lora.dora import check_stackable
+    from ggufvideo.lora.pieces import adapter_for, check_piece
     from ggufvideo.lora.targets import Piece
 
     g = torch.Generator().manual_seed(5)

@@ -15,8 +15,8 @@ from torch import nn
 from ggufvideo import GGMLTensor, apply_lora, fuse_lora, quantize
 from ggufvideo.errors import LoraError
 from ggufvideo.lora import parse_lora
-from ggufvideo.lora.apply import adapter_for
 from ggufvideo.lora.lycoris import loha_pair, loha_weight, lokr_factors
+from ggufvideo.lora.pieces import adapter_for
 from ggufvideo.lora.targets import Piece
 from ggufvideo.ops import KronAdapter, LoraAdapter, lora_adapters, swap_quant_layers
 

@@ -8,8 +8,11 @@
 * ``ggufvideo convert SRC DST --lora FILE[:SCALE]`` -- bake LoRAs into a new file
   (:mod:`ggufvideo.lora.bake`).
 * :func:`read_lora` -- parse kohya/musubi, LyCORIS (LoCon, LoHa, LoKr), ComfyUI/original and
-  diffusers/peft files (:mod:`ggufvideo.lora.formats`); what LoHa/LoKr factors become on a layer
-  is :mod:`ggufvideo.lora.lycoris`, what a DoRA magnitude does :mod:`ggufvideo.lora.dora`.
+  diffusers/peft files (:mod:`ggufvideo.lora.formats`; scales kept in a peft config:
+  :mod:`ggufvideo.lora.config`); their names are mapped onto a model's by
+  :mod:`ggufvideo.lora.targets`; what each piece becomes on a tensor is
+  :mod:`ggufvideo.lora.pieces` (LoHa/LoKr factors: :mod:`ggufvideo.lora.lycoris`, a DoRA
+  magnitude: :mod:`ggufvideo.lora.dora`).
 
 The layer-side math is :class:`ggufvideo.ops.LoraAdapter` / :class:`ggufvideo.ops.KronAdapter` /
 :class:`ggufvideo.ops.DoraAdapter` / :func:`ggufvideo.ops.lora_linear`.

@@ -24,9 +24,9 @@ from ..policy import QuantPolicy
 from ..quants import get_quant_type, quantize
 from ..tensor import GGMLTensor
 from ..writer import SourceTensor
-from .apply import check_piece, dense_delta, needs_weight
 from .dora import check_plan
 from .formats import LoraFile, read_lora
+from .pieces import check_piece, dense_delta, needs_weight
 from .targets import Piece, resolve
 
 __all__ = ["merged_tensor", "bake_sources", "parse_lora_arg"]
