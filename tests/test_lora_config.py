@@ -203,3 +203,36 @@ def test_bias_keys_that_match_nothing_are_reported():
     h.remove()
     with pytest.raises(LoraError, match="match no tensor"):
         apply_lora(model, {"0.w_norm": torch.ones(8, 8), "0.b_norm": torch.ones(8)})
+
+
+def test_biases_on_a_kohya_pair_fold_into_a_scaled_bias_delta():
+    """``lora_up.bias`` / ``lora_down.bias`` (the pair's own layers' biases): the layer computes
+    ``W x + b + s * (B (A x + a) + u)``, as the two small layers with their biases would."""
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 16)
+    model = nn.Sequential(copy.deepcopy(layer))
+    down, up = nn.Linear(32, 4), nn.Linear(4, 16)
+    sd = {"0.lora_down.weight": down.weight.detach(), "0.lora_down.bias": down.bias.detach(),
+          "0.lora_up.weight": up.weight.detach(), "0.lora_up.bias": up.bias.detach(),
+          "0.alpha": torch.tensor(2.0)}
+    x = torch.randn(5, 32)
+    h = apply_lora(model, sd, scale=0.8)
+    with torch.no_grad():
+        expected = layer(x) + 0.8 * 0.5 * up(down(x))
+        assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-6)
+    h.remove()
+    with torch.no_grad():
+        assert torch.equal(model(x), layer(x))
+
+
+def test_a_dora_with_pair_biases_and_bad_scales_are_errors():
+    sd = {"0.lora_A.weight": torch.ones(4, 8), "0.lora_B.weight": torch.ones(8, 4),
+          "0.lora_B.bias": torch.ones(8), "0.lora_magnitude_vector": torch.ones(8)}
+    with pytest.raises(LoraError, match="DoRA with biases"):
+        read_lora(sd)
+    from ggufvideo.lora.bake import parse_lora_arg
+
+    assert parse_lora_arg(r"C:\loras\x.safetensors:0.8") == (r"C:\loras\x.safetensors", 0.8)
+    assert parse_lora_arg(r"C:\loras\x.safetensors") == (r"C:\loras\x.safetensors", 1.0)
+    with pytest.raises(ValueError, match="finite number"):
+        parse_lora_arg("x.safetensors:nan")

@@ -219,6 +219,38 @@ def test_loras_run_under_offload_and_their_device_copies_count_as_resident():
     h.remove()
 
 
+def test_lora_bias_deltas_are_not_changed_under_offload_and_device_copies_go_with_it():
+    """A LoRA's bias deltas swap parameters that offload places itself: changing or removing them
+    while offloaded is refused with nothing changed; after ``remove()`` of the offload they work.
+    ``remove()`` drops the adapters' device copies."""
+    from ggufvideo.errors import LoraError
+
+    torch.manual_seed(0)
+    m = Net()
+    g = torch.Generator().manual_seed(2)
+    sd = {"blocks.1.up.lora_down.weight": torch.randn(4, 64, generator=g) * 0.1,
+          "blocks.1.up.lora_up.weight": torch.randn(128, 4, generator=g) * 0.1,
+          "blocks.1.up.diff_b": torch.randn(128, generator=g)}
+    x = torch.randn(3, 64)
+    base = m(x)
+    lora = ggufvideo.apply_lora(m, sd)
+    with_lora = m(x)
+    h = ggufvideo.offload(m, "cpu", budget=_model_bytes(m) // 2, backend=RecordingBackend())
+    assert torch.equal(m(x), with_lora)
+    for change in (lambda: lora.set_scale(0.5), lora.remove,
+                   lambda: ggufvideo.apply_lora(m, {"blocks.2.up.diff_b": torch.ones(128)})):
+        with pytest.raises(LoraError, match="under ggufvideo.offload"):
+            change()
+        assert torch.equal(m(x), with_lora)
+    (adapter,) = m.blocks[1].up.lora_adapters
+    assert adapter._cast  # the copy made when it ran
+    h.remove()
+    assert not adapter._cast
+    lora.set_scale(0.0)
+    assert torch.equal(m(x), base)
+    lora.remove()
+
+
 def test_everything_fits_means_no_hooks():
     m = Net()
     h = ggufvideo.offload(m, "cpu", budget="1GiB", backend=RecordingBackend())

@@ -270,3 +270,13 @@ def test_generate_cli_takes_loras(parts, files, tmp_path, capsys):
     assert rc == 1 and "missing.safetensors" in capsys.readouterr().err
     rc = main([*common, "--lora-2", lora, "-o", str(tmp_path / "c.mp4")])
     assert rc == 1 and "low-noise expert" in capsys.readouterr().err
+
+
+def test_lora_entries_may_be_paths_or_file_scale_text(parts, files, tmp_path):
+    lora = _lora_file(parts["transformer"], tmp_path / "style.safetensors", 4)
+    pipe = pipeline(transformer=files["transformer"], text_encoder=files["text_encoder"],
+                    vae=files["vae"], loras=[lora, f"{lora}:0.25"])
+    assert [h.scale for h in pipe.ggufvideo_loras] == [1.0, 0.25]
+    with pytest.raises(TypeError, match="a LoRA entry is"):
+        pipeline(transformer=files["transformer"], text_encoder=files["text_encoder"],
+                 vae=files["vae"], loras=[(lora, 0.5, "extra")])

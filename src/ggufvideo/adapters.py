@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .ops import _QuantConvNd
 
 __all__ = ["Adapter", "DoraAdapter", "KronAdapter", "LoraAdapter", "adapter_nbytes",
-           "lora_adapters"]
+           "lora_adapters", "release_device_copies"]
 
 
 # -- low-rank adapters beside a layer's weight (LoRA, unmerged) -----------------------------------
@@ -270,6 +270,18 @@ def adapter_nbytes(a: Adapter, dtype: torch.dtype) -> int:
         return adapter_nbytes(a.inner, dtype) + a.ratio.numel() * 4
     parts = (a.up, a.down) if isinstance(a, LoraAdapter) else (a.w1, a.w2)
     return sum(t.numel() for t in parts if t is not None) * dtype.itemsize
+
+
+def release_device_copies(model: nn.Module) -> None:
+    """Drop the device copies the adapters on ``model``'s layers made when they ran (cast caches,
+    a layer's packed pairs): weight streaming calls it when a model leaves the device, so they do
+    not stay there beside the next model's weights. They are made again on the next run."""
+    for m in model.modules():
+        for a in m.__dict__.get("lora_adapters") or ():
+            a._cast.clear()
+            if isinstance(a, DoraAdapter):
+                a.inner._cast.clear()
+        m.__dict__.pop("_lora_pack", None)
 
 
 def lora_adapters(module: nn.Module) -> list[Adapter]:

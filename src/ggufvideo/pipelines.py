@@ -224,8 +224,8 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
              dtype: DTypeLike = None, vae_dtype: DTypeLike = torch.float32,
              device: torch.device | str | None = None,
              vram_budget: int | str | None = None,
-             loras: Sequence[tuple[LoraLike, float]] = (),
-             loras_2: Sequence[tuple[LoraLike, float]] = ()) -> Any:
+             loras: Sequence[tuple[LoraLike, float] | LoraLike] = (),
+             loras_2: Sequence[tuple[LoraLike, float] | LoraLike] = ()) -> Any:
     """A diffusers Wan pipeline whose parts come from .gguf files or diffusers folders.
 
     Args:
@@ -249,7 +249,8 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
             streamed to the GPU with :func:`ggufvideo.offload` under this budget while it runs,
             one part at a time (:func:`ggufvideo.runtime.stream_pipeline`;
             ``pipe._ggufvideo_stream`` is the sequence). Activations are not counted.
-        loras: ``(LoRA, strength)`` pairs put on the transformer with
+        loras: ``(LoRA, strength)`` pairs (or paths, ``"FILE:SCALE"`` as on the command line)
+            put on the transformer with
             :func:`ggufvideo.apply_lora` (unmerged; read before any weight is); ``loras_2`` on
             the low-noise expert (Wan 2.2 LoRAs come as a high-noise and a low-noise file).
             ``pipe.ggufvideo_loras`` holds their handles (``.set_scale``, ``.remove``).
@@ -267,12 +268,12 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
     """
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 
-    from .lora import apply_lora, read_lora
+    from .lora import apply_lora
 
     if loras_2 and transformer_2 is None:
         raise PipelineError("loras_2 are for the low-noise expert: pass transformer_2 too")
-    lora_files = [(read_lora(f), float(w)) for f, w in loras]  # bad files fail before loading
-    lora_files_2 = [(read_lora(f), float(w)) for f, w in loras_2]
+    lora_files = [_read_lora_entry(e) for e in loras]  # bad files fail before loading
+    lora_files_2 = [_read_lora_entry(e) for e in loras_2]
 
     parts = {"transformer": describe_part("transformer", transformer),
              "text_encoder": describe_part("text_encoder", text_encoder),
@@ -331,6 +332,23 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
 
         stream_pipeline(pipe, dev, vram_budget)
     return pipe
+
+
+def _read_lora_entry(entry: Any) -> tuple[Any, float]:
+    """``(LoRA, strength)``, or a path / ``"FILE:SCALE"`` text as the command line takes it, or
+    a state dict alone (strength 1) -> (parsed LoRA, strength)."""
+    from .lora import read_lora
+    from .lora.bake import parse_lora_arg
+
+    if isinstance(entry, (str, os.PathLike)):
+        path, weight = parse_lora_arg(os.fspath(entry))
+        return read_lora(path), weight
+    if isinstance(entry, tuple) and len(entry) == 2:
+        return read_lora(entry[0]), float(entry[1])
+    if isinstance(entry, Mapping):
+        return read_lora(entry), 1.0
+    raise TypeError(f"a LoRA entry is (file or state dict, strength), a path or 'FILE:SCALE'; "
+                    f"got {type(entry).__name__}")
 
 
 def _check_budget_device(budget: int | str, device: torch.device | str | None) -> None:

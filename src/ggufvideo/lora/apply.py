@@ -69,6 +69,7 @@ class LoraHandle:
     def set_scale(self, scale: float) -> None:
         """Change the LoRA's strength (``1.0``: as in the file; ``0``: off)."""
         self._check()
+        _check_unstreamed(self._dense, self.source)
         self.scale = float(scale)
         for _, a, base in self._adapters:
             a.scale = self.scale * base
@@ -78,6 +79,7 @@ class LoraHandle:
     def remove(self) -> None:
         """Take the LoRA off: every layer computes exactly what it did before it was applied."""
         self._check()
+        _check_unstreamed(self._dense, self.source)
         for module, a, _ in self._adapters:
             lst = module.__dict__.get("lora_adapters", [])
             lst[:] = [x for x in lst if x is not a]
@@ -95,6 +97,20 @@ class LoraHandle:
     def _check(self) -> None:
         if self._removed:
             raise RuntimeError(f"LoRA {_safe(self.source)} was already removed")
+
+
+def _check_unstreamed(targets: list[tuple[nn.Module, str]], source: str) -> None:
+    """Raise before anything changes if a tensor a LoRA replaces wholesale (a bias or norm delta)
+    is placed by :func:`ggufvideo.offload`, which would put its own copy back on the next pass."""
+    from ..runtime.offload import STREAMED_MARK
+
+    for module, pname in targets:
+        if pname in module.__dict__.get(STREAMED_MARK, ()):
+            raise LoraError(f"the model is under ggufvideo.offload, which places its {pname} "
+                            f"tensors itself: this LoRA's bias/norm deltas cannot be applied, "
+                            "rescaled or removed now (call the offload handle's remove(), change "
+                            "the LoRA, then offload again; low-rank pairs are not affected)",
+                            path=source)
 
 
 class _DenseDeltas:
@@ -220,6 +236,7 @@ def apply_lora(model: nn.Module, lora: LoraLike, scale: float = 1.0, *, strict: 
                                     "adapters", path=lf.source, tensor=pieces[0].entry.keys[0])
                 delta = dense_delta(pieces, shape, lf.source,
                                     weight=state[key] if needs_weight(pieces) else None)
+                _check_unstreamed([(module, pname)], lf.source)
                 _DenseDeltas.of(module).add(module, pname, handle.uid, delta, handle.scale)
                 handle._dense.append((module, pname))
             handle.targets.append(key)
@@ -227,6 +244,7 @@ def apply_lora(model: nn.Module, lora: LoraLike, scale: float = 1.0, *, strict: 
             module_name, _, pname = key.rpartition(".")
             module = model.get_submodule(module_name) if module_name else model
             delta = dense_delta(pieces, shapes[key], lf.source, bias=True)
+            _check_unstreamed([(module, pname)], lf.source)
             _DenseDeltas.of(module).add(module, pname, handle.uid, delta, handle.scale)
             handle._dense.append((module, pname))
             handle.targets.append(key)

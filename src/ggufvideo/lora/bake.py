@@ -12,6 +12,7 @@ streaming: a touched tensor is merged when the writer reaches it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -33,13 +34,20 @@ __all__ = ["merged_tensor", "bake_sources", "parse_lora_arg"]
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
-    """``FILE`` or ``FILE:SCALE`` (the command line's ``--lora``) -> (file, scale)."""
+    """``FILE`` or ``FILE:SCALE`` (the command line's ``--lora``) -> (file, scale).
+
+    Raises:
+        ValueError: a scale that is not a finite number (``nan``, ``inf``).
+    """
     path, sep, scale = text.rpartition(":")
     if sep and path and not os.path.exists(text):
         try:
-            return path, float(scale)
+            value = float(scale)
         except ValueError:
-            pass
+            return text, 1.0
+        if not math.isfinite(value):
+            raise ValueError(f"{text}: the LoRA scale must be a finite number, not {scale}")
+        return path, value
     return text, 1.0
 
 

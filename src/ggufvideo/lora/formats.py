@@ -73,8 +73,11 @@ __all__ = ["LoraEntry", "LoraFile", "parse_lora", "read_lora", "check_lycoris", 
 _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
     (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
-    # peft's lora_bias: lora_B's own bias, scaled with the pair
+    # biases of the pair's layers (peft's lora_bias: lora_B's), scaled with the pair
     (".lora_B.default.bias", "up_bias"), (".lora_B.bias", "up_bias"),
+    (".lora_linear_layer.up.bias", "up_bias"), (".lora_linear_layer.down.bias", "down_bias"),
+    (".lora_up.bias", "up_bias"), (".lora_down.bias", "down_bias"),
+    (".lora_A.bias", "down_bias"),
     (".lora_down.weight", "down"), (".lora_up.weight", "up"),
     (".lora_mid.weight", "mid"),
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
@@ -114,7 +117,8 @@ class LoraEntry:
         magnitude_axis: ``"out"`` (peft's ``lora_magnitude_vector``, ai-toolkit's ``magnitude``:
             always one per output row) or ``"shape"`` (LyCORIS's ``dora_scale``: its shape says
             whether it is per output row or per input feature).
-        up_bias: peft's ``lora_B`` bias (``lora_bias=True``): folded into ``diff_b``, scaled.
+        up_bias, down_bias: biases of the pair's up/down layers (peft's ``lora_bias=True`` puts
+            one on ``lora_B``): folded into ``diff_b``, scaled with the pair.
         config_scale: the scale a peft config beside the tensors gives the pair when the file
             has no ``alpha`` for it (``None``: no config; see :mod:`ggufvideo.lora.config`).
         keys: the file keys this entry was read from.
@@ -131,6 +135,7 @@ class LoraEntry:
     magnitude_axis: str = "out"
     config_scale: float | None = None
     up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
     keys: list[str] = field(default_factory=list)
 
     @property
@@ -196,7 +201,7 @@ def is_bias_key(key: str) -> bool:
     """Whether the file key ``key`` changes its layer's bias (``diff_b``, ``b_norm``, peft's
     ``lora_B`` bias), not its weight."""
     split = _split_key(key)
-    return split is not None and split[1] in ("diff_b", "up_bias")
+    return split is not None and split[1] in ("diff_b", "up_bias", "down_bias")
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
@@ -245,8 +250,8 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
             e.alpha = float(value.reshape(()).item())
         elif role.startswith(("hada_", "lokr_")):
             e.factors[role] = value
-        elif role == "up_bias":
-            e.up_bias = value
+        elif role in ("up_bias", "down_bias"):
+            setattr(e, role, value)
         elif role in ("magnitude", "dora_scale"):
             if e.magnitude is not None:
                 raise LoraError("two DoRA magnitudes for one layer", path=source, tensor=key)
@@ -263,8 +268,11 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
         if e.magnitude is not None and not e.has_weight:
             raise LoraError("a DoRA magnitude without the LoRA pair (or LoHa, LoKr, diff) it "
                             "rescales", path=source, tensor=first)
-        if e.up_bias is not None and e.up is None:
-            raise LoraError("a lora_B bias without its LoRA pair", path=source, tensor=first)
+        if (e.up_bias is not None or e.down_bias is not None) and e.up is None:
+            raise LoraError("a bias of a LoRA pair without the pair", path=source, tensor=first)
+        if (e.up_bias is not None or e.down_bias is not None) and e.magnitude is not None:
+            raise LoraError("a DoRA with biases on its pair is not supported (peft refuses it too)",
+                            path=source, tensor=first)
         if not e.has_weight and e.diff_b is None:
             raise LoraError("an alpha without a LoRA pair or diff", path=source, tensor=first)
         if e.down is not None and e.up is not None:
@@ -276,9 +284,16 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
             found = config_for(e.target, configs or {})
             if found is not None and e.alpha is None:  # an explicit alpha tensor wins
                 e.config_scale = found[0].scale(found[1], e.rank)
-        if e.up_bias is not None:
-            # peft adds it inside the scaled product: ``scale * (B A x + b)``
-            scaled = e.scale * e.up_bias.to(torch.float32)
+        if e.up_bias is not None or e.down_bias is not None:
+            # inside the scaled product: s (B (A x + a) + b) = s B A x + s (B a + b)
+            assert e.up is not None
+            b = torch.zeros(e.up.shape[0], dtype=torch.float32)
+            if e.up_bias is not None:
+                b = b + e.up_bias.to(torch.float32).reshape(-1)
+            if e.down_bias is not None:
+                a = e.down_bias.to(torch.float32).reshape(-1)
+                b = b + e.up.to(torch.float32).flatten(1) @ a
+            scaled = e.scale * b
             e.diff_b = scaled if e.diff_b is None else e.diff_b.to(torch.float32) + scaled
     return LoraFile(source, entries)
 

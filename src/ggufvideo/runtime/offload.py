@@ -26,14 +26,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import adapter_nbytes
+from ..adapters import adapter_nbytes, release_device_copies
 from ..loader import resolve_device
 from ..tensor import GGMLTensor
 from ._backends import CudaBackend, SyncBackend
 from ._groups import Group, TensorSlot, choose_resident, parse_budget, plan_groups, tensor_bytes
 from ._staging import HostRegistration, locked_storage, register_host
 
-__all__ = ["offload", "OffloadHandle", "StreamScheduler", "CudaBackend", "SyncBackend"]
+__all__ = ["offload", "OffloadHandle", "StreamScheduler", "CudaBackend", "SyncBackend",
+           "STREAMED_MARK"]
+
+#: A module's ``__dict__`` key: the names of its tensors :func:`offload` placed (it puts its own
+#: copies back into ``_parameters`` around every forward, so swapping one in meanwhile is lost).
+STREAMED_MARK = "_ggufvideo_offloaded"
 
 
 # -- the scheduler ---------------------------------------------------------------------------------
@@ -268,12 +273,17 @@ class OffloadHandle:
         return "\n".join(lines)
 
     def remove(self) -> None:
+        """Take the hooks off, put every weight back on the host, and drop the device copies of
+        ``apply_lora``'s adapters."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
         for g in [*self.groups, *self.pinned]:
             for t in g.tensors:
                 _put(t, t.home)
+        for m in self.model.modules():
+            m.__dict__.pop(STREAMED_MARK, None)
+        release_device_copies(self.model)
         if self.registration is not None:
             self.registration.release()
 
@@ -326,6 +336,9 @@ def offload(model: nn.Module, device: torch.device | str = "cuda",
     for g in [*pinned, *groups]:
         for t in g.tensors:
             t.home = (t.module._parameters if t.is_param else t.module._buffers)[t.name]
+            # offload keeps its own record of these tensors: a parameter swapped in by someone
+            # else (a LoRA's bias delta) would be overwritten by the next pass (see STREAMED_MARK)
+            t.module.__dict__.setdefault(STREAMED_MARK, set()).add(t.name)
     for g in [*pinned, *groups]:
         if g.resident:
             for t in g.tensors:
@@ -405,6 +418,7 @@ def _move_rest(model: nn.Module, device: torch.device, exclude: set[int]) -> Non
             moved = p.to(device)
             m._parameters[n] = nn.Parameter(moved, requires_grad=p.requires_grad and not isinstance(
                 moved, GGMLTensor))
+            m.__dict__.setdefault(STREAMED_MARK, set()).add(n)
         for n, b in list(m._buffers.items()):
             if b is None or stays(b):
                 continue
