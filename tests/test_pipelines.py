@@ -280,3 +280,27 @@ def test_lora_entries_may_be_paths_or_file_scale_text(parts, files, tmp_path):
     with pytest.raises(TypeError, match="a LoRA entry is"):
         pipeline(transformer=files["transformer"], text_encoder=files["text_encoder"],
                  vae=files["vae"], loras=[(lora, 0.5, "extra")])
+
+
+def test_a_lora_that_does_not_fit_the_transformer_is_named_before_loading(parts, files,
+                                                                          tmp_path, monkeypatch):
+    """A LoRA made for another model size, or for layers the file lacks: refused from the GGUF
+    header, before any weight is read (as apply_lora would refuse it after)."""
+    from safetensors.torch import save_file
+
+    from ggufvideo.errors import LoraError
+
+    n, k = parts["transformer"].blocks[0].attn1.to_q.weight.shape
+    wrong = tmp_path / "for_another_size.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.ones(4, k + 64),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.ones(n, 4)}, wrong)
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    save_file({"diffusion_model.blocks.99.self_attn.q.lora_down.weight": torch.ones(4, k),
+               "diffusion_model.blocks.99.self_attn.q.lora_up.weight": torch.ones(n, 4)},
+              elsewhere)
+    no_loading(monkeypatch)
+    for path, message in ((wrong, "does not fit"), (elsewhere, "match no tensor of transformer")):
+        with pytest.raises(LoraError, match=message) as info:
+            pipeline(transformer=files["transformer"], text_encoder=files["text_encoder"],
+                     vae=files["vae"], loras=[(path, 1.0)])
+        assert path.name in str(info.value)

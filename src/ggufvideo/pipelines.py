@@ -287,6 +287,9 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
         raise PipelineError(f"{parts['transformer'].name} is a Wan 2.1 image-to-video model: it "
                             "needs image_encoder= (a CLIP vision model or its folder)")
     tok = _tokenizer(parts["text_encoder"], tokenizer)
+    for role, files in (("transformer", lora_files), ("transformer_2", lora_files_2)):
+        for lf, _ in files:
+            _check_lora_fits(lf, parts[role])
 
     if vram_budget is not None:
         _check_budget_device(vram_budget, device)
@@ -332,6 +335,32 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
 
         stream_pipeline(pipe, dev, vram_budget)
     return pipe
+
+
+def _check_lora_fits(lf: Any, part: Part) -> None:
+    """Raise the error :func:`ggufvideo.apply_lora` would (keys matching nothing, shapes that do
+    not fit), from a GGUF part's header: before its weights are read. Other parts are checked
+    when the LoRA is applied."""
+    if part.source is None or not os.path.isfile(part.source):
+        return
+    from .errors import LoraError
+    from .lora import resolve
+    from .lora.pieces import check_piece, dense_delta
+    from .reader import GGUFFile
+
+    with GGUFFile(part.source) as g:
+        shapes = {name: tuple(int(d) for d in info.shape) for name, info in g.tensors.items()}
+        arch = g.metadata.get("general.architecture")
+    res = resolve(lf, shapes, architecture=str(arch) if arch is not None else None)
+    if res.unmatched:
+        shown = ", ".join(_safe(k) for k in res.unmatched[:5])
+        raise LoraError(f"{len(res.unmatched)} LoRA key(s) match no tensor of {part.name} (e.g. "
+                        f"{shown})", path=lf.source, tensor=res.unmatched[0])
+    for key, pieces in res.weights.items():
+        for piece in pieces:
+            check_piece(piece, shapes[key], lf.source)
+    for key, pieces in res.biases.items():
+        dense_delta(pieces, shapes[key], lf.source, bias=True)
 
 
 def _read_lora_entry(entry: Any) -> tuple[Any, float]:
