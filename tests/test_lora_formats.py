@@ -90,3 +90,15 @@ def test_a_lora_on_a_split_layer_lands_on_the_rows_of_a_fused_one():
     assert k == [("qkv.weight", 4, 8)]
     assert ops.cat([q, val]) == [("qkv.weight", 0, 4), ("qkv.weight", 8, 12)]
     assert ops.swap_halves(v) == [("qkv.weight", 6, 12), ("qkv.weight", 0, 6)]
+
+
+def test_prefixes_are_removed_one_after_another():
+    """A peft wrapper around a container (``base_model.model.transformer.``) and DiffSynth's
+    ``pipe.dit.`` reach the model's own names."""
+    shapes = {"blocks.0.attn1.to_q.weight": (16, 32), "blocks.0.attn1.to_k.weight": (16, 32)}
+    lf = parse_lora({"base_model.model.transformer.blocks.0.attn1.to_q.lora_A.weight": D,
+                     "base_model.model.transformer.blocks.0.attn1.to_q.lora_B.weight": U,
+                     "pipe.dit.blocks.0.attn1.to_k.lora_A.default.weight": D,
+                     "pipe.dit.blocks.0.attn1.to_k.lora_B.default.weight": U})
+    res = resolve(lf, shapes)
+    assert sorted(res.weights) == sorted(shapes) and not res.unmatched

@@ -26,7 +26,7 @@ __all__ = ["Piece", "Resolution", "resolve"]
 
 #: Prefixes LoRA files put before a layer's name, beyond the model containers.
 LORA_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.",
-                 "transformer.", "unet.", *CONTAINER_PREFIXES)
+                 "transformer.", "unet.", "pipe.dit.", "dit.", *CONTAINER_PREFIXES)
 
 #: A row segment: rows ``start:stop`` of model tensor ``key``.
 Segment = tuple[str, int, int]
@@ -131,10 +131,13 @@ def _tables(shapes: Mapping[str, tuple[int, ...]], architecture: str | None
 
 
 def _candidates(target: str) -> list[str]:
+    """``target`` and what is left of it after removing known prefixes, one after another (a
+    peft wrapper around a container: ``base_model.model.transformer.``), nearest first."""
     out = [target]
-    for p in (*KOHYA_PREFIXES, *LORA_PREFIXES):
-        if target.startswith(p) and len(target) > len(p):
-            out.append(target[len(p):])
+    for name in out:  # grows while it is walked: each new name is stripped in its turn
+        for p in (*KOHYA_PREFIXES, *LORA_PREFIXES):
+            if name.startswith(p) and len(name) > len(p) and name[len(p):] not in out:
+                out.append(name[len(p):])
     return out
 
 
