@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     c.add_argument("--verbose", "-v", action="store_true", help="list every tensor's decision")
 
-    i = sub.add_parser("inspect", help="list a GGUF file's metadata and tensors")
+    i = sub.add_parser("inspect", help="list a GGUF file's metadata and tensors, or describe a "
+                       "LoRA file (naming, adapter kinds, ranks, scales, widths)")
     i.add_argument("file", metavar="FILE")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--no-tensors", action="store_true", help="omit the per-tensor list")
@@ -193,6 +194,8 @@ def _convert(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from .inspection import format_inspection, inspect_file
 
+    if os.path.isdir(args.file) or (os.path.isfile(args.file) and not _is_gguf(args.file)):
+        return _inspect_lora(args)
     info = inspect_file(args.file)
     if args.no_tensors:
         info = {**info, "tensors": []} if args.json else info
@@ -201,6 +204,28 @@ def _inspect(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         print(format_inspection(info, tensors=not args.no_tensors))
+    return 0
+
+
+def _is_gguf(path: str) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"GGUF"
+
+
+def _inspect_lora(args: argparse.Namespace) -> int:
+    from .errors import LoraError
+    from .lora.describe import describe_lora, format_lora
+
+    try:
+        info = describe_lora(args.file)
+    except LoraError as exc:
+        raise LoraError(f"not a GGUF file, and not a LoRA this package reads: {exc.reason}",
+                        path=args.file, tensor=exc.tensor) from None
+    if args.json:
+        json.dump(info, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(format_lora(info))
     return 0
 
 
