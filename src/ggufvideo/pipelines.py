@@ -343,24 +343,16 @@ def _check_lora_fits(lf: Any, part: Part) -> None:
     when the LoRA is applied."""
     if part.source is None or not os.path.isfile(part.source):
         return
-    from .errors import LoraError
     from .lora import resolve
-    from .lora.pieces import check_piece, dense_delta
+    from .lora.pieces import check_fits
     from .reader import GGUFFile
 
     with GGUFFile(part.source) as g:
         shapes = {name: tuple(int(d) for d in info.shape) for name, info in g.tensors.items()}
         arch = g.metadata.get("general.architecture")
     res = resolve(lf, shapes, architecture=str(arch) if arch is not None else None)
-    if res.unmatched:
-        shown = ", ".join(_safe(k) for k in res.unmatched[:5])
-        raise LoraError(f"{len(res.unmatched)} LoRA key(s) match no tensor of {part.name} (e.g. "
-                        f"{shown})", path=lf.source, tensor=res.unmatched[0])
-    for key, pieces in res.weights.items():
-        for piece in pieces:
-            check_piece(piece, shapes[key], lf.source)
-    for key, pieces in res.biases.items():
-        dense_delta(pieces, shapes[key], lf.source, bias=True)
+    res.check_matched(lf.source, part.name)
+    check_fits(res, shapes, lf.source)
 
 
 def _read_lora_entry(entry: Any) -> tuple[Any, float]:

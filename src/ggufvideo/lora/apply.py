@@ -26,8 +26,7 @@ from torch import nn
 
 from ..errors import LoraError, _safe
 from ..ops import Adapter, DoraAdapter, QuantLayer, lora_adapters, quant_class_for
-from ..tensor import GGMLTensor
-from .dora import check_stackable, magnitude_key
+from .dora import check_stackable, float32_weight, magnitude_key
 from .formats import LoraFile, read_lora
 from .pieces import adapter_for, dense_delta, needs_weight
 from .targets import Resolution, resolve
@@ -151,8 +150,7 @@ class _DenseDeltas:
             module._parameters[pname] = original  # the very object: exact restore
             del self.params[pname]
             return
-        base = original.dequantize(torch.float32) if isinstance(original, GGMLTensor) \
-            else original.detach().to(torch.float32)
+        base = float32_weight(original)
         total = base.clone()
         for d, s in deltas.values():
             total += s * d.to(total.device)
@@ -203,12 +201,9 @@ def apply_lora(model: nn.Module, lora: LoraLike, scale: float = 1.0, *, strict: 
     state = model.state_dict(keep_vars=True)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     res = resolve(lf, shapes)
-    if strict and res.unmatched:
-        shown = ", ".join(_safe(k) for k in res.unmatched[:5])
-        raise LoraError(f"{len(res.unmatched)} LoRA key(s) match no tensor of the model "
-                        f"(e.g. {shown}); the model's names were tried as they are and in every "
-                        "layout of its family (pass strict=False to apply the rest)",
-                        path=lf.source, tensor=res.unmatched[0])
+    if strict:
+        res.check_matched(lf.source, "the model", "; the model's names were tried as they are "
+                          "and in every layout of its family (pass strict=False to apply the rest)")
     handle = LoraHandle(model, lf.source, scale, res)
     try:
         for key, pieces in res.weights.items():
@@ -271,9 +266,8 @@ def fuse_lora(model: nn.Module, lora: LoraLike, scale: float = 1.0, *, strict: b
     state = model.state_dict(keep_vars=True)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     res = resolve(lf, shapes)
-    if strict and res.unmatched:
-        raise LoraError(f"{len(res.unmatched)} LoRA key(s) match no tensor of the model (e.g. "
-                        f"{_safe(res.unmatched[0])})", path=lf.source, tensor=res.unmatched[0])
+    if strict:
+        res.check_matched(lf.source, "the model")
     changed = []
     for table, bias in ((res.weights, False), (res.biases, True)):
         for key, pieces in table.items():

@@ -27,7 +27,7 @@ from ..tensor import GGMLTensor
 from ..writer import SourceTensor
 from .dora import check_plan
 from .formats import LoraFile, read_lora
-from .pieces import check_piece, dense_delta, needs_weight
+from .pieces import check_fits, dense_delta, needs_weight
 from .targets import Piece, resolve
 
 __all__ = ["merged_tensor", "bake_sources", "parse_lora_arg"]
@@ -95,10 +95,8 @@ def bake_sources(tensors: Sequence[SourceTensor],
     for lora, scale in loras:
         lf = read_lora(lora)
         res = resolve(lf, shapes, architecture=architecture)
-        if res.unmatched:
-            shown = ", ".join(_safe(k) for k in res.unmatched[:5])
-            raise LoraError(f"{len(res.unmatched)} LoRA key(s) match no tensor of the source "
-                            f"(e.g. {shown})", path=lf.source, tensor=res.unmatched[0])
+        res.check_matched(lf.source, "the source")
+        check_fits(res, shapes, lf.source)  # every delta's shape, before anything is written
         for table, bias in ((res.weights, False), (res.biases, True)):
             for key, pieces in table.items():
                 plan.setdefault(key, []).append((pieces, float(scale), bias, lf.source))
@@ -110,13 +108,6 @@ def bake_sources(tensors: Sequence[SourceTensor],
         if not todo:
             out.append(s)
             continue
-        # Check every delta's shape now, before anything is written.
-        for pieces, _, bias, src in todo:
-            if bias:
-                dense_delta(pieces, tuple(s.shape), src, bias=True)
-            else:
-                for piece in pieces:
-                    check_piece(piece, tuple(s.shape), src)
         check_plan(s.name, tuple(s.shape), [(p, src) for p, _, b, src in todo if not b])
         changed[s.name] = [src for *_, src in todo]
         if own_types and s.qtype is not None:

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import LoraError, _safe
-from ..ops import DoraAdapter, KronAdapter, LoraAdapter
+from ..ops import DoraAdapter, KronAdapter, LoraAdapter, dequantize_weight
 from ..tensor import GGMLTensor
 from .targets import Piece
 
@@ -83,9 +83,10 @@ def dora_axis(piece: Piece, weight_shape: tuple[int, ...], source: str) -> int:
 
 
 def float32_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` as float32 values (a quantized one decoded exactly)."""
+    """``weight`` as float32 values outside autograd (a quantized one decoded exactly, by the
+    layers' own decoder :func:`ggufvideo.ops.dequantize_weight`)."""
     if isinstance(weight, GGMLTensor):
-        return weight.dequantize(torch.float32)
+        return dequantize_weight(weight, torch.float32)
     return weight.detach().to(torch.float32)
 
 

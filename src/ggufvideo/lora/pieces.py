@@ -9,15 +9,17 @@ checking that it fits; :func:`dense_delta` sums the pieces on one tensor as a de
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ..errors import LoraError, _safe
 from ..ops import Adapter, DoraAdapter, KronAdapter, LoraAdapter
 from .dora import dora_adapter, dora_axis, float32_weight
 from .lycoris import loha_pair, loha_products_agree, loha_weight, lokr_factors, pair_is_smaller
-from .targets import Piece
+from .targets import Piece, Resolution
 
-__all__ = ["adapter_for", "check_piece", "dense_delta", "needs_weight"]
+__all__ = ["adapter_for", "check_piece", "check_fits", "dense_delta", "needs_weight"]
 
 
 def _rows_of(t: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
@@ -60,6 +62,16 @@ def check_piece(piece: Piece, weight_shape: tuple[int, ...], source: str) -> Non
     _inner_adapter(piece, weight_shape, source)
     if piece.entry.magnitude is not None:
         dora_axis(piece, weight_shape, source)
+
+
+def check_fits(res: Resolution, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
+    """Raise the :class:`~ggufvideo.errors.LoraError` applying ``res`` onto tensors of ``shapes``
+    would, from shapes alone (no weight read): every weight piece and bias delta must fit."""
+    for key, pieces in res.weights.items():
+        for piece in pieces:
+            check_piece(piece, shapes[key], source)
+    for key, pieces in res.biases.items():
+        dense_delta(pieces, shapes[key], source, bias=True)
 
 
 def _inner_adapter(piece: Piece, weight_shape: tuple[int, ...], source: str

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from ..errors import LoraError, _safe
 from ..models import CONTAINER_PREFIXES, detect
 from .formats import KOHYA_PREFIXES, LoraEntry, LoraFile, is_bias_key
 
@@ -102,6 +103,14 @@ class Resolution:
     biases: dict[str, list[Piece]]
     unmatched: list[str]
     layout: str
+
+    def check_matched(self, source: str, what: str, hint: str = "") -> None:
+        """Raise a :class:`~ggufvideo.errors.LoraError` naming ``source`` and the first unmatched
+        key (five in the message) if any LoRA key matched no tensor of ``what``."""
+        if self.unmatched:
+            shown = ", ".join(_safe(k) for k in self.unmatched[:5])
+            raise LoraError(f"{len(self.unmatched)} LoRA key(s) match no tensor of {what} (e.g. "
+                            f"{shown}){hint}", path=source, tensor=self.unmatched[0])
 
 
 def _tables(shapes: Mapping[str, tuple[int, ...]], architecture: str | None
