@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import Adapter, DoraAdapter, LoraAdapter
+from .adapters import Adapter, DoraAdapter, LoraAdapter, along
 from .tensor import GGMLTensor
 
 if TYPE_CHECKING:
@@ -53,11 +53,7 @@ def _dora_factors(adapters: list[Adapter], device: torch.device, dtype: torch.dt
 
 def _rescaled(t: torch.Tensor, c1: torch.Tensor | None, dim: int) -> torch.Tensor:
     """``t * c`` along ``dim`` given ``c1 = c - 1``: ``t + t * c1``."""
-    if c1 is None:
-        return t
-    shape = [1] * t.dim()
-    shape[dim] = -1
-    return t + t * c1.reshape(shape)
+    return t if c1 is None else t + t * along(c1, t, dim)
 
 
 def set_lora_fusion(flag: bool | None) -> None:
@@ -147,12 +143,11 @@ def lora_conv(layer: _QuantConvNd, x: torch.Tensor, weight: torch.Tensor,
             y = y + a.conv_delta(layer, x)
         return y
     c_in, c_out = _dora_factors(adapters, x.device, x.dtype)
-    n = x.dim() - 2
     xb = _rescaled(x, c_in, 1)
     y = layer._torch_conv_forward(xb, weight, None)
     y = _rescaled(y, c_out, 1)
     if bias is not None:
-        y = y + bias.reshape(1, -1, *([1] * n))
+        y = y + along(bias, y, 1)
     for a in adapters:
         y = y + a.conv_delta(layer, x)
     return y

@@ -173,6 +173,14 @@ class KronAdapter:
         return (torch.kron(w1, w2).reshape(shape) * self.scale).to(dtype)
 
 
+def along(v: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """The vector ``v`` in ``like``'s dtype, shaped to broadcast along ``like``'s axis ``dim``
+    (per output feature, per channel...)."""
+    shape = [1] * like.dim()
+    shape[dim] = -1
+    return v.to(like.dtype).reshape(shape)
+
+
 @dataclass(eq=False)
 class DoraAdapter:
     """A DoRA adapter (weight-decomposed LoRA) beside a layer's weight, kept unmerged.
@@ -226,35 +234,27 @@ class DoraAdapter:
         """``c = 1 + s * (g - 1)``, the base product's factor (rounded once to ``dtype``)."""
         return (1.0 + self.scale * (self._g(device) - 1.0)).to(dtype)
 
-    def _along(self, g: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
-        shape = [1] * like.dim()
-        shape[dim] = -1
-        return g.to(like.dtype).reshape(shape)
-
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's term for a linear layer: ``s * g * (D x)`` or ``s * D (g * x)``."""
         g = self._g(x.device)
         if self.axis == 1:
-            return self.inner.delta(x * self._along(g, x, -1)) * self.scale
+            return self.inner.delta(x * along(g, x, -1)) * self.scale
         d = self.inner.delta(x)
-        return d * self._along(g, d, -1) * self.scale
+        return d * along(g, d, -1) * self.scale
 
     def conv_delta(self, layer: _QuantConvNd, x: torch.Tensor) -> torch.Tensor:
         """The adapter's term for a conv layer (``g`` along the channel axis)."""
         g = self._g(x.device)
         if self.axis == 1:
-            return self.inner.conv_delta(layer, x * self._along(g, x, 1)) * self.scale
+            return self.inner.conv_delta(layer, x * along(g, x, 1)) * self.scale
         d = self.inner.conv_delta(layer, x)
-        return d * self._along(g, d, 1) * self.scale
+        return d * along(g, d, 1) * self.scale
 
     def merged_delta(self, weight: torch.Tensor) -> torch.Tensor:
         """``W_s - W`` for the float32 weight ``weight``: ``(c - 1) * W + s * g * D`` (axis 0;
         along the input axis for axis 1), in float32."""
         w = weight.detach().to(torch.float32)
-        g = self._g(w.device)
-        shape = [1] * w.dim()
-        shape[self.axis] = -1
-        g = g.reshape(shape)
+        g = along(self._g(w.device), w, self.axis)
         d = self.inner.delta_weight(tuple(w.shape), device=w.device)
         return self.scale * ((g - 1.0) * w + g * d)
 

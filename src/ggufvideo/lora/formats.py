@@ -268,9 +268,10 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
         if e.magnitude is not None and not e.has_weight:
             raise LoraError("a DoRA magnitude without the LoRA pair (or LoHa, LoKr, diff) it "
                             "rescales", path=source, tensor=first)
-        if (e.up_bias is not None or e.down_bias is not None) and e.up is None:
+        pair_bias = e.up_bias is not None or e.down_bias is not None
+        if pair_bias and e.up is None:
             raise LoraError("a bias of a LoRA pair without the pair", path=source, tensor=first)
-        if (e.up_bias is not None or e.down_bias is not None) and e.magnitude is not None:
+        if pair_bias and e.magnitude is not None:
             raise LoraError("a DoRA with biases on its pair is not supported (peft refuses it too)",
                             path=source, tensor=first)
         if not e.has_weight and e.diff_b is None:
@@ -284,7 +285,7 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
             found = config_for(e.target, configs or {})
             if found is not None and e.alpha is None:  # an explicit alpha tensor wins
                 e.config_scale = found[0].scale(found[1], e.rank)
-        if e.up_bias is not None or e.down_bias is not None:
+        if pair_bias:
             # inside the scaled product: s (B (A x + a) + b) = s B A x + s (B a + b)
             assert e.up is not None
             b = torch.zeros(e.up.shape[0], dtype=torch.float32)
