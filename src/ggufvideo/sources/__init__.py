@@ -56,7 +56,11 @@ class Source:
 
 
 def _check_dtype(name: str, dtype: torch.dtype | None, raw: str, path: str) -> torch.dtype:
-    if dtype is None or dtype in (torch.uint8, torch.bool):
+    """``dtype`` if GGUF can store it; uint8 passes here and is judged once scales are folded
+    (:mod:`.scaled`: ComfyUI keeps fp8 values and format records in uint8 tensors)."""
+    if dtype == torch.uint8:
+        return dtype
+    if dtype is None or dtype == torch.bool:
         raise GGUFError(f"dtype {_safe(raw, 40)} has no GGUF type (expected float or "
                         "int8/16/32/64)",
                         path=path, tensor=name)
@@ -92,6 +96,7 @@ def open_source(path: str | os.PathLike[str]) -> Source:
     # Imported here: each kind's module imports Source and the helpers above from this package.
     from .gguf import _open_gguf
     from .safetensors import _open_sharded, _safetensors_tensors
+    from .scaled import fold_scales
     from .torch_pickle import _open_torch
 
     lower = p.lower()
@@ -110,6 +115,13 @@ def open_source(path: str | os.PathLike[str]) -> Source:
     else:
         raise GGUFError("unknown source format: expected .safetensors, a folder of safetensors "
                         "shards, .pt/.pth/.bin/.ckpt or .gguf", path=p)
+    if src.kind != "gguf":
+        src.tensors, notes = fold_scales(src.tensors, src.metadata, p, SOURCE_METADATA_PREFIX)
+        src.notes.extend(notes)
+    for t in src.tensors:
+        if t.dtype == torch.uint8:
+            raise GGUFError("dtype uint8 has no GGUF type (expected float or int8/16/32/64)",
+                            path=p, tensor=t.name)
     if not src.tensors:
         raise GGUFError("the source holds no tensors", path=p)
     return src

@@ -101,8 +101,7 @@ def _open_torch(path: str, src: Source) -> None:
             continue
         if not isinstance(name, str):
             raise GGUFError(f"state dict key {_safe(repr(name))} is not a string", path=path)
-        _check_dtype(name, t.dtype if t.dtype not in (torch.uint8, torch.bool) else None,
-                     str(t.dtype), path)
+        _check_dtype(name, t.dtype if t.dtype != torch.bool else None, str(t.dtype), path)
         tie = tensor_tie(t)
         nbytes = 0 if tie in seen_ties else t.numel() * t.element_size()
         if tie is not None:
