@@ -6,7 +6,13 @@ import gguf
 import pytest
 
 transformers = pytest.importorskip("transformers")
-from text_encoder_files import build_encoder, vocabulary, write_text_encoder  # noqa: E402
+from text_encoder_files import (  # noqa: E402
+    build_encoder,
+    sentencepiece_vocabulary,
+    train_sentencepiece,
+    vocabulary,
+    write_text_encoder,
+)
 from transformers import AutoTokenizer, T5Tokenizer  # noqa: E402
 
 from ggufvideo import ModelLoadError, save_state_dict  # noqa: E402
@@ -32,6 +38,53 @@ def test_t5_tokenizer_tokenizes_like_transformers_built_from_the_same_vocabulary
         assert ids == same_vocab(text).input_ids == from_file(text).input_ids, text
         assert ids[-1] == 1  # </s> appended, as T5 does
     assert (tok.pad_token, tok.eos_token, tok.unk_token) == ("<pad>", "</s>", "<unk>")
+
+
+# Wan's default negative prompt is Chinese with full-width commas; the rest: full-width letters,
+# circled digits and ligatures (NFKC), accents and emoji (byte pieces), spacing, newlines, tabs.
+SPM_TEXTS = ["色调艳丽，过曝，静态，细节模糊不清", "ｃａｔ ＡＢＣ", "a cat 🐱 on the beach", "café",
+             "  Hello   world.  ", "a\nb\tc", "", "①②③ ﬁ", "bright colors, static, overexposed",
+             "一只猫在海滩上散步，低质量"]
+
+
+@pytest.mark.parametrize("byte_fallback, umt5_ids", [(True, True), (False, False)])
+def test_t5_vocabularies_encode_as_sentencepiece(tmp_path, byte_fallback, umt5_ids):
+    """The reference is sentencepiece itself on the model the file's vocabulary came from."""
+    model_file = train_sentencepiece(tmp_path / "spm", byte_fallback=byte_fallback,
+                                     umt5_ids=umt5_ids)
+    vocab = sentencepiece_vocabulary(model_file, size=448)
+    path = write_text_encoder(tmp_path / "te.gguf", build_encoder(True, vocab=448), vocab=vocab)
+    tok = tokenizer_from_gguf(path)
+    sp = vocab["processor"]
+    for text in SPM_TEXTS:
+        assert tok(text).input_ids == sp.encode(text) + [vocab["eos"]], text
+    assert tok.unk_token_id == vocab["unk"] and tok.pad_token_id == vocab["pad"]
+    assert tok.decode(tok("a cat on the beach").input_ids, skip_special_tokens=True) \
+        == "a cat on the beach"
+    if byte_fallback:
+        assert tok.decode(tok("café 🐱").input_ids, skip_special_tokens=True) == "café 🐱"
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("tokenizer.ggml.unknown_token_id", 10_000, "unknown_token_id = 10000 is not a token id"),
+    ("tokenizer.ggml.scores", [0.0, 1.0], "but 2 scores"),
+])
+def test_a_broken_unigram_vocabulary_is_named(tmp_path, key, value, match):
+    tokens, scores, types = vocabulary(40)
+    path = tmp_path / "broken.gguf"
+    w = gguf.GGUFWriter(str(path), "t5encoder")
+    w.add_tokenizer_model("t5")
+    w.add_token_list(tokens)
+    w.add_token_scores(value if key.endswith("scores") else scores)
+    w.add_token_types(types)
+    if key.endswith("unknown_token_id"):
+        w.add_unk_token_id(value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelLoadError, match=match):
+        tokenizer_from_gguf(path)
 
 
 def test_padding_as_the_wan_pipeline_asks(te_file):

@@ -40,6 +40,57 @@ def vocabulary(size: int = 96) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
+# Text a video prompt holds: full-width punctuation (Wan's Chinese negative prompt), accents,
+# emoji (bytes outside a small vocabulary), odd spacing.
+SPM_CORPUS = ["a cat walks on the beach at sunset", "a red car in the rain at night",
+              "blurry low quality video of a city", "bright colors, static, overexposed",
+              "色调艳丽，过曝，静态，细节模糊不清，字幕", "风格，作品，画作，画面，静止，最差质量，低质量",
+              "一只猫在海滩上散步", "JPEG压缩残留，丑陋的，残缺的"] * 25
+
+
+def train_sentencepiece(folder: str | os.PathLike[str], *, byte_fallback: bool = True,
+                        umt5_ids: bool = True, vocab_size: int = 400) -> str:
+    """A small sentencepiece unigram model trained here (NFKC rules as T5's): the reference
+    tokenizer. ``umt5_ids``: pad 0, eos 1, bos 2, unk 3; else T5's pad 0, eos 1, unk 2, no bos."""
+    import sentencepiece as spm
+
+    os.makedirs(folder, exist_ok=True)
+    prefix = os.path.join(os.fspath(folder), "spiece")
+    ids = (dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3) if umt5_ids
+           else dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1))
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SPM_CORPUS), model_prefix=prefix, model_type="unigram",
+        vocab_size=vocab_size, byte_fallback=byte_fallback, character_coverage=0.9995,
+        normalization_rule_name="nmt_nfkc", hard_vocab_limit=False, num_threads=1,
+        minloglevel=2, **ids)
+    return prefix + ".model"
+
+
+def sentencepiece_vocabulary(model_file: str, size: int) -> dict:
+    """The ``tokenizer.ggml.*`` values llama.cpp's T5 converter writes for a sentencepiece model:
+    each id's piece, score and type (sentencepiece's numbering), ``[PADn]`` unused fillers up to
+    the model's vocabulary size, the normalizer's flags and charsmap, the special ids."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    with open(model_file, "rb") as f:
+        proto.ParseFromString(f.read())
+    sp = spm.SentencePieceProcessor(model_file=model_file)
+    tokens, scores, types = [f"[PAD{i}]" for i in range(size)], [-1000.0] * size, [5] * size
+    for i in range(sp.vocab_size()):
+        tokens[i], scores[i] = sp.IdToPiece(i), sp.GetScore(i)
+        types[i] = (2 if sp.IsUnknown(i) else 3 if sp.IsControl(i) else 5 if sp.IsUnused(i)
+                    else 6 if sp.IsByte(i) else 1)
+    spec = proto.trainer_spec
+    return {"tokens": tokens, "scores": scores, "types": types,
+            "add_space_prefix": proto.normalizer_spec.add_dummy_prefix,
+            "remove_extra_whitespaces": proto.normalizer_spec.remove_extra_whitespaces,
+            "charsmap": bytes(proto.normalizer_spec.precompiled_charsmap),
+            "unk": spec.unk_id, "eos": spec.eos_id, "pad": spec.pad_id, "bos": spec.bos_id,
+            "processor": sp}
+
+
 def build_encoder(umt5: bool = True, *, layers: int = 2, d_model: int = 64, heads: int = 4,
                   d_ff: int = 96, vocab: int = 96, gated: bool = True, seed: int = 0
                   ) -> torch.nn.Module:
@@ -76,8 +127,10 @@ def llama_cpp_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_text_encoder(path: str | os.PathLike[str], model: torch.nn.Module, qtype: T = T.Q8_0,
-                       *, name: str | None = None, arch: str = "t5encoder") -> str:
-    """Write ``model`` as a llama.cpp text-encoder GGUF (norms F32, bias tables F16)."""
+                       *, name: str | None = None, arch: str = "t5encoder",
+                       vocab: dict | None = None) -> str:
+    """Write ``model`` as a llama.cpp text-encoder GGUF (norms F32, bias tables F16); its
+    vocabulary :func:`vocabulary`'s, or ``vocab`` (:func:`sentencepiece_vocabulary`)."""
     cfg = model.config
     umt5 = type(model).__name__.startswith("UMT5")
     w = gguf.GGUFWriter(os.fspath(path), arch)
@@ -93,16 +146,24 @@ def write_text_encoder(path: str | os.PathLike[str], model: torch.nn.Module, qty
     w.add_layer_norm_rms_eps(cfg.layer_norm_epsilon)
     w.add_relative_attn_buckets_count(cfg.relative_attention_num_buckets)
     w.add_decoder_start_token_id(0)
-    tokens, scores, types = vocabulary(cfg.vocab_size)
+    if vocab is None:
+        tokens, scores, types = vocabulary(cfg.vocab_size)
+        vocab = {"tokens": tokens, "scores": scores, "types": types, "add_space_prefix": True,
+                 "remove_extra_whitespaces": True, "charsmap": b"", "unk": 2, "eos": 1, "pad": 0,
+                 "bos": -1}
     w.add_tokenizer_model("t5")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_add_space_prefix(True)
-    w.add_remove_extra_whitespaces(True)
-    w.add_eos_token_id(1)
-    w.add_unk_token_id(2)
-    w.add_pad_token_id(0)
+    w.add_token_list(vocab["tokens"])
+    w.add_token_scores(vocab["scores"])
+    w.add_token_types(vocab["types"])
+    w.add_add_space_prefix(vocab["add_space_prefix"])
+    w.add_remove_extra_whitespaces(vocab["remove_extra_whitespaces"])
+    if vocab["charsmap"]:
+        w.add_precompiled_charsmap(vocab["charsmap"])
+    w.add_eos_token_id(vocab["eos"])
+    w.add_unk_token_id(vocab["unk"])
+    w.add_pad_token_id(vocab["pad"])
+    if vocab["bos"] >= 0:
+        w.add_bos_token_id(vocab["bos"])
     w.add_add_bos_token(False)
     w.add_add_eos_token(True)
     for key, t in llama_cpp_state_dict(model).items():

@@ -1,15 +1,17 @@
-"""The tokenizer a GGUF file describes (``tokenizer.ggml.*`` metadata), built by transformers.
+"""The tokenizer a GGUF file describes (``tokenizer.ggml.*`` metadata).
 
 llama.cpp's converter stores a model's vocabulary in the file: tokens, scores, token types,
-merges, special ids. transformers can rebuild a fast tokenizer from them for the types it covers
-(``t5`` unigram, ``llama`` sentencepiece, ``gpt2`` byte-level BPE); this module only reads the
-file and hands the pieces to transformers' own builders -- it writes no tokenizer. With it a GGUF
-text encoder needs no hub download.
+merges, special ids, normalization rules. A ``t5`` vocabulary (sentencepiece unigram: T5, UMT5) is
+built here from those pieces with the ``tokenizers`` library, because transformers' GGUF path for
+it drops the normalization table and byte fallback (see :func:`_unigram`); ``llama`` and ``gpt2``
+(byte-level BPE) vocabularies go to transformers' own builders. With it a GGUF text encoder needs
+no hub download.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from .errors import ModelLoadError, _safe
@@ -18,6 +20,10 @@ __all__ = ["tokenizer_from_gguf", "has_tokenizer"]
 
 #: The metadata key every llama.cpp vocabulary has.
 TOKENS_KEY = "tokenizer.ggml.tokens"
+#: The vocabulary's type (``t5``: sentencepiece unigram; ``llama``; ``gpt2``: byte-level BPE).
+MODEL_KEY = "tokenizer.ggml.model"
+# The score of pieces text never turns into (sentencepiece's control and unused pieces).
+_NEVER = -1e9
 
 
 def has_tokenizer(path: str | os.PathLike[str]) -> bool:
@@ -53,12 +59,93 @@ def tokenizer_from_gguf(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     except ImportError:
         raise ImportError(f"{_safe(path, 300)}: building its tokenizer needs transformers: "
                           "pip install 'ggufvideo[text-encoders]'") from None
+    from .reader import GGUFFile
+
+    md = GGUFFile(path).metadata
+    if md.get(MODEL_KEY) == "t5":  # sentencepiece unigram: built here, as sentencepiece encodes
+        backend, config = _unigram(md, path)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **{**config, **kwargs})
     try:
         backend, config = _backend(path)
     except (ValueError, KeyError, NotImplementedError) as exc:
         raise ModelLoadError(f"transformers cannot build this file's tokenizer: {exc}",
                              path=path) from None
     return PreTrainedTokenizerFast(tokenizer_object=backend, **{**config, **kwargs})
+
+
+def _special(md: Mapping[str, Any], key: str, default: int, n: int, path: str) -> int:
+    value = md.get(f"tokenizer.ggml.{key}_token_id", default)
+    if not isinstance(value, int) or not (value == -1 or 0 <= value < n):
+        raise ModelLoadError(f"tokenizer.ggml.{key}_token_id = {value!r} is not a token id of the "
+                             f"{n}-token vocabulary", path=path)
+    return value
+
+
+def _unigram(md: Mapping[str, Any], path: str) -> tuple[Any, dict[str, Any]]:
+    """A ``tokenizers.Tokenizer`` that encodes as the sentencepiece unigram model the metadata
+    describes (what llama.cpp writes for T5/UMT5: ``tokenizer.ggml.model = "t5"``).
+
+    transformers' own GGUF path for this type drops the normalization table, byte fallback and
+    the file's unknown id: full-width punctuation (every comma of Wan's Chinese negative prompt),
+    full-width letters and characters outside the vocabulary came out as ``<unk>``. Here, as
+    sentencepiece does: the ``precompiled_charsmap`` (NFKC-style rules) first, then extra spaces
+    removed, a ``▁`` prefix and spaces as ``▁``, pieces that never cross a word start; unknown
+    characters as their UTF-8 byte pieces where the vocabulary has all 256 (``<0xNN>``, type 6),
+    else the file's unknown id; control and unused pieces (``<pad>``, llama.cpp's ``[PADn]``
+    fillers) are never produced from text, as sentencepiece keeps them out of its lattice.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+
+    tokens = [str(t) for t in md[TOKENS_KEY]]
+    n = len(tokens)
+    scores = [float(x) for x in md.get("tokenizer.ggml.scores", [0.0] * n)]
+    types = [int(x) for x in md.get("tokenizer.ggml.token_type", [1] * n)]
+    if len(scores) != n or len(types) != n:
+        raise ModelLoadError(f"the vocabulary has {n} tokens but {len(scores)} scores and "
+                             f"{len(types)} token types", path=path)
+    unk = _special(md, "unknown", 2, n, path)
+    eos = _special(md, "eos", 1, n, path)
+    pad = _special(md, "padding", 0, n, path)
+    bos = _special(md, "bos", -1, n, path)
+    if unk < 0:
+        raise ModelLoadError("a unigram vocabulary needs an unknown token id", path=path)
+    # sentencepiece's piece types: 1 normal, 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte
+    vocab = [(t, s if k not in (3, 5) else _NEVER) for t, s, k in zip(tokens, scores, types)]
+    byte_pieces = {t for t, k in zip(tokens, types) if k == 6}
+    byte_fallback = all(f"<0x{b:02X}>" in byte_pieces for b in range(256))
+    tok = Tokenizer(Unigram(vocab, unk_id=unk, byte_fallback=byte_fallback))
+    steps: list[Any] = []
+    charsmap = md.get("tokenizer.ggml.precompiled_charsmap")
+    if charsmap is not None and len(charsmap):
+        steps.append(normalizers.Precompiled(bytes(bytearray(int(b) & 0xFF for b in charsmap))))
+    if md.get("tokenizer.ggml.remove_extra_whitespaces", True):
+        # only spaces: sentencepiece leaves other whitespace (left by the charsmap) as it is
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""),
+                  normalizers.Replace(Regex(" {2,}"), " ")]
+    if steps:
+        tok.normalizer = normalizers.Sequence(steps)
+    prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="always" if prefix else "never", split=True)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(content=" ", left=1, right=0)] if prefix else []))
+    add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False)) and bos >= 0
+    add_eos = bool(md.get("tokenizer.ggml.add_eos_token", True))
+    marks = ([tokens[bos]] if add_bos else [])
+    ends = ([tokens[eos]] if add_eos else [])
+    special = sorted({(tokens[i], i) for i in ((bos,) if add_bos else ()) + ((eos,) if add_eos
+                                                                               else ())})
+    tok.post_processor = processors.TemplateProcessing(
+        single=[*marks, "$A", *ends], pair=[*marks, "$A", *ends, "$B", *ends],
+        special_tokens=special)
+    config: dict[str, Any] = {"unk_token": tokens[unk], "eos_token": tokens[eos]}
+    if pad >= 0:
+        config["pad_token"] = tokens[pad]
+    if bos >= 0:
+        config["bos_token"] = tokens[bos]
+    return tok, config
 
 
 def _backend(path: str) -> tuple[Any, dict[str, Any]]:
