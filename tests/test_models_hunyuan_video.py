@@ -19,7 +19,7 @@ from family_checks import (  # noqa: E402
     random_state_dict,
 )
 
-from ggufvideo.errors import ModelLoadError  # noqa: E402
+from ggufvideo.errors import ModelLoadError, UnknownModelError  # noqa: E402
 from ggufvideo.models import ShapeOps, describe, get_family  # noqa: E402
 
 HY = get_family("hunyuan-video")
@@ -217,3 +217,23 @@ def test_convert_writes_the_comfyui_layout_and_from_gguf_reads_it(tmp_path):
     sd = model.state_dict()
     for k, v in back.state_dict().items():
         assert torch.equal(v.float(), sd[k].float()), k
+
+
+def test_hunyuanvideo_1_5_is_named_not_built():
+    shapes = {k: tuple(v.shape) for k, v in build("t2v").state_dict().items()}
+    orig = HY.convert(shapes, "diffusers", "original", ShapeOps())
+    orig["byt5_in.fc1.weight"] = (64, 32)  # 1.5's glyph-text (ByT5) input
+    with pytest.raises(UnknownModelError, match="HunyuanVideo 1.5.*byt5_in"):
+        describe(orig, "hyvid")
+
+
+def test_flux_blocks_named_like_comfyuis_hunyuanvideo_are_not_taken_for_it():
+    # Flux's double/single blocks carry the names ComfyUI gives HunyuanVideo's; its img_in is a
+    # plain linear where HunyuanVideo's is a patch embedding (img_in.proj)
+    shapes = {"img_in.weight": (64, 64), "txt_in.weight": (64, 32),
+              "double_blocks.0.img_attn.qkv.weight": (192, 64),
+              "double_blocks.0.img_mod.lin.weight": (384, 64),
+              "single_blocks.0.modulation.lin.weight": (192, 64), "final_layer.linear.weight":
+              (64, 64)}
+    with pytest.raises(UnknownModelError, match="no known model family"):
+        describe(shapes, "flux")

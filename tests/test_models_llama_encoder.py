@@ -16,6 +16,7 @@ from transformers import LlamaModel  # noqa: E402
 import ggufvideo  # noqa: E402
 from ggufvideo import GGMLTensor, ModelLoadError, empty_weights, load_model, save_state_dict  # noqa: E402
 from ggufvideo.building import describe_file  # noqa: E402
+from ggufvideo.errors import UnknownModelError  # noqa: E402
 from ggufvideo.loader import read_tensors  # noqa: E402
 from ggufvideo.lora.targets import SegmentOps  # noqa: E402
 from ggufvideo.model import assign_state_dict, parameter_bytes  # noqa: E402
@@ -199,3 +200,23 @@ def test_tokenizer_from_a_gpt2_vocabulary(tmp_path):
     assert tok.convert_ids_to_tokens(tok("the cat")["input_ids"]) == \
         ["<|begin_of_text|>", "t", "he", "Ġcat"]
     assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+
+
+@pytest.mark.parametrize("arch", ["qwen2vl", "gemma3", "mistral"])
+def test_other_architectures_are_not_described_as_llama(arch):
+    shapes = {k: tuple(v.shape) for k, v in llama_cpp_state_dict(build_llama()).items()}
+    with pytest.raises(UnknownModelError, match=f"architecture '{arch}'.*not a model ggufvideo "
+                                                "builds.*llama.*t5encoder"):
+        describe(shapes, arch)
+
+
+def test_a_causal_lm_checkpoint_with_its_prefix_and_head_builds_the_encoder(tmp_path):
+    model = build_llama()
+    sd = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    sd["lm_head.weight"] = torch.randn(model.config.vocab_size, model.config.hidden_size)
+    path = tmp_path / "causal.gguf"
+    save_state_dict(sd, path, qtype="Q8_0", metadata={
+        "general.architecture": "llama", "llama.attention.head_count": 4,
+        "llama.attention.head_count_kv": 2})
+    built = ggufvideo.from_gguf(path)
+    assert type(built).__name__ == "LlamaModel"

@@ -96,3 +96,23 @@ def test_missing_tensor_is_named(name, layout, drop, named):
     del renamed[drop]
     with pytest.raises(ModelLoadError, match=named.replace(".", r"\.")):
         describe(renamed)
+
+
+def test_the_releases_other_statistics_are_left_out(tmp_path):
+    """The release's VAE also stores ``channel``, ``mean-of-stds`` and their ratio, which
+    diffusers' VAE has no place for: from_gguf and load_model leave them out."""
+    import ggufvideo
+    from ggufvideo import save_state_dict
+
+    model = build("0.9.5")
+    from ggufvideo.models.tensors import TensorOps
+
+    sd = LVAE.convert(model.state_dict(), "diffusers", "original", TensorOps())
+    n = model.latents_mean.shape[0]
+    for extra in ("channel", "mean-of-stds", "mean-of-stds_over_std-of-means"):
+        sd[f"per_channel_statistics.{extra}"] = torch.rand(n)
+    path = tmp_path / "ltx_vae.gguf"
+    save_state_dict({f"vae.{k}": v.contiguous() for k, v in sd.items()}, path)
+    built = ggufvideo.from_gguf(path)
+    assert torch.equal(built.latents_mean, model.latents_mean)
+    ggufvideo.load_model(build("0.9.5"), path)  # strict, and no "unexpected keys"

@@ -17,7 +17,7 @@ from family_checks import (  # noqa: E402
     random_state_dict,
 )
 
-from ggufvideo.errors import ModelLoadError  # noqa: E402
+from ggufvideo.errors import ModelLoadError, UnknownModelError  # noqa: E402
 from ggufvideo.models import ShapeOps, describe, get_family  # noqa: E402
 
 LTX = get_family("ltx-video")
@@ -90,3 +90,11 @@ def test_released_sizes_infer_their_heads(dim, layers, head_dim, label):
     assert desc.config["num_attention_heads"] == 32
     assert desc.config["attention_head_dim"] == head_dim
     assert label in desc.variant
+
+
+def test_ltx_2_is_named_not_built():
+    shapes = {k: tuple(v.shape) for k, v in build(next(iter(VARIANTS))).state_dict().items()}
+    orig = LTX.convert(shapes, "diffusers", "original", ShapeOps())
+    orig["audio_patchify_proj.weight"] = (64, 128)
+    with pytest.raises(UnknownModelError, match="LTX-2.*audio_patchify_proj"):
+        describe(orig, "ltxv")

@@ -140,8 +140,17 @@ def test_encoder_decoder_file_loads_its_encoder(tmp_path):
     assert type(built) is UMT5EncoderModel
     with empty_weights():
         target = UMT5EncoderModel(model.config)
-    with pytest.raises(ModelLoadError, match="dec.blk.0.attn_q.weight"):
-        load_model(target, path)  # load_model stays strict about what the file holds
+    # the decoder and LM head are parts of the file the encoder has no place for (transformers'
+    # T5EncoderModel ignores a checkpoint's decoder the same way); strict about anything else
+    load_model(target, path).eval()
+    assert torch.equal(encode(target), encode(built))
+    sd["enc.blk.0.attn_extra.weight"] = torch.randn(64, 64)
+    save_state_dict(sd, path, qtype="Q8_0", metadata={"general.architecture": "t5"},
+                    overwrite=True)
+    with empty_weights():
+        target = UMT5EncoderModel(model.config)
+    with pytest.raises(ModelLoadError, match="enc.blk.0.attn_extra.weight"):
+        load_model(target, path)
 
 
 def test_missing_bias_table_is_named(tmp_path):
@@ -160,3 +169,17 @@ def test_gguf_py_table_drift_is_reported():
     with pytest.raises(KeyError, match="no name for 'encoder.block.{i}.nonsense'"):
         llama_cpp_rules("t5encoder", ["encoder.block.{i}.nonsense"])
     assert gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.T5ENCODER] == "t5encoder"
+
+
+@pytest.mark.parametrize("prefix", ["", "text_encoders.t5xxl.transformer."])
+def test_hf_names_with_the_embedding_only_as_embed_tokens(tmp_path, prefix):
+    """Checkpoints store the tied embedding under either name; ComfyUI's all-in-one files nest
+    the encoder under a prefix of their own."""
+    model = build_encoder(True)
+    sd = {prefix + k: v.contiguous() for k, v in model.state_dict().items()
+          if k != "shared.weight"}
+    path = tmp_path / "embed_tokens.gguf"
+    save_state_dict(sd, path)  # float32 as given: the output is the model's own
+    built = ggufvideo.from_gguf(path).eval()
+    assert type(built) is UMT5EncoderModel
+    assert torch.equal(encode(built), encode(model))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -15,7 +17,8 @@ from family_checks import (  # noqa: E402
     random_state_dict,
 )
 
-from ggufvideo.models import describe, get_family  # noqa: E402
+from ggufvideo.errors import UnknownModelError  # noqa: E402
+from ggufvideo.models import ShapeOps, describe, get_family  # noqa: E402
 
 WAN = get_family("wan")
 
@@ -91,3 +94,35 @@ def test_released_sizes_infer_their_heads(size, dim, layers, heads, ffn):
     assert desc.config["num_attention_heads"] == heads
     assert desc.config["num_layers"] == layers
     assert size in desc.variant
+
+
+def _original_shapes(name: str, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    shapes = {k: tuple(v.shape) for k, v in build(name).state_dict().items()}
+    return {prefix + k: v for k, v in WAN.convert(shapes, "diffusers", "original",
+                                                  ShapeOps()).items()}
+
+
+@pytest.mark.parametrize("marker, named", [
+    ("casual_audio_encoder.encoder.final_linear.weight", "S2V"),
+    ("audio_injector.injector.0.q.weight", "S2V"),
+    ("face_adapter.fuser_blocks.0.k_norm.weight", "Animate"),
+    ("motion_encoder.dec.direction.weight", "Animate"),
+    ("pose_patch_embedding.weight", "Animate"),
+    ("audio_proj.audio_proj_glob_1.layer.weight", "HuMo"),
+    ("control_adapter.conv.weight", "Fun Camera"),
+    ("ref_conv.weight", "Fun Control with a reference image"),
+    ("fps_embedding.weight", "SkyReels-V2"),
+])
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_variants_with_modules_of_their_own_are_named_not_built(marker, named, prefix):
+    # built as the plain model they would fail later on "unexpected keys" (or, worse, run
+    # without their extra conditioning); refused by the variant's name instead
+    shapes = {**_original_shapes("t2v", prefix), prefix + marker: (256, 16)}
+    with pytest.raises(UnknownModelError, match=rf"{re.escape(named)}.*{re.escape(marker)}"):
+        describe(shapes, "wan")
+
+
+def test_fun_control_is_not_called_ti2v():
+    shapes = _original_shapes("t2v")
+    shapes["patch_embedding.weight"] = (256, 48, 1, 2, 2)  # 16 latent + 32 control channels in
+    assert describe(shapes, "wan").variant.startswith("Fun Control")

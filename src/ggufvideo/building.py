@@ -191,7 +191,8 @@ def from_gguf(path: str | os.PathLike[str], *, lazy: bool = True, dtype: DTypeLi
         sd = ckpt.tensors()
         if family.unused:
             n = len(desc.detection.prefix)
-            sd = {k: v for k, v in sd.items() if not family.is_unused(k[n:])}
+            sd = {k: v for k, v in sd.items()
+                  if not family.is_unused(k[n:] if k.startswith(desc.detection.prefix) else k)}
         assign_state_dict(model, sd, strict=True, lazy=lazy, dtype=dtype, device=device,
                           path=ckpt.path, architecture=ckpt.architecture,
                           metadata=ckpt.metadata if ckpt.gguf is not None else None,

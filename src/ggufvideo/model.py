@@ -258,6 +258,9 @@ def assign_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
     sd = _fill_tied(sd, ties)
     if fit.renamed:
         _log.info("load_model(%s): %s", _safe(os.fspath(path)) if path else "state dict", fit)
+    if fit.family is not None and fit.family.unused:
+        # parts a file of this family may hold beside the model (a T5 file's decoder, an LM head)
+        sd = {k: v for k, v in sd.items() if k in entries or not fit.family.is_unused(k)}
     unexpected = [k for k in sd if k not in entries]
     found = sum(k in sd for k in entries)
     if entries and found < MIN_MATCHED * len(entries):

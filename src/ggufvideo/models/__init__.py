@@ -119,9 +119,21 @@ class Detection:
 
 
 def _candidates(keys: Iterable[str]) -> list[tuple[str, set[str]]]:
+    """(prefix, the keys under it without it): none, the known container prefixes, and any other
+    prefix in front of a family's signature key (ComfyUI's all-in-one files nest parts under
+    ``text_encoders.t5xxl.transformer.`` and the like)."""
     keys = list(keys)
+    prefixes = list(CONTAINER_PREFIXES)
+    firsts = {alt[0] for fam in families().values() for alts in fam.signatures.values()
+              for alt in alts}
+    for k in keys:
+        for sig in firsts:
+            if k.endswith(sig) and len(k) > len(sig) and k[-len(sig) - 1] == ".":
+                prefix = k[:-len(sig)]
+                if prefix not in prefixes:
+                    prefixes.append(prefix)
     out = [("", set(keys))]
-    for prefix in CONTAINER_PREFIXES:
+    for prefix in prefixes:
         inner = {k[len(prefix):] for k in keys if k.startswith(prefix)}
         if inner:
             out.append((prefix, inner))
@@ -172,6 +184,11 @@ class Description:
                 "class": self.class_name, "config": self.config}
 
 
+def _llama_cpp_architectures() -> str:
+    return ", ".join(sorted(a for f in families().values() if "llama.cpp" in f.signatures
+                            for a in f.architectures))
+
+
 def describe(shapes: Mapping[str, tuple[int, ...]], architecture: str | None = None, *,
              source: str | None = None) -> Description:
     """Detect the family of a file's tensors and infer its config from their shapes.
@@ -192,6 +209,18 @@ def describe(shapes: Mapping[str, tuple[int, ...]], architecture: str | None = N
                                 f"{len(shapes)} tensors); known families: {known_families()}",
                                 path=source)
     inner, _ = det.split(shapes)
+    fam = det.family
+    if det.layout == "llama.cpp" and architecture and architecture not in fam.architectures:
+        # llama.cpp gives many architectures the same tensor names, not the same model
+        raise UnknownModelError(
+            f"architecture {architecture!r} (llama.cpp's tensor names) is not a model ggufvideo "
+            f"builds; its llama.cpp-named text encoders are {_llama_cpp_architectures()}",
+            path=source)
+    found = fam.unsupported_variant(inner)
+    if found is not None:
+        raise UnknownModelError(
+            f"{found[0]}: the file has {det.prefix + found[1]!r}, a module of that variant of "
+            f"the {fam.title}, which ggufvideo does not build", path=source)
     canonical = det.family.convert(inner, det.layout, CANONICAL, ShapeOps())
     view = Shapes(canonical, source)
     config = det.family.infer_config(view)

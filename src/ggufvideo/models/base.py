@@ -365,6 +365,9 @@ class Family(Generic[V]):
             win over the inferred ones.
         unused: templates of tensors files of this family may carry that the built model does not
             use (a text-encoder file's decoder); :func:`ggufvideo.from_gguf` leaves them out.
+        unsupported: variants of the family that carry modules this library does not build:
+            marker template (any layout) -> the variant's name. A file holding one is refused by
+            that name rather than built as the plain model and failing on its extra keys.
         release_layout: for a family whose releases changed their names (one layout per
             release: ``original-0.9.0``, ``original-2.2``...), the layout of the release a model
             with this config belongs to; ``"original"`` means that one (``convert --layout
@@ -384,6 +387,7 @@ class Family(Generic[V]):
     library: str = "diffusers"
     metadata_config: Mapping[str, str] = field(default_factory=dict)
     unused: tuple[str, ...] = ()
+    unsupported: Mapping[str, str] = field(default_factory=dict)
     release_layout: Callable[[Mapping[str, Any]], str] | None = None
 
     def resolve_layout(self, layout: str, config: Mapping[str, Any]) -> str:
@@ -401,6 +405,16 @@ class Family(Generic[V]):
     def is_unused(self, key: str) -> bool:
         """Whether ``key`` (in any layout) is a tensor the built model does not use."""
         return any(_Template(t).match(key) is not None for t in self.unused)
+
+    def unsupported_variant(self, keys: Iterable[str]) -> tuple[str, str] | None:
+        """(variant name, the key that shows it) when ``keys`` hold a marker of
+        :attr:`unsupported`, else ``None``."""
+        templates = [(_Template(t), name) for t, name in self.unsupported.items()]
+        for key in keys:
+            for template, name in templates:
+                if template.match(key) is not None:
+                    return name, key
+        return None
 
     def layout_of(self, keys: Mapping[str, Any] | set[str]) -> str | None:
         """The layout whose signature ``keys`` satisfy, or ``None``."""

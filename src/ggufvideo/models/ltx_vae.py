@@ -12,7 +12,8 @@ on the version, so each version is its own layout: ``original-0.9.0``, ``origina
 ``conv_shortcut.conv`` and ``norm3.norm`` is ``norm3``; the decoder's ``last_time_embedder`` /
 ``last_scale_shift_table`` are ``time_embedder`` / ``scale_shift_table``; the latent statistics
 ``per_channel_statistics.mean-of-means`` / ``std-of-means`` are ``latents_mean`` / ``latents_std``
-(the release's other statistics have no diffusers tensor and pass through unchanged).
+(the release's other statistics have no diffusers tensor: :func:`ggufvideo.from_gguf` and
+``load_model`` leave them out).
 
 Config from shapes: the resnets give each block's width and depth, the down/upsamplers' rows the
 downsampling kind and the decoder's channel-reducing upsample factor, ``per_channel_scale1`` the
@@ -188,4 +189,7 @@ FAMILY: Family[Any] = Family(
     variant=variant,
     original_prefix="vae.",
     release_layout=release_layout,
+    # the release's statistics module holds three more buffers diffusers' VAE has no place for
+    unused=("per_channel_statistics.channel", "per_channel_statistics.mean-of-stds",
+            "per_channel_statistics.mean-of-stds_over_std-of-means"),
 )

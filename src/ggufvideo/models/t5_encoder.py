@@ -53,7 +53,10 @@ MAX_DISTANCE = 128
 
 def infer_config(s: Shapes) -> dict[str, Any]:
     """transformers' ``T5Config`` / ``UMT5Config`` fields from the tensors' shapes."""
-    vocab, d_model = s.require("shared.weight", "the vocabulary and width", ndim=2)
+    # a checkpoint stores the tied embedding under either name (llama.cpp's converter notes both)
+    embedding = "shared.weight" if s.has("shared.weight") or not s.has(
+        "encoder.embed_tokens.weight") else "encoder.embed_tokens.weight"
+    vocab, d_model = s.require(embedding, "the vocabulary and width", ndim=2)
     layers = s.count("encoder.block.{i}.*")
     q_rows = s.require(f"{_ATTN.format(i=0)}.SelfAttention.q.weight", "the attention width",
                        ndim=2)[0]

@@ -125,6 +125,8 @@ def variant(config: Mapping[str, Any], s: Shapes) -> str:
             return f"FLF2V {size} (Wan 2.1)"
         return f"I2V {size} (Wan 2.1)"
     if config["in_channels"] == 48:
+        if config.get("out_channels", 48) != 48:  # 16 latent + 32 control channels in
+            return f"Fun Control {size} (Wan 2.1)"
         return f"TI2V {size} (Wan 2.2)"
     if config["in_channels"] == 36:
         return f"I2V {size} (Wan 2.2 A14B expert)" if dim == 5120 else f"I2V {size}"
@@ -146,6 +148,20 @@ FAMILY: Family[Any] = Family(
                      ("head.modulation", "blocks.0.self_attn.norm_q.weight")),
     },
     rules={"original": RULES},
+    # (marker names as ComfyUI's model detection and diffusers' converters know them)
+    unsupported={
+        "casual_audio_encoder.*": "Wan 2.2 S2V (speech-to-video)",
+        "audio_injector.*": "Wan 2.2 S2V (speech-to-video)",
+        "motion_encoder.*": "Wan 2.2 Animate",
+        "face_adapter.*": "Wan 2.2 Animate",
+        "face_encoder.*": "Wan 2.2 Animate",
+        "pose_patch_embedding.*": "Wan 2.2 Animate",
+        "audio_proj.*": "HuMo (audio-conditioned Wan)",
+        "control_adapter.*": "Wan Fun Camera (camera-control adapter)",
+        "ref_conv.*": "Wan Fun Control with a reference image (ref_conv)",
+        "fps_embedding.*": "SkyReels-V2 (frame-rate conditioning)",
+        "fps_projection.*": "SkyReels-V2 (frame-rate conditioning)",
+    },
     infer_config=infer_config,
     class_name=class_name,
     variant=variant,
