@@ -42,7 +42,7 @@ def test_diff_and_diff_b_are_full_deltas():
 
 
 @pytest.mark.parametrize("key, message", [
-    ("blocks.0.q.weight", "not a LoRA key"),
+    ("blocks.0.q.weight", "not a LoRA: no key has a LoRA suffix"),
     ("blocks.0.q.dora_scale", "a DoRA magnitude without the LoRA pair"),
     ("blocks.0.q.hada_w1_a", "LoHa adapter without its hada_w1_b, hada_w2_a, hada_w2_b"),
     ("blocks.0.q.lokr_w1", "LoKr adapter without its lokr_w2_a, lokr_w2_b"),

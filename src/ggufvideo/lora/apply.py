@@ -45,7 +45,9 @@ class LoraHandle:
         source: the LoRA file (or ``"<state dict>"``).
         scale: the current strength.
         targets: the model tensors it changes.
-        unmatched: LoRA keys that matched no tensor (empty unless ``strict=False``).
+        unmatched: LoRA keys that matched no tensor, or of no known scheme (empty unless
+            ``strict=False``).
+        skipped: keys of the LoRA's text-encoder part, left alone (with a warning).
         layout: which naming of the model the LoRA's names matched (``"wan:original"`` ...).
     """
 
@@ -55,6 +57,7 @@ class LoraHandle:
         self.source = source
         self.scale = float(scale)
         self.unmatched = list(resolution.unmatched)
+        self.skipped = list(resolution.skipped)
         self.layout = resolution.layout
         self.targets: list[str] = []
         self._adapters: list[tuple[nn.Module, Adapter, float]] = []  # (layer, adapter, base)
@@ -204,6 +207,7 @@ def apply_lora(model: nn.Module, lora: LoraLike, scale: float = 1.0, *, strict: 
     if strict:
         res.check_matched(lf.source, "the model", "; the model's names were tried as they are "
                           "and in every layout of its family (pass strict=False to apply the rest)")
+    res.warn_skipped(lf.source)
     handle = LoraHandle(model, lf.source, scale, res)
     try:
         for key, pieces in res.weights.items():
@@ -268,6 +272,7 @@ def fuse_lora(model: nn.Module, lora: LoraLike, scale: float = 1.0, *, strict: b
     res = resolve(lf, shapes)
     if strict:
         res.check_matched(lf.source, "the model")
+    res.warn_skipped(lf.source)
     changed = []
     for table, bias in ((res.weights, False), (res.biases, True)):
         for key, pieces in table.items():

@@ -96,6 +96,7 @@ def bake_sources(tensors: Sequence[SourceTensor],
         lf = read_lora(lora)
         res = resolve(lf, shapes, architecture=architecture)
         res.check_matched(lf.source, "the source")
+        res.warn_skipped(lf.source)
         check_fits(res, shapes, lf.source)  # every delta's shape, before anything is written
         for table, bias in ((res.weights, False), (res.biases, True)):
             for key, pieces in table.items():

@@ -7,7 +7,7 @@ import os
 from collections import Counter
 from typing import Any
 
-from .formats import KOHYA_PREFIXES, LoraFile, read_lora
+from .formats import KOHYA_PREFIXES, TEXT_ENCODER_PREFIXES, LoraFile, read_lora
 
 __all__ = ["describe_lora", "format_lora"]
 
@@ -31,7 +31,8 @@ def describe_lora(lora: str | os.PathLike[str] | LoraFile) -> dict[str, Any]:
     layers), ``kinds`` (pair / LoHa / LoKr / diff -> layers), ``dora`` and ``bias_deltas``
     (layers with them), ``ranks`` and ``scales`` (value -> layers; the scale is alpha / rank, or
     a peft config's), ``widths`` (input width -> layers: the model's hidden size shows here, e.g.
-    5120 for Wan 14B, 1536 for 1.3B) and ``first_targets``.
+    5120 for Wan 14B, 1536 for 1.3B), ``first_targets``, ``text_encoder_layers`` (its
+    text-encoder part) and ``unknown_keys`` (of no known scheme).
 
     Raises:
         LoraError, FileNotFoundError: as :func:`~ggufvideo.lora.read_lora`.
@@ -59,6 +60,8 @@ def describe_lora(lora: str | os.PathLike[str] | LoraFile) -> dict[str, Any]:
                                                           if e.low_rank).items())},
         "widths": {str(w): n for w, n in widths.most_common()},
         "first_targets": [e.target for e in entries[:3]],
+        "text_encoder_layers": sum(e.target.startswith(TEXT_ENCODER_PREFIXES) for e in entries),
+        "unknown_keys": list(lf.unknown),
     }
 
 
@@ -76,4 +79,11 @@ def format_lora(info: dict[str, Any]) -> str:
              f"  scales:       {counts(info['scales'])}",
              f"  input widths: {counts(info['widths'])}",
              f"  e.g.          {', '.join(info['first_targets'])}"]
+    if info["text_encoder_layers"]:
+        lines.append(f"  text encoder: {info['text_encoder_layers']} layers (left out when it is "
+                     "put on a transformer)")
+    if info["unknown_keys"]:
+        shown = ", ".join(info["unknown_keys"][:3])
+        lines.append(f"  unknown keys: {len(info['unknown_keys'])} of no known scheme "
+                     f"(e.g. {shown})")
     return "\n".join(lines)

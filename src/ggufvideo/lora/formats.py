@@ -44,12 +44,17 @@ keep their prefix here (``diffusion_model.``, ``transformer.``, ``lora_unet_``):
 What a DoRA magnitude does to its layer is :mod:`ggufvideo.lora.dora`. Refused with a
 :class:`~ggufvideo.errors.LoraError` naming the file and key: OFT, LoCon Tucker mid weights, a
 down without an up, ranks that disagree, incomplete or mixed LoHa/LoKr factor sets, a DoRA
-magnitude without an adapter, and keys of no known scheme.
+magnitude without an adapter. Keys of no known scheme are reported when the LoRA is applied
+(an error unless ``strict=False``), and a text-encoder part (``lora_te_``, ``text_encoder.``...)
+is skipped by the transformer with a warning (:mod:`ggufvideo.lora.targets`). lightx2v's
+``<block>.diff_m`` is the block's ``modulation`` delta; peft tensors under any one adapter name
+(``.lora_A.<name>.weight``) read as ``default``'s.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -67,7 +72,7 @@ from .config import (
 )
 
 __all__ = ["LoraEntry", "LoraFile", "parse_lora", "read_lora", "check_lycoris", "is_bias_key",
-           "KOHYA_PREFIXES"]
+           "KOHYA_PREFIXES", "TEXT_ENCODER_PREFIXES"]
 
 #: (suffix, role), longest first within each family of suffixes.
 _SUFFIXES: tuple[tuple[str, str], ...] = (
@@ -97,6 +102,17 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
                              "lokr_w1", "lokr_w2", "lokr_t2")),
 )
 _UNSUPPORTED = ("oft_blocks", "oft_diag", "oft_R")
+# peft's tensors under an adapter name other than "default" (a state dict dumped from a model
+# whose adapter was named): ``.lora_A.<name>.weight`` ...
+_PEFT_NAMED = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.([^.]+)\.(weight|bias)\Z")
+_PEFT_ROLES = {("lora_A", "weight"): "down", ("lora_B", "weight"): "up",
+               ("lora_A", "bias"): "down_bias", ("lora_B", "bias"): "up_bias",
+               ("lora_magnitude_vector", "weight"): "magnitude"}
+#: Target prefixes of a LoRA's text-encoder part (kohya ``lora_te*_``, diffusers
+#: ``text_encoder``, ComfyUI ``text_encoders.``): not for the transformer.
+TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder.",
+                         "text_encoder_2.", "text_encoder_3.", "text_encoders.", "te.", "te1.",
+                         "te2.", "cond_stage_model.", "conditioner.")
 #: Prefixes of kohya-style names, whose dots are written as underscores.
 KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_", "lora_te_")
 
@@ -189,6 +205,9 @@ class LoraFile:
 
     source: str
     entries: dict[str, LoraEntry]
+    unknown: list[str] = field(default_factory=list)
+    """Keys of no known scheme: reported as unmatched when the LoRA is applied (an error
+    unless ``strict=False``), never guessed at."""
 
     def __iter__(self) -> Iterator[LoraEntry]:
         return iter(self.entries.values())
@@ -205,10 +224,21 @@ def is_bias_key(key: str) -> bool:
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
+    if key.endswith(".diff_m") and len(key) > 7:
+        # lightx2v's modulation delta, written on its block: <block>.diff_m is <block>.modulation
+        return key[:-len(".diff_m")] + ".modulation", "diff"
     for suffix, role in _SUFFIXES:
         if key.endswith(suffix) and len(key) > len(suffix):
             return key[:-len(suffix)], role
+    m = _PEFT_NAMED.search(key)
+    if m is not None and m.start() > 0 and (m.group(1), m.group(3)) in _PEFT_ROLES:
+        return key[:m.start()], _PEFT_ROLES[m.group(1), m.group(3)]
     return None
+
+
+def _peft_adapter_name(key: str) -> str | None:
+    m = _PEFT_NAMED.search(key)
+    return m.group(2) if m is not None and m.group(2) != "default" else None
 
 
 def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dict>",
@@ -218,13 +248,21 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
     ``configs`` (component prefix -> peft config, :mod:`ggufvideo.lora.config`) give the scale
     of LoRA pairs the file has no ``alpha`` for.
 
+    Keys of no known scheme are kept aside (:attr:`LoraFile.unknown`): applying the LoRA reports
+    them with the keys that match no layer.
+
     Raises:
-        LoraError: a key of no known scheme, an unsupported adapter type (OFT, LoCon Tucker mid
-            weights), a DoRA magnitude without an adapter, a down without its up (or the
-            reverse), ranks that do not agree, an incomplete or mixed LoHa/LoKr factor set. The
+        LoraError: an unsupported adapter type (OFT, LoCon Tucker mid weights), a DoRA magnitude
+            without an adapter, a down without its up (or the reverse), ranks that do not agree,
+            an incomplete or mixed LoHa/LoKr factor set, peft tensors of two adapter names. The
             message names ``source`` and the key.
     """
     entries: dict[str, LoraEntry] = {}
+    unknown: list[str] = []
+    names = {n for n in map(_peft_adapter_name, state_dict) if n is not None}
+    if len(names) > 1:
+        raise LoraError(f"the file holds peft adapters named {sorted(names)[:4]}: one LoRA file "
+                        "is one adapter (save each on its own)", path=source)
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             raise LoraError(f"expected a tensor, found {type(value).__name__}", path=source,
@@ -234,9 +272,8 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
                             "full diffs are)", path=source, tensor=key)
         split = _split_key(key)
         if split is None:
-            raise LoraError("not a LoRA key of any known scheme (expected a suffix such as "
-                            ".lora_down.weight, .lora_A.weight, .alpha, .diff)", path=source,
-                            tensor=key)
+            unknown.append(key)
+            continue
         target, role = split
         e = entries.setdefault(target, LoraEntry(target))
         e.keys.append(key)
@@ -258,6 +295,10 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
             e.magnitude, e.magnitude_axis = value, "out" if role == "magnitude" else "shape"
         else:
             setattr(e, role, value)
+    if unknown and not entries:
+        raise LoraError("not a LoRA: no key has a LoRA suffix of any known scheme (expected such "
+                        "as .lora_down.weight, .lora_A.weight, .alpha, .diff)", path=source,
+                        tensor=unknown[0])
     for e in entries.values():
         first = e.keys[0]
         if (e.down is None) != (e.up is None):
@@ -296,7 +337,7 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
                 b = b + e.up.to(torch.float32).flatten(1) @ a
             scaled = e.scale * b
             e.diff_b = scaled if e.diff_b is None else e.diff_b.to(torch.float32) + scaled
-    return LoraFile(source, entries)
+    return LoraFile(source, entries, unknown)
 
 
 def check_lycoris(e: LoraEntry, source: str) -> None:

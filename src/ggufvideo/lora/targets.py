@@ -16,12 +16,13 @@ Output: per model tensor, the pieces of LoRA rows that land on it (:class:`Piece
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import LoraError, _safe
 from ..models import CONTAINER_PREFIXES, detect
-from .formats import KOHYA_PREFIXES, LoraEntry, LoraFile, is_bias_key
+from .formats import KOHYA_PREFIXES, TEXT_ENCODER_PREFIXES, LoraEntry, LoraFile, is_bias_key
 
 __all__ = ["Piece", "Resolution", "resolve"]
 
@@ -95,22 +96,40 @@ class Resolution:
     Attributes:
         weights: model weight key -> pieces of low-rank pairs and weight diffs.
         biases: model bias key -> pieces of bias diffs.
-        unmatched: file keys of entries that matched no model tensor.
+        unmatched: file keys of entries that matched no model tensor, then keys of no known
+            LoRA scheme.
         layout: the table that won (``"as is"`` or ``"<family>:<layout>"``).
+        unknown: the keys of no known LoRA scheme (also in :attr:`unmatched`).
+        skipped: keys of the LoRA's text-encoder part, which a transformer leaves alone.
     """
 
     weights: dict[str, list[Piece]]
     biases: dict[str, list[Piece]]
     unmatched: list[str]
     layout: str
+    unknown: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
     def check_matched(self, source: str, what: str, hint: str = "") -> None:
         """Raise a :class:`~ggufvideo.errors.LoraError` naming ``source`` and the first unmatched
         key (five in the message) if any LoRA key matched no tensor of ``what``."""
-        if self.unmatched:
-            shown = ", ".join(_safe(k) for k in self.unmatched[:5])
-            raise LoraError(f"{len(self.unmatched)} LoRA key(s) match no tensor of {what} (e.g. "
-                            f"{shown}){hint}", path=source, tensor=self.unmatched[0])
+        matched_none = [k for k in self.unmatched if k not in set(self.unknown)]
+        if matched_none:
+            shown = ", ".join(_safe(k) for k in matched_none[:5])
+            raise LoraError(f"{len(matched_none)} LoRA key(s) match no tensor of {what} (e.g. "
+                            f"{shown}){hint}", path=source, tensor=matched_none[0])
+        if self.unknown:
+            shown = ", ".join(_safe(k) for k in self.unknown[:5])
+            raise LoraError(f"{len(self.unknown)} key(s) of no known LoRA scheme (e.g. {shown}; "
+                            "expected suffixes such as .lora_down.weight, .lora_A.weight, .alpha, "
+                            f".diff){hint}", path=source, tensor=self.unknown[0])
+
+    def warn_skipped(self, source: str) -> None:
+        """Warn (once per call) that the LoRA's text-encoder keys were left alone."""
+        if self.skipped:
+            warnings.warn(f"{_safe(source)}: {len(self.skipped)} key(s) of the LoRA's text-encoder "
+                          f"part (e.g. {_safe(self.skipped[0])}) are not for the transformer and "
+                          "were left out", stacklevel=3)
 
 
 def _tables(shapes: Mapping[str, tuple[int, ...]], architecture: str | None
@@ -180,6 +199,10 @@ def resolve(lora: LoraFile, shapes: Mapping[str, tuple[int, ...]], *,
         found = {}
         for e in lora:
             w = _lookup(e, table, idx, ".weight") if e.has_weight else None
+            if w is None and e.kind == "diff" and e.diff is not None:
+                # a full delta of a parameter that is not a layer's weight (Wan's modulation,
+                # LTX's scale_shift_table, FLF2V's emb_pos): named as it is
+                w = _lookup(e, table, idx, "")
             b = _lookup(e, table, idx, ".bias") if e.diff_b is not None else None
             found[e.target] = (w, b)
         score = sum((w is not None) + (b is not None) for w, b in found.values())
@@ -191,8 +214,12 @@ def resolve(lora: LoraFile, shapes: Mapping[str, tuple[int, ...]], *,
     weights: dict[str, list[Piece]] = {}
     biases: dict[str, list[Piece]] = {}
     unmatched: list[str] = []
+    skipped: list[str] = []
     for e in lora:
         w, b = found[e.target]
+        if w is None and b is None and _text_encoder_part(e.target):
+            skipped.extend(e.keys)
+            continue
         if e.has_weight and w is None:
             unmatched.extend(k for k in e.keys if not is_bias_key(k))
         if e.diff_b is not None and b is None:
@@ -208,4 +235,10 @@ def resolve(lora: LoraFile, shapes: Mapping[str, tuple[int, ...]], *,
                                                      int(shapes[key][0]) if shapes[key] else 1,
                                                      name_rows))
                 at += stop - start
-    return Resolution(weights, biases, unmatched, label)
+    return Resolution(weights, biases, unmatched + list(lora.unknown), label, list(lora.unknown),
+                      skipped)
+
+
+def _text_encoder_part(target: str) -> bool:
+    """The target names a text encoder's layer (under any wrapper prefix)."""
+    return any(c.startswith(TEXT_ENCODER_PREFIXES) for c in _candidates(target))

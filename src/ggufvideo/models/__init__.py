@@ -120,23 +120,28 @@ class Detection:
 
 def _candidates(keys: Iterable[str]) -> list[tuple[str, set[str]]]:
     """(prefix, the keys under it without it): none, the known container prefixes, and any other
-    prefix in front of a family's signature key (ComfyUI's all-in-one files nest parts under
-    ``text_encoders.t5xxl.transformer.`` and the like)."""
+    prefix in front of a family's signature key that holds nearly the whole file (a part saved
+    from ComfyUI under ``text_encoders.t5xxl.transformer.`` and the like). A prefix holding only
+    part of the file (one backbone of a twin model such as Ovi's) is not a container."""
     keys = list(keys)
-    prefixes = list(CONTAINER_PREFIXES)
+    out = [("", set(keys))]
+    for prefix in CONTAINER_PREFIXES:
+        inner = {k[len(prefix):] for k in keys if k.startswith(prefix)}
+        if inner:
+            out.append((prefix, inner))
     firsts = {alt[0] for fam in families().values() for alts in fam.signatures.values()
               for alt in alts}
+    seen = set(CONTAINER_PREFIXES)
     for k in keys:
         for sig in firsts:
             if k.endswith(sig) and len(k) > len(sig) and k[-len(sig) - 1] == ".":
                 prefix = k[:-len(sig)]
-                if prefix not in prefixes:
-                    prefixes.append(prefix)
-    out = [("", set(keys))]
-    for prefix in prefixes:
-        inner = {k[len(prefix):] for k in keys if k.startswith(prefix)}
-        if inner:
-            out.append((prefix, inner))
+                if prefix in seen:
+                    continue
+                seen.add(prefix)
+                inner = {k[len(prefix):] for k in keys if k.startswith(prefix)}
+                if len(inner) >= 0.9 * len(keys):
+                    out.append((prefix, inner))
     return out
 
 
