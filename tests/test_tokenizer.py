@@ -65,6 +65,24 @@ def test_t5_vocabularies_encode_as_sentencepiece(tmp_path, byte_fallback, umt5_i
         assert tok.decode(tok("café 🐱").input_ids, skip_special_tokens=True) == "café 🐱"
 
 
+def test_comfyuis_rebuilt_sentencepiece_model_encodes_the_same(tmp_path):
+    """The ComfyUI text-encoder node hands ComfyUI a sentencepiece model rebuilt from the same
+    metadata: both paths read it through one reader and tokenize alike."""
+    import sentencepiece as spm
+
+    from ggufvideo.comfy.loading import _spiece_model
+
+    vocab = sentencepiece_vocabulary(train_sentencepiece(tmp_path / "spm"), size=448)
+    path = write_text_encoder(tmp_path / "te.gguf", build_encoder(True, vocab=448), vocab=vocab)
+    blob = _spiece_model(path)
+    assert blob is not None
+    rebuilt = spm.SentencePieceProcessor(model_proto=bytes(blob.numpy().tobytes()))
+    tok = tokenizer_from_gguf(path)
+    for text in SPM_TEXTS:
+        assert rebuilt.encode(text) == vocab["processor"].encode(text), text
+        assert tok(text).input_ids == rebuilt.encode(text) + [vocab["eos"]], text
+
+
 @pytest.mark.parametrize("key, value, match", [
     ("tokenizer.ggml.unknown_token_id", 10_000, "unknown_token_id = 10000 is not a token id"),
     ("tokenizer.ggml.scores", [0.0, 1.0], "but 2 scores"),

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ModelLoadError, _safe
 
-__all__ = ["tokenizer_from_gguf", "has_tokenizer"]
+__all__ = ["tokenizer_from_gguf", "has_tokenizer", "UnigramVocab", "unigram_vocab"]
 
 #: The metadata key every llama.cpp vocabulary has.
 TOKENS_KEY = "tokenizer.ggml.tokens"
@@ -81,6 +82,62 @@ def _special(md: Mapping[str, Any], key: str, default: int, n: int, path: str) -
     return value
 
 
+@dataclass(frozen=True)
+class UnigramVocab:
+    """A sentencepiece unigram vocabulary as llama.cpp stores it (``tokenizer.ggml.model = "t5"``).
+
+    ``types`` use sentencepiece's numbering (1 normal, 2 unknown, 3 control, 4 user defined,
+    5 unused, 6 byte); the special ids are -1 where absent (``unk`` never is).
+    """
+
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]
+    unk: int
+    eos: int
+    pad: int
+    bos: int
+    charsmap: bytes
+    add_space_prefix: bool
+    remove_extra_whitespaces: bool
+    add_bos: bool
+    add_eos: bool
+
+    @property
+    def byte_fallback(self) -> bool:
+        """All 256 byte pieces (``<0xNN>``) are there: unknown characters become their bytes."""
+        pieces = {t for t, k in zip(self.tokens, self.types) if k == 6}
+        return all(f"<0x{b:02X}>" in pieces for b in range(256))
+
+
+def unigram_vocab(md: Mapping[str, Any], path: str) -> UnigramVocab:
+    """The file's unigram vocabulary, checked (scores/types per token, special ids in range).
+
+    Raises:
+        ModelLoadError: naming the metadata key that is wrong.
+    """
+    tokens = [str(t) for t in md[TOKENS_KEY]]
+    n = len(tokens)
+    scores = [float(x) for x in md.get("tokenizer.ggml.scores", [0.0] * n)]
+    types = [int(x) for x in md.get("tokenizer.ggml.token_type", [1] * n)]
+    if len(scores) != n or len(types) != n:
+        raise ModelLoadError(f"the vocabulary has {n} tokens but {len(scores)} scores and "
+                             f"{len(types)} token types", path=path)
+    unk = _special(md, "unknown", 2, n, path)
+    if unk < 0:
+        raise ModelLoadError("a unigram vocabulary needs an unknown token id", path=path)
+    bos = _special(md, "bos", -1, n, path)
+    raw = md.get("tokenizer.ggml.precompiled_charsmap")
+    return UnigramVocab(
+        tokens, scores, types, unk, _special(md, "eos", 1, n, path),
+        _special(md, "padding", 0, n, path), bos,
+        bytes(bytearray(int(b) & 0xFF for b in raw)) if raw is not None else b"",
+        bool(md.get("tokenizer.ggml.add_space_prefix", True)),
+        bool(md.get("tokenizer.ggml.remove_extra_whitespaces", True)),
+        bool(md.get("tokenizer.ggml.add_bos_token", False)) and bos >= 0,
+        bool(md.get("tokenizer.ggml.add_eos_token", True)))
+
+
 def _unigram(md: Mapping[str, Any], path: str) -> tuple[Any, dict[str, Any]]:
     """A ``tokenizers.Tokenizer`` that encodes as the sentencepiece unigram model the metadata
     describes (what llama.cpp writes for T5/UMT5: ``tokenizer.ggml.model = "t5"``).
@@ -97,54 +154,34 @@ def _unigram(md: Mapping[str, Any], path: str) -> tuple[Any, dict[str, Any]]:
     from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import Unigram
 
-    tokens = [str(t) for t in md[TOKENS_KEY]]
-    n = len(tokens)
-    scores = [float(x) for x in md.get("tokenizer.ggml.scores", [0.0] * n)]
-    types = [int(x) for x in md.get("tokenizer.ggml.token_type", [1] * n)]
-    if len(scores) != n or len(types) != n:
-        raise ModelLoadError(f"the vocabulary has {n} tokens but {len(scores)} scores and "
-                             f"{len(types)} token types", path=path)
-    unk = _special(md, "unknown", 2, n, path)
-    eos = _special(md, "eos", 1, n, path)
-    pad = _special(md, "padding", 0, n, path)
-    bos = _special(md, "bos", -1, n, path)
-    if unk < 0:
-        raise ModelLoadError("a unigram vocabulary needs an unknown token id", path=path)
-    # sentencepiece's piece types: 1 normal, 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte
-    vocab = [(t, s if k not in (3, 5) else _NEVER) for t, s, k in zip(tokens, scores, types)]
-    byte_pieces = {t for t, k in zip(tokens, types) if k == 6}
-    byte_fallback = all(f"<0x{b:02X}>" in byte_pieces for b in range(256))
-    tok = Tokenizer(Unigram(vocab, unk_id=unk, byte_fallback=byte_fallback))
+    v = unigram_vocab(md, path)
+    vocab = [(t, s if k not in (3, 5) else _NEVER) for t, s, k in zip(v.tokens, v.scores, v.types)]
+    tok = Tokenizer(Unigram(vocab, unk_id=v.unk, byte_fallback=v.byte_fallback))
     steps: list[Any] = []
-    charsmap = md.get("tokenizer.ggml.precompiled_charsmap")
-    if charsmap is not None and len(charsmap):
-        steps.append(normalizers.Precompiled(bytes(bytearray(int(b) & 0xFF for b in charsmap))))
-    if md.get("tokenizer.ggml.remove_extra_whitespaces", True):
+    if v.charsmap:
+        steps.append(normalizers.Precompiled(v.charsmap))
+    if v.remove_extra_whitespaces:
         # only spaces: sentencepiece leaves other whitespace (left by the charsmap) as it is
         steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""),
                   normalizers.Replace(Regex(" {2,}"), " ")]
     if steps:
         tok.normalizer = normalizers.Sequence(steps)
-    prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="always" if prefix else "never", split=True)
+        replacement="▁", prepend_scheme="always" if v.add_space_prefix else "never", split=True)
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-        + ([decoders.Strip(content=" ", left=1, right=0)] if prefix else []))
-    add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False)) and bos >= 0
-    add_eos = bool(md.get("tokenizer.ggml.add_eos_token", True))
-    marks = ([tokens[bos]] if add_bos else [])
-    ends = ([tokens[eos]] if add_eos else [])
-    special = sorted({(tokens[i], i) for i in ((bos,) if add_bos else ()) + ((eos,) if add_eos
-                                                                               else ())})
+        + ([decoders.Strip(content=" ", left=1, right=0)] if v.add_space_prefix else []))
+    marks = [v.tokens[v.bos]] if v.add_bos else []
+    ends = [v.tokens[v.eos]] if v.add_eos and v.eos >= 0 else []
+    special = sorted({(v.tokens[i], i) for i in ([v.bos] if marks else []) + ([v.eos] if ends
+                                                                                else [])})
     tok.post_processor = processors.TemplateProcessing(
         single=[*marks, "$A", *ends], pair=[*marks, "$A", *ends, "$B", *ends],
         special_tokens=special)
-    config: dict[str, Any] = {"unk_token": tokens[unk], "eos_token": tokens[eos]}
-    if pad >= 0:
-        config["pad_token"] = tokens[pad]
-    if bos >= 0:
-        config["bos_token"] = tokens[bos]
+    config: dict[str, Any] = {"unk_token": v.tokens[v.unk]}
+    for name, i in (("eos_token", v.eos), ("pad_token", v.pad), ("bos_token", v.bos)):
+        if i >= 0:
+            config[name] = v.tokens[i]
     return tok, config
 
 

@@ -30,11 +30,12 @@ from typing import Any
 
 import torch
 
-from ..errors import GGUFError, _safe
+from ..errors import GGUFError, ModelLoadError, _safe
 from ..loader import load_state_dict, resolve_dtype
 from ..models import detect
 from ..models.tensors import TensorOps
 from ..tensor import GGMLTensor
+from ..tokenizer import unigram_vocab
 from .layers import comfy_quant_class, quantize_module_classes, raw_state_bytes
 from .patcher import make_quant_patcher
 
@@ -309,30 +310,26 @@ def _spiece_model(path: str) -> torch.Tensor | None:
     except ImportError as e:  # ComfyUI depends on sentencepiece; protobuf may be missing
         raise ComfyLoadError(f"{name}: rebuilding the tokenizer needs sentencepiece and "
                              f"protobuf ({e})") from e
-    tokens = list(md["tokenizer.ggml.tokens"])
-    n = len(tokens)
-    scores = [float(x) for x in md.get("tokenizer.ggml.scores", [0.0] * n)]
-    types = [int(x) for x in md.get("tokenizer.ggml.token_type", [1] * n)]
+    try:
+        v = unigram_vocab(md, path)
+    except ModelLoadError as e:
+        raise ComfyLoadError(str(e)) from e
     proto = pb.ModelProto()
-    for piece, score, kind in zip(tokens, scores, types):
+    for piece, score, kind in zip(v.tokens, v.scores, v.types):
         # llama.cpp's token types use sentencepiece's numbering (1 normal ... 6 byte)
         proto.pieces.add(piece=piece, score=score, type=kind)
     spec = proto.trainer_spec
     spec.model_type = pb.TrainerSpec.UNIGRAM
-    spec.vocab_size = n
-    spec.unk_id = int(md.get("tokenizer.ggml.unknown_token_id", 2))
-    spec.eos_id = int(md.get("tokenizer.ggml.eos_token_id", 1))
-    spec.pad_id = int(md.get("tokenizer.ggml.padding_token_id", 0))
-    spec.bos_id = int(md.get("tokenizer.ggml.bos_token_id", -1))
-    spec.byte_fallback = 6 in types
+    spec.vocab_size = len(v.tokens)
+    spec.unk_id, spec.eos_id, spec.pad_id, spec.bos_id = v.unk, v.eos, v.pad, v.bos
+    spec.byte_fallback = v.byte_fallback
     norm = proto.normalizer_spec
-    norm.add_dummy_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
-    norm.remove_extra_whitespaces = bool(md.get("tokenizer.ggml.remove_extra_whitespaces", True))
+    norm.add_dummy_prefix = v.add_space_prefix
+    norm.remove_extra_whitespaces = v.remove_extra_whitespaces
     norm.escape_whitespaces = True
-    charsmap = md.get("tokenizer.ggml.precompiled_charsmap")
-    if charsmap is not None and len(charsmap):
+    if v.charsmap:
         norm.name = "nmt_nfkc"
-        norm.precompiled_charsmap = bytes(bytearray(int(b) & 0xFF for b in charsmap))
+        norm.precompiled_charsmap = v.charsmap
     else:
         norm.name = "identity"
     return torch.frombuffer(bytearray(proto.SerializeToString()), dtype=torch.uint8)
