@@ -204,3 +204,38 @@ def test_refused_by_name(tmp_path, sd, meta, match):
     with pytest.raises(GGUFError, match=match):
         convert(src, tmp_path / "bad.gguf", qtype=None)
     assert not (tmp_path / "bad.gguf").exists()
+
+
+def test_from_gguf_reads_a_comfyui_fp8_scaled_text_encoder(tmp_path):
+    """ComfyUI's ``umt5_xxl_fp8_e4m3fn_scaled.safetensors`` shape of file: transformers' names,
+    fp8 weights with ``scale_weight``, the ``scaled_fp8`` marker. Built as its true weights, each
+    read and cast to the requested dtype one at a time."""
+    import ggufvideo
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.UMT5Config(vocab_size=64, d_model=64, d_kv=16, num_heads=4, d_ff=96,
+                                  num_layers=2, feed_forward_proj="gated-gelu")
+    torch.manual_seed(4)
+    ref = transformers.UMT5EncoderModel(cfg).eval()
+    sd = {"scaled_fp8": torch.zeros(2, dtype=E4M3)}
+    true = {}
+    for k, v in ref.state_dict().items():
+        if k == "encoder.embed_tokens.weight":
+            continue
+        if v.dim() == 2 and "embed" not in k and "shared" not in k and "relative" not in k:
+            s = v.abs().max() / 448
+            sd[k], sd[k.removesuffix("weight") + "scale_weight"] = _fp8(v, s), s.reshape(1)
+            true[k] = sd[k].float() * s
+        else:
+            sd[k] = true[k] = v.clone()
+    save_file(sd, tmp_path / "umt5_fp8_scaled.safetensors")
+    ref.load_state_dict(true, strict=False)
+    ids = torch.tensor([[5, 9, 1]])
+    built = ggufvideo.from_gguf(tmp_path / "umt5_fp8_scaled.safetensors")
+    with torch.no_grad():
+        assert torch.equal(built(input_ids=ids).last_hidden_state,
+                           ref(input_ids=ids).last_hidden_state)
+    half = ggufvideo.from_gguf(tmp_path / "umt5_fp8_scaled.safetensors", dtype="bfloat16")
+    q = half.encoder.block[0].layer[0].SelfAttention.q.weight
+    assert q.dtype == torch.bfloat16
+    assert torch.equal(q, true["encoder.block.0.layer.0.SelfAttention.q.weight"].bfloat16())

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError, _safe
-from .loader import DTypeLike, file_architecture, paused_gc, read_tensors
+from .loader import DTypeLike, file_architecture, paused_gc, read_tensors, resolve_dtype
 from .model import assign_state_dict, empty_weights
 from .models import Description, describe
 from .ops import swap_quant_layers
@@ -74,8 +74,22 @@ class _Checkpoint:
     architecture: str | None
     metadata: Mapping[str, Any]
     config: dict[str, Any]  # stored config: ggufvideo.config metadata, or a config.json beside
-    tensors: Callable[[], dict[str, torch.Tensor]]
+    # (which names to read, a dtype for floating tensors or None) -> the tensors
+    tensors: Callable[[Callable[[str], bool], torch.dtype | None], dict[str, torch.Tensor]]
     gguf: GGUFFile | None = None
+
+
+def _read_source(src: Any, keep: Callable[[str], bool], dtype: torch.dtype | None
+                 ) -> dict[str, torch.Tensor]:
+    """A safetensors checkpoint's tensors that ``keep`` names, one at a time, each cast to
+    ``dtype`` as it is read: a float32 copy of a whole fp8/bf16 encoder never exists at once, and
+    an all-in-one file's other parts are never read."""
+    out = {}
+    for t in src.tensors:
+        if keep(t.name):
+            v = t.load()
+            out[t.name] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+    return out
 
 
 def _open(path: str | os.PathLike[str] | GGUFFile) -> _Checkpoint:
@@ -83,7 +97,9 @@ def _open(path: str | os.PathLike[str] | GGUFFile) -> _Checkpoint:
         file = path if isinstance(path, GGUFFile) else GGUFFile(path)
         shapes = {name: tuple(logical_shape(file, info)) for name, info in file.tensors.items()}
         return _Checkpoint(file.path, shapes, file_architecture(file), file.metadata,
-                           _stored_config(file), lambda: read_tensors(file, lazy=True), file)
+                           _stored_config(file),
+                           lambda keep, _dtype: {k: v for k, v in read_tensors(file, lazy=True)
+                                                 .items() if keep(k)}, file)
     from .sources import open_source
     from .sources.layout import source_config
 
@@ -95,7 +111,7 @@ def _open(path: str | os.PathLike[str] | GGUFFile) -> _Checkpoint:
     src = open_source(p)
     stored = {k: v for k, v in (source_config(p) or {}).items() if not k.startswith("_")}
     return _Checkpoint(p, {t.name: tuple(t.shape) for t in src.tensors}, None, {}, stored,
-                       lambda: {t.name: t.load() for t in src.tensors})
+                       lambda keep, dtype: _read_source(src, keep, dtype))
 
 
 def _describe(ckpt: _Checkpoint) -> Description:
@@ -188,11 +204,12 @@ def from_gguf(path: str | os.PathLike[str], *, lazy: bool = True, dtype: DTypeLi
         model = _build(cls, family.library, cfg)
         if lazy:
             swap_quant_layers(model)
-        sd = ckpt.tensors()
-        if family.unused:
-            n = len(desc.detection.prefix)
-            sd = {k: v for k, v in sd.items()
-                  if not family.is_unused(k[n:] if k.startswith(desc.detection.prefix) else k)}
+        prefix = desc.detection.prefix
+
+        def keep(key: str) -> bool:  # the detected part, without what the family never uses
+            return key.startswith(prefix) and not family.is_unused(key[len(prefix):])
+
+        sd = ckpt.tensors(keep, resolve_dtype(dtype, device if device is not None else "cpu"))
         assign_state_dict(model, sd, strict=True, lazy=lazy, dtype=dtype, device=device,
                           path=ckpt.path, architecture=ckpt.architecture,
                           metadata=ckpt.metadata if ckpt.gguf is not None else None,
