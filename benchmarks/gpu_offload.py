@@ -293,13 +293,20 @@ def load_bandwidth(args: argparse.Namespace) -> None:
         return _load_model_shell(int(n_layers))
 
     res = {"variant": "load", "file_gib": round(size / 2**30, 2)}
-    firsts = []
-    for _ in range(3 if args.first_loads else 0):  # a fresh process each: nothing cached
-        child = subprocess.run([sys.executable, __file__, "--first-load", path, str(int(n_layers))],
-                               capture_output=True, text=True, timeout=300, check=True)
-        firsts.append(json.loads(child.stdout.strip().splitlines()[-1])["first_load_gbs"])
-    res["load_model_first_in_process_gbs"] = firsts
-    progress(f"load_model, first in a fresh process: {firsts} GB/s")
+    # A fresh process each: nothing cached. "warm_alloc": the same process first makes and frees
+    # device tensors of the file's sizes (the caching allocator's segments exist), so the gap
+    # between the two is what cudaMalloc costs a first load; "warm_pinned" also runs one load of
+    # the file before the timed one (pinned buffers, imports, first dispatches all warm).
+    for what in ("cold", "warm_alloc", "warm_pinned"):
+        firsts = []
+        for _ in range(3 if args.first_loads else 0):
+            child = subprocess.run([sys.executable, __file__, "--first-load", path,
+                                    str(int(n_layers)), what],
+                                   capture_output=True, text=True, timeout=300, check=True)
+            firsts.append(json.loads(child.stdout.strip().splitlines()[-1])["first_load_gbs"])
+        key = "load_model_first_in_process_gbs" + ("" if what == "cold" else f"_{what}")
+        res[key] = firsts
+        progress(f"load_model, first in a fresh process ({what}): {firsts} GB/s")
     dst = torch.empty(size, dtype=torch.uint8, device="cuda")
     res["pinned_h2d_gbs"] = round(pinned_h2d_bandwidth(dst), 1)
     pageable = torch.empty(size, dtype=torch.uint8)
@@ -427,12 +434,23 @@ def load_bandwidth(args: argparse.Namespace) -> None:
     os.remove(path)
 
 
-def first_load(path: str, n_layers: int) -> None:
+def first_load(path: str, n_layers: int, what: str = "cold") -> None:
     """One ``load_model`` in this fresh process (its CUDA context made first, not timed): what a
-    user's single load costs, pinned-memory and allocator caches empty, one-time imports included.
-    Prints JSON."""
+    user's single load costs, pinned-memory and allocator caches empty, one-time imports included
+    (``what="cold"``); with the allocator's segments made first (``"warm_alloc"``); after one
+    untimed load (``"warm_pinned"``). Prints JSON."""
     torch.zeros(1, device="cuda")
     torch.cuda.synchronize()
+    if what == "warm_alloc":
+        with ggufvideo.GGUFFile(path) as g:
+            held = [torch.empty(i.nbytes, dtype=torch.uint8, device="cuda")
+                    for i in g.tensors.values()]
+        del held
+        torch.cuda.synchronize()
+    elif what == "warm_pinned":
+        ggufvideo.load_model(_load_model_shell(n_layers), path, device="cuda")
+        gc.collect()
+        torch.cuda.synchronize()
 
     m = _load_model_shell(n_layers)
     t0 = time.perf_counter()
@@ -460,12 +478,13 @@ def main() -> None:
     ap.add_argument("--tmp", default="auto",
                     help="folder for --load's file (auto: /dev/shm when it has room)")
     ap.add_argument("--out", default=".")
-    ap.add_argument("--first-load", nargs=2, metavar=("PATH", "N_LAYERS"), help=argparse.SUPPRESS)
+    ap.add_argument("--first-load", nargs="+", metavar="PATH N_LAYERS [WHAT]",
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.load_rounds < 1:
         ap.error("--load-rounds must be at least 1")
     if args.first_load:  # the child process of --load's first-load measurement
-        first_load(args.first_load[0], int(args.first_load[1]))
+        first_load(args.first_load[0], int(args.first_load[1]), *args.first_load[2:3])
         return
     os.makedirs(args.out, exist_ok=True)
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__}), flush=True)
