@@ -115,3 +115,37 @@ def test_a_text_encoder_part_does_not_stop_convert(tmp_path):
         ggufvideo.convert(files["transformer"], tmp_path / "baked.gguf", qtype="Q8_0",
                           loras=[(str(tmp_path / "l.safetensors"), 1.0)])
     assert (tmp_path / "baked.gguf").exists()
+
+
+@pytest.mark.parametrize("sd, named", [
+    ({"b.lora_A.weight": torch.ones(2, 4), "b.lora_A.style.weight": torch.ones(2, 4),
+      "b.lora_B.weight": torch.ones(4, 2)}, r"b\.lora_A\.weight and b\.lora_A\.style\.weight"),
+    ({"blocks.0.diff_m": torch.ones(1, 6, 4), "blocks.0.modulation.diff": torch.ones(1, 6, 4)},
+     r"blocks\.0\.diff_m and blocks\.0\.modulation\.diff"),
+    ({"n.w_norm": torch.ones(4), "n.diff": torch.ones(4)}, r"n\.w_norm and n\.diff"),
+])
+def test_two_tensors_for_one_part_of_a_layer_are_refused(sd, named):
+    with pytest.raises(LoraError, match="two tensors for the same part of one layer: " + named):
+        read_lora(sd)
+
+
+def test_a_text_encoder_lora_lands_on_a_text_encoder():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.UMT5Config(vocab_size=32, d_model=16, d_kv=4, num_heads=4, d_ff=24,
+                                  num_layers=1)
+    te = transformers.UMT5EncoderModel(cfg).eval()
+    q = "encoder.block.0.layer.0.SelfAttention.q"
+    for prefix in ("text_encoder.", "lora_te_"):
+        name = prefix + (q if prefix.endswith(".") else q.replace(".", "_"))
+        handle = apply_lora(te, {f"{name}.lora_down.weight": torch.ones(2, 16),
+                                 f"{name}.lora_up.weight": torch.ones(16, 2)})
+        assert handle.targets == [q + ".weight"] and not handle.skipped
+        handle.remove()
+
+
+def test_a_lora_that_is_all_text_encoder_is_refused_on_a_transformer(model):
+    with pytest.raises(LoraError, match="every key of this LoRA is for a text encoder"):
+        apply_lora(model, TE)
+    with pytest.warns(UserWarning, match="text-encoder part"):
+        handle = apply_lora(model, TE, strict=False)
+    assert not handle.targets and len(handle.skipped) == 4

@@ -125,6 +125,27 @@ def test_a_declared_group_size_reads_ragged_blocks(tmp_path):
     assert torch.equal(out["l.weight"], q.float() * _blocks(scale, (100, 130), (64, 64)))
 
 
+def test_a_marker_under_a_prefix_and_an_empty_weight(tmp_path):
+    # all-in-one files carry ComfyUI's marker under the part's prefix
+    q = (torch.randn(8, 8) * 10).to(E4M3)
+    sd = {"text_encoders.t5xxl.transformer.scaled_fp8": torch.zeros(2, dtype=E4M3),
+          "text_encoders.t5xxl.transformer.a.weight": q,
+          "text_encoders.t5xxl.transformer.a.scale_weight": torch.tensor([0.5]),
+          "e.weight": torch.zeros(0, 16).to(E4M3), "e.weight_scale": torch.tensor(2.0)}
+    out, _, _ = _convert_f32(tmp_path, sd)
+    assert set(out) == {"text_encoders.t5xxl.transformer.a.weight", "e.weight"}
+    assert out["e.weight"].shape == (0, 16)
+
+
+def test_unmarked_scale_weight_beside_a_float_weight_is_left_alone(tmp_path):
+    # ComfyUI multiplies scale_weight into a float weight only in a file it marked scaled_fp8
+    sd = {"l.weight": torch.randn(4, 4), "l.scale_weight": torch.tensor([2.0]),
+          "norm.weight_scale": torch.rand(4)}  # and a model's own *.weight_scale parameter
+    out, summary, _ = _convert_f32(tmp_path, sd)
+    assert set(out) == set(sd) and torch.equal(out["l.weight"], sd["l.weight"])
+    assert not summary.notes or not any("scaled" in n for n in summary.notes)
+
+
 def test_a_float_weight_beside_a_weight_scale_is_left_alone(tmp_path):
     # Without a quantized dtype or a format record, "weight_scale" may be the model's own parameter.
     sd = {"n.weight": torch.randn(4, 4), "n.weight_scale": torch.rand(4)}
@@ -171,8 +192,9 @@ def test_a_scaled_fp8_wan_model_converts_to_the_right_model(tmp_path):
 
 
 @pytest.mark.parametrize("sd, meta, match", [
-    ({"a.scale_weight": torch.ones(1), "b.weight": torch.ones(2, 2)}, None,
-     r"a\.scale_weight.*no a\.weight beside it|no a\.weight beside it.*a\.scale_weight"),
+    ({"a.weight_scale": torch.ones(1), "b.weight": torch.ones(2, 2)},
+     {"_quantization_metadata": json.dumps({"layers": {"a": {"format": "float8_e4m3fn"}}})},
+     r"no a\.weight beside it"),
     ({"a.weight": torch.ones(8, 8).to(E4M3), "a.weight_scale": torch.ones(3)}, None,
      r"fits no per-tensor, per-row or block layout"),
     ({"a.weight": torch.ones(300, 8).to(E4M3), "a.weight_scale": torch.ones(7, 1)}, None,
@@ -195,6 +217,10 @@ def test_a_scaled_fp8_wan_model_converts_to_the_right_model(tmp_path):
     ({"a.weight": torch.ones(8, 8).to(E4M3), "a.weight_scale": torch.ones(()),
       "a.weight_scale_inv": torch.ones(())}, None, r"two scales for one weight"),
     ({"mask": torch.ones(4, dtype=torch.uint8)}, None, r"mask.*dtype uint8 has no GGUF type"),
+    ({"a.weight": torch.ones(8, 8, dtype=torch.int8), "a.weight_scale": torch.ones(8, 1),
+      "a.weight_zero_point": torch.zeros(8, 1, dtype=torch.int8)}, None, r"a zero point"),
+    ({"scaled_fp8": torch.zeros(2, dtype=E4M3), "a.scale_weight": torch.ones(1)}, None,
+     r"no a\.weight beside it"),
 ])
 def test_refused_by_name(tmp_path, sd, meta, match):
     src = tmp_path / "bad.safetensors"

@@ -58,6 +58,8 @@ def test_t5_vocabularies_encode_as_sentencepiece(tmp_path, byte_fallback, umt5_i
     sp = vocab["processor"]
     for text in SPM_TEXTS:
         assert tok(text).input_ids == sp.encode(text) + [vocab["eos"]], text
+    # llama.cpp's unused "[PADn]" fillers are never produced from text that spells one
+    assert tok("[PAD440] x").input_ids == sp.encode("[PAD440] x") + [vocab["eos"]]
     assert tok.unk_token_id == vocab["unk"] and tok.pad_token_id == vocab["pad"]
     assert tok.decode(tok("a cat on the beach").input_ids, skip_special_tokens=True) \
         == "a cat on the beach"
@@ -84,25 +86,38 @@ def test_comfyuis_rebuilt_sentencepiece_model_encodes_the_same(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("tokenizer.ggml.unknown_token_id", 10_000, "unknown_token_id = 10000 is not a token id"),
-    ("tokenizer.ggml.scores", [0.0, 1.0], "but 2 scores"),
+    ("unknown_token_id", 10_000, "unknown_token_id = 10000 is not a token id"),
+    ("unknown_token_id", -1, "needs an unknown token id"),
+    ("eos_token_id", 54, "eos_token_id = 54 is not a token id of the 54-token vocabulary"),
+    ("scores", [0.0, 1.0], "54 tokens but 2 scores"),
+    ("token_type", [1, 1, 1], "and 3 token types"),
+    ("precompiled_charsmap", b"not a table", "precompiled_charsmap is not a normalization table"),
 ])
 def test_a_broken_unigram_vocabulary_is_named(tmp_path, key, value, match):
     tokens, scores, types = vocabulary(40)
+    assert len(tokens) == 54  # (the words and letters need 54)
+    meta = {"scores": scores, "token_type": types, key: value}
     path = tmp_path / "broken.gguf"
     w = gguf.GGUFWriter(str(path), "t5encoder")
     w.add_tokenizer_model("t5")
     w.add_token_list(tokens)
-    w.add_token_scores(value if key.endswith("scores") else scores)
-    w.add_token_types(types)
-    if key.endswith("unknown_token_id"):
-        w.add_unk_token_id(value)
+    w.add_token_scores(meta["scores"])
+    w.add_token_types(meta["token_type"])
+    if key.endswith("_id"):
+        w.add_int32(f"tokenizer.ggml.{key}", value)
+    if key == "precompiled_charsmap":
+        w.add_precompiled_charsmap(value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     with pytest.raises(ModelLoadError, match=match):
         tokenizer_from_gguf(path)
+    if key != "precompiled_charsmap":  # (sentencepiece itself judges the table there)
+        from ggufvideo.comfy.loading import ComfyLoadError, _spiece_model
+
+        with pytest.raises(ComfyLoadError, match=match):
+            _spiece_model(str(path))
 
 
 def test_padding_as_the_wan_pipeline_asks(te_file):

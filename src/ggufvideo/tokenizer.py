@@ -23,8 +23,8 @@ __all__ = ["tokenizer_from_gguf", "has_tokenizer", "UnigramVocab", "unigram_voca
 TOKENS_KEY = "tokenizer.ggml.tokens"
 #: The vocabulary's type (``t5``: sentencepiece unigram; ``llama``; ``gpt2``: byte-level BPE).
 MODEL_KEY = "tokenizer.ggml.model"
-# The score of pieces text never turns into (sentencepiece's control and unused pieces).
-_NEVER = -1e9
+# How far below the lowest real piece's score the pieces text never turns into are put.
+_NEVER_MARGIN = 1000.0
 
 
 def has_tokenizer(path: str | os.PathLike[str]) -> bool:
@@ -62,7 +62,8 @@ def tokenizer_from_gguf(path: str | os.PathLike[str], **kwargs: Any) -> Any:
                           "pip install 'ggufvideo[text-encoders]'") from None
     from .reader import GGUFFile
 
-    md = GGUFFile(path).metadata
+    with GGUFFile(path) as f:
+        md = dict(f.metadata)
     if md.get(MODEL_KEY) == "t5":  # sentencepiece unigram: built here, as sentencepiece encodes
         backend, config = _unigram(md, path)
         return PreTrainedTokenizerFast(tokenizer_object=backend, **{**config, **kwargs})
@@ -155,11 +156,25 @@ def _unigram(md: Mapping[str, Any], path: str) -> tuple[Any, dict[str, Any]]:
     from tokenizers.models import Unigram
 
     v = unigram_vocab(md, path)
-    vocab = [(t, s if k not in (3, 5) else _NEVER) for t, s, k in zip(v.tokens, v.scores, v.types)]
+    # Control, unused and byte pieces stay out of sentencepiece's lattice (bytes come only by
+    # fallback). The lattice here holds every piece, so they get a score far below any real
+    # piece's -- but not so far that the unknown-character score (``tokenizers`` takes the
+    # lowest score minus 10) falls below them: then text spelling "[PAD400]" or "<0x41>" would
+    # still be cheaper as that piece than as its characters' unknowns.
+    # Unused pieces (llama.cpp's "[PADn]" fillers) are also renamed out of reach: nothing needs
+    # their text, and a prompt spelling one must not turn into it.
+    real = [sc for sc, k in zip(v.scores, v.types) if k in (1, 4)] or [0.0]
+    never = min(real) - _NEVER_MARGIN
+    vocab = [("\x00unused\x00" + t if k == 5 else t, sc if k not in (3, 5, 6) else never)
+             for t, sc, k in zip(v.tokens, v.scores, v.types)]
     tok = Tokenizer(Unigram(vocab, unk_id=v.unk, byte_fallback=v.byte_fallback))
     steps: list[Any] = []
     if v.charsmap:
-        steps.append(normalizers.Precompiled(v.charsmap))
+        try:
+            steps.append(normalizers.Precompiled(v.charsmap))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception here
+            raise ModelLoadError(f"tokenizer.ggml.precompiled_charsmap is not a normalization "
+                                 f"table ({exc})", path=path) from None
     if v.remove_extra_whitespaces:
         # only spaces: sentencepiece leaves other whitespace (left by the charsmap) as it is
         steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""),

@@ -301,7 +301,8 @@ def _spiece_model(path: str) -> torch.Tensor | None:
     as ComfyUI stores a UMT5 tokenizer (``spiece_model``, a uint8 tensor); None without one."""
     from ..reader import GGUFFile
 
-    md = GGUFFile(path).metadata
+    with GGUFFile(path) as f:
+        md = dict(f.metadata)
     name = os.path.basename(path)
     if md.get("tokenizer.ggml.model") != "t5" or "tokenizer.ggml.tokens" not in md:
         return None

@@ -7,7 +7,8 @@ import os
 from collections import Counter
 from typing import Any
 
-from .formats import KOHYA_PREFIXES, TEXT_ENCODER_PREFIXES, LoraFile, read_lora
+from .formats import KOHYA_PREFIXES, LoraFile, read_lora
+from .targets import text_encoder_part
 
 __all__ = ["describe_lora", "format_lora"]
 
@@ -60,7 +61,7 @@ def describe_lora(lora: str | os.PathLike[str] | LoraFile) -> dict[str, Any]:
                                                           if e.low_rank).items())},
         "widths": {str(w): n for w, n in widths.most_common()},
         "first_targets": [e.target for e in entries[:3]],
-        "text_encoder_layers": sum(e.target.startswith(TEXT_ENCODER_PREFIXES) for e in entries),
+        "text_encoder_layers": sum(text_encoder_part(e.target) for e in entries),
         "unknown_keys": list(lf.unknown),
     }
 

@@ -153,6 +153,7 @@ class LoraEntry:
     up_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
     keys: list[str] = field(default_factory=list)
+    roles: dict[str, str] = field(default_factory=dict, repr=False)  # role -> the key that set it
 
     @property
     def kind(self) -> str:
@@ -276,6 +277,10 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], source: str = "<state dic
             continue
         target, role = split
         e = entries.setdefault(target, LoraEntry(target))
+        if role in e.roles:  # two tensors for one part (adapter names, diff_m beside .diff...)
+            raise LoraError(f"two tensors for the same part of one layer: {_safe(e.roles[role])} "
+                            f"and {_safe(key)}", path=source, tensor=key)
+        e.roles[role] = key
         e.keys.append(key)
         if role == "mid":
             raise LoraError("LoCon Tucker mid weights (.lora_mid) are not supported", path=source,

@@ -28,7 +28,10 @@ __all__ = ["Piece", "Resolution", "resolve"]
 
 #: Prefixes LoRA files put before a layer's name, beyond the model containers.
 LORA_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.",
-                 "transformer.", "unet.", "pipe.dit.", "dit.", *CONTAINER_PREFIXES)
+                 "transformer.", "unet.", "pipe.dit.", "dit.", *CONTAINER_PREFIXES,
+                 # a text-encoder part names the encoder's layers under these (it matches a
+                 # text encoder's own names; on a transformer it is left out, see resolve)
+                 *(p for p in TEXT_ENCODER_PREFIXES if p.endswith(".")))
 
 #: A row segment: rows ``start:stop`` of model tensor ``key``.
 Segment = tuple[str, int, int]
@@ -113,11 +116,16 @@ class Resolution:
     def check_matched(self, source: str, what: str, hint: str = "") -> None:
         """Raise a :class:`~ggufvideo.errors.LoraError` naming ``source`` and the first unmatched
         key (five in the message) if any LoRA key matched no tensor of ``what``."""
-        matched_none = [k for k in self.unmatched if k not in set(self.unknown)]
+        unknown = set(self.unknown)
+        matched_none = [k for k in self.unmatched if k not in unknown]
         if matched_none:
             shown = ", ".join(_safe(k) for k in matched_none[:5])
             raise LoraError(f"{len(matched_none)} LoRA key(s) match no tensor of {what} (e.g. "
                             f"{shown}){hint}", path=source, tensor=matched_none[0])
+        if self.skipped and not self.weights and not self.biases:
+            raise LoraError(f"every key of this LoRA is for a text encoder (e.g. "
+                            f"{_safe(self.skipped[0])}): nothing in it is for {what}{hint}",
+                            path=source, tensor=self.skipped[0])
         if self.unknown:
             shown = ", ".join(_safe(k) for k in self.unknown[:5])
             raise LoraError(f"{len(self.unknown)} key(s) of no known LoRA scheme (e.g. {shown}; "
@@ -217,7 +225,7 @@ def resolve(lora: LoraFile, shapes: Mapping[str, tuple[int, ...]], *,
     skipped: list[str] = []
     for e in lora:
         w, b = found[e.target]
-        if w is None and b is None and _text_encoder_part(e.target):
+        if w is None and b is None and text_encoder_part(e.target):
             skipped.extend(e.keys)
             continue
         if e.has_weight and w is None:
@@ -239,6 +247,6 @@ def resolve(lora: LoraFile, shapes: Mapping[str, tuple[int, ...]], *,
                       skipped)
 
 
-def _text_encoder_part(target: str) -> bool:
+def text_encoder_part(target: str) -> bool:
     """The target names a text encoder's layer (under any wrapper prefix)."""
     return any(c.startswith(TEXT_ENCODER_PREFIXES) for c in _candidates(target))

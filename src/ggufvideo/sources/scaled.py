@@ -5,9 +5,10 @@ files, Kijai's WanVideo fp8_scaled ones), ComfyUI's quantized checkpoints and FP
 ModelOpt, compressed-tensors or transformers. A weight there holds low-precision values whose true
 value is ``value * scale``; the scale is a tensor of its own, named after the layer:
 
-* ``<layer>.scale_weight`` -- ComfyUI's first format, marked by a top-level ``scaled_fp8`` tensor
-  (``<layer>.scale_input`` is an activation scale). ComfyUI multiplies the scale into the weight
-  whatever the weight's dtype, and so do we.
+* ``<layer>.scale_weight`` -- ComfyUI's first format, marked by a ``scaled_fp8`` tensor at the
+  top of the model's names (under its prefix in an all-in-one file; ``<layer>.scale_input`` is
+  an activation scale). In a marked file ComfyUI multiplies the scale into the weight whatever
+  the weight's dtype, and so do we; unmarked, only into a weight stored as fp8/int8.
 * ``<layer>.weight_scale`` -- ComfyUI's quantized checkpoints (a ``<layer>.comfy_quant`` tensor
   holds the layer's format as JSON bytes, and/or the header's ``_quantization_metadata`` lists
   every layer's), ModelOpt and compressed-tensors (``<layer>.input_scale`` for activations).
@@ -25,7 +26,7 @@ true weights are ~0.01-1) and a scale nothing reads: a GGUF that loads and makes
 scaled weight becomes a float32 tensor (value x scale, rounded once) before the policy types it;
 scales, activation scales, markers and format records are dropped, and what is not understood (FP4
 packed in bytes with two-level scales, a format the metadata names that is not fp8/int8, a scale
-that fits no grid) is refused by name instead of written wrong.
+that fits no grid, a zero point) is refused by name instead of written wrong.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ _MARKER = "scaled_fp8"
 _METADATA_KEY = "_quantization_metadata"
 # Layer formats whose values are plain fp8/int8 numbers times a scale (anything else -- FP4, MX
 # formats with exponent-only scales -- would need a decoder of its own).
-_KNOWN_FORMATS = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
-                  "int8", "int8_blockwise", "int8_tensorwise", "fp8", "float8")
+# (matched as prefixes: "float8_e4m3fn_rowwise", "int8_blockwise" are the same arithmetic)
+_KNOWN_FORMATS = ("float8_e4m3fn", "float8_e5m2", "int8", "fp8")
 _STORAGE_DTYPES = tuple(d for d in (getattr(torch, n, None) for n in (
     "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")) if d is not None) \
     + (torch.int8,)
@@ -94,6 +95,8 @@ def _apply(values: torch.Tensor, scale: torch.Tensor, grid: tuple[int, int, int,
     """``values * scale`` in float32, the scale broadcast over its blocks (one rounding)."""
     a, b, bn, bk = grid
     shape = values.shape
+    if values.numel() == 0:
+        return values.to(torch.float32)
     w = values.to(torch.float32).reshape(shape[0] if shape else 1, -1)
     s = scale.to(torch.float32).reshape(a, b)
     n, k = w.shape
@@ -182,36 +185,44 @@ def fold_scales(tensors: list[SourceTensor], metadata: dict[str, Any], path: str
     by_name = {t.name: t for t in tensors}
     formats = _layer_formats(by_name, metadata, metadata_prefix, path)
     for layer, (fmt, _group) in sorted(formats.items()):
-        if fmt.lower() not in _KNOWN_FORMATS:
+        if not fmt.lower().startswith(_KNOWN_FORMATS):
             raise GGUFError(f"layer stored as {_safe(fmt, 40)}: only fp8 and int8 weights times "
                             "a scale are read (convert from the bf16 or fp8 release instead)",
                             path=path, tensor=layer + ".weight")
-    legacy = _MARKER in by_name
-    drop: set[str] = set()
+    # ComfyUI's marker sits at the top of the model's own names, under any container prefix
+    markers = [n for n in by_name if n == _MARKER or n.endswith("." + _MARKER)]
+    drop: set[str] = set(markers)
     folded: dict[str, SourceTensor] = {}
+    scale_of: dict[str, str] = {}
     for name, t in by_name.items():
         suffix = next((s for s in SCALE_SUFFIXES if name.endswith(s)), None)
         if suffix is None:
             continue
         layer = name[: -len(suffix)]
         weight = by_name.get(layer + ".weight")
+        # Which scales count: ComfyUI's scale_weight in a file it marked as scaled, or beside a
+        # weight stored in a quantized dtype; weight_scale(_inv) beside such a weight or on a
+        # layer a format record declares. Anything else may be a parameter of the model's own.
+        stored_low = weight is not None and weight.dtype in _STORAGE_DTYPES + (torch.uint8,)
+        if not (stored_low or layer in formats or (suffix == ".scale_weight" and markers)):
+            continue
         if weight is None:
             raise GGUFError(f"a weight scale with no {_safe(layer + '.weight')} beside it",
                             path=path, tensor=name)
-        if layer + ".weight_scale_2" in by_name:
-            raise GGUFError("two-level weight scales (weight_scale_2, as NVFP4 writes): not "
-                            "supported, convert from the bf16 or fp8 release instead",
-                            path=path, tensor=weight.name)
-        if suffix != ".scale_weight" and weight.dtype not in _STORAGE_DTYPES + (torch.uint8,) \
-                and layer not in formats:
-            continue  # a float weight: the name may be a parameter of the model's own
+        for extra, what in ((".weight_scale_2", "two-level weight scales (weight_scale_2, as "
+                                                "NVFP4 writes)"),
+                            (".weight_zero_point", "an asymmetric weight (a zero point)")):
+            if layer + extra in by_name:
+                raise GGUFError(f"{what}: not supported, convert from the bf16 or fp8 release "
+                                "instead", path=path, tensor=weight.name)
         if not t.dtype.is_floating_point:
             raise GGUFError(f"scale stored as {t.dtype}, not a float (exponent-only block scales "
                             "are not supported)", path=path, tensor=name)
         if weight.name in folded:
-            raise GGUFError(f"two scales for one weight ({_safe(name)} and another)", path=path,
-                            tensor=weight.name)
+            raise GGUFError(f"two scales for one weight ({_safe(scale_of[weight.name])} and "
+                            f"{_safe(name)})", path=path, tensor=weight.name)
         folded[weight.name] = _folded(weight, t, formats.get(layer), path)
+        scale_of[weight.name] = name
         drop.add(name)
         for act in _ACTIVATION_SCALES:
             if layer + act in by_name:
@@ -221,10 +232,9 @@ def fold_scales(tensors: list[SourceTensor], metadata: dict[str, Any], path: str
             raise GGUFError(f"layer declared as {_safe(formats[layer][0], 40)} has no weight scale",
                             path=path, tensor=layer + ".weight")
         drop.add(layer + _FORMAT_SUFFIX)
-    if legacy:
-        drop.add(_MARKER)
+    if markers:
         drop.update(n for n in by_name if n.endswith(".scale_input"))
-    if not folded and not legacy:
+    if not folded and not markers:
         return tensors, []
     metadata.pop(metadata_prefix + _METADATA_KEY, None)
     out = [folded.get(t.name, t) for t in tensors if t.name not in drop]
