@@ -199,3 +199,18 @@ def test_data_setter_swaps_raw_blocks_and_device(w):
     assert p.device.type == "meta" and p.raw.device.type == "meta"
     with pytest.raises(TensorOperationError, match="cannot set .data"):
         p.data = torch.zeros(8, 64)
+
+
+def test_view_ops_under_inference_mode():
+    """diffusers' Wan 2.2 TI2V blocks take ``scale_shift_table.unsqueeze(0)`` inside the
+    pipeline's inference mode; a quantized table must give its values, not a version-counter
+    error."""
+    from ggufvideo import quantize
+
+    w = torch.randn(6, 64)
+    q = GGMLTensor(quantize(w, "Q8_0"), T.Q8_0, torch.Size([1, 6, 64]),
+                   torch.float32)
+    p = torch.nn.Parameter(q, requires_grad=False)
+    with torch.inference_mode():
+        out = p.unsqueeze(0) + torch.zeros(1, 5, 6, 64)
+    assert torch.equal(out[0, 0], q.dequantize()[0])

@@ -270,6 +270,14 @@ class GGMLTensor(torch.Tensor):
         def unwrap(t: Any) -> Any:
             return t.dequantize() if isinstance(t, GGMLTensor) else t
 
+        if getattr(func, "is_view", False) and torch.is_inference_mode_enabled():
+            # A view op's result is marked a view of its input after this returns, which torch
+            # refuses for a tensor made under inference mode ("Cannot set version_counter for
+            # inference tensor": diffusers' Wan 2.2 TI2V blocks take
+            # scale_shift_table.unsqueeze(0) inside the pipeline's inference mode). The values
+            # are a fresh decode either way; made outside inference mode, they can be marked.
+            with torch.inference_mode(False):
+                return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
         return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
 
 
