@@ -105,9 +105,12 @@ def test_experts_with_different_architectures_are_refused(parts, files, tmp_path
                  vae=files["vae"], transformer_2=path)
 
 
-def test_two_experts_make_an_a14b_style_pipeline(files):
+def test_two_experts_make_an_a14b_style_pipeline(files, tmp_path):
+    import shutil
+
+    low = shutil.copy(files["transformer"], tmp_path / "low_noise.gguf")
     pipe = pipeline(transformer=files["transformer"], text_encoder=files["text_encoder"],
-                    vae=files["vae"], transformer_2=files["transformer"])
+                    vae=files["vae"], transformer_2=low)
     assert pipe.transformer_2 is not None and pipe.config.boundary_ratio == 0.875
 
 
@@ -223,8 +226,11 @@ def test_loras_go_on_their_expert_and_come_off(parts, files, tmp_path):
     unmerged; the handles on the pipeline take them off again."""
     hi = _lora_file(parts["transformer"], tmp_path / "hi.safetensors", 1)
     lo = _lora_file(parts["transformer"], tmp_path / "lo.safetensors", 2)
+    import shutil
+
+    low = shutil.copy(files["transformer"], tmp_path / "low_noise.gguf")
     pipe = pipeline(transformer=files["transformer"], text_encoder=files["text_encoder"],
-                    vae=files["vae"], transformer_2=files["transformer"],
+                    vae=files["vae"], transformer_2=low,
                     loras=[(hi, 0.5)], loras_2=[(lo, 1.0)])
     a, b = pipe.ggufvideo_loras
     assert (a.source, a.scale, b.source, b.scale) == (hi, 0.5, lo, 1.0)
@@ -236,7 +242,7 @@ def test_loras_go_on_their_expert_and_come_off(parts, files, tmp_path):
     for h in pipe.ggufvideo_loras:
         h.remove()
     plain = pipeline(transformer=files["transformer"], text_encoder=files["text_encoder"],
-                     vae=files["vae"], transformer_2=files["transformer"])
+                     vae=files["vae"], transformer_2=low)
     assert (generate(pipe, "a cat", **run) == generate(plain, "a cat", **run)).all()
     assert not (with_loras == generate(plain, "a cat", **run)).all()
 

@@ -119,20 +119,27 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
     g = sub.add_parser("generate", help="make a video from GGUF files (or diffusers folders)",
                        description="Text-to-video (or image-to-video with --image) with a Wan "
                        "transformer, a UMT5 text encoder and a Wan VAE, each a .gguf file (kept "
-                       "quantized) or a diffusers folder.")
+                       "quantized), a single .safetensors checkpoint (as ComfyUI setups hold "
+                       "them, fp8-scaled ones too) or a diffusers folder.")
     g.add_argument("--model", required=True, metavar="T",
-                   help="the transformer (.gguf or folder); Wan 2.2 A14B: the high-noise expert")
+                   help="the transformer (.gguf, .safetensors or folder); Wan 2.2 A14B: the "
+                        "high-noise expert")
     g.add_argument("--model-2", default=None, metavar="T2",
                    help="Wan 2.2 A14B's low-noise expert")
     g.add_argument("--boundary-ratio", type=float, default=None,
-                   help="with --model-2: where the low-noise expert takes over (default 0.875)")
+                   help="with --model-2: where the low-noise expert takes over, between 0 and 1 "
+                        "(default 0.9 for I2V experts, 0.875 for T2V)")
     g.add_argument("--text-encoder", required=True, metavar="TE",
-                   help="the UMT5 text encoder (.gguf made by llama.cpp, or a folder)")
-    g.add_argument("--tokenizer", default=None, metavar="DIR",
-                   help="tokenizer folder (default: from the text-encoder file)")
-    g.add_argument("--vae", required=True, metavar="VAE", help="the Wan VAE (.gguf or folder)")
-    g.add_argument("--image-encoder", default=None, metavar="DIR",
-                   help="CLIP vision folder (Wan 2.1 image-to-video only)")
+                   help="the UMT5 text encoder (.gguf made by llama.cpp, .safetensors, or a "
+                        "folder)")
+    g.add_argument("--tokenizer", default=None, metavar="TOK",
+                   help="tokenizer folder, a GGUF encoder carrying one, or spiece.model "
+                        "(default: from the text-encoder file)")
+    g.add_argument("--vae", required=True, metavar="VAE",
+                   help="the Wan VAE (.gguf, .safetensors or folder)")
+    g.add_argument("--image-encoder", default=None, metavar="CLIP",
+                   help="CLIP vision folder or .safetensors (clip_vision_h; Wan 2.1 "
+                        "image-to-video only)")
     g.add_argument("--prompt", "-p", required=True)
     g.add_argument("--negative-prompt", "-n", default=None)
     g.add_argument("--image", default=None, metavar="PNG", help="first frame (image-to-video)")
@@ -142,7 +149,8 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
     g.add_argument("--steps", type=int, default=30)
     g.add_argument("--guidance", type=float, default=5.0)
     g.add_argument("--flow-shift", type=float, default=None,
-                   help="scheduler shift (default 3.0 below 720p, 5.0 from 720p)")
+                   help="scheduler shift (default 5.0 when the shorter side is 704 or more, "
+                        "720p; else 3.0)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--fps", type=int, default=16)
     g.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
@@ -158,7 +166,10 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
     g.add_argument("--dtype", default=None,
                    help="compute dtype (default bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--output", "-o", required=True, metavar="OUT.mp4",
-                   help="the video; a contact sheet OUT.png is written beside it")
+                   help="the video (.mp4, .mkv, .mov, .webm or .avi); a contact sheet OUT.png "
+                        "is written beside it")
+    g.add_argument("--force", action="store_true",
+                   help="replace OUT and OUT.png if they exist")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
@@ -260,7 +271,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import os
 
     import torch
 
@@ -269,9 +279,11 @@ def _generate(args: argparse.Namespace) -> int:
     from .pipelines import pipeline
 
     check_video_size(args.frames, args.height, args.width)  # before anything is loaded
+    sheet_path = _check_outputs(args.output, args.image, args.force)
     device = args.device or ("cuda" if torch.cuda.is_available() or args.vram_budget else "cpu")
+    # 720p (and TI2V-5B's 704x1280) takes Wan's larger shift
     shift = args.flow_shift if args.flow_shift is not None else (
-        5.0 if args.height * args.width >= 720 * 1280 else 3.0)
+        5.0 if min(args.height, args.width) >= 704 else 3.0)
     image = None
     if args.image is not None:
         from PIL import Image
@@ -279,18 +291,17 @@ def _generate(args: argparse.Namespace) -> int:
         image = Image.open(args.image).convert("RGB")
     pipe = pipeline(transformer=args.model, text_encoder=args.text_encoder, vae=args.vae,
                     transformer_2=args.model_2, tokenizer=args.tokenizer,
-                    image_encoder=args.image_encoder, boundary_ratio=args.boundary_ratio,
+                    image_encoder=args.image_encoder, image_to_video=image is not None,
+                    boundary_ratio=args.boundary_ratio,
                     flow_shift=shift, dtype=args.dtype, device=device,
                     vram_budget=args.vram_budget,
                     loras=[parse_lora_arg(a) for a in args.lora],
                     loras_2=[parse_lora_arg(a) for a in args.lora_2])
-    if image is None and type(pipe).__name__ == "WanImageToVideoPipeline":
-        raise ValueError(f"{args.model} is an image-to-video model: pass --image FIRST_FRAME.png")
     frames = generate(pipe, args.prompt, negative_prompt=args.negative_prompt,
                       frames=args.frames, height=args.height, width=args.width, steps=args.steps,
                       guidance=args.guidance, seed=args.seed, image=image,
                       progress=not args.quiet)
-    sheet = contact_sheet(frames, os.path.splitext(args.output)[0] + ".png")
+    sheet = contact_sheet(frames, sheet_path)
     try:
         write_video(frames, args.output, fps=args.fps)
     except ImportError as exc:
@@ -300,6 +311,37 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"wrote {_safe(args.output)} ({len(frames)} frames, {args.width}x{args.height}) and "
           f"{_safe(sheet)}")
     return 0
+
+
+#: Containers the video writer (imageio-ffmpeg) makes.
+_VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi")
+
+
+def _check_outputs(output: str, image: str | None, force: bool) -> str:
+    """The contact sheet's path, once the video's and the sheet's are known to be writable and
+    not to replace anything they should not: checked before minutes of generation."""
+    import os
+
+    if os.path.isdir(output):
+        raise ValueError(f"--output {_safe(output)} is a folder: name the video file in it "
+                         "(e.g. out.mp4)")
+    stem, ext = os.path.splitext(output)
+    if ext.lower() not in _VIDEO_SUFFIXES:
+        raise ValueError(f"--output {_safe(output)}: the video must end in one of "
+                         f"{', '.join(_VIDEO_SUFFIXES)}")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--output {_safe(output)}: no folder {_safe(folder)}")
+    sheet = stem + ".png"
+    if image is not None and any(os.path.exists(p) and os.path.samefile(image, p)
+                                 for p in (output, sheet)):
+        raise ValueError(f"--output {_safe(output)} would overwrite the input image "
+                         f"{_safe(image)} (with the video or its contact sheet {_safe(sheet)})")
+    existing = [p for p in (output, sheet) if os.path.exists(p)]
+    if existing and not force:
+        raise ValueError(f"{', '.join(_safe(p) for p in existing)} already exist(s): pass "
+                         "--force to replace, or another --output")
+    return sheet
 
 
 _COMMANDS = {"convert": _convert, "inspect": _inspect, "validate": _validate, "demo": _demo,

@@ -15,59 +15,28 @@ The scheduler is built in (UniPC with flow sigmas, as Wan's releases ship it): n
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import GGUFError, _safe
 from .loader import DTypeLike, resolve_dtype
 from .lora.apply import LoraLike
+from .pipeline_parts import (
+    Part,
+    PartSource,
+    PipelineError,
+    check_experts,
+    check_image_encoder,
+    check_parts,
+    default_boundary,
+    describe_part,
+    resolve_tokenizer,
+)
 
 __all__ = ["pipeline", "check_parts", "PipelineError", "Part", "scheduler_config"]
-
-PartSource = str | os.PathLike[str] | nn.Module
-
-#: Sub-folders of a diffusers pipeline folder, by part.
-_SUBFOLDERS = {"transformer": "transformer", "transformer_2": "transformer_2",
-               "text_encoder": "text_encoder", "vae": "vae"}
-#: Family names each part may be (:mod:`ggufvideo.models`).
-_FAMILIES = {"transformer": ("wan",), "text_encoder": ("t5-encoder",), "vae": ("wan-vae",)}
-#: Config keys two Wan experts must share.
-_EXPERT_KEYS = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels",
-                "out_channels", "text_dim", "freq_dim", "ffn_dim", "num_layers", "image_dim")
-
-
-class PipelineError(GGUFError):
-    """The parts given to :func:`pipeline` do not make one pipeline (the message names them)."""
-
-
-@dataclass(frozen=True)
-class Part:
-    """One part of a pipeline, described without reading its weights.
-
-    Attributes:
-        role: ``"transformer"``, ``"transformer_2"``, ``"text_encoder"`` or ``"vae"``.
-        source: the path given (a .gguf file or a folder), or ``None`` for a module.
-        family: the model family name (``"wan"``, ``"t5-encoder"``, ``"wan-vae"``), or ``None``
-            when only a class is known.
-        class_name: the class it builds.
-        config: its config (constructor arguments / transformers config fields).
-    """
-
-    role: str
-    source: str | None
-    family: str | None
-    class_name: str
-    config: Mapping[str, Any]
-
-    @property
-    def name(self) -> str:
-        return f"{self.role} ({_safe(self.source, 200) if self.source else self.class_name})"
 
 
 def scheduler_config(flow_shift: float = 3.0) -> dict[str, Any]:
@@ -79,92 +48,6 @@ def scheduler_config(flow_shift: float = 3.0) -> dict[str, Any]:
             "use_flow_sigmas": True, "flow_shift": float(flow_shift), "solver_order": 2,
             "predict_x0": True, "solver_type": "bh2", "lower_order_final": True,
             "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
-
-
-# -- describing parts ----------------------------------------------------------------------------
-def _folder(source: str, role: str) -> str:
-    """A component folder: ``source`` itself, or its sub-folder for ``role`` (a pipeline folder)."""
-    sub = os.path.join(source, _SUBFOLDERS.get(role, role))
-    return sub if os.path.isdir(sub) else source
-
-
-def describe_part(role: str, source: PartSource) -> Part:
-    """The :class:`Part` for ``source`` (reads a GGUF's header or a folder's ``config.json``).
-
-    Raises:
-        FileNotFoundError: no such file or folder.
-        PipelineError: a folder without ``config.json``, or a file of another kind of model.
-    """
-    kind = "transformer" if role == "transformer_2" else role
-    if isinstance(source, nn.Module):
-        cfg = getattr(source, "config", {})
-        return Part(role, None, None, type(source).__name__, dict(cfg))
-    path = os.fspath(source)
-    if os.path.isfile(path):
-        from .building import describe_file
-
-        desc = describe_file(path)
-        fam = desc.detection.family
-        if fam.name not in _FAMILIES[kind]:
-            raise PipelineError(f"the {role} must be a {' or '.join(_FAMILIES[kind])} model; the "
-                                f"file holds a {fam.title} ({desc.variant})", path=path)
-        return Part(role, path, fam.name, desc.class_name, desc.config)
-    if os.path.isdir(path):
-        folder = _folder(path, role)
-        cfg_path = os.path.join(folder, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise PipelineError(f"no config.json in the {role} folder (expected a diffusers/"
-                                "transformers model folder or a pipeline folder with a "
-                                f"{_SUBFOLDERS[role]}/ sub-folder)", path=folder)
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-        name = cfg.get("_class_name") or (cfg.get("architectures") or ["?"])[0]
-        return Part(role, folder, None, str(name), cfg)
-    raise FileNotFoundError(f"{role}: no such file or folder: {_safe(path, 300)}")
-
-
-def _text_width(part: Part) -> int | None:
-    cfg = part.config
-    return cfg.get("d_model") or cfg.get("hidden_size")
-
-
-def check_parts(transformer: Part, text_encoder: Part, vae: Part,
-                transformer_2: Part | None = None) -> str:
-    """Check that the parts make one Wan pipeline; returns ``"t2v"``, ``"i2v"`` or ``"ti2v"``.
-
-    Raises:
-        PipelineError: naming the parts and the values that disagree.
-    """
-    t = transformer.config
-    width = _text_width(text_encoder)
-    if width is not None and t.get("text_dim") is not None and width != t["text_dim"]:
-        raise PipelineError(f"the text encoder's width is {width} but the transformer expects text "
-                            f"embeddings of width {t['text_dim']}: {text_encoder.name} does not "
-                            f"go with {transformer.name}")
-    z = vae.config.get("z_dim")
-    in_ch, out_ch = t.get("in_channels"), t.get("out_channels")
-    mode = "t2v"
-    if z is not None and in_ch is not None:
-        if out_ch != z:
-            raise PipelineError(f"the VAE has {z} latent channels but the transformer outputs "
-                                f"{out_ch}: {vae.name} does not go with {transformer.name}")
-        if in_ch == 2 * z + 4:
-            mode = "i2v"
-        elif in_ch != z:
-            raise PipelineError(f"the transformer takes {in_ch} input channels, which fits "
-                                f"neither text-to-video ({z}) nor image-to-video ({2 * z + 4}) "
-                                f"with {vae.name}'s {z} latent channels")
-        elif z == 48:
-            mode = "ti2v"
-    if transformer_2 is not None:
-        diff = [k for k in _EXPERT_KEYS
-                if transformer_2.config.get(k) != t.get(k)]
-        if diff:
-            k = diff[0]
-            raise PipelineError(f"the two experts differ in {k}: {t.get(k)!r} in "
-                                f"{transformer.name}, {transformer_2.config.get(k)!r} in "
-                                f"{transformer_2.name}")
-    return mode
 
 
 # -- loading parts -------------------------------------------------------------------------------
@@ -194,52 +77,39 @@ def _load(part: Part, source: PartSource, dtype: torch.dtype | None,
     return model.to(device) if device is not None else model
 
 
-def _tokenizer(text_encoder: Part, tokenizer: Any) -> Any:
-    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
-        return tokenizer
-    if tokenizer is None and text_encoder.source is not None and text_encoder.family is not None:
-        from .tokenizer import has_tokenizer, tokenizer_from_gguf
-
-        if not has_tokenizer(text_encoder.source):
-            raise PipelineError("the text-encoder file has no tokenizer (a GGUF file carries one "
-                                "in tokenizer.ggml.* metadata; a safetensors checkpoint never "
-                                "does); pass tokenizer= (--tokenizer) a tokenizer folder",
-                                path=text_encoder.source)
-        return tokenizer_from_gguf(text_encoder.source)
-    from transformers import AutoTokenizer
-
-    folder = os.fspath(tokenizer) if tokenizer is not None else None
-    if folder is None and text_encoder.source is not None:
-        sibling = os.path.join(os.path.dirname(text_encoder.source), "tokenizer")
-        folder = sibling if os.path.isdir(sibling) else text_encoder.source
-    if folder is None:
-        raise PipelineError("a text encoder given as a module needs tokenizer=")
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-
-
 def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
              transformer_2: PartSource | None = None, *, tokenizer: Any = None,
              image_encoder: Any = None, image_processor: Any = None,
+             image_to_video: bool | None = None,
              boundary_ratio: float | None = None, flow_shift: float = 3.0,
              dtype: DTypeLike = None, vae_dtype: DTypeLike = torch.float32,
              device: torch.device | str | None = None,
              vram_budget: int | str | None = None,
              loras: Sequence[tuple[LoraLike, float] | LoraLike] = (),
              loras_2: Sequence[tuple[LoraLike, float] | LoraLike] = ()) -> Any:
-    """A diffusers Wan pipeline whose parts come from .gguf files or diffusers folders.
+    """A diffusers Wan pipeline whose parts come from .gguf files, single .safetensors
+    checkpoints (as ComfyUI setups hold them) or diffusers folders.
 
     Args:
-        transformer: the Wan transformer (.gguf, a component folder or a pipeline folder, or a
-            module); the high-noise expert for Wan 2.2 A14B.
-        text_encoder: the UMT5 text encoder (a llama.cpp-named .gguf, a folder, or a module).
-        vae: the Wan VAE (.gguf, folder, module).
+        transformer: the Wan transformer (.gguf, .safetensors, a component folder or a pipeline
+            folder, or a module); the high-noise expert for Wan 2.2 A14B.
+        text_encoder: the UMT5 text encoder (a llama.cpp-named .gguf, a .safetensors -- fp8
+            scaled ones too --, a folder, or a module).
+        vae: the Wan VAE (.gguf, .safetensors with the release's or diffusers' names, folder,
+            module).
         transformer_2: Wan 2.2 A14B's low-noise expert.
-        tokenizer: a tokenizer or its folder; ``None``: from the text-encoder file's metadata
-            (or the ``tokenizer/`` folder beside a text-encoder folder).
-        image_encoder, image_processor: CLIP vision model and processor, needed only by Wan 2.1
-            I2V (a transformer with an image embedder).
-        boundary_ratio: with two experts, where the low-noise one takes over (Wan 2.2 A14B
-            ships 0.875 for T2V and 0.9 for I2V); default 0.875.
+        tokenizer: a tokenizer, or a tokenizer folder, a GGUF file carrying a vocabulary or a
+            sentencepiece ``spiece.model``; ``None``: from the text-encoder file's metadata (or
+            the ``tokenizer/`` folder beside a text-encoder folder).
+        image_encoder, image_processor: CLIP vision model (or its folder, or a single
+            ``.safetensors`` such as ComfyUI's ``clip_vision_h``) and processor (default: CLIP's
+            224-pixel preprocessing), needed only by Wan 2.1 I2V/FLF2V (a transformer with an
+            image embedder).
+        image_to_video: ``True``: the pipeline takes a first frame (an I2V model, or Wan 2.2
+            TI2V-5B conditioned on an image); ``False``: text only (refused for an I2V model);
+            ``None``: as the transformer is.
+        boundary_ratio: with two experts, where the low-noise one takes over; default 0.9 for
+            I2V experts, 0.875 for T2V (as Wan 2.2 A14B's releases ship).
         flow_shift: the scheduler's shift (3.0 for 480p, 5.0 for 720p).
         dtype: compute dtype of the transformer(s) and text encoder (``None``: bfloat16 on CUDA,
             float32 on CPU); ``vae_dtype`` the VAE's.
@@ -256,13 +126,17 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
             ``pipe.ggufvideo_loras`` holds their handles (``.set_scale``, ``.remove``).
 
     Returns:
-        ``WanPipeline``, or ``WanImageToVideoPipeline`` for an image-to-video transformer.
+        ``WanPipeline``, or ``WanImageToVideoPipeline`` for an image-to-video transformer (or
+        TI2V with ``image_to_video=True``).
 
     Raises:
-        PipelineError: the parts do not go together (checked before any weight is read), or a
-            needed piece (tokenizer, image encoder) is missing.
+        PipelineError: the parts do not go together, an option does not fit them (a boundary
+            without a second expert, an image encoder a text-to-video model has no use for), or
+            a needed piece (tokenizer, image encoder) is missing -- all checked before any
+            weight is read (:mod:`ggufvideo.pipeline_parts`).
         FileNotFoundError: a part's path does not exist.
         RuntimeError: ``vram_budget`` without a CUDA device (checked before any weight is read).
+        ImportError: image-to-video without ``ftfy`` (which diffusers' I2V pipeline calls).
         LoraError: a LoRA file that cannot be read, or whose keys match no layer of its
             transformer (names the file and key).
     """
@@ -282,11 +156,12 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
         parts["transformer_2"] = describe_part("transformer_2", transformer_2)
     mode = check_parts(parts["transformer"], parts["text_encoder"], parts["vae"],
                        parts.get("transformer_2"))
-    needs_clip = mode == "i2v" and parts["transformer"].config.get("image_dim")
-    if needs_clip and image_encoder is None:
-        raise PipelineError(f"{parts['transformer'].name} is a Wan 2.1 image-to-video model: it "
-                            "needs image_encoder= (a CLIP vision model or its folder)")
-    tok = _tokenizer(parts["text_encoder"], tokenizer)
+    check_experts(parts["transformer"], parts.get("transformer_2"), boundary_ratio)
+    check_image_encoder(parts["transformer"], mode, image_encoder, image_to_video)
+    takes_image = mode == "i2v" or (mode == "ti2v" and bool(image_to_video))
+    if takes_image:
+        _need_ftfy()
+    tok = resolve_tokenizer(parts["text_encoder"], tokenizer)
     for role, files in (("transformer", lora_files), ("transformer_2", lora_files_2)):
         for lf, _ in files:
             _check_lora_fits(lf, parts[role])
@@ -308,23 +183,23 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
     handles = [apply_lora(loaded[role], lf, w) for role, files in
                (("transformer", lora_files), ("transformer_2", lora_files_2)) for lf, w in files]
     scheduler = UniPCMultistepScheduler(**scheduler_config(flow_shift))
+    if boundary_ratio is None and transformer_2 is not None:
+        boundary_ratio = default_boundary(mode)
     kwargs: dict[str, Any] = dict(tokenizer=tok, text_encoder=loaded["text_encoder"],
                                   vae=loaded["vae"], scheduler=scheduler,
                                   transformer=loaded["transformer"],
                                   transformer_2=loaded.get("transformer_2"),
-                                  boundary_ratio=(boundary_ratio if boundary_ratio is not None
-                                                  else 0.875 if transformer_2 is not None
-                                                  else None),
+                                  boundary_ratio=boundary_ratio,
                                   expand_timesteps=mode == "ti2v")
     pipe: Any
-    if mode == "i2v":
-        if needs_clip and isinstance(image_encoder, (str, os.PathLike)):
-            from transformers import CLIPImageProcessor, CLIPVisionModel
+    if takes_image:
+        if isinstance(image_encoder, (str, os.PathLike)):
+            image_encoder, image_processor = _image_encoder(os.fspath(image_encoder),
+                                                            image_processor, want, place)
+        elif image_encoder is not None and image_processor is None:
+            from transformers import CLIPImageProcessor
 
-            folder = os.fspath(image_encoder)
-            image_processor = image_processor or CLIPImageProcessor.from_pretrained(
-                folder, local_files_only=True)
-            image_encoder = CLIPVisionModel.from_pretrained(folder, local_files_only=True)
+            image_processor = CLIPImageProcessor()  # CLIP's 224-pixel preprocessing
         pipe = WanImageToVideoPipeline(image_encoder=image_encoder,
                                        image_processor=image_processor, **kwargs)
     else:
@@ -335,6 +210,38 @@ def pipeline(transformer: PartSource, text_encoder: PartSource, vae: PartSource,
 
         stream_pipeline(pipe, dev, vram_budget)
     return pipe
+
+
+def _need_ftfy() -> None:
+    """diffusers' image-to-video pipeline cleans prompts with ftfy without checking that it is
+    installed: say so before anything is loaded, not as a NameError after."""
+    import importlib.util
+
+    if importlib.util.find_spec("ftfy") is None:
+        raise ImportError("image-to-video needs ftfy (diffusers' Wan image-to-video pipeline "
+                          "calls it): pip install ftfy, or 'ggufvideo[generate]'")
+
+
+def _image_encoder(path: str, processor: Any, dtype: torch.dtype | None,
+                   device: torch.device | str | None) -> tuple[Any, Any]:
+    """A CLIP vision encoder and its processor from a folder or a single checkpoint file."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    if os.path.isdir(path):
+        kwargs: dict[str, Any] = {"local_files_only": True}
+        if dtype is not None:
+            kwargs["torch_dtype"] = dtype
+        model: Any = CLIPVisionModel.from_pretrained(path, **kwargs)
+        if device is not None:
+            model = model.to(device)
+        has_config = os.path.isfile(os.path.join(path, "preprocessor_config.json"))
+        return model, processor or (CLIPImageProcessor.from_pretrained(path,
+                                                                        local_files_only=True)
+                                    if has_config else CLIPImageProcessor())
+    from .building import from_gguf
+
+    # a single file carries no preprocessing config: CLIP's own (224 pixels, its mean and std)
+    return from_gguf(path, dtype=dtype, device=device), processor or CLIPImageProcessor()
 
 
 def _check_lora_fits(lf: Any, part: Part) -> None:

@@ -10,6 +10,7 @@ no hub download.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ from typing import Any
 
 from .errors import ModelLoadError, _safe
 
-__all__ = ["tokenizer_from_gguf", "has_tokenizer", "UnigramVocab", "unigram_vocab"]
+__all__ = ["tokenizer_from_gguf", "tokenizer_from_sentencepiece", "has_tokenizer",
+           "UnigramVocab", "unigram_vocab"]
 
 #: The metadata key every llama.cpp vocabulary has.
 TOKENS_KEY = "tokenizer.ggml.tokens"
@@ -72,6 +74,47 @@ def tokenizer_from_gguf(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     except (ValueError, KeyError, NotImplementedError) as exc:
         raise ModelLoadError(f"transformers cannot build this file's tokenizer: {exc}",
                              path=path) from None
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **{**config, **kwargs})
+
+
+def tokenizer_from_sentencepiece(path: str | os.PathLike[str], **kwargs: Any) -> Any:
+    """A fast tokenizer from a sentencepiece unigram model file (T5's and UMT5's
+    ``spiece.model``), built as :func:`tokenizer_from_gguf` builds a ``t5`` vocabulary: it
+    encodes as sentencepiece does, ``</s>`` appended.
+
+    Raises:
+        ModelLoadError: not a sentencepiece model, or not a unigram one.
+        ImportError: transformers, or sentencepiece's protobuf module, is not installed.
+    """
+    path = os.fspath(path)
+    try:
+        # (generated protobuf code: no type information, hence the Any)
+        pb: Any = importlib.import_module("sentencepiece.sentencepiece_model_pb2")
+        from transformers import PreTrainedTokenizerFast
+    except ImportError as exc:
+        raise ImportError(f"{_safe(path, 300)}: reading a sentencepiece model needs transformers, "
+                          f"sentencepiece and protobuf ({exc}): pip install "
+                          "'ggufvideo[text-encoders]' protobuf") from None
+    proto = pb.ModelProto()
+    try:
+        with open(path, "rb") as fh:
+            proto.ParseFromString(fh.read())
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise ModelLoadError(f"not a sentencepiece model ({exc})", path=path) from None
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    if not proto.pieces or spec.model_type != pb.TrainerSpec.UNIGRAM:
+        raise ModelLoadError("not a sentencepiece unigram model (T5/UMT5's spiece.model is one)",
+                             path=path)
+    md = {TOKENS_KEY: [p.piece for p in proto.pieces],
+          "tokenizer.ggml.scores": [p.score for p in proto.pieces],
+          "tokenizer.ggml.token_type": [int(p.type) for p in proto.pieces],
+          "tokenizer.ggml.unknown_token_id": spec.unk_id,
+          "tokenizer.ggml.eos_token_id": spec.eos_id, "tokenizer.ggml.padding_token_id":
+          spec.pad_id, "tokenizer.ggml.bos_token_id": spec.bos_id,
+          "tokenizer.ggml.precompiled_charsmap": norm.precompiled_charsmap,
+          "tokenizer.ggml.add_space_prefix": norm.add_dummy_prefix,
+          "tokenizer.ggml.remove_extra_whitespaces": norm.remove_extra_whitespaces}
+    backend, config = _unigram(md, path)
     return PreTrainedTokenizerFast(tokenizer_object=backend, **{**config, **kwargs})
 
 
