@@ -38,3 +38,24 @@ def test_released_towers(hidden, layers, patch, image, inter, heads, act, label)
             cfg["intermediate_size"], cfg["num_attention_heads"], cfg["hidden_act"]) == (
         hidden, layers, patch, image, inter, heads, act)
     transformers.CLIPVisionConfig(**cfg)  # a config transformers takes
+
+
+def test_a_single_file_builds_the_same_model(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    import ggufvideo
+
+    cfg = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=1, patch_size=8, image_size=32,
+                                        hidden_act="gelu", projection_dim=32)
+    torch.manual_seed(0)
+    ref = transformers.CLIPVisionModelWithProjection(cfg).eval()  # its projection is left out
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "clip.st")
+    (tmp_path / "clip.st").rename(tmp_path / "clip.safetensors")
+    built = ggufvideo.from_gguf(tmp_path / "clip.safetensors")
+    assert type(built) is transformers.CLIPVisionModel
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(built(x, output_hidden_states=True).hidden_states[-2],
+                           ref(x, output_hidden_states=True).hidden_states[-2])

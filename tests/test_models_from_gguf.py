@@ -56,7 +56,9 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # Text encoders (transformers classes) are tested end to end in their own modules, against
 # transformers' own GGUF loader on llama.cpp-named files.
 TESTED_ELSEWHERE = {"t5-encoder": "test_models_t5_encoder",
-                    "llama-text-encoder": "test_models_llama_encoder"}
+                    "llama-text-encoder": "test_models_llama_encoder",
+                    # (from a single file, bit for bit against transformers' own model)
+                    "clip-vision": "test_pipeline_parts"}
 
 
 def test_every_family_is_covered():

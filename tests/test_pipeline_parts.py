@@ -256,3 +256,113 @@ def test_generate_takes_the_720p_shift_from_704(monkeypatch, files, tmp_path):
           "--vae", files["vae"], "--prompt", "p", "--height", "704", "--width", "1280", "-q",
           "-o", str(tmp_path / "o.mp4")])
     assert seen["flow_shift"] == 5.0 and seen["image_to_video"] is False
+
+
+# -- second review: valid inputs kept, more wrong ones named --------------------------------------
+
+
+def test_text_encoders_as_a_model_type_folder_a_module_and_a_one_block_file(parts, files,
+                                                                           tmp_path):
+    import json
+
+    from ggufvideo.demo_generate import demo_vocabulary, save_text_encoder
+    from ggufvideo.pipeline_parts import check_parts, describe_part
+
+    te = parts["text_encoder"]
+    te.save_pretrained(tmp_path / "te")
+    cfg = json.loads((tmp_path / "te" / "config.json").read_text())
+    cfg.pop("architectures", None)  # only model_type: "umt5"
+    (tmp_path / "te" / "config.json").write_text(json.dumps(cfg))
+    t, v = describe_part("transformer", files["transformer"]), describe_part("vae", files["vae"])
+    for source in (str(tmp_path / "te"), te):
+        check_parts(t, describe_part("text_encoder", source), v)
+    one = transformers.UMT5EncoderModel(transformers.UMT5Config(
+        vocab_size=128, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=1)).eval()
+    path = str(tmp_path / "umt5-1layer.gguf")
+    save_text_encoder(one, path, vocabulary=demo_vocabulary(128))
+    check_parts(t, describe_part("text_encoder", path), v)  # one block cannot tell T5 from UMT5
+
+
+def test_more_wrong_inputs_are_named(parts, files, tmp_path, no_loading):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    with pytest.raises(PipelineError, match="config.json is not JSON"):
+        pipeline(**_base(files, vae=str(tmp_path / "bad")))
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "notes.txt").write_text("x")
+    with pytest.raises(PipelineError, match="the tokenizer folder holds no tokenizer"):
+        pipeline(**_base(files, tokenizer=str(tmp_path / "tok")))
+    i2v = _variant(parts, tmp_path, "i2v21.gguf", in_channels=36, image_dim=64,
+                   added_kv_proj_dim=256)
+    with pytest.raises(PipelineError, match="image encoder must be a CLIP vision model.*"
+                                            "T5/UMT5 text encoder"):
+        pipeline(**_base(files, transformer=i2v, image_encoder=files["text_encoder"]))
+    from diffusers import WanVACETransformer3DModel
+
+    vace = WanVACETransformer3DModel(**{**parts["transformer"].config, "vace_layers": [0],
+                                        "vace_in_channels": 96})
+    path = str(tmp_path / "vace.gguf")
+    save_state_dict(vace.state_dict(), path)
+    with pytest.raises(PipelineError, match="Wan VACE transformer.*WanVACEPipeline"):
+        pipeline(**_base(files, transformer=path))
+
+
+@pytest.mark.parametrize("low, high, warns", [
+    ("Wan2.2-T2V-A14B-LowNoise-Q4_K_M.gguf", "Wan2.2-T2V-A14B-HighNoise-Q4_K_M.gguf", True),
+    ("low_noise/model.gguf", "high_noise/model.gguf", True),
+    ("slow_noise_a.gguf", "high_noise_b.gguf", False),
+])
+def test_swapped_expert_names(files, tmp_path, low, high, warns):
+    import warnings as w
+
+    from ggufvideo.pipeline_parts import check_experts, describe_part
+
+    paths = []
+    for name in (low, high):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        paths.append(shutil.copy(files["transformer"], tmp_path / name))
+    a, b = (describe_part("transformer", p) for p in paths)
+    with w.catch_warnings(record=True) as seen:
+        w.simplefilter("always")
+        check_experts(a, b, None)
+    assert bool([x for x in seen if "swapped" in str(x.message)]) is warns
+
+
+def test_a_lora_on_a_safetensors_transformer(parts, files, tmp_path):
+    from ggufvideo.models import CANONICAL, get_family
+    from ggufvideo.models.tensors import TensorOps
+
+    wan = get_family("wan")
+    sd = wan.convert(parts["transformer"].state_dict(), CANONICAL, "original", TensorOps())
+    path = tmp_path / "wan_t2v.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    lora = {"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.randn(2, 256),
+            "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.zeros(256, 2)}
+    pipe = pipeline(**_base(files, transformer=str(path), loras=[(lora, 1.0)]))
+    assert pipe.ggufvideo_loras[0].targets == ["blocks.0.attn1.to_q.weight"]
+
+
+def test_generate_checks_ti2v_sizes_and_more_outputs_before_loading(files, tmp_path, capsys,
+                                                                    no_loading):
+    from diffusers import AutoencoderKLWan
+
+    vae22 = AutoencoderKLWan(base_dim=32, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                             temperal_downsample=[False, True, True], is_residual=True,
+                             in_channels=12, out_channels=12, patch_size=2,
+                             scale_factor_spatial=16, decoder_base_dim=32)
+    vae = str(tmp_path / "vae22.gguf")
+    save_state_dict(vae22.state_dict(), vae)
+    rc = main(["generate", "--model", files["transformer"], "--text-encoder",
+               files["text_encoder"], "--vae", vae, "--prompt", "p", "--frames", "5",
+               "--height", "48", "--width", "64", "-o", str(tmp_path / "o.mp4")])
+    assert rc == 1 and "--height 48: must be a multiple of 32" in capsys.readouterr().err
+    assert _cli(files, tmp_path / "o.webm") == 1
+    assert "must end in one of .mp4" in capsys.readouterr().err
+    (tmp_path / "gone.mp4").symlink_to(tmp_path / "nowhere.mp4")  # a dangling link
+    assert _cli(files, tmp_path / "gone.mp4") == 1
+    assert "already exist(s)" in capsys.readouterr().err
+    (tmp_path / "sheet.png").mkdir()
+    assert _cli(files, tmp_path / "sheet.mp4", "--force") == 1
+    assert "would replace a folder" in capsys.readouterr().err
+    assert _cli(files, tmp_path / "x.mp4", "--image", str(tmp_path / "no.png")) == 1
+    assert "--image" in capsys.readouterr().err

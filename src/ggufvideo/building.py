@@ -114,6 +114,14 @@ def _open(path: str | os.PathLike[str] | GGUFFile) -> _Checkpoint:
                        lambda keep, dtype: _read_source(src, keep, dtype))
 
 
+def checkpoint_shapes(path: str | os.PathLike[str]) -> tuple[dict[str, tuple[int, ...]],
+                                                             str | None]:
+    """(tensor name -> shape, ``general.architecture``) of a GGUF file or a single safetensors
+    checkpoint, from its header alone."""
+    ckpt = _open(path)
+    return ckpt.shapes, ckpt.architecture
+
+
 def _describe(ckpt: _Checkpoint) -> Description:
     desc = describe(ckpt.shapes, ckpt.architecture, source=ckpt.path)
     stored = {**_metadata_config(ckpt, desc), **ckpt.config}

@@ -166,7 +166,7 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
     g.add_argument("--dtype", default=None,
                    help="compute dtype (default bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--output", "-o", required=True, metavar="OUT.mp4",
-                   help="the video (.mp4, .mkv, .mov, .webm or .avi); a contact sheet OUT.png "
+                   help="the video (.mp4, .mkv, .mov or .avi); a contact sheet OUT.png "
                         "is written beside it")
     g.add_argument("--force", action="store_true",
                    help="replace OUT and OUT.png if they exist")
@@ -276,9 +276,16 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .generation import check_video_size, contact_sheet, generate, write_video
     from .lora.bake import parse_lora_arg
+    from .pipeline_parts import describe_part, video_factors
     from .pipelines import pipeline
 
-    check_video_size(args.frames, args.height, args.width)  # before anything is loaded
+    # before anything is loaded: the size the model makes (first Wan's multiples of 16, then
+    # from the files' headers: multiples of 32 for TI2V-5B, whose VAE compresses 16x), and
+    # where the outputs go
+    check_video_size(args.frames, args.height, args.width)
+    spatial, temporal = video_factors(describe_part("transformer", args.model),
+                                      describe_part("vae", args.vae))
+    check_video_size(args.frames, args.height, args.width, spatial=spatial, temporal=temporal)
     sheet_path = _check_outputs(args.output, args.image, args.force)
     device = args.device or ("cuda" if torch.cuda.is_available() or args.vram_budget else "cpu")
     # 720p (and TI2V-5B's 704x1280) takes Wan's larger shift
@@ -313,8 +320,8 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Containers the video writer (imageio-ffmpeg) makes.
-_VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi")
+#: Containers the video writer (imageio-ffmpeg, H.264) makes; not WebM, which cannot hold it.
+_VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi")
 
 
 def _check_outputs(output: str, image: str | None, force: bool) -> str:
@@ -322,6 +329,8 @@ def _check_outputs(output: str, image: str | None, force: bool) -> str:
     not to replace anything they should not: checked before minutes of generation."""
     import os
 
+    if image is not None and not os.path.isfile(image):
+        raise FileNotFoundError(f"--image {_safe(image)}: no such file")
     if os.path.isdir(output):
         raise ValueError(f"--output {_safe(output)} is a folder: name the video file in it "
                          "(e.g. out.mp4)")
@@ -332,12 +341,17 @@ def _check_outputs(output: str, image: str | None, force: bool) -> str:
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
         raise ValueError(f"--output {_safe(output)}: no folder {_safe(folder)}")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--output {_safe(output)}: the folder {_safe(folder)} is not writable")
     sheet = stem + ".png"
+    if os.path.isdir(sheet):
+        raise ValueError(f"the contact sheet {_safe(sheet)} would replace a folder: choose "
+                         "another --output")
     if image is not None and any(os.path.exists(p) and os.path.samefile(image, p)
                                  for p in (output, sheet)):
         raise ValueError(f"--output {_safe(output)} would overwrite the input image "
                          f"{_safe(image)} (with the video or its contact sheet {_safe(sheet)})")
-    existing = [p for p in (output, sheet) if os.path.exists(p)]
+    existing = [p for p in (output, sheet) if os.path.lexists(p)]  # a dangling link too
     if existing and not force:
         raise ValueError(f"{', '.join(_safe(p) for p in existing)} already exist(s): pass "
                          "--force to replace, or another --output")

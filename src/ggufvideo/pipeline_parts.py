@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from torch import nn
 from .errors import GGUFError, _safe
 
 __all__ = ["PipelineError", "Part", "PartSource", "describe_part", "check_parts",
-           "check_experts", "resolve_tokenizer", "check_image_encoder", "default_boundary"]
+           "check_experts", "resolve_tokenizer", "check_image_encoder", "default_boundary",
+           "video_factors", "read_config"]
 
 PartSource = str | os.PathLike[str] | nn.Module
 
@@ -37,8 +39,29 @@ _EXPERT_KEYS = ("patch_size", "num_attention_heads", "attention_head_dim", "in_c
 
 #: What a diffusers/transformers folder's class name must contain, by part.
 _FOLDER_CLASSES = {"transformer": ("WanTransformer3DModel", "WanVACETransformer3DModel"),
-                   "text_encoder": ("UMT5EncoderModel", "T5EncoderModel"),
-                   "vae": ("AutoencoderKLWan",)}
+                   "text_encoder": ("T5",), "vae": ("AutoencoderKLWan",)}
+#: A transformers config with only a ``model_type``: the encoder class it stands for.
+_MODEL_TYPES = {"umt5": "UMT5EncoderModel", "t5": "T5EncoderModel"}
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """A ``config.json``; a malformed one is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"config.json is not JSON ({exc})", path=path) from None
+    if not isinstance(cfg, dict):
+        raise PipelineError("config.json is not a JSON object", path=path)
+    return cfg
+
+
+def _refuse_vace(class_name: str, role: str, path: str) -> None:
+    if "VACE" in class_name:
+        raise PipelineError(f"the {role} is a Wan VACE transformer: it is driven by control "
+                            "videos and masks (diffusers' WanVACEPipeline), which ggufvideo's "
+                            "pipeline does not build; load it with from_gguf into that pipeline",
+                            path=path)
 
 
 class PipelineError(GGUFError):
@@ -85,8 +108,10 @@ def describe_part(role: str, source: PartSource) -> Part:
     """
     kind = "transformer" if role == "transformer_2" else role
     if isinstance(source, nn.Module):
-        cfg = getattr(source, "config", {})
-        return Part(role, None, None, type(source).__name__, dict(cfg))
+        cfg: Any = getattr(source, "config", None)
+        # (diffusers' configs are mappings; transformers' are objects with to_dict)
+        values = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
+        return Part(role, None, None, type(source).__name__, values)
     path = os.fspath(source)
     if os.path.isfile(path):
         from .building import describe_file
@@ -104,6 +129,7 @@ def describe_part(role: str, source: PartSource) -> Part:
         if fam.name not in _FAMILIES[kind]:
             raise PipelineError(f"the {role} must be a {' or '.join(_FAMILIES[kind])} model; the "
                                 f"file holds a {fam.title} ({desc.variant})", path=path)
+        _refuse_vace(desc.class_name, role, path)
         return Part(role, path, fam.name, desc.class_name, desc.config)
     if os.path.isdir(path):
         folder = _folder(path, role)
@@ -112,15 +138,27 @@ def describe_part(role: str, source: PartSource) -> Part:
             raise PipelineError(f"no config.json in the {role} folder (expected a diffusers/"
                                 "transformers model folder or a pipeline folder with a "
                                 f"{_SUBFOLDERS[role]}/ sub-folder)", path=folder)
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-        name = str(cfg.get("_class_name") or (cfg.get("architectures") or ["?"])[0])
+        cfg = read_config(cfg_path)
+        name = str(cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
+                   or _MODEL_TYPES.get(str(cfg.get("model_type")), "?"))
         want = _FOLDER_CLASSES[kind]
         if not any(w in name for w in want):
             raise PipelineError(f"the {role} must be a {' or '.join(want)} folder; its "
                                 f"config.json names {_safe(name, 80)}", path=folder)
+        _refuse_vace(name, role, folder)
         return Part(role, folder, None, name, cfg)
     raise FileNotFoundError(f"{role}: no such file or folder: {_safe(path, 300)}")
+
+
+def _plain_t5(part: Part) -> bool:
+    """The text encoder is known to be a T5 rather than a UMT5. A file's one-block encoder
+    cannot tell (UMT5 differs by a relative-attention bias in every block): given the benefit
+    of the doubt."""
+    cfg = part.config
+    name = part.class_name
+    t5 = name in ("T5EncoderModel", "T5Model", "T5ForConditionalGeneration") or (
+        cfg.get("model_type") == "t5" and "UMT5" not in name)
+    return t5 and not (part.family is not None and cfg.get("num_layers") == 1)
 
 
 def _check_file_kind(path: str, role: str) -> None:
@@ -161,7 +199,7 @@ def check_parts(transformer: Part, text_encoder: Part, vae: Part,
         PipelineError: naming the parts and the values that disagree.
     """
     t = transformer.config
-    if "UMT5" not in text_encoder.class_name and "T5" in text_encoder.class_name:
+    if _plain_t5(text_encoder):
         raise PipelineError(f"Wan's text encoder is UMT5-XXL; {text_encoder.name} is a T5 encoder "
                             "(e.g. Flux's or LTX-Video's t5-v1_1-xxl), whose vocabulary and "
                             "attention differ: use a umt5-xxl encoder file")
@@ -229,6 +267,9 @@ def resolve_tokenizer(text_encoder: Part, tokenizer: Any) -> Any:
         inside = set(os.listdir(folder))
         if "spiece.model" in inside and not inside & {"tokenizer.json", "tokenizer_config.json"}:
             return tokenizer_from_sentencepiece(os.path.join(folder, "spiece.model"))
+        if not inside & {"spiece.model", "tokenizer.json", "tokenizer_config.json"}:
+            raise PipelineError("the tokenizer folder holds no tokenizer (tokenizer.json, "
+                                "tokenizer_config.json or spiece.model)", path=folder)
     if folder is None and text_encoder.source is not None:
         sibling = os.path.join(os.path.dirname(text_encoder.source), "tokenizer")
         folder = sibling if os.path.isdir(sibling) else text_encoder.source
@@ -261,12 +302,24 @@ def check_experts(transformer: Part, transformer_2: Part | None,
     if _same_file(transformer.source, transformer_2.source):
         raise PipelineError(f"{transformer.name} and {transformer_2.name} are the same file: Wan "
                             "2.2 A14B takes its high-noise and its low-noise expert")
-    names = [os.path.basename(p.source or "").lower().replace("-", "_")
-             for p in (transformer, transformer_2)]
-    if "low_noise" in names[0] and "high_noise" in names[1]:
+    # (in the file or its folder's name, as people store them: low_noise, Low-Noise, LowNoise)
+    said = [_NOISE.findall(os.path.normcase(os.path.abspath(p.source or "")).lower()[-200:])
+            for p in (transformer, transformer_2)]
+    if said[0][-1:] == ["low"] and said[1][-1:] == ["high"]:
         warnings.warn(f"{transformer.name} is named low-noise and {transformer_2.name} high-noise: "
                       "transformer (--model) is the high-noise expert, transformer_2 (--model-2) "
                       "the low-noise one; were they swapped?", stacklevel=3)
+
+
+_NOISE = re.compile(r"(?<![a-z])(low|high)[\W_]*noise")
+
+
+def video_factors(transformer: Part, vae: Part) -> tuple[int, int]:
+    """(spatial, temporal): frame sides are multiples of ``spatial`` (the VAE's compression --
+    16 for Wan 2.2's z=48 VAE, else 8 -- times the patch), frame counts ``temporal k + 1``."""
+    z = vae.config.get("z_dim")
+    patch = transformer.config.get("patch_size") or (1, 2, 2)
+    return (16 if z == 48 else 8) * int(patch[1]), 4
 
 
 def default_boundary(mode: str) -> float:
@@ -305,11 +358,20 @@ def check_image_encoder(transformer: Part, mode: str, image_encoder: Any,
             if not os.path.isfile(cfg_path):
                 raise PipelineError("the image encoder folder has no config.json (expected a "
                                     "transformers CLIPVisionModel folder)", path=path)
-            with open(cfg_path, encoding="utf-8") as f:
-                cfg = json.load(f)
+            cfg = read_config(cfg_path)
             width = (cfg.get("vision_config") or cfg).get("hidden_size")
         else:
-            width = describe_file(path).config.get("hidden_size")
+            from .errors import UnknownModelError
+
+            try:
+                desc = describe_file(path)
+            except UnknownModelError as exc:
+                raise PipelineError(f"the image encoder: {exc.reason}", path=path) from None
+            if desc.detection.family.name != "clip-vision":
+                raise PipelineError(f"the image encoder must be a CLIP vision model; the file "
+                                    f"holds a {desc.detection.family.title} ({desc.variant})",
+                                    path=path)
+            width = desc.config.get("hidden_size")
     else:
         width = getattr(getattr(image_encoder, "config", None), "hidden_size", None)
     want = transformer.config["image_dim"]

@@ -250,14 +250,12 @@ def _check_lora_fits(lf: Any, part: Part) -> None:
     when the LoRA is applied."""
     if part.source is None or not os.path.isfile(part.source):
         return
+    from .building import checkpoint_shapes
     from .lora import resolve
     from .lora.pieces import check_fits
-    from .reader import GGUFFile
 
-    with GGUFFile(part.source) as g:
-        shapes = {name: tuple(int(d) for d in info.shape) for name, info in g.tensors.items()}
-        arch = g.metadata.get("general.architecture")
-    res = resolve(lf, shapes, architecture=str(arch) if arch is not None else None)
+    shapes, arch = checkpoint_shapes(part.source)  # a GGUF's or a safetensors' header
+    res = resolve(lf, shapes, architecture=arch)
     res.check_matched(lf.source, part.name)
     check_fits(res, shapes, lf.source)
 

@@ -9,9 +9,11 @@ projections beside the vision tower are left out.
 
 Config from shapes: the patch embedding gives width and patch size, the position table the image
 size (``(image / patch)^2 + 1`` positions), the MLP its width, the layers are counted. The head
-count is in no shape: 12 for a 768-wide tower, 16 for the 1024-, 1280- and 1664-wide ones (every
-released CLIP: B, L, H, bigG); otherwise 64-wide heads. The activation: OpenAI's towers (B/16,
-B/32, L/14: 768 or 1024 wide) use ``quick_gelu``, OpenCLIP's H and bigG ``gelu``.
+count is in no shape: 12 for a 768-wide tower, 16 for the 1024-, 1280- and 1664-wide ones (the
+B, L, H and bigG towers); otherwise 64-wide heads. Neither is the activation: OpenCLIP's H and
+bigG (released by OpenCLIP only) use ``gelu``; a 768- or 1024-wide tower is taken for OpenAI's
+B or L/14 (``quick_gelu``), the ones image pipelines use -- an OpenCLIP-trained B or L needs
+``config={"hidden_act": "gelu"}``.
 """
 
 from __future__ import annotations
@@ -77,5 +79,7 @@ FAMILY: Family[Any] = Family(
     class_name=class_name,
     variant=variant,
     library="transformers",
-    unused=("visual_projection.*", "text_model.*", "text_projection.*", "logit_scale"),
+    # (a whole CLIP's other parts; position_ids: a buffer older transformers saved)
+    unused=("visual_projection.*", "text_model.*", "text_projection.*", "logit_scale",
+            "vision_model.embeddings.position_ids"),
 )
