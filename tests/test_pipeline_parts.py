@@ -46,6 +46,19 @@ def _variant(parts, tmp_path, name, **changes):
     return path
 
 
+def _vae22(tmp_path):
+    """A tiny Wan 2.2 VAE file (z=48, 16x spatial compression: TI2V-5B's)."""
+    from diffusers import AutoencoderKLWan
+
+    vae22 = AutoencoderKLWan(base_dim=32, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                             temperal_downsample=[False, True, True], is_residual=True,
+                             in_channels=12, out_channels=12, patch_size=2,
+                             scale_factor_spatial=16, decoder_base_dim=32)
+    path = str(tmp_path / "vae22.gguf")
+    save_state_dict(vae22.state_dict(), path)
+    return path
+
+
 def _base(files, **kw):
     return {"transformer": files["transformer"], "text_encoder": files["text_encoder"],
             "vae": files["vae"], **kw}
@@ -175,19 +188,12 @@ def test_a_single_file_clip_vision_encoder(parts, files, tmp_path):
 
 
 def test_ti2v_with_an_image_is_an_image_to_video_pipeline(files, tmp_path):
-    from diffusers import AutoencoderKLWan
-
     from ggufvideo.demo_generate import build_demo_parts as build
 
     p = build()
     ti2v = _variant({"transformer": p["transformer"]}, tmp_path, "ti2v.gguf", in_channels=48,
                     out_channels=48)
-    vae22 = AutoencoderKLWan(base_dim=32, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                             temperal_downsample=[False, True, True], is_residual=True,
-                             in_channels=12, out_channels=12, patch_size=2,
-                             scale_factor_spatial=16, decoder_base_dim=32)
-    vae_path = str(tmp_path / "vae22.gguf")
-    save_state_dict(vae22.state_dict(), vae_path)
+    vae_path = _vae22(tmp_path)
     pipe = pipeline(transformer=ti2v, text_encoder=files["text_encoder"], vae=vae_path,
                     image_to_video=True)
     assert type(pipe) is WanImageToVideoPipeline and pipe.config.expand_timesteps
@@ -344,14 +350,7 @@ def test_a_lora_on_a_safetensors_transformer(parts, files, tmp_path):
 
 def test_generate_checks_ti2v_sizes_and_more_outputs_before_loading(files, tmp_path, capsys,
                                                                     no_loading):
-    from diffusers import AutoencoderKLWan
-
-    vae22 = AutoencoderKLWan(base_dim=32, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                             temperal_downsample=[False, True, True], is_residual=True,
-                             in_channels=12, out_channels=12, patch_size=2,
-                             scale_factor_spatial=16, decoder_base_dim=32)
-    vae = str(tmp_path / "vae22.gguf")
-    save_state_dict(vae22.state_dict(), vae)
+    vae = _vae22(tmp_path)
     rc = main(["generate", "--model", files["transformer"], "--text-encoder",
                files["text_encoder"], "--vae", vae, "--prompt", "p", "--frames", "5",
                "--height", "48", "--width", "64", "-o", str(tmp_path / "o.mp4")])
