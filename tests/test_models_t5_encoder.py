@@ -183,3 +183,47 @@ def test_hf_names_with_the_embedding_only_as_embed_tokens(tmp_path, prefix):
     built = ggufvideo.from_gguf(path).eval()
     assert type(built) is UMT5EncoderModel
     assert torch.equal(encode(built), encode(model))
+
+
+def _wan_names(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The encoder in the names of Wan's own T5 module (the release's .pth), written out here
+    from Wan's module layout: norm1/attn/norm2, a gated FFN (gate.0, fc1, fc2), per-block
+    relative-position tables, token_embedding and norm."""
+    sd = model.state_dict()
+    out = {"token_embedding.weight": sd["shared.weight"],
+           "norm.weight": sd["encoder.final_layer_norm.weight"]}
+    for i in range(model.config.num_layers):
+        a, f = f"encoder.block.{i}.layer.0", f"encoder.block.{i}.layer.1"
+        out[f"blocks.{i}.norm1.weight"] = sd[f"{a}.layer_norm.weight"]
+        for n in "qkvo":
+            out[f"blocks.{i}.attn.{n}.weight"] = sd[f"{a}.SelfAttention.{n}.weight"]
+        out[f"blocks.{i}.pos_embedding.embedding.weight"] = \
+            sd[f"{a}.SelfAttention.relative_attention_bias.weight"]
+        out[f"blocks.{i}.norm2.weight"] = sd[f"{f}.layer_norm.weight"]
+        out[f"blocks.{i}.ffn.gate.0.weight"] = sd[f"{f}.DenseReluDense.wi_0.weight"]
+        out[f"blocks.{i}.ffn.fc1.weight"] = sd[f"{f}.DenseReluDense.wi_1.weight"]
+        out[f"blocks.{i}.ffn.fc2.weight"] = sd[f"{f}.DenseReluDense.wo.weight"]
+    return {k: v.clone().contiguous() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".gguf"])
+def test_wans_own_encoder_names_build_the_encoder(tmp_path, suffix):
+    model = build_encoder(True)
+    path = tmp_path / f"models_t5_umt5-xxl-enc{suffix}"
+    sd = _wan_names(model)
+    if suffix == ".pth":
+        torch.save(sd, path)
+    elif suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, path)
+    else:
+        save_state_dict(sd, path)  # float32 as given
+    built = ggufvideo.from_gguf(path).eval()
+    assert type(built) is UMT5EncoderModel
+    assert torch.equal(encode(built), encode(model))
+    with empty_weights():
+        target = UMT5EncoderModel(model.config)
+    if suffix == ".gguf":  # load_model maps the layout onto transformers' names too
+        load_model(target, path).eval()
+        assert torch.equal(encode(target), encode(model))

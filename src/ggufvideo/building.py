@@ -64,6 +64,11 @@ def _metadata_config(ckpt: _Checkpoint, desc: Description) -> dict[str, Any]:
     return out
 
 
+#: Single-file checkpoints besides GGUF: safetensors, and the releases' own torch pickles
+#: (Wan's ``Wan2.1_VAE.pth``, ``models_t5_umt5-xxl-enc-bf16.pth``; read with weights_only).
+SINGLE_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
 @dataclass
 class _Checkpoint:
     """A model file opened by its header: a GGUF file, or a single-file safetensors checkpoint
@@ -104,10 +109,10 @@ def _open(path: str | os.PathLike[str] | GGUFFile) -> _Checkpoint:
     from .sources.layout import source_config
 
     p = os.fspath(path)
-    if os.path.isdir(p) or not p.lower().endswith(".safetensors"):
-        raise ModelLoadError("expected a .gguf file or a single .safetensors checkpoint (for a "
-                             "diffusers/transformers folder use the library's from_pretrained)",
-                             path=p)
+    if os.path.isdir(p) or not p.lower().endswith(SINGLE_FILE_SUFFIXES):
+        raise ModelLoadError("expected a .gguf file or a single .safetensors (or .pt/.pth) "
+                             "checkpoint (for a diffusers/transformers folder use the library's "
+                             "from_pretrained)", path=p)
     src = open_source(p)
     stored = {k: v for k, v in (source_config(p) or {}).items() if not k.startswith("_")}
     return _Checkpoint(p, {t.name: tuple(t.shape) for t in src.tensors}, None, {}, stored,

@@ -171,9 +171,11 @@ def _check_file_kind(path: str, role: str) -> None:
         raise PipelineError(f"the {role} is named .gguf but is not a GGUF file (it does not "
                             f"start with the GGUF magic: {len(head)}-byte start {head!r})",
                             path=path)
-    if not path.lower().endswith(".safetensors"):
-        raise PipelineError(f"the {role} must be a .gguf file, a single .safetensors checkpoint "
-                            "or a diffusers folder", path=path)
+    from .building import SINGLE_FILE_SUFFIXES
+
+    if not path.lower().endswith(SINGLE_FILE_SUFFIXES):
+        raise PipelineError(f"the {role} must be a .gguf file, a single .safetensors (or "
+                            ".pt/.pth) checkpoint or a diffusers folder", path=path)
 
 
 def _looks_like_lora(path: str) -> bool:

@@ -4,8 +4,10 @@ Layouts: transformers' (``UMT5EncoderModel`` / ``T5EncoderModel``: ``shared``,
 ``encoder.block.N.layer.0.SelfAttention.q``...; the canonical layout) and llama.cpp's, which the
 published text-encoder GGUFs use (``token_embd``, ``enc.blk.N.attn_q``, ``enc.blk.N.attn_rel_b``,
 ``enc.blk.N.ffn_gate/up/down``, ``enc.output_norm``; architecture ``t5encoder``, or ``t5`` for a
-whole encoder-decoder file whose ``dec.*`` tensors an encoder does not use). The llama.cpp names
-come from gguf-py's tables (:mod:`ggufvideo.models.gguf_names`).
+whole encoder-decoder file whose ``dec.*`` tensors an encoder does not use), and Wan's own
+(``token_embedding``, ``blocks.N.attn.q``, ``blocks.N.ffn.gate.0``: the release's
+``models_t5_umt5-xxl-enc-bf16.pth``). The llama.cpp names come from gguf-py's tables
+(:mod:`ggufvideo.models.gguf_names`).
 
 T5 vs UMT5: UMT5 has a relative-attention bias in every block, T5 only in the first. A gated FFN
 (``ffn_gate`` present: T5 v1.1, FLAN-T5, UMT5) is ``gated-gelu``; without it, the original T5's
@@ -22,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .base import Family, Shapes
+from .base import Family, Rule, Shapes, rename
 from .gguf_names import llama_cpp_rules
 
 _ATTN = "encoder.block.{i}.layer.0"
@@ -46,6 +48,24 @@ HF_TEMPLATES: tuple[str | tuple[str, Any], ...] = (
 )
 
 RULES = llama_cpp_rules("t5encoder", HF_TEMPLATES)
+
+# Wan's release ships its UMT5-XXL encoder in the names of its own T5 module
+# (``models_t5_umt5-xxl-enc-bf16.pth``): a block is ``norm1``, ``attn.{q,k,v,o}``, ``norm2`` and a
+# gated FFN whose ``gate.0`` carries the activation (transformers' ``wi_0``), ``fc1`` the linear
+# branch (``wi_1``) and ``fc2`` the output (``wo``); each block has its own relative-position
+# table (``pos_embedding.embedding``: UMT5).
+WAN_RULES: tuple[Rule, ...] = (
+    rename("token_embedding.*", "shared.*"),
+    rename("blocks.{i}.norm1.*", f"{_ATTN}.layer_norm.*"),
+    *(rename(f"blocks.{{i}}.attn.{n}.*", f"{_ATTN}.SelfAttention.{n}.*") for n in "qkvo"),
+    rename("blocks.{i}.pos_embedding.embedding.*",
+           f"{_ATTN}.SelfAttention.relative_attention_bias.*"),
+    rename("blocks.{i}.norm2.*", f"{_FFN}.layer_norm.*"),
+    rename("blocks.{i}.ffn.gate.0.*", f"{_FFN}.DenseReluDense.wi_0.*"),
+    rename("blocks.{i}.ffn.fc1.*", f"{_FFN}.DenseReluDense.wi_1.*"),
+    rename("blocks.{i}.ffn.fc2.*", f"{_FFN}.DenseReluDense.wo.*"),
+    rename("norm.*", "encoder.final_layer_norm.*"),
+)
 
 #: Every released T5/UMT5's relative-attention maximum distance (in no file).
 MAX_DISTANCE = 128
@@ -107,8 +127,10 @@ FAMILY: Family[Any] = Family(
         "diffusers": (("encoder.block.0.layer.0.SelfAttention.q.weight",
                        "encoder.final_layer_norm.weight"),),
         "llama.cpp": (("enc.blk.0.attn_q.weight", "enc.output_norm.weight"),),
+        "wan": (("token_embedding.weight", "blocks.0.attn.q.weight",
+                 "blocks.0.ffn.gate.0.weight"),),
     },
-    rules={"llama.cpp": RULES},
+    rules={"llama.cpp": RULES, "wan": WAN_RULES},
     infer_config=infer_config,
     class_name=class_name,
     variant=variant,
