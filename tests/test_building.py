@@ -216,8 +216,12 @@ def test_a_single_file_safetensors_checkpoint_builds_too(tmp_path):
 
 
 def test_other_kinds_of_file_are_refused_by_name(tmp_path):
-    path = tmp_path / "model.pt"
-    torch.save({"w": torch.zeros(2)}, path)
-    with pytest.raises(ModelLoadError, match=r"model.pt.*expected a .gguf file or a single "
-                                             r".safetensors checkpoint"):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"\x08\x07")
+    with pytest.raises(ModelLoadError, match=r"model.onnx.*expected a .gguf file, a single "
+                                             r".safetensors \(or .pt/.pth\) checkpoint"):
         from_gguf(path)
+    pt = tmp_path / "model.pt"  # a torch pickle is read (weights_only), then judged by its names
+    torch.save({"w": torch.zeros(2)}, pt)
+    with pytest.raises(ModelLoadError, match=r"model.pt.*no known model family"):
+        from_gguf(pt)

@@ -145,8 +145,8 @@ def test_a_lora_a_non_gguf_and_a_folder_of_the_wrong_kind(parts, files, tmp_path
     with pytest.raises(PipelineError, match="named .gguf but is not a GGUF file"):
         pipeline(**_base(files, transformer=str(fake)))
     parts["vae"].save_pretrained(tmp_path / "vae_folder")
-    with pytest.raises(PipelineError, match="transformer must be a WanTransformer3DModel.*"
-                                            "AutoencoderKLWan"):
+    with pytest.raises(PipelineError, match="transformer must be a wan model; the folder holds "
+                                            "a Wan 2.1/2.2 VAE"):
         pipeline(**_base(files, transformer=str(tmp_path / "vae_folder")))
 
 
@@ -365,3 +365,32 @@ def test_generate_checks_ti2v_sizes_and_more_outputs_before_loading(files, tmp_p
     assert "would replace a folder" in capsys.readouterr().err
     assert _cli(files, tmp_path / "x.mp4", "--image", str(tmp_path / "no.png")) == 1
     assert "--image" in capsys.readouterr().err
+
+
+def test_a_release_folder_of_shards_in_the_releases_names(parts, files, tmp_path):
+    """Wan-AI's own folder: a config.json of its "WanModel" (not diffusers' config: qk_norm
+    true, dim...) beside safetensors shards in the release's names. Read as one checkpoint; the
+    config comes from the shapes, not from that config.json."""
+    import json
+
+    from ggufvideo.models import CANONICAL, get_family
+    from ggufvideo.models.tensors import TensorOps
+
+    sd = get_family("wan").convert(parts["transformer"].state_dict(), CANONICAL, "original",
+                                   TensorOps())
+    folder = tmp_path / "Wan2.1-T2V-1.3B"
+    folder.mkdir()
+    keys = sorted(sd)
+    halves = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in halves.items():
+        save_file({k: sd[k].contiguous() for k in part}, folder / name)
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: n for n, part in halves.items() for k in part}}))
+    (folder / "config.json").write_text(json.dumps(
+        {"_class_name": "WanModel", "dim": 256, "qk_norm": True, "num_heads": 2,
+         "model_type": "t2v", "in_dim": 16, "out_dim": 16, "num_layers": 2}))
+    pipe = pipeline(**_base(files, transformer=str(folder)))
+    got = pipe.transformer.blocks[0].attn1.to_q.weight
+    assert torch.equal(got.detach().float(), parts["transformer"].blocks[0].attn1.to_q.weight
+                       .detach().float())

@@ -47,7 +47,7 @@ def _stored_config(file: GGUFFile) -> dict[str, Any]:
                              path=file.path) from None
     if not isinstance(value, dict):
         raise ModelLoadError(f"metadata {CONFIG_KEY!r} must be a JSON object", path=file.path)
-    return {k: v for k, v in value.items() if not k.startswith("_")}
+    return value
 
 
 def _metadata_config(ckpt: _Checkpoint, desc: Description) -> dict[str, Any]:
@@ -78,7 +78,8 @@ class _Checkpoint:
     shapes: dict[str, tuple[int, ...]]
     architecture: str | None
     metadata: Mapping[str, Any]
-    config: dict[str, Any]  # stored config: ggufvideo.config metadata, or a config.json beside
+    # stored config (with its _class_name): ggufvideo.config metadata, or a config.json beside
+    config: dict[str, Any]
     # (which names to read, a dtype for floating tensors or None) -> the tensors
     tensors: Callable[[Callable[[str], bool], torch.dtype | None], dict[str, torch.Tensor]]
     gguf: GGUFFile | None = None
@@ -98,7 +99,7 @@ def _read_source(src: Any, keep: Callable[[str], bool], dtype: torch.dtype | Non
 
 
 def _open(path: str | os.PathLike[str] | GGUFFile) -> _Checkpoint:
-    if isinstance(path, GGUFFile) or is_gguf(path):
+    if isinstance(path, GGUFFile) or (not os.path.isdir(path) and is_gguf(path)):
         file = path if isinstance(path, GGUFFile) else GGUFFile(path)
         shapes = {name: tuple(logical_shape(file, info)) for name, info in file.tensors.items()}
         return _Checkpoint(file.path, shapes, file_architecture(file), file.metadata,
@@ -109,12 +110,11 @@ def _open(path: str | os.PathLike[str] | GGUFFile) -> _Checkpoint:
     from .sources.layout import source_config
 
     p = os.fspath(path)
-    if os.path.isdir(p) or not p.lower().endswith(SINGLE_FILE_SUFFIXES):
-        raise ModelLoadError("expected a .gguf file or a single .safetensors (or .pt/.pth) "
-                             "checkpoint (for a diffusers/transformers folder use the library's "
-                             "from_pretrained)", path=p)
+    if not (os.path.isdir(p) or p.lower().endswith(SINGLE_FILE_SUFFIXES)):
+        raise ModelLoadError("expected a .gguf file, a single .safetensors (or .pt/.pth) "
+                             "checkpoint or a folder of safetensors shards", path=p)
     src = open_source(p)
-    stored = {k: v for k, v in (source_config(p) or {}).items() if not k.startswith("_")}
+    stored = source_config(p) or {}
     return _Checkpoint(p, {t.name: tuple(t.shape) for t in src.tensors}, None, {}, stored,
                        lambda keep, dtype: _read_source(src, keep, dtype))
 
@@ -129,7 +129,11 @@ def checkpoint_shapes(path: str | os.PathLike[str]) -> tuple[dict[str, tuple[int
 
 def _describe(ckpt: _Checkpoint) -> Description:
     desc = describe(ckpt.shapes, ckpt.architecture, source=ckpt.path)
-    stored = {**_metadata_config(ckpt, desc), **ckpt.config}
+    # A stored config counts only for the class it was written for: the config.json of a
+    # release's own folder (Wan-AI's "WanModel": qk_norm true, dim, ...) is not diffusers'.
+    own = ckpt.config.get("_class_name") in (None, desc.class_name)
+    stored = {**_metadata_config(ckpt, desc),
+              **({k: v for k, v in ckpt.config.items() if not k.startswith("_")} if own else {})}
     if stored:
         desc = Description(desc.detection, {**desc.config, **stored}, desc.class_name,
                            desc.variant)

@@ -44,6 +44,27 @@ _FOLDER_CLASSES = {"transformer": ("WanTransformer3DModel", "WanVACETransformer3
 _MODEL_TYPES = {"umt5": "UMT5EncoderModel", "t5": "T5EncoderModel"}
 
 
+def _describe_checkpoint(path: str, role: str, kind: str) -> Part:
+    """A part read as a checkpoint (a file, or a folder of safetensors shards) by its header."""
+    from .building import describe_file
+    from .errors import UnknownModelError
+
+    try:
+        desc = describe_file(path)
+    except UnknownModelError as exc:
+        if os.path.isfile(path) and _looks_like_lora(path):
+            raise PipelineError(f"the {role} is a LoRA file, not a model (pass it with "
+                                "loras= / --lora)", path=path) from None
+        raise PipelineError(f"the {role}: {exc.reason}", path=path) from None
+    fam = desc.detection.family
+    if fam.name not in _FAMILIES[kind]:
+        what = "folder" if os.path.isdir(path) else "file"
+        raise PipelineError(f"the {role} must be a {' or '.join(_FAMILIES[kind])} model; the "
+                            f"{what} holds a {fam.title} ({desc.variant})", path=path)
+    _refuse_vace(desc.class_name, role, path)
+    return Part(role, path, fam.name, desc.class_name, desc.config)
+
+
 def read_config(path: str) -> dict[str, Any]:
     """A ``config.json``; a malformed one is an error naming it."""
     try:
@@ -114,23 +135,8 @@ def describe_part(role: str, source: PartSource) -> Part:
         return Part(role, None, None, type(source).__name__, values)
     path = os.fspath(source)
     if os.path.isfile(path):
-        from .building import describe_file
-        from .errors import UnknownModelError
-
         _check_file_kind(path, role)
-        try:
-            desc = describe_file(path)
-        except UnknownModelError as exc:
-            if _looks_like_lora(path):
-                raise PipelineError(f"the {role} is a LoRA file, not a model (pass it with "
-                                    "loras= / --lora)", path=path) from None
-            raise PipelineError(f"the {role}: {exc.reason}", path=path) from None
-        fam = desc.detection.family
-        if fam.name not in _FAMILIES[kind]:
-            raise PipelineError(f"the {role} must be a {' or '.join(_FAMILIES[kind])} model; the "
-                                f"file holds a {fam.title} ({desc.variant})", path=path)
-        _refuse_vace(desc.class_name, role, path)
-        return Part(role, path, fam.name, desc.class_name, desc.config)
+        return _describe_checkpoint(path, role, kind)
     if os.path.isdir(path):
         folder = _folder(path, role)
         cfg_path = os.path.join(folder, "config.json")
@@ -142,6 +148,11 @@ def describe_part(role: str, source: PartSource) -> Part:
         name = str(cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
                    or _MODEL_TYPES.get(str(cfg.get("model_type")), "?"))
         want = _FOLDER_CLASSES[kind]
+        if not any(w in name for w in want) and any(
+                f.endswith(".safetensors") for f in os.listdir(folder)):
+            # a release's own folder (Wan-AI's: class "WanModel", its shards in the release's
+            # names): read as one checkpoint of shards, like a single file
+            return _describe_checkpoint(folder, role, kind)
         if not any(w in name for w in want):
             raise PipelineError(f"the {role} must be a {' or '.join(want)} folder; its "
                                 f"config.json names {_safe(name, 80)}", path=folder)
