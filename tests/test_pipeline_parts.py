@@ -145,8 +145,8 @@ def test_a_lora_a_non_gguf_and_a_folder_of_the_wrong_kind(parts, files, tmp_path
     with pytest.raises(PipelineError, match="named .gguf but is not a GGUF file"):
         pipeline(**_base(files, transformer=str(fake)))
     parts["vae"].save_pretrained(tmp_path / "vae_folder")
-    with pytest.raises(PipelineError, match="transformer must be a wan model; the folder holds "
-                                            "a Wan 2.1/2.2 VAE"):
+    with pytest.raises(PipelineError, match="transformer must be a WanTransformer3DModel.*"
+                                            "AutoencoderKLWan"):
         pipeline(**_base(files, transformer=str(tmp_path / "vae_folder")))
 
 
@@ -208,7 +208,7 @@ def test_tokenizers_given_as_a_gguf_or_a_sentencepiece_model(parts, files, tmp_p
     te = tmp_path / "umt5.safetensors"  # ComfyUI's kind of encoder file: no vocabulary in it
     save_file({k: v.contiguous() for k, v in parts["text_encoder"].state_dict().items()
                if k != "encoder.embed_tokens.weight"}, te)
-    with pytest.raises(PipelineError, match="has no tokenizer.*spiece.model"):
+    with pytest.raises(PipelineError, match="carries no tokenizer.*spiece.model"):
         pipeline(**_base(files, text_encoder=str(te)))
     via_gguf = pipeline(**_base(files, text_encoder=str(te), tokenizer=files["text_encoder"]))
     model = tmp_path / "spiece.model"
@@ -394,3 +394,31 @@ def test_a_release_folder_of_shards_in_the_releases_names(parts, files, tmp_path
     got = pipe.transformer.blocks[0].attn1.to_q.weight
     assert torch.equal(got.detach().float(), parts["transformer"].blocks[0].attn1.to_q.weight
                        .detach().float())
+
+
+def test_release_layout_tokenizer_and_foreign_folders(parts, files, tmp_path, no_loading):
+    """Wan-AI's release keeps the UMT5 tokenizer in google/umt5-xxl/ beside the encoder's .pth:
+    found there. A folder of another diffusers class is refused by its class, not read as
+    shards of a Wan model."""
+    import json
+
+    from ggufvideo.pipeline_parts import describe_part, resolve_tokenizer
+
+    release = tmp_path / "Wan2.1-T2V-1.3B"
+    (release / "google" / "umt5-xxl").mkdir(parents=True)
+    te = release / "models_t5_umt5-xxl-enc-bf16.pth"
+    torch.save({k: v.clone() for k, v in parts["text_encoder"].state_dict().items()
+                if k != "encoder.embed_tokens.weight"}, te)
+    part = describe_part("text_encoder", str(te))
+    with pytest.raises(PipelineError, match="the tokenizer folder holds no tokenizer"):
+        resolve_tokenizer(part, None)  # google/umt5-xxl/ was looked in (empty here)
+    (release / "google" / "umt5-xxl" / "spiece.model").write_bytes(b"")
+    with pytest.raises(Exception, match="not a sentencepiece"):
+        resolve_tokenizer(part, None)
+    foreign = tmp_path / "qwen_vae"
+    foreign.mkdir()
+    (foreign / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLQwenImage"}))
+    save_file({"x": torch.zeros(1)}, foreign / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(PipelineError, match="vae must be a AutoencoderKLWan folder; its "
+                                            "config.json names AutoencoderKLQwenImage"):
+        pipeline(**_base(files, vae=str(foreign)))

@@ -192,10 +192,11 @@ def from_gguf(path: str | os.PathLike[str], *, lazy: bool = True, dtype: DTypeLi
     Args:
         path: the .gguf file -- a Wan, HunyuanVideo, LTX-Video, CogVideoX or Mochi transformer,
             a Wan, HunyuanVideo or LTX-Video VAE (original or diffusers tensor names), a T5/UMT5
-            or Llama text encoder (llama.cpp's or transformers' names) -- or a single-file
-            ``.safetensors`` checkpoint of one (weights as stored, not quantized; a
-            ``config.json`` beside it counts as the stored config), such as the VAE files
-            ComfyUI setups hold.
+            (llama.cpp's, transformers' or Wan's names), Llama text encoder or CLIP vision
+            encoder -- or a single ``.safetensors``/``.pt``/``.pth`` checkpoint of one, or a
+            folder of safetensors shards (weights as stored, not quantized; fp8-scaled weights
+            multiplied back; a ``config.json`` of the built class beside it counts as the stored
+            config), such as the files ComfyUI setups hold and the releases' own.
         lazy: keep quantized weights quantized (see :func:`ggufvideo.load_model`).
         dtype: compute dtype / dtype of floating tensors (``"bfloat16"``, ``"auto"``, ...).
         device: where the weights go (``None``: CPU).

@@ -44,6 +44,20 @@ _FOLDER_CLASSES = {"transformer": ("WanTransformer3DModel", "WanVACETransformer3
 _MODEL_TYPES = {"umt5": "UMT5EncoderModel", "t5": "T5EncoderModel"}
 
 
+def _library_class(name: str) -> bool:
+    """``name`` is a class of diffusers or transformers (a folder of another model, refused as
+    such, rather than a release's own folder read by its tensor names)."""
+    import importlib
+
+    for library in ("diffusers", "transformers"):
+        try:
+            if hasattr(importlib.import_module(library), name):
+                return True
+        except ImportError:
+            continue
+    return False
+
+
 def _describe_checkpoint(path: str, role: str, kind: str) -> Part:
     """A part read as a checkpoint (a file, or a folder of safetensors shards) by its header."""
     from .building import describe_file
@@ -52,7 +66,8 @@ def _describe_checkpoint(path: str, role: str, kind: str) -> Part:
     try:
         desc = describe_file(path)
     except UnknownModelError as exc:
-        if os.path.isfile(path) and _looks_like_lora(path):
+        if path.lower().endswith(".safetensors") and os.path.isfile(path) and \
+                _looks_like_lora(path):  # (LoRAs are safetensors; a .pth would be read whole)
             raise PipelineError(f"the {role} is a LoRA file, not a model (pass it with "
                                 "loras= / --lora)", path=path) from None
         raise PipelineError(f"the {role}: {exc.reason}", path=path) from None
@@ -148,10 +163,10 @@ def describe_part(role: str, source: PartSource) -> Part:
         name = str(cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
                    or _MODEL_TYPES.get(str(cfg.get("model_type")), "?"))
         want = _FOLDER_CLASSES[kind]
-        if not any(w in name for w in want) and any(
-                f.endswith(".safetensors") for f in os.listdir(folder)):
-            # a release's own folder (Wan-AI's: class "WanModel", its shards in the release's
-            # names): read as one checkpoint of shards, like a single file
+        if not any(w in name for w in want) and not _library_class(name) and any(
+                f.lower().endswith(".safetensors") for f in os.listdir(folder)):
+            # a release's own folder (Wan-AI's: class "WanModel", no diffusers class, its shards
+            # in the release's names): read as one checkpoint of shards, like a single file
             return _describe_checkpoint(folder, role, kind)
         if not any(w in name for w in want):
             raise PipelineError(f"the {role} must be a {' or '.join(want)} folder; its "
@@ -262,13 +277,16 @@ def resolve_tokenizer(text_encoder: Part, tokenizer: Any) -> Any:
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
     if tokenizer is None and text_encoder.source is not None and text_encoder.family is not None:
-        if not has_tokenizer(text_encoder.source):
-            raise PipelineError("the text-encoder file has no tokenizer (a GGUF file carries one "
-                                "in tokenizer.ggml.* metadata; a safetensors checkpoint never "
-                                "does); pass tokenizer= (--tokenizer) a tokenizer folder, a "
-                                "umt5-xxl GGUF encoder or its spiece.model",
+        if has_tokenizer(text_encoder.source):
+            return tokenizer_from_gguf(text_encoder.source)
+        found = _bundled_tokenizer(text_encoder.source)
+        if found is None:
+            raise PipelineError("the text encoder carries no tokenizer (a GGUF file has one in "
+                                "tokenizer.ggml.* metadata; a .safetensors or .pth checkpoint "
+                                "never does); pass tokenizer= (--tokenizer) a tokenizer folder, "
+                                "a umt5-xxl GGUF encoder or its spiece.model",
                                 path=text_encoder.source)
-        return tokenizer_from_gguf(text_encoder.source)
+        tokenizer = found
     folder = os.fspath(tokenizer) if tokenizer is not None else None
     if folder is not None:
         if not os.path.exists(folder):
@@ -291,6 +309,17 @@ def resolve_tokenizer(text_encoder: Part, tokenizer: Any) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _bundled_tokenizer(source: str) -> str | None:
+    """A tokenizer folder shipped beside a checkpoint: ``tokenizer/``, or Wan-AI's release
+    layout (``google/umt5-xxl/`` beside ``models_t5_umt5-xxl-enc-bf16.pth``)."""
+    base = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
+    for sub in ("tokenizer", os.path.join("google", "umt5-xxl")):
+        folder = os.path.join(base, sub)
+        if os.path.isdir(folder):
+            return folder
+    return None
 
 
 def _same_file(a: str | None, b: str | None) -> bool:

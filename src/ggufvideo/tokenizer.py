@@ -34,7 +34,10 @@ def has_tokenizer(path: str | os.PathLike[str]) -> bool:
     safetensors checkpoint never does."""
     from .reader import GGUFFile, is_gguf
 
-    return is_gguf(path) and TOKENS_KEY in GGUFFile(path).metadata
+    if not os.path.isfile(path) or not is_gguf(path):
+        return False
+    with GGUFFile(path) as f:
+        return TOKENS_KEY in f.metadata
 
 
 def tokenizer_from_gguf(path: str | os.PathLike[str], **kwargs: Any) -> Any:
