@@ -47,6 +47,10 @@ def test_inspect_describes_a_lora_and_names_a_file_that_is_neither(tmp_path, cap
     assert main(["inspect", lora, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kinds"] == {"LoRA pair": 1}
     model = _write(tmp_path / "model.safetensors", {"blocks.0.weight": torch.ones(2, 2)})
-    assert main(["inspect", model]) == 1
-    err = capsys.readouterr().err
-    assert "not a GGUF file, and not a LoRA" in err and "blocks.0.weight" in err
+    assert main(["inspect", model]) == 0  # not a LoRA: described as a checkpoint
+    out = capsys.readouterr().out
+    assert "safetensors checkpoint, 1 tensors" in out and "model: not recognised" in out
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    assert main(["inspect", str(notes)]) == 1
+    assert "not a GGUF file, a LoRA or a checkpoint" in capsys.readouterr().err

@@ -265,3 +265,21 @@ def test_from_gguf_reads_a_comfyui_fp8_scaled_text_encoder(tmp_path):
     q = half.encoder.block[0].layer[0].SelfAttention.q.weight
     assert q.dtype == torch.bfloat16
     assert torch.equal(q, true["encoder.block.0.layer.0.SelfAttention.q.weight"].bfloat16())
+
+
+def test_inspect_describes_a_scaled_checkpoint(tmp_path, capsys):
+    import json as _json
+
+    from ggufvideo.cli import main
+
+    q = (torch.randn(8, 8) * 10).to(E4M3)
+    path = tmp_path / "umt5_fp8_scaled.safetensors"
+    save_file({"scaled_fp8": torch.zeros(2, dtype=E4M3), "a.weight": q,
+               "a.scale_weight": torch.tensor([0.5])}, path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 scaled weight(s) multiplied" in out and "a.weight  float32  8x8" in out
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = _json.loads(capsys.readouterr().out)
+    assert info["kind"] == "safetensors" and info["totals"] == {"float32": {"count": 1,
+                                                                            "bytes": 68}}

@@ -230,13 +230,33 @@ def _inspect_lora(args: argparse.Namespace) -> int:
     try:
         info = describe_lora(args.file)
     except LoraError as exc:
-        raise LoraError(f"not a GGUF file, and not a LoRA this package reads: {exc.reason}",
-                        path=args.file, tensor=exc.tensor) from None
+        if not exc.reason.startswith(("not a LoRA", "cannot read")):
+            raise  # a LoRA, but a broken one: say so
+        return _inspect_checkpoint(args, exc)
     if args.json:
         json.dump(info, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         print(format_lora(info))
+    return 0
+
+
+def _inspect_checkpoint(args: argparse.Namespace, lora_error: GGUFError) -> int:
+    """A file that is neither GGUF nor a LoRA: a model checkpoint, described by its header."""
+    from .inspection import format_checkpoint, inspect_checkpoint
+
+    try:
+        info = inspect_checkpoint(args.file)
+    except GGUFError as exc:
+        raise GGUFError(f"not a GGUF file, a LoRA or a checkpoint this package reads: "
+                        f"{exc.reason}", path=args.file) from None
+    if args.no_tensors and args.json:
+        info = {**info, "tensors": []}
+    if args.json:
+        json.dump(info, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(format_checkpoint(info, tensors=not args.no_tensors))
     return 0
 
 

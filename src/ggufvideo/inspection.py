@@ -95,7 +95,56 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "totals": totals}
 
 
-def _model_summary(g: GGUFFile) -> dict[str, Any]:
+def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Describe a checkpoint that is not GGUF -- a ``.safetensors`` file, a folder of shards, a
+    ``.pt``/``.pth`` -- by its header: tensors (name, dtype, shape, bytes) as the converter reads
+    them (fp8-scaled weights already multiplied back), totals per dtype, the converter's notes,
+    the source's text metadata, and the detected model as for a GGUF file (``model``).
+
+    Raises:
+        FileNotFoundError, GGUFError: as :func:`ggufvideo.convert.open_source`.
+    """
+    from .sources import open_source
+
+    src = open_source(path)
+    tensors: list[dict[str, Any]] = [
+        {"name": t.name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+         "bytes": t.nbytes} for t in src.tensors]
+    totals: dict[str, dict[str, int]] = {}
+    for t in tensors:
+        entry = totals.setdefault(str(t["dtype"]), {"count": 0, "bytes": 0})
+        entry["count"] += 1
+        entry["bytes"] += int(t["bytes"])
+    p = os.fspath(path)
+    size = sum(os.path.getsize(f) for f in src.files if os.path.isfile(f)) or (
+        os.path.getsize(p) if os.path.isfile(p) else 0)
+    return {"path": p, "kind": src.kind, "file_size": size, "n_tensors": len(tensors),
+            "model": _model_summary(p), "notes": list(src.notes),
+            "metadata": {k: summarize_value(v) for k, v in src.metadata.items()},
+            "tensors": tensors, "totals": totals}
+
+
+def format_checkpoint(info: Mapping[str, Any], *, tensors: bool = True) -> str:
+    """The human-readable form of :func:`inspect_checkpoint`'s result."""
+    lines = [f"{_safe(info['path'], 400)}: {info['kind']} checkpoint, {info['n_tensors']} "
+             f"tensors, {format_bytes(info['file_size'])}", ""]
+    lines += _format_model(info.get("model"))
+    lines += [_printable(f"note: {n}") for n in info["notes"]]
+    if info["metadata"]:
+        lines += ["", "metadata:"]
+        lines += [_printable(f"  {_safe(k)} = {v!r}") for k, v in info["metadata"].items()]
+    if tensors:
+        lines += ["", "tensors:"]
+        lines += [_printable(f"  {_safe(t['name'])}  {t['dtype']}  "
+                             f"{'x'.join(map(str, t['shape'])) or '()'}  "
+                             f"{format_bytes(t['bytes'])}") for t in info["tensors"]]
+    lines += ["", "totals per dtype:"]
+    lines += [f"  {k:<14} {v['count']} tensors  {format_bytes(v['bytes'])}"
+              for k, v in info["totals"].items()]
+    return "\n".join(lines)
+
+
+def _model_summary(g: GGUFFile | str) -> dict[str, Any]:
     """The detected family, variant, layout and inferred config, or why there is none."""
     from .building import describe_file
 
