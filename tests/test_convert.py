@@ -406,3 +406,16 @@ def test_quantizing_on_cuda_writes_the_same_bytes_as_on_cpu(tmp_path, qtype):
     save_state_dict(sd, tmp_path / "cpu.gguf", qtype=qtype)
     save_state_dict(sd, tmp_path / "cuda.gguf", qtype=qtype, device="cuda")
     assert (tmp_path / "cpu.gguf").read_bytes() == (tmp_path / "cuda.gguf").read_bytes()
+
+
+def test_a_releases_own_config_is_not_recorded(tmp_path):
+    """Wan-AI's folder holds a config.json of its own "WanModel" (qk_norm true, dim...): not a
+    diffusers config, so not recorded as ggufvideo.config for from_gguf."""
+    folder = tmp_path / "Wan2.1-T2V-1.3B"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in _wan_sd().items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel", "dim": 256,
+                                                    "qk_norm": True}))
+    convert(folder / "model.safetensors", tmp_path / "wan.gguf", qtype="Q8_0")
+    with GGUFFile(tmp_path / "wan.gguf") as g:
+        assert "ggufvideo.config" not in g.metadata

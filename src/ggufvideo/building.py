@@ -119,6 +119,18 @@ def _open(path: str | os.PathLike[str] | GGUFFile) -> _Checkpoint:
                        lambda keep, dtype: _read_source(src, keep, dtype))
 
 
+def library_class(name: str) -> bool:
+    """``name`` is a class of diffusers or transformers (whichever is installed): a config
+    naming one is a library's, not a release's own (Wan-AI's ``WanModel``)."""
+    for library in ("diffusers", "transformers"):
+        try:
+            if hasattr(importlib.import_module(library), name):
+                return True
+        except ImportError:
+            continue
+    return False
+
+
 def checkpoint_shapes(path: str | os.PathLike[str]) -> tuple[dict[str, tuple[int, ...]],
                                                              str | None]:
     """(tensor name -> shape, ``general.architecture``) of a GGUF file or a single safetensors

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from .building import CONFIG_KEY
+from .building import CONFIG_KEY, library_class
 
 # Names marked F401 were imported here before the sources moved to :mod:`ggufvideo.sources`;
 # they stay importable from this module.
@@ -160,7 +160,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             architecture=source.architecture)
     meta: dict[str, Any] = {}
     config = source_config(srcp) if source.kind != "gguf" else None
-    if config is not None:  # the settings no shape tells (head count), for from_gguf
+    # the settings no shape tells (head count), for from_gguf: a diffusers/transformers config
+    # only, not a release's own config.json (Wan-AI's "WanModel", whose keys mean other things)
+    if config is not None and library_class(str(config.get("_class_name"))):
         meta[CONFIG_KEY] = json.dumps(config, sort_keys=True)
     if source.kind != "gguf":
         base = os.path.basename(os.path.normpath(srcp))

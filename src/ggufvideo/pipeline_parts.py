@@ -44,20 +44,6 @@ _FOLDER_CLASSES = {"transformer": ("WanTransformer3DModel", "WanVACETransformer3
 _MODEL_TYPES = {"umt5": "UMT5EncoderModel", "t5": "T5EncoderModel"}
 
 
-def _library_class(name: str) -> bool:
-    """``name`` is a class of diffusers or transformers (a folder of another model, refused as
-    such, rather than a release's own folder read by its tensor names)."""
-    import importlib
-
-    for library in ("diffusers", "transformers"):
-        try:
-            if hasattr(importlib.import_module(library), name):
-                return True
-        except ImportError:
-            continue
-    return False
-
-
 def _describe_checkpoint(path: str, role: str, kind: str) -> Part:
     """A part read as a checkpoint (a file, or a folder of safetensors shards) by its header."""
     from .building import describe_file
@@ -163,7 +149,10 @@ def describe_part(role: str, source: PartSource) -> Part:
         name = str(cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
                    or _MODEL_TYPES.get(str(cfg.get("model_type")), "?"))
         want = _FOLDER_CLASSES[kind]
-        if not any(w in name for w in want) and not _library_class(name) and any(
+        from .building import library_class
+
+        # (a folder of another library model is refused as such below)
+        if not any(w in name for w in want) and not library_class(name) and any(
                 f.lower().endswith(".safetensors") for f in os.listdir(folder)):
             # a release's own folder (Wan-AI's: class "WanModel", no diffusers class, its shards
             # in the release's names): read as one checkpoint of shards, like a single file
