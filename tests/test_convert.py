@@ -419,3 +419,21 @@ def test_a_releases_own_config_is_not_recorded(tmp_path):
     convert(folder / "model.safetensors", tmp_path / "wan.gguf", qtype="Q8_0")
     with GGUFFile(tmp_path / "wan.gguf") as g:
         assert "ggufvideo.config" not in g.metadata
+
+
+def test_a_folder_with_weight_variants_reads_one(tmp_path):
+    """diffusers saves variants beside the main weights (model.fp16.safetensors): the main files
+    are read and the variants noted; several variants and no main file are an error."""
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    sd = {k: v.contiguous() for k, v in _wan_sd().items()}
+    save_file(sd, folder / "diffusion_pytorch_model.safetensors")
+    save_file({k: v.half() for k, v in sd.items()}, folder / "diffusion_pytorch_model.fp16"
+              ".safetensors")
+    s = convert(folder, tmp_path / "out.gguf", qtype="Q8_0")
+    assert any("variant file(s) fp16" in n for n in s.notes)
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    save_file({k: v.bfloat16() for k, v in sd.items()}, folder / "diffusion_pytorch_model.bf16"
+              ".safetensors")
+    with pytest.raises(GGUFError, match="weight variants bf16, fp16 and no main files"):
+        convert(folder, tmp_path / "out2.gguf", qtype="Q8_0")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -122,12 +123,33 @@ def _safetensors_tensors(files: Iterable[str], only: Mapping[str, str] | None, s
                             path=src.path)
 
 
+# diffusers saves weight variants beside the main files: "model.fp16.safetensors"
+_VARIANT = re.compile(r"\.(fp16|bf16|fp32|fp8[a-z0-9_]*)\.safetensors\Z", re.IGNORECASE)
+
+
+def _one_variant(files: list[str], folder: str, src: Source) -> list[str]:
+    """The files of one weight variant: the plain ones where there are any (the others noted),
+    else the only variant; several variants and no plain files are an error naming them."""
+    plain = [f for f in files if not _VARIANT.search(f)]
+    variants = sorted({m.group(1).lower() for f in files if (m := _VARIANT.search(f))})
+    if plain:
+        if variants:
+            src.notes.append(f"weight variant file(s) {', '.join(variants)} beside the main "
+                             "ones were not read")
+        return plain
+    if len(variants) > 1:
+        raise GGUFError(f"the folder holds weight variants {', '.join(variants)} and no main "
+                        "files: pass one file (or a folder with one variant)", path=folder)
+    return files
+
+
 def _open_sharded(folder: str, src: Source) -> None:
     indexes = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors.index.json"))
     if len(indexes) > 1:
         raise GGUFError(f"more than one *.safetensors.index.json: {indexes}", path=folder)
     if not indexes:
-        shards = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+        shards = _one_variant(sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")),
+                              folder, src)
         if not shards:
             raise GGUFError("folder has no *.safetensors.index.json and no .safetensors files",
                             path=folder)
