@@ -297,11 +297,13 @@ def load_bandwidth(args: argparse.Namespace) -> None:
     # device tensors of the file's sizes (the caching allocator's segments exist), so the gap
     # between the two is what cudaMalloc costs a first load; "warm_pinned" also runs one load of
     # the file before the timed one (pinned buffers, imports, first dispatches all warm).
-    for what in ("cold", "warm_alloc", "warm_pinned"):
+    # "cold_arena": cold, with the device buffers as views of one allocation (_upload.ARENA).
+    for what in ("cold", "cold_arena", "warm_alloc", "warm_pinned"):
         firsts = []
+        env = {**os.environ, "GGUFVIDEO_UPLOAD_ARENA": "1" if what == "cold_arena" else "0"}
         for _ in range(3 if args.first_loads else 0):
             child = subprocess.run([sys.executable, __file__, "--first-load", path,
-                                    str(int(n_layers)), what],
+                                    str(int(n_layers)), what], env=env,
                                    capture_output=True, text=True, timeout=300, check=True)
             firsts.append(json.loads(child.stdout.strip().splitlines()[-1])["first_load_gbs"])
         key = "load_model_first_in_process_gbs" + ("" if what == "cold" else f"_{what}")
@@ -362,7 +364,9 @@ def load_bandwidth(args: argparse.Namespace) -> None:
     # in a round robin, one load of each setting per round after a warm-up load of each: a lent
     # host's bandwidth drifts during a run, and consecutive loads per setting turned that drift
     # into differences between settings.
-    settings: dict[str, dict[str, int]] = {"load_model_read_default_gbs": {}}
+    # (with ARENA: the device buffers as views of one allocation, the first-load candidate)
+    settings: dict[str, dict[str, int]] = {"load_model_read_default_gbs": {},
+                                           "load_model_read_default_arena_gbs": {"ARENA": 1}}
     sweep = [dict(), dict(USE_CUDART=0), dict(CHUNK_BYTES=8), dict(CHUNK_BYTES=16),
              dict(READERS=12), dict(SYNC_LANES=1), dict(SYNC_LANES=1, CHUNK_BYTES=16),
              dict(SYNC_LANES=1, CHUNK_BYTES=8, READERS=12)]

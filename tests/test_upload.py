@@ -182,6 +182,24 @@ def test_staged_read_is_byte_identical_and_refills_a_buffer_only_after_its_copie
     assert all(lane.closed for lane in st.lanes) and st.log[-1][1] == "finish"
 
 
+def test_an_arena_makes_one_buffer_and_aligned_views(tmp_path, monkeypatch):
+    """ARENA: one device allocation, each tensor a view at an aligned offset; same bytes."""
+    monkeypatch.setattr(_upload, "ARENA", True)
+    tensors, (p, base, size) = _staged_file(tmp_path, monkeypatch, chunk=700)
+    st = FakeStaging()
+    out = upload(tensors, torch.device("cpu"), path=p, base=base, size=size, mode="read",
+                 staging=st)
+    made = [e for e in st.log if e[1] == "empty"]
+    sizes = [_raw(t).nbytes for t in tensors]
+    assert [e[2] for e in made] == [sum(-(-n // 512) * 512 for n in sizes)]  # one allocation
+    raws = [_raw(t) for t in out]
+    starts = [r.data_ptr() for r in raws]
+    assert all((a - starts[0]) % 512 == 0 for a in starts)
+    assert len({r.untyped_storage().data_ptr() for r in raws}) == 1
+    for a, r in zip(tensors, raws):
+        assert torch.equal(_raw(a).view(torch.uint8), r.view(torch.uint8))
+
+
 def test_each_buffer_is_made_once_before_the_readers_start(tmp_path, monkeypatch):
     # 700-byte chunks: tensors span chunks, so readers share them
     tensors, (p, base, size) = _staged_file(tmp_path, monkeypatch, chunk=700)
@@ -330,7 +348,8 @@ def test_without_cuda_load_model_does_not_stage(monkeypatch):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("mode", ["read", "read-sync", "read-torch", "register", "plain"])
+@pytest.mark.parametrize("mode", ["read", "read-sync", "read-torch", "read-arena", "register",
+                                  "plain"])
 def test_gpu_load_model_staged_is_byte_identical(tmp_path, monkeypatch, mode):
     src = Net(dim=256)
     path = tmp_path / "net.gguf"
@@ -340,6 +359,7 @@ def test_gpu_load_model_staged_is_byte_identical(tmp_path, monkeypatch, mode):
         assert lib() is not None  # the libcudart path is what runs
     monkeypatch.setattr(_upload, "USE_CUDART", mode != "read-torch")
     monkeypatch.setattr(_upload, "SYNC_LANES", mode == "read-sync")
+    monkeypatch.setattr(_upload, "ARENA", mode == "read-arena")
     monkeypatch.setattr(_upload, "MODE", mode.split("-")[0])
     monkeypatch.setattr(_upload, "CHUNK_BYTES", 64 << 10)  # many chunks, buffers reused
     with ggufvideo.empty_weights():

@@ -64,6 +64,15 @@ USE_CUDART = True
 SYNC_LANES = True
 #: Tensors closer than this in the file are read as one run (the alignment padding is read too).
 MAX_GAP = 1 << 16
+#: Make the device buffers as views of one allocation (one cudaMalloc) instead of one each.
+#: A candidate for a first load's one-time cost (a fresh process's allocator has no segments:
+#: every buffer is a cudaMalloc); not the default until measured (``benchmarks/gpu_offload.py
+#: --load`` times both). Its memory is given back only when every tensor in it is gone.
+#: ``GGUFVIDEO_UPLOAD_ARENA=1`` turns it on.
+ARENA = os.environ.get("GGUFVIDEO_UPLOAD_ARENA", "").strip().lower() in ("1", "true", "yes", "on")
+#: Each buffer's offset in the arena is a multiple of this (as the caching allocator's blocks
+#: are), so kernels reading raw blocks see the alignment they would in their own allocation.
+ARENA_ALIGN = 512
 
 
 @dataclass
@@ -198,14 +207,29 @@ def upload(tensors: list[torch.Tensor], device: torch.device, *, path: str | Non
     # staged copy moved 32 GB/s with the buffers made in the readers (their summed wait to make
     # them: 1.3-1.5 s), 47 with them made up front (the ~3 ms of allocations included), where
     # bare readers with one preallocated buffer moved 51.
-    flats = [st.empty(r.numel() * r.element_size()) if fast[i] else None
-             for i, r in enumerate(raws)]
+    flats = _device_buffers([r.numel() * r.element_size() if fast[i] else None
+                             for i, r in enumerate(raws)], st)
     if staged:
         assert path is not None
         _read_staged(ChunkPlan(spans), flats, st, path)
     else:
         _copy_registered(raws, flats, st)
     return [t.to(device) if f is None else _rebuild(t, f) for t, f in zip(tensors, flats)]
+
+
+def _device_buffers(sizes: list[int | None], st: Any) -> list[torch.Tensor | None]:
+    """A device buffer of each size (``None``: none), one allocation each or views of one
+    (:data:`ARENA`)."""
+    if not ARENA:
+        return [st.empty(n) if n is not None else None for n in sizes]
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        if n is not None:
+            total += -(-n // ARENA_ALIGN) * ARENA_ALIGN
+    arena = st.empty(total) if total else None
+    return [arena[o:o + n] if n is not None and arena is not None else
+            (st.empty(0) if n == 0 else None) for o, n in zip(offsets, sizes)]
 
 
 class _Feed:
