@@ -903,3 +903,39 @@ def test_umt5_tokenizer_for_comfyui_is_rebuilt_from_the_files_vocabulary(tmp_pat
     vae = tmp_path / "vae.gguf"
     save_state_dict({"conv.weight": torch.randn(8, 4, 3, 3, 3)}, vae)
     assert _spiece_model(str(vae)) is None  # no vocabulary: nothing to rebuild
+
+
+def test_a_text_encoder_that_does_not_fit_comfyuis_is_named(tmp_path, fake_comfy_sd,
+                                                            monkeypatch):
+    """ComfyUI builds its encoders at their released sizes; a file of another size fails in its
+    load_state_dict with a RuntimeError: the node says which file and which tensor."""
+    import comfy.sd
+
+    from ggufvideo.comfy.loading import load_text_encoder
+
+    def too_small(**kwargs):
+        raise RuntimeError("Error(s) in loading state_dict for T5:\n\tsize mismatch for "
+                           "shared.weight: copying a param with shape [64, 64], the shape in "
+                           "current model is torch.Size([256384, 4096]).")
+
+    monkeypatch.setattr(comfy.sd, "load_text_encoder_state_dicts", too_small)
+    path = tmp_path / "small-umt5.gguf"
+    _llama_cpp_t5(path)
+    with pytest.raises(ComfyLoadError, match=r"small-umt5.gguf: its tensors do not fit "
+                                             r"ComfyUI's wan text encoder.*shared.weight"):
+        load_text_encoder(str(path), "wan")
+
+
+def test_a_model_that_does_not_fit_comfyuis_is_named(tmp_path, fake_comfy_models, monkeypatch):
+    import comfy.sd
+
+    from ggufvideo.comfy.loading import load_diffusion_model
+
+    def misfit(sd, model_options):
+        raise RuntimeError("Error(s) in loading state_dict for WanModel:\n\tsize mismatch for "
+                           "text_embedding.0.weight: copying a param with shape [256, 64]")
+
+    monkeypatch.setattr(comfy.sd, "load_diffusion_model_state_dict", misfit)
+    with pytest.raises(ComfyLoadError, match=r"m.gguf: its tensors do not fit the model ComfyUI "
+                                             r"detected.*text_embedding.0.weight"):
+        load_diffusion_model(_tiny_model_file(tmp_path / "m.gguf"), "auto")

@@ -207,7 +207,10 @@ def load_diffusion_model(path: str, precision: str = "auto") -> Any:
     options: dict[str, Any] = {"custom_operations": operations()}
     if dtype is not None:
         options["dtype"] = dtype
-    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
+    try:
+        patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
+    except RuntimeError as exc:  # ComfyUI's load_state_dict: tensors that do not fit its model
+        raise _misfit(path, exc, "the model ComfyUI detected") from exc
     if patcher is None:
         raise ComfyLoadError(
             f"{os.path.basename(path)}: ComfyUI's model detection did not recognise a diffusion "
@@ -220,6 +223,12 @@ def load_diffusion_model(path: str, precision: str = "auto") -> Any:
     model = patcher.model
     _follow_model_dtype(model, getattr(model, "manual_cast_dtype", None) or model.get_dtype())
     return make_quant_patcher(patcher)
+
+
+def _misfit(path: str, exc: RuntimeError, what: str) -> ComfyLoadError:
+    first = next((ln.strip() for ln in str(exc).splitlines() if "shape" in ln), str(exc))
+    return ComfyLoadError(f"{os.path.basename(path)}: its tensors do not fit {what}: "
+                          f"{_safe(first, 300)}")
 
 
 def _placeholder(t: GGMLTensor) -> torch.Tensor:
@@ -386,9 +395,13 @@ def load_text_encoder(path: str, clip_type: str = "wan", precision: str = "auto"
         embeddings = folder_paths_module().get_folder_paths("embeddings")
     except (ImportError, KeyError):
         embeddings = None
-    clip = comfy.sd.load_text_encoder_state_dicts(state_dicts=[sd], clip_type=kind,
-                                                  model_options=options,
-                                                  embedding_directory=embeddings)
+    try:
+        clip = comfy.sd.load_text_encoder_state_dicts(state_dicts=[sd], clip_type=kind,
+                                                      model_options=options,
+                                                      embedding_directory=embeddings)
+    except RuntimeError as exc:  # ComfyUI builds its encoders at their released sizes
+        raise _misfit(path, exc, f"ComfyUI's {clip_type} text encoder (built at its released "
+                                 "size, e.g. UMT5-XXL for wan)") from exc
     if clip is None or getattr(clip, "patcher", None) is None:
         raise ComfyLoadError(f"{os.path.basename(path)}: ComfyUI did not recognise a text encoder "
                              f"in {_describe(sd)}")
