@@ -42,10 +42,23 @@ def run(model):
         return model(**inputs(), return_dict=False)[0]
 
 
+@pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16])
 def test_original_layout_file_loads_in_diffusers_from_single_file_offline(folder, tmp_path,
-                                                                           monkeypatch):
+                                                                           monkeypatch,
+                                                                           source_dtype):
+    """Real releases are bf16: the tensors kept at high precision must be ones diffusers reads
+    (it takes BF16 for a quantized type and hands raw bytes to a Conv3d, a norm, a bias)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     src, model = folder
+    if source_dtype != torch.float32:
+        import copy
+        import shutil
+
+        bf16 = tmp_path / "transformer_bf16"
+        copy.deepcopy(model).to(source_dtype).save_pretrained(bf16)  # (the fixture's stays)
+
+        shutil.copy(src / "config.json", bf16 / "config.json")
+        src = bf16
     dst = tmp_path / "wan-Q8_0.gguf"
     assert main(["convert", str(src), str(dst), "--type", "Q8_0", "--layout", "original",
                  "-q"]) == 0
@@ -57,7 +70,7 @@ def test_original_layout_file_loads_in_diffusers_from_single_file_offline(folder
     a, b, ref = run(theirs), run(ours), run(model)
     # both decode the same Q8_0 blocks; they differ only in the order of float32 arithmetic
     torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
-    assert (b - ref).abs().max() < 0.05
+    assert (b - ref).abs().max() < (0.05 if source_dtype == torch.float32 else 0.1)
 
 
 def test_layouts_round_trip_through_convert_bit_for_bit(folder, tmp_path):

@@ -32,7 +32,10 @@ def test_weights_take_the_base_type():
 ])
 def test_one_dim_and_tiny_tensors_stay_at_source_precision(name, shape):
     d = Q4K.decide(name, shape, torch.bfloat16)
-    assert d.qtype == T.BF16 and d.keep
+    # a BF16 tensor that is not 2-D is kept F32 (exact), which every reader takes: diffusers'
+    # GGUF loader hands BF16 bytes raw to the layers it does not replace
+    assert d.qtype == (T.BF16 if len(shape) == 2 else T.F32) and d.keep
+    assert Q4K.decide(name, shape, torch.float16).qtype == T.F16
 
 
 @pytest.mark.parametrize("name,shape", [
@@ -99,12 +102,14 @@ def test_rows_that_do_not_fit_fall_back_along_the_chain_and_say_so():
 
 
 def test_transformer_patch_embeddings_stay_high_precision_like_published_files():
-    # Wan's 5-D patch embedding stays native F32/BF16 so diffusers' and ComfyUI-GGUF's loaders
-    # (which have no quantized Conv3d) read our files
+    # Wan's 5-D patch embedding stays high precision so diffusers' and ComfyUI-GGUF's loaders
+    # (which have no quantized Conv3d) read our files: F32 from a BF16 source (diffusers reads
+    # no BF16 outside its linears), the source's own type otherwise
     for name in ("patch_embedding.weight", "model.diffusion_model.patch_embedding.weight",
                  "vace_patch_embedding.weight", "img_in.proj.weight", "x_embedder.proj.weight"):
         d = Q4K.decide(name, (5120, 16, 1, 2, 2), torch.bfloat16)
-        assert d.qtype == T.BF16 and d.keep, name
+        assert d.qtype == T.F32 and d.keep, name
+        assert Q4K.decide(name, (5120, 16, 1, 2, 2), torch.float16).qtype == T.F16
     # an explicit override still quantizes it
     forced = QuantPolicy.from_type("Q4_K", overrides={r"patch_embedding": "Q4_K"})
     assert forced.decide("patch_embedding.weight", (5120, 16, 1, 2, 2), torch.float32).qtype == T.Q4_K

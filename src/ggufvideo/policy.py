@@ -21,8 +21,9 @@ Defaults, after what the peers keep and why:
   Conv3d weights) are quantized when their element count fits the block size and stored flattened
   with their shape in the metadata (no peer quantizes them; our loader decodes them).
 
-"High precision" means the source's own float type (F32, F16 or BF16: lossless), F16 for float8
-sources (exact) and F32 for float64 ones, unless ``keep_type`` says otherwise.
+"High precision" means the source's own float type (F32, F16 or BF16: lossless; F32 for a BF16
+tensor that is not 2-D, which diffusers' GGUF loader cannot read as BF16), F16 for float8 sources
+(exact) and F32 for float64 ones, unless ``keep_type`` says otherwise.
 """
 
 from __future__ import annotations
@@ -274,10 +275,19 @@ class QuantPolicy:
                    keep_type=None if keep_type is None else _named_qtype(keep_type), name=name)
 
     # -- decisions ---------------------------------------------------------------------------
-    def high_precision(self, dtype: torch.dtype) -> T:
-        """The type a tensor of source ``dtype`` keeps when it is not quantized."""
+    def high_precision(self, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> T:
+        """The type a tensor of source ``dtype`` (and ``shape``) keeps when it is not quantized.
+
+        A bfloat16 tensor that is not 2-D (a norm, a bias, Wan's modulation, a Conv3d patch
+        embedding) is written F32 (exact): diffusers' GGUF loader takes BF16 for a quantized type
+        and hands its raw bytes to the layers it does not replace, which then fail ("bias type
+        unsigned char"); llama.cpp's converter keeps such tensors F32 too. 2-D ones (linears,
+        which every reader decodes) stay BF16.
+        """
         if self.keep_type is not None and dtype.is_floating_point:
             return self.keep_type
+        if dtype == torch.bfloat16 and shape is not None and len(shape) != 2:
+            return T.F32
         return source_qtype(dtype)
 
     def _match(self, patterns: Iterable[str], name: str) -> str | None:
@@ -289,7 +299,7 @@ class QuantPolicy:
     def _requested(self, name: str, shape: tuple[int, ...], dtype: torch.dtype
                    ) -> tuple[T, str, bool]:
         """(type asked for, reason, whether it is a keep-at-high-precision rule)."""
-        keep = self.high_precision(dtype)
+        keep = self.high_precision(dtype, shape)
         for pattern, target in self.overrides:
             if self._compiled[pattern].search(name):
                 if target == KEEP:
@@ -324,7 +334,7 @@ class QuantPolicy:
             q = FALLBACK_CHAIN.get(q)
             if q is not None:
                 chain.append(q)
-        final = q if q is not None else self.high_precision(dtype)
+        final = q if q is not None else self.high_precision(dtype, shape)
         if q is None:
             chain.append(final)
         row = shape[-1] if shape else 1
