@@ -437,3 +437,14 @@ def test_a_folder_with_weight_variants_reads_one(tmp_path):
               ".safetensors")
     with pytest.raises(GGUFError, match="weight variants bf16, fp16 and no main files"):
         convert(folder, tmp_path / "out2.gguf", qtype="Q8_0")
+
+
+def test_the_config_json_read_beside_the_source_is_never_written_over(tmp_path):
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in _wan_sd().items()}, folder / "m.safetensors")
+    (folder / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel"}))
+    before = (folder / "config.json").read_bytes()
+    with pytest.raises(GGUFError, match="refusing to write over the source file"):
+        convert(folder, folder / "config.json", qtype="Q8_0", force=True)
+    assert (folder / "config.json").read_bytes() == before

@@ -50,6 +50,14 @@ _TYPE_TAG = re.compile(r"[-_. ](?:F32|F16|BF16|F64|FP32|FP16|FP8(?:_E4M3FN|_E5M2
                        r"I?Q[1-8](?:_[0-9A-Z]+)*|TQ[12]_0|MXFP4)$", re.IGNORECASE)
 
 
+def _config_files(src: str) -> list[str]:
+    """The config.json a conversion reads beside its source (:func:`source_config`): never
+    written over, like the source itself."""
+    folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+    path = os.path.join(folder, "config.json")
+    return [path] if os.path.isfile(path) else []
+
+
 def _model_name(value: Any) -> Any:
     """``general.name`` without a trailing type tag (``"model-F32"`` -> ``"model"``)."""
     raw = None
@@ -179,7 +187,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     try:
         summary = write_model(tensors, dst, policy=policy, metadata=meta,
                               architecture=architecture or source.architecture, requantize=True,
-                              overwrite=force, progress=progress, protect=source.files,
+                              overwrite=force, progress=progress,
+                              protect=[*source.files, *_config_files(srcp)],
                               device=device, imatrix=imat)
     finally:
         # Dropped, not closed: a mapping must outlive any tensor view still referenced (by a
