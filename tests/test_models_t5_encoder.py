@@ -19,6 +19,7 @@ from ggufvideo.building import describe_file  # noqa: E402
 from ggufvideo.model import parameter_bytes  # noqa: E402
 from ggufvideo.models import CANONICAL, ShapeOps, describe, get_family  # noqa: E402
 from ggufvideo.ops import QuantEmbedding  # noqa: E402
+from ggufvideo.reader import GGUFFile  # noqa: E402
 
 FAMILY = get_family("t5-encoder")
 IDS = torch.tensor([[4, 5, 7, 8, 9, 10, 1, 0], [11, 12, 13, 1, 0, 0, 0, 0]])
@@ -227,3 +228,22 @@ def test_wans_own_encoder_names_build_the_encoder(tmp_path, suffix):
     if suffix == ".gguf":  # load_model maps the layout onto transformers' names too
         load_model(target, path).eval()
         assert torch.equal(encode(target), encode(model))
+
+
+def test_convert_to_the_llama_cpp_layout_writes_its_hyperparameters(tmp_path):
+    """A file in llama.cpp's names carries llama.cpp's t5encoder.* keys, which llama.cpp and
+    transformers' GGUF loader read the model's shape from: transformers' loader (the reference)
+    builds the same encoder from it."""
+    from safetensors.torch import save_file
+
+    model = build_encoder(True)
+    src = tmp_path / "umt5.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()
+               if k != "encoder.embed_tokens.weight"}, src)
+    ggufvideo.convert(src, tmp_path / "umt5-llama.cpp.gguf", qtype="F32", layout="llama.cpp")
+    with GGUFFile(tmp_path / "umt5-llama.cpp.gguf") as g:
+        assert g.metadata["general.architecture"] == "t5encoder"
+        assert g.metadata["t5encoder.block_count"] == 2
+        assert g.metadata["t5encoder.attention.relative_buckets_count"] == 32
+    theirs = UMT5EncoderModel.from_pretrained(str(tmp_path), gguf_file="umt5-llama.cpp.gguf")
+    assert torch.equal(encode(theirs.eval()), encode(model))

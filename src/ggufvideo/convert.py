@@ -156,9 +156,10 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     source = open_source(srcp)
     tensors = source.tensors
     notes: list[str] = []
+    layout_meta: dict[str, Any] = {}
     if layout is not None:
-        tensors, _, notes = relayout(tensors, layout, source.architecture, srcp,
-                                    source.metadata)
+        tensors, _, notes, layout_meta = relayout(tensors, layout, source.architecture, srcp,
+                                                 source.metadata)
     lora_changed: dict[str, list[str]] = {}
     if loras:
         from .lora.bake import bake_sources
@@ -176,6 +177,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         base = os.path.basename(os.path.normpath(srcp))
         meta["general.name"] = base.rsplit(".", 1)[0] if not os.path.isdir(srcp) else base
     meta.update(source.metadata)
+    meta.update(layout_meta)  # (the target layout's own keys: llama.cpp's hyperparameters)
     if "general.name" in meta:
         meta["general.name"] = _model_name(meta["general.name"])
     if imat is not None:

@@ -62,6 +62,7 @@ def save_text_encoder(model: T5EncoderModel | UMT5EncoderModel, path: str | os.P
     from gguf import GGUFValueType
 
     from .models import CANONICAL, get_family
+    from .models.t5_encoder import llama_cpp_metadata
     from .models.tensors import TensorOps
     from .serialize import TypedValue
     from .writer import save_state_dict
@@ -72,17 +73,9 @@ def save_text_encoder(model: T5EncoderModel | UMT5EncoderModel, path: str | os.P
     named = get_family("t5-encoder").convert(sd, CANONICAL, "llama.cpp", TensorOps())
     tokens, scores, types = vocabulary
     u32 = lambda v: TypedValue(GGUFValueType.UINT32, int(v))  # noqa: E731
-    arch = "t5encoder"
     meta = {
-        "general.architecture": arch,
+        **llama_cpp_metadata(cfg.to_dict()),
         "general.name": type(model).__name__.removesuffix("EncoderModel").lower() + "-demo",
-        f"{arch}.context_length": u32(512), f"{arch}.embedding_length": u32(cfg.d_model),
-        f"{arch}.feed_forward_length": u32(cfg.d_ff), f"{arch}.block_count": u32(cfg.num_layers),
-        f"{arch}.attention.head_count": u32(cfg.num_heads),
-        f"{arch}.attention.key_length": u32(cfg.d_kv),
-        f"{arch}.attention.value_length": u32(cfg.d_kv),
-        f"{arch}.attention.layer_norm_epsilon": float(cfg.layer_norm_epsilon),
-        f"{arch}.attention.relative_buckets_count": u32(cfg.relative_attention_num_buckets),
         "tokenizer.ggml.model": "t5", "tokenizer.ggml.tokens": list(tokens),
         "tokenizer.ggml.scores": [float(s) for s in scores],
         "tokenizer.ggml.token_type": TypedValue(GGUFValueType.ARRAY, [int(t) for t in types],

@@ -365,6 +365,8 @@ class Family(Generic[V]):
             win over the inferred ones.
         unused: templates of tensors files of this family may carry that the built model does not
             use (a text-encoder file's decoder); :func:`ggufvideo.from_gguf` leaves them out.
+        layout_metadata: layout -> (config -> metadata) a file in that layout carries for
+            other readers (llama.cpp's hyperparameter keys); written by ``convert --layout``.
         unsupported: variants of the family that carry modules this library does not build:
             marker template (any layout) -> the variant's name. A file holding one is refused by
             that name rather than built as the plain model and failing on its extra keys.
@@ -388,6 +390,8 @@ class Family(Generic[V]):
     metadata_config: Mapping[str, str] = field(default_factory=dict)
     unused: tuple[str, ...] = ()
     unsupported: Mapping[str, str] = field(default_factory=dict)
+    layout_metadata: Mapping[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = field(
+        default_factory=dict)
     release_layout: Callable[[Mapping[str, Any]], str] | None = None
 
     def resolve_layout(self, layout: str, config: Mapping[str, Any]) -> str:

@@ -103,6 +103,34 @@ def infer_config(s: Shapes) -> dict[str, Any]:
     }
 
 
+def llama_cpp_metadata(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``t5encoder.*`` hyperparameters llama.cpp's converter writes (what llama.cpp and
+    transformers' GGUF loader read the model's shape from), for a file in the llama.cpp layout."""
+    from gguf import GGUFValueType
+
+    from ..serialize import TypedValue
+
+    def u32(v: Any) -> TypedValue:
+        return TypedValue(GGUFValueType.UINT32, int(v))
+
+    arch = "t5encoder"
+    return {
+        "general.architecture": arch,
+        f"{arch}.context_length": u32(512),  # (every T5/UMT5 video encoder's; in no shape)
+        # (readers take the vocabulary size from the token list; without one, from this key)
+        f"{arch}.vocab_size": u32(config["vocab_size"]),
+        f"{arch}.embedding_length": u32(config["d_model"]),
+        f"{arch}.feed_forward_length": u32(config["d_ff"]),
+        f"{arch}.block_count": u32(config["num_layers"]),
+        f"{arch}.attention.head_count": u32(config["num_heads"]),
+        f"{arch}.attention.key_length": u32(config["d_kv"]),
+        f"{arch}.attention.value_length": u32(config["d_kv"]),
+        f"{arch}.attention.layer_norm_epsilon": float(config["layer_norm_epsilon"]),
+        f"{arch}.attention.relative_buckets_count":
+            u32(config["relative_attention_num_buckets"]),
+    }
+
+
 def class_name(config: Mapping[str, Any]) -> str:
     return str(config["architectures"][0])
 
@@ -137,4 +165,5 @@ FAMILY: Family[Any] = Family(
     library="transformers",
     metadata_config={"attention.layer_norm_epsilon": "layer_norm_epsilon"},
     unused=("dec.*", "output.*", "decoder.*", "lm_head.*"),
+    layout_metadata={"llama.cpp": llama_cpp_metadata},
 )

@@ -100,13 +100,15 @@ def _decoded(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def relayout(tensors: list[SourceTensor], layout: str, architecture: str | None,
              path: str, context: Mapping[str, Any] | None = None
-             ) -> tuple[list[SourceTensor], Detection, list[str]]:
+             ) -> tuple[list[SourceTensor], Detection, list[str], dict[str, Any]]:
     """``tensors`` renamed into ``layout`` of their family.
 
     ``context``: the source's metadata, which row orders read (llama.cpp's q/k rows: the heads).
 
     Returns:
-        the renamed tensors, the source's detection, and notes for the summary.
+        the renamed tensors, the source's detection, notes for the summary, and the metadata a
+        file in that layout carries for other readers (``Family.layout_metadata``: llama.cpp's
+        hyperparameters for a text encoder in its names).
 
     Raises:
         ModelLoadError: an unknown layout name, or a source that is no known family.
@@ -126,6 +128,11 @@ def relayout(tensors: list[SourceTensor], layout: str, architecture: str | None,
                              CANONICAL, ShapeOps(), _decoded(context))
         layout = fam.resolve_layout(layout, fam.infer_config(Shapes(shapes, path)))
     others = list(rest.values())
+    extra: dict[str, Any] = {}
+    if layout in fam.layout_metadata:
+        shapes = fam.convert({k: tuple(v.shape) for k, v in values.items()}, det.layout,
+                             CANONICAL, ShapeOps(), _decoded(context))
+        extra = fam.layout_metadata[layout](fam.infer_config(Shapes(shapes, path)))
     converted = fam.convert(values, det.layout, layout, SourceOps(), _decoded(context))
     prefix = fam.original_prefix if layout != CANONICAL else ""
     out = [dataclasses.replace(t, name=prefix + name) for name, t in converted.items()]
@@ -137,7 +144,7 @@ def relayout(tensors: list[SourceTensor], layout: str, architecture: str | None,
     if others:
         notes.append(f"{len(others)} tensor(s) outside the prefix {det.prefix!r} kept as they are"
                      f" (e.g. {_safe(others[0].name)})")
-    return out, det, notes
+    return out, det, notes, extra
 
 
 def source_config(path: str) -> dict[str, Any] | None:
