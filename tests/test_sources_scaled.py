@@ -283,3 +283,15 @@ def test_inspect_describes_a_scaled_checkpoint(tmp_path, capsys):
     info = _json.loads(capsys.readouterr().out)
     assert info["kind"] == "safetensors" and info["totals"] == {"float32": {"count": 1,
                                                                             "bytes": 68}}
+
+
+def test_a_scaled_files_type_tag_is_not_carried_into_the_name(tmp_path):
+    from ggufvideo.reader import GGUFFile
+
+    q = (torch.randn(8, 8) * 10).to(E4M3)
+    src = tmp_path / "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"
+    save_file({"scaled_fp8": torch.zeros(2, dtype=E4M3), "a.weight": q,
+               "a.scale_weight": torch.tensor([0.5])}, src)
+    convert(src, tmp_path / "out.gguf", qtype=None)
+    with GGUFFile(tmp_path / "out.gguf") as g:
+        assert g.metadata["general.name"] == "wan2.2_t2v_high_noise_14B"

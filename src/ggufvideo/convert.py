@@ -46,7 +46,8 @@ __all__ = ["convert", "open_source", "Source", "SOURCE_METADATA_PREFIX"]
 
 # A precision or type tag at the end of a checkpoint's name ("wan-F32", "model_bf16", "x.Q4_K_M"):
 # it describes the source file, not the converted one, so it is not carried into general.name.
-_TYPE_TAG = re.compile(r"[-_. ](?:F32|F16|BF16|F64|FP32|FP16|FP8(?:_E4M3FN|_E5M2)?|"
+# ("..._fp8_e4m3fn_scaled", "..._fp8_scaled": ComfyUI's scaled files, folded back on conversion)
+_TYPE_TAG = re.compile(r"[-_. ](?:F32|F16|BF16|F64|FP32|FP16|FP8(?:_E4M3FN|_E5M2)?(?:_SCALED)?|"
                        r"I?Q[1-8](?:_[0-9A-Z]+)*|TQ[12]_0|MXFP4)$", re.IGNORECASE)
 
 
