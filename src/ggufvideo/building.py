@@ -29,6 +29,7 @@ from .models import Description, describe
 from .ops import swap_quant_layers
 from .reader import GGUFFile, is_gguf
 from .shapes import logical_shape
+from .sources import Source, open_source
 
 __all__ = ["from_gguf", "describe_file", "CONFIG_KEY"]
 
@@ -85,7 +86,7 @@ class _Checkpoint:
     gguf: GGUFFile | None = None
 
 
-def _read_source(src: Any, keep: Callable[[str], bool], dtype: torch.dtype | None
+def _read_source(src: Source, keep: Callable[[str], bool], dtype: torch.dtype | None
                  ) -> dict[str, torch.Tensor]:
     """A safetensors checkpoint's tensors that ``keep`` names, one at a time, each cast to
     ``dtype`` as it is read: a float32 copy of a whole fp8/bf16 encoder never exists at once, and
@@ -98,7 +99,9 @@ def _read_source(src: Any, keep: Callable[[str], bool], dtype: torch.dtype | Non
     return out
 
 
-def _open(path: str | os.PathLike[str] | GGUFFile) -> _Checkpoint:
+def _open(path: str | os.PathLike[str] | GGUFFile | Source) -> _Checkpoint:
+    if isinstance(path, Source):  # a checkpoint already opened by its header (inspect's)
+        return _source_checkpoint(path)
     if isinstance(path, GGUFFile) or (not os.path.isdir(path) and is_gguf(path)):
         file = path if isinstance(path, GGUFFile) else GGUFFile(path)
         shapes = {name: tuple(logical_shape(file, info)) for name, info in file.tensors.items()}
@@ -106,16 +109,18 @@ def _open(path: str | os.PathLike[str] | GGUFFile) -> _Checkpoint:
                            _stored_config(file),
                            lambda keep, _dtype: {k: v for k, v in read_tensors(file, lazy=True)
                                                  .items() if keep(k)}, file)
-    from .sources import open_source
-    from .sources.layout import source_config
-
     p = os.fspath(path)
     if not (os.path.isdir(p) or p.lower().endswith(SINGLE_FILE_SUFFIXES)):
         raise ModelLoadError("expected a .gguf file, a single .safetensors (or .pt/.pth) "
                              "checkpoint or a folder of safetensors shards", path=p)
-    src = open_source(p)
-    stored = source_config(p) or {}
-    return _Checkpoint(p, {t.name: tuple(t.shape) for t in src.tensors}, None, {}, stored,
+    return _source_checkpoint(open_source(p))
+
+
+def _source_checkpoint(src: Source) -> _Checkpoint:
+    from .sources.layout import source_config
+
+    return _Checkpoint(src.path, {t.name: tuple(t.shape) for t in src.tensors}, None, {},
+                       source_config(src.path) or {},
                        lambda keep, dtype: _read_source(src, keep, dtype))
 
 
@@ -152,9 +157,10 @@ def _describe(ckpt: _Checkpoint) -> Description:
     return desc
 
 
-def describe_file(path: str | os.PathLike[str] | GGUFFile) -> Description:
+def describe_file(path: str | os.PathLike[str] | GGUFFile | Source) -> Description:
     """Family, layout, variant and config of a model file (names, shapes, metadata; no data): a
-    GGUF file, or a single-file ``.safetensors`` checkpoint.
+    GGUF file, a single ``.safetensors``/``.pt``/``.pth`` checkpoint, a folder of shards, or a
+    checkpoint already opened by :func:`ggufvideo.convert.open_source`.
 
     Raises:
         FileNotFoundError: no such file.

@@ -367,8 +367,9 @@ def _check_outputs(output: str, image: str | None, force: bool) -> str:
     if os.path.isdir(sheet):
         raise ValueError(f"the contact sheet {_safe(sheet)} would replace a folder: choose "
                          "another --output")
-    if image is not None and any(os.path.exists(p) and os.path.samefile(image, p)
-                                 for p in (output, sheet)):
+    from .serialize import same_file
+
+    if any(same_file(image, p) for p in (output, sheet)):
         raise ValueError(f"--output {_safe(output)} would overwrite the input image "
                          f"{_safe(image)} (with the video or its contact sheet {_safe(sheet)})")
     existing = [p for p in (output, sheet) if os.path.lexists(p)]  # a dangling link too

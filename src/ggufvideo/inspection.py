@@ -21,6 +21,7 @@ from .errors import GGUFError, _safe
 from .quants import get_quant_type
 from .reader import GGUFFile, TensorInfo
 from .shapes import logical_shape
+from .sources import Source, open_source
 from .writer import MAX_GGML_NAME, format_bytes
 
 __all__ = ["inspect_file", "validate_file", "format_inspection", "ValidationReport",
@@ -104,9 +105,7 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises:
         FileNotFoundError, GGUFError: as :func:`ggufvideo.convert.open_source`.
     """
-    from .sources import open_source
-
-    src = open_source(path)
+    src = open_source(path)  # (read once: the model is described from the same header)
     tensors: list[dict[str, Any]] = [
         {"name": t.name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
          "bytes": t.nbytes} for t in src.tensors]
@@ -119,7 +118,7 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     size = sum(os.path.getsize(f) for f in src.files if os.path.isfile(f)) or (
         os.path.getsize(p) if os.path.isfile(p) else 0)
     return {"path": p, "kind": src.kind, "file_size": size, "n_tensors": len(tensors),
-            "model": _model_summary(p), "notes": list(src.notes),
+            "model": _model_summary(src), "notes": list(src.notes),
             "metadata": {k: summarize_value(v) for k, v in src.metadata.items()},
             "tensors": tensors, "totals": totals}
 
@@ -144,7 +143,7 @@ def format_checkpoint(info: Mapping[str, Any], *, tensors: bool = True) -> str:
     return "\n".join(lines)
 
 
-def _model_summary(g: GGUFFile | str) -> dict[str, Any]:
+def _model_summary(g: GGUFFile | Source) -> dict[str, Any]:
     """The detected family, variant, layout and inferred config, or why there is none."""
     from .building import describe_file
 

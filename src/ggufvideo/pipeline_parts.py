@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from .errors import GGUFError, _safe
+from .serialize import same_file
 
 __all__ = ["PipelineError", "Part", "PartSource", "describe_part", "check_parts",
            "check_experts", "resolve_tokenizer", "check_image_encoder", "default_boundary",
@@ -42,48 +43,6 @@ _FOLDER_CLASSES = {"transformer": ("WanTransformer3DModel", "WanVACETransformer3
                    "text_encoder": ("T5",), "vae": ("AutoencoderKLWan",)}
 #: A transformers config with only a ``model_type``: the encoder class it stands for.
 _MODEL_TYPES = {"umt5": "UMT5EncoderModel", "t5": "T5EncoderModel"}
-
-
-def _describe_checkpoint(path: str, role: str, kind: str) -> Part:
-    """A part read as a checkpoint (a file, or a folder of safetensors shards) by its header."""
-    from .building import describe_file
-    from .errors import UnknownModelError
-
-    try:
-        desc = describe_file(path)
-    except UnknownModelError as exc:
-        if path.lower().endswith(".safetensors") and os.path.isfile(path) and \
-                _looks_like_lora(path):  # (LoRAs are safetensors; a .pth would be read whole)
-            raise PipelineError(f"the {role} is a LoRA file, not a model (pass it with "
-                                "loras= / --lora)", path=path) from None
-        raise PipelineError(f"the {role}: {exc.reason}", path=path) from None
-    fam = desc.detection.family
-    if fam.name not in _FAMILIES[kind]:
-        what = "folder" if os.path.isdir(path) else "file"
-        raise PipelineError(f"the {role} must be a {' or '.join(_FAMILIES[kind])} model; the "
-                            f"{what} holds a {fam.title} ({desc.variant})", path=path)
-    _refuse_vace(desc.class_name, role, path)
-    return Part(role, path, fam.name, desc.class_name, desc.config)
-
-
-def read_config(path: str) -> dict[str, Any]:
-    """A ``config.json``; a malformed one is an error naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"config.json is not JSON ({exc})", path=path) from None
-    if not isinstance(cfg, dict):
-        raise PipelineError("config.json is not a JSON object", path=path)
-    return cfg
-
-
-def _refuse_vace(class_name: str, role: str, path: str) -> None:
-    if "VACE" in class_name:
-        raise PipelineError(f"the {role} is a Wan VACE transformer: it is driven by control "
-                            "videos and masks (diffusers' WanVACEPipeline), which ggufvideo's "
-                            "pipeline does not build; load it with from_gguf into that pipeline",
-                            path=path)
 
 
 class PipelineError(GGUFError):
@@ -163,6 +122,48 @@ def describe_part(role: str, source: PartSource) -> Part:
         _refuse_vace(name, role, folder)
         return Part(role, folder, None, name, cfg)
     raise FileNotFoundError(f"{role}: no such file or folder: {_safe(path, 300)}")
+
+
+def _describe_checkpoint(path: str, role: str, kind: str) -> Part:
+    """A part read as a checkpoint (a file, or a folder of safetensors shards) by its header."""
+    from .building import describe_file
+    from .errors import UnknownModelError
+
+    try:
+        desc = describe_file(path)
+    except UnknownModelError as exc:
+        if path.lower().endswith(".safetensors") and os.path.isfile(path) and \
+                _looks_like_lora(path):  # (LoRAs are safetensors; a .pth would be read whole)
+            raise PipelineError(f"the {role} is a LoRA file, not a model (pass it with "
+                                "loras= / --lora)", path=path) from None
+        raise PipelineError(f"the {role}: {exc.reason}", path=path) from None
+    fam = desc.detection.family
+    if fam.name not in _FAMILIES[kind]:
+        what = "folder" if os.path.isdir(path) else "file"
+        raise PipelineError(f"the {role} must be a {' or '.join(_FAMILIES[kind])} model; the "
+                            f"{what} holds a {fam.title} ({desc.variant})", path=path)
+    _refuse_vace(desc.class_name, role, path)
+    return Part(role, path, fam.name, desc.class_name, desc.config)
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """A ``config.json``; a malformed one is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"config.json is not JSON ({exc})", path=path) from None
+    if not isinstance(cfg, dict):
+        raise PipelineError("config.json is not a JSON object", path=path)
+    return cfg
+
+
+def _refuse_vace(class_name: str, role: str, path: str) -> None:
+    if "VACE" in class_name:
+        raise PipelineError(f"the {role} is a Wan VACE transformer: it is driven by control "
+                            "videos and masks (diffusers' WanVACEPipeline), which ggufvideo's "
+                            "pipeline does not build; load it with from_gguf into that pipeline",
+                            path=path)
 
 
 def _plain_t5(part: Part) -> bool:
@@ -311,9 +312,8 @@ def _bundled_tokenizer(source: str) -> str | None:
     return None
 
 
-def _same_file(a: str | None, b: str | None) -> bool:
-    return a is not None and b is not None and os.path.exists(a) and os.path.exists(b) \
-        and os.path.samefile(a, b)
+#: "low noise" / "high-noise" / "LowNoise" in a path (not "slow_noise").
+_NOISE = re.compile(r"(?<![a-z])(low|high)[\W_]*noise")
 
 
 def check_experts(transformer: Part, transformer_2: Part | None,
@@ -330,7 +330,7 @@ def check_experts(transformer: Part, transformer_2: Part | None,
                                 "and 1 (Wan 2.2 A14B: 0.875 for T2V, 0.9 for I2V)")
     if transformer_2 is None:
         return
-    if _same_file(transformer.source, transformer_2.source):
+    if same_file(transformer.source, transformer_2.source):
         raise PipelineError(f"{transformer.name} and {transformer_2.name} are the same file: Wan "
                             "2.2 A14B takes its high-noise and its low-noise expert")
     # (in the file or its folder's name, as people store them: low_noise, Low-Noise, LowNoise)
@@ -340,9 +340,6 @@ def check_experts(transformer: Part, transformer_2: Part | None,
         warnings.warn(f"{transformer.name} is named low-noise and {transformer_2.name} high-noise: "
                       "transformer (--model) is the high-noise expert, transformer_2 (--model-2) "
                       "the low-noise one; were they swapped?", stacklevel=3)
-
-
-_NOISE = re.compile(r"(?<![a-z])(low|high)[\W_]*noise")
 
 
 def video_factors(transformer: Part, vae: Part) -> tuple[int, int]:

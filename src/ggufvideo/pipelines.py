@@ -63,7 +63,7 @@ def _load(part: Part, source: PartSource, dtype: torch.dtype | None,
     kwargs: dict[str, Any] = {"local_files_only": True}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
-    if part.role == "text_encoder":
+    if part.role in ("text_encoder", "image_encoder"):  # transformers' models
         import transformers
 
         cls = getattr(transformers, part.class_name, None) or transformers.UMT5EncoderModel
@@ -224,24 +224,19 @@ def _need_ftfy() -> None:
 
 def _image_encoder(path: str, processor: Any, dtype: torch.dtype | None,
                    device: torch.device | str | None) -> tuple[Any, Any]:
-    """A CLIP vision encoder and its processor from a folder or a single checkpoint file."""
-    from transformers import CLIPImageProcessor, CLIPVisionModel
+    """A CLIP vision encoder (loaded as any part: a folder through from_pretrained, a single
+    file through from_gguf) and its processor: the folder's own, else CLIP's (224 pixels, its
+    mean and std), which a single file carries no config for."""
+    from transformers import CLIPImageProcessor
 
-    if os.path.isdir(path):
-        kwargs: dict[str, Any] = {"local_files_only": True}
-        if dtype is not None:
-            kwargs["torch_dtype"] = dtype
-        model: Any = CLIPVisionModel.from_pretrained(path, **kwargs)
-        if device is not None:
-            model = model.to(device)
-        has_config = os.path.isfile(os.path.join(path, "preprocessor_config.json"))
-        return model, processor or (CLIPImageProcessor.from_pretrained(path,
-                                                                        local_files_only=True)
-                                    if has_config else CLIPImageProcessor())
-    from .building import from_gguf
-
-    # a single file carries no preprocessing config: CLIP's own (224 pixels, its mean and std)
-    return from_gguf(path, dtype=dtype, device=device), processor or CLIPImageProcessor()
+    folder = os.path.isdir(path)
+    part = Part("image_encoder", path, None if folder else "clip-vision", "CLIPVisionModel", {})
+    model = _load(part, path, dtype, device)
+    if processor is None:
+        own = folder and os.path.isfile(os.path.join(path, "preprocessor_config.json"))
+        processor = (CLIPImageProcessor.from_pretrained(path, local_files_only=True) if own
+                     else CLIPImageProcessor())
+    return model, processor
 
 
 def _check_lora_fits(lf: Any, part: Part) -> None:

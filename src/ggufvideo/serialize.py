@@ -279,7 +279,11 @@ def _chunk_bytes(chunk: torch.Tensor | bytes) -> memoryview:
     return memoryview(t.numpy())  # type: ignore[arg-type]  # ndarray is a buffer
 
 
-def _same_file(a: str, b: str) -> bool:
+def same_file(a: str | os.PathLike[str] | None, b: str | os.PathLike[str] | None) -> bool:
+    """Whether ``a`` and ``b`` name one existing file (links and relative paths resolved);
+    false when either is missing or ``None``."""
+    if a is None or b is None:
+        return False
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -311,7 +315,7 @@ def write_gguf(path: str | os.PathLike[str], entries: Iterable[TensorEntry],
     path = os.fspath(path)
     entries = list(entries)
     for src in protect:
-        if _same_file(path, os.fspath(src)):
+        if same_file(path, src):
             raise GGUFError(f"refusing to write over the source file {os.fspath(src)!r}", path=path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True / --force to replace it)")

@@ -56,8 +56,14 @@ def tokenizer_from_gguf(path: str | os.PathLike[str], **kwargs: Any) -> Any:
             (the message names the type).
         ImportError: transformers is not installed.
     """
+    from .reader import GGUFFile, is_gguf
+
     path = os.fspath(path)
-    if not has_tokenizer(path):
+    md: dict[str, Any] = {}
+    if os.path.isfile(path) and is_gguf(path):
+        with GGUFFile(path) as f:  # (its header read once, for the check and the vocabulary)
+            md = dict(f.metadata)
+    if TOKENS_KEY not in md:
         raise ModelLoadError(f"the file has no tokenizer (no {TOKENS_KEY!r} metadata); pass a "
                              "tokenizer folder instead", path=path)
     try:
@@ -65,10 +71,6 @@ def tokenizer_from_gguf(path: str | os.PathLike[str], **kwargs: Any) -> Any:
     except ImportError:
         raise ImportError(f"{_safe(path, 300)}: building its tokenizer needs transformers: "
                           "pip install 'ggufvideo[text-encoders]'") from None
-    from .reader import GGUFFile
-
-    with GGUFFile(path) as f:
-        md = dict(f.metadata)
     if md.get(MODEL_KEY) == "t5":  # sentencepiece unigram: built here, as sentencepiece encodes
         backend, config = _unigram(md, path)
         return PreTrainedTokenizerFast(tokenizer_object=backend, **{**config, **kwargs})
