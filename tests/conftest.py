@@ -63,3 +63,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# -- the demo pipeline's parts, shared by the pipeline tests ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def parts():
+    """The demo's tiny UMT5 encoder, Wan transformer and Wan VAE (random weights)."""
+    pytest.importorskip("diffusers")
+    from ggufvideo.demo_generate import build_demo_parts
+
+    return build_demo_parts()
+
+
+@pytest.fixture(scope="module")
+def files(parts, tmp_path_factory):
+    """Those parts written as Q8_0 GGUF files (role -> path)."""
+    from ggufvideo.demo_generate import write_demo_files
+
+    return write_demo_files(str(tmp_path_factory.mktemp("parts")), parts)

@@ -16,19 +16,10 @@ from safetensors.torch import save_file  # noqa: E402
 
 from ggufvideo import save_state_dict  # noqa: E402
 from ggufvideo.cli import main  # noqa: E402
-from ggufvideo.demo_generate import build_demo_parts, write_demo_files  # noqa: E402
 from ggufvideo.pipeline_parts import PipelineError  # noqa: E402
 from ggufvideo.pipelines import pipeline  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def parts():
-    return build_demo_parts()
-
-
-@pytest.fixture(scope="module")
-def files(parts, tmp_path_factory):
-    return write_demo_files(str(tmp_path_factory.mktemp("parts")), parts)
+# (parts, files: the demo parts and their GGUF files, fixtures of conftest.py)
 
 
 @pytest.fixture

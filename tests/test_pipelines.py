@@ -12,23 +12,13 @@ from transformers import UMT5Config, UMT5EncoderModel  # noqa: E402
 
 from ggufvideo import GGMLTensor, save_state_dict  # noqa: E402
 from ggufvideo.demo_generate import (  # noqa: E402
-    build_demo_parts,
     demo_vocabulary,
     save_text_encoder,
-    write_demo_files,
 )
 from ggufvideo.generation import VideoSizeError, check_video_size, contact_sheet, generate  # noqa: E402
 from ggufvideo.pipelines import PipelineError, pipeline  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def parts():
-    return build_demo_parts()
-
-
-@pytest.fixture(scope="module")
-def files(parts, tmp_path_factory):
-    return write_demo_files(str(tmp_path_factory.mktemp("parts")), parts)
+# (parts, files: the demo parts and their GGUF files, fixtures of conftest.py)
 
 
 def no_loading(monkeypatch):
